@@ -1,0 +1,280 @@
+//! The gRPC Coordinator service: validates each request once, on receipt, hands it to the
+//! runtime, and maps the answer (or the error) to the wire.
+//!
+//! Every domain error maps to a gRPC status in [`status_of`], one exhaustive match with no
+//! wildcard: a new error must choose its status.
+
+use pledge_proto::v1::coordinator_server::Coordinator;
+use pledge_proto::v1::{self};
+use pledge_proto::{BranchKey, Gtid, IdError, ResourceId};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::config::validate_endpoint;
+use crate::driver::{ApiRequest, CallError, RuntimeHandle};
+use crate::engine::{
+    BranchOutcome, BranchView, CommitOutcome, EngineError, ListFilter, Reply, TxnState, TxnView, Vote,
+};
+
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
+/// Most transactions one List returns.
+pub const MAX_LIST_LIMIT: usize = 10_000;
+const DEFAULT_LIST_LIMIT: usize = 100;
+
+pub struct CoordinatorService {
+    runtime: RuntimeHandle,
+}
+
+impl CoordinatorService {
+    pub fn new(runtime: RuntimeHandle) -> Self {
+        CoordinatorService { runtime }
+    }
+
+    async fn call(&self, request: ApiRequest) -> Result<Reply, Status> {
+        match self.runtime.call(request).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(status_of(&e)),
+            Err(e @ CallError::ShuttingDown) => Err(Status::unavailable(e.to_string())),
+            Err(e @ CallError::TimedOut(_)) => Err(Status::deadline_exceeded(e.to_string())),
+        }
+    }
+}
+
+/// The one place where domain errors become gRPC statuses.
+pub fn status_of(e: &EngineError) -> Status {
+    let message = e.to_string();
+    match e {
+        EngineError::UnknownTransaction(_) | EngineError::UnknownResource(_) => Status::not_found(message),
+        EngineError::NotActive { .. } | EngineError::AlreadyAborted { .. } | EngineError::CommitDecided { .. } => {
+            Status::failed_precondition(message)
+        }
+        EngineError::TimeoutTooLong { .. } | EngineError::TooManyBranches { .. } => Status::invalid_argument(message),
+        EngineError::TooManyTransactions { .. } => Status::resource_exhausted(message),
+    }
+}
+
+fn invalid(e: IdError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn gtid(value: &str) -> Result<Gtid, Status> {
+    Gtid::parse_field("gtid", value).map_err(invalid)
+}
+
+fn branches(refs: &[v1::BranchRef]) -> Result<Vec<BranchKey>, Status> {
+    refs.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            BranchKey::try_from(r).map_err(|e| Status::invalid_argument(format!("branches[{i}].{e}")))
+        })
+        .collect()
+}
+
+fn unexpected(reply: Reply) -> Status {
+    // The runtime answers each request kind with its own reply kind; anything else is a bug.
+    tracing::error!(?reply, "unexpected reply from the engine");
+    Status::internal("unexpected reply from the engine")
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {
+        let r = request.into_inner();
+        if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "idempotency_key: {} bytes is longer than the limit of {MAX_IDEMPOTENCY_KEY_BYTES} bytes",
+                r.idempotency_key.len()
+            )));
+        }
+        let request = ApiRequest::Begin {
+            timeout_ms: r.timeout_ms,
+            idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
+            branches: branches(&r.branches)?,
+        };
+        let span = tracing::debug_span!("Begin", gtid = tracing::field::Empty);
+        match self.call(request).instrument(span.clone()).await? {
+            Reply::Begun { gtid, existing, deadline_ms } => {
+                span.record("gtid", tracing::field::display(gtid));
+                Ok(Response::new(v1::BeginResponse { gtid: gtid.to_string(), existing, deadline_unix_ms: deadline_ms }))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn enlist(&self, request: Request<v1::EnlistRequest>) -> Result<Response<v1::EnlistResponse>, Status> {
+        let r = request.into_inner();
+        let gtid = gtid(&r.gtid)?;
+        let request = ApiRequest::Enlist { gtid, branches: branches(&r.branches)? };
+        match self.call(request).instrument(tracing::debug_span!("Enlist", %gtid)).await? {
+            Reply::Enlisted => Ok(Response::new(v1::EnlistResponse {})),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn commit(&self, request: Request<v1::CommitRequest>) -> Result<Response<v1::CommitResponse>, Status> {
+        let r = request.into_inner();
+        let gtid = gtid(&r.gtid)?;
+        let request =
+            ApiRequest::Commit { gtid, branches: branches(&r.branches)?, wait_for_completion: r.wait_for_completion };
+        match self.call(request).instrument(tracing::debug_span!("Commit", %gtid)).await? {
+            Reply::CommitOutcome(o) => Ok(Response::new(commit_response(o))),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn abort(&self, request: Request<v1::AbortRequest>) -> Result<Response<v1::AbortResponse>, Status> {
+        let gtid = gtid(&request.into_inner().gtid)?;
+        match self.call(ApiRequest::Abort { gtid }).instrument(tracing::debug_span!("Abort", %gtid)).await? {
+            Reply::Aborted => Ok(Response::new(v1::AbortResponse {})),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
+        let gtid = gtid(&request.into_inner().gtid)?;
+        match self.call(ApiRequest::Get { gtid }).instrument(tracing::debug_span!("Get", %gtid)).await? {
+            Reply::Transaction(view) => Ok(Response::new(v1::GetResponse { transaction: Some(transaction(&view)) })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list(&self, request: Request<v1::ListRequest>) -> Result<Response<v1::ListResponse>, Status> {
+        let r = request.into_inner();
+        let states = r
+            .states
+            .iter()
+            .map(|&s| {
+                v1::TransactionState::try_from(s)
+                    .ok()
+                    .and_then(state_from_wire)
+                    .ok_or_else(|| Status::invalid_argument(format!("states: {s} is not a transaction state")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let limit = match r.limit as usize {
+            0 => DEFAULT_LIST_LIMIT,
+            n if n > MAX_LIST_LIMIT => {
+                return Err(Status::invalid_argument(format!("limit: {n} is above the maximum of {MAX_LIST_LIMIT}")));
+            }
+            n => n,
+        };
+        let filter = ListFilter { states, in_doubt: r.in_doubt, older_than_ms: r.older_than_ms, limit };
+        match self.call(ApiRequest::List { filter }).instrument(tracing::debug_span!("List")).await? {
+            Reply::List { transactions, truncated } => Ok(Response::new(v1::ListResponse {
+                transactions: transactions.iter().map(transaction).collect(),
+                truncated,
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn register_participant(
+        &self,
+        request: Request<v1::RegisterParticipantRequest>,
+    ) -> Result<Response<v1::RegisterParticipantResponse>, Status> {
+        let r = request.into_inner();
+        let resource = ResourceId::parse_field("resource_id", &r.resource_id).map_err(invalid)?;
+        validate_endpoint(&r.endpoint).map_err(Status::invalid_argument)?;
+        let span = tracing::info_span!("RegisterParticipant", resource = %resource, endpoint = r.endpoint);
+        match self.call(ApiRequest::RegisterParticipant { resource, endpoint: r.endpoint }).instrument(span).await? {
+            Reply::Registered => Ok(Response::new(v1::RegisterParticipantResponse {})),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn list_participants(
+        &self,
+        _request: Request<v1::ListParticipantsRequest>,
+    ) -> Result<Response<v1::ListParticipantsResponse>, Status> {
+        match self.call(ApiRequest::ListParticipants).await? {
+            Reply::Participants(list) => Ok(Response::new(v1::ListParticipantsResponse {
+                participants: list
+                    .into_iter()
+                    .map(|(r, endpoint)| v1::ParticipantInfo { resource_id: r.to_string(), endpoint })
+                    .collect(),
+            })),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn commit_response(o: CommitOutcome) -> v1::CommitResponse {
+    v1::CommitResponse {
+        outcome: if o.committed { v1::Outcome::Committed } else { v1::Outcome::Aborted } as i32,
+        reason: o.reason.unwrap_or_default(),
+        completed: o.completed,
+    }
+}
+
+pub fn state_to_wire(s: TxnState) -> v1::TransactionState {
+    match s {
+        TxnState::Active => v1::TransactionState::Active,
+        TxnState::Preparing => v1::TransactionState::Preparing,
+        TxnState::Committing => v1::TransactionState::Committing,
+        TxnState::Committed => v1::TransactionState::Committed,
+        TxnState::Aborting => v1::TransactionState::Aborting,
+        TxnState::Aborted => v1::TransactionState::Aborted,
+    }
+}
+
+fn state_from_wire(s: v1::TransactionState) -> Option<TxnState> {
+    Some(match s {
+        v1::TransactionState::Unspecified => return None,
+        v1::TransactionState::Active => TxnState::Active,
+        v1::TransactionState::Preparing => TxnState::Preparing,
+        v1::TransactionState::Committing => TxnState::Committing,
+        v1::TransactionState::Committed => TxnState::Committed,
+        v1::TransactionState::Aborting => TxnState::Aborting,
+        v1::TransactionState::Aborted => TxnState::Aborted,
+    })
+}
+
+fn vote_to_wire(v: Option<Vote>) -> v1::Vote {
+    match v {
+        None => v1::Vote::Unspecified,
+        Some(Vote::Prepared) => v1::Vote::Prepared,
+        Some(Vote::ReadOnly) => v1::Vote::ReadOnly,
+        Some(Vote::Aborted) => v1::Vote::Aborted,
+    }
+}
+
+fn outcome_to_wire(o: Option<BranchOutcome>) -> v1::BranchOutcome {
+    match o {
+        None => v1::BranchOutcome::Unspecified,
+        Some(BranchOutcome::Committed) => v1::BranchOutcome::Committed,
+        Some(BranchOutcome::Aborted) => v1::BranchOutcome::Aborted,
+        Some(BranchOutcome::HeuristicCommit) => v1::BranchOutcome::HeuristicCommit,
+        Some(BranchOutcome::HeuristicRollback) => v1::BranchOutcome::HeuristicRollback,
+        Some(BranchOutcome::HeuristicMixed) => v1::BranchOutcome::HeuristicMixed,
+        Some(BranchOutcome::HeuristicHazard) => v1::BranchOutcome::HeuristicHazard,
+    }
+}
+
+fn transaction(t: &TxnView) -> v1::Transaction {
+    v1::Transaction {
+        gtid: t.gtid.to_string(),
+        state: state_to_wire(t.state) as i32,
+        abort_reason: t.abort_reason.clone().unwrap_or_default(),
+        created_unix_ms: t.created_ms,
+        deadline_unix_ms: t.deadline_ms,
+        decided_unix_ms: t.decided_ms,
+        completed_unix_ms: t.completed_ms,
+        branches: t.branches.iter().map(branch).collect(),
+        one_phase: t.one_phase,
+        idempotency_key: t.idempotency_key.clone().unwrap_or_default(),
+    }
+}
+
+fn branch(b: &BranchView) -> v1::Branch {
+    v1::Branch {
+        resource_id: b.key.resource.to_string(),
+        branch_id: b.key.branch.to_string(),
+        vote: vote_to_wire(b.vote) as i32,
+        metadata: b.metadata.to_vec(),
+        acknowledged: b.acknowledged,
+        outcome: outcome_to_wire(b.outcome) as i32,
+        attempts: b.attempts,
+        last_error: b.last_error.clone().unwrap_or_default(),
+        next_retry_unix_ms: b.next_retry_ms,
+    }
+}

@@ -1,0 +1,421 @@
+//! The `pledge` command line: `serve`, client commands for transactions and participants, and
+//! `log inspect`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pledge_proto::BranchKey;
+use pledge_proto::v1::coordinator_client::CoordinatorClient;
+use pledge_proto::v1::{self};
+use tonic::transport::Channel;
+
+use crate::config::Config;
+use crate::engine::LogRecord;
+use crate::records;
+
+#[derive(Parser, Debug)]
+#[command(name = "pledge", version, about = "Pledge: a durable distributed-transaction coordinator")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the coordinator.
+    Serve(ServeArgs),
+    /// Begin, enlist, commit, abort and inspect transactions.
+    Txn {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: TxnCommand,
+    },
+    /// Register and list participants.
+    Participant {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: ParticipantCommand,
+    },
+    /// Read the decision log.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML config file (flags and environment variables override it).
+    #[arg(long, env = "PLEDGE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:7600].
+    #[arg(long, env = "PLEDGE_LISTEN")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Data directory (decision log, coordinator id) [default: ./data].
+    #[arg(long, env = "PLEDGE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// This coordinator's id, as participants see it [default: generated once, kept in the
+    /// data directory].
+    #[arg(long, env = "PLEDGE_COORDINATOR_ID")]
+    pub coordinator_id: Option<String>,
+    /// A participant, as RESOURCE=ENDPOINT (e.g. db1=http://127.0.0.1:7701). Repeatable.
+    #[arg(long = "participant", env = "PLEDGE_PARTICIPANTS", value_delimiter = ',')]
+    pub participants: Vec<String>,
+    /// Deadline of the prepare round, ms.
+    #[arg(long, env = "PLEDGE_PREPARE_TIMEOUT_MS")]
+    pub prepare_timeout_ms: Option<u64>,
+    /// How often participants are asked for in-doubt branches, ms.
+    #[arg(long, env = "PLEDGE_RECOVERY_INTERVAL_MS")]
+    pub recovery_interval_ms: Option<u64>,
+    /// Write a checkpoint after this many log records.
+    #[arg(long, env = "PLEDGE_CHECKPOINT_EVERY_RECORDS")]
+    pub checkpoint_every_records: Option<u64>,
+    /// Size at which a log segment is closed, bytes.
+    #[arg(long, env = "PLEDGE_LOG_SEGMENT_SIZE_BYTES")]
+    pub log_segment_size_bytes: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Defaults, then the config file, then environment variables and flags.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.data_dir {
+            config.data_dir = v;
+        }
+        if let Some(v) = self.coordinator_id {
+            config.coordinator_id = Some(v);
+        }
+        for p in self.participants {
+            let (resource, endpoint) = p
+                .split_once('=')
+                .with_context(|| format!("--participant {p:?}: expected RESOURCE=ENDPOINT"))?;
+            config.participants.insert(resource.to_string(), endpoint.to_string());
+        }
+        if let Some(v) = self.prepare_timeout_ms {
+            config.prepare_timeout_ms = v;
+        }
+        if let Some(v) = self.recovery_interval_ms {
+            config.recovery_interval_ms = v;
+        }
+        if let Some(v) = self.checkpoint_every_records {
+            config.checkpoint_every_records = v;
+        }
+        if let Some(v) = self.log_segment_size_bytes {
+            config.log_segment_size_bytes = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// Coordinator endpoint.
+    #[arg(long, env = "PLEDGE_COORDINATOR", default_value = "http://127.0.0.1:7600", global = true)]
+    pub coordinator: String,
+}
+
+/// A branch on the command line: RESOURCE/BRANCH, e.g. `db1/transfer-out`.
+fn parse_branch(s: &str) -> Result<BranchKey, String> {
+    let (resource, branch) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected RESOURCE/BRANCH"))?;
+    BranchKey::new(resource, branch).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TxnCommand {
+    /// Begin a transaction; prints its GTID.
+    Begin {
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+        /// Enlist RESOURCE/BRANCH right away. Repeatable.
+        #[arg(long = "branch", value_parser = parse_branch)]
+        branches: Vec<BranchKey>,
+    },
+    /// Enlist branches (RESOURCE/BRANCH ...).
+    Enlist {
+        gtid: String,
+        #[arg(value_parser = parse_branch, required = true)]
+        branches: Vec<BranchKey>,
+    },
+    /// Commit; prints the outcome.
+    Commit {
+        gtid: String,
+        #[arg(long = "branch", value_parser = parse_branch)]
+        branches: Vec<BranchKey>,
+        /// Wait until every participant has acknowledged.
+        #[arg(long)]
+        wait: bool,
+    },
+    Abort {
+        gtid: String,
+    },
+    Get {
+        gtid: String,
+    },
+    List {
+        #[arg(long = "state", value_enum)]
+        states: Vec<StateArg>,
+        #[arg(long)]
+        in_doubt: bool,
+        #[arg(long, default_value_t = 0)]
+        older_than_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StateArg {
+    Active,
+    Preparing,
+    Committing,
+    Committed,
+    Aborting,
+    Aborted,
+}
+
+impl From<StateArg> for v1::TransactionState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Active => v1::TransactionState::Active,
+            StateArg::Preparing => v1::TransactionState::Preparing,
+            StateArg::Committing => v1::TransactionState::Committing,
+            StateArg::Committed => v1::TransactionState::Committed,
+            StateArg::Aborting => v1::TransactionState::Aborting,
+            StateArg::Aborted => v1::TransactionState::Aborted,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ParticipantCommand {
+    /// Register (or move) a participant: RESOURCE ENDPOINT.
+    Register { resource: String, endpoint: String },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LogCommand {
+    /// Print every record of the decision log, readably. Read-only; safe beside a running
+    /// coordinator.
+    Inspect {
+        #[arg(long, env = "PLEDGE_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+    },
+}
+
+async fn connect(client: &ClientArgs) -> anyhow::Result<CoordinatorClient<Channel>> {
+    CoordinatorClient::connect(client.coordinator.clone())
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {}", client.coordinator))
+}
+
+fn refs(branches: &[BranchKey]) -> Vec<v1::BranchRef> {
+    branches.iter().map(v1::BranchRef::from).collect()
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> {
+    let mut c = connect(&client).await?;
+    match command {
+        TxnCommand::Begin { timeout_ms, idempotency_key, branches } => {
+            let r = c
+                .begin(v1::BeginRequest { timeout_ms, idempotency_key, branches: refs(&branches) })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", r.gtid);
+        }
+        TxnCommand::Enlist { gtid, branches } => {
+            c.enlist(v1::EnlistRequest { gtid, branches: refs(&branches) }).await.map_err(status)?;
+            println!("enlisted");
+        }
+        TxnCommand::Commit { gtid, branches, wait } => {
+            let r = c
+                .commit(v1::CommitRequest { gtid, branches: refs(&branches), wait_for_completion: wait })
+                .await
+                .map_err(status)?
+                .into_inner();
+            match v1::Outcome::try_from(r.outcome) {
+                Ok(v1::Outcome::Committed) => println!("committed{}", if r.completed { "" } else { " (phase 2 in progress)" }),
+                _ => {
+                    println!("aborted: {}", r.reason);
+                    std::process::exit(2);
+                }
+            }
+        }
+        TxnCommand::Abort { gtid } => {
+            c.abort(v1::AbortRequest { gtid }).await.map_err(status)?;
+            println!("aborted");
+        }
+        TxnCommand::Get { gtid } => {
+            let r = c.get(v1::GetRequest { gtid }).await.map_err(status)?.into_inner();
+            if let Some(t) = r.transaction {
+                print_transaction(&t);
+            }
+        }
+        TxnCommand::List { states, in_doubt, older_than_ms, limit } => {
+            let r = c
+                .list(v1::ListRequest {
+                    states: states.into_iter().map(|s| v1::TransactionState::from(s) as i32).collect(),
+                    in_doubt,
+                    older_than_ms,
+                    limit,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            for t in &r.transactions {
+                println!(
+                    "{}  {:<10}  branches={}  created={}{}",
+                    t.gtid,
+                    state_name(t.state),
+                    t.branches.len(),
+                    t.created_unix_ms,
+                    if t.abort_reason.is_empty() { String::new() } else { format!("  reason={}", t.abort_reason) }
+                );
+            }
+            if r.truncated {
+                println!("(more transactions match; raise --limit)");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn state_name(state: i32) -> &'static str {
+    v1::TransactionState::try_from(state)
+        .map(|s| s.as_str_name().trim_start_matches("TRANSACTION_STATE_"))
+        .unwrap_or("?")
+}
+
+fn print_transaction(t: &v1::Transaction) {
+    println!("gtid:       {}", t.gtid);
+    println!("state:      {}", state_name(t.state));
+    if !t.abort_reason.is_empty() {
+        println!("reason:     {}", t.abort_reason);
+    }
+    println!("created:    {} (unix ms)", t.created_unix_ms);
+    if t.decided_unix_ms != 0 {
+        println!("decided:    {}", t.decided_unix_ms);
+    }
+    if t.completed_unix_ms != 0 {
+        println!("completed:  {}", t.completed_unix_ms);
+    }
+    if t.one_phase {
+        println!("one-phase:  yes");
+    }
+    for b in &t.branches {
+        let vote = v1::Vote::try_from(b.vote).map(|v| v.as_str_name().trim_start_matches("VOTE_")).unwrap_or("?");
+        let outcome = v1::BranchOutcome::try_from(b.outcome)
+            .map(|o| o.as_str_name().trim_start_matches("BRANCH_OUTCOME_"))
+            .unwrap_or("?");
+        print!(
+            "branch:     {}/{}  vote={vote}  outcome={outcome}  acknowledged={}  attempts={}",
+            b.resource_id, b.branch_id, b.acknowledged, b.attempts
+        );
+        if !b.last_error.is_empty() {
+            print!("  last_error={:?}", b.last_error);
+        }
+        println!();
+    }
+}
+
+pub async fn participant(client: ClientArgs, command: ParticipantCommand) -> anyhow::Result<()> {
+    let mut c = connect(&client).await?;
+    match command {
+        ParticipantCommand::Register { resource, endpoint } => {
+            c.register_participant(v1::RegisterParticipantRequest { resource_id: resource, endpoint }).await.map_err(status)?;
+            println!("registered");
+        }
+        ParticipantCommand::List => {
+            let r = c.list_participants(v1::ListParticipantsRequest {}).await.map_err(status)?.into_inner();
+            for p in r.participants {
+                println!("{}\t{}", p.resource_id, p.endpoint);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints the log's segments and records, decoding the coordinator's records. Exits non-zero
+/// if it found damage.
+pub fn log_inspect(data_dir: PathBuf) -> anyhow::Result<()> {
+    let config = pledge_log::LogConfig::new(data_dir.join("log"));
+    let mut damaged = false;
+    for item in pledge_log::inspect(&config) {
+        let item = item?;
+        match &item {
+            pledge_log::InspectItem::Record(r) => match records::decode(r.rtype, &r.payload) {
+                Ok(record) => println!("  @{:<10} lsn={:<8} {}", r.offset, r.lsn, describe(&record)),
+                Err(e) => {
+                    damaged = true;
+                    println!("  @{:<10} lsn={:<8} UNREADABLE type={}: {e}", r.offset, r.lsn, r.rtype)
+                }
+            },
+            pledge_log::InspectItem::Corrupt { .. }
+            | pledge_log::InspectItem::CorruptSegment { .. }
+            | pledge_log::InspectItem::TornTail { .. }
+            | pledge_log::InspectItem::IncompleteCheckpoint { .. } => {
+                damaged = true;
+                println!("{item}");
+            }
+            _ => println!("{item}"),
+        }
+    }
+    if damaged {
+        anyhow::bail!("the log is damaged (see above)");
+    }
+    Ok(())
+}
+
+fn describe(record: &LogRecord) -> String {
+    let branches = |list: Vec<String>| list.join(", ");
+    match record {
+        LogRecord::Register { resource, endpoint } => format!("REGISTER {resource} -> {endpoint}"),
+        LogRecord::Commit(c) => format!(
+            "COMMIT {} decided={} branches=[{}]{}",
+            c.gtid,
+            c.decided_ms,
+            branches(
+                c.branches
+                    .iter()
+                    .map(|b| format!("{} {:?}{}", b.key, b.vote, meta_suffix(&b.metadata)))
+                    .collect()
+            ),
+            c.idempotency_key.as_ref().map(|k| format!(" key={k:?}")).unwrap_or_default()
+        ),
+        LogRecord::End(e) => format!(
+            "END {} {} completed={} branches=[{}]{}",
+            e.gtid,
+            if e.committed { "committed" } else { "aborted" },
+            e.completed_ms,
+            branches(e.branches.iter().map(|b| format!("{} {:?}", b.key, b.outcome)).collect()),
+            e.reason.as_ref().map(|r| format!(" reason={r:?}")).unwrap_or_default()
+        ),
+    }
+}
+
+fn meta_suffix(metadata: &[u8]) -> String {
+    if metadata.is_empty() {
+        return String::new();
+    }
+    match std::str::from_utf8(metadata) {
+        Ok(s) if s.chars().all(|c| !c.is_control()) => format!(" metadata={s:?}"),
+        _ => format!(" metadata=<{} bytes>", metadata.len()),
+    }
+}

@@ -1,0 +1,187 @@
+//! Configuration of `pledge serve`: defaults, then an optional TOML file, then environment
+//! variables and flags (the CLI layer applies those last).
+//!
+//! The embedded default needs nothing else: data in `./data`, listening on 127.0.0.1:7600.
+//! Every limit carries its unit in its name.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::EngineConfig;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the gRPC server.
+    pub listen: SocketAddr,
+    /// Where the decision log and the coordinator id live.
+    pub data_dir: PathBuf,
+    /// Names this coordinator to participants (they keep branches of different coordinators
+    /// apart by it; the PostgreSQL adapter puts it in GIDs). Generated on first start and kept
+    /// in `<data_dir>/coordinator.id` when not set; a configured id that differs from the stored
+    /// one is refused, because it would orphan the branches prepared under the old one.
+    pub coordinator_id: Option<String>,
+    /// Participants known from configuration: resource id -> gRPC endpoint.
+    pub participants: BTreeMap<String, String>,
+
+    pub default_txn_timeout_ms: u64,
+    pub max_txn_timeout_ms: u64,
+    pub prepare_timeout_ms: u64,
+    /// Deadline of one phase-2 (commit/abort) or recover call to a participant.
+    pub participant_rpc_timeout_ms: u64,
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+    /// How often every participant is asked for its in-doubt branches (also once at start).
+    pub recovery_interval_ms: u64,
+    pub max_live_transactions: usize,
+    pub max_branches_per_transaction: usize,
+    pub completed_retention_ms: u64,
+    pub completed_retention_max: usize,
+    /// Most branches in one Prepare/Commit/Abort call to a participant.
+    pub participant_max_batch_branches: usize,
+    /// Calls of one kind in flight to one participant; while they are, new work queues up and
+    /// goes out as the next batch.
+    pub participant_max_inflight_calls: usize,
+    /// Longest a client call waits for its answer before getting DEADLINE_EXCEEDED (the
+    /// transaction goes on; Get tells how it ended).
+    pub max_request_wait_ms: u64,
+    /// Largest gRPC request accepted, in bytes.
+    pub max_request_bytes: usize,
+
+    pub log_segment_size_bytes: u64,
+    pub log_max_batch_bytes: usize,
+    pub log_queue_capacity: usize,
+    pub checkpoint_every_records: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let engine = EngineConfig::default();
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            data_dir: PathBuf::from("./data"),
+            coordinator_id: None,
+            participants: BTreeMap::new(),
+            default_txn_timeout_ms: engine.default_txn_timeout_ms,
+            max_txn_timeout_ms: engine.max_txn_timeout_ms,
+            prepare_timeout_ms: engine.prepare_timeout_ms,
+            participant_rpc_timeout_ms: 5_000,
+            retry_initial_backoff_ms: engine.retry_initial_backoff_ms,
+            retry_max_backoff_ms: engine.retry_max_backoff_ms,
+            recovery_interval_ms: 30_000,
+            max_live_transactions: engine.max_live_transactions,
+            max_branches_per_transaction: engine.max_branches_per_transaction,
+            completed_retention_ms: engine.completed_retention_ms,
+            completed_retention_max: engine.completed_retention_max,
+            participant_max_batch_branches: 512,
+            participant_max_inflight_calls: 4,
+            max_request_wait_ms: 60_000,
+            max_request_bytes: 1 << 20,
+            log_segment_size_bytes: 64 << 20,
+            log_max_batch_bytes: 1 << 20,
+            log_queue_capacity: 16_384,
+            checkpoint_every_records: engine.checkpoint_every_records,
+        }
+    }
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
+    }
+
+    /// Checks what serde cannot: ranges and relations between settings.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let positive = [
+            ("default_txn_timeout_ms", self.default_txn_timeout_ms),
+            ("prepare_timeout_ms", self.prepare_timeout_ms),
+            ("participant_rpc_timeout_ms", self.participant_rpc_timeout_ms),
+            ("retry_initial_backoff_ms", self.retry_initial_backoff_ms),
+            ("recovery_interval_ms", self.recovery_interval_ms),
+            ("max_request_wait_ms", self.max_request_wait_ms),
+            ("max_live_transactions", self.max_live_transactions as u64),
+            ("max_branches_per_transaction", self.max_branches_per_transaction as u64),
+            ("participant_max_batch_branches", self.participant_max_batch_branches as u64),
+            ("participant_max_inflight_calls", self.participant_max_inflight_calls as u64),
+            ("checkpoint_every_records", self.checkpoint_every_records),
+        ];
+        for (name, value) in positive {
+            anyhow::ensure!(value > 0, "{name} must be greater than 0");
+        }
+        anyhow::ensure!(
+            self.default_txn_timeout_ms <= self.max_txn_timeout_ms,
+            "default_txn_timeout_ms ({}) exceeds max_txn_timeout_ms ({})",
+            self.default_txn_timeout_ms,
+            self.max_txn_timeout_ms
+        );
+        anyhow::ensure!(
+            self.retry_initial_backoff_ms <= self.retry_max_backoff_ms,
+            "retry_initial_backoff_ms exceeds retry_max_backoff_ms"
+        );
+        for (resource, endpoint) in &self.participants {
+            pledge_proto::ResourceId::parse_field("participants", resource)?;
+            validate_endpoint(endpoint).map_err(|e| anyhow::anyhow!("participant {resource}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            default_txn_timeout_ms: self.default_txn_timeout_ms,
+            max_txn_timeout_ms: self.max_txn_timeout_ms,
+            prepare_timeout_ms: self.prepare_timeout_ms,
+            retry_initial_backoff_ms: self.retry_initial_backoff_ms,
+            retry_max_backoff_ms: self.retry_max_backoff_ms,
+            max_live_transactions: self.max_live_transactions,
+            max_branches_per_transaction: self.max_branches_per_transaction,
+            completed_retention_ms: self.completed_retention_ms,
+            completed_retention_max: self.completed_retention_max,
+            checkpoint_every_records: self.checkpoint_every_records,
+            rng_seed: fastrand::u64(..),
+        }
+    }
+}
+
+/// A participant endpoint must be an http(s) URI with a host and port.
+pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
+    let uri: tonic::transport::Uri = endpoint.parse().map_err(|e| format!("endpoint {endpoint:?} is not a URI: {e}"))?;
+    match (uri.scheme_str(), uri.host(), uri.port_u16()) {
+        (Some("http" | "https"), Some(_), Some(_)) => Ok(()),
+        _ => Err(format!("endpoint {endpoint:?} must look like http://host:port")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_settings_override_defaults_and_unknown_keys_are_refused() {
+        let c: Config = toml::from_str(
+            "listen = \"0.0.0.0:9000\"\nprepare_timeout_ms = 250\n[participants]\ndb1 = \"http://127.0.0.1:7701\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.prepare_timeout_ms, 250);
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        c.validate().unwrap();
+        let e = toml::from_str::<Config>("prepare_timeout = 5").unwrap_err();
+        assert!(e.to_string().contains("unknown field `prepare_timeout`"), "{e}");
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let c = Config { prepare_timeout_ms: 0, ..Config::default() };
+        assert_eq!(c.validate().unwrap_err().to_string(), "prepare_timeout_ms must be greater than 0");
+        let mut c = Config::default();
+        c.participants.insert("db1".into(), "127.0.0.1:7701".into());
+        assert!(c.validate().unwrap_err().to_string().contains("must look like http://host:port"));
+    }
+}

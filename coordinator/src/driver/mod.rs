@@ -1,0 +1,336 @@
+//! The runtime around the engine: it owns the [`Engine`], feeds it events (API calls,
+//! participant answers, log syncs, the clock) and carries out its commands (log appends,
+//! participant calls, replies).
+//!
+//! One task runs the engine, so the engine needs no locks. Everything slow happens elsewhere:
+//! the log writer thread does the disk I/O, and per-participant batchers do the network calls;
+//! their results come back as events.
+
+pub mod participant;
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::FuturesUnordered;
+use futures::{Future, StreamExt};
+use pledge_log::{LogError, LogWriter};
+use pledge_proto::{BranchKey, Gtid, ResourceId};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{
+    Command, Engine, EngineError, Event, ListFilter, LogRecord, Phase2Op, Phase2Result, Reply, ReqId, SyncToken,
+    VoteResult,
+};
+use crate::records;
+use participant::{CallConfig, ParticipantHandle, Phase2Item, PrepareItem};
+
+/// Wall-clock time in Unix milliseconds (the engine's time base).
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A client request, as the API layer hands it to the runtime.
+#[derive(Debug)]
+pub enum ApiRequest {
+    Begin { timeout_ms: Option<u64>, idempotency_key: Option<String>, branches: Vec<BranchKey> },
+    Enlist { gtid: Gtid, branches: Vec<BranchKey> },
+    Commit { gtid: Gtid, branches: Vec<BranchKey>, wait_for_completion: bool },
+    Abort { gtid: Gtid },
+    Get { gtid: Gtid },
+    List { filter: ListFilter },
+    RegisterParticipant { resource: ResourceId, endpoint: String },
+    ListParticipants,
+}
+
+impl ApiRequest {
+    fn into_event(self, req: ReqId) -> Event {
+        match self {
+            ApiRequest::Begin { timeout_ms, idempotency_key, branches } => {
+                Event::Begin { req, gtid: Gtid::new_v7(), timeout_ms, idempotency_key, branches }
+            }
+            ApiRequest::Enlist { gtid, branches } => Event::Enlist { req, gtid, branches },
+            ApiRequest::Commit { gtid, branches, wait_for_completion } => {
+                Event::Commit { req, gtid, branches, wait_for_completion }
+            }
+            ApiRequest::Abort { gtid } => Event::Abort { req, gtid },
+            ApiRequest::Get { gtid } => Event::Get { req, gtid },
+            ApiRequest::List { filter } => Event::List { req, filter },
+            ApiRequest::RegisterParticipant { resource, endpoint } => {
+                Event::RegisterParticipant { req, resource, endpoint }
+            }
+            ApiRequest::ListParticipants => Event::ListParticipants { req },
+        }
+    }
+}
+
+type ReplySender = oneshot::Sender<Result<Reply, EngineError>>;
+
+/// Why a request got no answer from the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    #[error("no answer within {0} ms; the transaction goes on, Get tells how it ends")]
+    TimedOut(u64),
+}
+
+/// Cheap, cloneable handle through which the API layer talks to the runtime.
+#[derive(Clone)]
+pub struct RuntimeHandle {
+    api: mpsc::Sender<(ApiRequest, ReplySender)>,
+    max_wait: Duration,
+}
+
+impl RuntimeHandle {
+    pub async fn call(&self, request: ApiRequest) -> Result<Result<Reply, EngineError>, CallError> {
+        let (tx, rx) = oneshot::channel();
+        let wait = async {
+            self.api.send((request, tx)).await.map_err(|_| CallError::ShuttingDown)?;
+            rx.await.map_err(|_| CallError::ShuttingDown)
+        };
+        tokio::time::timeout(self.max_wait, wait)
+            .await
+            .unwrap_or(Err(CallError::TimedOut(self.max_wait.as_millis() as u64)))
+    }
+}
+
+pub struct RuntimeConfig {
+    pub call: CallConfig,
+    pub recovery_interval: Duration,
+    /// Queue of client requests waiting for the engine (backpressure beyond it).
+    pub api_queue_capacity: usize,
+    pub max_request_wait: Duration,
+}
+
+/// Most events handled in one go before the commands are carried out (keeps the latency of a
+/// command bounded while still amortising the loop).
+const MAX_EVENTS_PER_TURN: usize = 256;
+
+type SyncFuture = Pin<Box<dyn Future<Output = (SyncToken, Result<u64, LogError>)> + Send>>;
+
+pub struct Runtime {
+    engine: Engine,
+    log: LogWriter,
+    config: RuntimeConfig,
+    call_config: Arc<CallConfig>,
+    api_rx: mpsc::Receiver<(ApiRequest, ReplySender)>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    participants: HashMap<ResourceId, ParticipantHandle>,
+    replies: HashMap<ReqId, ReplySender>,
+    next_req: ReqId,
+    syncs: FuturesUnordered<SyncFuture>,
+    /// Events produced while carrying out commands (e.g. a call to an unknown participant
+    /// fails at once); handled before anything new.
+    local: VecDeque<Event>,
+    commands: Vec<Command>,
+}
+
+impl Runtime {
+    pub fn new(engine: Engine, log: LogWriter, config: RuntimeConfig) -> (Runtime, RuntimeHandle) {
+        let (api_tx, api_rx) = mpsc::channel(config.api_queue_capacity);
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let handle = RuntimeHandle { api: api_tx, max_wait: config.max_request_wait };
+        let call_config = Arc::new(config.call.clone());
+        let runtime = Runtime {
+            engine,
+            log,
+            config,
+            call_config,
+            api_rx,
+            events_tx,
+            events_rx,
+            participants: HashMap::new(),
+            replies: HashMap::new(),
+            next_req: 0,
+            syncs: FuturesUnordered::new(),
+            local: VecDeque::new(),
+            commands: Vec::with_capacity(1024),
+        };
+        (runtime, handle)
+    }
+
+    /// Runs until `shutdown` is cancelled. Returns an error only for a fatal log failure.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), LogError> {
+        self.engine.start(now_ms(), &mut self.commands);
+        self.execute().await?;
+        let mut recovery = tokio::time::interval(self.config.recovery_interval);
+        recovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.engine.next_deadline().map(|at| {
+                let now = now_ms();
+                Instant::now() + Duration::from_millis(at.saturating_sub(now))
+            });
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some((token, result)) = self.syncs.next(), if !self.syncs.is_empty() => {
+                    result?;
+                    if matches!(token, SyncToken::Commit(_)) {
+                        fail::fail_point!("coordinator::after_commit_synced");
+                    }
+                    self.handle(Event::Synced(token));
+                }
+                Some(event) = self.events_rx.recv() => {
+                    self.handle(event);
+                    for _ in 1..MAX_EVENTS_PER_TURN {
+                        match self.events_rx.try_recv() {
+                            Ok(event) => self.handle(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some((request, reply)) = self.api_rx.recv() => {
+                    self.api(request, reply);
+                    for _ in 1..MAX_EVENTS_PER_TURN {
+                        match self.api_rx.try_recv() {
+                            Ok((request, reply)) => self.api(request, reply),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep_until(deadline) => self.handle(Event::Tick),
+                _ = recovery.tick() => self.scan_in_doubt(),
+            }
+            self.execute().await?;
+        }
+        Ok(())
+    }
+
+    fn api(&mut self, request: ApiRequest, reply: ReplySender) {
+        self.next_req += 1;
+        let req = self.next_req;
+        self.replies.insert(req, reply);
+        self.handle(request.into_event(req));
+    }
+
+    fn handle(&mut self, event: Event) {
+        self.engine.handle(now_ms(), event, &mut self.commands);
+    }
+
+    /// Carries out the engine's commands, and whatever commands the events they cause at once
+    /// produce, until none are left.
+    async fn execute(&mut self) -> Result<(), LogError> {
+        loop {
+            for command in std::mem::take(&mut self.commands) {
+                self.run_command(command).await?;
+            }
+            match self.local.pop_front() {
+                Some(event) => self.handle(event),
+                None if self.commands.is_empty() => return Ok(()),
+                None => {}
+            }
+        }
+    }
+
+    async fn run_command(&mut self, command: Command) -> Result<(), LogError> {
+        match command {
+            Command::Append { record, sync } => {
+                if matches!(record, LogRecord::Commit(_)) {
+                    fail::fail_point!("coordinator::before_commit_record", |_| Ok(()));
+                }
+                let (rtype, payload) = records::encode(&record);
+                match sync {
+                    Some(token) => {
+                        let durable = self.log.submit(rtype, payload).await?;
+                        self.syncs.push(Box::pin(async move { (token, durable.await) }));
+                    }
+                    None => self.log.append_lazy(rtype, payload).await?,
+                }
+            }
+            Command::Checkpoint { records } => {
+                let count = records.len();
+                let encoded = records.iter().map(records::encode).collect();
+                // Awaited inline: the checkpoint must be queued before any later record, and
+                // it is rare (every `checkpoint_every_records` appends).
+                let lsn = self.log.checkpoint(encoded).await?;
+                tracing::info!(records = count, lsn, "checkpoint written; older log segments deleted");
+            }
+            Command::Prepare { gtid, branch } => match self.participants.get(&branch.resource) {
+                Some(p) => p.prepare(PrepareItem { gtid, branch }),
+                None => {
+                    let error = format!("no endpoint for resource {:?}", branch.resource.as_str());
+                    self.local.push_back(Event::Voted { gtid, branch, vote: VoteResult::Failed { error } });
+                }
+            },
+            Command::Commit { gtid, branch, one_phase, metadata } => {
+                self.phase2(Phase2Op::Commit, Phase2Item { gtid, branch, one_phase, metadata })
+            }
+            Command::Abort { gtid, branch, metadata } => {
+                self.phase2(Phase2Op::Abort, Phase2Item { gtid, branch, one_phase: false, metadata })
+            }
+            Command::Connect { resource, endpoint } => {
+                if self.participants.get(&resource).is_some_and(|p| p.endpoint == endpoint) {
+                    return Ok(());
+                }
+                match ParticipantHandle::spawn(resource.clone(), endpoint.clone(), self.call_config.clone(), self.events_tx.clone()) {
+                    Ok(handle) => {
+                        tracing::info!(resource = %resource, endpoint, "participant connected");
+                        self.participants.insert(resource, handle);
+                    }
+                    // Endpoints are validated before they reach the engine; this is a bug.
+                    Err(e) => tracing::error!(resource = %resource, error = e, "cannot use participant endpoint"),
+                }
+            }
+            Command::Reply { req, reply } => {
+                if let Some(tx) = self.replies.remove(&req) {
+                    // The caller may have given up (deadline); nothing to do then.
+                    let _ = tx.send(reply);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn phase2(&mut self, op: Phase2Op, item: Phase2Item) {
+        match self.participants.get(&item.branch.resource) {
+            Some(p) => p.phase2(op, item),
+            None => {
+                let error = format!("no endpoint for resource {:?}", item.branch.resource.as_str());
+                self.local.push_back(Event::Phase2Done {
+                    gtid: item.gtid,
+                    branch: item.branch,
+                    op,
+                    result: Phase2Result::Retry { error },
+                });
+            }
+        }
+    }
+
+    /// Asks every participant for its in-doubt branches; the answers come back as events.
+    fn scan_in_doubt(&self) {
+        for handle in self.participants.values() {
+            let resource = handle.resource.clone();
+            let scan = handle.recover();
+            let events = self.events_tx.clone();
+            let interval_ms = self.config.recovery_interval.as_millis() as u64;
+            tokio::spawn(async move {
+                match scan.await {
+                    Ok(branches) => {
+                        if !branches.is_empty() {
+                            tracing::info!(resource = %resource, count = branches.len(), "resolving in-doubt branches");
+                        }
+                        let _ = events.send(Event::InDoubt { resource, branches });
+                    }
+                    Err(error) => tracing::warn!(
+                        resource = %resource,
+                        error,
+                        retry_in_ms = interval_ms,
+                        "recovery scan failed"
+                    ),
+                }
+            });
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

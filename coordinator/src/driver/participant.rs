@@ -1,0 +1,295 @@
+//! Talking to one participant: batched Prepare / Commit / Abort calls and the recovery scan.
+//!
+//! Each participant gets three batchers (prepare, commit, abort). A batcher takes whatever work
+//! is queued for its participant, up to `max_batch_branches`, and sends it as ONE call; at most
+//! `max_inflight_calls` calls of a kind are in flight, so under load work accumulates while
+//! calls are out and the batches grow on their own: the same idea as the log's group commit.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pledge_proto::v1::participant_client::ParticipantClient;
+use pledge_proto::v1::{self, BranchXid};
+use pledge_proto::{BranchKey, Gtid, ResourceId};
+use tokio::sync::{Semaphore, mpsc};
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+use crate::engine::{BranchOutcome, Event, InDoubtBranch, Phase2Op, Phase2Result, VoteResult};
+
+/// Largest vote metadata accepted from a participant (it is logged with the decision).
+pub const MAX_VOTE_METADATA_BYTES: usize = 4096;
+
+#[derive(Debug, Clone)]
+pub struct CallConfig {
+    pub coordinator_id: String,
+    pub prepare_timeout: Duration,
+    pub rpc_timeout: Duration,
+    pub max_batch_branches: usize,
+    pub max_inflight_calls: usize,
+}
+
+pub struct PrepareItem {
+    pub gtid: Gtid,
+    pub branch: BranchKey,
+}
+
+pub struct Phase2Item {
+    pub gtid: Gtid,
+    pub branch: BranchKey,
+    pub one_phase: bool,
+    pub metadata: Bytes,
+}
+
+/// The queues into one participant's batchers.
+///
+/// The queues are unbounded channels on purpose: the runtime must never block on them, since
+/// the batchers' results flow back into the runtime (a bounded queue both ways could deadlock).
+/// They are bounded all the same, by the engine: at most `max_live_transactions` ×
+/// `max_branches_per_transaction` branches can have a call pending.
+pub struct ParticipantHandle {
+    pub resource: ResourceId,
+    pub endpoint: String,
+    client: ParticipantClient<Channel>,
+    prepare: mpsc::UnboundedSender<PrepareItem>,
+    commit: mpsc::UnboundedSender<Phase2Item>,
+    abort: mpsc::UnboundedSender<Phase2Item>,
+    config: Arc<CallConfig>,
+}
+
+impl ParticipantHandle {
+    /// Starts the batchers for a participant. The connection is made lazily (and remade after
+    /// failures) by the channel, so an unreachable participant costs failed calls, not a
+    /// failed start.
+    pub fn spawn(
+        resource: ResourceId,
+        endpoint: String,
+        config: Arc<CallConfig>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Self, String> {
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))?
+            .connect_timeout(config.rpc_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let client = ParticipantClient::new(channel);
+
+        let (prepare, prepare_rx) = mpsc::unbounded_channel();
+        let (commit, commit_rx) = mpsc::unbounded_channel();
+        let (abort, abort_rx) = mpsc::unbounded_channel();
+        let call = Caller { resource: resource.clone(), client: client.clone(), config: config.clone(), events };
+        tokio::spawn(batcher(prepare_rx, config.clone(), {
+            let call = call.clone();
+            move |batch| call.clone().prepare(batch)
+        }));
+        tokio::spawn(batcher(commit_rx, config.clone(), {
+            let call = call.clone();
+            move |batch| call.clone().phase2(Phase2Op::Commit, batch)
+        }));
+        tokio::spawn(batcher(abort_rx, config.clone(), move |batch| call.clone().phase2(Phase2Op::Abort, batch)));
+        Ok(ParticipantHandle { resource, endpoint, client, prepare, commit, abort, config })
+    }
+
+    pub fn prepare(&self, item: PrepareItem) {
+        // A send fails only when the batcher is gone, i.e. during shutdown.
+        let _ = self.prepare.send(item);
+    }
+
+    pub fn phase2(&self, op: Phase2Op, item: Phase2Item) {
+        let _ = match op {
+            Phase2Op::Commit => self.commit.send(item),
+            Phase2Op::Abort => self.abort.send(item),
+        };
+    }
+
+    /// Asks the participant for the branches it holds prepared for this coordinator.
+    pub fn recover(&self) -> impl Future<Output = Result<Vec<InDoubtBranch>, String>> + Send + 'static {
+        let mut client = self.client.clone();
+        let config = self.config.clone();
+        let resource = self.resource.clone();
+        async move {
+            let mut request = tonic::Request::new(v1::RecoverRequest { coordinator_id: config.coordinator_id.clone() });
+            request.set_timeout(config.rpc_timeout);
+            let response = client.recover(request).await.map_err(status_text)?.into_inner();
+            let mut branches = Vec::with_capacity(response.branches.len());
+            for b in response.branches {
+                let xid = b.xid.as_ref().ok_or("in-doubt branch without xid")?;
+                let (gtid, branch) = parse_xid(xid).map_err(|e| format!("in-doubt branch: {e}"))?;
+                if branch.resource != resource {
+                    return Err(format!("listed a branch of resource {:?}", branch.resource.as_str()));
+                }
+                branches.push(InDoubtBranch { gtid, branch, metadata: b.metadata.into() });
+            }
+            Ok(branches)
+        }
+    }
+}
+
+fn parse_xid(xid: &BranchXid) -> Result<(Gtid, BranchKey), pledge_proto::IdError> {
+    let x = pledge_proto::Xid::try_from(xid)?;
+    Ok((x.gtid, BranchKey { resource: x.resource, branch: x.branch }))
+}
+
+fn xid(gtid: &Gtid, branch: &BranchKey) -> BranchXid {
+    BranchXid {
+        resource_id: branch.resource.to_string(),
+        gtid: gtid.to_string(),
+        branch_id: branch.branch.to_string(),
+    }
+}
+
+fn status_text(status: tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+/// Takes one item, then whatever else is queued (up to the batch limit), waits for a call slot,
+/// tops the batch up with what arrived meanwhile, and sends it.
+async fn batcher<I, F, Fut>(mut rx: mpsc::UnboundedReceiver<I>, config: Arc<CallConfig>, send: F)
+where
+    I: Send + 'static,
+    F: Fn(Vec<I>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(config.max_inflight_calls));
+    let max = config.max_batch_branches;
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::with_capacity(max.min(64));
+        batch.push(first);
+        let fill = |batch: &mut Vec<I>, rx: &mut mpsc::UnboundedReceiver<I>| {
+            while batch.len() < max {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+        };
+        fill(&mut batch, &mut rx);
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        fill(&mut batch, &mut rx);
+        let call = send(batch);
+        tokio::spawn(async move {
+            call.await;
+            drop(slot);
+        });
+    }
+}
+
+#[derive(Clone)]
+struct Caller {
+    resource: ResourceId,
+    client: ParticipantClient<Channel>,
+    config: Arc<CallConfig>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Caller {
+    async fn prepare(mut self, batch: Vec<PrepareItem>) {
+        let span = tracing::debug_span!("participant.prepare", resource = %self.resource, branches = batch.len());
+        let mut request = tonic::Request::new(v1::PrepareRequest {
+            coordinator_id: self.config.coordinator_id.clone(),
+            branches: batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect(),
+        });
+        request.set_timeout(self.config.prepare_timeout);
+        let result = self.client.prepare(request).instrument(span).await;
+        let votes: Vec<VoteResult> = match result {
+            Ok(response) => {
+                let results = response.into_inner().results;
+                if results.len() == batch.len() {
+                    results.into_iter().map(vote_result).collect()
+                } else {
+                    let error = format!("participant returned {} votes for {} branches", results.len(), batch.len());
+                    vec![VoteResult::Failed { error }; batch.len()]
+                }
+            }
+            Err(status) => vec![VoteResult::Failed { error: status_text(status) }; batch.len()],
+        };
+        for (item, vote) in batch.into_iter().zip(votes) {
+            let _ = self.events.send(Event::Voted { gtid: item.gtid, branch: item.branch, vote });
+        }
+    }
+
+    async fn phase2(mut self, op: Phase2Op, batch: Vec<Phase2Item>) {
+        let span = tracing::debug_span!("participant.phase2", resource = %self.resource, ?op, branches = batch.len());
+        let timeout = self.config.rpc_timeout;
+        let coordinator_id = self.config.coordinator_id.clone();
+        let result = match op {
+            Phase2Op::Commit => {
+                let mut request = tonic::Request::new(v1::CommitBranchesRequest {
+                    coordinator_id,
+                    branches: batch
+                        .iter()
+                        .map(|i| v1::CommitBranch {
+                            xid: Some(xid(&i.gtid, &i.branch)),
+                            one_phase: i.one_phase,
+                            metadata: i.metadata.to_vec(),
+                        })
+                        .collect(),
+                });
+                request.set_timeout(timeout);
+                self.client.commit(request).instrument(span).await.map(|r| r.into_inner().results)
+            }
+            Phase2Op::Abort => {
+                let mut request = tonic::Request::new(v1::AbortBranchesRequest {
+                    coordinator_id,
+                    branches: batch
+                        .iter()
+                        .map(|i| v1::AbortBranch { xid: Some(xid(&i.gtid, &i.branch)), metadata: i.metadata.to_vec() })
+                        .collect(),
+                });
+                request.set_timeout(timeout);
+                self.client.abort(request).instrument(span).await.map(|r| r.into_inner().results)
+            }
+        };
+        let results: Vec<Phase2Result> = match result {
+            Ok(results) if results.len() == batch.len() => {
+                if op == Phase2Op::Commit {
+                    fail::fail_point!("coordinator::after_commit_call");
+                }
+                results.into_iter().map(phase2_result).collect()
+            }
+            Ok(results) => {
+                let error = format!("participant returned {} results for {} branches", results.len(), batch.len());
+                vec![Phase2Result::Retry { error }; batch.len()]
+            }
+            Err(status) => vec![Phase2Result::Retry { error: status_text(status) }; batch.len()],
+        };
+        for (item, result) in batch.into_iter().zip(results) {
+            let _ = self.events.send(Event::Phase2Done { gtid: item.gtid, branch: item.branch, op, result });
+        }
+    }
+}
+
+fn vote_result(r: v1::PrepareResult) -> VoteResult {
+    match v1::Vote::try_from(r.vote) {
+        Ok(v1::Vote::Prepared) if r.metadata.len() > MAX_VOTE_METADATA_BYTES => VoteResult::Failed {
+            error: format!("vote metadata of {} bytes exceeds {MAX_VOTE_METADATA_BYTES}", r.metadata.len()),
+        },
+        Ok(v1::Vote::Prepared) => VoteResult::Prepared { metadata: r.metadata.into() },
+        Ok(v1::Vote::ReadOnly) => VoteResult::ReadOnly,
+        Ok(v1::Vote::Aborted) => VoteResult::Aborted { reason: r.reason },
+        Ok(v1::Vote::Unspecified) | Err(_) => VoteResult::Failed { error: format!("invalid vote {}", r.vote) },
+    }
+}
+
+fn phase2_result(r: v1::BranchResult) -> Phase2Result {
+    let reason = (!r.reason.is_empty()).then_some(r.reason);
+    let outcome = match v1::BranchOutcome::try_from(r.outcome) {
+        Ok(v1::BranchOutcome::Committed) => BranchOutcome::Committed,
+        Ok(v1::BranchOutcome::Aborted) => BranchOutcome::Aborted,
+        Ok(v1::BranchOutcome::HeuristicCommit) => BranchOutcome::HeuristicCommit,
+        Ok(v1::BranchOutcome::HeuristicRollback) => BranchOutcome::HeuristicRollback,
+        Ok(v1::BranchOutcome::HeuristicMixed) => BranchOutcome::HeuristicMixed,
+        Ok(v1::BranchOutcome::HeuristicHazard) => BranchOutcome::HeuristicHazard,
+        Ok(v1::BranchOutcome::Retry) => {
+            return Phase2Result::Retry { error: reason.unwrap_or_else(|| "participant asked to retry".into()) };
+        }
+        Ok(v1::BranchOutcome::Unspecified) | Err(_) => {
+            return Phase2Result::Retry { error: format!("invalid outcome {}", r.outcome) };
+        }
+    };
+    Phase2Result::Outcome { outcome, reason }
+}

@@ -1,0 +1,1026 @@
+//! The transaction state machine: two-phase commit with presumed abort, free of I/O.
+//!
+//! Events go in ([`Event`]: client requests, votes, acknowledgements, log syncs, the passing of
+//! time) and commands come out ([`Command`]: append a record, send prepare/commit/abort,
+//! reply). The engine never reads a clock, opens a socket or touches a file, so tests drive it
+//! event by event and assert on the exact commands, crash points included (a crash is "build a
+//! new engine from the records that were synced").
+//!
+//! Deadlines (transaction timeout, prepare deadline, phase-2 retry) are engine state: the
+//! runtime asks [`Engine::next_deadline`] when to come back and then sends [`Event::Tick`].
+//!
+//! # Protocol
+//! * **Presumed abort.** Only the commit decision is forced to disk, with the full branch list,
+//!   before any participant hears "commit". No commit record means aborted, so aborts are never
+//!   forced and a crash before the decision aborts the transaction.
+//! * **One-phase commit** for a transaction with a single branch: no prepare round and no log
+//!   record; the participant decides.
+//! * **Read-only votes** skip phase 2; a transaction whose every vote is read-only commits
+//!   without a log record.
+//! * **Phase 2** is retried with exponential backoff and jitter until every prepared branch
+//!   acknowledges; there is no retry count limit, because a commit decision must reach every
+//!   branch, but the rate is bounded by `retry_max_backoff_ms`.
+
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use bytes::Bytes;
+use pledge_proto::{BranchKey, Gtid, ResourceId};
+
+pub use types::*;
+
+/// Limits and timings of the engine. Every bound has its unit in its name.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Timeout of an active transaction when Begin names none.
+    pub default_txn_timeout_ms: u64,
+    /// Largest timeout a Begin may ask for.
+    pub max_txn_timeout_ms: u64,
+    /// How long the prepare round may take before the transaction is aborted.
+    pub prepare_timeout_ms: u64,
+    /// First phase-2 retry delay; doubles per attempt up to `retry_max_backoff_ms`.
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+    /// Transactions not yet finished (a bound on memory and on the work a crash leaves).
+    pub max_live_transactions: usize,
+    pub max_branches_per_transaction: usize,
+    /// How long a finished transaction stays visible to Get, idempotent Commit/Abort and Begin
+    /// idempotency keys, and how many of them at most.
+    pub completed_retention_ms: u64,
+    pub completed_retention_max: usize,
+    /// Write a checkpoint after this many appended records.
+    pub checkpoint_every_records: u64,
+    /// Seed of the backoff jitter (fixed in tests, random in production).
+    pub rng_seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            default_txn_timeout_ms: 60_000,
+            max_txn_timeout_ms: 3_600_000,
+            prepare_timeout_ms: 10_000,
+            retry_initial_backoff_ms: 50,
+            retry_max_backoff_ms: 10_000,
+            max_live_transactions: 100_000,
+            max_branches_per_transaction: 64,
+            completed_retention_ms: 600_000,
+            completed_retention_max: 100_000,
+            checkpoint_every_records: 200_000,
+            rng_seed: 0x5eed,
+        }
+    }
+}
+
+/// Where a transaction is in its life. Finer than [`TxnState`], which is what clients see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Active,
+    /// Prepare sent to every branch; collecting votes.
+    Preparing,
+    /// Single branch: one-phase commit sent; the participant decides.
+    OnePhase,
+    /// Every vote was yes; the commit record is on its way to disk.
+    CommitPending,
+    /// The commit record is durable; phase 2 in progress.
+    Committing,
+    Aborting,
+    Committed,
+    Aborted,
+}
+
+impl Phase {
+    fn state(self) -> TxnState {
+        match self {
+            Phase::Active => TxnState::Active,
+            Phase::Preparing | Phase::OnePhase | Phase::CommitPending => TxnState::Preparing,
+            Phase::Committing => TxnState::Committing,
+            Phase::Aborting => TxnState::Aborting,
+            Phase::Committed => TxnState::Committed,
+            Phase::Aborted => TxnState::Aborted,
+        }
+    }
+
+    fn is_finished(self) -> bool {
+        matches!(self, Phase::Committed | Phase::Aborted)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    TxnTimeout,
+    PrepareTimeout,
+    Retry,
+}
+
+#[derive(Debug)]
+struct Branch {
+    key: BranchKey,
+    vote: Option<Vote>,
+    metadata: Bytes,
+    /// The participant confirmed the outcome (or needs no phase 2).
+    acked: bool,
+    outcome: Option<BranchOutcome>,
+    attempts: u32,
+    last_error: Option<String>,
+    /// When the next phase-2 attempt is due; 0 while a call is in flight or none is needed.
+    next_retry_ms: Millis,
+    /// A phase-2 call is in flight (so recovery does not send a second one).
+    in_flight: bool,
+}
+
+impl Branch {
+    fn new(key: BranchKey) -> Self {
+        Branch {
+            key,
+            vote: None,
+            metadata: Bytes::new(),
+            acked: false,
+            outcome: None,
+            attempts: 0,
+            last_error: None,
+            next_retry_ms: 0,
+            in_flight: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Waiter {
+    req: ReqId,
+    wait_for_completion: bool,
+}
+
+#[derive(Debug)]
+struct Txn {
+    gtid: Gtid,
+    phase: Phase,
+    created_ms: Millis,
+    deadline_ms: Millis,
+    prepare_deadline_ms: Millis,
+    decided_ms: Millis,
+    completed_ms: Millis,
+    one_phase: bool,
+    /// Commit was asked for (so a later Commit on an aborted transaction repeats the answer
+    /// instead of reporting "aborted before commit").
+    commit_requested: bool,
+    idempotency_key: Option<String>,
+    abort_reason: Option<String>,
+    branches: Vec<Branch>,
+    waiters: Vec<Waiter>,
+    /// The armed retry timer, if any (one per transaction: the earliest due branch).
+    retry_timer_ms: Option<Millis>,
+}
+
+impl Txn {
+    fn new(gtid: Gtid, created_ms: Millis, deadline_ms: Millis, idempotency_key: Option<String>) -> Self {
+        Txn {
+            gtid,
+            phase: Phase::Active,
+            created_ms,
+            deadline_ms,
+            prepare_deadline_ms: 0,
+            decided_ms: 0,
+            completed_ms: 0,
+            one_phase: false,
+            commit_requested: false,
+            idempotency_key,
+            abort_reason: None,
+            branches: Vec::new(),
+            waiters: Vec::new(),
+            retry_timer_ms: None,
+        }
+    }
+
+    fn branch_mut(&mut self, key: &BranchKey) -> Option<&mut Branch> {
+        self.branches.iter_mut().find(|b| &b.key == key)
+    }
+
+    fn all_acked(&self) -> bool {
+        self.branches.iter().all(|b| b.acked)
+    }
+
+    fn commit_outcome(&self) -> CommitOutcome {
+        CommitOutcome {
+            committed: matches!(self.phase, Phase::Committing | Phase::Committed),
+            reason: self.abort_reason.clone(),
+            completed: self.phase.is_finished(),
+        }
+    }
+
+    fn view(&self) -> TxnView {
+        TxnView {
+            gtid: self.gtid,
+            state: self.phase.state(),
+            abort_reason: self.abort_reason.clone(),
+            created_ms: self.created_ms,
+            deadline_ms: self.deadline_ms,
+            decided_ms: self.decided_ms,
+            completed_ms: self.completed_ms,
+            one_phase: self.one_phase,
+            idempotency_key: self.idempotency_key.clone(),
+            branches: self
+                .branches
+                .iter()
+                .map(|b| BranchView {
+                    key: b.key.clone(),
+                    vote: b.vote,
+                    metadata: b.metadata.clone(),
+                    acknowledged: b.acked,
+                    outcome: b.outcome,
+                    attempts: b.attempts,
+                    last_error: b.last_error.clone(),
+                    next_retry_ms: b.next_retry_ms,
+                })
+                .collect(),
+        }
+    }
+
+    fn commit_record(&self) -> CommitRecord {
+        CommitRecord {
+            gtid: self.gtid,
+            created_ms: self.created_ms,
+            decided_ms: self.decided_ms,
+            idempotency_key: self.idempotency_key.clone(),
+            branches: self
+                .branches
+                .iter()
+                .filter_map(|b| {
+                    b.vote.map(|vote| LoggedBranch { key: b.key.clone(), vote, metadata: b.metadata.clone() })
+                })
+                .collect(),
+        }
+    }
+
+    fn end_record(&self) -> EndRecord {
+        EndRecord {
+            gtid: self.gtid,
+            committed: self.phase == Phase::Committed,
+            reason: self.abort_reason.clone(),
+            created_ms: self.created_ms,
+            decided_ms: self.decided_ms,
+            completed_ms: self.completed_ms,
+            one_phase: self.one_phase,
+            idempotency_key: self.idempotency_key.clone(),
+            branches: self
+                .branches
+                .iter()
+                .map(|b| EndBranch { key: b.key.clone(), vote: b.vote, outcome: b.outcome })
+                .collect(),
+        }
+    }
+}
+
+/// Everything but the transaction table, so handlers can hold `&mut Txn` and `&mut Ctx` at once.
+struct Ctx {
+    cfg: EngineConfig,
+    now: Millis,
+    out: Vec<Command>,
+    timers: BTreeSet<(Millis, Gtid, TimerKind)>,
+    /// Finished transactions in completion order, for retention expiry.
+    retired: VecDeque<(Millis, Gtid)>,
+    idempotency: HashMap<String, Gtid>,
+    participants: BTreeMap<ResourceId, String>,
+    live: usize,
+    records_since_checkpoint: u64,
+    rng: fastrand::Rng,
+}
+
+/// The 2PC state machine. See the module documentation.
+pub struct Engine {
+    /// Keyed by GTID; UUIDv7 GTIDs sort by issue time, so iteration is oldest first.
+    txns: BTreeMap<Gtid, Txn>,
+    cx: Ctx,
+}
+
+impl Engine {
+    /// A fresh engine with no history.
+    pub fn new(cfg: EngineConfig) -> Self {
+        let rng = fastrand::Rng::with_seed(cfg.rng_seed);
+        Engine {
+            txns: BTreeMap::new(),
+            cx: Ctx {
+                cfg,
+                now: 0,
+                out: Vec::new(),
+                timers: BTreeSet::new(),
+                retired: VecDeque::new(),
+                idempotency: HashMap::new(),
+                participants: BTreeMap::new(),
+                live: 0,
+                records_since_checkpoint: 0,
+                rng,
+            },
+        }
+    }
+
+    /// Rebuilds the engine from the decision log after a restart. `now` is the restart time.
+    /// Call [`Engine::start`] next to get the commands that finish what the crash interrupted.
+    pub fn restore(cfg: EngineConfig, now: Millis, records: impl IntoIterator<Item = LogRecord>) -> Self {
+        let mut engine = Engine::new(cfg);
+        engine.cx.now = now;
+        for record in records {
+            engine.apply_replayed(record);
+        }
+        let Engine { txns, cx } = &mut engine;
+        for txn in txns.values() {
+            if txn.phase.is_finished() {
+                cx.retired.push_back((txn.completed_ms, txn.gtid));
+            } else {
+                cx.live += 1;
+            }
+        }
+        cx.retired.make_contiguous().sort();
+        engine
+    }
+
+    fn apply_replayed(&mut self, record: LogRecord) {
+        match record {
+            LogRecord::Register { resource, endpoint } => {
+                self.cx.participants.insert(resource, endpoint);
+            }
+            LogRecord::Commit(c) => {
+                let mut txn = Txn::new(c.gtid, c.created_ms, c.created_ms, c.idempotency_key);
+                txn.phase = Phase::Committing;
+                txn.commit_requested = true;
+                txn.decided_ms = c.decided_ms;
+                for lb in c.branches {
+                    let mut b = Branch::new(lb.key);
+                    b.acked = lb.vote != Vote::Prepared;
+                    b.vote = Some(lb.vote);
+                    b.metadata = lb.metadata;
+                    txn.branches.push(b);
+                }
+                if let Some(key) = &txn.idempotency_key {
+                    self.cx.idempotency.insert(key.clone(), txn.gtid);
+                }
+                self.txns.insert(txn.gtid, txn);
+            }
+            LogRecord::End(e) => {
+                let mut txn = Txn::new(e.gtid, e.created_ms, e.created_ms, e.idempotency_key);
+                txn.phase = if e.committed { Phase::Committed } else { Phase::Aborted };
+                txn.commit_requested = true;
+                txn.abort_reason = e.reason;
+                txn.decided_ms = e.decided_ms;
+                txn.completed_ms = e.completed_ms;
+                txn.one_phase = e.one_phase;
+                for eb in e.branches {
+                    let mut b = Branch::new(eb.key);
+                    b.vote = eb.vote;
+                    b.outcome = eb.outcome;
+                    b.acked = true;
+                    txn.branches.push(b);
+                }
+                if let Some(key) = &txn.idempotency_key {
+                    self.cx.idempotency.insert(key.clone(), txn.gtid);
+                }
+                self.txns.insert(txn.gtid, txn);
+            }
+        }
+    }
+
+    /// Adds participants known from configuration (not logged: the config file is their record).
+    pub fn add_configured_participant(&mut self, resource: ResourceId, endpoint: String) {
+        self.cx.participants.insert(resource, endpoint);
+    }
+
+    /// The commands to run once after construction: connect to every participant and resume
+    /// phase 2 of every committed transaction that is not finished.
+    pub fn start(&mut self, now: Millis, out: &mut Vec<Command>) {
+        let Engine { txns, cx } = self;
+        cx.now = now;
+        for (resource, endpoint) in &cx.participants {
+            cx.out.push(Command::Connect { resource: resource.clone(), endpoint: endpoint.clone() });
+        }
+        for txn in txns.values_mut() {
+            if txn.phase == Phase::Committing {
+                cx.send_phase2(txn, Phase2Op::Commit);
+            }
+        }
+        out.append(&mut cx.out);
+    }
+
+    /// The earliest time at which a [`Event::Tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Millis> {
+        let timer = self.cx.timers.first().map(|t| t.0);
+        let expiry = self.cx.retired.front().map(|(done, _)| done + self.cx.cfg.completed_retention_ms);
+        match (timer, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Number of transactions not yet finished.
+    pub fn live_transactions(&self) -> usize {
+        self.cx.live
+    }
+
+    /// Handles one event at time `now`, appending the resulting commands to `out`.
+    pub fn handle(&mut self, now: Millis, event: Event, out: &mut Vec<Command>) {
+        // Time never goes backwards for the engine, even if the wall clock does.
+        self.cx.now = self.cx.now.max(now);
+        match event {
+            Event::Begin { req, gtid, timeout_ms, idempotency_key, branches } => {
+                self.begin(req, gtid, timeout_ms, idempotency_key, branches)
+            }
+            Event::Enlist { req, gtid, branches } => self.enlist(req, gtid, branches),
+            Event::Commit { req, gtid, branches, wait_for_completion } => {
+                self.commit(req, gtid, branches, wait_for_completion)
+            }
+            Event::Abort { req, gtid } => self.abort(req, gtid),
+            Event::Get { req, gtid } => {
+                let reply = match self.txns.get(&gtid) {
+                    Some(txn) => Ok(Reply::Transaction(Box::new(txn.view()))),
+                    None => Err(EngineError::UnknownTransaction(gtid)),
+                };
+                self.cx.reply(req, reply);
+            }
+            Event::List { req, filter } => self.list(req, filter),
+            Event::RegisterParticipant { req, resource, endpoint } => {
+                self.cx.participants.insert(resource.clone(), endpoint.clone());
+                self.cx.out.push(Command::Connect { resource: resource.clone(), endpoint: endpoint.clone() });
+                self.cx.append(LogRecord::Register { resource, endpoint }, Some(SyncToken::Register(req)));
+            }
+            Event::ListParticipants { req } => {
+                let list = self.cx.participants.iter().map(|(r, e)| (r.clone(), e.clone())).collect();
+                self.cx.reply(req, Ok(Reply::Participants(list)));
+            }
+            Event::Voted { gtid, branch, vote } => self.voted(gtid, branch, vote),
+            Event::Phase2Done { gtid, branch, op, result } => self.phase2_done(gtid, branch, op, result),
+            Event::Synced(SyncToken::Commit(gtid)) => self.commit_durable(gtid),
+            Event::Synced(SyncToken::Register(req)) => self.cx.reply(req, Ok(Reply::Registered)),
+            Event::InDoubt { resource, branches } => self.in_doubt(resource, branches),
+            Event::Tick => {}
+        }
+        self.fire_timers();
+        self.expire_retired();
+        self.maybe_checkpoint();
+        out.append(&mut self.cx.out);
+    }
+
+    fn begin(
+        &mut self,
+        req: ReqId,
+        gtid: Gtid,
+        timeout_ms: Option<u64>,
+        idempotency_key: Option<String>,
+        branches: Vec<BranchKey>,
+    ) {
+        let cx = &mut self.cx;
+        if let Some(existing) = idempotency_key.as_ref().and_then(|k| cx.idempotency.get(k))
+            && let Some(txn) = self.txns.get(existing)
+        {
+            let reply = Reply::Begun { gtid: txn.gtid, existing: true, deadline_ms: txn.deadline_ms };
+            return cx.reply(req, Ok(reply));
+        }
+        let timeout = match timeout_ms {
+            None | Some(0) => cx.cfg.default_txn_timeout_ms,
+            Some(t) if t > cx.cfg.max_txn_timeout_ms => {
+                let e = EngineError::TimeoutTooLong { requested: t, max: cx.cfg.max_txn_timeout_ms };
+                return cx.reply(req, Err(e));
+            }
+            Some(t) => t,
+        };
+        if cx.live >= cx.cfg.max_live_transactions {
+            return cx.reply(req, Err(EngineError::TooManyTransactions { max: cx.cfg.max_live_transactions }));
+        }
+        let mut txn = Txn::new(gtid, cx.now, cx.now + timeout, idempotency_key);
+        if let Err(e) = cx.add_branches(&mut txn, branches) {
+            return cx.reply(req, Err(e));
+        }
+        if let Some(key) = &txn.idempotency_key {
+            cx.idempotency.insert(key.clone(), gtid);
+        }
+        cx.live += 1;
+        cx.timers.insert((txn.deadline_ms, gtid, TimerKind::TxnTimeout));
+        cx.reply(req, Ok(Reply::Begun { gtid, existing: false, deadline_ms: txn.deadline_ms }));
+        self.txns.insert(gtid, txn);
+    }
+
+    fn enlist(&mut self, req: ReqId, gtid: Gtid, branches: Vec<BranchKey>) {
+        let Engine { txns, cx } = self;
+        let Some(txn) = txns.get_mut(&gtid) else {
+            return cx.reply(req, Err(EngineError::UnknownTransaction(gtid)));
+        };
+        if txn.phase != Phase::Active {
+            return cx.reply(req, Err(EngineError::NotActive { gtid, state: txn.phase.state() }));
+        }
+        let reply = cx.add_branches(txn, branches).map(|()| Reply::Enlisted);
+        cx.reply(req, reply);
+    }
+
+    fn commit(&mut self, req: ReqId, gtid: Gtid, branches: Vec<BranchKey>, wait_for_completion: bool) {
+        let Engine { txns, cx } = self;
+        let Some(txn) = txns.get_mut(&gtid) else {
+            return cx.reply(req, Err(EngineError::UnknownTransaction(gtid)));
+        };
+        let waiter = Waiter { req, wait_for_completion };
+        match txn.phase {
+            Phase::Active => {
+                if let Err(e) = cx.add_branches(txn, branches) {
+                    return cx.reply(req, Err(e));
+                }
+                txn.commit_requested = true;
+                txn.waiters.push(waiter);
+                cx.timers.remove(&(txn.deadline_ms, gtid, TimerKind::TxnTimeout));
+                cx.start_commit(txn);
+            }
+            _ if !branches.iter().all(|k| txn.branches.iter().any(|b| &b.key == k)) => {
+                // A retry may repeat the branches it enlisted; new ones are too late.
+                cx.reply(req, Err(EngineError::NotActive { gtid, state: txn.phase.state() }));
+            }
+            Phase::Aborting | Phase::Aborted if !txn.commit_requested => {
+                let reason = txn.abort_reason.clone().unwrap_or_default();
+                cx.reply(req, Err(EngineError::AlreadyAborted { gtid, reason }));
+            }
+            Phase::Preparing | Phase::OnePhase | Phase::CommitPending => txn.waiters.push(waiter),
+            Phase::Committing | Phase::Aborting if wait_for_completion => txn.waiters.push(waiter),
+            Phase::Committing | Phase::Aborting | Phase::Committed | Phase::Aborted => {
+                cx.reply(req, Ok(Reply::CommitOutcome(txn.commit_outcome())))
+            }
+        }
+        cx.finish_if_done(txn);
+    }
+
+    fn abort(&mut self, req: ReqId, gtid: Gtid) {
+        let Engine { txns, cx } = self;
+        let Some(txn) = txns.get_mut(&gtid) else {
+            return cx.reply(req, Err(EngineError::UnknownTransaction(gtid)));
+        };
+        match txn.phase {
+            Phase::Active | Phase::Preparing => {
+                cx.decide_abort(txn, "aborted by client".to_string());
+                cx.reply(req, Ok(Reply::Aborted));
+                cx.finish_if_done(txn);
+            }
+            Phase::Aborting | Phase::Aborted => cx.reply(req, Ok(Reply::Aborted)),
+            // One-phase: the participant is deciding; the outcome is no longer ours to change.
+            Phase::OnePhase | Phase::CommitPending | Phase::Committing | Phase::Committed => {
+                cx.reply(req, Err(EngineError::CommitDecided { gtid, state: txn.phase.state() }))
+            }
+        }
+    }
+
+    fn list(&mut self, req: ReqId, filter: ListFilter) {
+        let cx = &mut self.cx;
+        let limit = filter.limit.max(1);
+        let cutoff = cx.now.saturating_sub(filter.older_than_ms);
+        let mut matching = self.txns.values().filter(|t| {
+            let state = t.phase.state();
+            (filter.states.is_empty() || filter.states.contains(&state))
+                && (!filter.in_doubt || matches!(t.phase, Phase::Committing | Phase::Aborting))
+                && (filter.older_than_ms == 0 || t.created_ms <= cutoff)
+        });
+        let transactions: Vec<TxnView> = matching.by_ref().take(limit).map(Txn::view).collect();
+        let truncated = matching.next().is_some();
+        cx.reply(req, Ok(Reply::List { transactions, truncated }));
+    }
+
+    fn voted(&mut self, gtid: Gtid, key: BranchKey, vote: VoteResult) {
+        let Engine { txns, cx } = self;
+        let Some(txn) = txns.get_mut(&gtid) else {
+            // A vote for a transaction we no longer know: presumed abort. Roll the branch back
+            // so it does not stay in doubt.
+            if let VoteResult::Prepared { metadata } = vote {
+                cx.out.push(Command::Abort { gtid, branch: key, metadata });
+            }
+            return;
+        };
+        let phase = txn.phase;
+        let Some(branch) = txn.branch_mut(&key) else { return };
+        if branch.vote.is_some() {
+            return; // duplicate
+        }
+        if phase != Phase::Preparing {
+            // Late vote: the transaction was decided without it, which can only have been an
+            // abort (a commit needs every vote). While aborting, the abort already sent to this
+            // branch settles it; once finished, send one more (recovery would otherwise).
+            if let VoteResult::Prepared { metadata } = vote {
+                branch.vote = Some(Vote::Prepared);
+                branch.metadata = metadata;
+                if phase == Phase::Aborted {
+                    cx.out.push(Command::Abort { gtid, branch: key, metadata: branch.metadata.clone() });
+                }
+            }
+            return;
+        }
+        match vote {
+            VoteResult::Prepared { metadata } => {
+                branch.vote = Some(Vote::Prepared);
+                branch.metadata = metadata;
+            }
+            VoteResult::ReadOnly => {
+                branch.vote = Some(Vote::ReadOnly);
+                branch.acked = true;
+            }
+            VoteResult::Aborted { reason } => {
+                branch.vote = Some(Vote::Aborted);
+                branch.acked = true;
+                let reason = format!("branch {key} voted no: {reason}");
+                cx.decide_abort(txn, reason);
+                return cx.finish_if_done(txn);
+            }
+            VoteResult::Failed { error } => {
+                branch.last_error = Some(error.clone());
+                let reason = format!("prepare of branch {key} failed: {error}");
+                cx.decide_abort(txn, reason);
+                return cx.finish_if_done(txn);
+            }
+        }
+        if txn.branches.iter().all(|b| b.vote.is_some()) {
+            cx.timers.remove(&(txn.prepare_deadline_ms, gtid, TimerKind::PrepareTimeout));
+            if txn.branches.iter().any(|b| b.vote == Some(Vote::Prepared)) {
+                // Every vote is yes: force the decision to disk before anyone hears "commit".
+                txn.phase = Phase::CommitPending;
+                txn.decided_ms = cx.now;
+                cx.append(LogRecord::Commit(txn.commit_record()), Some(SyncToken::Commit(gtid)));
+            } else {
+                // All read-only: nothing to commit anywhere, nothing to log.
+                txn.phase = Phase::Committed;
+                txn.decided_ms = cx.now;
+                cx.finish_if_done(txn);
+            }
+        }
+    }
+
+    fn commit_durable(&mut self, gtid: Gtid) {
+        let Engine { txns, cx } = self;
+        let Some(txn) = txns.get_mut(&gtid) else { return };
+        if txn.phase != Phase::CommitPending {
+            return;
+        }
+        txn.phase = Phase::Committing;
+        cx.send_phase2(txn, Phase2Op::Commit);
+        let outcome = txn.commit_outcome();
+        cx.reply_waiters(txn, |w| !w.wait_for_completion, &outcome);
+        cx.finish_if_done(txn);
+    }
+
+    fn phase2_done(&mut self, gtid: Gtid, key: BranchKey, op: Phase2Op, result: Phase2Result) {
+        let Engine { txns, cx } = self;
+        let Some(txn) = txns.get_mut(&gtid) else { return };
+        let expected = match txn.phase {
+            Phase::OnePhase | Phase::Committing => Phase2Op::Commit,
+            Phase::Aborting => Phase2Op::Abort,
+            _ => return, // stale: the transaction is finished or never reached phase 2
+        };
+        if op != expected {
+            return;
+        }
+        let one_phase = txn.phase == Phase::OnePhase;
+        let now = cx.now;
+        let Some(branch) = txn.branch_mut(&key) else { return };
+        if branch.acked {
+            return; // duplicate
+        }
+        branch.in_flight = false;
+        match result {
+            Phase2Result::Retry { error } => {
+                branch.attempts += 1;
+                branch.last_error = Some(error);
+                let delay = cx.backoff_ms(branch.attempts);
+                branch.next_retry_ms = now + delay;
+                let due = branch.next_retry_ms;
+                cx.arm_retry(txn, due);
+                return;
+            }
+            Phase2Result::Outcome { outcome, reason } => {
+                branch.attempts += 1;
+                branch.next_retry_ms = 0;
+                branch.acked = true;
+                if one_phase {
+                    // The participant decided: committed, or aborted with its reason.
+                    branch.outcome = Some(outcome);
+                    txn.decided_ms = now;
+                    if matches!(outcome, BranchOutcome::Committed | BranchOutcome::HeuristicCommit) {
+                        txn.phase = Phase::Committed;
+                    } else {
+                        txn.phase = Phase::Aborted;
+                        txn.abort_reason =
+                            Some(format!("branch {key} aborted in one-phase commit: {}", reason.unwrap_or_default()));
+                    }
+                } else {
+                    // Told to commit but rolled back (or the reverse): the resource decided on its
+                    // own. Record it as the heuristic outcome it is; never report plain success.
+                    let outcome = match (op, outcome) {
+                        (Phase2Op::Commit, BranchOutcome::Aborted) => BranchOutcome::HeuristicRollback,
+                        (Phase2Op::Abort, BranchOutcome::Committed) => BranchOutcome::HeuristicCommit,
+                        (_, o) => o,
+                    };
+                    if outcome.is_heuristic() {
+                        branch.last_error = reason;
+                        tracing::warn!(%gtid, branch = %key, ?outcome, "heuristic outcome reported by participant");
+                    }
+                    branch.outcome = Some(outcome);
+                }
+            }
+        }
+        cx.finish_if_done(txn);
+    }
+
+    fn in_doubt(&mut self, resource: ResourceId, branches: Vec<InDoubtBranch>) {
+        let Engine { txns, cx } = self;
+        for ib in branches {
+            if ib.branch.resource != resource {
+                continue; // a participant may only speak for its own resource
+            }
+            let Some(txn) = txns.get_mut(&ib.gtid) else {
+                // No record of it: presumed abort.
+                cx.out.push(Command::Abort { gtid: ib.gtid, branch: ib.branch, metadata: ib.metadata });
+                continue;
+            };
+            let op = match txn.phase {
+                // Still being decided: the prepare round (or the sync) will settle it.
+                Phase::Active | Phase::Preparing | Phase::OnePhase | Phase::CommitPending => continue,
+                Phase::Committing | Phase::Committed => Phase2Op::Commit,
+                Phase::Aborting | Phase::Aborted => Phase2Op::Abort,
+            };
+            let gtid = txn.gtid;
+            match txn.branch_mut(&ib.branch) {
+                Some(b) if b.in_flight => {}
+                Some(b) if !b.acked => {
+                    // Due for a retry anyway: send it now rather than wait for the backoff.
+                    b.in_flight = true;
+                    b.next_retry_ms = 0;
+                    let metadata = if b.metadata.is_empty() { ib.metadata } else { b.metadata.clone() };
+                    cx.out.push(phase2_command(op, gtid, b.key.clone(), false, metadata));
+                }
+                Some(b) => {
+                    // We hold an acknowledgement, yet the participant still lists the branch
+                    // (it lost it, or answered before making it durable). Repeat the outcome.
+                    let metadata = if b.metadata.is_empty() { ib.metadata } else { b.metadata.clone() };
+                    cx.out.push(phase2_command(op, gtid, b.key.clone(), false, metadata));
+                }
+                None => {
+                    // Not a branch of this transaction's decision: it was never part of a commit.
+                    cx.out.push(Command::Abort { gtid, branch: ib.branch, metadata: ib.metadata });
+                }
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let Engine { txns, cx } = self;
+        while let Some(&(at, gtid, kind)) = cx.timers.first() {
+            if at > cx.now {
+                break;
+            }
+            cx.timers.pop_first();
+            let Some(txn) = txns.get_mut(&gtid) else { continue };
+            match kind {
+                TimerKind::TxnTimeout if txn.phase == Phase::Active && txn.deadline_ms == at => {
+                    let reason = format!("transaction timed out after {} ms", at - txn.created_ms);
+                    cx.decide_abort(txn, reason);
+                }
+                TimerKind::PrepareTimeout if txn.phase == Phase::Preparing && txn.prepare_deadline_ms == at => {
+                    let missing: Vec<String> =
+                        txn.branches.iter().filter(|b| b.vote.is_none()).map(|b| b.key.to_string()).collect();
+                    let reason = format!(
+                        "prepare timed out after {} ms waiting for {}",
+                        cx.cfg.prepare_timeout_ms,
+                        missing.join(", ")
+                    );
+                    cx.decide_abort(txn, reason);
+                }
+                TimerKind::Retry if txn.retry_timer_ms == Some(at) => {
+                    txn.retry_timer_ms = None;
+                    cx.send_due_retries(txn);
+                }
+                _ => continue,
+            }
+            cx.finish_if_done(txn);
+        }
+    }
+
+    fn expire_retired(&mut self) {
+        let Engine { txns, cx } = self;
+        while let Some(&(done, gtid)) = cx.retired.front() {
+            let expired = done + cx.cfg.completed_retention_ms <= cx.now;
+            if !expired && cx.retired.len() <= cx.cfg.completed_retention_max {
+                break;
+            }
+            cx.retired.pop_front();
+            if let Some(txn) = txns.remove(&gtid)
+                && let Some(key) = txn.idempotency_key
+                && cx.idempotency.get(&key) == Some(&gtid)
+            {
+                cx.idempotency.remove(&key);
+            }
+        }
+    }
+
+    /// After `checkpoint_every_records` appends, snapshot what a restart needs: registered
+    /// participants, every committed transaction not yet finished, and the retained finished
+    /// ones (so Get and idempotent retries keep working across restarts).
+    fn maybe_checkpoint(&mut self) {
+        let Engine { txns, cx } = self;
+        if cx.records_since_checkpoint < cx.cfg.checkpoint_every_records {
+            return;
+        }
+        cx.records_since_checkpoint = 0;
+        let mut records: Vec<LogRecord> = cx
+            .participants
+            .iter()
+            .map(|(r, e)| LogRecord::Register { resource: r.clone(), endpoint: e.clone() })
+            .collect();
+        for txn in txns.values() {
+            match txn.phase {
+                // CommitPending is included: its commit record was submitted before this
+                // checkpoint, so if the checkpoint is durable, so is the decision.
+                Phase::CommitPending | Phase::Committing => records.push(LogRecord::Commit(txn.commit_record())),
+                Phase::Committed | Phase::Aborted => records.push(LogRecord::End(txn.end_record())),
+                Phase::Active | Phase::Preparing | Phase::OnePhase | Phase::Aborting => {}
+            }
+        }
+        cx.out.push(Command::Checkpoint { records });
+    }
+}
+
+fn phase2_command(op: Phase2Op, gtid: Gtid, branch: BranchKey, one_phase: bool, metadata: Bytes) -> Command {
+    match op {
+        Phase2Op::Commit => Command::Commit { gtid, branch, one_phase, metadata },
+        Phase2Op::Abort => Command::Abort { gtid, branch, metadata },
+    }
+}
+
+impl Ctx {
+    fn reply(&mut self, req: ReqId, reply: Result<Reply, EngineError>) {
+        self.out.push(Command::Reply { req, reply });
+    }
+
+    fn append(&mut self, record: LogRecord, sync: Option<SyncToken>) {
+        self.records_since_checkpoint += 1;
+        self.out.push(Command::Append { record, sync });
+    }
+
+    fn add_branches(&mut self, txn: &mut Txn, branches: Vec<BranchKey>) -> Result<(), EngineError> {
+        // Validate everything first: a refused request changes nothing.
+        let mut new = 0;
+        for (i, key) in branches.iter().enumerate() {
+            if !self.participants.contains_key(&key.resource) {
+                return Err(EngineError::UnknownResource(key.resource.clone()));
+            }
+            let seen = txn.branches.iter().any(|b| &b.key == key) || branches[..i].contains(key);
+            if !seen {
+                new += 1;
+            }
+        }
+        let count = txn.branches.len() + new;
+        if count > self.cfg.max_branches_per_transaction {
+            return Err(EngineError::TooManyBranches { count, max: self.cfg.max_branches_per_transaction });
+        }
+        for key in branches {
+            if !txn.branches.iter().any(|b| b.key == key) {
+                txn.branches.push(Branch::new(key));
+            }
+        }
+        Ok(())
+    }
+
+    fn start_commit(&mut self, txn: &mut Txn) {
+        match txn.branches.len() {
+            0 => {
+                txn.phase = Phase::Committed;
+                txn.decided_ms = self.now;
+            }
+            1 => {
+                txn.phase = Phase::OnePhase;
+                txn.one_phase = true;
+                let branch = &mut txn.branches[0];
+                branch.in_flight = true;
+                self.out.push(Command::Commit {
+                    gtid: txn.gtid,
+                    branch: branch.key.clone(),
+                    one_phase: true,
+                    metadata: Bytes::new(),
+                });
+            }
+            _ => {
+                txn.phase = Phase::Preparing;
+                txn.prepare_deadline_ms = self.now + self.cfg.prepare_timeout_ms;
+                self.timers.insert((txn.prepare_deadline_ms, txn.gtid, TimerKind::PrepareTimeout));
+                for b in &txn.branches {
+                    self.out.push(Command::Prepare { gtid: txn.gtid, branch: b.key.clone() });
+                }
+            }
+        }
+    }
+
+    /// Decides abort (presumed: nothing is forced to the log) and tells every branch that may
+    /// hold work or a prepared state to roll back.
+    fn decide_abort(&mut self, txn: &mut Txn, reason: String) {
+        match txn.phase {
+            Phase::Active => {
+                self.timers.remove(&(txn.deadline_ms, txn.gtid, TimerKind::TxnTimeout));
+            }
+            Phase::Preparing => {
+                self.timers.remove(&(txn.prepare_deadline_ms, txn.gtid, TimerKind::PrepareTimeout));
+            }
+            _ => return,
+        }
+        txn.phase = Phase::Aborting;
+        txn.decided_ms = self.now;
+        txn.abort_reason = Some(reason);
+        for b in &mut txn.branches {
+            // A branch that voted no or read-only has nothing left to roll back. Every other
+            // branch (prepared, not yet voted, or never asked) is told to roll back, which also
+            // makes a Prepare still on its way a refused "dangling prepare".
+            b.acked = matches!(b.vote, Some(Vote::Aborted | Vote::ReadOnly));
+        }
+        self.send_phase2(txn, Phase2Op::Abort);
+        let outcome = txn.commit_outcome();
+        self.reply_waiters(txn, |w| !w.wait_for_completion, &outcome);
+    }
+
+    fn send_phase2(&mut self, txn: &mut Txn, op: Phase2Op) {
+        for b in txn.branches.iter_mut().filter(|b| !b.acked && !b.in_flight) {
+            b.in_flight = true;
+            b.next_retry_ms = 0;
+            self.out.push(phase2_command(op, txn.gtid, b.key.clone(), false, b.metadata.clone()));
+        }
+    }
+
+    fn send_due_retries(&mut self, txn: &mut Txn) {
+        let (op, one_phase) = match txn.phase {
+            Phase::OnePhase => (Phase2Op::Commit, true),
+            Phase::Committing => (Phase2Op::Commit, false),
+            Phase::Aborting => (Phase2Op::Abort, false),
+            _ => return,
+        };
+        let mut next: Option<Millis> = None;
+        for b in txn.branches.iter_mut().filter(|b| !b.acked && !b.in_flight && b.next_retry_ms != 0) {
+            if b.next_retry_ms <= self.now {
+                b.in_flight = true;
+                b.next_retry_ms = 0;
+                self.out.push(phase2_command(op, txn.gtid, b.key.clone(), one_phase, b.metadata.clone()));
+            } else {
+                next = Some(next.map_or(b.next_retry_ms, |n| n.min(b.next_retry_ms)));
+            }
+        }
+        if let Some(at) = next {
+            self.arm_retry(txn, at);
+        }
+    }
+
+    fn arm_retry(&mut self, txn: &mut Txn, at: Millis) {
+        match txn.retry_timer_ms {
+            Some(armed) if armed <= at => {}
+            armed => {
+                if let Some(old) = armed {
+                    self.timers.remove(&(old, txn.gtid, TimerKind::Retry));
+                }
+                txn.retry_timer_ms = Some(at);
+                self.timers.insert((at, txn.gtid, TimerKind::Retry));
+            }
+        }
+    }
+
+    /// Exponential backoff with "equal jitter": half the delay is fixed, half random, so
+    /// retries against a recovering participant spread out but never fire back-to-back.
+    fn backoff_ms(&mut self, attempt: u32) -> u64 {
+        let exp = attempt.saturating_sub(1).min(32);
+        let delay = self.cfg.retry_initial_backoff_ms.saturating_mul(1u64 << exp).min(self.cfg.retry_max_backoff_ms);
+        let half = delay / 2;
+        half + self.rng.u64(0..=delay - half)
+    }
+
+    fn reply_waiters(&mut self, txn: &mut Txn, which: impl Fn(&Waiter) -> bool, outcome: &CommitOutcome) {
+        let out = &mut self.out;
+        txn.waiters.retain(|w| {
+            if which(w) {
+                out.push(Command::Reply { req: w.req, reply: Ok(Reply::CommitOutcome(outcome.clone())) });
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Moves a transaction whose every branch has acknowledged to its final state: lazy end
+    /// record, remaining waiters answered, retained for a while for Get and retries.
+    fn finish_if_done(&mut self, txn: &mut Txn) {
+        let finished = match txn.phase {
+            Phase::Committing if txn.all_acked() => Phase::Committed,
+            Phase::Aborting if txn.all_acked() => Phase::Aborted,
+            // Reached directly (empty, all read-only, one-phase) and not yet retired.
+            Phase::Committed | Phase::Aborted if txn.completed_ms == 0 => txn.phase,
+            _ => return,
+        };
+        txn.phase = finished;
+        txn.completed_ms = self.now;
+        if let Some(at) = txn.retry_timer_ms.take() {
+            self.timers.remove(&(at, txn.gtid, TimerKind::Retry));
+        }
+        // Lazy: losing it costs a repeated (idempotent) phase 2 after a crash; keeping it lets Get
+        // and retried Commit/Abort answer for finished transactions after a restart.
+        self.append(LogRecord::End(txn.end_record()), None);
+        let outcome = txn.commit_outcome();
+        self.reply_waiters(txn, |_| true, &outcome);
+        self.live -= 1;
+        self.retired.push_back((self.now, txn.gtid));
+    }
+}

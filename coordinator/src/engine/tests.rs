@@ -1,0 +1,771 @@
+//! The engine driven event by event, asserting the exact commands on every path.
+
+use super::*;
+
+const T0: Millis = 1_700_000_000_000;
+
+fn key(resource: &str, branch: &str) -> BranchKey {
+    BranchKey::new(resource, branch).unwrap()
+}
+
+fn db1() -> BranchKey {
+    key("db1", "b1")
+}
+
+fn db2() -> BranchKey {
+    key("db2", "b1")
+}
+
+fn gtid(n: u64) -> Gtid {
+    Gtid::from_parts(T0, n)
+}
+
+fn meta(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// An engine with two configured participants, a controllable clock and a record of every
+/// append (for crash-restart tests).
+struct Harness {
+    engine: Engine,
+    now: Millis,
+    next_req: ReqId,
+    /// Every record appended, with whether it has been reported synced.
+    appended: Vec<(LogRecord, bool)>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Harness::with_config(EngineConfig::default())
+    }
+
+    fn with_config(cfg: EngineConfig) -> Self {
+        let mut engine = Engine::new(cfg);
+        for r in ["db1", "db2", "db3"] {
+            engine.add_configured_participant(r.parse().unwrap(), format!("http://{r}"));
+        }
+        Harness { engine, now: T0, next_req: 1, appended: Vec::new() }
+    }
+
+    fn restored(cfg: EngineConfig, now: Millis, records: Vec<LogRecord>) -> (Self, Vec<Command>) {
+        let mut engine = Engine::restore(cfg, now, records);
+        for r in ["db1", "db2", "db3"] {
+            engine.add_configured_participant(r.parse().unwrap(), format!("http://{r}"));
+        }
+        let mut out = Vec::new();
+        engine.start(now, &mut out);
+        (Harness { engine, now, next_req: 1000, appended: Vec::new() }, out)
+    }
+
+    fn ev(&mut self, event: Event) -> Vec<Command> {
+        let mut out = Vec::new();
+        self.engine.handle(self.now, event, &mut out);
+        for c in &out {
+            if let Command::Append { record, .. } = c {
+                self.appended.push((record.clone(), false));
+            }
+        }
+        out
+    }
+
+    fn req(&mut self) -> ReqId {
+        self.next_req += 1;
+        self.next_req
+    }
+
+    fn begin(&mut self, g: Gtid, branches: Vec<BranchKey>) -> Vec<Command> {
+        let req = self.req();
+        self.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: None, branches })
+    }
+
+    fn commit(&mut self, g: Gtid) -> (ReqId, Vec<Command>) {
+        let req = self.req();
+        (req, self.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: false }))
+    }
+
+    fn vote(&mut self, g: Gtid, b: BranchKey, vote: VoteResult) -> Vec<Command> {
+        self.ev(Event::Voted { gtid: g, branch: b, vote })
+    }
+
+    fn synced(&mut self, g: Gtid) -> Vec<Command> {
+        for (record, synced) in &mut self.appended {
+            if matches!(record, LogRecord::Commit(c) if c.gtid == g) {
+                *synced = true;
+            }
+        }
+        self.ev(Event::Synced(SyncToken::Commit(g)))
+    }
+
+    fn ack(&mut self, g: Gtid, b: BranchKey, op: Phase2Op, outcome: BranchOutcome) -> Vec<Command> {
+        self.ev(Event::Phase2Done {
+            gtid: g,
+            branch: b,
+            op,
+            result: Phase2Result::Outcome { outcome, reason: None },
+        })
+    }
+
+    fn get(&mut self, g: Gtid) -> Result<TxnView, EngineError> {
+        let req = self.req();
+        match self.ev(Event::Get { req, gtid: g }).pop() {
+            Some(Command::Reply { reply: Ok(Reply::Transaction(view)), .. }) => Ok(*view),
+            Some(Command::Reply { reply: Err(e), .. }) => Err(e),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// Records a crash would leave: what was synced, plus lazy records (which may or may not
+    /// survive; tests choose).
+    fn synced_records(&self) -> Vec<LogRecord> {
+        self.appended.iter().filter(|(_, s)| *s).map(|(r, _)| r.clone()).collect()
+    }
+}
+
+fn committed(req: ReqId, completed: bool) -> Command {
+    Command::Reply { req, reply: Ok(Reply::CommitOutcome(CommitOutcome { committed: true, reason: None, completed })) }
+}
+
+fn aborted(req: ReqId, reason: &str, completed: bool) -> Command {
+    Command::Reply {
+        req,
+        reply: Ok(Reply::CommitOutcome(CommitOutcome {
+            committed: false,
+            reason: Some(reason.to_string()),
+            completed,
+        })),
+    }
+}
+
+fn commit_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
+    Command::Commit { gtid: g, branch: b, one_phase: false, metadata: m }
+}
+
+fn abort_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
+    Command::Abort { gtid: g, branch: b, metadata: m }
+}
+
+fn commit_record(g: Gtid, created: Millis, decided: Millis, branches: Vec<(BranchKey, Vote, Bytes)>) -> LogRecord {
+    LogRecord::Commit(CommitRecord {
+        gtid: g,
+        created_ms: created,
+        decided_ms: decided,
+        idempotency_key: None,
+        branches: branches.into_iter().map(|(key, vote, metadata)| LoggedBranch { key, vote, metadata }).collect(),
+    })
+}
+
+/// Runs a 2-branch transaction up to the point where both votes are in and the commit record
+/// is appended, returning the commit request id.
+fn prepared_two(h: &mut Harness, g: Gtid) -> ReqId {
+    h.begin(g, vec![db1(), db2()]);
+    let (req, _) = h.commit(g);
+    h.vote(g, db1(), VoteResult::Prepared { metadata: meta("m1") });
+    h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    req
+}
+
+#[test]
+fn all_yes_commits_forcing_the_decision_before_phase_two() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    let out = h.begin(g, vec![db1(), db2()]);
+    assert_eq!(
+        out,
+        vec![Command::Reply {
+            req: 2,
+            reply: Ok(Reply::Begun { gtid: g, existing: false, deadline_ms: T0 + 60_000 })
+        }]
+    );
+
+    h.now += 5;
+    let (req, out) = h.commit(g);
+    assert_eq!(out, vec![Command::Prepare { gtid: g, branch: db1() }, Command::Prepare { gtid: g, branch: db2() }]);
+
+    h.now += 1;
+    assert_eq!(h.vote(g, db1(), VoteResult::Prepared { metadata: meta("m1") }), vec![]);
+    let out = h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    assert_eq!(
+        out,
+        vec![Command::Append {
+            record: commit_record(
+                g,
+                T0,
+                T0 + 6,
+                vec![(db1(), Vote::Prepared, meta("m1")), (db2(), Vote::Prepared, Bytes::new())]
+            ),
+            sync: Some(SyncToken::Commit(g)),
+        }]
+    );
+    // Nobody hears "commit" and the client gets no answer before the record is durable.
+    assert_eq!(h.get(g).unwrap().state, TxnState::Preparing);
+
+    let out = h.synced(g);
+    assert_eq!(
+        out,
+        vec![commit_cmd(g, db1(), meta("m1")), commit_cmd(g, db2(), Bytes::new()), committed(req, false)]
+    );
+    assert_eq!(h.get(g).unwrap().state, TxnState::Committing);
+
+    assert_eq!(h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed), vec![]);
+    h.now += 3;
+    let out = h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    let [Command::Append { record: LogRecord::End(end), sync: None }] = out.as_slice() else {
+        panic!("expected one lazy end record, got {out:?}");
+    };
+    assert!(end.committed);
+    assert_eq!(end.completed_ms, T0 + 9);
+    let view = h.get(g).unwrap();
+    assert_eq!(view.state, TxnState::Committed);
+    assert!(view.branches.iter().all(|b| b.acknowledged && b.outcome == Some(BranchOutcome::Committed)));
+    assert_eq!(h.engine.live_transactions(), 0);
+}
+
+#[test]
+fn one_no_vote_aborts_and_rolls_back_only_branches_that_may_hold_work() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2(), key("db3", "x")]);
+    let (req, _) = h.commit(g);
+    assert_eq!(h.vote(g, db1(), VoteResult::Prepared { metadata: meta("m1") }), vec![]);
+    let out = h.vote(g, db2(), VoteResult::Aborted { reason: "unique violation".into() });
+    let reason = "branch db2/b1 voted no: unique violation";
+    // db1 prepared and db3 has not voted: both are told to roll back. db2 already did.
+    assert_eq!(
+        out,
+        vec![abort_cmd(g, db1(), meta("m1")), abort_cmd(g, key("db3", "x"), Bytes::new()), aborted(req, reason, false)]
+    );
+    // Nothing is forced for an abort.
+    assert!(h.appended.is_empty());
+    // db3's vote arrives late: its abort is already on the way.
+    assert_eq!(h.vote(g, key("db3", "x"), VoteResult::Prepared { metadata: Bytes::new() }), vec![]);
+    assert_eq!(h.ack(g, db1(), Phase2Op::Abort, BranchOutcome::Aborted), vec![]);
+    let out = h.ack(g, key("db3", "x"), Phase2Op::Abort, BranchOutcome::Aborted);
+    assert!(matches!(out.as_slice(), [Command::Append { record: LogRecord::End(e), sync: None }] if !e.committed));
+    let view = h.get(g).unwrap();
+    assert_eq!(view.state, TxnState::Aborted);
+    assert_eq!(view.abort_reason.as_deref(), Some(reason));
+
+    // A retried Commit gets the same answer.
+    let (req2, out) = h.commit(g);
+    assert_eq!(out, vec![aborted(req2, reason, true)]);
+}
+
+#[test]
+fn failed_prepare_call_counts_as_no() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let (req, _) = h.commit(g);
+    let out = h.vote(g, db1(), VoteResult::Failed { error: "connection refused".into() });
+    assert_eq!(
+        out,
+        vec![
+            abort_cmd(g, db1(), Bytes::new()),
+            abort_cmd(g, db2(), Bytes::new()),
+            aborted(req, "prepare of branch db1/b1 failed: connection refused", false),
+        ]
+    );
+}
+
+#[test]
+fn active_transaction_times_out_and_is_aborted() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    let req = h.req();
+    h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(1_000), idempotency_key: None, branches: vec![db1()] });
+    assert_eq!(h.engine.next_deadline(), Some(T0 + 1_000));
+    h.now = T0 + 999;
+    assert_eq!(h.ev(Event::Tick), vec![]);
+    h.now = T0 + 1_000;
+    assert_eq!(h.ev(Event::Tick), vec![abort_cmd(g, db1(), Bytes::new())]);
+    assert_eq!(h.get(g).unwrap().abort_reason.as_deref(), Some("transaction timed out after 1000 ms"));
+    // Commit after the timeout: refused, and nothing changes.
+    let (req, out) = h.commit(g);
+    let reason = "transaction timed out after 1000 ms".to_string();
+    assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::AlreadyAborted { gtid: g, reason }) }]);
+    assert_eq!(h.get(g).unwrap().state, TxnState::Aborting);
+}
+
+#[test]
+fn commit_disarms_the_transaction_timeout() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    h.commit(g);
+    // Only the prepare deadline remains.
+    assert_eq!(h.engine.next_deadline(), Some(T0 + 10_000));
+}
+
+#[test]
+fn prepare_deadline_aborts_and_a_late_vote_after_the_end_is_rolled_back() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let (req, _) = h.commit(g);
+    h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.now = T0 + 10_000;
+    let out = h.ev(Event::Tick);
+    let reason = "prepare timed out after 10000 ms waiting for db2/b1";
+    assert_eq!(
+        out,
+        vec![abort_cmd(g, db1(), Bytes::new()), abort_cmd(g, db2(), Bytes::new()), aborted(req, reason, false)]
+    );
+    h.ack(g, db1(), Phase2Op::Abort, BranchOutcome::Aborted);
+    h.ack(g, db2(), Phase2Op::Abort, BranchOutcome::Aborted);
+    assert_eq!(h.get(g).unwrap().state, TxnState::Aborted);
+    // The prepare reached db2 before its abort did and its vote arrives now: roll it back.
+    let out = h.vote(g, db2(), VoteResult::Prepared { metadata: meta("late") });
+    assert_eq!(out, vec![abort_cmd(g, db2(), meta("late"))]);
+}
+
+#[test]
+fn duplicate_messages_change_nothing() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    let req = prepared_two(&mut h, g);
+    // Duplicate vote: no second commit record.
+    assert_eq!(h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::new() }), vec![]);
+    // A second Commit while the record syncs waits for the same outcome.
+    let (req2, out) = h.commit(g);
+    assert_eq!(out, vec![]);
+    let out = h.synced(g);
+    assert_eq!(out[2..], [committed(req, false), committed(req2, false)]);
+    // Duplicate sync report: nothing is sent twice.
+    assert_eq!(h.ev(Event::Synced(SyncToken::Commit(g))), vec![]);
+    h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    assert_eq!(h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed), vec![]);
+    // An abort ack for a committing transaction is stale.
+    assert_eq!(h.ack(g, db2(), Phase2Op::Abort, BranchOutcome::Aborted), vec![]);
+    assert!(!h.get(g).unwrap().branches[1].acknowledged);
+    // Abort after the decision is refused.
+    let req3 = h.req();
+    let out = h.ev(Event::Abort { req: req3, gtid: g });
+    assert_eq!(
+        out,
+        vec![Command::Reply {
+            req: req3,
+            reply: Err(EngineError::CommitDecided { gtid: g, state: TxnState::Committing })
+        }]
+    );
+}
+
+#[test]
+fn commit_waiting_for_completion_answers_after_every_ack() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let req = h.req();
+    h.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: true });
+    h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    let out = h.synced(g);
+    assert_eq!(out.len(), 2, "no reply yet: {out:?}");
+    assert_eq!(h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed), vec![]);
+    let out = h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    assert_eq!(out.last(), Some(&committed(req, true)));
+}
+
+#[test]
+fn single_branch_commits_in_one_phase_without_a_log_force() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1()]);
+    let (req, out) = h.commit(g);
+    assert_eq!(out, vec![Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new() }]);
+    let out = h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    assert!(matches!(&out[0], Command::Append { record: LogRecord::End(e), sync: None } if e.committed && e.one_phase));
+    assert_eq!(out[1], committed(req, true));
+    assert!(h.get(g).unwrap().one_phase);
+}
+
+#[test]
+fn one_phase_refusal_aborts_with_the_participants_reason() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1()]);
+    let (req, _) = h.commit(g);
+    let out = h.ev(Event::Phase2Done {
+        gtid: g,
+        branch: db1(),
+        op: Phase2Op::Commit,
+        result: Phase2Result::Outcome { outcome: BranchOutcome::Aborted, reason: Some("check violation".into()) },
+    });
+    assert_eq!(out[1], aborted(req, "branch db1/b1 aborted in one-phase commit: check violation", true));
+}
+
+#[test]
+fn read_only_votes_skip_phase_two_and_the_log_force() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let (req, _) = h.commit(g);
+    assert_eq!(h.vote(g, db1(), VoteResult::ReadOnly), vec![]);
+    let out = h.vote(g, db2(), VoteResult::ReadOnly);
+    assert!(matches!(&out[0], Command::Append { record: LogRecord::End(e), sync: None } if e.committed));
+    assert_eq!(out[1], committed(req, true));
+
+    // Mixed: only the prepared branch takes part in phase 2.
+    let g = gtid(2);
+    h.begin(g, vec![db1(), db2()]);
+    h.commit(g);
+    h.vote(g, db1(), VoteResult::ReadOnly);
+    h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    let out = h.synced(g);
+    assert_eq!(out[0], commit_cmd(g, db2(), Bytes::new()));
+    assert_eq!(out.len(), 2);
+    let out = h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    assert!(matches!(&out[0], Command::Append { record: LogRecord::End(_), .. }));
+}
+
+#[test]
+fn phase_two_retries_with_growing_jittered_backoff_until_acknowledged() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    prepared_two(&mut h, g);
+    h.synced(g);
+    h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    let mut previous_delay = 0;
+    for attempt in 1..=8u32 {
+        let out = h.ev(Event::Phase2Done {
+            gtid: g,
+            branch: db1(),
+            op: Phase2Op::Commit,
+            result: Phase2Result::Retry { error: "unavailable".into() },
+        });
+        assert_eq!(out, vec![]);
+        let due = h.engine.next_deadline().unwrap();
+        let delay = due - h.now;
+        let nominal = (50u64 << (attempt - 1)).min(10_000);
+        assert!(delay >= nominal / 2 && delay <= nominal, "attempt {attempt}: delay {delay} vs {nominal}");
+        if nominal < 10_000 {
+            assert!(delay >= previous_delay / 2, "backoff must grow");
+        }
+        previous_delay = delay;
+        h.now = due - 1;
+        assert_eq!(h.ev(Event::Tick), vec![], "not due yet");
+        h.now = due;
+        assert_eq!(h.ev(Event::Tick), vec![commit_cmd(g, db1(), meta("m1"))]);
+        let view = h.get(g).unwrap();
+        assert_eq!(view.branches[0].attempts, attempt);
+        assert_eq!(view.branches[0].last_error.as_deref(), Some("unavailable"));
+    }
+    let out = h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    assert!(matches!(&out[0], Command::Append { record: LogRecord::End(e), .. } if e.committed));
+}
+
+#[test]
+fn participant_that_rolled_back_a_committed_branch_is_a_heuristic_outcome() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    prepared_two(&mut h, g);
+    h.synced(g);
+    h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    let out = h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Aborted);
+    let [Command::Append { record: LogRecord::End(end), .. }] = out.as_slice() else { panic!("{out:?}") };
+    assert_eq!(end.branches[1].outcome, Some(BranchOutcome::HeuristicRollback));
+    assert_eq!(h.get(g).unwrap().branches[1].outcome, Some(BranchOutcome::HeuristicRollback));
+}
+
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    let unknown = gtid(99);
+    let req = h.req();
+    let out = h.ev(Event::Enlist { req, gtid: unknown, branches: vec![db1()] });
+    assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::UnknownTransaction(unknown)) }]);
+
+    let req = h.req();
+    let out = h.ev(Event::Begin {
+        req,
+        gtid: g,
+        timeout_ms: Some(3_600_001),
+        idempotency_key: None,
+        branches: vec![],
+    });
+    assert_eq!(
+        out,
+        vec![Command::Reply { req, reply: Err(EngineError::TimeoutTooLong { requested: 3_600_001, max: 3_600_000 }) }]
+    );
+    assert!(h.get(g).is_err(), "a refused Begin creates nothing");
+
+    h.begin(g, vec![db1()]);
+    let req = h.req();
+    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2(), key("nope", "b")] });
+    assert_eq!(
+        out,
+        vec![Command::Reply { req, reply: Err(EngineError::UnknownResource("nope".parse().unwrap())) }]
+    );
+    assert_eq!(h.get(g).unwrap().branches.len(), 1, "db2 must not have been enlisted");
+
+    let mut h = Harness::with_config(EngineConfig { max_branches_per_transaction: 2, ..EngineConfig::default() });
+    h.begin(g, vec![db1(), db2()]);
+    let req = h.req();
+    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2(), key("db3", "z")] });
+    assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::TooManyBranches { count: 3, max: 2 }) }]);
+    // Enlisting an enlisted branch again is fine (idempotent).
+    let req = h.req();
+    assert_eq!(h.ev(Event::Enlist { req, gtid: g, branches: vec![db2()] }), vec![Command::Reply {
+        req,
+        reply: Ok(Reply::Enlisted)
+    }]);
+
+    h.commit(g);
+    let req = h.req();
+    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![key("db3", "z")] });
+    assert_eq!(
+        out,
+        vec![Command::Reply { req, reply: Err(EngineError::NotActive { gtid: g, state: TxnState::Preparing }) }]
+    );
+}
+
+#[test]
+fn live_transactions_are_bounded() {
+    let mut h = Harness::with_config(EngineConfig { max_live_transactions: 2, ..EngineConfig::default() });
+    h.begin(gtid(1), vec![]);
+    h.begin(gtid(2), vec![]);
+    let out = h.begin(gtid(3), vec![]);
+    assert!(matches!(&out[0], Command::Reply { reply: Err(EngineError::TooManyTransactions { max: 2 }), .. }));
+    // Finishing one frees a place.
+    h.commit(gtid(1));
+    assert!(matches!(&h.begin(gtid(3), vec![])[0], Command::Reply { reply: Ok(Reply::Begun { .. }), .. }));
+}
+
+#[test]
+fn begin_with_the_same_idempotency_key_returns_the_same_gtid() {
+    let mut h = Harness::new();
+    let begin = |h: &mut Harness, g: Gtid| {
+        let req = h.req();
+        h.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: Some("order-7".into()), branches: vec![] })
+    };
+    let out = begin(&mut h, gtid(1));
+    assert!(matches!(&out[0], Command::Reply { reply: Ok(Reply::Begun { existing: false, .. }), .. }));
+    let out = begin(&mut h, gtid(2));
+    let Command::Reply { reply: Ok(Reply::Begun { gtid: g, existing, .. }), .. } = &out[0] else { panic!() };
+    assert_eq!((*g, *existing), (gtid(1), true));
+    assert!(h.get(gtid(2)).is_err());
+}
+
+#[test]
+fn client_abort_tells_every_branch_and_is_idempotent() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let req = h.req();
+    let out = h.ev(Event::Abort { req, gtid: g });
+    assert_eq!(
+        out,
+        vec![
+            abort_cmd(g, db1(), Bytes::new()),
+            abort_cmd(g, db2(), Bytes::new()),
+            Command::Reply { req, reply: Ok(Reply::Aborted) }
+        ]
+    );
+    let req = h.req();
+    assert_eq!(h.ev(Event::Abort { req, gtid: g }), vec![Command::Reply { req, reply: Ok(Reply::Aborted) }]);
+}
+
+#[test]
+fn finished_transactions_are_forgotten_after_their_retention() {
+    let mut h = Harness::with_config(EngineConfig { completed_retention_ms: 1_000, ..EngineConfig::default() });
+    let g = gtid(1);
+    h.begin(g, vec![]);
+    h.commit(g);
+    assert_eq!(h.engine.next_deadline(), Some(T0 + 1_000));
+    h.now = T0 + 1_000;
+    h.ev(Event::Tick);
+    assert_eq!(h.get(g), Err(EngineError::UnknownTransaction(g)));
+}
+
+#[test]
+fn list_filters_by_state_age_and_doubt() {
+    let mut h = Harness::new();
+    h.begin(gtid(1), vec![db1(), db2()]);
+    h.now += 100;
+    h.begin(gtid(2), vec![db1(), db2()]);
+    prepared_two(&mut h, gtid(3));
+    h.synced(gtid(3));
+    let list = |h: &mut Harness, filter: ListFilter| {
+        let req = h.req();
+        match h.ev(Event::List { req, filter }).pop() {
+            Some(Command::Reply { reply: Ok(Reply::List { transactions, truncated }), .. }) => {
+                (transactions.iter().map(|t| t.gtid).collect::<Vec<_>>(), truncated)
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let all = ListFilter { limit: 100, ..ListFilter::default() };
+    assert_eq!(list(&mut h, all.clone()), (vec![gtid(1), gtid(2), gtid(3)], false));
+    assert_eq!(list(&mut h, ListFilter { limit: 2, ..all.clone() }), (vec![gtid(1), gtid(2)], true));
+    assert_eq!(list(&mut h, ListFilter { in_doubt: true, ..all.clone() }), (vec![gtid(3)], false));
+    assert_eq!(list(&mut h, ListFilter { older_than_ms: 50, ..all.clone() }), (vec![gtid(1)], false));
+    assert_eq!(
+        list(&mut h, ListFilter { states: vec![TxnState::Active], ..all }),
+        (vec![gtid(1), gtid(2)], false)
+    );
+}
+
+#[test]
+fn registration_answers_only_once_durable() {
+    let mut h = Harness::new();
+    let req = h.req();
+    let resource: ResourceId = "payments".parse().unwrap();
+    let out = h.ev(Event::RegisterParticipant { req, resource: resource.clone(), endpoint: "http://x:1".into() });
+    assert_eq!(
+        out,
+        vec![
+            Command::Connect { resource: resource.clone(), endpoint: "http://x:1".into() },
+            Command::Append {
+                record: LogRecord::Register { resource: resource.clone(), endpoint: "http://x:1".into() },
+                sync: Some(SyncToken::Register(req))
+            },
+        ]
+    );
+    assert_eq!(h.ev(Event::Synced(SyncToken::Register(req))), vec![Command::Reply { req, reply: Ok(Reply::Registered) }]);
+    // Survives a restart through its record.
+    let (mut h2, start) = Harness::restored(EngineConfig::default(), T0, h.appended.iter().map(|r| r.0.clone()).collect());
+    assert!(start.contains(&Command::Connect { resource, endpoint: "http://x:1".into() }));
+    let g = gtid(5);
+    let out = h2.begin(g, vec![key("payments", "p")]);
+    assert!(matches!(&out[0], Command::Reply { reply: Ok(Reply::Begun { .. }), .. }));
+}
+
+/// The steps of a committing 2-branch transaction, after each of which the coordinator may
+/// crash. Returns the harness after `steps` steps.
+fn run_until(steps: usize) -> (Harness, Gtid) {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    let all: [&dyn Fn(&mut Harness); 7] = [
+        &|h| drop(h.begin(g, vec![db1(), db2()])),
+        &|h| drop(h.commit(g)),
+        &|h| drop(h.vote(g, db1(), VoteResult::Prepared { metadata: meta("m1") })),
+        &|h| drop(h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::new() })),
+        &|h| drop(h.synced(g)),
+        &|h| drop(h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed)),
+        &|h| drop(h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed)),
+    ];
+    for step in &all[..steps] {
+        h.now += 1;
+        step(&mut h);
+    }
+    (h, g)
+}
+
+#[test]
+fn crash_restart_at_every_step_ends_as_the_log_says() {
+    for steps in 0..=7 {
+        let (h, g) = run_until(steps);
+        // Once the client has its answer (step 5, the sync), the commit record must be among
+        // the synced records.
+        let acknowledged = steps >= 5;
+        assert_eq!(h.synced_records().iter().any(|r| matches!(r, LogRecord::Commit(_))), acknowledged);
+        // Records not yet synced (the commit record before its sync, the lazy end record) may
+        // or may not survive a crash: try both.
+        for keep_unsynced in [false, true] {
+            let records: Vec<LogRecord> = if keep_unsynced {
+                h.appended.iter().map(|(r, _)| r.clone()).collect()
+            } else {
+                h.synced_records()
+            };
+            let decision_durable = records.iter().any(|r| matches!(r, LogRecord::Commit(_)));
+            let ended = records.iter().any(|r| matches!(r, LogRecord::End(_)));
+            assert!(decision_durable || !acknowledged);
+            let (mut r, start) = Harness::restored(EngineConfig::default(), T0 + 100, records);
+            let commits: Vec<&Command> = start.iter().filter(|c| matches!(c, Command::Commit { .. })).collect();
+            if decision_durable && !ended {
+                // Phase 2 resumes for every branch, with the metadata from the log.
+                assert_eq!(
+                    commits,
+                    vec![&commit_cmd(g, db1(), meta("m1")), &commit_cmd(g, db2(), Bytes::new())],
+                    "steps={steps}"
+                );
+            } else {
+                assert!(commits.is_empty(), "steps={steps} keep_unsynced={keep_unsynced}: {start:?}");
+            }
+            // Each participant reports the branch in doubt (it prepared before the crash).
+            for b in [db1(), db2()] {
+                let out = r.ev(Event::InDoubt {
+                    resource: b.resource.clone(),
+                    branches: vec![InDoubtBranch { gtid: g, branch: b.clone(), metadata: Bytes::new() }],
+                });
+                if decision_durable && !ended {
+                    // Already being committed (in flight from start): nothing more.
+                    assert_eq!(out, vec![], "steps={steps}");
+                } else if decision_durable {
+                    // Finished according to the log, yet listed: repeat the commit.
+                    assert!(matches!(&out[..], [Command::Commit { one_phase: false, .. }]), "steps={steps}");
+                } else {
+                    // No commit record: presumed abort.
+                    assert_eq!(out, vec![abort_cmd(g, b.clone(), Bytes::new())], "steps={steps}");
+                }
+            }
+            match r.get(g) {
+                Ok(view) if decision_durable => {
+                    let want = if ended { TxnState::Committed } else { TxnState::Committing };
+                    assert_eq!(view.state, want, "steps={steps}")
+                }
+                Err(EngineError::UnknownTransaction(_)) if !decision_durable => {}
+                other => panic!("steps={steps}: {other:?}"),
+            }
+            if decision_durable && !ended {
+                r.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+                r.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+                assert_eq!(r.get(g).unwrap().state, TxnState::Committed);
+            }
+        }
+    }
+}
+
+#[test]
+fn unknown_in_doubt_branch_is_presumed_aborted_but_one_being_decided_is_left_alone() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    h.commit(g);
+    h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    // db1 lists its prepared branch while the vote round is still running.
+    let out = h.ev(Event::InDoubt {
+        resource: "db1".parse().unwrap(),
+        branches: vec![
+            InDoubtBranch { gtid: g, branch: db1(), metadata: Bytes::new() },
+            InDoubtBranch { gtid: gtid(42), branch: db1(), metadata: meta("k") },
+            // A participant speaking for another resource is ignored.
+            InDoubtBranch { gtid: gtid(43), branch: db2(), metadata: Bytes::new() },
+        ],
+    });
+    assert_eq!(out, vec![abort_cmd(gtid(42), db1(), meta("k"))]);
+}
+
+#[test]
+fn checkpoint_holds_participants_undecided_commits_and_retained_ends() {
+    let cfg = EngineConfig { checkpoint_every_records: 3, ..EngineConfig::default() };
+    let g1 = gtid(1);
+    let g2 = gtid(2);
+    // g1 finishes (commit + end: 2 records); g3 stays active; g2's commit record is the
+    // third append and triggers the checkpoint in the same handling.
+    let mut h = Harness::with_config(cfg.clone());
+    prepared_two(&mut h, g1);
+    h.synced(g1);
+    h.ack(g1, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    h.ack(g1, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    h.begin(gtid(3), vec![db1()]);
+    h.begin(g2, vec![db1(), db2()]);
+    h.commit(g2);
+    h.vote(g2, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    let out = h.vote(g2, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    let Some(Command::Checkpoint { records }) = out.last() else { panic!("no checkpoint: {out:?}") };
+    let kinds: Vec<String> = records
+        .iter()
+        .map(|r| match r {
+            LogRecord::Register { resource, .. } => format!("register {resource}"),
+            LogRecord::Commit(c) => format!("commit {}", c.gtid == g2),
+            LogRecord::End(e) => format!("end {}", e.gtid == g1),
+        })
+        .collect();
+    assert_eq!(kinds, vec!["register db1", "register db2", "register db3", "end true", "commit true"]);
+    // Restoring from the checkpoint alone resumes g2 and remembers g1.
+    let (mut r, start) = Harness::restored(cfg, T0 + 10, records.clone());
+    assert_eq!(start.iter().filter(|c| matches!(c, Command::Commit { gtid, .. } if *gtid == g2)).count(), 2);
+    assert_eq!(r.get(g1).unwrap().state, TxnState::Committed);
+    assert!(r.get(gtid(3)).is_err());
+}

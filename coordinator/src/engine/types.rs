@@ -1,0 +1,286 @@
+//! The engine's vocabulary: events in, commands out, and the records it asks the log to keep.
+
+use std::fmt;
+
+use bytes::Bytes;
+use pledge_proto::{BranchKey, Gtid, ResourceId};
+
+/// Wall-clock time in Unix milliseconds. The engine never reads a clock: every event comes with
+/// the time at which the runtime handles it, so tests and simulations control time exactly.
+pub type Millis = u64;
+
+/// Identifies one API request so that its reply can find its way back to the caller.
+pub type ReqId = u64;
+
+/// Something that happened, for the engine to react to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Begin a transaction under `gtid` (issued by the runtime; unused if the idempotency key
+    /// matches an earlier transaction).
+    Begin {
+        req: ReqId,
+        gtid: Gtid,
+        timeout_ms: Option<u64>,
+        idempotency_key: Option<String>,
+        branches: Vec<BranchKey>,
+    },
+    Enlist { req: ReqId, gtid: Gtid, branches: Vec<BranchKey> },
+    Commit { req: ReqId, gtid: Gtid, branches: Vec<BranchKey>, wait_for_completion: bool },
+    Abort { req: ReqId, gtid: Gtid },
+    Get { req: ReqId, gtid: Gtid },
+    List { req: ReqId, filter: ListFilter },
+    RegisterParticipant { req: ReqId, resource: ResourceId, endpoint: String },
+    ListParticipants { req: ReqId },
+    /// A participant's answer to Prepare (or the failure to get one).
+    Voted { gtid: Gtid, branch: BranchKey, vote: VoteResult },
+    /// A participant's answer to a phase-2 Commit or Abort (or the failure to get one).
+    Phase2Done { gtid: Gtid, branch: BranchKey, op: Phase2Op, result: Phase2Result },
+    /// A record appended with a sync token is durable.
+    Synced(SyncToken),
+    /// A participant listed the branches it holds prepared for this coordinator.
+    InDoubt { resource: ResourceId, branches: Vec<InDoubtBranch> },
+    /// Time passed: fire the deadlines that are due.
+    Tick,
+}
+
+/// What a Prepare call came back with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VoteResult {
+    Prepared { metadata: Bytes },
+    ReadOnly,
+    Aborted { reason: String },
+    /// No vote: the call failed or timed out. Counts as a "no".
+    Failed { error: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase2Op {
+    Commit,
+    Abort,
+}
+
+/// What a phase-2 call came back with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Phase2Result {
+    /// The participant reports this final outcome for the branch.
+    Outcome { outcome: BranchOutcome, reason: Option<String> },
+    /// The call failed, or the participant asked for a retry: try again after a backoff.
+    Retry { error: String },
+}
+
+/// A branch's final outcome as its participant reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BranchOutcome {
+    Committed,
+    Aborted,
+    HeuristicCommit,
+    HeuristicRollback,
+    HeuristicMixed,
+    HeuristicHazard,
+}
+
+impl BranchOutcome {
+    pub fn is_heuristic(self) -> bool {
+        !matches!(self, BranchOutcome::Committed | BranchOutcome::Aborted)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InDoubtBranch {
+    pub gtid: Gtid,
+    pub branch: BranchKey,
+    pub metadata: Bytes,
+}
+
+/// Names what a synced append completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncToken {
+    /// The commit record of this transaction.
+    Commit(Gtid),
+    /// The registration answering this request.
+    Register(ReqId),
+}
+
+/// Something the runtime must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Append a record to the decision log. With `sync`, report [`Event::Synced`] once it is
+    /// durable; without, it is written lazily (it rides along with the next sync).
+    Append { record: LogRecord, sync: Option<SyncToken> },
+    /// Write a checkpoint of the live state (so older log segments can be deleted).
+    Checkpoint { records: Vec<LogRecord> },
+    /// Ask a participant to prepare a branch; answer with [`Event::Voted`].
+    Prepare { gtid: Gtid, branch: BranchKey },
+    /// Tell a participant to commit a branch; answer with [`Event::Phase2Done`].
+    Commit { gtid: Gtid, branch: BranchKey, one_phase: bool, metadata: Bytes },
+    /// Tell a participant to roll back a branch; answer with [`Event::Phase2Done`].
+    Abort { gtid: Gtid, branch: BranchKey, metadata: Bytes },
+    /// (Re)connect to a participant at this endpoint.
+    Connect { resource: ResourceId, endpoint: String },
+    /// Answer an API request.
+    Reply { req: ReqId, reply: Result<Reply, EngineError> },
+}
+
+/// The answer to an API request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Begun { gtid: Gtid, existing: bool, deadline_ms: Millis },
+    Enlisted,
+    CommitOutcome(CommitOutcome),
+    Aborted,
+    Transaction(Box<TxnView>),
+    List { transactions: Vec<TxnView>, truncated: bool },
+    Registered,
+    Participants(Vec<(ResourceId, String)>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitOutcome {
+    pub committed: bool,
+    pub reason: Option<String>,
+    /// Every branch acknowledged the outcome.
+    pub completed: bool,
+}
+
+/// Why the engine refused a request. Each maps to one gRPC status in the API layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown transaction {0} (a transaction the coordinator has no commit record of is presumed aborted)")]
+    UnknownTransaction(Gtid),
+    #[error("unknown resource {0:?}: register the participant first (RegisterParticipant or the config file)")]
+    UnknownResource(ResourceId),
+    #[error("transaction {gtid} is {state}; branches can only be enlisted while it is active")]
+    NotActive { gtid: Gtid, state: TxnState },
+    #[error("transaction {gtid} was aborted before commit was requested: {reason}")]
+    AlreadyAborted { gtid: Gtid, reason: String },
+    #[error("transaction {gtid} is {state}: its commit is under way or decided and can no longer be aborted")]
+    CommitDecided { gtid: Gtid, state: TxnState },
+    #[error("timeout_ms {requested} is above the coordinator's max_txn_timeout_ms {max}")]
+    TimeoutTooLong { requested: u64, max: u64 },
+    #[error("a transaction may have at most {max} branches (this request would make it {count})")]
+    TooManyBranches { count: usize, max: usize },
+    #[error("the coordinator already has {max} live transactions (max_live_transactions); retry later")]
+    TooManyTransactions { max: usize },
+}
+
+/// A transaction's state as the API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TxnState {
+    Active,
+    Preparing,
+    Committing,
+    Committed,
+    Aborting,
+    Aborted,
+}
+
+impl fmt::Display for TxnState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TxnState::Active => "active",
+            TxnState::Preparing => "preparing",
+            TxnState::Committing => "committing",
+            TxnState::Committed => "committed",
+            TxnState::Aborting => "aborting",
+            TxnState::Aborted => "aborted",
+        })
+    }
+}
+
+/// How a branch voted, as kept in the engine and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Vote {
+    Prepared,
+    ReadOnly,
+    Aborted,
+}
+
+/// What Get and List show of a transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TxnView {
+    pub gtid: Gtid,
+    pub state: TxnState,
+    pub abort_reason: Option<String>,
+    pub created_ms: Millis,
+    pub deadline_ms: Millis,
+    pub decided_ms: Millis,
+    pub completed_ms: Millis,
+    pub one_phase: bool,
+    pub idempotency_key: Option<String>,
+    pub branches: Vec<BranchView>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BranchView {
+    pub key: BranchKey,
+    pub vote: Option<Vote>,
+    pub metadata: Bytes,
+    pub acknowledged: bool,
+    pub outcome: Option<BranchOutcome>,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub next_retry_ms: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListFilter {
+    /// Empty: any state.
+    pub states: Vec<TxnState>,
+    /// Decided, but not yet acknowledged by every branch.
+    pub in_doubt: bool,
+    /// Created at least this many milliseconds ago.
+    pub older_than_ms: u64,
+    pub limit: usize,
+}
+
+/// What the engine keeps in the decision log.
+///
+/// Presumed abort: only `Commit` is forced (synced before phase 2 starts). `End` is written
+/// lazily when every branch has acknowledged the outcome; losing it costs a repeated,
+/// idempotent phase 2 after a crash, nothing more. An abort is never forced: a transaction with
+/// no commit record is aborted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogRecord {
+    /// A participant registered at run time (resource id -> endpoint).
+    Register { resource: ResourceId, endpoint: String },
+    /// The commit decision, with every branch that must be told.
+    Commit(CommitRecord),
+    /// Every branch acknowledged the outcome; the transaction is finished.
+    End(EndRecord),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommitRecord {
+    pub gtid: Gtid,
+    pub created_ms: Millis,
+    pub decided_ms: Millis,
+    pub idempotency_key: Option<String>,
+    pub branches: Vec<LoggedBranch>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedBranch {
+    pub key: BranchKey,
+    pub vote: Vote,
+    pub metadata: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndRecord {
+    pub gtid: Gtid,
+    pub committed: bool,
+    pub reason: Option<String>,
+    pub created_ms: Millis,
+    pub decided_ms: Millis,
+    pub completed_ms: Millis,
+    pub one_phase: bool,
+    pub idempotency_key: Option<String>,
+    pub branches: Vec<EndBranch>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndBranch {
+    pub key: BranchKey,
+    pub vote: Option<Vote>,
+    pub outcome: Option<BranchOutcome>,
+}

@@ -1,0 +1,65 @@
+use clap::Parser;
+use pledge_coordinator::cli::{self, Cli, Command, LogCommand};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    // The server logs at info by default; client commands only warn.
+    let default_level = if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
+        .with_writer(std::io::stderr)
+        .init();
+    install_crash_points();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => {
+                let config = args.into_config()?;
+                pledge_coordinator::server::serve(config, CancellationToken::new(), true).await
+            }
+            Command::Txn { client, command } => cli::txn(client, command).await,
+            Command::Participant { client, command } => cli::participant(client, command).await,
+            Command::Log { command: LogCommand::Inspect { data_dir } } => cli::log_inspect(data_dir),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Logged once, here, where it ends the process.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// With the `failpoints` feature, `PLEDGE_CRASH_AT=name[,name...]` makes the process kill
+/// itself with SIGKILL when it reaches a named crash point: a real kill -9 at an exact place,
+/// for the crash tests. Without the feature the points compile to nothing.
+fn install_crash_points() {
+    #[cfg(feature = "failpoints")]
+    if let Ok(names) = std::env::var("PLEDGE_CRASH_AT") {
+        for name in names.split(',').filter(|n| !n.is_empty()) {
+            let point = name.to_string();
+            let installed = fail::cfg_callback(name, move || {
+                eprintln!("crash point {point} reached: killing this process with SIGKILL");
+                // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+            });
+            if let Err(e) = installed {
+                eprintln!("error: crash point {name}: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+}

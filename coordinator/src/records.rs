@@ -1,0 +1,267 @@
+//! How the engine's [`LogRecord`]s are stored in the decision log.
+//!
+//! Each record is one `pledge-log` record: a type byte plus a protobuf payload. Protobuf (via
+//! prost's derive, no .proto file: this format is internal) gives compact payloads and lets a
+//! later version add fields that an older one skips. The type byte is the schema; never reuse
+//! one for a different message.
+
+use bytes::Bytes;
+use pledge_proto::{BranchKey, Gtid, IdError, ResourceId};
+use prost::Message;
+
+use crate::engine::{
+    BranchOutcome, CommitRecord, EndBranch, EndRecord, LogRecord, LoggedBranch, Vote,
+};
+
+pub const TYPE_REGISTER: u8 = 1;
+pub const TYPE_COMMIT: u8 = 2;
+pub const TYPE_END: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown record type {0}")]
+    UnknownType(u8),
+    #[error("undecodable payload: {0}")]
+    Protobuf(#[from] prost::DecodeError),
+    #[error("invalid id: {0}")]
+    Id(#[from] IdError),
+    #[error("gtid must be 16 bytes, found {0}")]
+    GtidLength(usize),
+    #[error("invalid enum value {value} in {field}")]
+    Enum { field: &'static str, value: i32 },
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RegisterPb {
+    #[prost(string, tag = "1")]
+    resource_id: String,
+    #[prost(string, tag = "2")]
+    endpoint: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct BranchPb {
+    #[prost(string, tag = "1")]
+    resource_id: String,
+    #[prost(string, tag = "2")]
+    branch_id: String,
+    /// 0 none, 1 prepared, 2 read-only, 3 aborted.
+    #[prost(int32, tag = "3")]
+    vote: i32,
+    #[prost(bytes = "bytes", tag = "4")]
+    metadata: Bytes,
+    /// 0 none, else [`BranchOutcome`] + 1.
+    #[prost(int32, tag = "5")]
+    outcome: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct CommitPb {
+    #[prost(bytes = "vec", tag = "1")]
+    gtid: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    created_ms: u64,
+    #[prost(uint64, tag = "3")]
+    decided_ms: u64,
+    #[prost(string, optional, tag = "4")]
+    idempotency_key: Option<String>,
+    #[prost(message, repeated, tag = "5")]
+    branches: Vec<BranchPb>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct EndPb {
+    #[prost(bytes = "vec", tag = "1")]
+    gtid: Vec<u8>,
+    #[prost(bool, tag = "2")]
+    committed: bool,
+    #[prost(string, optional, tag = "3")]
+    reason: Option<String>,
+    #[prost(uint64, tag = "4")]
+    created_ms: u64,
+    #[prost(uint64, tag = "5")]
+    decided_ms: u64,
+    #[prost(uint64, tag = "6")]
+    completed_ms: u64,
+    #[prost(bool, tag = "7")]
+    one_phase: bool,
+    #[prost(string, optional, tag = "8")]
+    idempotency_key: Option<String>,
+    #[prost(message, repeated, tag = "9")]
+    branches: Vec<BranchPb>,
+}
+
+fn vote_code(vote: Option<Vote>) -> i32 {
+    match vote {
+        None => 0,
+        Some(Vote::Prepared) => 1,
+        Some(Vote::ReadOnly) => 2,
+        Some(Vote::Aborted) => 3,
+    }
+}
+
+fn vote_from(code: i32) -> Result<Option<Vote>, DecodeError> {
+    Ok(match code {
+        0 => None,
+        1 => Some(Vote::Prepared),
+        2 => Some(Vote::ReadOnly),
+        3 => Some(Vote::Aborted),
+        value => return Err(DecodeError::Enum { field: "vote", value }),
+    })
+}
+
+const OUTCOMES: [BranchOutcome; 6] = [
+    BranchOutcome::Committed,
+    BranchOutcome::Aborted,
+    BranchOutcome::HeuristicCommit,
+    BranchOutcome::HeuristicRollback,
+    BranchOutcome::HeuristicMixed,
+    BranchOutcome::HeuristicHazard,
+];
+
+fn outcome_code(outcome: Option<BranchOutcome>) -> i32 {
+    outcome.map_or(0, |o| OUTCOMES.iter().position(|x| *x == o).unwrap() as i32 + 1)
+}
+
+fn outcome_from(code: i32) -> Result<Option<BranchOutcome>, DecodeError> {
+    match code {
+        0 => Ok(None),
+        c if (1..=OUTCOMES.len() as i32).contains(&c) => Ok(Some(OUTCOMES[c as usize - 1])),
+        value => Err(DecodeError::Enum { field: "outcome", value }),
+    }
+}
+
+fn branch_pb(key: &BranchKey, vote: Option<Vote>, metadata: Bytes, outcome: Option<BranchOutcome>) -> BranchPb {
+    BranchPb {
+        resource_id: key.resource.to_string(),
+        branch_id: key.branch.to_string(),
+        vote: vote_code(vote),
+        metadata,
+        outcome: outcome_code(outcome),
+    }
+}
+
+fn gtid_from(bytes: &[u8]) -> Result<Gtid, DecodeError> {
+    let arr: [u8; 16] = bytes.try_into().map_err(|_| DecodeError::GtidLength(bytes.len()))?;
+    Ok(Gtid::from_bytes(arr))
+}
+
+/// The record type byte and protobuf payload of a record.
+pub fn encode(record: &LogRecord) -> (u8, Vec<u8>) {
+    match record {
+        LogRecord::Register { resource, endpoint } => {
+            (TYPE_REGISTER, RegisterPb { resource_id: resource.to_string(), endpoint: endpoint.clone() }.encode_to_vec())
+        }
+        LogRecord::Commit(c) => {
+            let pb = CommitPb {
+                gtid: c.gtid.as_bytes().to_vec(),
+                created_ms: c.created_ms,
+                decided_ms: c.decided_ms,
+                idempotency_key: c.idempotency_key.clone(),
+                branches: c.branches.iter().map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None)).collect(),
+            };
+            (TYPE_COMMIT, pb.encode_to_vec())
+        }
+        LogRecord::End(e) => {
+            let pb = EndPb {
+                gtid: e.gtid.as_bytes().to_vec(),
+                committed: e.committed,
+                reason: e.reason.clone(),
+                created_ms: e.created_ms,
+                decided_ms: e.decided_ms,
+                completed_ms: e.completed_ms,
+                one_phase: e.one_phase,
+                idempotency_key: e.idempotency_key.clone(),
+                branches: e.branches.iter().map(|b| branch_pb(&b.key, b.vote, Bytes::new(), b.outcome)).collect(),
+            };
+            (TYPE_END, pb.encode_to_vec())
+        }
+    }
+}
+
+pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
+    let key = |b: &BranchPb| BranchKey::new(&b.resource_id, &b.branch_id);
+    Ok(match rtype {
+        TYPE_REGISTER => {
+            let pb = RegisterPb::decode(payload)?;
+            LogRecord::Register {
+                resource: ResourceId::parse_field("resource_id", &pb.resource_id)?,
+                endpoint: pb.endpoint,
+            }
+        }
+        TYPE_COMMIT => {
+            let pb = CommitPb::decode(payload)?;
+            let mut branches = Vec::with_capacity(pb.branches.len());
+            for b in &pb.branches {
+                let vote = vote_from(b.vote)?.ok_or(DecodeError::Enum { field: "vote", value: 0 })?;
+                branches.push(LoggedBranch { key: key(b)?, vote, metadata: b.metadata.clone() });
+            }
+            LogRecord::Commit(CommitRecord {
+                gtid: gtid_from(&pb.gtid)?,
+                created_ms: pb.created_ms,
+                decided_ms: pb.decided_ms,
+                idempotency_key: pb.idempotency_key,
+                branches,
+            })
+        }
+        TYPE_END => {
+            let pb = EndPb::decode(payload)?;
+            let mut branches = Vec::with_capacity(pb.branches.len());
+            for b in &pb.branches {
+                branches.push(EndBranch { key: key(b)?, vote: vote_from(b.vote)?, outcome: outcome_from(b.outcome)? });
+            }
+            LogRecord::End(EndRecord {
+                gtid: gtid_from(&pb.gtid)?,
+                committed: pb.committed,
+                reason: pb.reason,
+                created_ms: pb.created_ms,
+                decided_ms: pb.decided_ms,
+                completed_ms: pb.completed_ms,
+                one_phase: pb.one_phase,
+                idempotency_key: pb.idempotency_key,
+                branches,
+            })
+        }
+        other => return Err(DecodeError::UnknownType(other)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let k1 = BranchKey::new("db1", "b1").unwrap();
+        let k2 = BranchKey::new("kafka", "out").unwrap();
+        let records = vec![
+            LogRecord::Register { resource: "db1".parse().unwrap(), endpoint: "http://127.0.0.1:1".into() },
+            LogRecord::Commit(CommitRecord {
+                gtid: Gtid::from_parts(1_700_000_000_000, 7),
+                created_ms: 1,
+                decided_ms: 2,
+                idempotency_key: Some("k".into()),
+                branches: vec![
+                    LoggedBranch { key: k1.clone(), vote: Vote::Prepared, metadata: Bytes::from_static(b"pid=4") },
+                    LoggedBranch { key: k2.clone(), vote: Vote::ReadOnly, metadata: Bytes::new() },
+                ],
+            }),
+            LogRecord::End(EndRecord {
+                gtid: Gtid::from_parts(1_700_000_000_000, 8),
+                committed: false,
+                reason: Some("no".into()),
+                created_ms: 1,
+                decided_ms: 2,
+                completed_ms: 3,
+                one_phase: true,
+                idempotency_key: None,
+                branches: vec![EndBranch { key: k2, vote: None, outcome: Some(BranchOutcome::HeuristicHazard) }],
+            }),
+        ];
+        for r in records {
+            let (t, payload) = encode(&r);
+            assert_eq!(decode(t, &payload).unwrap(), r);
+        }
+        assert!(matches!(decode(99, &[]), Err(DecodeError::UnknownType(99))));
+    }
+}

@@ -1,0 +1,18 @@
+//! Pledge's gRPC contract and the domain types validated from it.
+//!
+//! `v1` is the code generated from `proto/pledge/v1/*.proto`. [`types`] holds the validated
+//! domain types (GTID, resource id, branch id); every server converts wire messages into them
+//! once, on receipt, and a malformed field becomes `Status::invalid_argument` naming the field.
+
+pub mod types;
+
+/// Generated code for package `pledge.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("pledge.v1");
+}
+
+/// The encoded descriptor set of every `pledge.v1` file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pledge_descriptor.bin"));
+
+pub use types::{BranchId, BranchKey, Gtid, IdError, ResourceId, Xid};
