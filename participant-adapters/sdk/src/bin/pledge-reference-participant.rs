@@ -1,0 +1,101 @@
+//! The reference participant: a durable key-value store that takes part in Pledge
+//! transactions. For tests, demos and benchmarks; `--vote-no` and `--stall-*-ms` inject
+//! faults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use pledge_proto::ResourceId;
+use pledge_proto::v1::reference_store_server::ReferenceStoreServer;
+use pledge_sdk::reference::{ReferenceConfig, ReferenceParticipant, StoreService};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "pledge-reference-participant", version, about)]
+struct Args {
+    /// Address to listen on (port 0: any free port; the chosen address is printed).
+    #[arg(long, env = "PLEDGE_PARTICIPANT_LISTEN", default_value = "127.0.0.1:7701")]
+    listen: SocketAddr,
+    /// The resource id this participant serves (as registered with the coordinator).
+    #[arg(long, env = "PLEDGE_RESOURCE_ID", default_value = "ref")]
+    resource_id: String,
+    /// Where its durable state lives.
+    #[arg(long, env = "PLEDGE_PARTICIPANT_DATA_DIR", default_value = "./participant-data")]
+    data_dir: PathBuf,
+    /// Vote no on every Prepare (fault injection).
+    #[arg(long)]
+    vote_no: bool,
+    /// Wait this long before handling each Prepare (fault injection).
+    #[arg(long, default_value_t = 0)]
+    stall_prepare_ms: u64,
+    /// Wait this long before handling each Commit (fault injection).
+    #[arg(long, default_value_t = 0)]
+    stall_commit_ms: u64,
+    /// Write a checkpoint of the state after this many log records.
+    #[arg(long, default_value_t = 100_000)]
+    checkpoint_every_records: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    install_crash_points();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(Args::parse()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = ReferenceConfig::new(ResourceId::parse_field("resource_id", &args.resource_id)?, &args.data_dir);
+    config.vote_no = args.vote_no;
+    config.stall_prepare = Duration::from_millis(args.stall_prepare_ms);
+    config.stall_commit = Duration::from_millis(args.stall_commit_ms);
+    config.checkpoint_every_records = args.checkpoint_every_records;
+    let (participant, handle) = tokio::task::block_in_place(|| ReferenceParticipant::open(config))?;
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
+    routes.add_service(ReferenceStoreServer::new(StoreService::new(participant)));
+    println!("listening on {addr}");
+    tracing::info!(%addr, resource = args.resource_id, "reference participant serving");
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal())
+        .await?;
+    handle.shutdown().await?;
+    tracing::info!("reference participant stopped; state flushed");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// With the `failpoints` feature, `PLEDGE_CRASH_AT=name[,name...]` kills this process with
+/// SIGKILL at the named crash points (see the coordinator's `main.rs`).
+fn install_crash_points() {
+    #[cfg(feature = "failpoints")]
+    if let Ok(names) = std::env::var("PLEDGE_CRASH_AT") {
+        for name in names.split(',').filter(|n| !n.is_empty()) {
+            let point = name.to_string();
+            fail::cfg_callback(name, move || {
+                eprintln!("crash point {point} reached: killing this process with SIGKILL");
+                // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+            })
+            .expect("valid crash point");
+        }
+    }
+}

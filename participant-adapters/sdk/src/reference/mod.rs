@@ -1,0 +1,774 @@
+//! The reference participant: a small durable key-value store whose writes are staged in a
+//! branch (`Put`), made durable at prepare, and applied at commit.
+//!
+//! State lives in memory and in a `pledge-log` write-ahead log in its data directory (group
+//! commit, CRC-framed records, checkpoints), so a prepared branch survives kill -9 and commits
+//! after the restart. One task (the "actor") owns the state, so operations on the same branch
+//! are ordered without locks; an answer that depends on a record waits until that record is
+//! synced, including a repeated request that finds the record still on its way to disk.
+//!
+//! # What is durable, and why that is enough
+//! * Prepared (with its writes), Committed, and Aborted-after-prepare records are synced before
+//!   the answer: acknowledged means durable.
+//! * Staged writes of a branch that is still active are memory only. After a restart, a
+//!   Prepare or one-phase Commit of a branch this participant does not know is refused if the
+//!   GTID was issued before the restart (its timestamp says so; GTIDs are UUIDv7): its writes
+//!   may have been lost. (This assumes the coordinator's clock is not ahead of this machine's.)
+//! * Aborts of branches that were never prepared are remembered in memory only; the same
+//!   restart rule refuses their late ("dangling") Prepare after a restart.
+//! * Finished branches are remembered for `tombstone_retention_ms` (and at most
+//!   `max_tombstones`); when an aborted one is forgotten, Prepares of GTIDs that old or older
+//!   are refused from then on (the watermark), so forgetting never admits a dangling prepare.
+
+mod records;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use pledge_log::{Durable, LogError, LogWriter};
+use pledge_proto::v1::{self, reference_store_server::ReferenceStore};
+use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::{Error, InDoubt, Outcome, Participant, Vote};
+use records::*;
+
+#[derive(Debug, Clone)]
+pub struct ReferenceConfig {
+    pub resource: ResourceId,
+    pub data_dir: PathBuf,
+    /// Vote no on every Prepare (and refuse every one-phase commit), for tests.
+    pub vote_no: bool,
+    /// Wait this long before handling each Prepare / each Commit, for tests (0: no stall).
+    pub stall_prepare: Duration,
+    pub stall_commit: Duration,
+    pub tombstone_retention_ms: u64,
+    pub max_tombstones: usize,
+    /// An active (not yet prepared) branch is rolled back after this long.
+    pub active_timeout_ms: u64,
+    pub max_active_branches: usize,
+    pub max_writes_per_branch: usize,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    pub checkpoint_every_records: u64,
+}
+
+impl ReferenceConfig {
+    pub fn new(resource: ResourceId, data_dir: impl Into<PathBuf>) -> Self {
+        ReferenceConfig {
+            resource,
+            data_dir: data_dir.into(),
+            vote_no: false,
+            stall_prepare: Duration::ZERO,
+            stall_commit: Duration::ZERO,
+            tombstone_retention_ms: 2 * 3_600_000,
+            max_tombstones: 1_000_000,
+            active_timeout_ms: 600_000,
+            max_active_branches: 100_000,
+            max_writes_per_branch: 1_000,
+            max_key_bytes: 256,
+            max_value_bytes: 64 << 10,
+            checkpoint_every_records: 100_000,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A branch's state at this participant, as `BranchStatus` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BranchState {
+    Unknown,
+    Active,
+    Prepared,
+    Committed,
+    Aborted,
+}
+
+type Write = (String, Bytes);
+
+#[derive(Debug)]
+enum Entry {
+    Active { writes: Vec<Write>, since_ms: u64 },
+    /// `seq`: the actor's number of the record that made it so (see `Actor::synced_seq`).
+    Prepared { writes: Vec<Write>, coordinator_id: String, prepared_ms: u64, seq: u64 },
+    Committed { seq: u64 },
+    Aborted { seq: u64 },
+}
+
+enum Op {
+    Prepare { coordinator_id: String, xid: Xid, reply: oneshot::Sender<Result<Vote, Error>> },
+    Commit { xid: Xid, one_phase: bool, reply: oneshot::Sender<Result<Outcome, Error>> },
+    Abort { xid: Xid, reply: oneshot::Sender<Result<Outcome, Error>> },
+    Recover { coordinator_id: String, reply: oneshot::Sender<Vec<InDoubt>> },
+    Put { gtid: Gtid, branch: BranchId, key: String, value: Bytes, reply: oneshot::Sender<Result<(), Status>> },
+    Read { key: String, reply: oneshot::Sender<Option<Bytes>> },
+    Status { gtid: Gtid, branch: BranchId, reply: oneshot::Sender<BranchState> },
+}
+
+/// An answer held back until the record it depends on is synced.
+type Deferred = Box<dyn FnOnce() + Send>;
+
+/// The reference participant. Cheap to clone; all clones talk to the same actor.
+#[derive(Clone)]
+pub struct ReferenceParticipant {
+    ops: mpsc::Sender<Op>,
+    config: Arc<ReferenceConfig>,
+}
+
+/// Keeps the log open; [`ReferenceHandle::shutdown`] flushes it.
+pub struct ReferenceHandle {
+    log: pledge_log::Log,
+    actor: tokio::task::JoinHandle<Result<(), LogError>>,
+}
+
+impl ReferenceHandle {
+    /// Stops the actor (after the last [`ReferenceParticipant`] clone is dropped) and flushes the log.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.actor.await??;
+        self.log.shutdown().await?;
+        Ok(())
+    }
+}
+
+impl ReferenceParticipant {
+    /// Replays the state in `config.data_dir` and starts the actor. Blocking replay; call from
+    /// async code at start-up.
+    pub fn open(config: ReferenceConfig) -> anyhow::Result<(ReferenceParticipant, ReferenceHandle)> {
+        let started_ms = now_ms();
+        let mut actor = Actor::new(config.clone(), started_ms);
+        let log = pledge_log::open(pledge_log::LogConfig::new(config.data_dir.join("log")), |record| {
+            actor.replay(record.rtype, &record.payload)
+        })
+        .map_err(|e| anyhow::anyhow!("cannot open the participant's state in {}: {e}", config.data_dir.display()))?;
+        let prepared = actor.branches.values().filter(|e| matches!(e, Entry::Prepared { .. })).count();
+        tracing::info!(resource = %config.resource, prepared, keys = actor.data.len(), "participant state replayed");
+        let (ops, rx) = mpsc::channel(4096);
+        let task = tokio::spawn(actor.run(log.writer(), rx));
+        Ok((ReferenceParticipant { ops, config: Arc::new(config) }, ReferenceHandle { log, actor: task }))
+    }
+
+    async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(op(tx)).await.map_err(|_| Error::new("participant is shutting down"))?;
+        rx.await.map_err(|_| Error::new("participant is shutting down"))
+    }
+
+    pub async fn status(&self, gtid: Gtid, branch: BranchId) -> Result<BranchState, Error> {
+        self.ask(|reply| Op::Status { gtid, branch, reply }).await
+    }
+
+    pub async fn read(&self, key: String) -> Result<Option<Bytes>, Error> {
+        self.ask(|reply| Op::Read { key, reply }).await
+    }
+
+    pub async fn put(&self, gtid: Gtid, branch: BranchId, key: String, value: Bytes) -> Result<(), Status> {
+        self.ask(|reply| Op::Put { gtid, branch, key, value, reply })
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+    }
+}
+
+#[tonic::async_trait]
+impl Participant for ReferenceParticipant {
+    async fn prepare(&self, coordinator_id: &str, xid: &Xid) -> Result<Vote, Error> {
+        if !self.config.stall_prepare.is_zero() {
+            tokio::time::sleep(self.config.stall_prepare).await;
+        }
+        let (coordinator_id, xid) = (coordinator_id.to_string(), xid.clone());
+        self.ask(|reply| Op::Prepare { coordinator_id, xid, reply }).await?
+    }
+
+    async fn commit(&self, _coordinator_id: &str, xid: &Xid, one_phase: bool, _metadata: &[u8]) -> Result<Outcome, Error> {
+        if !self.config.stall_commit.is_zero() {
+            tokio::time::sleep(self.config.stall_commit).await;
+        }
+        fail::fail_point!("participant::before_commit");
+        let xid = xid.clone();
+        self.ask(|reply| Op::Commit { xid, one_phase, reply }).await?
+    }
+
+    async fn abort(&self, _coordinator_id: &str, xid: &Xid, _metadata: &[u8]) -> Result<Outcome, Error> {
+        let xid = xid.clone();
+        self.ask(|reply| Op::Abort { xid, reply }).await?
+    }
+
+    async fn recover(&self, coordinator_id: &str) -> Result<Vec<InDoubt>, Error> {
+        let coordinator_id = coordinator_id.to_string();
+        self.ask(|reply| Op::Recover { coordinator_id, reply }).await
+    }
+}
+
+struct Actor {
+    config: ReferenceConfig,
+    started_ms: u64,
+    branches: HashMap<(Gtid, BranchId), Entry>,
+    data: BTreeMap<String, Bytes>,
+    /// Finished branches in finishing order, for retention.
+    finished: VecDeque<(u64, Gtid, BranchId)>,
+    /// Active branches in creation order, for their timeout.
+    active: VecDeque<(u64, Gtid, BranchId)>,
+    active_count: usize,
+    /// Prepares of unknown GTIDs issued at or before this time are refused (an abort that old
+    /// may have been forgotten).
+    watermark_ms: u64,
+    /// Records submitted by this actor are numbered 1, 2, ...; `synced_seq` is the highest whose
+    /// sync has been confirmed. The log syncs in order, so every lower one is durable too.
+    next_seq: u64,
+    synced_seq: u64,
+    deferred: BTreeMap<u64, Vec<Deferred>>,
+    records_since_checkpoint: u64,
+}
+
+impl Actor {
+    fn new(config: ReferenceConfig, started_ms: u64) -> Self {
+        Actor {
+            config,
+            started_ms,
+            branches: HashMap::new(),
+            data: BTreeMap::new(),
+            finished: VecDeque::new(),
+            active: VecDeque::new(),
+            active_count: 0,
+            watermark_ms: 0,
+            next_seq: 0,
+            synced_seq: 0,
+            deferred: BTreeMap::new(),
+            records_since_checkpoint: 0,
+        }
+    }
+
+    fn replay(&mut self, rtype: u8, payload: &[u8]) -> Result<(), String> {
+        let writes_of = |ws: Vec<WritePb>| ws.into_iter().map(|w| (w.key, Bytes::from(w.value))).collect::<Vec<_>>();
+        match rtype {
+            TYPE_PREPARED => {
+                let r = PreparedPb::decode(payload).map_err(|e| e.to_string())?;
+                let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
+                let entry = Entry::Prepared {
+                    writes: writes_of(r.writes),
+                    coordinator_id: r.coordinator_id,
+                    prepared_ms: r.prepared_ms,
+                    seq: 0,
+                };
+                self.branches.insert(key, entry);
+            }
+            TYPE_COMMITTED => {
+                let r = CommittedPb::decode(payload).map_err(|e| e.to_string())?;
+                let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
+                if let Some(Entry::Prepared { writes, .. }) = self.branches.remove(&key) {
+                    self.data.extend(writes);
+                }
+                self.data.extend(writes_of(r.writes));
+                self.finished.push_back((r.at_ms, key.0, key.1.clone()));
+                self.branches.insert(key, Entry::Committed { seq: 0 });
+            }
+            TYPE_ABORTED => {
+                let r = AbortedPb::decode(payload).map_err(|e| e.to_string())?;
+                let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
+                self.finished.push_back((r.at_ms, key.0, key.1.clone()));
+                self.branches.insert(key, Entry::Aborted { seq: 0 });
+            }
+            TYPE_DATA => {
+                let r = DataPb::decode(payload).map_err(|e| e.to_string())?;
+                self.data.insert(r.key, Bytes::from(r.value));
+            }
+            other => return Err(format!("unknown record type {other}")),
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, log: LogWriter, mut ops: mpsc::Receiver<Op>) -> Result<(), LogError> {
+        let mut syncs: FuturesUnordered<SeqDurable> = FuturesUnordered::new();
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        enum Wake {
+            Synced(u64, Result<u64, LogError>),
+            Op(Option<Op>),
+            Housekeeping,
+        }
+        loop {
+            let wake = tokio::select! {
+                biased;
+                Some((seq, result)) = syncs.next(), if !syncs.is_empty() => Wake::Synced(seq, result),
+                op = ops.recv() => Wake::Op(op),
+                _ = housekeeping.tick() => Wake::Housekeeping,
+            };
+            match wake {
+                Wake::Synced(seq, result) => {
+                    result?;
+                    self.synced(seq);
+                }
+                Wake::Op(Some(op)) => {
+                    let mut out = Vec::new();
+                    self.handle(op, &mut out);
+                    self.maybe_checkpoint(&mut out);
+                    for (seq, submission) in out {
+                        // Not `syncs.push(submit(..).await?)`: `push` takes `&self`, and a
+                        // shared borrow held across the await would make this future !Send.
+                        let durable = submit(&log, seq, submission).await?;
+                        syncs.push(durable);
+                    }
+                }
+                Wake::Op(None) => break,
+                Wake::Housekeeping => self.expire(now_ms()),
+            }
+        }
+        // Answer what is still waiting for its sync before stopping.
+        while let Some((seq, result)) = syncs.next().await {
+            result?;
+            self.synced(seq);
+        }
+        Ok(())
+    }
+
+    fn synced(&mut self, seq: u64) {
+        self.synced_seq = self.synced_seq.max(seq);
+        while let Some(entry) = self.deferred.first_entry() {
+            if *entry.key() > self.synced_seq {
+                break;
+            }
+            for answer in entry.remove() {
+                answer();
+            }
+        }
+    }
+
+    /// Runs `answer` once record `seq` is durable (at once if it already is).
+    fn when_synced(&mut self, seq: u64, answer: Deferred) {
+        if seq <= self.synced_seq {
+            answer();
+        } else {
+            self.deferred.entry(seq).or_default().push(answer);
+        }
+    }
+
+    fn record(&mut self, out: &mut Vec<(u64, Submission)>, rtype: u8, payload: Vec<u8>) -> u64 {
+        self.next_seq += 1;
+        self.records_since_checkpoint += 1;
+        out.push((self.next_seq, Submission::Record(rtype, payload)));
+        self.next_seq
+    }
+
+    /// May this participant take a branch it has never heard of? Not if its GTID predates this
+    /// process (its staged writes may have died with the previous one) or the watermark (an
+    /// abort of it may have been forgotten).
+    fn may_start(&self, gtid: &Gtid) -> Result<(), String> {
+        match gtid.unix_ms() {
+            None => Err("GTID is not a UUIDv7".into()),
+            Some(t) if t < self.started_ms => {
+                Err("unknown branch of a transaction begun before this participant restarted".into())
+            }
+            Some(t) if t <= self.watermark_ms => Err("unknown branch older than the aborted branches remembered".into()),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn handle(&mut self, op: Op, out: &mut Vec<(u64, Submission)>) {
+        let now = now_ms();
+        match op {
+            Op::Prepare { coordinator_id, xid, reply } => {
+                if xid.resource != self.config.resource {
+                    let reason = format!("this participant serves resource {:?}", self.config.resource.as_str());
+                    let _ = reply.send(Ok(Vote::Aborted { reason }));
+                    return;
+                }
+                let key = (xid.gtid, xid.branch.clone());
+                let writes = match self.branches.get_mut(&key) {
+                    Some(Entry::Prepared { seq, .. }) | Some(Entry::Committed { seq }) => {
+                        // Repeated prepare: same answer, once the first one's record is durable.
+                        let seq = *seq;
+                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(prepared())))));
+                    }
+                    Some(Entry::Aborted { .. }) => {
+                        let reason = "branch was aborted (dangling prepare refused)".to_string();
+                        let _ = reply.send(Ok(Vote::Aborted { reason }));
+                        return;
+                    }
+                    Some(Entry::Active { writes, .. }) => {
+                        self.active_count -= 1;
+                        std::mem::take(writes)
+                    }
+                    None => match self.may_start(&xid.gtid) {
+                        Ok(()) => Vec::new(),
+                        Err(reason) => {
+                            self.branches.insert(key.clone(), Entry::Aborted { seq: 0 });
+                            self.finished.push_back((now, key.0, key.1));
+                            let _ = reply.send(Ok(Vote::Aborted { reason }));
+                            return;
+                        }
+                    },
+                };
+                if self.config.vote_no {
+                    self.branches.insert(key.clone(), Entry::Aborted { seq: 0 });
+                    self.finished.push_back((now, key.0, key.1));
+                    let _ = reply.send(Ok(Vote::Aborted { reason: "configured to vote no".into() }));
+                    return;
+                }
+                let payload = PreparedPb {
+                    gtid: xid.gtid.as_bytes().to_vec(),
+                    branch_id: xid.branch.to_string(),
+                    coordinator_id: coordinator_id.clone(),
+                    prepared_ms: now,
+                    writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
+                }
+                .encode_to_vec();
+                let seq = self.record(out, TYPE_PREPARED, payload);
+                self.branches.insert(key, Entry::Prepared { writes, coordinator_id, prepared_ms: now, seq });
+                self.when_synced(seq, Box::new(move || drop(reply.send(Ok(prepared())))));
+            }
+            Op::Commit { xid, one_phase, reply } => {
+                if xid.resource != self.config.resource {
+                    let _ = reply.send(Err(Error::new(format!(
+                        "this participant serves resource {:?}, not {:?}",
+                        self.config.resource.as_str(),
+                        xid.resource.as_str()
+                    ))));
+                    return;
+                }
+                let key = (xid.gtid, xid.branch.clone());
+                let (writes, one_phase_writes) = match self.branches.get_mut(&key) {
+                    Some(Entry::Committed { seq }) => {
+                        let seq = *seq;
+                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
+                    }
+                    Some(Entry::Aborted { seq }) => {
+                        let seq = *seq;
+                        let reason = "branch was rolled back".to_string();
+                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
+                    }
+                    Some(Entry::Prepared { writes, .. }) => (std::mem::take(writes), false),
+                    Some(Entry::Active { writes, .. }) if one_phase && !self.config.vote_no => {
+                        self.active_count -= 1;
+                        (std::mem::take(writes), true)
+                    }
+                    Some(Entry::Active { .. }) if one_phase => {
+                        self.active_count -= 1;
+                        self.finish_aborted(key, now);
+                        let _ = reply.send(Ok(Outcome::Aborted { reason: "configured to vote no".into() }));
+                        return;
+                    }
+                    Some(Entry::Active { .. }) => {
+                        // Two-phase commit of a branch that never prepared: a coordinator bug.
+                        let reason = "commit of a branch that was never prepared".to_string();
+                        let _ = reply.send(Ok(Outcome::Aborted { reason }));
+                        return;
+                    }
+                    None if !one_phase => {
+                        // Prepared earlier and forgotten after its commit: it was committed.
+                        let _ = reply.send(Ok(Outcome::Committed));
+                        return;
+                    }
+                    None => {
+                        if let Err(reason) = self.may_start(&xid.gtid).and(if self.config.vote_no {
+                            Err("configured to vote no".to_string())
+                        } else {
+                            Ok(())
+                        }) {
+                            self.finish_aborted(key, now);
+                            let _ = reply.send(Ok(Outcome::Aborted { reason }));
+                            return;
+                        }
+                        (Vec::new(), true)
+                    }
+                };
+                let payload = CommittedPb {
+                    gtid: xid.gtid.as_bytes().to_vec(),
+                    branch_id: xid.branch.to_string(),
+                    at_ms: now,
+                    writes: if one_phase_writes {
+                        writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect()
+                    } else {
+                        Vec::new()
+                    },
+                }
+                .encode_to_vec();
+                let seq = self.record(out, TYPE_COMMITTED, payload);
+                // Applied now, in memory: readers see it once the record is on its way; a crash
+                // before the sync loses both the record and the memory, consistently.
+                self.data.extend(writes);
+                self.branches.insert(key.clone(), Entry::Committed { seq });
+                self.finished.push_back((now, key.0, key.1));
+                self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
+            }
+            Op::Abort { xid, reply } => {
+                let key = (xid.gtid, xid.branch.clone());
+                match self.branches.get(&key) {
+                    Some(Entry::Aborted { seq }) => {
+                        let seq = *seq;
+                        let reason = String::new();
+                        self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
+                    }
+                    Some(Entry::Committed { seq }) => {
+                        let seq = *seq;
+                        self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
+                    }
+                    Some(Entry::Prepared { .. }) => {
+                        let payload = AbortedPb {
+                            gtid: xid.gtid.as_bytes().to_vec(),
+                            branch_id: xid.branch.to_string(),
+                            at_ms: now,
+                        }
+                        .encode_to_vec();
+                        let seq = self.record(out, TYPE_ABORTED, payload);
+                        self.branches.insert(key.clone(), Entry::Aborted { seq });
+                        self.finished.push_back((now, key.0, key.1));
+                        let reason = String::new();
+                        self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
+                    }
+                    Some(Entry::Active { .. }) | None => {
+                        if matches!(self.branches.get(&key), Some(Entry::Active { .. })) {
+                            self.active_count -= 1;
+                        }
+                        // Nothing durable to undo; the tombstone refuses a late Prepare.
+                        self.finish_aborted(key, now);
+                        let _ = reply.send(Ok(Outcome::Aborted { reason: String::new() }));
+                    }
+                }
+            }
+            Op::Recover { coordinator_id, reply } => {
+                let synced = self.synced_seq;
+                let list = self
+                    .branches
+                    .iter()
+                    .filter_map(|((gtid, branch), e)| match e {
+                        Entry::Prepared { coordinator_id: c, prepared_ms, seq, .. }
+                            if *c == coordinator_id && *seq <= synced =>
+                        {
+                            Some(InDoubt {
+                                xid: Xid { resource: self.config.resource.clone(), gtid: *gtid, branch: branch.clone() },
+                                metadata: Vec::new(),
+                                prepared_unix_ms: *prepared_ms,
+                            })
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+            Op::Put { gtid, branch, key, value, reply } => {
+                let _ = reply.send(self.put(gtid, branch, key, value, now));
+            }
+            Op::Read { key, reply } => {
+                let _ = reply.send(self.data.get(&key).cloned());
+            }
+            Op::Status { gtid, branch, reply } => {
+                let state = match self.branches.get(&(gtid, branch)) {
+                    None => BranchState::Unknown,
+                    Some(Entry::Active { .. }) => BranchState::Active,
+                    Some(Entry::Prepared { .. }) => BranchState::Prepared,
+                    Some(Entry::Committed { .. }) => BranchState::Committed,
+                    Some(Entry::Aborted { .. }) => BranchState::Aborted,
+                };
+                let _ = reply.send(state);
+            }
+        }
+    }
+
+    fn put(&mut self, gtid: Gtid, branch: BranchId, key: String, value: Bytes, now: u64) -> Result<(), Status> {
+        let c = &self.config;
+        if key.is_empty() || key.len() > c.max_key_bytes {
+            return Err(Status::invalid_argument(format!("key: must be 1 to {} bytes", c.max_key_bytes)));
+        }
+        if value.len() > c.max_value_bytes {
+            return Err(Status::invalid_argument(format!(
+                "value: {} bytes exceeds the limit of {} bytes",
+                value.len(),
+                c.max_value_bytes
+            )));
+        }
+        let k = (gtid, branch);
+        match self.branches.get_mut(&k) {
+            Some(Entry::Active { writes, .. }) => {
+                if writes.len() >= c.max_writes_per_branch {
+                    return Err(Status::resource_exhausted(format!(
+                        "a branch may stage at most {} writes",
+                        c.max_writes_per_branch
+                    )));
+                }
+                writes.push((key, value));
+                Ok(())
+            }
+            Some(other) => Err(Status::failed_precondition(format!(
+                "branch is {}; writes are only accepted while it is active",
+                match other {
+                    Entry::Prepared { .. } => "prepared",
+                    Entry::Committed { .. } => "committed",
+                    _ => "aborted",
+                }
+            ))),
+            None => {
+                self.may_start(&gtid).map_err(Status::failed_precondition)?;
+                if self.active_count >= c.max_active_branches {
+                    return Err(Status::resource_exhausted(format!(
+                        "{} branches are already active (max_active_branches)",
+                        c.max_active_branches
+                    )));
+                }
+                self.active_count += 1;
+                self.active.push_back((now, k.0, k.1.clone()));
+                self.branches.insert(k, Entry::Active { writes: vec![(key, value)], since_ms: now });
+                Ok(())
+            }
+        }
+    }
+
+    fn finish_aborted(&mut self, key: (Gtid, BranchId), now: u64) {
+        self.finished.push_back((now, key.0, key.1.clone()));
+        self.branches.insert(key, Entry::Aborted { seq: 0 });
+    }
+
+    /// Rolls back active branches past their timeout and forgets finished branches past their
+    /// retention.
+    fn expire(&mut self, now: u64) {
+        while let Some(&(since, gtid, ref branch)) = self.active.front() {
+            if since + self.config.active_timeout_ms > now {
+                break;
+            }
+            let key = (gtid, branch.clone());
+            self.active.pop_front();
+            if matches!(self.branches.get(&key), Some(Entry::Active { since_ms, .. }) if *since_ms == since) {
+                tracing::info!(%gtid, branch = %key.1, "rolling back a branch that was not prepared in time");
+                self.active_count -= 1;
+                self.finish_aborted(key, now);
+            }
+        }
+        while let Some(&(at, gtid, ref branch)) = self.finished.front() {
+            if at + self.config.tombstone_retention_ms > now && self.finished.len() <= self.config.max_tombstones {
+                break;
+            }
+            let key = (gtid, branch.clone());
+            self.finished.pop_front();
+            match self.branches.get(&key) {
+                Some(Entry::Aborted { seq }) if *seq <= self.synced_seq => {
+                    self.watermark_ms = self.watermark_ms.max(gtid.unix_ms().unwrap_or(0));
+                    self.branches.remove(&key);
+                }
+                Some(Entry::Committed { seq }) if *seq <= self.synced_seq => {
+                    self.branches.remove(&key);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Every `checkpoint_every_records` records, snapshot the data, the prepared branches and
+    /// the remembered finished ones, so the log's older segments can go.
+    fn maybe_checkpoint(&mut self, out: &mut Vec<(u64, Submission)>) {
+        if self.records_since_checkpoint < self.config.checkpoint_every_records {
+            return;
+        }
+        self.records_since_checkpoint = 0;
+        let mut records: Vec<(u8, Vec<u8>)> = self
+            .data
+            .iter()
+            .map(|(k, v)| (TYPE_DATA, DataPb { key: k.clone(), value: v.to_vec() }.encode_to_vec()))
+            .collect();
+        let mut finished_at: HashMap<(Gtid, &BranchId), u64> = HashMap::new();
+        for (at, g, b) in &self.finished {
+            finished_at.insert((*g, b), *at);
+        }
+        for ((gtid, branch), entry) in &self.branches {
+            let at_ms = finished_at.get(&(*gtid, branch)).copied().unwrap_or(0);
+            let (gtid_bytes, branch_id) = (gtid.as_bytes().to_vec(), branch.to_string());
+            match entry {
+                Entry::Prepared { writes, coordinator_id, prepared_ms, .. } => records.push((
+                    TYPE_PREPARED,
+                    PreparedPb {
+                        gtid: gtid_bytes,
+                        branch_id,
+                        coordinator_id: coordinator_id.clone(),
+                        prepared_ms: *prepared_ms,
+                        writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
+                    }
+                    .encode_to_vec(),
+                )),
+                Entry::Committed { .. } => records.push((
+                    TYPE_COMMITTED,
+                    CommittedPb { gtid: gtid_bytes, branch_id, at_ms, writes: Vec::new() }.encode_to_vec(),
+                )),
+                Entry::Aborted { .. } => {
+                    records.push((TYPE_ABORTED, AbortedPb { gtid: gtid_bytes, branch_id, at_ms }.encode_to_vec()))
+                }
+                Entry::Active { .. } => {}
+            }
+        }
+        self.next_seq += 1;
+        out.push((self.next_seq, Submission::Checkpoint(records)));
+    }
+}
+
+fn prepared() -> Vote {
+    Vote::Prepared { metadata: Vec::new() }
+}
+
+enum Submission {
+    Record(u8, Vec<u8>),
+    Checkpoint(Vec<(u8, Vec<u8>)>),
+}
+
+type SeqDurable = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Result<u64, LogError>)> + Send>>;
+
+async fn submit(log: &LogWriter, seq: u64, submission: Submission) -> Result<SeqDurable, LogError> {
+    let durable: Durable = match submission {
+        Submission::Record(rtype, payload) => log.submit(rtype, payload).await?,
+        Submission::Checkpoint(records) => log.submit_checkpoint(records).await?,
+    };
+    Ok(Box::pin(async move { (seq, durable.await) }))
+}
+
+/// The reference participant's work API (`pledge.v1.ReferenceStore`).
+pub struct StoreService {
+    participant: ReferenceParticipant,
+}
+
+impl StoreService {
+    pub fn new(participant: ReferenceParticipant) -> Self {
+        StoreService { participant }
+    }
+}
+
+fn ids(gtid: &str, branch: &str) -> Result<(Gtid, BranchId), Status> {
+    let g = Gtid::parse_field("gtid", gtid).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    let b = BranchId::parse_field("branch_id", branch).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok((g, b))
+}
+
+#[tonic::async_trait]
+impl ReferenceStore for StoreService {
+    async fn put(&self, request: Request<v1::PutRequest>) -> Result<Response<v1::PutResponse>, Status> {
+        let r = request.into_inner();
+        let (gtid, branch) = ids(&r.gtid, &r.branch_id)?;
+        self.participant.put(gtid, branch, r.key, r.value.into()).await?;
+        Ok(Response::new(v1::PutResponse {}))
+    }
+
+    async fn read(&self, request: Request<v1::ReadRequest>) -> Result<Response<v1::ReadResponse>, Status> {
+        let value = self.participant.read(request.into_inner().key).await.map_err(|e| Status::unavailable(e.0))?;
+        Ok(Response::new(v1::ReadResponse { found: value.is_some(), value: value.map(|v| v.to_vec()).unwrap_or_default() }))
+    }
+
+    async fn branch_status(
+        &self,
+        request: Request<v1::BranchStatusRequest>,
+    ) -> Result<Response<v1::BranchStatusResponse>, Status> {
+        let r = request.into_inner();
+        let (gtid, branch) = ids(&r.gtid, &r.branch_id)?;
+        let state = self.participant.status(gtid, branch).await.map_err(|e| Status::unavailable(e.0))?;
+        let state = match state {
+            BranchState::Unknown => v1::BranchState::Unknown,
+            BranchState::Active => v1::BranchState::Active,
+            BranchState::Prepared => v1::BranchState::Prepared,
+            BranchState::Committed => v1::BranchState::Committed,
+            BranchState::Aborted => v1::BranchState::Aborted,
+        };
+        Ok(Response::new(v1::BranchStatusResponse { state: state as i32 }))
+    }
+}

@@ -1,0 +1,76 @@
+//! The reference participant's durable records (one `pledge-log` record each; protobuf payload
+//! via prost's derive, type byte = schema).
+
+use pledge_proto::{BranchId, Gtid};
+use prost::Message;
+
+pub const TYPE_PREPARED: u8 = 1;
+pub const TYPE_COMMITTED: u8 = 2;
+pub const TYPE_ABORTED: u8 = 3;
+pub const TYPE_DATA: u8 = 4;
+
+#[derive(Clone, PartialEq, Message)]
+pub struct WritePb {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+/// A branch was prepared, with the writes it will apply when committed.
+#[derive(Clone, PartialEq, Message)]
+pub struct PreparedPb {
+    #[prost(bytes = "vec", tag = "1")]
+    pub gtid: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub branch_id: String,
+    #[prost(string, tag = "3")]
+    pub coordinator_id: String,
+    #[prost(uint64, tag = "4")]
+    pub prepared_ms: u64,
+    #[prost(message, repeated, tag = "5")]
+    pub writes: Vec<WritePb>,
+}
+
+/// A branch committed. A two-phase commit applies the writes of its Prepared record; a
+/// one-phase commit carries its own.
+#[derive(Clone, PartialEq, Message)]
+pub struct CommittedPb {
+    #[prost(bytes = "vec", tag = "1")]
+    pub gtid: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub branch_id: String,
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
+    #[prost(message, repeated, tag = "4")]
+    pub writes: Vec<WritePb>,
+}
+
+/// A branch rolled back.
+#[derive(Clone, PartialEq, Message)]
+pub struct AbortedPb {
+    #[prost(bytes = "vec", tag = "1")]
+    pub gtid: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub branch_id: String,
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
+}
+
+/// A committed key-value pair (checkpoints only).
+#[derive(Clone, PartialEq, Message)]
+pub struct DataPb {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+pub fn gtid_of(bytes: &[u8]) -> Result<Gtid, String> {
+    let arr: [u8; 16] = bytes.try_into().map_err(|_| format!("gtid of {} bytes", bytes.len()))?;
+    Ok(Gtid::from_bytes(arr))
+}
+
+pub fn branch_of(s: &str) -> Result<BranchId, String> {
+    BranchId::parse_field("branch_id", s).map_err(|e| e.to_string())
+}

@@ -1,0 +1,184 @@
+//! The gRPC Participant service around a [`Participant`] implementation.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use pledge_proto::v1::participant_server::ParticipantServer;
+use pledge_proto::v1::{self};
+use pledge_proto::{IdError, ResourceId, Xid};
+use tonic::service::RoutesBuilder;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::{Outcome, Participant, Vote};
+
+/// Most branches accepted in one call (the coordinator sends at most 512 by default).
+pub const MAX_BRANCHES_PER_CALL: usize = 4096;
+/// Largest vote metadata, in bytes (the coordinator logs it with every decision).
+pub const MAX_METADATA_BYTES: usize = 4096;
+/// Largest request, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+
+/// gRPC health checking, server reflection and the Participant service for `participant`.
+/// Add a work API with `.add_service(...)` and serve with
+/// `tonic::transport::Server::builder().add_routes(routes.routes())`.
+pub async fn routes<P: Participant>(participant: Arc<P>) -> RoutesBuilder {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ParticipantServer<ParticipantService<P>>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pledge_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid");
+    let mut routes = RoutesBuilder::default();
+    routes
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ParticipantServer::new(ParticipantService::new(participant)).max_decoding_message_size(MAX_REQUEST_BYTES));
+    routes
+}
+
+/// Adapts a [`Participant`] to the generated gRPC service: validation, batching, tracing.
+pub struct ParticipantService<P> {
+    participant: Arc<P>,
+}
+
+impl<P> ParticipantService<P> {
+    pub fn new(participant: Arc<P>) -> Self {
+        ParticipantService { participant }
+    }
+}
+
+fn coordinator_id(value: &str) -> Result<(), Status> {
+    ResourceId::parse_field("coordinator_id", value).map(drop).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// Parses every xid of a call up front, so a malformed one refuses the whole call and nothing
+/// happens to the others.
+fn xids<'a>(items: impl Iterator<Item = Option<&'a v1::BranchXid>>) -> Result<Vec<Xid>, Status> {
+    let mut out = Vec::new();
+    for (i, item) in items.enumerate() {
+        if i >= MAX_BRANCHES_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "branches: more than {MAX_BRANCHES_PER_CALL} branches in one call"
+            )));
+        }
+        let xid = item.ok_or_else(|| Status::invalid_argument(format!("branches[{i}].xid: is required")))?;
+        out.push(Xid::try_from(xid).map_err(|e: IdError| Status::invalid_argument(format!("branches[{i}].{e}")))?);
+    }
+    Ok(out)
+}
+
+fn outcome_result(result: Result<Outcome, crate::Error>) -> v1::BranchResult {
+    use v1::BranchOutcome as O;
+    let (outcome, reason) = match result {
+        Ok(Outcome::Committed) => (O::Committed, String::new()),
+        Ok(Outcome::Aborted { reason }) => (O::Aborted, reason),
+        Ok(Outcome::HeuristicCommit { reason }) => (O::HeuristicCommit, reason),
+        Ok(Outcome::HeuristicRollback { reason }) => (O::HeuristicRollback, reason),
+        Ok(Outcome::HeuristicMixed { reason }) => (O::HeuristicMixed, reason),
+        Ok(Outcome::HeuristicHazard { reason }) => (O::HeuristicHazard, reason),
+        Err(e) => (O::Retry, e.0),
+    };
+    v1::BranchResult { outcome: outcome as i32, reason }
+}
+
+#[tonic::async_trait]
+impl<P: Participant> v1::participant_server::Participant for ParticipantService<P> {
+    async fn prepare(&self, request: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
+        let r = request.into_inner();
+        coordinator_id(&r.coordinator_id)?;
+        let xids = xids(r.branches.iter().map(Some))?;
+        let span = tracing::debug_span!("prepare", coordinator = r.coordinator_id, branches = xids.len());
+        let (p, coordinator) = (&self.participant, &r.coordinator_id);
+        let votes = join_all(xids.iter().map(|xid| async move {
+            let vote = p.prepare(coordinator, xid).await;
+            tracing::debug!(%xid, ?vote, "prepared");
+            match vote {
+                Ok(Vote::Prepared { metadata }) if metadata.len() > MAX_METADATA_BYTES => v1::PrepareResult {
+                    vote: v1::Vote::Aborted as i32,
+                    metadata: Vec::new(),
+                    reason: format!("participant bug: {} bytes of metadata exceed {MAX_METADATA_BYTES}", metadata.len()),
+                },
+                Ok(Vote::Prepared { metadata }) => {
+                    v1::PrepareResult { vote: v1::Vote::Prepared as i32, metadata, reason: String::new() }
+                }
+                Ok(Vote::ReadOnly) => v1::PrepareResult { vote: v1::Vote::ReadOnly as i32, ..Default::default() },
+                Ok(Vote::Aborted { reason }) => {
+                    v1::PrepareResult { vote: v1::Vote::Aborted as i32, metadata: Vec::new(), reason }
+                }
+                // A prepare that failed is a "no": the coordinator aborts (presumed abort makes
+                // that safe), and the branch must not prepare later.
+                Err(e) => v1::PrepareResult {
+                    vote: v1::Vote::Aborted as i32,
+                    metadata: Vec::new(),
+                    reason: format!("prepare failed: {e}"),
+                },
+            }
+        }))
+        .instrument(span)
+        .await;
+        Ok(Response::new(v1::PrepareResponse { results: votes }))
+    }
+
+    async fn commit(
+        &self,
+        request: Request<v1::CommitBranchesRequest>,
+    ) -> Result<Response<v1::CommitBranchesResponse>, Status> {
+        let r = request.into_inner();
+        coordinator_id(&r.coordinator_id)?;
+        let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
+        let span = tracing::debug_span!("commit", coordinator = r.coordinator_id, branches = xids.len());
+        let (p, coordinator) = (&self.participant, &r.coordinator_id);
+        let results = join_all(xids.iter().zip(&r.branches).map(|(xid, b)| async move {
+            let result = p.commit(coordinator, xid, b.one_phase, &b.metadata).await;
+            tracing::debug!(%xid, one_phase = b.one_phase, ?result, "commit");
+            outcome_result(result)
+        }))
+        .instrument(span)
+        .await;
+        Ok(Response::new(v1::CommitBranchesResponse { results }))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<v1::AbortBranchesRequest>,
+    ) -> Result<Response<v1::AbortBranchesResponse>, Status> {
+        let r = request.into_inner();
+        coordinator_id(&r.coordinator_id)?;
+        let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
+        let span = tracing::debug_span!("abort", coordinator = r.coordinator_id, branches = xids.len());
+        let (p, coordinator) = (&self.participant, &r.coordinator_id);
+        let results = join_all(xids.iter().zip(&r.branches).map(|(xid, b)| async move {
+            let result = p.abort(coordinator, xid, &b.metadata).await;
+            tracing::debug!(%xid, ?result, "abort");
+            outcome_result(result)
+        }))
+        .instrument(span)
+        .await;
+        Ok(Response::new(v1::AbortBranchesResponse { results }))
+    }
+
+    async fn recover(&self, request: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
+        let r = request.into_inner();
+        coordinator_id(&r.coordinator_id)?;
+        let span = tracing::info_span!("recover", coordinator = r.coordinator_id);
+        let branches = self
+            .participant
+            .recover(&r.coordinator_id)
+            .instrument(span)
+            .await
+            .map_err(|e| Status::unavailable(format!("recover failed: {e}")))?;
+        Ok(Response::new(v1::RecoverResponse {
+            branches: branches
+                .into_iter()
+                .map(|b| v1::InDoubtBranch {
+                    xid: Some((&b.xid).into()),
+                    metadata: b.metadata,
+                    prepared_unix_ms: b.prepared_unix_ms,
+                })
+                .collect(),
+            truncated: false,
+        }))
+    }
+}
