@@ -41,25 +41,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// With the `failpoints` feature, `PLEDGE_CRASH_AT=name[,name...]` makes the process kill
-/// itself with SIGKILL when it reaches a named crash point: a real kill -9 at an exact place,
-/// for the crash tests. Without the feature the points compile to nothing.
+/// With the `failpoints` feature, `PLEDGE_CRASH_AT` kills this process at named crash points
+/// (see `pledge-crashpoints`); without it the points compile to nothing.
 fn install_crash_points() {
     #[cfg(feature = "failpoints")]
-    if let Ok(names) = std::env::var("PLEDGE_CRASH_AT") {
-        for name in names.split(',').filter(|n| !n.is_empty()) {
-            let point = name.to_string();
-            let installed = fail::cfg_callback(name, move || {
-                eprintln!("crash point {point} reached: killing this process with SIGKILL");
-                // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-                unsafe {
-                    libc::kill(libc::getpid(), libc::SIGKILL);
-                }
-            });
-            if let Err(e) = installed {
-                eprintln!("error: crash point {name}: {e}");
-                std::process::exit(2);
-            }
-        }
-    }
+    pledge_crashpoints::install();
 }

@@ -81,21 +81,9 @@ async fn shutdown_signal() {
     }
 }
 
-/// With the `failpoints` feature, `PLEDGE_CRASH_AT=name[,name...]` kills this process with
-/// SIGKILL at the named crash points (see the coordinator's `main.rs`).
+/// With the `failpoints` feature, `PLEDGE_CRASH_AT` kills this process at named crash points
+/// (see `pledge-crashpoints`); without it the points compile to nothing.
 fn install_crash_points() {
     #[cfg(feature = "failpoints")]
-    if let Ok(names) = std::env::var("PLEDGE_CRASH_AT") {
-        for name in names.split(',').filter(|n| !n.is_empty()) {
-            let point = name.to_string();
-            fail::cfg_callback(name, move || {
-                eprintln!("crash point {point} reached: killing this process with SIGKILL");
-                // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-                unsafe {
-                    libc::kill(libc::getpid(), libc::SIGKILL);
-                }
-            })
-            .expect("valid crash point");
-        }
-    }
+    pledge_crashpoints::install();
 }

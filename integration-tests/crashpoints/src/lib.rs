@@ -1,0 +1,41 @@
+//! Crash points for the crash tests: `PLEDGE_CRASH_AT=name[@n][,name[@n]...]` makes the process
+//! kill itself with SIGKILL the `n`-th time (default: the first time) it reaches the
+//! `fail::fail_point!(name)` of that name. A real kill -9, at an exact place in the code.
+//!
+//! Binaries call [`install`] only when built with their `failpoints` feature; without it the
+//! points compile to nothing and this crate is not linked.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Reads `PLEDGE_CRASH_AT` and arms the named points. Exits with status 2 on a malformed value.
+pub fn install() {
+    let Ok(spec) = std::env::var("PLEDGE_CRASH_AT") else { return };
+    for item in spec.split(',').filter(|s| !s.is_empty()) {
+        let (name, nth) = match item.split_once('@') {
+            Some((name, n)) => match n.parse::<u64>() {
+                Ok(n) if n > 0 => (name.to_string(), n),
+                _ => fail_setup(&format!("PLEDGE_CRASH_AT: {item:?}: expected name@N with N > 0")),
+            },
+            None => (item.to_string(), 1),
+        };
+        let hits = AtomicU64::new(0);
+        let point = name.clone();
+        let armed = fail::cfg_callback(&name, move || {
+            if hits.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+                eprintln!("crash point {point} reached (hit {nth}): killing this process with SIGKILL");
+                // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+            }
+        });
+        if let Err(e) = armed {
+            fail_setup(&format!("PLEDGE_CRASH_AT: {name}: {e}"));
+        }
+    }
+}
+
+fn fail_setup(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2)
+}

@@ -1,0 +1,288 @@
+//! Test harness: starts Pledge's binaries as real processes on loopback, talks to them over
+//! gRPC, and kills them with SIGKILL.
+//!
+//! Every process is started on port 0 (or a port it had before, for restarts) and prints
+//! `listening on <addr>` once it serves; the harness waits for that line (a signal, not a
+//! sleep). A process's stderr goes to a file in the test's directory, and its tail is shown
+//! when a wait fails.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use pledge_proto::v1::coordinator_client::CoordinatorClient;
+use pledge_proto::v1::reference_store_client::ReferenceStoreClient;
+use pledge_proto::v1::{self};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// How long a process may take to print `listening on`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`eventually`] keeps asking.
+pub const EVENTUALLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a process may take to exit after SIGKILL/SIGTERM or a crash point.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The directory holding the workspace's binaries (`PLEDGE_BIN_DIR`, or the `target/<profile>`
+/// this test binary was built into).
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("PLEDGE_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test binary>
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which \
+         integration-tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A running Pledge process. Killed when dropped.
+pub struct Process {
+    name: String,
+    child: Child,
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Spawns `command` and waits until it prints `listening on <addr>`.
+    pub async fn spawn(name: &str, mut command: Command, log: PathBuf) -> anyhow::Result<Process> {
+        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        command.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).kill_on_drop(true);
+        let mut child = command.spawn().with_context(|| format!("spawning {name}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut tx = Some(tx);
+            // Keep draining after the first line so the child never blocks on a full pipe.
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(addr) = line.strip_prefix("listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = match tokio::time::timeout(START_TIMEOUT, rx).await {
+            Ok(Ok(addr)) => addr.parse().with_context(|| format!("{name} printed a bad address {addr:?}"))?,
+            Ok(Err(_)) => bail!("{name} exited before serving:\n{}", tail(&log)),
+            Err(_) => bail!("{name} did not start within {START_TIMEOUT:?}:\n{}", tail(&log)),
+        };
+        Ok(Process { name: name.to_string(), child, addr, log })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The last lines the process wrote to stderr.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log)
+    }
+
+    /// kill -9, and wait for it to be gone.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().expect("sending SIGKILL");
+        self.wait_exit().await;
+    }
+
+    /// SIGTERM (clean shutdown); returns the exit status.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().expect("running process") as libc::pid_t;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        self.wait_exit().await
+    }
+
+    /// Waits for the process to exit on its own (e.g. at a crash point).
+    pub async fn wait_exit(&mut self) -> ExitStatus {
+        match tokio::time::timeout(EXIT_TIMEOUT, self.child.wait()).await {
+            Ok(status) => status.expect("waiting for the process"),
+            Err(_) => panic!("{} did not exit within {EXIT_TIMEOUT:?}:\n{}", self.name, self.log_tail()),
+        }
+    }
+
+    /// Waits for the process to die at a crash point (SIGKILL from itself) and checks that it
+    /// did, rather than exit for another reason.
+    pub async fn wait_crashed(&mut self) {
+        let status = self.wait_exit().await;
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGKILL),
+            "{} was expected to die at its crash point, but exited with {status}:\n{}",
+            self.name,
+            self.log_tail()
+        );
+        assert!(self.log_tail().contains("crash point"), "{} died without reaching its crash point", self.name);
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A test's own directory: data directories and process logs. Kept on failure (the path is
+/// printed) so the logs can be read.
+pub struct TestDir {
+    dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new(test: &str) -> TestDir {
+        let dir = tempfile::Builder::new().prefix(&format!("pledge-{test}-")).tempdir().expect("temp dir");
+        TestDir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A reference participant serving `resource`, with its data in `<dir>/<resource>`.
+    /// `port` 0 picks a free one; a restart passes the old port so the coordinator finds it.
+    pub async fn participant(&self, resource: &str, port: u16, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut c = Command::new(bin("pledge-reference-participant"));
+        c.arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--resource-id")
+            .arg(resource)
+            .arg("--data-dir")
+            .arg(self.path().join(resource))
+            .args(args)
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let log = self.path().join(format!("{resource}.log"));
+        Process::spawn(resource, c, log).await.unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// A coordinator with its data in `<dir>/coordinator` and these participants configured.
+    pub async fn coordinator(&self, participants: &[(&str, &Process)], env: &[(&str, &str)]) -> Process {
+        let mut c = Command::new(bin("pledge"));
+        c.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(self.path().join("coordinator"))
+            // Tests restart participants and expect recovery to notice soon.
+            .arg("--recovery-interval-ms")
+            .arg("500")
+            .env("RUST_LOG", "info");
+        for (resource, p) in participants {
+            c.arg("--participant").arg(format!("{resource}={}", p.endpoint()));
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let log = self.path().join("coordinator.log");
+        Process::spawn("coordinator", c, log).await.unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
+pub async fn coordinator_client(p: &Process) -> CoordinatorClient<Channel> {
+    CoordinatorClient::connect(p.endpoint()).await.expect("connecting to the coordinator")
+}
+
+pub async fn store_client(p: &Process) -> ReferenceStoreClient<Channel> {
+    ReferenceStoreClient::connect(p.endpoint()).await.expect("connecting to the participant")
+}
+
+pub fn branch(resource: &str, branch: &str) -> v1::BranchRef {
+    v1::BranchRef { resource_id: resource.into(), branch_id: branch.into() }
+}
+
+/// Begins a transaction with these branches; returns its GTID.
+pub async fn begin(c: &mut CoordinatorClient<Channel>, branches: &[(&str, &str)]) -> String {
+    c.begin(v1::BeginRequest {
+        timeout_ms: None,
+        idempotency_key: String::new(),
+        branches: branches.iter().map(|(r, b)| branch(r, b)).collect(),
+    })
+    .await
+    .expect("begin")
+    .into_inner()
+    .gtid
+}
+
+pub async fn put(s: &mut ReferenceStoreClient<Channel>, gtid: &str, branch_id: &str, key: &str, value: &str) {
+    s.put(v1::PutRequest {
+        gtid: gtid.into(),
+        branch_id: branch_id.into(),
+        key: key.into(),
+        value: value.as_bytes().to_vec(),
+    })
+    .await
+    .expect("put");
+}
+
+pub async fn read(s: &mut ReferenceStoreClient<Channel>, key: &str) -> Option<String> {
+    let r = s.read(v1::ReadRequest { key: key.into() }).await.expect("read").into_inner();
+    r.found.then(|| String::from_utf8(r.value).expect("utf-8 value"))
+}
+
+pub async fn branch_state(s: &mut ReferenceStoreClient<Channel>, gtid: &str, branch_id: &str) -> v1::BranchState {
+    let r = s
+        .branch_status(v1::BranchStatusRequest { gtid: gtid.into(), branch_id: branch_id.into() })
+        .await
+        .expect("branch status")
+        .into_inner();
+    v1::BranchState::try_from(r.state).expect("known state")
+}
+
+pub async fn commit(
+    c: &mut CoordinatorClient<Channel>,
+    gtid: &str,
+    wait_for_completion: bool,
+) -> Result<v1::CommitResponse, tonic::Status> {
+    c.commit(v1::CommitRequest { gtid: gtid.into(), branches: vec![], wait_for_completion })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+pub async fn get(c: &mut CoordinatorClient<Channel>, gtid: &str) -> Result<v1::Transaction, tonic::Status> {
+    c.get(v1::GetRequest { gtid: gtid.into() })
+        .await
+        .map(|r| r.into_inner().transaction.expect("transaction in GetResponse"))
+}
+
+/// Asks `check` every 20 ms until it returns `Some`, for at most [`EVENTUALLY_TIMEOUT`]. For
+/// conditions that have no signal to wait on (a participant's state after a recovery scan).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + EVENTUALLY_TIMEOUT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {EVENTUALLY_TIMEOUT:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
