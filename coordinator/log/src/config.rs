@@ -39,7 +39,7 @@ impl LogConfig {
             max_batch_bytes: MIB,
             max_record_bytes: MIB,
             queue_capacity: 4096,
-            preallocate_chunk_bytes: 4 * MIB as u64,
+            preallocate_chunk_bytes: MIB as u64,
         }
     }
 

@@ -62,10 +62,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     routes.add_service(ReferenceStoreServer::new(StoreService::new(participant)));
     println!("listening on {addr}");
     tracing::info!(%addr, resource = args.resource_id, "reference participant serving");
+    // TCP_NODELAY on accepted connections (see the coordinator's server.rs).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await?;
     handle.shutdown().await?;
     tracing::info!("reference participant stopped; state flushed");
