@@ -65,9 +65,7 @@ fn gtid(value: &str) -> Result<Gtid, Status> {
 fn branches(refs: &[v1::BranchRef]) -> Result<Vec<BranchKey>, Status> {
     refs.iter()
         .enumerate()
-        .map(|(i, r)| {
-            BranchKey::try_from(r).map_err(|e| Status::invalid_argument(format!("branches[{i}].{e}")))
-        })
+        .map(|(i, r)| BranchKey::try_from(r).map_err(|e| Status::invalid_argument(format!("branches[{i}].{e}"))))
         .collect()
 }
 

@@ -95,9 +95,8 @@ impl ServeArgs {
             config.coordinator_id = Some(v);
         }
         for p in self.participants {
-            let (resource, endpoint) = p
-                .split_once('=')
-                .with_context(|| format!("--participant {p:?}: expected RESOURCE=ENDPOINT"))?;
+            let (resource, endpoint) =
+                p.split_once('=').with_context(|| format!("--participant {p:?}: expected RESOURCE=ENDPOINT"))?;
             config.participants.insert(resource.to_string(), endpoint.to_string());
         }
         if let Some(v) = self.prepare_timeout_ms {
@@ -201,7 +200,10 @@ impl From<StateArg> for v1::TransactionState {
 #[derive(Subcommand, Debug)]
 pub enum ParticipantCommand {
     /// Register (or move) a participant: RESOURCE ENDPOINT.
-    Register { resource: String, endpoint: String },
+    Register {
+        resource: String,
+        endpoint: String,
+    },
     List,
 }
 
@@ -251,7 +253,9 @@ pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> 
                 .map_err(status)?
                 .into_inner();
             match v1::Outcome::try_from(r.outcome) {
-                Ok(v1::Outcome::Committed) => println!("committed{}", if r.completed { "" } else { " (phase 2 in progress)" }),
+                Ok(v1::Outcome::Committed) => {
+                    println!("committed{}", if r.completed { "" } else { " (phase 2 in progress)" })
+                }
                 _ => {
                     println!("aborted: {}", r.reason);
                     std::process::exit(2);
@@ -339,7 +343,9 @@ pub async fn participant(client: ClientArgs, command: ParticipantCommand) -> any
     let mut c = connect(&client).await?;
     match command {
         ParticipantCommand::Register { resource, endpoint } => {
-            c.register_participant(v1::RegisterParticipantRequest { resource_id: resource, endpoint }).await.map_err(status)?;
+            c.register_participant(v1::RegisterParticipantRequest { resource_id: resource, endpoint })
+                .await
+                .map_err(status)?;
             println!("registered");
         }
         ParticipantCommand::List => {
@@ -392,10 +398,7 @@ fn describe(record: &LogRecord) -> String {
             c.gtid,
             c.decided_ms,
             branches(
-                c.branches
-                    .iter()
-                    .map(|b| format!("{} {:?}{}", b.key, b.vote, meta_suffix(&b.metadata)))
-                    .collect()
+                c.branches.iter().map(|b| format!("{} {:?}{}", b.key, b.vote, meta_suffix(&b.metadata))).collect()
             ),
             c.idempotency_key.as_ref().map(|k| format!(" key={k:?}")).unwrap_or_default()
         ),

@@ -151,7 +151,8 @@ impl Config {
 
 /// A participant endpoint must be an http(s) URI with a host and port.
 pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
-    let uri: tonic::transport::Uri = endpoint.parse().map_err(|e| format!("endpoint {endpoint:?} is not a URI: {e}"))?;
+    let uri: tonic::transport::Uri =
+        endpoint.parse().map_err(|e| format!("endpoint {endpoint:?} is not a URI: {e}"))?;
     match (uri.scheme_str(), uri.host(), uri.port_u16()) {
         (Some("http" | "https"), Some(_), Some(_)) => Ok(()),
         _ => Err(format!("endpoint {endpoint:?} must look like http://host:port")),

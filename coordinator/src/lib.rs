@@ -15,6 +15,6 @@ pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod engine;
-pub mod recovery;
 pub mod records;
+pub mod recovery;
 pub mod server;

@@ -9,9 +9,7 @@ use bytes::Bytes;
 use pledge_proto::{BranchKey, Gtid, IdError, ResourceId};
 use prost::Message;
 
-use crate::engine::{
-    BranchOutcome, CommitRecord, EndBranch, EndRecord, LogRecord, LoggedBranch, Vote,
-};
+use crate::engine::{BranchOutcome, CommitRecord, EndBranch, EndRecord, LogRecord, LoggedBranch, Vote};
 
 pub const TYPE_REGISTER: u8 = 1;
 pub const TYPE_COMMIT: u8 = 2;
@@ -149,16 +147,21 @@ fn gtid_from(bytes: &[u8]) -> Result<Gtid, DecodeError> {
 /// The record type byte and protobuf payload of a record.
 pub fn encode(record: &LogRecord) -> (u8, Vec<u8>) {
     match record {
-        LogRecord::Register { resource, endpoint } => {
-            (TYPE_REGISTER, RegisterPb { resource_id: resource.to_string(), endpoint: endpoint.clone() }.encode_to_vec())
-        }
+        LogRecord::Register { resource, endpoint } => (
+            TYPE_REGISTER,
+            RegisterPb { resource_id: resource.to_string(), endpoint: endpoint.clone() }.encode_to_vec(),
+        ),
         LogRecord::Commit(c) => {
             let pb = CommitPb {
                 gtid: c.gtid.as_bytes().to_vec(),
                 created_ms: c.created_ms,
                 decided_ms: c.decided_ms,
                 idempotency_key: c.idempotency_key.clone(),
-                branches: c.branches.iter().map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None)).collect(),
+                branches: c
+                    .branches
+                    .iter()
+                    .map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None))
+                    .collect(),
             };
             (TYPE_COMMIT, pb.encode_to_vec())
         }

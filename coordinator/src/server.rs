@@ -63,9 +63,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
     let engine_stop = CancellationToken::new();
     let runtime_task = tokio::spawn(runtime.run(engine_stop.clone()));
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr: SocketAddr = listener.local_addr()?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -74,8 +73,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
         .register_encoded_file_descriptor_set(pledge_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service = CoordinatorServer::new(CoordinatorService::new(handle))
-        .max_decoding_message_size(config.max_request_bytes);
+    let service =
+        CoordinatorServer::new(CoordinatorService::new(handle)).max_decoding_message_size(config.max_request_bytes);
 
     println!("listening on {addr}");
     tracing::info!(%addr, "coordinator serving");

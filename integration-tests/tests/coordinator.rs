@@ -70,7 +70,11 @@ struct CrashSetup {
     gtid: String,
 }
 
-async fn crash_setup(test: &str, crash_at: &str, p2_args: &[&str]) -> (CrashSetup, Result<v1::CommitResponse, tonic::Status>) {
+async fn crash_setup(
+    test: &str,
+    crash_at: &str,
+    p2_args: &[&str],
+) -> (CrashSetup, Result<v1::CommitResponse, tonic::Status>) {
     let dir = TestDir::new(test);
     let p1 = dir.participant("db1", 0, &[], &[]).await;
     let p2 = dir.participant("db2", 0, p2_args, &[]).await;
@@ -123,7 +127,8 @@ async fn coordinator_killed_after_the_decision_is_synced_commits_after_restart()
 async fn coordinator_killed_during_phase_two_finishes_it_after_restart() {
     // db2 takes its time with commits, so the crash (right after db1's commit call returns)
     // lands while db2 has not committed.
-    let (mut s, result) = crash_setup("crash-phase2", "coordinator::after_commit_call", &["--stall-commit-ms", "1000"]).await;
+    let (mut s, result) =
+        crash_setup("crash-phase2", "coordinator::after_commit_call", &["--stall-commit-ms", "1000"]).await;
     // The decision was durable before phase 2, so the client had its answer.
     assert_eq!(result.unwrap().outcome(), v1::Outcome::Committed);
     s.coordinator.wait_crashed().await;
@@ -160,8 +165,9 @@ async fn no_acknowledged_commit_is_lost_when_the_coordinator_is_killed_under_loa
     let dir = TestDir::new("crash-load");
     let p1 = dir.participant("db1", 0, &[], &[]).await;
     let p2 = dir.participant("db2", 0, &[], &[]).await;
-    let coordinator =
-        dir.coordinator(&[("db1", &p1), ("db2", &p2)], &[("PLEDGE_CRASH_AT", "coordinator::after_commit_synced@150")]).await;
+    let coordinator = dir
+        .coordinator(&[("db1", &p1), ("db2", &p2)], &[("PLEDGE_CRASH_AT", "coordinator::after_commit_synced@150")])
+        .await;
     let endpoint = coordinator.endpoint();
 
     let mut clients = Vec::new();
@@ -174,7 +180,10 @@ async fn no_acknowledged_commit_is_lost_when_the_coordinator_is_killed_under_loa
             let (mut acknowledged, mut unknown) = (Vec::new(), Vec::new());
             for i in 0.. {
                 let Ok(r) = c
-                    .begin(v1::BeginRequest { branches: vec![branch("db1", "a"), branch("db2", "b")], ..Default::default() })
+                    .begin(v1::BeginRequest {
+                        branches: vec![branch("db1", "a"), branch("db2", "b")],
+                        ..Default::default()
+                    })
                     .await
                 else {
                     break; // the coordinator is gone
@@ -283,15 +292,16 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
     let unknown = "01900000-0000-7000-8000-000000000000";
     assert_eq!(get(&mut c, unknown).await.unwrap_err().code(), Code::NotFound);
 
-    let e = c
-        .begin(v1::BeginRequest { branches: vec![branch("nosuch", "b")], ..Default::default() })
-        .await
-        .unwrap_err();
+    let e =
+        c.begin(v1::BeginRequest { branches: vec![branch("nosuch", "b")], ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("unknown resource \"nosuch\""), "{}", e.message());
 
     let e = c.begin(v1::BeginRequest { branches: vec![branch("db1", "b c")], ..Default::default() }).await.unwrap_err();
-    assert_eq!((e.code(), e.message()), (Code::InvalidArgument, "branches[0].branch_id: character ' ' is not allowed (use A-Z a-z 0-9 . _ -)"));
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "branches[0].branch_id: character ' ' is not allowed (use A-Z a-z 0-9 . _ -)")
+    );
 
     let gtid = begin(&mut c, &[("db1", "a")]).await;
     c.abort(v1::AbortRequest { gtid: gtid.clone() }).await.unwrap();
@@ -300,10 +310,7 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
     assert!(e.message().contains("aborted before commit was requested: aborted by client"), "{}", e.message());
     assert!(get(&mut c, &gtid).await.unwrap().state() != v1::TransactionState::Committed);
 
-    let e = c
-        .begin(v1::BeginRequest { idempotency_key: "k".repeat(2 << 20), ..Default::default() })
-        .await
-        .unwrap_err();
+    let e = c.begin(v1::BeginRequest { idempotency_key: "k".repeat(2 << 20), ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::OutOfRange, "oversized request: {e:?}");
 
     let e = c.begin(v1::BeginRequest { timeout_ms: Some(u64::MAX), ..Default::default() }).await.unwrap_err();
@@ -355,13 +362,16 @@ async fn runtime_registration_survives_a_restart_and_probes_work() {
 }
 
 async fn list_services(endpoint: &str) -> Vec<String> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.unwrap();
     let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
     let mut responses = client.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
     let response = responses.message().await.unwrap().expect("a reflection response");
     match response.message_response {

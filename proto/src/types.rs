@@ -260,11 +260,7 @@ impl TryFrom<&v1::BranchXid> for Xid {
 
 impl From<&Xid> for v1::BranchXid {
     fn from(x: &Xid) -> Self {
-        v1::BranchXid {
-            resource_id: x.resource.to_string(),
-            gtid: x.gtid.to_string(),
-            branch_id: x.branch.to_string(),
-        }
+        v1::BranchXid { resource_id: x.resource.to_string(), gtid: x.gtid.to_string(), branch_id: x.branch.to_string() }
     }
 }
 

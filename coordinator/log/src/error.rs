@@ -66,9 +66,15 @@ pub enum Corruption {
     /// The length field is 0..=8 or larger than `max_record_bytes + 9`.
     InvalidLength(u32),
     /// The frame runs past the end of a segment that is not the last one.
-    Truncated { frame_bytes: usize, available_bytes: usize },
+    Truncated {
+        frame_bytes: usize,
+        available_bytes: usize,
+    },
     /// Frames must carry consecutive LSNs, within and across segments.
-    LsnDiscontinuity { expected: Lsn, found: Lsn },
+    LsnDiscontinuity {
+        expected: Lsn,
+        found: Lsn,
+    },
     /// A reserved type this version does not know.
     UnknownReservedType(u8),
     /// A checkpoint marker where none may be, or with a malformed payload.
@@ -78,16 +84,29 @@ pub enum Corruption {
     IncompleteCheckpoint,
     BadHeader(HeaderError),
     /// The header's first LSN does not match the file name.
-    NameMismatch { name_lsn: Lsn, header_lsn: Lsn },
+    NameMismatch {
+        name_lsn: Lsn,
+        header_lsn: Lsn,
+    },
     /// The oldest segment does not start at LSN 1 and no checkpoint precedes it: segments
     /// are missing.
-    MissingHistory { first_lsn: Lsn },
+    MissingHistory {
+        first_lsn: Lsn,
+    },
     /// Damage at the end of the last segment that cannot be a torn write, because a valid
     /// record with a higher LSN follows it.
-    ValidRecordFollows { cause: Box<Corruption>, lsn: Lsn, offset: u64 },
+    ValidRecordFollows {
+        cause: Box<Corruption>,
+        lsn: Lsn,
+        offset: u64,
+    },
     /// Damage at the end of the last segment that cannot be a torn write, because more data
     /// follows it than one batch can hold.
-    TooMuchAfterDamage { cause: Box<Corruption>, nonzero_bytes: u64, limit_bytes: u64 },
+    TooMuchAfterDamage {
+        cause: Box<Corruption>,
+        nonzero_bytes: u64,
+        limit_bytes: u64,
+    },
 }
 
 impl From<FrameError> for Corruption {
@@ -112,21 +131,17 @@ impl fmt::Display for Corruption {
             Self::LsnDiscontinuity { expected, found } => write!(f, "expected LSN {expected}, found {found}"),
             Self::UnknownReservedType(t) => write!(f, "unknown reserved record type {t:#04x}"),
             Self::BadCheckpointMarker(what) => write!(f, "bad checkpoint marker: {what}"),
-            Self::IncompleteCheckpoint => {
-                f.write_str("incomplete checkpoint in a segment that is not the last")
-            }
+            Self::IncompleteCheckpoint => f.write_str("incomplete checkpoint in a segment that is not the last"),
             Self::BadHeader(e) => write!(f, "bad segment header: {e}"),
             Self::NameMismatch { name_lsn, header_lsn } => {
                 write!(f, "file name says first LSN {name_lsn}, header says {header_lsn}")
             }
-            Self::MissingHistory { first_lsn } => write!(
-                f,
-                "the log starts at LSN {first_lsn} without a checkpoint: older segments are missing"
-            ),
-            Self::ValidRecordFollows { cause, lsn, offset } => write!(
-                f,
-                "{cause}; a valid record (LSN {lsn}) follows at offset {offset}, so this is not a torn tail"
-            ),
+            Self::MissingHistory { first_lsn } => {
+                write!(f, "the log starts at LSN {first_lsn} without a checkpoint: older segments are missing")
+            }
+            Self::ValidRecordFollows { cause, lsn, offset } => {
+                write!(f, "{cause}; a valid record (LSN {lsn}) follows at offset {offset}, so this is not a torn tail")
+            }
             Self::TooMuchAfterDamage { cause, nonzero_bytes, limit_bytes } => write!(
                 f,
                 "{cause}; {nonzero_bytes} bytes of data follow, more than one batch ({limit_bytes}), \

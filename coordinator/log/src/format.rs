@@ -158,7 +158,10 @@ pub(crate) enum FrameError {
     /// `length` is below 9 or above `max_record_bytes + 9`.
     InvalidLength(u32),
     /// The frame (or its length field) runs past the end of the data.
-    Truncated { frame_bytes: usize, available_bytes: usize },
+    Truncated {
+        frame_bytes: usize,
+        available_bytes: usize,
+    },
     CrcMismatch,
 }
 
@@ -189,11 +192,7 @@ pub(crate) fn decode_frame(data: &[u8], max_record_bytes: usize) -> Result<Frame
 /// Like [`decode_frame`], but skips the checksum (the expensive part) of any frame whose LSN is
 /// not above `min_lsn_exclusive`. The torn-tail scan tries every byte offset and only cares
 /// about frames that would prove later records exist.
-pub(crate) fn decode_frame_above(
-    data: &[u8],
-    max_record_bytes: usize,
-    min_lsn_exclusive: Lsn,
-) -> Option<Frame<'_>> {
+pub(crate) fn decode_frame_above(data: &[u8], max_record_bytes: usize, min_lsn_exclusive: Lsn) -> Option<Frame<'_>> {
     let frame_bytes = frame_extent(data, max_record_bytes).ok()?;
     let lsn = read_u64(&data[FRAME_LENGTH_BYTES + 1..FRAME_LENGTH_BYTES + FRAME_TYPE_LSN_BYTES]);
     if lsn <= min_lsn_exclusive {
@@ -308,10 +307,7 @@ mod tests {
         let mut buf = Vec::new();
         encode_frame(&mut buf, 1, 1, b"abcdef");
         for cut in 0..buf.len() {
-            assert!(
-                matches!(decode_frame(&buf[..cut], MAX), Err(FrameError::Truncated { .. })),
-                "cut at {cut}"
-            );
+            assert!(matches!(decode_frame(&buf[..cut], MAX), Err(FrameError::Truncated { .. })), "cut at {cut}");
         }
     }
 

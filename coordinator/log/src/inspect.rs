@@ -8,11 +8,11 @@ use std::fs;
 use std::io;
 use std::path::PathBuf;
 
+use crate::Lsn;
 use crate::config::LogConfig;
 use crate::error::Corruption;
 use crate::format;
 use crate::segment::{self, FrameCursor, FrameKind, MarkerTracker, Step, TailLimits};
-use crate::Lsn;
 
 /// One ordinary record found by [`inspect`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,24 +29,61 @@ pub struct InspectedRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InspectItem {
     /// A segment file starts.
-    Segment { path: PathBuf, first_lsn: Lsn, begins_with_checkpoint: bool, len_bytes: u64 },
+    Segment {
+        path: PathBuf,
+        first_lsn: Lsn,
+        begins_with_checkpoint: bool,
+        len_bytes: u64,
+    },
     Record(InspectedRecord),
-    CheckpointBegin { path: PathBuf, offset: u64, lsn: Lsn, record_count: u64 },
-    CheckpointEnd { path: PathBuf, offset: u64, lsn: Lsn, begin_lsn: Lsn, record_count: u64 },
+    CheckpointBegin {
+        path: PathBuf,
+        offset: u64,
+        lsn: Lsn,
+        record_count: u64,
+    },
+    CheckpointEnd {
+        path: PathBuf,
+        offset: u64,
+        lsn: Lsn,
+        begin_lsn: Lsn,
+        record_count: u64,
+    },
     /// The segment's data ends cleanly at `offset`; `zero_tail_bytes` of preallocated, unwritten
     /// space follow it.
-    SegmentEnd { path: PathBuf, offset: u64, zero_tail_bytes: u64 },
+    SegmentEnd {
+        path: PathBuf,
+        offset: u64,
+        zero_tail_bytes: u64,
+    },
     /// Damage at the end of the log that `open` would cut off (`dropped_bytes` from `offset`).
-    TornTail { path: PathBuf, offset: u64, dropped_bytes: u64, reason: Corruption },
+    TornTail {
+        path: PathBuf,
+        offset: u64,
+        dropped_bytes: u64,
+        reason: Corruption,
+    },
     /// A checkpoint without its end marker. At the end of the log `open` deletes the segment
     /// and replays from the previous checkpoint; anywhere else it refuses to start.
-    IncompleteCheckpoint { path: PathBuf, offset: u64 },
+    IncompleteCheckpoint {
+        path: PathBuf,
+        offset: u64,
+    },
     /// Damage `open` would refuse to start on. The rest of this segment is skipped.
-    Corrupt { path: PathBuf, offset: u64, reason: Corruption },
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        reason: Corruption,
+    },
     /// A segment that is unusable as a whole, or does not continue its predecessor.
-    CorruptSegment { path: PathBuf, reason: Corruption },
+    CorruptSegment {
+        path: PathBuf,
+        reason: Corruption,
+    },
     /// An unfinished checkpoint file from a crash; `open` deletes it.
-    UnfinishedCheckpointFile { path: PathBuf },
+    UnfinishedCheckpointFile {
+        path: PathBuf,
+    },
 }
 
 impl fmt::Display for InspectItem {
@@ -112,9 +149,9 @@ pub fn inspect(config: &LogConfig) -> Inspect {
     };
     match segment::list_dir(&config.dir) {
         Ok(listing) => {
-            inspect.pending.extend(
-                listing.tmp_files.into_iter().map(|path| Ok(InspectItem::UnfinishedCheckpointFile { path })),
-            );
+            inspect
+                .pending
+                .extend(listing.tmp_files.into_iter().map(|path| Ok(InspectItem::UnfinishedCheckpointFile { path })));
             inspect.segments = listing.segments.into_iter().map(|s| s.path).collect();
         }
         Err(source) => inspect.pending.push_back(Err(InspectError { path: config.dir.clone(), source })),

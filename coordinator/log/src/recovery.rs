@@ -73,8 +73,11 @@ pub(crate) fn recover<E>(
     let start_index = start.as_ref().map_or(0, |(index, _)| *index);
     if start_index > 0 {
         // The checkpoint was synced but the crash came before its older segments were deleted.
-        warn!(count = start_index, checkpoint_lsn = segments[start_index].first_lsn,
-            "deleting segments older than the newest complete checkpoint (cleanup was interrupted)");
+        warn!(
+            count = start_index,
+            checkpoint_lsn = segments[start_index].first_lsn,
+            "deleting segments older than the newest complete checkpoint (cleanup was interrupted)"
+        );
         for old in segments.drain(..start_index) {
             remove(&old.path)?;
         }
@@ -107,10 +110,16 @@ pub(crate) fn recover<E>(
         let corrupt_segment = |reason| OpenError::CorruptSegment { path: seg.path.clone(), reason };
         let header = format::decode_header(&data).map_err(|e| corrupt_segment(Corruption::BadHeader(e)))?;
         if header.first_lsn != seg.first_lsn {
-            return Err(corrupt_segment(Corruption::NameMismatch { name_lsn: seg.first_lsn, header_lsn: header.first_lsn }));
+            return Err(corrupt_segment(Corruption::NameMismatch {
+                name_lsn: seg.first_lsn,
+                header_lsn: header.first_lsn,
+            }));
         }
         if header.first_lsn != expected_lsn {
-            return Err(corrupt_segment(Corruption::LsnDiscontinuity { expected: expected_lsn, found: header.first_lsn }));
+            return Err(corrupt_segment(Corruption::LsnDiscontinuity {
+                expected: expected_lsn,
+                found: header.first_lsn,
+            }));
         }
         let corrupt = |offset, reason| OpenError::Corrupt { path: seg.path.clone(), offset, reason };
         let mut markers = MarkerTracker::new(header);
@@ -119,7 +128,10 @@ pub(crate) fn recover<E>(
             match cursor.step() {
                 Step::Frame { offset, frame } => {
                     if frame.lsn != expected_lsn {
-                        return Err(corrupt(offset, Corruption::LsnDiscontinuity { expected: expected_lsn, found: frame.lsn }));
+                        return Err(corrupt(
+                            offset,
+                            Corruption::LsnDiscontinuity { expected: expected_lsn, found: frame.lsn },
+                        ));
                     }
                     let kind = markers.observe(&frame).map_err(|reason| corrupt(offset, reason))?;
                     if kind == FrameKind::Record {
@@ -207,9 +219,16 @@ enum CheckpointScan {
     Complete,
     /// The checkpoint stops before its end marker, at `offset`: at a clean end of data
     /// (`damage` is None) or at a damaged frame.
-    Stopped { offset: u64, damage: Option<Corruption>, last_good_lsn: Lsn },
+    Stopped {
+        offset: u64,
+        damage: Option<Corruption>,
+        last_good_lsn: Lsn,
+    },
     /// Valid frames that the writer cannot have produced.
-    Corrupt { offset: u64, reason: Corruption },
+    Corrupt {
+        offset: u64,
+        reason: Corruption,
+    },
 }
 
 fn scan_checkpoint(data: &[u8], header: SegmentHeader, max_record_bytes: usize) -> CheckpointScan {

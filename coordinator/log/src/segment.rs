@@ -63,9 +63,7 @@ pub(crate) fn list_dir(dir: &Path) -> io::Result<DirListing> {
 }
 
 fn parse_lsn(stem: &str) -> Option<Lsn> {
-    (stem.len() == NAME_DIGITS && stem.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| stem.parse().ok())
-        .flatten()
+    (stem.len() == NAME_DIGITS && stem.bytes().all(|b| b.is_ascii_digit())).then(|| stem.parse().ok()).flatten()
 }
 
 /// Makes a directory's entries (created, renamed, deleted files) durable. On Linux an fsync of
@@ -109,12 +107,20 @@ pub(crate) fn create_segment(
 /// One step of reading frames from a segment's bytes.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Step<'a> {
-    Frame { offset: u64, frame: Frame<'a> },
+    Frame {
+        offset: u64,
+        frame: Frame<'a>,
+    },
     /// The segment ends cleanly at `offset`: end of file, or only zeros follow (preallocated
     /// space that was never written).
-    End { offset: u64 },
+    End {
+        offset: u64,
+    },
     /// The bytes at `offset` are not a valid frame and not a zero tail.
-    Bad { offset: u64, reason: Corruption },
+    Bad {
+        offset: u64,
+        reason: Corruption,
+    },
 }
 
 /// Walks the frames of one segment, front to back.
@@ -248,8 +254,13 @@ pub(crate) fn lock_dir(dir: &Path) -> io::Result<Option<File>> {
 pub(crate) enum FrameKind {
     /// An ordinary record, for the replay callback.
     Record,
-    CheckpointBegin { record_count: u64 },
-    CheckpointEnd { begin_lsn: Lsn, record_count: u64 },
+    CheckpointBegin {
+        record_count: u64,
+    },
+    CheckpointEnd {
+        begin_lsn: Lsn,
+        record_count: u64,
+    },
 }
 
 /// Checks that checkpoint markers sit where the writer puts them: a checkpoint segment starts
@@ -276,7 +287,9 @@ impl MarkerTracker {
         match frame.rtype {
             format::TYPE_CHECKPOINT_BEGIN => {
                 if !(first && self.begins_with_checkpoint) {
-                    return Err(Corruption::BadCheckpointMarker("begin marker outside the start of a checkpoint segment"));
+                    return Err(Corruption::BadCheckpointMarker(
+                        "begin marker outside the start of a checkpoint segment",
+                    ));
                 }
                 let record_count = format::decode_checkpoint_begin(frame.payload)
                     .ok_or(Corruption::BadCheckpointMarker("malformed begin marker payload"))?;

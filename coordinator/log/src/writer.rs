@@ -14,12 +14,12 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
+use crate::Lsn;
 use crate::config::LogConfig;
 use crate::error::LogError;
 use crate::format::{self, FIRST_RESERVED_TYPE, SEGMENT_HEADER_BYTES, SegmentHeader};
 use crate::recovery::Recovered;
 use crate::segment::{self, SegmentFile};
-use crate::Lsn;
 
 /// Size of the zero block used to preallocate segments (written repeatedly).
 pub(crate) const ZERO_BLOCK_BYTES: usize = 256 * 1024;
@@ -27,10 +27,19 @@ pub(crate) const ZERO_BLOCK_BYTES: usize = 256 * 1024;
 /// A request to the writer thread.
 enum Request {
     /// `done` is None for `append_lazy`.
-    Append { rtype: u8, payload: Vec<u8>, done: Option<oneshot::Sender<Lsn>> },
-    Checkpoint { records: Vec<(u8, Vec<u8>)>, done: oneshot::Sender<Lsn> },
+    Append {
+        rtype: u8,
+        payload: Vec<u8>,
+        done: Option<oneshot::Sender<Lsn>>,
+    },
+    Checkpoint {
+        records: Vec<(u8, Vec<u8>)>,
+        done: oneshot::Sender<Lsn>,
+    },
     /// Stop accepting requests, commit everything already queued, then exit.
-    Shutdown { done: oneshot::Sender<()> },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// State shared between the writer thread and every handle. Only the writer thread stores.
@@ -356,14 +365,19 @@ impl WriterThread {
             return;
         }
         let target = data_end + self.preallocate_chunk_bytes;
-        or_abort(segment::write_zeros(&active.file, &self.zeros, data_end, target), "preallocating write", &active.path);
+        or_abort(
+            segment::write_zeros(&active.file, &self.zeros, data_end, target),
+            "preallocating write",
+            &active.path,
+        );
         active.allocated_bytes = target;
     }
 
     /// Seals the active segment and starts a new one whose first record is `first_lsn`.
     fn rotate(&mut self, first_lsn: Lsn) {
         self.trim_active();
-        let created = segment::create_segment(&self.dir_path, &self.dir, first_lsn, &self.zeros, self.preallocate_chunk_bytes);
+        let created =
+            segment::create_segment(&self.dir_path, &self.dir, first_lsn, &self.zeros, self.preallocate_chunk_bytes);
         let (file, path) = or_abort(created, "creating segment", &segment::segment_path(&self.dir_path, first_lsn));
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
         let header_end = SEGMENT_HEADER_BYTES as u64;
@@ -408,7 +422,12 @@ impl WriterThread {
         let file = or_abort(opened, "creating checkpoint file", &tmp_path);
         let header = SegmentHeader { first_lsn: begin_lsn, begins_with_checkpoint: true };
         self.buf.extend_from_slice(&format::encode_header(header));
-        format::encode_frame(&mut self.buf, format::TYPE_CHECKPOINT_BEGIN, begin_lsn, &format::encode_checkpoint_begin(record_count));
+        format::encode_frame(
+            &mut self.buf,
+            format::TYPE_CHECKPOINT_BEGIN,
+            begin_lsn,
+            &format::encode_checkpoint_begin(record_count),
+        );
         let mut offset = 0u64;
         let mut bytes_written = 0u64;
         // Written in max_batch_bytes pieces so a large snapshot needs no buffer of its size.
@@ -424,7 +443,12 @@ impl WriterThread {
                 flush(&mut self.buf, &mut offset);
             }
         }
-        format::encode_frame(&mut self.buf, format::TYPE_CHECKPOINT_END, end_lsn, &format::encode_checkpoint_end(begin_lsn, record_count));
+        format::encode_frame(
+            &mut self.buf,
+            format::TYPE_CHECKPOINT_END,
+            end_lsn,
+            &format::encode_checkpoint_end(begin_lsn, record_count),
+        );
         flush(&mut self.buf, &mut offset);
         let allocated = offset + self.preallocate_chunk_bytes;
         or_abort(segment::write_zeros(&file, &self.zeros, offset, allocated), "preallocating write", &tmp_path);
@@ -441,7 +465,8 @@ impl WriterThread {
             allocated_bytes: allocated,
         };
         let old = std::mem::replace(&mut self.active, new);
-        let dead = self.older.drain(..).chain(std::iter::once(SegmentFile { first_lsn: old.first_lsn, path: old.path }));
+        let dead =
+            self.older.drain(..).chain(std::iter::once(SegmentFile { first_lsn: old.first_lsn, path: old.path }));
         drop(old.file);
         let mut deleted = 0usize;
         for segment in dead.filter(|s| s.first_lsn < begin_lsn) {
@@ -449,7 +474,9 @@ impl WriterThread {
             // replay skips it because the checkpoint is newer.
             match fs::remove_file(&segment.path) {
                 Ok(()) => deleted += 1,
-                Err(e) => warn!(file = %segment.path.display(), error = %e, "could not delete segment superseded by checkpoint"),
+                Err(e) => {
+                    warn!(file = %segment.path.display(), error = %e, "could not delete segment superseded by checkpoint")
+                }
             }
         }
         if let Err(e) = segment::sync_dir(&self.dir) {

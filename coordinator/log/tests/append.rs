@@ -72,9 +72,7 @@ async fn lazy_records_are_durable_once_a_later_append_returns() {
     assert_eq!(writer.append(3, b"forced".to_vec()).await.unwrap(), 101);
     assert!(writer.durable_lsn() >= 101, "the forced record's sync covers the lazy ones before it");
     // Without shutting down, the records are in the segment file already.
-    let on_disk = pledge_log::inspect(&config)
-        .filter(|item| matches!(item, Ok(InspectItem::Record(_))))
-        .count();
+    let on_disk = pledge_log::inspect(&config).filter(|item| matches!(item, Ok(InspectItem::Record(_)))).count();
     assert_eq!(on_disk, 101);
     log.shutdown().await.unwrap();
 }
@@ -181,10 +179,7 @@ async fn group_commit_batches_concurrent_appends() {
     log.shutdown().await.unwrap();
     assert_eq!(stats.records, TASKS * PER_TASK);
     assert!(stats.syncs >= 1);
-    assert!(
-        stats.syncs * 4 < stats.records,
-        "group commit should need far fewer syncs than records: {stats:?}"
-    );
+    assert!(stats.syncs * 4 < stats.records, "group commit should need far fewer syncs than records: {stats:?}");
     assert_eq!(stats.batches, stats.syncs, "no rotation or checkpoint here: one sync per batch");
     assert_eq!(replay(&config).await.len() as u64, TASKS * PER_TASK);
 }

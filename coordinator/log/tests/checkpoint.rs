@@ -185,7 +185,12 @@ async fn an_incomplete_checkpoint_falls_back_to_the_full_log() {
     let saved_config = small_segments(saved.path());
     let (log, replayed) = open(&saved_config);
     assert_eq!(replayed.len(), 200, "the state before the checkpoint");
-    assert!(replayed.iter().enumerate().all(|(i, r)| r.lsn == i as u64 + 1 && r.payload == payload(i as u64, PAYLOAD_BYTES)));
+    assert!(
+        replayed
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.lsn == i as u64 + 1 && r.payload == payload(i as u64, PAYLOAD_BYTES))
+    );
     assert!(!torn.exists(), "the incomplete checkpoint segment is deleted");
     assert_eq!(log.writer().append(1, b"next".to_vec()).await.unwrap(), 201);
     log.shutdown().await.unwrap();

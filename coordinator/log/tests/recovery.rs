@@ -184,7 +184,8 @@ async fn damage_in_a_sealed_segment_is_refused_even_at_its_end() {
     let last_frame = len - FRAME_BYTES;
     set_len(first, len - 5);
     let message = open_err(&config);
-    let expected = format!("corrupt record in {} at offset {last_frame}: frame of {FRAME_BYTES} bytes runs past", first.display());
+    let expected =
+        format!("corrupt record in {} at offset {last_frame}: frame of {FRAME_BYTES} bytes runs past", first.display());
     assert!(message.starts_with(&expected), "{message}");
 }
 

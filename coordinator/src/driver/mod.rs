@@ -267,7 +267,12 @@ impl Runtime {
                 if self.participants.get(&resource).is_some_and(|p| p.endpoint == endpoint) {
                     return Ok(());
                 }
-                match ParticipantHandle::spawn(resource.clone(), endpoint.clone(), self.call_config.clone(), self.events_tx.clone()) {
+                match ParticipantHandle::spawn(
+                    resource.clone(),
+                    endpoint.clone(),
+                    self.call_config.clone(),
+                    self.events_tx.clone(),
+                ) {
                     Ok(handle) => {
                         tracing::info!(resource = %resource, endpoint, "participant connected");
                         self.participants.insert(resource, handle);

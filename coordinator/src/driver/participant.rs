@@ -135,11 +135,7 @@ fn parse_xid(xid: &BranchXid) -> Result<(Gtid, BranchKey), pledge_proto::IdError
 }
 
 fn xid(gtid: &Gtid, branch: &BranchKey) -> BranchXid {
-    BranchXid {
-        resource_id: branch.resource.to_string(),
-        gtid: gtid.to_string(),
-        branch_id: branch.branch.to_string(),
-    }
+    BranchXid { resource_id: branch.resource.to_string(), gtid: gtid.to_string(), branch_id: branch.branch.to_string() }
 }
 
 fn status_text(status: tonic::Status) -> String {

@@ -83,7 +83,7 @@ enum Phase {
     /// Prepare sent to every branch; collecting votes.
     Preparing,
     /// Single branch: one-phase commit sent; the participant decides.
-    OnePhase,
+    OnePhaseCommit,
     /// Every vote was yes; the commit record is on its way to disk.
     CommitPending,
     /// The commit record is durable; phase 2 in progress.
@@ -97,7 +97,7 @@ impl Phase {
     fn state(self) -> TxnState {
         match self {
             Phase::Active => TxnState::Active,
-            Phase::Preparing | Phase::OnePhase | Phase::CommitPending => TxnState::Preparing,
+            Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => TxnState::Preparing,
             Phase::Committing => TxnState::Committing,
             Phase::Aborting => TxnState::Aborting,
             Phase::Committed => TxnState::Committed,
@@ -537,7 +537,7 @@ impl Engine {
                 let reason = txn.abort_reason.clone().unwrap_or_default();
                 cx.reply(req, Err(EngineError::AlreadyAborted { gtid, reason }));
             }
-            Phase::Preparing | Phase::OnePhase | Phase::CommitPending => txn.waiters.push(waiter),
+            Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => txn.waiters.push(waiter),
             Phase::Committing | Phase::Aborting if wait_for_completion => txn.waiters.push(waiter),
             Phase::Committing | Phase::Aborting | Phase::Committed | Phase::Aborted => {
                 cx.reply(req, Ok(Reply::CommitOutcome(txn.commit_outcome())))
@@ -559,7 +559,7 @@ impl Engine {
             }
             Phase::Aborting | Phase::Aborted => cx.reply(req, Ok(Reply::Aborted)),
             // One-phase: the participant is deciding; the outcome is no longer ours to change.
-            Phase::OnePhase | Phase::CommitPending | Phase::Committing | Phase::Committed => {
+            Phase::OnePhaseCommit | Phase::CommitPending | Phase::Committing | Phase::Committed => {
                 cx.reply(req, Err(EngineError::CommitDecided { gtid, state: txn.phase.state() }))
             }
         }
@@ -664,14 +664,14 @@ impl Engine {
         let Engine { txns, cx } = self;
         let Some(txn) = txns.get_mut(&gtid) else { return };
         let expected = match txn.phase {
-            Phase::OnePhase | Phase::Committing => Phase2Op::Commit,
+            Phase::OnePhaseCommit | Phase::Committing => Phase2Op::Commit,
             Phase::Aborting => Phase2Op::Abort,
             _ => return, // stale: the transaction is finished or never reached phase 2
         };
         if op != expected {
             return;
         }
-        let one_phase = txn.phase == Phase::OnePhase;
+        let one_phase = txn.phase == Phase::OnePhaseCommit;
         let now = cx.now;
         let Some(branch) = txn.branch_mut(&key) else { return };
         if branch.acked {
@@ -735,7 +735,7 @@ impl Engine {
             };
             let op = match txn.phase {
                 // Still being decided: the prepare round (or the sync) will settle it.
-                Phase::Active | Phase::Preparing | Phase::OnePhase | Phase::CommitPending => continue,
+                Phase::Active | Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => continue,
                 Phase::Committing | Phase::Committed => Phase2Op::Commit,
                 Phase::Aborting | Phase::Aborted => Phase2Op::Abort,
             };
@@ -833,7 +833,7 @@ impl Engine {
                 // checkpoint, so if the checkpoint is durable, so is the decision.
                 Phase::CommitPending | Phase::Committing => records.push(LogRecord::Commit(txn.commit_record())),
                 Phase::Committed | Phase::Aborted => records.push(LogRecord::End(txn.end_record())),
-                Phase::Active | Phase::Preparing | Phase::OnePhase | Phase::Aborting => {}
+                Phase::Active | Phase::Preparing | Phase::OnePhaseCommit | Phase::Aborting => {}
             }
         }
         cx.out.push(Command::Checkpoint { records });
@@ -888,7 +888,7 @@ impl Ctx {
                 txn.decided_ms = self.now;
             }
             1 => {
-                txn.phase = Phase::OnePhase;
+                txn.phase = Phase::OnePhaseCommit;
                 txn.one_phase = true;
                 let branch = &mut txn.branches[0];
                 branch.in_flight = true;
@@ -946,7 +946,7 @@ impl Ctx {
 
     fn send_due_retries(&mut self, txn: &mut Txn) {
         let (op, one_phase) = match txn.phase {
-            Phase::OnePhase => (Phase2Op::Commit, true),
+            Phase::OnePhaseCommit => (Phase2Op::Commit, true),
             Phase::Committing => (Phase2Op::Commit, false),
             Phase::Aborting => (Phase2Op::Abort, false),
             _ => return,

@@ -97,12 +97,7 @@ impl Harness {
     }
 
     fn ack(&mut self, g: Gtid, b: BranchKey, op: Phase2Op, outcome: BranchOutcome) -> Vec<Command> {
-        self.ev(Event::Phase2Done {
-            gtid: g,
-            branch: b,
-            op,
-            result: Phase2Result::Outcome { outcome, reason: None },
-        })
+        self.ev(Event::Phase2Done { gtid: g, branch: b, op, result: Phase2Result::Outcome { outcome, reason: None } })
     }
 
     fn get(&mut self, g: Gtid) -> Result<TxnView, EngineError> {
@@ -171,10 +166,7 @@ fn all_yes_commits_forcing_the_decision_before_phase_two() {
     let out = h.begin(g, vec![db1(), db2()]);
     assert_eq!(
         out,
-        vec![Command::Reply {
-            req: 2,
-            reply: Ok(Reply::Begun { gtid: g, existing: false, deadline_ms: T0 + 60_000 })
-        }]
+        vec![Command::Reply { req: 2, reply: Ok(Reply::Begun { gtid: g, existing: false, deadline_ms: T0 + 60_000 }) }]
     );
 
     h.now += 5;
@@ -200,10 +192,7 @@ fn all_yes_commits_forcing_the_decision_before_phase_two() {
     assert_eq!(h.get(g).unwrap().state, TxnState::Preparing);
 
     let out = h.synced(g);
-    assert_eq!(
-        out,
-        vec![commit_cmd(g, db1(), meta("m1")), commit_cmd(g, db2(), Bytes::new()), committed(req, false)]
-    );
+    assert_eq!(out, vec![commit_cmd(g, db1(), meta("m1")), commit_cmd(g, db2(), Bytes::new()), committed(req, false)]);
     assert_eq!(h.get(g).unwrap().state, TxnState::Committing);
 
     assert_eq!(h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed), vec![]);
@@ -476,13 +465,7 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::UnknownTransaction(unknown)) }]);
 
     let req = h.req();
-    let out = h.ev(Event::Begin {
-        req,
-        gtid: g,
-        timeout_ms: Some(3_600_001),
-        idempotency_key: None,
-        branches: vec![],
-    });
+    let out = h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(3_600_001), idempotency_key: None, branches: vec![] });
     assert_eq!(
         out,
         vec![Command::Reply { req, reply: Err(EngineError::TimeoutTooLong { requested: 3_600_001, max: 3_600_000 }) }]
@@ -492,10 +475,7 @@ fn bad_requests_are_refused_and_change_nothing() {
     h.begin(g, vec![db1()]);
     let req = h.req();
     let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2(), key("nope", "b")] });
-    assert_eq!(
-        out,
-        vec![Command::Reply { req, reply: Err(EngineError::UnknownResource("nope".parse().unwrap())) }]
-    );
+    assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::UnknownResource("nope".parse().unwrap())) }]);
     assert_eq!(h.get(g).unwrap().branches.len(), 1, "db2 must not have been enlisted");
 
     let mut h = Harness::with_config(EngineConfig { max_branches_per_transaction: 2, ..EngineConfig::default() });
@@ -505,10 +485,10 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::TooManyBranches { count: 3, max: 2 }) }]);
     // Enlisting an enlisted branch again is fine (idempotent).
     let req = h.req();
-    assert_eq!(h.ev(Event::Enlist { req, gtid: g, branches: vec![db2()] }), vec![Command::Reply {
-        req,
-        reply: Ok(Reply::Enlisted)
-    }]);
+    assert_eq!(
+        h.ev(Event::Enlist { req, gtid: g, branches: vec![db2()] }),
+        vec![Command::Reply { req, reply: Ok(Reply::Enlisted) }]
+    );
 
     h.commit(g);
     let req = h.req();
@@ -599,10 +579,7 @@ fn list_filters_by_state_age_and_doubt() {
     assert_eq!(list(&mut h, ListFilter { limit: 2, ..all.clone() }), (vec![gtid(1), gtid(2)], true));
     assert_eq!(list(&mut h, ListFilter { in_doubt: true, ..all.clone() }), (vec![gtid(3)], false));
     assert_eq!(list(&mut h, ListFilter { older_than_ms: 50, ..all.clone() }), (vec![gtid(1)], false));
-    assert_eq!(
-        list(&mut h, ListFilter { states: vec![TxnState::Active], ..all }),
-        (vec![gtid(1), gtid(2)], false)
-    );
+    assert_eq!(list(&mut h, ListFilter { states: vec![TxnState::Active], ..all }), (vec![gtid(1), gtid(2)], false));
 }
 
 #[test]
@@ -621,9 +598,13 @@ fn registration_answers_only_once_durable() {
             },
         ]
     );
-    assert_eq!(h.ev(Event::Synced(SyncToken::Register(req))), vec![Command::Reply { req, reply: Ok(Reply::Registered) }]);
+    assert_eq!(
+        h.ev(Event::Synced(SyncToken::Register(req))),
+        vec![Command::Reply { req, reply: Ok(Reply::Registered) }]
+    );
     // Survives a restart through its record.
-    let (mut h2, start) = Harness::restored(EngineConfig::default(), T0, h.appended.iter().map(|r| r.0.clone()).collect());
+    let (mut h2, start) =
+        Harness::restored(EngineConfig::default(), T0, h.appended.iter().map(|r| r.0.clone()).collect());
     assert!(start.contains(&Command::Connect { resource, endpoint: "http://x:1".into() }));
     let g = gtid(5);
     let out = h2.begin(g, vec![key("payments", "p")]);
@@ -662,11 +643,8 @@ fn crash_restart_at_every_step_ends_as_the_log_says() {
         // Records not yet synced (the commit record before its sync, the lazy end record) may
         // or may not survive a crash: try both.
         for keep_unsynced in [false, true] {
-            let records: Vec<LogRecord> = if keep_unsynced {
-                h.appended.iter().map(|(r, _)| r.clone()).collect()
-            } else {
-                h.synced_records()
-            };
+            let records: Vec<LogRecord> =
+                if keep_unsynced { h.appended.iter().map(|(r, _)| r.clone()).collect() } else { h.synced_records() };
             let decision_durable = records.iter().any(|r| matches!(r, LogRecord::Commit(_)));
             let ended = records.iter().any(|r| matches!(r, LogRecord::End(_)));
             assert!(decision_durable || !acknowledged);

@@ -24,21 +24,57 @@ pub enum Event {
         idempotency_key: Option<String>,
         branches: Vec<BranchKey>,
     },
-    Enlist { req: ReqId, gtid: Gtid, branches: Vec<BranchKey> },
-    Commit { req: ReqId, gtid: Gtid, branches: Vec<BranchKey>, wait_for_completion: bool },
-    Abort { req: ReqId, gtid: Gtid },
-    Get { req: ReqId, gtid: Gtid },
-    List { req: ReqId, filter: ListFilter },
-    RegisterParticipant { req: ReqId, resource: ResourceId, endpoint: String },
-    ListParticipants { req: ReqId },
+    Enlist {
+        req: ReqId,
+        gtid: Gtid,
+        branches: Vec<BranchKey>,
+    },
+    Commit {
+        req: ReqId,
+        gtid: Gtid,
+        branches: Vec<BranchKey>,
+        wait_for_completion: bool,
+    },
+    Abort {
+        req: ReqId,
+        gtid: Gtid,
+    },
+    Get {
+        req: ReqId,
+        gtid: Gtid,
+    },
+    List {
+        req: ReqId,
+        filter: ListFilter,
+    },
+    RegisterParticipant {
+        req: ReqId,
+        resource: ResourceId,
+        endpoint: String,
+    },
+    ListParticipants {
+        req: ReqId,
+    },
     /// A participant's answer to Prepare (or the failure to get one).
-    Voted { gtid: Gtid, branch: BranchKey, vote: VoteResult },
+    Voted {
+        gtid: Gtid,
+        branch: BranchKey,
+        vote: VoteResult,
+    },
     /// A participant's answer to a phase-2 Commit or Abort (or the failure to get one).
-    Phase2Done { gtid: Gtid, branch: BranchKey, op: Phase2Op, result: Phase2Result },
+    Phase2Done {
+        gtid: Gtid,
+        branch: BranchKey,
+        op: Phase2Op,
+        result: Phase2Result,
+    },
     /// A record appended with a sync token is durable.
     Synced(SyncToken),
     /// A participant listed the branches it holds prepared for this coordinator.
-    InDoubt { resource: ResourceId, branches: Vec<InDoubtBranch> },
+    InDoubt {
+        resource: ResourceId,
+        branches: Vec<InDoubtBranch>,
+    },
     /// Time passed: fire the deadlines that are due.
     Tick,
 }
@@ -46,11 +82,17 @@ pub enum Event {
 /// What a Prepare call came back with.
 #[derive(Debug, Clone, PartialEq)]
 pub enum VoteResult {
-    Prepared { metadata: Bytes },
+    Prepared {
+        metadata: Bytes,
+    },
     ReadOnly,
-    Aborted { reason: String },
+    Aborted {
+        reason: String,
+    },
     /// No vote: the call failed or timed out. Counts as a "no".
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -46,12 +46,22 @@ pub enum Vote {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Committed,
-    Aborted { reason: String },
+    Aborted {
+        reason: String,
+    },
     /// The resource decided on its own, against or without the coordinator's decision.
-    HeuristicCommit { reason: String },
-    HeuristicRollback { reason: String },
-    HeuristicMixed { reason: String },
-    HeuristicHazard { reason: String },
+    HeuristicCommit {
+        reason: String,
+    },
+    HeuristicRollback {
+        reason: String,
+    },
+    HeuristicMixed {
+        reason: String,
+    },
+    HeuristicHazard {
+        reason: String,
+    },
 }
 
 /// A branch a participant holds prepared.

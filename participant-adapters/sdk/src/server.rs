@@ -31,10 +31,9 @@ pub async fn routes<P: Participant>(participant: Arc<P>) -> RoutesBuilder {
         .build_v1()
         .expect("the embedded descriptor sets are valid");
     let mut routes = RoutesBuilder::default();
-    routes
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(ParticipantServer::new(ParticipantService::new(participant)).max_decoding_message_size(MAX_REQUEST_BYTES));
+    routes.add_service(health_service).add_service(reflection).add_service(
+        ParticipantServer::new(ParticipantService::new(participant)).max_decoding_message_size(MAX_REQUEST_BYTES),
+    );
     routes
 }
 
@@ -98,7 +97,10 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                 Ok(Vote::Prepared { metadata }) if metadata.len() > MAX_METADATA_BYTES => v1::PrepareResult {
                     vote: v1::Vote::Aborted as i32,
                     metadata: Vec::new(),
-                    reason: format!("participant bug: {} bytes of metadata exceed {MAX_METADATA_BYTES}", metadata.len()),
+                    reason: format!(
+                        "participant bug: {} bytes of metadata exceed {MAX_METADATA_BYTES}",
+                        metadata.len()
+                    ),
                 },
                 Ok(Vote::Prepared { metadata }) => {
                     v1::PrepareResult { vote: v1::Vote::Prepared as i32, metadata, reason: String::new() }

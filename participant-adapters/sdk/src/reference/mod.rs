@@ -98,11 +98,23 @@ type Write = (String, Bytes);
 
 #[derive(Debug)]
 enum Entry {
-    Active { writes: Vec<Write>, since_ms: u64 },
+    Active {
+        writes: Vec<Write>,
+        since_ms: u64,
+    },
     /// `seq`: the actor's number of the record that made it so (see `Actor::synced_seq`).
-    Prepared { writes: Vec<Write>, coordinator_id: String, prepared_ms: u64, seq: u64 },
-    Committed { seq: u64 },
-    Aborted { seq: u64 },
+    Prepared {
+        writes: Vec<Write>,
+        coordinator_id: String,
+        prepared_ms: u64,
+        seq: u64,
+    },
+    Committed {
+        seq: u64,
+    },
+    Aborted {
+        seq: u64,
+    },
 }
 
 enum Op {
@@ -188,7 +200,13 @@ impl Participant for ReferenceParticipant {
         self.ask(|reply| Op::Prepare { coordinator_id, xid, reply }).await?
     }
 
-    async fn commit(&self, _coordinator_id: &str, xid: &Xid, one_phase: bool, _metadata: &[u8]) -> Result<Outcome, Error> {
+    async fn commit(
+        &self,
+        _coordinator_id: &str,
+        xid: &Xid,
+        one_phase: bool,
+        _metadata: &[u8],
+    ) -> Result<Outcome, Error> {
         if !self.config.stall_commit.is_zero() {
             tokio::time::sleep(self.config.stall_commit).await;
         }
@@ -366,7 +384,9 @@ impl Actor {
             Some(t) if t < self.started_ms => {
                 Err("unknown branch of a transaction begun before this participant restarted".into())
             }
-            Some(t) if t <= self.watermark_ms => Err("unknown branch older than the aborted branches remembered".into()),
+            Some(t) if t <= self.watermark_ms => {
+                Err("unknown branch older than the aborted branches remembered".into())
+            }
             Some(_) => Ok(()),
         }
     }
@@ -442,7 +462,8 @@ impl Actor {
                     Some(Entry::Aborted { seq }) => {
                         let seq = *seq;
                         let reason = "branch was rolled back".to_string();
-                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
+                        return self
+                            .when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
                     }
                     Some(Entry::Prepared { writes, .. }) => (std::mem::take(writes), false),
                     Some(Entry::Active { writes, .. }) if one_phase && !self.config.vote_no => {
@@ -543,7 +564,11 @@ impl Actor {
                             if *c == coordinator_id && *seq <= synced =>
                         {
                             Some(InDoubt {
-                                xid: Xid { resource: self.config.resource.clone(), gtid: *gtid, branch: branch.clone() },
+                                xid: Xid {
+                                    resource: self.config.resource.clone(),
+                                    gtid: *gtid,
+                                    branch: branch.clone(),
+                                },
                                 metadata: Vec::new(),
                                 prepared_unix_ms: *prepared_ms,
                             })
@@ -752,7 +777,10 @@ impl ReferenceStore for StoreService {
 
     async fn read(&self, request: Request<v1::ReadRequest>) -> Result<Response<v1::ReadResponse>, Status> {
         let value = self.participant.read(request.into_inner().key).await.map_err(|e| Status::unavailable(e.0))?;
-        Ok(Response::new(v1::ReadResponse { found: value.is_some(), value: value.map(|v| v.to_vec()).unwrap_or_default() }))
+        Ok(Response::new(v1::ReadResponse {
+            found: value.is_some(),
+            value: value.map(|v| v.to_vec()).unwrap_or_default(),
+        }))
     }
 
     async fn branch_status(
