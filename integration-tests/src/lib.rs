@@ -181,9 +181,19 @@ impl TestDir {
 
     /// A coordinator with its data in `<dir>/coordinator` and these participants configured.
     pub async fn coordinator(&self, participants: &[(&str, &Process)], env: &[(&str, &str)]) -> Process {
+        self.coordinator_with(participants, &[], env).await
+    }
+
+    /// [`TestDir::coordinator`] with extra `pledge serve` arguments.
+    pub async fn coordinator_with(
+        &self,
+        participants: &[(&str, &Process)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Process {
         let mut c = Command::new(bin("pledge"));
-        c.arg("serve")
-            .arg("--listen")
+        c.arg("serve").args(args);
+        c.arg("--listen")
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(self.path().join("coordinator"))

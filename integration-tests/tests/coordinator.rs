@@ -379,3 +379,47 @@ async fn list_services(endpoint: &str) -> Vec<String> {
         other => panic!("unexpected reflection response {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_keep_the_log_bounded_and_restarts_read_them() {
+    let dir = TestDir::new("checkpoint");
+    let p1 = dir.participant("db1", 0, &[], &[]).await;
+    let p2 = dir.participant("db2", 0, &[], &[]).await;
+    let args = ["--checkpoint-every-records", "40", "--log-segment-size-bytes", "4096"];
+    let mut coordinator = dir.coordinator_with(&[("db1", &p1), ("db2", &p2)], &args, &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let mut committed = Vec::new();
+    // 150 transactions: a commit and an end record each, about 7 checkpoints.
+    for _ in 0..150 {
+        let gtid = begin(&mut c, &[("db1", "a"), ("db2", "b")]).await;
+        let r = commit(&mut c, &gtid, true).await.unwrap();
+        assert_eq!(r.outcome(), v1::Outcome::Committed);
+        committed.push(gtid);
+    }
+    let log_dir = dir.path().join("coordinator/log");
+    let segments = || {
+        std::fs::read_dir(&log_dir)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "seg"))
+            .count()
+    };
+    // Without checkpoints, 300 records of ~100 bytes would fill about 8 segments of 4 KiB.
+    assert!(segments() <= 2, "old segments were not deleted: {} left", segments());
+
+    assert!(coordinator.terminate().await.success());
+    let inspect = std::process::Command::new(bin("pledge"))
+        .args(["log", "inspect", "--data-dir"])
+        .arg(dir.path().join("coordinator"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success() && text.contains("CHECKPOINT BEGIN"), "{text}");
+
+    // After a restart, finished transactions are still known through the checkpoint: the
+    // first one (checkpointed several times over) and the last.
+    let coordinator = dir.coordinator_with(&[("db1", &p1), ("db2", &p2)], &args, &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    for gtid in [&committed[0], &committed[149]] {
+        assert_eq!(get(&mut c, gtid).await.unwrap().state(), v1::TransactionState::Committed, "{gtid}");
+    }
+}
