@@ -7,6 +7,8 @@
 //! when a wait fails.
 
 use std::future::Future;
+
+pub mod conformance;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,251 @@
+//! The participant conformance suite: written once, run against every participant
+//! implementation (the reference participant, the PostgreSQL adapter, the Kafka adapter).
+//!
+//! It speaks the Participant protocol directly, as a coordinator would, and checks the
+//! contract every implementation must keep: idempotent prepare/commit/abort, a prepare after an
+//! abort refused, recover listing exactly the prepared branches, and commit and abort surviving
+//! a kill -9 of the participant.
+
+use pledge_proto::Gtid;
+use pledge_proto::v1::participant_client::ParticipantClient;
+use pledge_proto::v1::{self, BranchOutcome, Vote};
+use tonic::transport::Channel;
+
+/// What the suite needs from an implementation beyond the Participant protocol.
+pub trait Target {
+    /// The Participant service's endpoint (may change after [`Target::restart`]).
+    fn endpoint(&self) -> String;
+    /// The resource id the participant serves.
+    fn resource(&self) -> String;
+    /// Does some work in branch (gtid, branch) that becomes visible under `key` once the
+    /// branch commits.
+    fn work(&mut self, gtid: &str, branch: &str, key: &str) -> impl Future<Output = ()>;
+    /// Whether the work done under `key` is visible (committed).
+    fn visible(&mut self, key: &str) -> impl Future<Output = bool>;
+    /// kill -9 the participant and start it again on the same state.
+    fn restart(&mut self) -> impl Future<Output = ()>;
+}
+
+const COORDINATOR_ID: &str = "conformance";
+
+struct Suite<'a, T: Target> {
+    target: &'a mut T,
+    client: ParticipantClient<Channel>,
+    n: u32,
+}
+
+/// Runs every check against `target`, one after the other. Panics on the first violation,
+/// naming the check.
+pub async fn run<T: Target>(target: &mut T) {
+    let client = ParticipantClient::connect(target.endpoint()).await.expect("connecting to the participant");
+    let mut suite = Suite { target, client, n: 0 };
+    suite.prepare_and_commit_are_idempotent().await;
+    suite.abort_is_idempotent().await;
+    suite.prepare_after_abort_is_refused().await;
+    suite.one_phase_commit_is_idempotent().await;
+    suite.recover_lists_exactly_the_prepared_branches().await;
+    suite.commit_survives_a_restart().await;
+    suite.abort_survives_a_restart().await;
+}
+
+struct Branch {
+    gtid: String,
+    branch: String,
+    key: String,
+}
+
+impl<T: Target> Suite<'_, T> {
+    /// A fresh branch (new GTID, issued now) with work done in it.
+    async fn branch_with_work(&mut self, check: &str) -> Branch {
+        self.n += 1;
+        let b = Branch {
+            gtid: Gtid::new_v7().to_string(),
+            branch: format!("b{}", self.n),
+            key: format!("conformance-{check}-{}-{}", self.n, fastrand::u32(..)),
+        };
+        self.target.work(&b.gtid, &b.branch, &b.key).await;
+        b
+    }
+
+    fn xid(&self, b: &Branch) -> v1::BranchXid {
+        v1::BranchXid { resource_id: self.target.resource(), gtid: b.gtid.clone(), branch_id: b.branch.clone() }
+    }
+
+    async fn reconnect(&mut self) {
+        self.client = ParticipantClient::connect(self.target.endpoint()).await.expect("reconnecting");
+    }
+
+    async fn prepare(&mut self, b: &Branch) -> v1::PrepareResult {
+        let request = v1::PrepareRequest { coordinator_id: COORDINATOR_ID.into(), branches: vec![self.xid(b)] };
+        let mut results = self.client.prepare(request).await.expect("prepare call").into_inner().results;
+        assert_eq!(results.len(), 1, "one vote per branch");
+        results.remove(0)
+    }
+
+    async fn commit(&mut self, b: &Branch, one_phase: bool, metadata: &[u8]) -> v1::BranchResult {
+        let request = v1::CommitBranchesRequest {
+            coordinator_id: COORDINATOR_ID.into(),
+            branches: vec![v1::CommitBranch { xid: Some(self.xid(b)), one_phase, metadata: metadata.to_vec() }],
+        };
+        let mut results = self.client.commit(request).await.expect("commit call").into_inner().results;
+        assert_eq!(results.len(), 1, "one result per branch");
+        results.remove(0)
+    }
+
+    async fn abort(&mut self, b: &Branch, metadata: &[u8]) -> v1::BranchResult {
+        let request = v1::AbortBranchesRequest {
+            coordinator_id: COORDINATOR_ID.into(),
+            branches: vec![v1::AbortBranch { xid: Some(self.xid(b)), metadata: metadata.to_vec() }],
+        };
+        let mut results = self.client.abort(request).await.expect("abort call").into_inner().results;
+        assert_eq!(results.len(), 1, "one result per branch");
+        results.remove(0)
+    }
+
+    /// The (gtid, branch) pairs the participant lists as in doubt for `coordinator_id`.
+    async fn recover(&mut self, coordinator_id: &str) -> Vec<(String, String, Vec<u8>)> {
+        let r = self
+            .client
+            .recover(v1::RecoverRequest { coordinator_id: coordinator_id.into() })
+            .await
+            .expect("recover call")
+            .into_inner();
+        r.branches
+            .into_iter()
+            .map(|b| {
+                let x = b.xid.expect("xid");
+                assert_eq!(x.resource_id, self.target.resource(), "recover listed another resource's branch");
+                (x.gtid, x.branch_id, b.metadata)
+            })
+            .collect()
+    }
+
+    async fn listed(&mut self, b: &Branch) -> usize {
+        self.recover(COORDINATOR_ID).await.iter().filter(|(g, br, _)| *g == b.gtid && *br == b.branch).count()
+    }
+
+    async fn prepare_and_commit_are_idempotent(&mut self) {
+        let b = self.branch_with_work("idempotent-commit").await;
+        let first = self.prepare(&b).await;
+        assert_eq!(first.vote(), Vote::Prepared, "prepare: {}", first.reason);
+        let again = self.prepare(&b).await;
+        assert_eq!(
+            (again.vote(), &again.metadata),
+            (Vote::Prepared, &first.metadata),
+            "a repeated prepare answers the same"
+        );
+        assert_eq!(self.listed(&b).await, 1, "a prepared branch is listed by recover, once");
+        assert!(!self.target.visible(&b.key).await, "prepared work must not be visible before commit");
+        for attempt in 0..2 {
+            let r = self.commit(&b, false, &first.metadata).await;
+            assert_eq!(r.outcome(), BranchOutcome::Committed, "commit attempt {attempt}: {}", r.reason);
+        }
+        assert!(self.target.visible(&b.key).await, "committed work is visible");
+        assert_eq!(self.listed(&b).await, 0, "a committed branch is no longer in doubt");
+        let late = self.prepare(&b).await;
+        assert_ne!(late.vote(), Vote::Aborted, "a prepare repeated after the commit must not claim a rollback");
+    }
+
+    async fn abort_is_idempotent(&mut self) {
+        let b = self.branch_with_work("idempotent-abort").await;
+        let vote = self.prepare(&b).await;
+        assert_eq!(vote.vote(), Vote::Prepared, "prepare: {}", vote.reason);
+        for attempt in 0..2 {
+            let r = self.abort(&b, &vote.metadata).await;
+            assert_eq!(r.outcome(), BranchOutcome::Aborted, "abort attempt {attempt}: {}", r.reason);
+        }
+        assert!(!self.target.visible(&b.key).await, "aborted work must not be visible");
+        assert_eq!(self.listed(&b).await, 0, "an aborted branch is not in doubt");
+    }
+
+    async fn prepare_after_abort_is_refused(&mut self) {
+        // With work done: the abort rolls it back, and the late prepare is refused.
+        let b = self.branch_with_work("dangling").await;
+        assert_eq!(self.abort(&b, &[]).await.outcome(), BranchOutcome::Aborted);
+        let late = self.prepare(&b).await;
+        assert_eq!(late.vote(), Vote::Aborted, "a prepare after an abort must be refused");
+        assert!(!self.target.visible(&b.key).await);
+        assert_eq!(self.listed(&b).await, 0);
+        // Without any work seen before the abort (the abort overtook everything).
+        self.n += 1;
+        let unknown = Branch { gtid: Gtid::new_v7().to_string(), branch: format!("b{}", self.n), key: String::new() };
+        assert_eq!(self.abort(&unknown, &[]).await.outcome(), BranchOutcome::Aborted, "abort of an unknown branch");
+        assert_eq!(self.prepare(&unknown).await.vote(), Vote::Aborted, "prepare after abort of an unknown branch");
+    }
+
+    async fn one_phase_commit_is_idempotent(&mut self) {
+        let b = self.branch_with_work("one-phase").await;
+        for attempt in 0..2 {
+            let r = self.commit(&b, true, &[]).await;
+            assert_eq!(r.outcome(), BranchOutcome::Committed, "one-phase commit attempt {attempt}: {}", r.reason);
+        }
+        assert!(self.target.visible(&b.key).await);
+        assert_eq!(self.listed(&b).await, 0);
+    }
+
+    async fn recover_lists_exactly_the_prepared_branches(&mut self) {
+        let prepared_1 = self.branch_with_work("recover-p1").await;
+        let prepared_2 = self.branch_with_work("recover-p2").await;
+        let active = self.branch_with_work("recover-active").await;
+        let committed = self.branch_with_work("recover-committed").await;
+        let aborted = self.branch_with_work("recover-aborted").await;
+        for b in [&prepared_1, &prepared_2, &committed, &aborted] {
+            assert_eq!(self.prepare(b).await.vote(), Vote::Prepared);
+        }
+        self.commit(&committed, false, &[]).await;
+        self.abort(&aborted, &[]).await;
+        let ours: Vec<String> =
+            [&prepared_1, &prepared_2, &active, &committed, &aborted].iter().map(|b| b.gtid.clone()).collect();
+        let mut listed: Vec<String> =
+            self.recover(COORDINATOR_ID).await.into_iter().map(|(g, _, _)| g).filter(|g| ours.contains(g)).collect();
+        listed.sort();
+        let mut want = vec![prepared_1.gtid.clone(), prepared_2.gtid.clone()];
+        want.sort();
+        assert_eq!(listed, want, "recover must list exactly the prepared branches");
+        let other = self.recover("another-coordinator").await;
+        assert!(
+            other.iter().all(|(g, _, _)| !ours.contains(g)),
+            "branches of one coordinator must not be listed to another"
+        );
+        // Leave nothing in doubt.
+        self.abort(&prepared_1, &[]).await;
+        self.abort(&prepared_2, &[]).await;
+        self.abort(&active, &[]).await;
+    }
+
+    async fn commit_survives_a_restart(&mut self) {
+        let b = self.branch_with_work("restart-commit").await;
+        let vote = self.prepare(&b).await;
+        assert_eq!(vote.vote(), Vote::Prepared, "prepare: {}", vote.reason);
+        self.target.restart().await;
+        self.reconnect().await;
+        let listed = self.recover(COORDINATOR_ID).await;
+        let entry = listed.iter().find(|(g, br, _)| *g == b.gtid && *br == b.branch);
+        let entry = entry.expect("a prepared branch survives a kill -9 and is listed by recover");
+        assert_eq!(entry.2, vote.metadata, "recover hands back the vote's metadata");
+        let r = self.commit(&b, false, &vote.metadata).await;
+        assert_eq!(r.outcome(), BranchOutcome::Committed, "commit after restart: {}", r.reason);
+        assert!(self.target.visible(&b.key).await);
+        self.target.restart().await;
+        self.reconnect().await;
+        assert!(self.target.visible(&b.key).await, "a commit survives a restart");
+        let r = self.commit(&b, false, &vote.metadata).await;
+        assert_eq!(r.outcome(), BranchOutcome::Committed, "repeated commit after restart: {}", r.reason);
+        assert_eq!(self.listed(&b).await, 0);
+    }
+
+    async fn abort_survives_a_restart(&mut self) {
+        let b = self.branch_with_work("restart-abort").await;
+        let vote = self.prepare(&b).await;
+        assert_eq!(vote.vote(), Vote::Prepared, "prepare: {}", vote.reason);
+        self.target.restart().await;
+        self.reconnect().await;
+        assert_eq!(self.abort(&b, &vote.metadata).await.outcome(), BranchOutcome::Aborted);
+        self.target.restart().await;
+        self.reconnect().await;
+        assert_eq!(self.listed(&b).await, 0, "an abort survives a restart");
+        assert!(!self.target.visible(&b.key).await);
+        assert_eq!(self.prepare(&b).await.vote(), Vote::Aborted, "no prepare after an abort, even after a restart");
+        assert_eq!(self.abort(&b, &vote.metadata).await.outcome(), BranchOutcome::Aborted);
+    }
+}
