@@ -13,7 +13,10 @@
 //! ```
 //! Settings (environment): BENCH_CLIENTS (64), BENCH_SECONDS (10), BENCH_WARMUP_SECONDS (2),
 //! BENCH_CHANNELS (8 HTTP/2 connections shared by the clients), BENCH_DIR (where data goes;
-//! must be a real disk so fsync costs what it costs).
+//! must be a real disk so fsync costs what it costs), BENCH_RATE (0: each client starts its
+//! next transaction as soon as the last one ends, i.e. maximum throughput; N: the clients
+//! together start N transactions per second on a fixed schedule, and latency is measured from
+//! the scheduled start, so a stall counts against every transaction it delays).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -67,6 +70,8 @@ async fn run(name: &'static str, coordinator: &Process, resources: &[&'static st
         }
         v
     };
+    let rate = env("BENCH_RATE", 0);
+    let epoch = tokio::time::Instant::now() + Duration::from_millis(100);
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -77,8 +82,18 @@ async fn run(name: &'static str, coordinator: &Process, resources: &[&'static st
         tasks.push(tokio::spawn(async move {
             let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
             let (mut txns, mut errors) = (0u64, 0u64);
+            // Paced: client i starts at epoch + i * period / clients, then every period.
+            let mut schedule = (rate > 0).then(|| {
+                let period = Duration::from_secs_f64(clients as f64 / rate as f64);
+                let mut ticks = tokio::time::interval_at(epoch + period.mul_f64(i as f64 / clients as f64), period);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                ticks
+            });
             while !stop.load(Ordering::Relaxed) {
-                let start = Instant::now();
+                let start = match schedule.as_mut() {
+                    Some(ticks) => ticks.tick().await.into_std(),
+                    None => Instant::now(),
+                };
                 let ok = async {
                     let gtid = c
                         .begin(v1::BeginRequest { branches: branches.clone(), ..Default::default() })
@@ -133,8 +148,12 @@ fn main() {
             unsafe { std::env::set_var("TMPDIR", dir) };
         }
         println!(
-            "end-to-end benchmark: {} clients, {} s per run, binaries from {}",
+            "end-to-end benchmark: {} clients, {}, {} s per run, binaries from {}",
             env("BENCH_CLIENTS", 64),
+            match env("BENCH_RATE", 0) {
+                0 => "as fast as they can".to_string(),
+                r => format!("{r} transactions/s scheduled"),
+            },
             env("BENCH_SECONDS", 10),
             pledge_integration_tests::bin_dir().display()
         );
@@ -154,6 +173,11 @@ fn main() {
 
         two_phase.print();
         one_phase.print();
-        println!("ratio 2PC / 1PC throughput: {:.2}", two_phase.rate() / one_phase.rate());
+        let p50 = |r: &Result| r.latency.value_at_quantile(0.5) as f64;
+        println!(
+            "ratio 2PC / 1PC: throughput {:.2}, p50 latency {:.2}",
+            two_phase.rate() / one_phase.rate(),
+            p50(&two_phase) / p50(&one_phase)
+        );
     });
 }
