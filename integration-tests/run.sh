@@ -9,7 +9,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The real services (PostgreSQL now; installed when absent) start in the background while
+# everything compiles.
+services_log=$(mktemp)
+bash integration-tests/scripts/postgres.sh start >"$services_log" 2>&1 &
+services_pid=$!
+
 # Binaries first: the end-to-end tests start them as processes. Building them in the same
 # invocation as the tests' dependencies (--workspace) turns the crash points on.
 cargo build --workspace --bins --locked
+cargo test --workspace --locked --no-run
+
+if ! wait "$services_pid"; then
+  cat "$services_log" >&2
+  echo "error: starting the test services failed (see above)" >&2
+  exit 1
+fi
+eval "$(bash integration-tests/scripts/postgres.sh env)"
 cargo test --workspace --locked "$@"

@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "pledge/v1/coordinator.proto",
     "pledge/v1/participant.proto",
     "pledge/v1/reference.proto",
+    "pledge/v1/postgres.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -274,5 +274,6 @@ fn branch(b: &BranchView) -> v1::Branch {
         attempts: b.attempts,
         last_error: b.last_error.clone().unwrap_or_default(),
         next_retry_unix_ms: b.next_retry_ms,
+        prepared_unix_ms: b.prepared_ms,
     }
 }

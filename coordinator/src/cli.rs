@@ -332,6 +332,10 @@ fn print_transaction(t: &v1::Transaction) {
             "branch:     {}/{}  vote={vote}  outcome={outcome}  acknowledged={}  attempts={}",
             b.resource_id, b.branch_id, b.acknowledged, b.attempts
         );
+        if b.prepared_unix_ms != 0 && !b.acknowledged {
+            let age_ms = crate::driver::now_ms().saturating_sub(b.prepared_unix_ms);
+            print!("  prepared_for={age_ms}ms");
+        }
         if !b.last_error.is_empty() {
             print!("  last_error={:?}", b.last_error);
         }

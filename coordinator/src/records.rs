@@ -51,6 +51,8 @@ struct BranchPb {
     /// 0 none, else [`BranchOutcome`] + 1.
     #[prost(int32, tag = "5")]
     outcome: i32,
+    #[prost(uint64, tag = "6")]
+    prepared_ms: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -129,13 +131,20 @@ fn outcome_from(code: i32) -> Result<Option<BranchOutcome>, DecodeError> {
     }
 }
 
-fn branch_pb(key: &BranchKey, vote: Option<Vote>, metadata: Bytes, outcome: Option<BranchOutcome>) -> BranchPb {
+fn branch_pb(
+    key: &BranchKey,
+    vote: Option<Vote>,
+    metadata: Bytes,
+    outcome: Option<BranchOutcome>,
+    prepared_ms: u64,
+) -> BranchPb {
     BranchPb {
         resource_id: key.resource.to_string(),
         branch_id: key.branch.to_string(),
         vote: vote_code(vote),
         metadata,
         outcome: outcome_code(outcome),
+        prepared_ms,
     }
 }
 
@@ -160,7 +169,7 @@ pub fn encode(record: &LogRecord) -> (u8, Vec<u8>) {
                 branches: c
                     .branches
                     .iter()
-                    .map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None))
+                    .map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None, b.prepared_ms))
                     .collect(),
             };
             (TYPE_COMMIT, pb.encode_to_vec())
@@ -175,7 +184,7 @@ pub fn encode(record: &LogRecord) -> (u8, Vec<u8>) {
                 completed_ms: e.completed_ms,
                 one_phase: e.one_phase,
                 idempotency_key: e.idempotency_key.clone(),
-                branches: e.branches.iter().map(|b| branch_pb(&b.key, b.vote, Bytes::new(), b.outcome)).collect(),
+                branches: e.branches.iter().map(|b| branch_pb(&b.key, b.vote, Bytes::new(), b.outcome, 0)).collect(),
             };
             (TYPE_END, pb.encode_to_vec())
         }
@@ -197,7 +206,12 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
             let mut branches = Vec::with_capacity(pb.branches.len());
             for b in &pb.branches {
                 let vote = vote_from(b.vote)?.ok_or(DecodeError::Enum { field: "vote", value: 0 })?;
-                branches.push(LoggedBranch { key: key(b)?, vote, metadata: b.metadata.clone() });
+                branches.push(LoggedBranch {
+                    key: key(b)?,
+                    vote,
+                    metadata: b.metadata.clone(),
+                    prepared_ms: b.prepared_ms,
+                });
             }
             LogRecord::Commit(CommitRecord {
                 gtid: gtid_from(&pb.gtid)?,
@@ -245,8 +259,13 @@ mod tests {
                 decided_ms: 2,
                 idempotency_key: Some("k".into()),
                 branches: vec![
-                    LoggedBranch { key: k1.clone(), vote: Vote::Prepared, metadata: Bytes::from_static(b"pid=4") },
-                    LoggedBranch { key: k2.clone(), vote: Vote::ReadOnly, metadata: Bytes::new() },
+                    LoggedBranch {
+                        key: k1.clone(),
+                        vote: Vote::Prepared,
+                        metadata: Bytes::from_static(b"pid=4"),
+                        prepared_ms: 9,
+                    },
+                    LoggedBranch { key: k2.clone(), vote: Vote::ReadOnly, metadata: Bytes::new(), prepared_ms: 0 },
                 ],
             }),
             LogRecord::End(EndRecord {

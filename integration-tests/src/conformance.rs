@@ -106,7 +106,7 @@ impl<T: Target> Suite<'_, T> {
     async fn recover(&mut self, coordinator_id: &str) -> Vec<(String, String, Vec<u8>)> {
         let r = self
             .client
-            .recover(v1::RecoverRequest { coordinator_id: coordinator_id.into() })
+            .recover(v1::RecoverRequest { coordinator_id: coordinator_id.into(), resource_ids: vec![] })
             .await
             .expect("recover call")
             .into_inner();

@@ -146,20 +146,30 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// A test's own directory: data directories and process logs. Kept on failure (the path is
-/// printed) so the logs can be read.
+/// A test's own directory: data directories and process logs. Kept when the test fails (the
+/// path is printed) so the logs can be read.
 pub struct TestDir {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("test failed: its processes' logs are kept in {}", dir.keep().display());
+        }
+    }
 }
 
 impl TestDir {
     pub fn new(test: &str) -> TestDir {
         let dir = tempfile::Builder::new().prefix(&format!("pledge-{test}-")).tempdir().expect("temp dir");
-        TestDir { dir }
+        TestDir { dir: Some(dir) }
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        self.dir.as_ref().expect("test directory").path()
     }
 
     /// A reference participant serving `resource`, with its data in `<dir>/<resource>`.
@@ -211,6 +221,42 @@ impl TestDir {
         }
         let log = self.path().join("coordinator.log");
         Process::spawn("coordinator", c, log).await.unwrap_or_else(|e| panic!("{e:#}"))
+    }
+}
+
+/// The PostgreSQL databases the service scripts start (`integration-tests/scripts/postgres.sh`):
+/// `PLEDGE_PG_URL_A` and `PLEDGE_PG_URL_B`.
+pub fn pg_url(db: char) -> String {
+    let var = format!("PLEDGE_PG_URL_{}", db.to_ascii_uppercase());
+    std::env::var(&var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: these tests need the real PostgreSQL the project's scripts start \
+             (bash integration-tests/run.sh does it; by hand: bash integration-tests/scripts/postgres.sh start \
+             && eval \"$(bash integration-tests/scripts/postgres.sh env)\")"
+        )
+    })
+}
+
+impl TestDir {
+    /// A PostgreSQL adapter serving `resources` (resource id, database URL).
+    pub async fn postgres_adapter(
+        &self,
+        name: &str,
+        port: u16,
+        resources: &[(&str, String)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Process {
+        let mut c = Command::new(bin("pledge-postgres-adapter"));
+        c.arg("--listen").arg(format!("127.0.0.1:{port}")).args(args).env("RUST_LOG", "info");
+        for (id, url) in resources {
+            c.arg("--resource").arg(format!("{id}={url}"));
+        }
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let log = self.path().join(format!("{name}.log"));
+        Process::spawn(name, c, log).await.unwrap_or_else(|e| panic!("{e:#}"))
     }
 }
 

@@ -112,7 +112,10 @@ impl ParticipantHandle {
         let config = self.config.clone();
         let resource = self.resource.clone();
         async move {
-            let mut request = tonic::Request::new(v1::RecoverRequest { coordinator_id: config.coordinator_id.clone() });
+            let mut request = tonic::Request::new(v1::RecoverRequest {
+                coordinator_id: config.coordinator_id.clone(),
+                resource_ids: vec![resource.to_string()],
+            });
             request.set_timeout(config.rpc_timeout);
             let response = client.recover(request).await.map_err(status_text)?.into_inner();
             let mut branches = Vec::with_capacity(response.branches.len());

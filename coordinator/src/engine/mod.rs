@@ -131,6 +131,8 @@ struct Branch {
     next_retry_ms: Millis,
     /// A phase-2 call is in flight (so recovery does not send a second one).
     in_flight: bool,
+    /// When the PREPARED vote arrived (0: not prepared).
+    prepared_ms: Millis,
 }
 
 impl Branch {
@@ -145,6 +147,7 @@ impl Branch {
             last_error: None,
             next_retry_ms: 0,
             in_flight: false,
+            prepared_ms: 0,
         }
     }
 }
@@ -235,6 +238,7 @@ impl Txn {
                     attempts: b.attempts,
                     last_error: b.last_error.clone(),
                     next_retry_ms: b.next_retry_ms,
+                    prepared_ms: b.prepared_ms,
                 })
                 .collect(),
         }
@@ -250,7 +254,12 @@ impl Txn {
                 .branches
                 .iter()
                 .filter_map(|b| {
-                    b.vote.map(|vote| LoggedBranch { key: b.key.clone(), vote, metadata: b.metadata.clone() })
+                    b.vote.map(|vote| LoggedBranch {
+                        key: b.key.clone(),
+                        vote,
+                        metadata: b.metadata.clone(),
+                        prepared_ms: b.prepared_ms,
+                    })
                 })
                 .collect(),
         }
@@ -353,6 +362,7 @@ impl Engine {
                     b.acked = lb.vote != Vote::Prepared;
                     b.vote = Some(lb.vote);
                     b.metadata = lb.metadata;
+                    b.prepared_ms = lb.prepared_ms;
                     txn.branches.push(b);
                 }
                 if let Some(key) = &txn.idempotency_key {
@@ -602,6 +612,7 @@ impl Engine {
             if let VoteResult::Prepared { metadata } = vote {
                 branch.vote = Some(Vote::Prepared);
                 branch.metadata = metadata;
+                branch.prepared_ms = cx.now;
                 if phase == Phase::Aborted {
                     cx.out.push(Command::Abort { gtid, branch: key, metadata: branch.metadata.clone() });
                 }
@@ -612,6 +623,7 @@ impl Engine {
             VoteResult::Prepared { metadata } => {
                 branch.vote = Some(Vote::Prepared);
                 branch.metadata = metadata;
+                branch.prepared_ms = cx.now;
             }
             VoteResult::ReadOnly => {
                 branch.vote = Some(Vote::ReadOnly);

@@ -145,7 +145,14 @@ fn commit_record(g: Gtid, created: Millis, decided: Millis, branches: Vec<(Branc
         created_ms: created,
         decided_ms: decided,
         idempotency_key: None,
-        branches: branches.into_iter().map(|(key, vote, metadata)| LoggedBranch { key, vote, metadata }).collect(),
+        // In these tests every vote arrives at the decision's time.
+        branches: branches
+            .into_iter()
+            .map(|(key, vote, metadata)| {
+                let prepared_ms = if vote == Vote::Prepared { decided } else { 0 };
+                LoggedBranch { key, vote, metadata, prepared_ms }
+            })
+            .collect(),
     })
 }
 

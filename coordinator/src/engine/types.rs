@@ -262,6 +262,8 @@ pub struct BranchView {
     pub attempts: u32,
     pub last_error: Option<String>,
     pub next_retry_ms: Millis,
+    /// When the PREPARED vote arrived (0: not prepared).
+    pub prepared_ms: Millis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -305,6 +307,7 @@ pub struct LoggedBranch {
     pub key: BranchKey,
     pub vote: Vote,
     pub metadata: Bytes,
+    pub prepared_ms: Millis,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -164,6 +164,12 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
     async fn recover(&self, request: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
         let r = request.into_inner();
         coordinator_id(&r.coordinator_id)?;
+        let resources = r
+            .resource_ids
+            .iter()
+            .map(|id| ResourceId::parse_field("resource_ids", id))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let span = tracing::info_span!("recover", coordinator = r.coordinator_id);
         let branches = self
             .participant
@@ -174,6 +180,7 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         Ok(Response::new(v1::RecoverResponse {
             branches: branches
                 .into_iter()
+                .filter(|b| resources.is_empty() || resources.contains(&b.xid.resource))
                 .map(|b| v1::InDoubtBranch {
                     xid: Some((&b.xid).into()),
                     metadata: b.metadata,

@@ -1,0 +1,101 @@
+//! The PostgreSQL participant as a gRPC server: the Participant service (for the coordinator)
+//! and the PostgresBranch work API (for application services), over one or more databases.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use pledge_postgres::service::BranchService;
+use pledge_postgres::{PostgresConfig, PostgresParticipant, ResourceConfig};
+use pledge_proto::ResourceId;
+use pledge_proto::v1::postgres_branch_server::PostgresBranchServer;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "pledge-postgres-adapter", version, about)]
+struct Args {
+    /// Address to listen on (port 0: any free port; the chosen address is printed).
+    #[arg(long, env = "PLEDGE_POSTGRES_LISTEN", default_value = "127.0.0.1:7801")]
+    listen: SocketAddr,
+    /// A database this adapter serves, as RESOURCE=URL (e.g.
+    /// accounts=postgres://app@127.0.0.1:5432/accounts). Repeatable.
+    #[arg(long = "resource", env = "PLEDGE_POSTGRES_RESOURCES", value_delimiter = ',', required = true)]
+    resources: Vec<String>,
+    /// Connections per database (each active branch holds one until it is prepared).
+    #[arg(long, default_value_t = 64)]
+    max_connections: u32,
+    /// Most active (not yet prepared) branches per database.
+    #[arg(long, default_value_t = 48)]
+    max_active_branches: usize,
+    /// Roll back a branch not prepared within this many ms.
+    #[arg(long, default_value_t = 60_000)]
+    active_timeout_ms: u64,
+    /// PostgreSQL statement_timeout on the adapter's connections, ms.
+    #[arg(long, default_value_t = 30_000)]
+    statement_timeout_ms: u64,
+    /// Keep the exactly-once dedup table `pledge_dedup` in every database.
+    #[arg(long)]
+    dedup: bool,
+    /// Delete dedup rows older than this many ms.
+    #[arg(long, default_value_t = 7 * 24 * 3_600_000)]
+    dedup_retention_ms: u64,
+    /// Warn when a prepared branch is older than this many ms.
+    #[arg(long, default_value_t = 60_000)]
+    prepared_age_warn_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    #[cfg(feature = "failpoints")]
+    pledge_crashpoints::install();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(Args::parse()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut resources = Vec::new();
+    for spec in &args.resources {
+        let (id, url) =
+            spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--resource {spec:?}: expected RESOURCE=URL"))?;
+        resources.push(ResourceConfig {
+            id: ResourceId::parse_field("resource", id)?,
+            url: url.to_string(),
+            max_connections: args.max_connections,
+        });
+    }
+    let mut config = PostgresConfig::new(resources);
+    config.max_active_branches = args.max_active_branches;
+    config.active_timeout = Duration::from_millis(args.active_timeout_ms);
+    config.statement_timeout = Duration::from_millis(args.statement_timeout_ms);
+    config.dedup = args.dedup;
+    config.dedup_retention = Duration::from_millis(args.dedup_retention_ms);
+    config.prepared_age_warn = Duration::from_millis(args.prepared_age_warn_ms);
+    let participant = PostgresParticipant::connect(config).await?;
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
+    routes.add_service(PostgresBranchServer::new(BranchService::new(participant)));
+    println!("listening on {addr}");
+    tracing::info!(%addr, "PostgreSQL adapter serving");
+    // TCP_NODELAY on accepted connections (see the coordinator's server.rs).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await?;
+    tracing::info!("PostgreSQL adapter stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,879 @@
+//! PostgreSQL as a Pledge participant.
+//!
+//! A branch is a PostgreSQL transaction on a connection the adapter holds for it, from the
+//! branch's first statement until the coordinator prepares (`PREPARE TRANSACTION`) or aborts
+//! it. After the prepare the connection goes back to the pool and the branch lives on in
+//! PostgreSQL itself (`pg_prepared_xacts`), durable across crashes of the adapter and of the
+//! database; `COMMIT PREPARED` / `ROLLBACK PREPARED` finish it from any connection.
+//!
+//! Use it as a library (open a branch with [`PostgresParticipant::branch`], run your own sqlx
+//! statements on [`BranchGuard::conn`], and serve [`PostgresParticipant`] with
+//! `pledge_sdk::routes`) or through the `pledge-postgres-adapter` binary, whose
+//! `PostgresBranch.Execute` runs statements for services in any language.
+//!
+//! # Operations
+//! * **prepare** → `PREPARE TRANSACTION '<gid>'` (see [`gid`]), then a check in
+//!   `pg_prepared_xacts` (PostgreSQL answers a PREPARE in a failed transaction with a silent
+//!   ROLLBACK). A branch with no work here votes READ_ONLY.
+//! * **commit** → `COMMIT PREPARED`; one-phase → plain `COMMIT`. Idempotent: an unknown GID
+//!   for a branch that was prepared means it was already committed (with the dedup table, the
+//!   adapter checks instead of presuming).
+//! * **abort** → `ROLLBACK PREPARED`, or `ROLLBACK` of a branch still active.
+//! * **recover** → `pg_prepared_xacts` rows of this database whose GID starts with
+//!   `pledge:<coordinator id>:`.
+//!
+//! # Safety
+//! * At start every database must have `max_prepared_transactions > 0`, or the adapter refuses
+//!   to start.
+//! * A branch not prepared within `active_timeout` is rolled back (its client may be gone); as
+//!   a second line, each connection has `idle_in_transaction_session_timeout` set a little
+//!   above it.
+//! * A connection goes back to the pool only after its transaction ended in COMMIT, ROLLBACK
+//!   or PREPARE TRANSACTION; after any error it is closed instead.
+//! * The age of the oldest prepared branch of each database is checked periodically and logged
+//!   when it exceeds `prepared_age_warn` (a forgotten prepared transaction holds its locks and
+//!   the xmin horizon).
+//! * A prepare arriving after an abort is refused: aborted branches are remembered (and, with
+//!   the dedup table, fenced in the database); after a restart of the adapter, a branch it does
+//!   not know whose GTID predates the restart is refused too (its work may have been lost).
+//!
+//! # Exactly-once (optional dedup table)
+//! With `dedup`, the adapter keeps `pledge_dedup` in every database. Each branch's first
+//! statement inserts a `branch:` row in the branch's own transaction, so the row exists iff the
+//! branch committed; an abort inserts an `abort` row, so a late statement or prepare of that
+//! branch fails on the key. A request id (or message id) given with a statement is inserted in
+//! the same transaction as the work: processed twice, it takes effect once.
+
+pub mod gid;
+pub mod service;
+
+use std::collections::{HashMap, VecDeque};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
+use pledge_sdk::{Error, InDoubt, Outcome, Participant, Vote};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Postgres};
+use tokio::sync::OwnedMutexGuard;
+
+pub use gid::Gid;
+
+/// The dedup table's name.
+pub const DEDUP_TABLE: &str = "pledge_dedup";
+
+#[derive(Debug, Clone)]
+pub struct ResourceConfig {
+    pub id: ResourceId,
+    /// postgres://user@host:port/database
+    pub url: String,
+    /// Connections to this database: active branches hold one each until prepared.
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresConfig {
+    pub resources: Vec<ResourceConfig>,
+    /// An active branch not prepared within this long is rolled back.
+    pub active_timeout: Duration,
+    /// PostgreSQL's `statement_timeout` on the adapter's connections (bounds every wait on a
+    /// lock, including a dedup key held by another branch).
+    pub statement_timeout: Duration,
+    /// Longest wait for a pooled connection.
+    pub acquire_timeout: Duration,
+    /// Most active branches per database (each holds a connection).
+    pub max_active_branches: usize,
+    /// Keep the exactly-once dedup table (see the crate docs).
+    pub dedup: bool,
+    /// Dedup rows older than this are deleted.
+    pub dedup_retention: Duration,
+    /// Log a warning when a prepared branch is older than this.
+    pub prepared_age_warn: Duration,
+    /// How long finished branches are remembered in memory (and how many at most).
+    pub tombstone_retention: Duration,
+    pub max_tombstones: usize,
+}
+
+impl PostgresConfig {
+    pub fn new(resources: Vec<ResourceConfig>) -> Self {
+        PostgresConfig {
+            resources,
+            active_timeout: Duration::from_secs(60),
+            statement_timeout: Duration::from_secs(30),
+            acquire_timeout: Duration::from_secs(10),
+            max_active_branches: 48,
+            dedup: false,
+            dedup_retention: Duration::from_secs(7 * 24 * 3600),
+            prepared_age_warn: Duration::from_secs(60),
+            tombstone_retention: Duration::from_secs(2 * 3600),
+            max_tombstones: 1_000_000,
+        }
+    }
+}
+
+/// Why branch work was refused or failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BranchError {
+    #[error("unknown resource {0:?}")]
+    UnknownResource(String),
+    #[error("branch is {state}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
+    Finished { state: &'static str, reason: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{max} branches are already active at this database (max_active_branches)")]
+    TooManyActive { max: usize },
+    #[error("request id {0:?} was already processed")]
+    DuplicateRequest(String),
+    #[error("SQL error{}: {message}", sqlstate.as_ref().map(|s| format!(" {s}")).unwrap_or_default())]
+    Sql { sqlstate: Option<String>, message: String },
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl BranchError {
+    fn from_sqlx(e: &sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Database(db) => {
+                BranchError::Sql { sqlstate: db.code().map(|c| c.to_string()), message: db.message().to_string() }
+            }
+            other => BranchError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.to_string()),
+        _ => None,
+    }
+}
+
+/// `undefined_object`: COMMIT/ROLLBACK PREPARED of a GID PostgreSQL does not have.
+const UNDEFINED_OBJECT: &str = "42704";
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How a branch ended here, remembered for idempotent answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fin {
+    Prepared,
+    /// Did nothing here: no second phase needed.
+    ReadOnly,
+    Committed,
+    Aborted(String),
+}
+
+impl Fin {
+    fn name(&self) -> &'static str {
+        match self {
+            Fin::Prepared => "prepared",
+            Fin::ReadOnly => "read-only (prepared without work)",
+            Fin::Committed => "committed",
+            Fin::Aborted(_) => "aborted",
+        }
+    }
+}
+
+/// One branch's place in line: every operation on a branch holds its slot's lock, so they
+/// are ordered without holding a lock on anything else.
+#[derive(Default)]
+struct Slot {
+    conn: Option<PoolConnection<Postgres>>,
+    since: Option<Instant>,
+    /// Taken out of the table: whoever locks it next must look the branch up again.
+    removed: bool,
+}
+
+type Key = (Gtid, BranchId);
+
+#[derive(Default)]
+struct Branches {
+    slots: HashMap<Key, Arc<tokio::sync::Mutex<Slot>>>,
+    active: usize,
+    finished: HashMap<Key, Fin>,
+    finished_order: VecDeque<(Instant, Key)>,
+    /// Unknown branches of GTIDs issued at or before this time are refused: an abort that old
+    /// may have been forgotten.
+    watermark_ms: u64,
+}
+
+struct Resource {
+    id: ResourceId,
+    pool: PgPool,
+    branches: Mutex<Branches>,
+}
+
+/// Locked access to a branch; see [`PostgresParticipant::branch`].
+pub struct BranchGuard {
+    slot: OwnedMutexGuard<Slot>,
+    participant: PostgresParticipant,
+    resource: Arc<Resource>,
+    key: Key,
+}
+
+impl BranchGuard {
+    /// The branch's connection, inside its open transaction. Run your statements on it; do not
+    /// commit, roll back or prepare yourself (the coordinator decides).
+    pub fn conn(&mut self) -> &mut sqlx::PgConnection {
+        self.slot.conn.as_mut().expect("an open branch has a connection")
+    }
+
+    /// Exactly-once: records `request_id` in this branch's transaction. Fails with
+    /// [`BranchError::DuplicateRequest`] if a committed (or still undecided) branch recorded it
+    /// already; waits for an undecided one (bounded by `statement_timeout`). Needs `dedup`.
+    pub async fn claim_request(&mut self, request_id: &str) -> Result<(), BranchError> {
+        if !self.participant.inner.config.dedup {
+            return Err(BranchError::Refused("request ids need the adapter's dedup table (--dedup)".into()));
+        }
+        if request_id.is_empty() || request_id.len() > 200 {
+            return Err(BranchError::Refused("request_id: must be 1 to 200 bytes".into()));
+        }
+        let (gtid, branch) = (self.key.0, self.key.1.to_string());
+        let inserted = sqlx::query(
+            "INSERT INTO pledge_dedup (key, kind, gtid, branch_id) VALUES ($1, 'request', $2, $3) \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(format!("request:{request_id}"))
+        .bind(*gtid.as_uuid())
+        .bind(branch)
+        .execute(self.conn())
+        .await;
+        match inserted {
+            Ok(r) if r.rows_affected() == 1 => Ok(()),
+            Ok(_) => Err(BranchError::DuplicateRequest(request_id.to_string())),
+            Err(e) => {
+                let error = BranchError::from_sqlx(&e);
+                self.fail(error.to_string()).await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Rolls the branch back after a failed statement; it will vote no with `reason`.
+    pub async fn fail(&mut self, reason: String) {
+        let participant = self.participant.clone();
+        participant.rollback_active(&self.resource, &self.key, &mut self.slot, Fin::Aborted(reason)).await;
+    }
+}
+
+impl Drop for BranchGuard {
+    fn drop(&mut self) {
+        if self.slot.conn.is_none() {
+            self.resource.forget_slot(&self.key, &mut self.slot);
+        }
+    }
+}
+
+struct Inner {
+    config: PostgresConfig,
+    resources: HashMap<ResourceId, Arc<Resource>>,
+    started_ms: u64,
+}
+
+/// The PostgreSQL participant. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresParticipant {
+    inner: Arc<Inner>,
+}
+
+impl PostgresParticipant {
+    /// Connects to every database, checks `max_prepared_transactions`, creates the dedup
+    /// table when configured, and starts the background tasks (active-branch timeout, dedup
+    /// retention, prepared-age check).
+    pub async fn connect(config: PostgresConfig) -> anyhow::Result<Self> {
+        anyhow::ensure!(!config.resources.is_empty(), "at least one database (resource) is required");
+        let mut resources = HashMap::new();
+        for rc in &config.resources {
+            // Server-side bounds, set at connection start-up: every statement, and every idle
+            // open transaction (a second line behind the adapter's own active-branch timeout).
+            let idle_ms = config.active_timeout.as_millis() as u64 + 5_000;
+            let options = PgConnectOptions::from_str(&rc.url)
+                .map_err(|e| anyhow::anyhow!("resource {}: invalid url: {e}", rc.id))?
+                .application_name("pledge-postgres-adapter")
+                .options([
+                    ("statement_timeout", format!("{}", config.statement_timeout.as_millis())),
+                    ("idle_in_transaction_session_timeout", format!("{idle_ms}")),
+                ]);
+            let pool = PgPoolOptions::new()
+                .max_connections(rc.max_connections)
+                .acquire_timeout(config.acquire_timeout)
+                .connect_with(options)
+                .await
+                .map_err(|e| anyhow::anyhow!("resource {}: cannot connect to {}: {e}", rc.id, rc.url))?;
+            let max_prepared: String = sqlx::query_scalar("SHOW max_prepared_transactions").fetch_one(&pool).await?;
+            let max_prepared: i64 = max_prepared.parse().unwrap_or(0);
+            anyhow::ensure!(
+                max_prepared > 0,
+                "resource {}: max_prepared_transactions is 0 on {}; PREPARE TRANSACTION needs it above 0 (set it \
+                 in postgresql.conf, e.g. equal to max_connections, and restart PostgreSQL)",
+                rc.id,
+                rc.url
+            );
+            if config.dedup {
+                create_dedup_table(&pool).await.map_err(|e| anyhow::anyhow!("resource {}: {e}", rc.id))?;
+            }
+            let resource = Resource { id: rc.id.clone(), pool, branches: Mutex::new(Branches::default()) };
+            tracing::info!(resource = %rc.id, max_prepared, dedup = config.dedup, "database ready");
+            resources.insert(rc.id.clone(), Arc::new(resource));
+        }
+        let participant = PostgresParticipant { inner: Arc::new(Inner { config, resources, started_ms: now_ms() }) };
+        participant.spawn_housekeeping();
+        Ok(participant)
+    }
+
+    fn resource(&self, id: &ResourceId) -> Option<Arc<Resource>> {
+        self.inner.resources.get(id).cloned()
+    }
+
+    /// Opens branch (gtid, branch) at `resource`, or resumes it if it is open, and returns it
+    /// locked: concurrent calls for the same branch wait their turn.
+    pub async fn branch(
+        &self,
+        resource: &ResourceId,
+        gtid: Gtid,
+        branch: BranchId,
+    ) -> Result<BranchGuard, BranchError> {
+        let r = self.resource(resource).ok_or_else(|| BranchError::UnknownResource(resource.to_string()))?;
+        let key = (gtid, branch);
+        let mut slot = r.lock(&key).await;
+        if slot.conn.is_none() {
+            if let Some(fin) = r.finished(&key) {
+                let reason = if let Fin::Aborted(reason) = &fin { reason.clone() } else { String::new() };
+                r.forget_slot(&key, &mut slot);
+                return Err(BranchError::Finished { state: fin.name(), reason });
+            }
+            if let Err(e) = self.open(&r, &key, &mut slot).await {
+                r.forget_slot(&key, &mut slot);
+                return Err(e);
+            }
+        }
+        Ok(BranchGuard { slot, participant: self.clone(), resource: r, key })
+    }
+
+    /// May this adapter take a branch it has no record of? Not if its GTID predates the
+    /// adapter's start (work the branch did before the restart is lost) or the watermark.
+    fn may_start(&self, r: &Resource, gtid: &Gtid) -> Result<(), String> {
+        let watermark = r.branches.lock().unwrap().watermark_ms;
+        match gtid.unix_ms() {
+            None => Err("GTID is not a UUIDv7".into()),
+            Some(t) if t < self.inner.started_ms => {
+                Err("unknown branch of a transaction begun before this adapter started (its work may be lost)".into())
+            }
+            Some(t) if t <= watermark => Err("unknown branch older than the aborted branches remembered".into()),
+            Some(_) => Ok(()),
+        }
+    }
+
+    async fn open(&self, r: &Arc<Resource>, key: &Key, slot: &mut Slot) -> Result<(), BranchError> {
+        self.may_start(r, &key.0).map_err(BranchError::Refused)?;
+        {
+            let mut b = r.branches.lock().unwrap();
+            if b.active >= self.inner.config.max_active_branches {
+                return Err(BranchError::TooManyActive { max: self.inner.config.max_active_branches });
+            }
+            b.active += 1;
+        }
+        let opened = async {
+            let mut conn = r.pool.acquire().await.map_err(|e| BranchError::Unavailable(e.to_string()))?;
+            if let Err(e) = sqlx::query("BEGIN").execute(&mut *conn).await {
+                let _ = conn.close().await;
+                return Err(BranchError::from_sqlx(&e));
+            }
+            if self.inner.config.dedup {
+                // The branch's fence: committed with the branch, so it exists iff the branch
+                // committed; an abort's fence with the same key makes this fail instead.
+                let fenced = sqlx::query(
+                    "INSERT INTO pledge_dedup (key, kind, gtid, branch_id) VALUES ($1, 'work', $2, $3) \
+                     ON CONFLICT (key) DO NOTHING",
+                )
+                .bind(fence_key(key))
+                .bind(*key.0.as_uuid())
+                .bind(key.1.to_string())
+                .execute(&mut *conn)
+                .await;
+                match fenced {
+                    Ok(done) if done.rows_affected() == 1 => {}
+                    Ok(_) => {
+                        let _ = conn.close().await;
+                        return Err(BranchError::Finished { state: "aborted or finished", reason: String::new() });
+                    }
+                    Err(e) => {
+                        let _ = conn.close().await;
+                        return Err(BranchError::from_sqlx(&e));
+                    }
+                }
+            }
+            Ok(conn)
+        }
+        .await;
+        match opened {
+            Ok(conn) => {
+                slot.conn = Some(conn);
+                slot.since = Some(Instant::now());
+                Ok(())
+            }
+            Err(e) => {
+                r.branches.lock().unwrap().active -= 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends an active branch with ROLLBACK (the connection is closed if that fails) and
+    /// remembers it as `fin`.
+    async fn rollback_active(&self, r: &Resource, key: &Key, slot: &mut Slot, fin: Fin) {
+        if let Some(mut conn) = slot.conn.take() {
+            r.branches.lock().unwrap().active -= 1;
+            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                let _ = conn.close().await;
+            }
+        }
+        if self.inner.config.dedup {
+            self.fence_abort(r, key).await;
+        }
+        r.finish(key, fin);
+    }
+
+    /// Inserts the abort fence (best effort: the in-memory tombstone and the restart rule
+    /// already refuse a late prepare; the fence keeps refusing it across restarts).
+    async fn fence_abort(&self, r: &Resource, key: &Key) {
+        let fenced = sqlx::query(
+            "INSERT INTO pledge_dedup (key, kind, gtid, branch_id) VALUES ($1, 'abort', $2, $3) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(fence_key(key))
+        .bind(*key.0.as_uuid())
+        .bind(key.1.to_string())
+        .execute(&r.pool)
+        .await;
+        if let Err(e) = fenced {
+            tracing::warn!(resource = %r.id, gtid = %key.0, branch = %key.1, error = %e, "cannot record the abort fence");
+        }
+    }
+
+    /// The kind of this branch's dedup row ('work' = it committed, 'abort'), if any.
+    async fn fence(&self, r: &Resource, key: &Key) -> Result<Option<String>, Error> {
+        sqlx::query_scalar("SELECT kind FROM pledge_dedup WHERE key = $1")
+            .bind(fence_key(key))
+            .fetch_optional(&r.pool)
+            .await
+            .map_err(|e| Error::new(format!("reading the dedup table: {e}")))
+    }
+
+    async fn is_prepared(&self, r: &Resource, gid: &Gid) -> Result<bool, Error> {
+        sqlx::query_scalar::<_, i32>("SELECT 1 FROM pg_prepared_xacts WHERE gid = $1 AND database = current_database()")
+            .bind(gid.to_string())
+            .fetch_optional(&r.pool)
+            .await
+            .map(|found| found.is_some())
+            .map_err(|e| Error::new(format!("reading pg_prepared_xacts: {e}")))
+    }
+
+    /// Runs one control statement (COMMIT/ROLLBACK PREPARED) on a pooled connection.
+    async fn control(&self, r: &Resource, sql: String) -> Result<(), sqlx::Error> {
+        let mut conn = r.pool.acquire().await?;
+        match sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // In autocommit mode an error leaves no transaction open, but the connection
+                // may be broken: do not hand it to anyone else.
+                let _ = conn.close().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn prepare_active(&self, r: &Resource, key: &Key, gid: &Gid, slot: &mut Slot) -> Vote {
+        let mut conn = slot.conn.take().expect("active branch");
+        r.branches.lock().unwrap().active -= 1;
+        let prepared =
+            sqlx::query(AssertSqlSafe(format!("PREPARE TRANSACTION {}", gid.literal()))).execute(&mut *conn).await;
+        fail::fail_point!("postgres::after_prepare");
+        let outcome = match prepared {
+            Ok(_) => match self.is_prepared(r, gid).await {
+                Ok(true) => Ok(()),
+                // PREPARE in a failed transaction answers with a silent ROLLBACK.
+                Ok(false) => Err("the transaction had failed: PostgreSQL rolled it back instead of preparing".into()),
+                Err(e) => Err(e.0),
+            },
+            Err(e) => Err(format!("PREPARE TRANSACTION failed: {}", BranchError::from_sqlx(&e))),
+        };
+        match outcome {
+            Ok(()) => {
+                drop(conn); // back to the pool: PREPARE TRANSACTION ended its transaction
+                r.finish(key, Fin::Prepared);
+                Vote::Prepared { metadata: Vec::new() }
+            }
+            Err(reason) => {
+                let _ = conn.close().await;
+                r.finish(key, Fin::Aborted(reason.clone()));
+                Vote::Aborted { reason }
+            }
+        }
+    }
+
+    async fn commit_one_phase(&self, r: &Resource, key: &Key, slot: &mut Slot) -> Outcome {
+        let mut conn = slot.conn.take().expect("active branch");
+        r.branches.lock().unwrap().active -= 1;
+        // COMMIT of a failed transaction answers with a silent ROLLBACK: ask first.
+        let result = match sqlx::query("SELECT 1").execute(&mut *conn).await {
+            Ok(_) => sqlx::query("COMMIT").execute(&mut *conn).await.map(drop),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                drop(conn);
+                r.finish(key, Fin::Committed);
+                Outcome::Committed
+            }
+            Err(e) => {
+                let _ = conn.close().await;
+                let reason = format!("commit failed: {}", BranchError::from_sqlx(&e));
+                if self.inner.config.dedup {
+                    self.fence_abort(r, key).await;
+                }
+                r.finish(key, Fin::Aborted(reason.clone()));
+                Outcome::Aborted { reason }
+            }
+        }
+    }
+
+    fn spawn_housekeeping(&self) {
+        for r in self.inner.resources.values() {
+            let (p, r) = (self.clone(), r.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut n: u64 = 0;
+                loop {
+                    tick.tick().await;
+                    n += 1;
+                    p.expire_active(&r).await;
+                    r.expire_finished(p.inner.config.tombstone_retention, p.inner.config.max_tombstones);
+                    if n % 10 == 0 {
+                        p.check_prepared_age(&r).await;
+                    }
+                    if p.inner.config.dedup && n % 60 == 0 {
+                        p.expire_dedup(&r).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Rolls back active branches older than `active_timeout` (their client may be gone).
+    async fn expire_active(&self, r: &Arc<Resource>) {
+        let timeout = self.inner.config.active_timeout;
+        let candidates: Vec<(Key, Arc<tokio::sync::Mutex<Slot>>)> =
+            r.branches.lock().unwrap().slots.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        for (key, slot) in candidates {
+            // A branch in use right now is not idle; look again next time.
+            let Ok(mut slot) = slot.try_lock_owned() else { continue };
+            if slot.conn.is_some() && slot.since.is_some_and(|s| s.elapsed() >= timeout) {
+                tracing::info!(resource = %r.id, gtid = %key.0, branch = %key.1, "rolling back a branch not prepared in time");
+                let reason = format!("not prepared within active_timeout ({} ms)", timeout.as_millis());
+                self.rollback_active(r, &key, &mut slot, Fin::Aborted(reason)).await;
+                r.forget_slot(&key, &mut slot);
+            }
+        }
+    }
+
+    /// Logs the age of the oldest prepared branch of ours when it is above the warning age.
+    async fn check_prepared_age(&self, r: &Resource) {
+        let oldest: Result<Option<(String, f64)>, _> = sqlx::query_as(
+            "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts \
+             WHERE database = current_database() AND starts_with(gid, $1) ORDER BY prepared LIMIT 1",
+        )
+        .bind(gid::PREFIX)
+        .fetch_optional(&r.pool)
+        .await;
+        match oldest {
+            Ok(Some((gid, age_s))) if age_s * 1000.0 >= self.inner.config.prepared_age_warn.as_millis() as f64 => {
+                tracing::warn!(
+                    resource = %r.id,
+                    gid,
+                    age_s = age_s as u64,
+                    "a prepared branch is waiting for its coordinator's decision; it holds its locks and the \
+                     xmin horizon until committed or rolled back"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(resource = %r.id, error = %e, "cannot read pg_prepared_xacts"),
+        }
+    }
+
+    async fn expire_dedup(&self, r: &Resource) {
+        let deleted = sqlx::query(
+            "DELETE FROM pledge_dedup WHERE key IN (SELECT key FROM pledge_dedup \
+             WHERE created_at < now() - make_interval(secs => $1) LIMIT 10000)",
+        )
+        .bind(self.inner.config.dedup_retention.as_secs_f64())
+        .execute(&r.pool)
+        .await;
+        if let Err(e) = deleted {
+            tracing::warn!(resource = %r.id, error = %e, "cannot expire old dedup rows");
+        }
+    }
+}
+
+fn fence_key(key: &Key) -> String {
+    format!("branch:{}:{}", key.0, key.1)
+}
+
+async fn create_dedup_table(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let created = sqlx::query(
+        "CREATE TABLE IF NOT EXISTS pledge_dedup (\
+           key text PRIMARY KEY, \
+           kind text NOT NULL, \
+           gtid uuid NOT NULL, \
+           branch_id text NOT NULL, \
+           created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(pool)
+    .await;
+    match created {
+        // Two adapters creating it at once: one wins, the other sees a duplicate.
+        Err(e) if matches!(sqlstate(&e).as_deref(), Some("23505" | "42P07")) => Ok(()),
+        other => other.map(drop),
+    }
+}
+
+impl Resource {
+    /// Locks the branch's slot (creating it if absent), retrying if the slot it waited for was
+    /// taken out of the table meanwhile.
+    async fn lock(&self, key: &Key) -> OwnedMutexGuard<Slot> {
+        loop {
+            let slot = self.branches.lock().unwrap().slots.entry(key.clone()).or_default().clone();
+            let guard = slot.lock_owned().await;
+            if !guard.removed {
+                return guard;
+            }
+        }
+    }
+
+    /// Takes a slot without a connection out of the table (the branch is finished or was
+    /// never opened).
+    fn forget_slot(&self, key: &Key, slot: &mut Slot) {
+        if slot.conn.is_none() && !slot.removed {
+            slot.removed = true;
+            self.branches.lock().unwrap().slots.remove(key);
+        }
+    }
+
+    fn finished(&self, key: &Key) -> Option<Fin> {
+        self.branches.lock().unwrap().finished.get(key).cloned()
+    }
+
+    fn finish(&self, key: &Key, fin: Fin) {
+        let mut b = self.branches.lock().unwrap();
+        if b.finished.insert(key.clone(), fin).is_none() {
+            b.finished_order.push_back((Instant::now(), key.clone()));
+        }
+    }
+
+    fn expire_finished(&self, retention: Duration, max: usize) {
+        let mut b = self.branches.lock().unwrap();
+        while let Some((at, key)) = b.finished_order.front().cloned() {
+            if at.elapsed() < retention && b.finished_order.len() <= max {
+                break;
+            }
+            b.finished_order.pop_front();
+            match b.finished.get(&key) {
+                // A prepared branch lives on in PostgreSQL; forgetting it here costs a lookup.
+                Some(Fin::Aborted(_)) => {
+                    b.watermark_ms = b.watermark_ms.max(key.0.unix_ms().unwrap_or(0));
+                    b.finished.remove(&key);
+                }
+                Some(_) => {
+                    b.finished.remove(&key);
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+impl PostgresParticipant {
+    fn gid(&self, coordinator_id: &str, xid: &Xid) -> Result<(Arc<Resource>, Key, Gid), String> {
+        let r = self.resource(&xid.resource).ok_or_else(|| format!("unknown resource {:?}", xid.resource.as_str()))?;
+        let gid = Gid::new(coordinator_id, xid.gtid, xid.branch.clone())?;
+        Ok((r, (xid.gtid, xid.branch.clone()), gid))
+    }
+}
+
+#[tonic::async_trait]
+impl Participant for PostgresParticipant {
+    async fn prepare(&self, coordinator_id: &str, xid: &Xid) -> Result<Vote, Error> {
+        let (r, key, gid) = match self.gid(coordinator_id, xid) {
+            Ok(found) => found,
+            Err(reason) => return Ok(Vote::Aborted { reason }),
+        };
+        let mut slot = r.lock(&key).await;
+        let vote = if slot.conn.is_some() {
+            self.prepare_active(&r, &key, &gid, &mut slot).await
+        } else {
+            match r.finished(&key) {
+                Some(Fin::Prepared | Fin::Committed) => Vote::Prepared { metadata: Vec::new() },
+                Some(Fin::ReadOnly) => Vote::ReadOnly,
+                Some(Fin::Aborted(reason)) => Vote::Aborted { reason },
+                None if self.is_prepared(&r, &gid).await? => {
+                    r.finish(&key, Fin::Prepared);
+                    Vote::Prepared { metadata: Vec::new() }
+                }
+                None => {
+                    let fence = if self.inner.config.dedup { self.fence(&r, &key).await? } else { None };
+                    match fence.as_deref() {
+                        Some("work") => Vote::Prepared { metadata: Vec::new() }, // prepared and committed before
+                        Some(_) => Vote::Aborted { reason: "branch was aborted (dangling prepare refused)".into() },
+                        None => match self.may_start(&r, &key.0) {
+                            Ok(()) => {
+                                // No statement ran here: nothing to prepare or commit.
+                                r.finish(&key, Fin::ReadOnly);
+                                Vote::ReadOnly
+                            }
+                            Err(reason) => {
+                                r.finish(&key, Fin::Aborted(reason.clone()));
+                                Vote::Aborted { reason }
+                            }
+                        },
+                    }
+                }
+            }
+        };
+        r.forget_slot(&key, &mut slot);
+        Ok(vote)
+    }
+
+    async fn commit(
+        &self,
+        coordinator_id: &str,
+        xid: &Xid,
+        one_phase: bool,
+        _metadata: &[u8],
+    ) -> Result<Outcome, Error> {
+        fail::fail_point!("postgres::before_commit");
+        let (r, key, gid) = self.gid(coordinator_id, xid).map_err(Error)?;
+        let mut slot = r.lock(&key).await;
+        let outcome = self.commit_locked(&r, &key, &gid, one_phase, &mut slot).await;
+        r.forget_slot(&key, &mut slot);
+        outcome
+    }
+
+    async fn abort(&self, coordinator_id: &str, xid: &Xid, _metadata: &[u8]) -> Result<Outcome, Error> {
+        let (r, key, gid) = self.gid(coordinator_id, xid).map_err(Error)?;
+        let mut slot = r.lock(&key).await;
+        let outcome = self.abort_locked(&r, &key, &gid, &mut slot).await;
+        r.forget_slot(&key, &mut slot);
+        outcome
+    }
+
+    async fn recover(&self, coordinator_id: &str) -> Result<Vec<InDoubt>, Error> {
+        let cid = ResourceId::parse_field("coordinator_id", coordinator_id).map_err(|e| Error(e.to_string()))?;
+        let prefix = Gid::coordinator_prefix(&cid);
+        let mut out = Vec::new();
+        for r in self.inner.resources.values() {
+            let rows: Vec<(String, f64)> = sqlx::query_as(
+                "SELECT gid, (extract(epoch FROM prepared) * 1000)::float8 FROM pg_prepared_xacts \
+                 WHERE database = current_database() AND starts_with(gid, $1) ORDER BY prepared",
+            )
+            .bind(&prefix)
+            .fetch_all(&r.pool)
+            .await
+            .map_err(|e| Error::new(format!("resource {}: reading pg_prepared_xacts: {e}", r.id)))?;
+            for (gid, prepared_ms) in rows {
+                let Some(parsed) = Gid::parse(&gid) else { continue };
+                out.push(InDoubt {
+                    xid: Xid { resource: r.id.clone(), gtid: parsed.gtid, branch: parsed.branch },
+                    metadata: Vec::new(),
+                    prepared_unix_ms: prepared_ms as u64,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl PostgresParticipant {
+    async fn commit_locked(
+        &self,
+        r: &Resource,
+        key: &Key,
+        gid: &Gid,
+        one_phase: bool,
+        slot: &mut Slot,
+    ) -> Result<Outcome, Error> {
+        if slot.conn.is_some() {
+            if one_phase {
+                return Ok(self.commit_one_phase(r, key, slot).await);
+            }
+            // Two-phase commit of a branch that never prepared: the coordinator cannot have
+            // decided commit with it. Roll it back and say so.
+            let reason = "commit of a branch that was never prepared".to_string();
+            self.rollback_active(r, key, slot, Fin::Aborted(reason.clone())).await;
+            return Ok(Outcome::Aborted { reason });
+        }
+        match r.finished(key) {
+            Some(Fin::Committed | Fin::ReadOnly) => return Ok(Outcome::Committed),
+            Some(Fin::Aborted(reason)) => return Ok(Outcome::Aborted { reason }),
+            Some(Fin::Prepared) | None => {}
+        }
+        if one_phase && !self.is_prepared(r, gid).await? {
+            // Never opened here (or opened before a restart): decide from what is known.
+            let fence = if self.inner.config.dedup { self.fence(r, key).await? } else { None };
+            return Ok(match (fence.as_deref(), self.may_start(r, &key.0)) {
+                (Some("work"), _) => Outcome::Committed,
+                (Some(_), _) => Outcome::Aborted { reason: "branch was aborted".into() },
+                (None, Ok(())) => Outcome::Committed, // nothing was done here: nothing to commit
+                (None, Err(reason)) => Outcome::Aborted { reason },
+            });
+        }
+        match self.control(r, format!("COMMIT PREPARED {}", gid.literal())).await {
+            Ok(()) => {
+                r.finish(key, Fin::Committed);
+                Ok(Outcome::Committed)
+            }
+            Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_OBJECT) => {
+                // PostgreSQL no longer has it: committed earlier (a repeated commit), unless
+                // the dedup table says it never committed (rolled back behind our back).
+                let fence = if self.inner.config.dedup { self.fence(r, key).await? } else { Some("work".into()) };
+                if fence.as_deref() == Some("work") {
+                    r.finish(key, Fin::Committed);
+                    Ok(Outcome::Committed)
+                } else {
+                    Ok(Outcome::Aborted { reason: format!("prepared transaction {gid} vanished without committing") })
+                }
+            }
+            Err(e) => Err(Error::new(format!("COMMIT PREPARED failed: {}", BranchError::from_sqlx(&e)))),
+        }
+    }
+
+    async fn abort_locked(&self, r: &Resource, key: &Key, gid: &Gid, slot: &mut Slot) -> Result<Outcome, Error> {
+        if slot.conn.is_some() {
+            self.rollback_active(r, key, slot, Fin::Aborted("aborted by the coordinator".into())).await;
+            return Ok(Outcome::Aborted { reason: String::new() });
+        }
+        match r.finished(key) {
+            Some(Fin::Committed) => return Ok(Outcome::Committed),
+            Some(Fin::Aborted(_)) => return Ok(Outcome::Aborted { reason: String::new() }),
+            Some(Fin::ReadOnly) | Some(Fin::Prepared) | None => {}
+        }
+        match self.control(r, format!("ROLLBACK PREPARED {}", gid.literal())).await {
+            Ok(()) => {}
+            Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_OBJECT) => {
+                // Not prepared (never, or rolled back already), unless it committed.
+                if self.inner.config.dedup && self.fence(r, key).await?.as_deref() == Some("work") {
+                    r.finish(key, Fin::Committed);
+                    return Ok(Outcome::Committed);
+                }
+            }
+            Err(e) => return Err(Error::new(format!("ROLLBACK PREPARED failed: {}", BranchError::from_sqlx(&e)))),
+        }
+        if self.inner.config.dedup {
+            self.fence_abort(r, key).await;
+        }
+        r.finish(key, Fin::Aborted("aborted by the coordinator".into()));
+        Ok(Outcome::Aborted { reason: String::new() })
+    }
+}

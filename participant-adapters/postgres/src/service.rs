@@ -1,0 +1,206 @@
+//! `pledge.v1.PostgresBranch`: run SQL inside a branch, for services in any language.
+
+use pledge_proto::v1::{self, postgres_branch_server::PostgresBranch, value::Kind};
+use pledge_proto::{BranchId, Gtid, ResourceId};
+use sqlx::postgres::{PgArguments, PgRow, PgTypeInfo};
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, Column, Postgres, Row, TypeInfo};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::{BranchError, PostgresParticipant};
+
+/// Most statements in one Execute call.
+pub const MAX_STATEMENTS_PER_CALL: usize = 100;
+/// Most rows returned per statement (a branch API, not a bulk export).
+pub const MAX_ROWS_PER_STATEMENT: usize = 10_000;
+
+pub struct BranchService {
+    participant: PostgresParticipant,
+}
+
+impl BranchService {
+    pub fn new(participant: PostgresParticipant) -> Self {
+        BranchService { participant }
+    }
+}
+
+/// The one place where branch errors become gRPC statuses.
+pub fn status_of(e: &BranchError) -> Status {
+    let message = e.to_string();
+    match e {
+        BranchError::UnknownResource(_) => Status::not_found(message),
+        BranchError::Finished { .. } | BranchError::Refused(_) => Status::failed_precondition(message),
+        BranchError::TooManyActive { .. } => Status::resource_exhausted(message),
+        BranchError::DuplicateRequest(_) => Status::already_exists(message),
+        BranchError::Sql { sqlstate, .. } => match sqlstate.as_deref().map(|s| &s[..2.min(s.len())]) {
+            // Serialization failure, deadlock: retry the whole transaction.
+            Some("40") => Status::aborted(message),
+            // Syntax, undefined table or column, wrong parameter type: the request is wrong.
+            Some("42") | Some("22") => Status::invalid_argument(message),
+            // Constraint violations and the like: the data does not allow it.
+            _ => Status::failed_precondition(message),
+        },
+        BranchError::Unavailable(_) => Status::unavailable(message),
+    }
+}
+
+/// A NULL parameter with no declared type (OID 0), so PostgreSQL infers it from the statement
+/// instead of insisting on text.
+struct UntypedNull;
+
+impl sqlx::Type<Postgres> for UntypedNull {
+    fn type_info() -> PgTypeInfo {
+        PgTypeInfo::with_oid(sqlx::postgres::types::Oid(0))
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for UntypedNull {
+    fn encode_by_ref(
+        &self,
+        _buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        Ok(sqlx::encode::IsNull::Yes)
+    }
+}
+
+fn bind<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    i: usize,
+    value: v1::Value,
+) -> Result<Query<'q, Postgres, PgArguments>, Status> {
+    Ok(match value.kind {
+        None => return Err(Status::invalid_argument(format!("params[{i}]: a value needs a kind"))),
+        Some(Kind::Null(_)) => query.bind(UntypedNull),
+        Some(Kind::Bool(b)) => query.bind(b),
+        Some(Kind::Int(n)) => query.bind(n),
+        Some(Kind::Float(x)) => query.bind(x),
+        Some(Kind::Text(s)) => query.bind(s),
+        Some(Kind::Bytes(b)) => query.bind(b),
+    })
+}
+
+fn column_value(row: &PgRow, i: usize) -> Result<v1::Value, String> {
+    let column = &row.columns()[i];
+    let type_name = column.type_info().name().to_string();
+    let get = |e: sqlx::Error| format!("column {:?}: {e}", column.name());
+    let kind = match type_name.as_str() {
+        "BOOL" => row.try_get::<Option<bool>, _>(i).map_err(get)?.map(Kind::Bool),
+        "INT2" => row.try_get::<Option<i16>, _>(i).map_err(get)?.map(|n| Kind::Int(n.into())),
+        "INT4" => row.try_get::<Option<i32>, _>(i).map_err(get)?.map(|n| Kind::Int(n.into())),
+        "INT8" => row.try_get::<Option<i64>, _>(i).map_err(get)?.map(Kind::Int),
+        "FLOAT4" => row.try_get::<Option<f32>, _>(i).map_err(get)?.map(|x| Kind::Float(x.into())),
+        "FLOAT8" => row.try_get::<Option<f64>, _>(i).map_err(get)?.map(Kind::Float),
+        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => row.try_get::<Option<String>, _>(i).map_err(get)?.map(Kind::Text),
+        "BYTEA" => row.try_get::<Option<Vec<u8>>, _>(i).map_err(get)?.map(Kind::Bytes),
+        "UUID" => row.try_get::<Option<uuid::Uuid>, _>(i).map_err(get)?.map(|u| Kind::Text(u.to_string())),
+        other => {
+            return Err(format!(
+                "column {:?} has type {other}, which Execute does not return; cast it in the query (e.g. ::text)",
+                column.name()
+            ));
+        }
+    };
+    Ok(v1::Value { kind: Some(kind.unwrap_or(Kind::Null(true))) })
+}
+
+#[tonic::async_trait]
+impl PostgresBranch for BranchService {
+    async fn execute(&self, request: Request<v1::ExecuteRequest>) -> Result<Response<v1::ExecuteResponse>, Status> {
+        let r = request.into_inner();
+        let invalid = |e: pledge_proto::IdError| Status::invalid_argument(e.to_string());
+        let resource = ResourceId::parse_field("resource_id", &r.resource_id).map_err(invalid)?;
+        let gtid = Gtid::parse_field("gtid", &r.gtid).map_err(invalid)?;
+        let branch = BranchId::parse_field("branch_id", &r.branch_id).map_err(invalid)?;
+        if r.statements.is_empty() || r.statements.len() > MAX_STATEMENTS_PER_CALL {
+            return Err(Status::invalid_argument(format!("statements: 1 to {MAX_STATEMENTS_PER_CALL} per call")));
+        }
+        let span = tracing::debug_span!("execute", resource = %resource, %gtid, branch = %branch);
+        self.execute_in_branch(resource, gtid, branch, r.request_id, r.statements).instrument(span).await
+    }
+}
+
+impl BranchService {
+    async fn execute_in_branch(
+        &self,
+        resource: ResourceId,
+        gtid: Gtid,
+        branch: BranchId,
+        request_id: String,
+        statements: Vec<v1::Statement>,
+    ) -> Result<Response<v1::ExecuteResponse>, Status> {
+        let mut guard = self.participant.branch(&resource, gtid, branch).await.map_err(|e| status_of(&e))?;
+        if !request_id.is_empty() {
+            guard.claim_request(&request_id).await.map_err(|e| status_of(&e))?;
+        }
+        let mut results = Vec::with_capacity(statements.len());
+        for (n, statement) in statements.into_iter().enumerate() {
+            let mut query = sqlx::query(AssertSqlSafe(statement.sql));
+            for (i, param) in statement.params.into_iter().enumerate() {
+                query = bind(query, i, param)
+                    .map_err(|s| Status::invalid_argument(format!("statements[{n}].{}", s.message())))?;
+            }
+            match run(query, guard.conn()).await {
+                Ok(result) => results.push(result),
+                Err(e) => {
+                    // PostgreSQL has aborted the transaction: the branch is over.
+                    let reason = format!("statements[{n}]: {e}");
+                    guard.fail(reason.clone()).await;
+                    let error = match e {
+                        RunError::Sql(e) => e,
+                        RunError::Result(message) => BranchError::Refused(message),
+                    };
+                    let status = status_of(&error);
+                    return Err(Status::new(status.code(), format!("statements[{n}]: {}", status.message())));
+                }
+            }
+        }
+        Ok(Response::new(v1::ExecuteResponse { results }))
+    }
+}
+
+enum RunError {
+    Sql(BranchError),
+    Result(String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Sql(e) => write!(f, "{e}"),
+            RunError::Result(m) => f.write_str(m),
+        }
+    }
+}
+
+async fn run(
+    query: Query<'_, Postgres, PgArguments>,
+    conn: &mut sqlx::PgConnection,
+) -> Result<v1::StatementResult, RunError> {
+    use futures::TryStreamExt;
+    // `fetch_many` is deprecated for running several statements in one prepared statement;
+    // here it runs exactly one, and is the only call that yields both rows and the
+    // affected-row count of a statement whose kind we do not know in advance.
+    #[allow(deprecated)]
+    let mut stream = query.fetch_many(conn);
+    let mut result = v1::StatementResult::default();
+    while let Some(item) = stream.try_next().await.map_err(|e| RunError::Sql(BranchError::from_sqlx(&e)))? {
+        match item {
+            sqlx::Either::Left(done) => result.rows_affected += done.rows_affected(),
+            sqlx::Either::Right(row) => {
+                if result.columns.is_empty() {
+                    result.columns = row.columns().iter().map(|c| c.name().to_string()).collect();
+                }
+                if result.rows.len() >= MAX_ROWS_PER_STATEMENT {
+                    return Err(RunError::Result(format!("more than {MAX_ROWS_PER_STATEMENT} rows; add a LIMIT")));
+                }
+                let values = (0..row.len())
+                    .map(|i| column_value(&row, i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(RunError::Result)?;
+                result.rows.push(v1::Row { values });
+            }
+        }
+    }
+    Ok(result)
+}
