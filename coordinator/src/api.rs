@@ -19,7 +19,7 @@ use crate::engine::{
 /// Longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 /// Most transactions one List returns.
-pub const MAX_LIST_LIMIT: usize = 10_000;
+pub const MAX_LIST_LIMIT: usize = 1_000;
 const DEFAULT_LIST_LIMIT: usize = 100;
 
 pub struct CoordinatorService {
@@ -35,8 +35,7 @@ impl CoordinatorService {
         match self.runtime.call(request).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(status_of(&e)),
-            Err(e @ CallError::ShuttingDown) => Err(Status::unavailable(e.to_string())),
-            Err(e @ CallError::TimedOut(_)) => Err(Status::deadline_exceeded(e.to_string())),
+            Err(e) => Err(status_of_call(&e)),
         }
     }
 }
@@ -45,12 +44,25 @@ impl CoordinatorService {
 pub fn status_of(e: &EngineError) -> Status {
     let message = e.to_string();
     match e {
-        EngineError::UnknownTransaction(_) | EngineError::UnknownResource(_) => Status::not_found(message),
+        EngineError::UnknownTransaction(_) | EngineError::UnknownResource(_) | EngineError::OutcomeForgotten(_) => {
+            Status::not_found(message)
+        }
         EngineError::NotActive { .. } | EngineError::AlreadyAborted { .. } | EngineError::CommitDecided { .. } => {
             Status::failed_precondition(message)
         }
         EngineError::TimeoutTooLong { .. } | EngineError::TooManyBranches { .. } => Status::invalid_argument(message),
-        EngineError::TooManyTransactions { .. } => Status::resource_exhausted(message),
+        EngineError::TooManyTransactions { .. } | EngineError::TooManyWaiters { .. } => {
+            Status::resource_exhausted(message)
+        }
+    }
+}
+
+/// ... and where the runtime's own failures do.
+pub fn status_of_call(e: &CallError) -> Status {
+    let message = e.to_string();
+    match e {
+        CallError::ShuttingDown | CallError::Overloaded(_) => Status::unavailable(message),
+        CallError::TimedOut(_) => Status::deadline_exceeded(message),
     }
 }
 
@@ -156,7 +168,8 @@ impl Coordinator for CoordinatorService {
             }
             n => n,
         };
-        let filter = ListFilter { states, in_doubt: r.in_doubt, older_than_ms: r.older_than_ms, limit };
+        let filter =
+            ListFilter { states, in_doubt: r.in_doubt, heuristic: r.heuristic, older_than_ms: r.older_than_ms, limit };
         match self.call(ApiRequest::List { filter }).instrument(tracing::debug_span!("List")).await? {
             Reply::List { transactions, truncated } => Ok(Response::new(v1::ListResponse {
                 transactions: transactions.iter().map(transaction).collect(),
@@ -201,6 +214,7 @@ fn commit_response(o: CommitOutcome) -> v1::CommitResponse {
         outcome: if o.committed { v1::Outcome::Committed } else { v1::Outcome::Aborted } as i32,
         reason: o.reason.unwrap_or_default(),
         completed: o.completed,
+        heuristic: o.heuristic,
     }
 }
 
@@ -260,6 +274,7 @@ fn transaction(t: &TxnView) -> v1::Transaction {
         branches: t.branches.iter().map(branch).collect(),
         one_phase: t.one_phase,
         idempotency_key: t.idempotency_key.clone().unwrap_or_default(),
+        heuristic: t.heuristic,
     }
 }
 

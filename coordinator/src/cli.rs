@@ -169,6 +169,9 @@ pub enum TxnCommand {
         in_doubt: bool,
         #[arg(long, default_value_t = 0)]
         older_than_ms: u64,
+        /// Only transactions with a heuristic outcome.
+        #[arg(long)]
+        heuristic: bool,
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
@@ -253,9 +256,11 @@ pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> 
                 .map_err(status)?
                 .into_inner();
             match v1::Outcome::try_from(r.outcome) {
-                Ok(v1::Outcome::Committed) => {
-                    println!("committed{}", if r.completed { "" } else { " (phase 2 in progress)" })
-                }
+                Ok(v1::Outcome::Committed) => println!(
+                    "committed{}{}",
+                    if r.completed { "" } else { " (phase 2 in progress)" },
+                    if r.heuristic { " WITH A HEURISTIC OUTCOME (see txn get)" } else { "" }
+                ),
                 _ => {
                     println!("aborted: {}", r.reason);
                     std::process::exit(2);
@@ -272,13 +277,14 @@ pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> 
                 print_transaction(&t);
             }
         }
-        TxnCommand::List { states, in_doubt, older_than_ms, limit } => {
+        TxnCommand::List { states, in_doubt, heuristic, older_than_ms, limit } => {
             let r = c
                 .list(v1::ListRequest {
                     states: states.into_iter().map(|s| v1::TransactionState::from(s) as i32).collect(),
                     in_doubt,
                     older_than_ms,
                     limit,
+                    heuristic,
                 })
                 .await
                 .map_err(status)?
@@ -322,6 +328,9 @@ fn print_transaction(t: &v1::Transaction) {
     }
     if t.one_phase {
         println!("one-phase:  yes");
+    }
+    if t.heuristic {
+        println!("HEURISTIC:  a participant decided on its own; see the branch outcomes");
     }
     for b in &t.branches {
         let vote = v1::Vote::try_from(b.vote).map(|v| v.as_str_name().trim_start_matches("VOTE_")).unwrap_or("?");
@@ -414,6 +423,7 @@ fn describe(record: &LogRecord) -> String {
             branches(e.branches.iter().map(|b| format!("{} {:?}", b.key, b.outcome)).collect()),
             e.reason.as_ref().map(|r| format!(" reason={r:?}")).unwrap_or_default()
         ),
+        LogRecord::Forgotten { through_ms } => format!("FORGOTTEN finished transactions through {through_ms}"),
     }
 }
 

@@ -13,6 +13,12 @@ use serde::Deserialize;
 use crate::engine::EngineConfig;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
+/// Upper limit of `max_branches_per_transaction`: a commit record carries every branch with up
+/// to 4 KiB of vote metadata, and a log record is at most 1 MiB.
+pub const MAX_BRANCHES_LIMIT: usize = 200;
+/// Upper limit of `participant_max_batch_branches`: a batched call must stay under the 4 MiB a
+/// participant accepts.
+pub const MAX_BATCH_LIMIT: usize = 500;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -78,7 +84,7 @@ impl Default for Config {
             max_branches_per_transaction: engine.max_branches_per_transaction,
             completed_retention_ms: engine.completed_retention_ms,
             completed_retention_max: engine.completed_retention_max,
-            participant_max_batch_branches: 512,
+            participant_max_batch_branches: 256,
             participant_max_inflight_calls: 4,
             max_request_wait_ms: 60_000,
             max_request_bytes: 1 << 20,
@@ -124,6 +130,18 @@ impl Config {
         anyhow::ensure!(
             self.retry_initial_backoff_ms <= self.retry_max_backoff_ms,
             "retry_initial_backoff_ms exceeds retry_max_backoff_ms"
+        );
+        anyhow::ensure!(
+            self.max_branches_per_transaction <= MAX_BRANCHES_LIMIT,
+            "max_branches_per_transaction ({}) is above {MAX_BRANCHES_LIMIT}: a commit record with that many \
+             branches might not fit in one log record",
+            self.max_branches_per_transaction
+        );
+        anyhow::ensure!(
+            self.participant_max_batch_branches <= MAX_BATCH_LIMIT,
+            "participant_max_batch_branches ({}) is above {MAX_BATCH_LIMIT}: a full batch might exceed what a \
+             participant accepts in one call",
+            self.participant_max_batch_branches
         );
         for (resource, endpoint) in &self.participants {
             pledge_proto::ResourceId::parse_field("participants", resource)?;

@@ -14,6 +14,7 @@ use crate::engine::{BranchOutcome, CommitRecord, EndBranch, EndRecord, LogRecord
 pub const TYPE_REGISTER: u8 = 1;
 pub const TYPE_COMMIT: u8 = 2;
 pub const TYPE_END: u8 = 3;
+pub const TYPE_FORGOTTEN: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -35,6 +36,12 @@ struct RegisterPb {
     resource_id: String,
     #[prost(string, tag = "2")]
     endpoint: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ForgottenPb {
+    #[prost(uint64, tag = "1")]
+    through_ms: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -188,6 +195,9 @@ pub fn encode(record: &LogRecord) -> (u8, Vec<u8>) {
             };
             (TYPE_END, pb.encode_to_vec())
         }
+        LogRecord::Forgotten { through_ms } => {
+            (TYPE_FORGOTTEN, ForgottenPb { through_ms: *through_ms }.encode_to_vec())
+        }
     }
 }
 
@@ -239,6 +249,7 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
                 branches,
             })
         }
+        TYPE_FORGOTTEN => LogRecord::Forgotten { through_ms: ForgottenPb::decode(payload)?.through_ms },
         other => return Err(DecodeError::UnknownType(other)),
     })
 }
@@ -279,6 +290,7 @@ mod tests {
                 idempotency_key: None,
                 branches: vec![EndBranch { key: k2, vote: None, outcome: Some(BranchOutcome::HeuristicHazard) }],
             }),
+            LogRecord::Forgotten { through_ms: 1_800_000_000_000 },
         ];
         for r in records {
             let (t, payload) = encode(&r);

@@ -48,13 +48,13 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
     );
 
     let runtime_config = RuntimeConfig {
-        call: CallConfig {
+        call: std::sync::Arc::new(CallConfig {
             coordinator_id: coordinator_id.clone(),
             prepare_timeout: Duration::from_millis(config.prepare_timeout_ms),
             rpc_timeout: Duration::from_millis(config.participant_rpc_timeout_ms),
             max_batch_branches: config.participant_max_batch_branches,
             max_inflight_calls: config.participant_max_inflight_calls,
-        },
+        }),
         recovery_interval: Duration::from_millis(config.recovery_interval_ms),
         api_queue_capacity: 4096,
         max_request_wait: Duration::from_millis(config.max_request_wait_ms),

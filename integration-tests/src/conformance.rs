@@ -102,22 +102,40 @@ impl<T: Target> Suite<'_, T> {
         results.remove(0)
     }
 
-    /// The (gtid, branch) pairs the participant lists as in doubt for `coordinator_id`.
+    /// The (gtid, branch, metadata) the participant lists as in doubt for `coordinator_id`,
+    /// fetched in pages of two so paging is exercised too.
     async fn recover(&mut self, coordinator_id: &str) -> Vec<(String, String, Vec<u8>)> {
-        let r = self
-            .client
-            .recover(v1::RecoverRequest { coordinator_id: coordinator_id.into(), resource_ids: vec![] })
-            .await
-            .expect("recover call")
-            .into_inner();
-        r.branches
-            .into_iter()
-            .map(|b| {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let r = self
+                .client
+                .recover(v1::RecoverRequest {
+                    coordinator_id: coordinator_id.into(),
+                    resource_ids: vec![self.target.resource()],
+                    after: after.take(),
+                    limit: 2,
+                })
+                .await
+                .expect("recover call")
+                .into_inner();
+            assert!(r.branches.len() <= 2, "a page holds at most `limit` branches");
+            for b in r.branches {
                 let x = b.xid.expect("xid");
                 assert_eq!(x.resource_id, self.target.resource(), "recover listed another resource's branch");
-                (x.gtid, x.branch_id, b.metadata)
-            })
-            .collect()
+                all.push((x.gtid.clone(), x.branch_id.clone(), b.metadata));
+                after = Some(x);
+            }
+            if !r.truncated {
+                break;
+            }
+            assert!(after.is_some(), "a truncated page must not be empty");
+        }
+        let mut keys: Vec<_> = all.iter().map(|(g, b, _)| (g.clone(), b.clone())).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), all.len(), "paging listed a branch twice");
+        all
     }
 
     async fn listed(&mut self, b: &Branch) -> usize {

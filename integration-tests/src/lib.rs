@@ -310,6 +310,16 @@ pub async fn branch_state(s: &mut ReferenceStoreClient<Channel>, gtid: &str, bra
     v1::BranchState::try_from(r.state).expect("known state")
 }
 
+/// Waits (bounded) until branch (gtid, branch_id) at reference participant `p` is in `want`.
+pub async fn wait_branch_state(p: &Process, gtid: &str, branch_id: &str, want: v1::BranchState) {
+    let what = format!("branch {gtid}/{branch_id} at {} to become {want:?}", p.name);
+    eventually(&what, || async {
+        let mut s = store_client(p).await;
+        (branch_state(&mut s, gtid, branch_id).await == want).then_some(())
+    })
+    .await
+}
+
 pub async fn commit(
     c: &mut CoordinatorClient<Channel>,
     gtid: &str,

@@ -128,7 +128,7 @@ async fn coordinator_killed_during_phase_two_finishes_it_after_restart() {
     // db2 takes its time with commits, so the crash (right after db1's commit call returns)
     // lands while db2 has not committed.
     let (mut s, result) =
-        crash_setup("crash-phase2", "coordinator::after_commit_call", &["--stall-commit-ms", "1000"]).await;
+        crash_setup("crash-phase2", "coordinator::after_commit_call", &["--stall-commit-ms", "3000"]).await;
     // The decision was durable before phase 2, so the client had its answer.
     assert_eq!(result.unwrap().outcome(), v1::Outcome::Committed);
     s.coordinator.wait_crashed().await;
@@ -154,6 +154,24 @@ async fn coordinator_killed_before_the_decision_aborts_after_restart() {
     assert_eq!(read(&mut store_client(&s.p2).await, "bob").await, None);
     let mut c = coordinator_client(&s.coordinator).await;
     assert_eq!(get(&mut c, &s.gtid).await.unwrap_err().code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_asks_again_a_participant_that_was_down_at_restart() {
+    let (mut s, result) = crash_setup("crash-recovery-later", "coordinator::before_commit_record", &[]).await;
+    assert!(result.is_err());
+    s.coordinator.wait_crashed().await;
+    assert_eq!(s.states().await, (BranchState::Prepared, BranchState::Prepared));
+    // db2 is down while the coordinator restarts: its first recovery scan cannot reach it.
+    let db2_port = s.p2.port();
+    s.p2.kill9().await;
+    s.restart_coordinator().await;
+    wait_branch_state(&s.p1, &s.gtid, "debit", BranchState::Aborted).await;
+    // db2 comes back (same port, same data): a later periodic scan finds its prepared branch.
+    s.p2 = s.dir.participant("db2", db2_port, &[], &[]).await;
+    let mut s2 = store_client(&s.p2).await;
+    wait_branch_state(&s.p2, &s.gtid, "credit", BranchState::Aborted).await;
+    assert_eq!(read(&mut s2, "bob").await, None);
 }
 
 /// Clients commit transactions concurrently while the coordinator is killed at the moment the

@@ -15,4 +15,6 @@ pub mod v1 {
 /// The encoded descriptor set of every `pledge.v1` file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pledge_descriptor.bin"));
 
-pub use types::{BranchId, BranchKey, Gtid, IdError, ResourceId, Xid};
+pub use types::{
+    BranchId, BranchKey, Gtid, IdError, MAX_REASON_BYTES, MAX_VOTE_METADATA_BYTES, ResourceId, Xid, bounded_reason,
+};

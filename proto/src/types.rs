@@ -14,6 +14,25 @@ use crate::v1;
 
 /// Longest resource or branch id, in bytes.
 pub const MAX_ID_BYTES: usize = 64;
+/// Largest vote metadata a participant may return, in bytes (the coordinator logs it with its
+/// decision, once per branch).
+pub const MAX_VOTE_METADATA_BYTES: usize = 4096;
+/// Longest reason or error text kept from a peer, in bytes; longer ones are cut (they end up
+/// in log records and replies, which have bounds of their own).
+pub const MAX_REASON_BYTES: usize = 1024;
+
+/// Cuts `text` to [`MAX_REASON_BYTES`] at a character boundary, marking the cut.
+pub fn bounded_reason(mut text: String) -> String {
+    if text.len() > MAX_REASON_BYTES {
+        let mut end = MAX_REASON_BYTES - 3;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
 
 /// Why an identifier was refused. The message names the field and the rule it broke.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

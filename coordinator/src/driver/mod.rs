@@ -28,9 +28,32 @@ use crate::engine::{
 use crate::records;
 use participant::{CallConfig, ParticipantHandle, Phase2Item, PrepareItem};
 
-/// Wall-clock time in Unix milliseconds (the engine's time base).
+/// Wall-clock time in Unix milliseconds.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The engine's clock: Unix milliseconds at start, advanced by a monotonic clock, so a wall
+/// clock stepped back (or forward) by NTP neither stalls nor fires every deadline at once.
+/// Times shown to clients drift from the wall clock only by the adjustments made since start.
+#[derive(Clone, Copy)]
+struct Clock {
+    base_ms: u64,
+    base: Instant,
+}
+
+impl Clock {
+    fn start() -> Clock {
+        Clock { base_ms: now_ms(), base: Instant::now() }
+    }
+
+    fn now(&self) -> u64 {
+        self.base_ms + self.base.elapsed().as_millis() as u64
+    }
+
+    fn instant_at(&self, at_ms: u64) -> Instant {
+        self.base + Duration::from_millis(at_ms.saturating_sub(self.base_ms))
+    }
 }
 
 /// A client request, as the API layer hands it to the runtime.
@@ -74,6 +97,8 @@ type ReplySender = oneshot::Sender<Result<Reply, EngineError>>;
 pub enum CallError {
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+    #[error("the coordinator is overloaded: the request waited {0} ms for the engine; retry later")]
+    Overloaded(u64),
     #[error("no answer within {0} ms; the transaction goes on, Get tells how it ends")]
     TimedOut(u64),
 }
@@ -86,20 +111,28 @@ pub struct RuntimeHandle {
 }
 
 impl RuntimeHandle {
+    /// Hands a request to the engine and waits for its answer, at most `max_request_wait_ms`
+    /// in all: waiting for room in the queue (the engine is behind) counts as overload, waiting
+    /// for the answer as a timeout.
     pub async fn call(&self, request: ApiRequest) -> Result<Result<Reply, EngineError>, CallError> {
         let (tx, rx) = oneshot::channel();
-        let wait = async {
-            self.api.send((request, tx)).await.map_err(|_| CallError::ShuttingDown)?;
-            rx.await.map_err(|_| CallError::ShuttingDown)
-        };
-        tokio::time::timeout(self.max_wait, wait)
-            .await
-            .unwrap_or(Err(CallError::TimedOut(self.max_wait.as_millis() as u64)))
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        let max_ms = self.max_wait.as_millis() as u64;
+        match tokio::time::timeout_at(deadline, self.api.send((request, tx))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(CallError::ShuttingDown),
+            Err(_) => return Err(CallError::Overloaded(max_ms)),
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(CallError::ShuttingDown),
+            Err(_) => Err(CallError::TimedOut(max_ms)),
+        }
     }
 }
 
 pub struct RuntimeConfig {
-    pub call: CallConfig,
+    pub call: Arc<CallConfig>,
     pub recovery_interval: Duration,
     /// Queue of client requests waiting for the engine (backpressure beyond it).
     pub api_queue_capacity: usize,
@@ -110,13 +143,14 @@ pub struct RuntimeConfig {
 /// command bounded while still amortising the loop).
 const MAX_EVENTS_PER_TURN: usize = 256;
 
-type SyncFuture = Pin<Box<dyn Future<Output = (SyncToken, Result<u64, LogError>)> + Send>>;
+/// A pending sync: of a record the engine waits for, or (`None`) of a checkpoint.
+type SyncFuture = Pin<Box<dyn Future<Output = (Option<SyncToken>, Result<u64, LogError>)> + Send>>;
 
 pub struct Runtime {
     engine: Engine,
     log: LogWriter,
     config: RuntimeConfig,
-    call_config: Arc<CallConfig>,
+    clock: Clock,
     api_rx: mpsc::Receiver<(ApiRequest, ReplySender)>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
@@ -135,12 +169,11 @@ impl Runtime {
         let (api_tx, api_rx) = mpsc::channel(config.api_queue_capacity);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let handle = RuntimeHandle { api: api_tx, max_wait: config.max_request_wait };
-        let call_config = Arc::new(config.call.clone());
         let runtime = Runtime {
             engine,
             log,
             config,
-            call_config,
+            clock: Clock::start(),
             api_rx,
             events_tx,
             events_rx,
@@ -156,25 +189,31 @@ impl Runtime {
 
     /// Runs until `shutdown` is cancelled. Returns an error only for a fatal log failure.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), LogError> {
-        self.engine.start(now_ms(), &mut self.commands);
+        self.engine.start(self.clock.now(), &mut self.commands);
         self.execute().await?;
         let mut recovery = tokio::time::interval(self.config.recovery_interval);
         recovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = self.engine.next_deadline().map(|at| {
-                let now = now_ms();
-                Instant::now() + Duration::from_millis(at.saturating_sub(now))
-            });
+            let deadline = self.engine.next_deadline().map(|at| self.clock.instant_at(at));
+            // Biased, in this order: what frees the engine (syncs) and what is due (timers,
+            // recovery) before new work, so a steady stream of requests cannot starve them.
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some((token, result)) = self.syncs.next(), if !self.syncs.is_empty() => {
                     result?;
-                    if matches!(token, SyncToken::Commit(_)) {
-                        fail::fail_point!("coordinator::after_commit_synced");
+                    match token {
+                        Some(token) => {
+                            if matches!(token, SyncToken::Commit(_)) {
+                                fail::fail_point!("coordinator::after_commit_synced");
+                            }
+                            self.handle(Event::Synced(token));
+                        }
+                        None => tracing::info!("checkpoint written; older log segments deleted"),
                     }
-                    self.handle(Event::Synced(token));
                 }
+                _ = sleep_until(deadline) => self.handle(Event::Tick),
+                _ = recovery.tick() => self.scan_in_doubt(),
                 Some(event) = self.events_rx.recv() => {
                     self.handle(event);
                     for _ in 1..MAX_EVENTS_PER_TURN {
@@ -193,8 +232,6 @@ impl Runtime {
                         }
                     }
                 }
-                _ = sleep_until(deadline) => self.handle(Event::Tick),
-                _ = recovery.tick() => self.scan_in_doubt(),
             }
             self.execute().await?;
         }
@@ -209,7 +246,7 @@ impl Runtime {
     }
 
     fn handle(&mut self, event: Event) {
-        self.engine.handle(now_ms(), event, &mut self.commands);
+        self.engine.handle(self.clock.now(), event, &mut self.commands);
     }
 
     /// Carries out the engine's commands, and whatever commands the events they cause at once
@@ -237,18 +274,17 @@ impl Runtime {
                 match sync {
                     Some(token) => {
                         let durable = self.log.submit(rtype, payload).await?;
-                        self.syncs.push(Box::pin(async move { (token, durable.await) }));
+                        self.syncs.push(Box::pin(async move { (Some(token), durable.await) }));
                     }
                     None => self.log.append_lazy(rtype, payload).await?,
                 }
             }
             Command::Checkpoint { records } => {
-                let count = records.len();
+                // Queued now, in order after the records it reflects; written, synced and the
+                // old segments deleted by the log writer while the engine goes on.
                 let encoded = records.iter().map(records::encode).collect();
-                // Awaited inline: the checkpoint must be queued before any later record, and
-                // it is rare (every `checkpoint_every_records` appends).
-                let lsn = self.log.checkpoint(encoded).await?;
-                tracing::info!(records = count, lsn, "checkpoint written; older log segments deleted");
+                let durable = self.log.submit_checkpoint(encoded).await?;
+                self.syncs.push(Box::pin(async move { (None, durable.await) }));
             }
             Command::Prepare { gtid, branch } => match self.participants.get(&branch.resource) {
                 Some(p) => p.prepare(PrepareItem { gtid, branch }),
@@ -270,7 +306,7 @@ impl Runtime {
                 match ParticipantHandle::spawn(
                     resource.clone(),
                     endpoint.clone(),
-                    self.call_config.clone(),
+                    self.config.call.clone(),
                     self.events_tx.clone(),
                 ) {
                     Ok(handle) => {
@@ -306,27 +342,26 @@ impl Runtime {
         }
     }
 
-    /// Asks every participant for its in-doubt branches; the answers come back as events.
+    /// Asks every participant for its in-doubt branches (skipping one whose previous scan is
+    /// still under way); each page of answers comes back as an event.
     fn scan_in_doubt(&self) {
         for handle in self.participants.values() {
             let resource = handle.resource.clone();
-            let scan = handle.recover();
             let events = self.events_tx.clone();
+            let page = {
+                let resource = resource.clone();
+                move |branches: Vec<crate::engine::InDoubtBranch>| {
+                    if !branches.is_empty() {
+                        tracing::info!(resource = %resource, count = branches.len(), "resolving in-doubt branches");
+                        let _ = events.send(Event::InDoubt { resource: resource.clone(), branches });
+                    }
+                }
+            };
+            let Some(scan) = handle.recover(page) else { continue };
             let interval_ms = self.config.recovery_interval.as_millis() as u64;
             tokio::spawn(async move {
-                match scan.await {
-                    Ok(branches) => {
-                        if !branches.is_empty() {
-                            tracing::info!(resource = %resource, count = branches.len(), "resolving in-doubt branches");
-                        }
-                        let _ = events.send(Event::InDoubt { resource, branches });
-                    }
-                    Err(error) => tracing::warn!(
-                        resource = %resource,
-                        error,
-                        retry_in_ms = interval_ms,
-                        "recovery scan failed"
-                    ),
+                if let Err(error) = scan.await {
+                    tracing::warn!(resource = %resource, error, retry_in_ms = interval_ms, "recovery scan failed");
                 }
             });
         }

@@ -7,20 +7,23 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use pledge_proto::v1::participant_client::ParticipantClient;
 use pledge_proto::v1::{self, BranchXid};
-use pledge_proto::{BranchKey, Gtid, ResourceId};
+use pledge_proto::{BranchKey, Gtid, MAX_VOTE_METADATA_BYTES, ResourceId, bounded_reason};
 use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use crate::engine::{BranchOutcome, Event, InDoubtBranch, Phase2Op, Phase2Result, VoteResult};
 
-/// Largest vote metadata accepted from a participant (it is logged with the decision).
-pub const MAX_VOTE_METADATA_BYTES: usize = 4096;
+/// Most pages of one recovery scan (500 branches a page, see the SDK's `MAX_RECOVER_PAGE`).
+const MAX_RECOVER_PAGES: usize = 1_000;
+/// Largest response accepted from a participant, in bytes.
+const MAX_RESPONSE_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Clone)]
 pub struct CallConfig {
@@ -57,6 +60,8 @@ pub struct ParticipantHandle {
     commit: mpsc::UnboundedSender<Phase2Item>,
     abort: mpsc::UnboundedSender<Phase2Item>,
     config: Arc<CallConfig>,
+    /// A recovery scan of this participant is under way (one at a time).
+    scanning: Arc<AtomicBool>,
 }
 
 impl ParticipantHandle {
@@ -76,7 +81,7 @@ impl ParticipantHandle {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(10))
             .connect_lazy();
-        let client = ParticipantClient::new(channel);
+        let client = ParticipantClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
 
         let (prepare, prepare_rx) = mpsc::unbounded_channel();
         let (commit, commit_rx) = mpsc::unbounded_channel();
@@ -91,7 +96,16 @@ impl ParticipantHandle {
             move |batch| call.clone().phase2(Phase2Op::Commit, batch)
         }));
         tokio::spawn(batcher(abort_rx, config.clone(), move |batch| call.clone().phase2(Phase2Op::Abort, batch)));
-        Ok(ParticipantHandle { resource, endpoint, client, prepare, commit, abort, config })
+        Ok(ParticipantHandle {
+            resource,
+            endpoint,
+            client,
+            prepare,
+            commit,
+            abort,
+            config,
+            scanning: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     pub fn prepare(&self, item: PrepareItem) {
@@ -106,29 +120,56 @@ impl ParticipantHandle {
         };
     }
 
-    /// Asks the participant for the branches it holds prepared for this coordinator.
-    pub fn recover(&self) -> impl Future<Output = Result<Vec<InDoubtBranch>, String>> + Send + 'static {
+    /// Asks the participant, page by page, for the branches it holds prepared for this
+    /// coordinator; each page is handed to `page` as it arrives. `None` if a scan of this
+    /// participant is already under way (scans never overlap).
+    pub fn recover<F>(&self, mut page: F) -> Option<impl Future<Output = Result<usize, String>> + Send + 'static>
+    where
+        F: FnMut(Vec<InDoubtBranch>) + Send + 'static,
+    {
+        if self.scanning.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let scanning = self.scanning.clone();
         let mut client = self.client.clone();
         let config = self.config.clone();
         let resource = self.resource.clone();
-        async move {
-            let mut request = tonic::Request::new(v1::RecoverRequest {
-                coordinator_id: config.coordinator_id.clone(),
-                resource_ids: vec![resource.to_string()],
-            });
-            request.set_timeout(config.rpc_timeout);
-            let response = client.recover(request).await.map_err(status_text)?.into_inner();
-            let mut branches = Vec::with_capacity(response.branches.len());
-            for b in response.branches {
-                let xid = b.xid.as_ref().ok_or("in-doubt branch without xid")?;
-                let (gtid, branch) = parse_xid(xid).map_err(|e| format!("in-doubt branch: {e}"))?;
-                if branch.resource != resource {
-                    return Err(format!("listed a branch of resource {:?}", branch.resource.as_str()));
+        Some(async move {
+            let scan = async {
+                let (mut after, mut total) = (None, 0);
+                for _ in 0..MAX_RECOVER_PAGES {
+                    let mut request = tonic::Request::new(v1::RecoverRequest {
+                        coordinator_id: config.coordinator_id.clone(),
+                        resource_ids: vec![resource.to_string()],
+                        after: after.take(),
+                        limit: 0,
+                    });
+                    request.set_timeout(config.rpc_timeout);
+                    let response = client.recover(request).await.map_err(status_text)?.into_inner();
+                    let mut branches = Vec::with_capacity(response.branches.len());
+                    for b in response.branches {
+                        let xid = b.xid.ok_or("in-doubt branch without xid")?;
+                        let (gtid, branch) = parse_xid(&xid).map_err(|e| format!("in-doubt branch: {e}"))?;
+                        if branch.resource != resource {
+                            return Err(format!("listed a branch of resource {:?}", branch.resource.as_str()));
+                        }
+                        branches.push(InDoubtBranch { gtid, branch, metadata: b.metadata.into() });
+                        after = Some(xid);
+                    }
+                    total += branches.len();
+                    page(branches);
+                    if !response.truncated || after.is_none() {
+                        return Ok(total);
+                    }
                 }
-                branches.push(InDoubtBranch { gtid, branch, metadata: b.metadata.into() });
-            }
-            Ok(branches)
-        }
+                Err(format!(
+                    "more than {MAX_RECOVER_PAGES} pages of in-doubt branches; the rest waits for the next scan"
+                ))
+            };
+            let result = scan.await;
+            scanning.store(false, Ordering::Release);
+            result
+        })
     }
 }
 
@@ -142,7 +183,7 @@ fn xid(gtid: &Gtid, branch: &BranchKey) -> BranchXid {
 }
 
 fn status_text(status: tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    bounded_reason(format!("{:?}: {}", status.code(), status.message()))
 }
 
 /// Takes one item, then whatever else is queued (up to the batch limit), waits for a call slot,
@@ -269,13 +310,13 @@ fn vote_result(r: v1::PrepareResult) -> VoteResult {
         },
         Ok(v1::Vote::Prepared) => VoteResult::Prepared { metadata: r.metadata.into() },
         Ok(v1::Vote::ReadOnly) => VoteResult::ReadOnly,
-        Ok(v1::Vote::Aborted) => VoteResult::Aborted { reason: r.reason },
+        Ok(v1::Vote::Aborted) => VoteResult::Aborted { reason: bounded_reason(r.reason) },
         Ok(v1::Vote::Unspecified) | Err(_) => VoteResult::Failed { error: format!("invalid vote {}", r.vote) },
     }
 }
 
 fn phase2_result(r: v1::BranchResult) -> Phase2Result {
-    let reason = (!r.reason.is_empty()).then_some(r.reason);
+    let reason = (!r.reason.is_empty()).then(|| bounded_reason(r.reason));
     let outcome = match v1::BranchOutcome::try_from(r.outcome) {
         Ok(v1::BranchOutcome::Committed) => BranchOutcome::Committed,
         Ok(v1::BranchOutcome::Aborted) => BranchOutcome::Aborted,

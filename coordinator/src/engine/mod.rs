@@ -76,6 +76,9 @@ impl Default for EngineConfig {
     }
 }
 
+/// Most Commit calls waiting on one transaction at once (each holds a reply slot).
+pub const MAX_WAITERS_PER_TXN: usize = 16;
+
 /// Where a transaction is in its life. Finer than [`TxnState`], which is what clients see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -177,6 +180,11 @@ struct Txn {
     waiters: Vec<Waiter>,
     /// The armed retry timer, if any (one per transaction: the earliest due branch).
     retry_timer_ms: Option<Millis>,
+    /// Finished and in the retention queue.
+    retired: bool,
+    /// One-phase outcome decided; its end record (the only record of it) is being synced and
+    /// the client hears the outcome only after that.
+    end_syncing: bool,
 }
 
 impl Txn {
@@ -196,6 +204,8 @@ impl Txn {
             branches: Vec::new(),
             waiters: Vec::new(),
             retry_timer_ms: None,
+            retired: false,
+            end_syncing: false,
         }
     }
 
@@ -212,10 +222,17 @@ impl Txn {
             committed: matches!(self.phase, Phase::Committing | Phase::Committed),
             reason: self.abort_reason.clone(),
             completed: self.phase.is_finished(),
+            heuristic: self.heuristic(),
         }
     }
 
-    fn view(&self) -> TxnView {
+    /// A participant reported a heuristic outcome for some branch.
+    fn heuristic(&self) -> bool {
+        self.branches.iter().any(|b| b.outcome.is_some_and(BranchOutcome::is_heuristic))
+    }
+
+    /// What Get (`with_metadata`) and List show.
+    fn view(&self, with_metadata: bool) -> TxnView {
         TxnView {
             gtid: self.gtid,
             state: self.phase.state(),
@@ -225,6 +242,7 @@ impl Txn {
             decided_ms: self.decided_ms,
             completed_ms: self.completed_ms,
             one_phase: self.one_phase,
+            heuristic: self.heuristic(),
             idempotency_key: self.idempotency_key.clone(),
             branches: self
                 .branches
@@ -232,7 +250,7 @@ impl Txn {
                 .map(|b| BranchView {
                     key: b.key.clone(),
                     vote: b.vote,
-                    metadata: b.metadata.clone(),
+                    metadata: if with_metadata { b.metadata.clone() } else { Bytes::new() },
                     acknowledged: b.acked,
                     outcome: b.outcome,
                     attempts: b.attempts,
@@ -294,7 +312,9 @@ struct Ctx {
     retired: VecDeque<(Millis, Gtid)>,
     idempotency: HashMap<String, Gtid>,
     participants: BTreeMap<ResourceId, String>,
-    live: usize,
+    /// The newest GTID timestamp among the finished transactions forgotten after their
+    /// retention: an unknown GTID at or below it may have finished either way.
+    forgotten_through_ms: Millis,
     records_since_checkpoint: u64,
     rng: fastrand::Rng,
 }
@@ -320,7 +340,7 @@ impl Engine {
                 retired: VecDeque::new(),
                 idempotency: HashMap::new(),
                 participants: BTreeMap::new(),
-                live: 0,
+                forgotten_through_ms: 0,
                 records_since_checkpoint: 0,
                 rng,
             },
@@ -336,12 +356,9 @@ impl Engine {
             engine.apply_replayed(record);
         }
         let Engine { txns, cx } = &mut engine;
-        for txn in txns.values() {
-            if txn.phase.is_finished() {
-                cx.retired.push_back((txn.completed_ms, txn.gtid));
-            } else {
-                cx.live += 1;
-            }
+        for txn in txns.values_mut().filter(|t| t.phase.is_finished()) {
+            txn.retired = true;
+            cx.retired.push_back((txn.completed_ms, txn.gtid));
         }
         cx.retired.make_contiguous().sort();
         engine
@@ -351,6 +368,9 @@ impl Engine {
         match record {
             LogRecord::Register { resource, endpoint } => {
                 self.cx.participants.insert(resource, endpoint);
+            }
+            LogRecord::Forgotten { through_ms } => {
+                self.cx.forgotten_through_ms = self.cx.forgotten_through_ms.max(through_ms);
             }
             LogRecord::Commit(c) => {
                 let mut txn = Txn::new(c.gtid, c.created_ms, c.created_ms, c.idempotency_key);
@@ -426,13 +446,16 @@ impl Engine {
 
     /// Number of transactions not yet finished.
     pub fn live_transactions(&self) -> usize {
-        self.cx.live
+        self.txns.len() - self.cx.retired.len()
     }
 
     /// Handles one event at time `now`, appending the resulting commands to `out`.
     pub fn handle(&mut self, now: Millis, event: Event, out: &mut Vec<Command>) {
         // Time never goes backwards for the engine, even if the wall clock does.
         self.cx.now = self.cx.now.max(now);
+        // Deadlines first: a transaction past its timeout must not be committed by an event
+        // that happens to arrive before the tick.
+        self.fire_timers();
         match event {
             Event::Begin { req, gtid, timeout_ms, idempotency_key, branches } => {
                 self.begin(req, gtid, timeout_ms, idempotency_key, branches)
@@ -444,8 +467,8 @@ impl Engine {
             Event::Abort { req, gtid } => self.abort(req, gtid),
             Event::Get { req, gtid } => {
                 let reply = match self.txns.get(&gtid) {
-                    Some(txn) => Ok(Reply::Transaction(Box::new(txn.view()))),
-                    None => Err(EngineError::UnknownTransaction(gtid)),
+                    Some(txn) => Ok(Reply::Transaction(Box::new(txn.view(true)))),
+                    None => Err(self.cx.unknown(gtid)),
                 };
                 self.cx.reply(req, reply);
             }
@@ -462,6 +485,13 @@ impl Engine {
             Event::Voted { gtid, branch, vote } => self.voted(gtid, branch, vote),
             Event::Phase2Done { gtid, branch, op, result } => self.phase2_done(gtid, branch, op, result),
             Event::Synced(SyncToken::Commit(gtid)) => self.commit_durable(gtid),
+            Event::Synced(SyncToken::End(gtid)) => {
+                if let Some(txn) = self.txns.get_mut(&gtid) {
+                    txn.end_syncing = false;
+                    let outcome = txn.commit_outcome();
+                    self.cx.reply_waiters(txn, |_| true, &outcome);
+                }
+            }
             Event::Synced(SyncToken::Register(req)) => self.cx.reply(req, Ok(Reply::Registered)),
             Event::InDoubt { resource, branches } => self.in_doubt(resource, branches),
             Event::Tick => {}
@@ -495,7 +525,7 @@ impl Engine {
             }
             Some(t) => t,
         };
-        if cx.live >= cx.cfg.max_live_transactions {
+        if self.txns.len() - cx.retired.len() >= cx.cfg.max_live_transactions {
             return cx.reply(req, Err(EngineError::TooManyTransactions { max: cx.cfg.max_live_transactions }));
         }
         let mut txn = Txn::new(gtid, cx.now, cx.now + timeout, idempotency_key);
@@ -505,7 +535,6 @@ impl Engine {
         if let Some(key) = &txn.idempotency_key {
             cx.idempotency.insert(key.clone(), gtid);
         }
-        cx.live += 1;
         cx.timers.insert((txn.deadline_ms, gtid, TimerKind::TxnTimeout));
         cx.reply(req, Ok(Reply::Begun { gtid, existing: false, deadline_ms: txn.deadline_ms }));
         self.txns.insert(gtid, txn);
@@ -514,7 +543,7 @@ impl Engine {
     fn enlist(&mut self, req: ReqId, gtid: Gtid, branches: Vec<BranchKey>) {
         let Engine { txns, cx } = self;
         let Some(txn) = txns.get_mut(&gtid) else {
-            return cx.reply(req, Err(EngineError::UnknownTransaction(gtid)));
+            return cx.reply(req, Err(cx.unknown(gtid)));
         };
         if txn.phase != Phase::Active {
             return cx.reply(req, Err(EngineError::NotActive { gtid, state: txn.phase.state() }));
@@ -526,9 +555,12 @@ impl Engine {
     fn commit(&mut self, req: ReqId, gtid: Gtid, branches: Vec<BranchKey>, wait_for_completion: bool) {
         let Engine { txns, cx } = self;
         let Some(txn) = txns.get_mut(&gtid) else {
-            return cx.reply(req, Err(EngineError::UnknownTransaction(gtid)));
+            return cx.reply(req, Err(cx.unknown(gtid)));
         };
         let waiter = Waiter { req, wait_for_completion };
+        if txn.waiters.len() >= MAX_WAITERS_PER_TXN {
+            return cx.reply(req, Err(EngineError::TooManyWaiters { gtid, max: MAX_WAITERS_PER_TXN }));
+        }
         match txn.phase {
             Phase::Active => {
                 if let Err(e) = cx.add_branches(txn, branches) {
@@ -548,6 +580,7 @@ impl Engine {
                 cx.reply(req, Err(EngineError::AlreadyAborted { gtid, reason }));
             }
             Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => txn.waiters.push(waiter),
+            _ if txn.end_syncing => txn.waiters.push(waiter),
             Phase::Committing | Phase::Aborting if wait_for_completion => txn.waiters.push(waiter),
             Phase::Committing | Phase::Aborting | Phase::Committed | Phase::Aborted => {
                 cx.reply(req, Ok(Reply::CommitOutcome(txn.commit_outcome())))
@@ -559,7 +592,7 @@ impl Engine {
     fn abort(&mut self, req: ReqId, gtid: Gtid) {
         let Engine { txns, cx } = self;
         let Some(txn) = txns.get_mut(&gtid) else {
-            return cx.reply(req, Err(EngineError::UnknownTransaction(gtid)));
+            return cx.reply(req, Err(cx.unknown(gtid)));
         };
         match txn.phase {
             Phase::Active | Phase::Preparing => {
@@ -583,9 +616,11 @@ impl Engine {
             let state = t.phase.state();
             (filter.states.is_empty() || filter.states.contains(&state))
                 && (!filter.in_doubt || matches!(t.phase, Phase::Committing | Phase::Aborting))
+                && (!filter.heuristic || t.heuristic())
                 && (filter.older_than_ms == 0 || t.created_ms <= cutoff)
         });
-        let transactions: Vec<TxnView> = matching.by_ref().take(limit).map(Txn::view).collect();
+        // Without vote metadata (up to 4 KiB a branch): Get has it.
+        let transactions: Vec<TxnView> = matching.by_ref().take(limit).map(|t| t.view(false)).collect();
         let truncated = matching.next().is_some();
         cx.reply(req, Ok(Reply::List { transactions, truncated }));
     }
@@ -708,6 +743,11 @@ impl Engine {
                     // The participant decided: committed, or aborted with its reason.
                     branch.outcome = Some(outcome);
                     txn.decided_ms = now;
+                    if outcome.is_heuristic() {
+                        tracing::warn!(%gtid, branch = %key, ?outcome, "heuristic outcome reported by participant");
+                    }
+                    // Committed, or heuristically so; anything else did not commit (a mixed or
+                    // hazard outcome is flagged as heuristic for an operator to look into).
                     if matches!(outcome, BranchOutcome::Committed | BranchOutcome::HeuristicCommit) {
                         txn.phase = Phase::Committed;
                     } else {
@@ -754,16 +794,14 @@ impl Engine {
             let gtid = txn.gtid;
             match txn.branch_mut(&ib.branch) {
                 Some(b) if b.in_flight => {}
-                Some(b) if !b.acked => {
-                    // Due for a retry anyway: send it now rather than wait for the backoff.
-                    b.in_flight = true;
-                    b.next_retry_ms = 0;
-                    let metadata = if b.metadata.is_empty() { ib.metadata } else { b.metadata.clone() };
-                    cx.out.push(phase2_command(op, gtid, b.key.clone(), false, metadata));
-                }
                 Some(b) => {
-                    // We hold an acknowledgement, yet the participant still lists the branch
-                    // (it lost it, or answered before making it durable). Repeat the outcome.
+                    // Unacknowledged: due for a retry anyway, send it now rather than after the
+                    // backoff. Acknowledged, yet still listed (the participant lost it, or
+                    // answered before making it durable): repeat the outcome.
+                    if !b.acked {
+                        b.in_flight = true;
+                        b.next_retry_ms = 0;
+                    }
                     let metadata = if b.metadata.is_empty() { ib.metadata } else { b.metadata.clone() };
                     cx.out.push(phase2_command(op, gtid, b.key.clone(), false, metadata));
                 }
@@ -816,6 +854,7 @@ impl Engine {
                 break;
             }
             cx.retired.pop_front();
+            cx.forgotten_through_ms = cx.forgotten_through_ms.max(gtid.unix_ms().unwrap_or(0));
             if let Some(txn) = txns.remove(&gtid)
                 && let Some(key) = txn.idempotency_key
                 && cx.idempotency.get(&key) == Some(&gtid)
@@ -839,6 +878,9 @@ impl Engine {
             .iter()
             .map(|(r, e)| LogRecord::Register { resource: r.clone(), endpoint: e.clone() })
             .collect();
+        if cx.forgotten_through_ms > 0 {
+            records.push(LogRecord::Forgotten { through_ms: cx.forgotten_through_ms });
+        }
         for txn in txns.values() {
             match txn.phase {
                 // CommitPending is included: its commit record was submitted before this
@@ -860,6 +902,14 @@ fn phase2_command(op: Phase2Op, gtid: Gtid, branch: BranchKey, one_phase: bool, 
 }
 
 impl Ctx {
+    /// The error for a GTID with no transaction here.
+    fn unknown(&self, gtid: Gtid) -> EngineError {
+        match gtid.unix_ms() {
+            Some(t) if t <= self.forgotten_through_ms => EngineError::OutcomeForgotten(gtid),
+            _ => EngineError::UnknownTransaction(gtid),
+        }
+    }
+
     fn reply(&mut self, req: ReqId, reply: Result<Reply, EngineError>) {
         self.out.push(Command::Reply { req, reply });
     }
@@ -938,10 +988,11 @@ impl Ctx {
         txn.decided_ms = self.now;
         txn.abort_reason = Some(reason);
         for b in &mut txn.branches {
-            // A branch that voted no or read-only has nothing left to roll back. Every other
-            // branch (prepared, not yet voted, or never asked) is told to roll back, which also
-            // makes a Prepare still on its way a refused "dangling prepare".
-            b.acked = matches!(b.vote, Some(Vote::Aborted | Vote::ReadOnly));
+            // Every branch but a read-only one is told to roll back: prepared ones, ones not yet
+            // asked or not yet answered (a Prepare still on its way then becomes a refused
+            // "dangling prepare"), and ones that voted no, since a participant may have
+            // prepared and then failed to say so.
+            b.acked = b.vote == Some(Vote::ReadOnly);
         }
         self.send_phase2(txn, Phase2Op::Abort);
         let outcome = txn.commit_outcome();
@@ -1019,20 +1070,27 @@ impl Ctx {
             Phase::Committing if txn.all_acked() => Phase::Committed,
             Phase::Aborting if txn.all_acked() => Phase::Aborted,
             // Reached directly (empty, all read-only, one-phase) and not yet retired.
-            Phase::Committed | Phase::Aborted if txn.completed_ms == 0 => txn.phase,
+            Phase::Committed | Phase::Aborted if !txn.retired => txn.phase,
             _ => return,
         };
         txn.phase = finished;
         txn.completed_ms = self.now;
+        txn.retired = true;
         if let Some(at) = txn.retry_timer_ms.take() {
             self.timers.remove(&(at, txn.gtid, TimerKind::Retry));
         }
-        // Lazy: losing it costs a repeated (idempotent) phase 2 after a crash; keeping it lets Get
-        // and retried Commit/Abort answer for finished transactions after a restart.
-        self.append(LogRecord::End(txn.end_record()), None);
-        let outcome = txn.commit_outcome();
-        self.reply_waiters(txn, |_| true, &outcome);
-        self.live -= 1;
+        if txn.one_phase {
+            // The participant decided and nothing else records it: the client hears the
+            // outcome only once this record is durable, so Get can tell it after a crash.
+            txn.end_syncing = true;
+            self.append(LogRecord::End(txn.end_record()), Some(SyncToken::End(txn.gtid)));
+        } else {
+            // Lazy: losing it costs a repeated (idempotent) phase 2 after a crash; keeping it
+            // lets Get and retried Commit/Abort answer for finished transactions after a restart.
+            self.append(LogRecord::End(txn.end_record()), None);
+            let outcome = txn.commit_outcome();
+            self.reply_waiters(txn, |_| true, &outcome);
+        }
         self.retired.push_back((self.now, txn.gtid));
     }
 }

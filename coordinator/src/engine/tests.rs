@@ -117,7 +117,10 @@ impl Harness {
 }
 
 fn committed(req: ReqId, completed: bool) -> Command {
-    Command::Reply { req, reply: Ok(Reply::CommitOutcome(CommitOutcome { committed: true, reason: None, completed })) }
+    Command::Reply {
+        req,
+        reply: Ok(Reply::CommitOutcome(CommitOutcome { committed: true, reason: None, completed, heuristic: false })),
+    }
 }
 
 fn aborted(req: ReqId, reason: &str, completed: bool) -> Command {
@@ -127,6 +130,7 @@ fn aborted(req: ReqId, reason: &str, completed: bool) -> Command {
             committed: false,
             reason: Some(reason.to_string()),
             completed,
+            heuristic: false,
         })),
     }
 }
@@ -217,7 +221,7 @@ fn all_yes_commits_forcing_the_decision_before_phase_two() {
 }
 
 #[test]
-fn one_no_vote_aborts_and_rolls_back_only_branches_that_may_hold_work() {
+fn one_no_vote_aborts_and_rolls_back_every_branch_but_read_only_ones() {
     let mut h = Harness::new();
     let g = gtid(1);
     h.begin(g, vec![db1(), db2(), key("db3", "x")]);
@@ -225,16 +229,23 @@ fn one_no_vote_aborts_and_rolls_back_only_branches_that_may_hold_work() {
     assert_eq!(h.vote(g, db1(), VoteResult::Prepared { metadata: meta("m1") }), vec![]);
     let out = h.vote(g, db2(), VoteResult::Aborted { reason: "unique violation".into() });
     let reason = "branch db2/b1 voted no: unique violation";
-    // db1 prepared and db3 has not voted: both are told to roll back. db2 already did.
+    // db1 prepared and db3 has not voted: both are told to roll back; so is db2, which voted
+    // no (a participant may have prepared and then failed to say so).
     assert_eq!(
         out,
-        vec![abort_cmd(g, db1(), meta("m1")), abort_cmd(g, key("db3", "x"), Bytes::new()), aborted(req, reason, false)]
+        vec![
+            abort_cmd(g, db1(), meta("m1")),
+            abort_cmd(g, db2(), Bytes::new()),
+            abort_cmd(g, key("db3", "x"), Bytes::new()),
+            aborted(req, reason, false)
+        ]
     );
     // Nothing is forced for an abort.
     assert!(h.appended.is_empty());
     // db3's vote arrives late: its abort is already on the way.
     assert_eq!(h.vote(g, key("db3", "x"), VoteResult::Prepared { metadata: Bytes::new() }), vec![]);
     assert_eq!(h.ack(g, db1(), Phase2Op::Abort, BranchOutcome::Aborted), vec![]);
+    assert_eq!(h.ack(g, db2(), Phase2Op::Abort, BranchOutcome::Aborted), vec![]);
     let out = h.ack(g, key("db3", "x"), Phase2Op::Abort, BranchOutcome::Aborted);
     assert!(matches!(out.as_slice(), [Command::Append { record: LogRecord::End(e), sync: None }] if !e.committed));
     let view = h.get(g).unwrap();
@@ -369,9 +380,19 @@ fn single_branch_commits_in_one_phase_without_a_log_force() {
     let (req, out) = h.commit(g);
     assert_eq!(out, vec![Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new() }]);
     let out = h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
-    assert!(matches!(&out[0], Command::Append { record: LogRecord::End(e), sync: None } if e.committed && e.one_phase));
-    assert_eq!(out[1], committed(req, true));
+    // The participant decided; the end record is the coordinator's only record of it, so the
+    // client hears the outcome once that record is durable (and a repeated Commit waits too).
+    let [Command::Append { record: LogRecord::End(e), sync: Some(SyncToken::End(synced)) }] = out.as_slice() else {
+        panic!("expected one synced end record, got {out:?}");
+    };
+    assert!(e.committed && e.one_phase && *synced == g);
+    let (req2, out) = h.commit(g);
+    assert_eq!(out, vec![]);
+    let out = h.ev(Event::Synced(SyncToken::End(g)));
+    assert_eq!(out, vec![committed(req, true), committed(req2, true)]);
     assert!(h.get(g).unwrap().one_phase);
+    let (req3, out) = h.commit(g);
+    assert_eq!(out, vec![committed(req3, true)]);
 }
 
 #[test]
@@ -386,7 +407,9 @@ fn one_phase_refusal_aborts_with_the_participants_reason() {
         op: Phase2Op::Commit,
         result: Phase2Result::Outcome { outcome: BranchOutcome::Aborted, reason: Some("check violation".into()) },
     });
-    assert_eq!(out[1], aborted(req, "branch db1/b1 aborted in one-phase commit: check violation", true));
+    assert!(matches!(&out[0], Command::Append { record: LogRecord::End(e), sync: Some(_) } if !e.committed));
+    let out = h.ev(Event::Synced(SyncToken::End(g)));
+    assert_eq!(out, vec![aborted(req, "branch db1/b1 aborted in one-phase commit: check violation", true)]);
 }
 
 #[test]
@@ -561,7 +584,7 @@ fn finished_transactions_are_forgotten_after_their_retention() {
     assert_eq!(h.engine.next_deadline(), Some(T0 + 1_000));
     h.now = T0 + 1_000;
     h.ev(Event::Tick);
-    assert_eq!(h.get(g), Err(EngineError::UnknownTransaction(g)));
+    assert_eq!(h.get(g), Err(EngineError::OutcomeForgotten(g)));
 }
 
 #[test]
@@ -654,7 +677,6 @@ fn crash_restart_at_every_step_ends_as_the_log_says() {
                 if keep_unsynced { h.appended.iter().map(|(r, _)| r.clone()).collect() } else { h.synced_records() };
             let decision_durable = records.iter().any(|r| matches!(r, LogRecord::Commit(_)));
             let ended = records.iter().any(|r| matches!(r, LogRecord::End(_)));
-            assert!(decision_durable || !acknowledged);
             let (mut r, start) = Harness::restored(EngineConfig::default(), T0 + 100, records);
             let commits: Vec<&Command> = start.iter().filter(|c| matches!(c, Command::Commit { .. })).collect();
             if decision_durable && !ended {
@@ -745,6 +767,7 @@ fn checkpoint_holds_participants_undecided_commits_and_retained_ends() {
             LogRecord::Register { resource, .. } => format!("register {resource}"),
             LogRecord::Commit(c) => format!("commit {}", c.gtid == g2),
             LogRecord::End(e) => format!("end {}", e.gtid == g1),
+            LogRecord::Forgotten { .. } => "forgotten".into(),
         })
         .collect();
     assert_eq!(kinds, vec!["register db1", "register db2", "register db3", "end true", "commit true"]);
@@ -753,4 +776,117 @@ fn checkpoint_holds_participants_undecided_commits_and_retained_ends() {
     assert_eq!(start.iter().filter(|c| matches!(c, Command::Commit { gtid, .. } if *gtid == g2)).count(), 2);
     assert_eq!(r.get(g1).unwrap().state, TxnState::Committed);
     assert!(r.get(gtid(3)).is_err());
+}
+
+#[test]
+fn a_deadline_that_passed_wins_over_an_event_that_arrives_before_the_tick() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    let req = h.req();
+    h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(1_000), idempotency_key: None, branches: vec![db1(), db2()] });
+    // No tick was delivered at T0+1000; the Commit comes at T0+5000.
+    h.now = T0 + 5_000;
+    let (req, out) = h.commit(g);
+    let reason = "transaction timed out after 1000 ms".to_string();
+    assert_eq!(
+        out,
+        vec![
+            abort_cmd(g, db1(), Bytes::new()),
+            abort_cmd(g, db2(), Bytes::new()),
+            Command::Reply { req, reply: Err(EngineError::AlreadyAborted { gtid: g, reason }) }
+        ]
+    );
+}
+
+#[test]
+fn a_forgotten_outcome_is_told_apart_from_an_unknown_transaction_also_after_a_restart() {
+    let cfg = EngineConfig { completed_retention_ms: 1_000, checkpoint_every_records: 2, ..EngineConfig::default() };
+    let mut h = Harness::with_config(cfg.clone());
+    let g = gtid(1);
+    h.begin(g, vec![]);
+    h.commit(g);
+    h.now = T0 + 1_000;
+    h.ev(Event::Tick);
+    assert_eq!(h.get(g), Err(EngineError::OutcomeForgotten(g)));
+    // A GTID issued after the forgotten ones is simply unknown.
+    let later = Gtid::from_parts(T0 + 2_000, 1);
+    assert_eq!(h.get(later), Err(EngineError::UnknownTransaction(later)));
+    // The watermark is part of the next checkpoint, so a restart keeps telling them apart.
+    let g2 = gtid(2);
+    h.begin(g2, vec![]);
+    let (_, out) = h.commit(g2);
+    let Some(Command::Checkpoint { records }) = out.last() else { panic!("no checkpoint: {out:?}") };
+    let (mut r, _) = Harness::restored(cfg, T0 + 3_000, records.clone());
+    assert_eq!(r.get(g), Err(EngineError::OutcomeForgotten(g)));
+    assert_eq!(r.get(later), Err(EngineError::UnknownTransaction(later)));
+}
+
+#[test]
+fn waiting_commit_calls_are_bounded_per_transaction() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    for _ in 0..MAX_WAITERS_PER_TXN {
+        let (_, out) = h.commit(g);
+        assert!(out.iter().all(|c| !matches!(c, Command::Reply { .. })), "{out:?}");
+    }
+    let (req, out) = h.commit(g);
+    assert_eq!(
+        out,
+        vec![Command::Reply { req, reply: Err(EngineError::TooManyWaiters { gtid: g, max: MAX_WAITERS_PER_TXN }) }]
+    );
+}
+
+#[test]
+fn a_heuristic_outcome_is_flagged_to_the_waiting_client_and_in_list() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let req = h.req();
+    h.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: true });
+    h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.synced(g);
+    h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    let out = h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::HeuristicHazard);
+    let want = CommitOutcome { committed: true, reason: None, completed: true, heuristic: true };
+    assert_eq!(out.last(), Some(&Command::Reply { req, reply: Ok(Reply::CommitOutcome(want)) }));
+    assert!(h.get(g).unwrap().heuristic);
+    let req = h.req();
+    let out = h.ev(Event::List { req, filter: ListFilter { heuristic: true, limit: 10, ..ListFilter::default() } });
+    assert!(
+        matches!(&out[0], Command::Reply { reply: Ok(Reply::List { transactions, .. }), .. } if transactions.len() == 1)
+    );
+}
+
+#[test]
+fn in_doubt_reports_of_a_committing_transaction_resend_or_repeat_the_commit() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    prepared_two(&mut h, g);
+    h.synced(g);
+    h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    // db2's commit failed and waits for its backoff; a scan lists both branches.
+    h.ev(Event::Phase2Done {
+        gtid: g,
+        branch: db2(),
+        op: Phase2Op::Commit,
+        result: Phase2Result::Retry { error: "unavailable".into() },
+    });
+    for b in [db1(), db2()] {
+        let out = h.ev(Event::InDoubt {
+            resource: b.resource.clone(),
+            branches: vec![InDoubtBranch { gtid: g, branch: b.clone(), metadata: Bytes::new() }],
+        });
+        let metadata = if b == db1() { meta("m1") } else { Bytes::new() };
+        // db2: sent now instead of after the backoff; db1: acknowledged yet still listed, so
+        // the outcome is repeated.
+        assert_eq!(out, vec![commit_cmd(g, b.clone(), metadata)], "{b}");
+    }
+    // db2's commit is in flight now: a second listing sends nothing more.
+    let out = h.ev(Event::InDoubt {
+        resource: db2().resource.clone(),
+        branches: vec![InDoubtBranch { gtid: g, branch: db2(), metadata: Bytes::new() }],
+    });
+    assert_eq!(out, vec![]);
 }

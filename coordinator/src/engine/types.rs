@@ -141,6 +141,8 @@ pub enum SyncToken {
     Commit(Gtid),
     /// The registration answering this request.
     Register(ReqId),
+    /// The end record of a one-phase commit (its only record).
+    End(Gtid),
 }
 
 /// Something the runtime must do.
@@ -182,6 +184,8 @@ pub struct CommitOutcome {
     pub reason: Option<String>,
     /// Every branch acknowledged the outcome.
     pub completed: bool,
+    /// Some participant reported a heuristic outcome (see Get).
+    pub heuristic: bool,
 }
 
 /// Why the engine refused a request. Each maps to one gRPC status in the API layer.
@@ -203,6 +207,13 @@ pub enum EngineError {
     TooManyBranches { count: usize, max: usize },
     #[error("the coordinator already has {max} live transactions (max_live_transactions); retry later")]
     TooManyTransactions { max: usize },
+    #[error(
+        "transaction {0} finished longer ago than the coordinator remembers finished transactions \
+         (completed_retention_ms / completed_retention_max); its outcome is no longer known here"
+    )]
+    OutcomeForgotten(Gtid),
+    #[error("{max} Commit calls are already waiting on transaction {gtid}")]
+    TooManyWaiters { gtid: Gtid, max: usize },
 }
 
 /// A transaction's state as the API shows it.
@@ -248,6 +259,8 @@ pub struct TxnView {
     pub decided_ms: Millis,
     pub completed_ms: Millis,
     pub one_phase: bool,
+    /// Some participant reported a heuristic outcome.
+    pub heuristic: bool,
     pub idempotency_key: Option<String>,
     pub branches: Vec<BranchView>,
 }
@@ -272,6 +285,8 @@ pub struct ListFilter {
     pub states: Vec<TxnState>,
     /// Decided, but not yet acknowledged by every branch.
     pub in_doubt: bool,
+    /// With a heuristic outcome at some branch.
+    pub heuristic: bool,
     /// Created at least this many milliseconds ago.
     pub older_than_ms: u64,
     pub limit: usize,
@@ -291,6 +306,8 @@ pub enum LogRecord {
     Commit(CommitRecord),
     /// Every branch acknowledged the outcome; the transaction is finished.
     End(EndRecord),
+    /// Finished transactions with GTIDs up to this time were forgotten (checkpoints only).
+    Forgotten { through_ms: Millis },
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -552,10 +552,10 @@ impl PostgresParticipant {
                     n += 1;
                     p.expire_active(&r).await;
                     r.expire_finished(p.inner.config.tombstone_retention, p.inner.config.max_tombstones);
-                    if n % 10 == 0 {
+                    if n.is_multiple_of(10) {
                         p.check_prepared_age(&r).await;
                     }
-                    if p.inner.config.dedup && n % 60 == 0 {
+                    if p.inner.config.dedup && n.is_multiple_of(60) {
                         p.expire_dedup(&r).await;
                     }
                 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use futures::future::join_all;
 use pledge_proto::v1::participant_server::ParticipantServer;
 use pledge_proto::v1::{self};
-use pledge_proto::{IdError, ResourceId, Xid};
+use pledge_proto::{IdError, MAX_VOTE_METADATA_BYTES, ResourceId, Xid, bounded_reason};
 use tonic::service::RoutesBuilder;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -14,10 +14,11 @@ use crate::{Outcome, Participant, Vote};
 
 /// Most branches accepted in one call (the coordinator sends at most 512 by default).
 pub const MAX_BRANCHES_PER_CALL: usize = 4096;
-/// Largest vote metadata, in bytes (the coordinator logs it with every decision).
-pub const MAX_METADATA_BYTES: usize = 4096;
 /// Largest request, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Most in-doubt branches in one Recover response (each may carry 4 KiB of metadata, and the
+/// response must stay well under the 4 MiB a gRPC client accepts by default).
+pub const MAX_RECOVER_PAGE: usize = 500;
 
 /// gRPC health checking, server reflection and the Participant service for `participant`.
 /// Add a work API with `.add_service(...)` and serve with
@@ -79,7 +80,7 @@ fn outcome_result(result: Result<Outcome, crate::Error>) -> v1::BranchResult {
         Ok(Outcome::HeuristicHazard { reason }) => (O::HeuristicHazard, reason),
         Err(e) => (O::Retry, e.0),
     };
-    v1::BranchResult { outcome: outcome as i32, reason }
+    v1::BranchResult { outcome: outcome as i32, reason: bounded_reason(reason) }
 }
 
 #[tonic::async_trait]
@@ -94,11 +95,11 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
             let vote = p.prepare(coordinator, xid).await;
             tracing::debug!(%xid, ?vote, "prepared");
             match vote {
-                Ok(Vote::Prepared { metadata }) if metadata.len() > MAX_METADATA_BYTES => v1::PrepareResult {
+                Ok(Vote::Prepared { metadata }) if metadata.len() > MAX_VOTE_METADATA_BYTES => v1::PrepareResult {
                     vote: v1::Vote::Aborted as i32,
                     metadata: Vec::new(),
                     reason: format!(
-                        "participant bug: {} bytes of metadata exceed {MAX_METADATA_BYTES}",
+                        "participant bug: {} bytes of metadata exceed {MAX_VOTE_METADATA_BYTES}",
                         metadata.len()
                     ),
                 },
@@ -106,15 +107,17 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     v1::PrepareResult { vote: v1::Vote::Prepared as i32, metadata, reason: String::new() }
                 }
                 Ok(Vote::ReadOnly) => v1::PrepareResult { vote: v1::Vote::ReadOnly as i32, ..Default::default() },
-                Ok(Vote::Aborted { reason }) => {
-                    v1::PrepareResult { vote: v1::Vote::Aborted as i32, metadata: Vec::new(), reason }
-                }
+                Ok(Vote::Aborted { reason }) => v1::PrepareResult {
+                    vote: v1::Vote::Aborted as i32,
+                    metadata: Vec::new(),
+                    reason: bounded_reason(reason),
+                },
                 // A prepare that failed is a "no": the coordinator aborts (presumed abort makes
-                // that safe), and the branch must not prepare later.
+                // that safe) and tells this branch too, in case it prepared before failing.
                 Err(e) => v1::PrepareResult {
                     vote: v1::Vote::Aborted as i32,
                     metadata: Vec::new(),
-                    reason: format!("prepare failed: {e}"),
+                    reason: bounded_reason(format!("prepare failed: {e}")),
                 },
             }
         }))
@@ -170,24 +173,40 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
             .map(|id| ResourceId::parse_field("resource_ids", id))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let after = r
+            .after
+            .as_ref()
+            .map(Xid::try_from)
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("after.{e}")))?;
+        let limit = match r.limit as usize {
+            0 => MAX_RECOVER_PAGE,
+            n => n.min(MAX_RECOVER_PAGE),
+        };
         let span = tracing::info_span!("recover", coordinator = r.coordinator_id);
-        let branches = self
+        let mut branches: Vec<_> = self
             .participant
             .recover(&r.coordinator_id)
             .instrument(span)
             .await
-            .map_err(|e| Status::unavailable(format!("recover failed: {e}")))?;
+            .map_err(|e| Status::unavailable(format!("recover failed: {e}")))?
+            .into_iter()
+            .filter(|b| resources.is_empty() || resources.contains(&b.xid.resource))
+            .filter(|b| after.as_ref().is_none_or(|a| b.xid > *a))
+            .collect();
+        branches.sort_by(|a, b| a.xid.cmp(&b.xid));
+        let truncated = branches.len() > limit;
+        branches.truncate(limit);
         Ok(Response::new(v1::RecoverResponse {
             branches: branches
                 .into_iter()
-                .filter(|b| resources.is_empty() || resources.contains(&b.xid.resource))
                 .map(|b| v1::InDoubtBranch {
                     xid: Some((&b.xid).into()),
                     metadata: b.metadata,
                     prepared_unix_ms: b.prepared_unix_ms,
                 })
                 .collect(),
-            truncated: false,
+            truncated,
         }))
     }
 }

@@ -162,6 +162,8 @@ impl ReferenceParticipant {
             actor.replay(record.rtype, &record.payload)
         })
         .map_err(|e| anyhow::anyhow!("cannot open the participant's state in {}: {e}", config.data_dir.display()))?;
+        // Checkpoints list finished branches in no particular order; retention expects them by age.
+        actor.finished.make_contiguous().sort_by_key(|(at, _, _)| *at);
         let prepared = actor.branches.values().filter(|e| matches!(e, Entry::Prepared { .. })).count();
         tracing::info!(resource = %config.resource, prepared, keys = actor.data.len(), "participant state replayed");
         let (ops, rx) = mpsc::channel(4096);
@@ -639,6 +641,14 @@ impl Actor {
                 }
                 self.active_count += 1;
                 self.active.push_back((now, k.0, k.1.clone()));
+                // Entries of branches that moved on leave the queue lazily, at their timeout;
+                // compact it when they pile up so it stays proportional to the active ones.
+                if self.active.len() > 2 * c.max_active_branches.max(1) {
+                    let branches = &self.branches;
+                    self.active.retain(|(since, g, b)| {
+                        matches!(branches.get(&(*g, b.clone())), Some(Entry::Active { since_ms, .. }) if since_ms == since)
+                    });
+                }
                 self.branches.insert(k, Entry::Active { writes: vec![(key, value)], since_ms: now });
                 Ok(())
             }
@@ -670,17 +680,19 @@ impl Actor {
                 break;
             }
             let key = (gtid, branch.clone());
-            self.finished.pop_front();
             match self.branches.get(&key) {
-                Some(Entry::Aborted { seq }) if *seq <= self.synced_seq => {
+                // Its record is still on its way to disk: forget it next time.
+                Some(Entry::Aborted { seq } | Entry::Committed { seq }) if *seq > self.synced_seq => break,
+                Some(Entry::Aborted { .. }) => {
                     self.watermark_ms = self.watermark_ms.max(gtid.unix_ms().unwrap_or(0));
                     self.branches.remove(&key);
                 }
-                Some(Entry::Committed { seq }) if *seq <= self.synced_seq => {
+                Some(Entry::Committed { .. }) => {
                     self.branches.remove(&key);
                 }
                 _ => {}
             }
+            self.finished.pop_front();
         }
     }
 
