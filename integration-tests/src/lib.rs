@@ -203,6 +203,17 @@ impl TestDir {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Process {
+        let endpoints: Vec<(&str, String)> = participants.iter().map(|(r, p)| (*r, p.endpoint())).collect();
+        self.coordinator_for(&endpoints, args, env).await
+    }
+
+    /// A coordinator whose participants are given as (resource id, endpoint).
+    pub async fn coordinator_for(
+        &self,
+        participants: &[(&str, String)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Process {
         let mut c = Command::new(bin("pledge"));
         c.arg("serve").args(args);
         c.arg("--listen")
@@ -213,8 +224,8 @@ impl TestDir {
             .arg("--recovery-interval-ms")
             .arg("500")
             .env("RUST_LOG", "info");
-        for (resource, p) in participants {
-            c.arg("--participant").arg(format!("{resource}={}", p.endpoint()));
+        for (resource, endpoint) in participants {
+            c.arg("--participant").arg(format!("{resource}={endpoint}"));
         }
         for (k, v) in env {
             c.env(k, v);

@@ -194,7 +194,7 @@ async fn transfer_between_two_databases_commits_atomically() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_constraint_violation_aborts_both_databases() {
-    let s = setup("pg-violation", &[], &[], &[]).await;
+    let s = setup("pg-violation", &["--application-name", "pledge-violation-test"], &[], &[]).await;
     let bank = Bank::new("violation", 1, 100).await;
     let (gtid, executed) = s.transfer(&bank, 130).await;
     let e = executed.unwrap_err();
@@ -209,6 +209,41 @@ async fn a_constraint_violation_aborts_both_databases() {
     let mut pg = branch_client(&s.adapter).await;
     let e = execute(&mut pg, "db_a", &gtid, "debit", &bank.update(), vec![int(-1), int(1)]).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    // No connection of the adapter was left with a transaction open (its pool would hand it out).
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pledge-violation-test' \
+         AND state LIKE 'idle in transaction%'",
+    )
+    .fetch_one(&pool('a').await)
+    .await
+    .unwrap();
+    assert_eq!(open, 0, "sessions left with a transaction open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_never_prepared_is_rolled_back_after_its_deadline() {
+    let s = setup("pg-active-timeout", &["--active-timeout-ms", "300"], &[], &[]).await;
+    let bank = Bank::new("timeout", 1, 100).await;
+    let mut c = coordinator_client(&s.coordinator).await;
+    let gtid = begin(&mut c, &[("db_a", "debit")]).await;
+    let mut pg = branch_client(&s.adapter).await;
+    execute(&mut pg, "db_a", &gtid, "debit", &bank.update(), vec![int(-10), int(1)]).await.unwrap();
+    // The client goes away without committing. The branch holds the row lock until the
+    // adapter rolls it back; then another transaction can take the lock at once.
+    eventually("the abandoned branch to release its row lock", || async {
+        let sql = format!("UPDATE {} SET balance = balance WHERE id = 1", bank.table);
+        let mut tx = bank.a.begin().await.unwrap();
+        sqlx::query("SET LOCAL lock_timeout = '50ms'").execute(&mut *tx).await.unwrap();
+        let took = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await.is_ok();
+        tx.rollback().await.unwrap();
+        took.then_some(())
+    })
+    .await;
+    assert_eq!(bank.balance('a', 1).await, 100);
+    // Its late commit finds it rolled back.
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Aborted);
+    assert!(r.reason.contains("active_timeout"), "{}", r.reason);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

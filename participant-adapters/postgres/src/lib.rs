@@ -91,6 +91,8 @@ pub struct PostgresConfig {
     pub dedup_retention: Duration,
     /// Log a warning when a prepared branch is older than this.
     pub prepared_age_warn: Duration,
+    /// `application_name` of the adapter's sessions (shows in `pg_stat_activity`).
+    pub application_name: String,
     /// How long finished branches are remembered in memory (and how many at most).
     pub tombstone_retention: Duration,
     pub max_tombstones: usize,
@@ -107,6 +109,7 @@ impl PostgresConfig {
             dedup: false,
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
             prepared_age_warn: Duration::from_secs(60),
+            application_name: "pledge-postgres-adapter".into(),
             tombstone_retention: Duration::from_secs(2 * 3600),
             max_tombstones: 1_000_000,
         }
@@ -286,14 +289,14 @@ impl PostgresParticipant {
     /// retention, prepared-age check).
     pub async fn connect(config: PostgresConfig) -> anyhow::Result<Self> {
         anyhow::ensure!(!config.resources.is_empty(), "at least one database (resource) is required");
-        let mut resources = HashMap::new();
+        let mut pools = Vec::new();
         for rc in &config.resources {
             // Server-side bounds, set at connection start-up: every statement, and every idle
             // open transaction (a second line behind the adapter's own active-branch timeout).
             let idle_ms = config.active_timeout.as_millis() as u64 + 5_000;
             let options = PgConnectOptions::from_str(&rc.url)
                 .map_err(|e| anyhow::anyhow!("resource {}: invalid url: {e}", rc.id))?
-                .application_name("pledge-postgres-adapter")
+                .application_name(&config.application_name)
                 .options([
                     ("statement_timeout", format!("{}", config.statement_timeout.as_millis())),
                     ("idle_in_transaction_session_timeout", format!("{idle_ms}")),
@@ -304,21 +307,28 @@ impl PostgresParticipant {
                 .connect_with(options)
                 .await
                 .map_err(|e| anyhow::anyhow!("resource {}: cannot connect to {}: {e}", rc.id, rc.url))?;
-            let max_prepared: String = sqlx::query_scalar("SHOW max_prepared_transactions").fetch_one(&pool).await?;
-            let max_prepared: i64 = max_prepared.parse().unwrap_or(0);
-            anyhow::ensure!(
-                max_prepared > 0,
-                "resource {}: max_prepared_transactions is 0 on {}; PREPARE TRANSACTION needs it above 0 (set it \
-                 in postgresql.conf, e.g. equal to max_connections, and restart PostgreSQL)",
-                rc.id,
-                rc.url
-            );
+            pools.push((rc.id.clone(), pool));
+        }
+        Self::with_pools(config, pools).await
+    }
+
+    /// Like [`PostgresParticipant::connect`], on pools the embedding service already has
+    /// (`config.resources` is not used). Branches take connections from these pools; size them
+    /// for the branches you keep open at once, and consider setting PostgreSQL's
+    /// `idle_in_transaction_session_timeout` on them as a second line behind `active_timeout`.
+    pub async fn with_pools(config: PostgresConfig, pools: Vec<(ResourceId, PgPool)>) -> anyhow::Result<Self> {
+        anyhow::ensure!(!pools.is_empty(), "at least one database (resource) is required");
+        let mut resources = HashMap::new();
+        for (id, pool) in pools {
+            let setting: String = sqlx::query_scalar("SHOW max_prepared_transactions").fetch_one(&pool).await?;
+            let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&pool).await?;
+            let max_prepared = check_max_prepared(&id, &database, &setting)?;
             if config.dedup {
-                create_dedup_table(&pool).await.map_err(|e| anyhow::anyhow!("resource {}: {e}", rc.id))?;
+                create_dedup_table(&pool).await.map_err(|e| anyhow::anyhow!("resource {id}: {e}"))?;
             }
-            let resource = Resource { id: rc.id.clone(), pool, branches: Mutex::new(Branches::default()) };
-            tracing::info!(resource = %rc.id, max_prepared, dedup = config.dedup, "database ready");
-            resources.insert(rc.id.clone(), Arc::new(resource));
+            tracing::info!(resource = %id, database, max_prepared, dedup = config.dedup, "database ready");
+            let resource = Resource { id: id.clone(), pool, branches: Mutex::new(Branches::default()) };
+            resources.insert(id, Arc::new(resource));
         }
         let participant = PostgresParticipant { inner: Arc::new(Inner { config, resources, started_ms: now_ms() }) };
         participant.spawn_housekeeping();
@@ -615,6 +625,35 @@ impl PostgresParticipant {
         if let Err(e) = deleted {
             tracing::warn!(resource = %r.id, error = %e, "cannot expire old dedup rows");
         }
+    }
+}
+
+/// PREPARE TRANSACTION fails on a server with `max_prepared_transactions = 0` (the default):
+/// refuse to start instead, saying what to change.
+fn check_max_prepared(resource: &ResourceId, database: &str, setting: &str) -> anyhow::Result<i64> {
+    let value: i64 = setting
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("resource {resource}: unexpected max_prepared_transactions {setting:?}"))?;
+    anyhow::ensure!(
+        value > 0,
+        "resource {resource}: max_prepared_transactions is 0 on database {database}; PREPARE TRANSACTION needs it \
+         above 0 (set it in postgresql.conf, e.g. equal to max_connections, and restart PostgreSQL)"
+    );
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_prepared_transactions_of_zero_refuses_start_saying_what_to_change() {
+        let r: ResourceId = "orders".parse().unwrap();
+        let e = check_max_prepared(&r, "shop", "0").unwrap_err().to_string();
+        assert!(e.contains("max_prepared_transactions is 0 on database shop") && e.contains("postgresql.conf"), "{e}");
+        assert_eq!(check_max_prepared(&r, "shop", "128").unwrap(), 128);
+        assert!(check_max_prepared(&r, "shop", "lots").is_err());
     }
 }
 

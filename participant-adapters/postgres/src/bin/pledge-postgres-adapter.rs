@@ -43,6 +43,9 @@ struct Args {
     /// Warn when a prepared branch is older than this many ms.
     #[arg(long, default_value_t = 60_000)]
     prepared_age_warn_ms: u64,
+    /// application_name of the adapter's database sessions.
+    #[arg(long, default_value = "pledge-postgres-adapter")]
+    application_name: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +76,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.dedup = args.dedup;
     config.dedup_retention = Duration::from_millis(args.dedup_retention_ms);
     config.prepared_age_warn = Duration::from_millis(args.prepared_age_warn_ms);
+    config.application_name = args.application_name;
     let participant = PostgresParticipant::connect(config).await?;
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;

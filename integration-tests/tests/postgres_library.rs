@@ -1,0 +1,61 @@
+//! The PostgreSQL participant used as a library: a Rust service opens branches on its own
+//! pools, runs its own sqlx statements in them, and serves the Participant API itself; the
+//! coordinator (a real process) commits across two real databases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pledge_integration_tests::*;
+use pledge_postgres::{PostgresConfig, PostgresParticipant};
+use pledge_proto::{BranchId, Gtid, ResourceId, v1};
+use sqlx::PgPool;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_embeds_the_adapter_on_its_own_pools() {
+    let (a, b) = (PgPool::connect(&pg_url('a')).await.unwrap(), PgPool::connect(&pg_url('b')).await.unwrap());
+    let table = format!("lib_{}", fastrand::u32(..));
+    for p in [&a, &b] {
+        let ddl = format!("CREATE TABLE {table} (id int PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))");
+        sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(p).await.unwrap();
+        let fill = format!("INSERT INTO {table} VALUES (1, 100)");
+        sqlx::query(sqlx::AssertSqlSafe(fill)).execute(p).await.unwrap();
+    }
+    let (db_a, db_b): (ResourceId, ResourceId) = ("lib_a".parse().unwrap(), "lib_b".parse().unwrap());
+    let mut config = PostgresConfig::new(vec![]);
+    config.active_timeout = Duration::from_secs(30);
+    let participant =
+        PostgresParticipant::with_pools(config, vec![(db_a.clone(), a.clone()), (db_b.clone(), b.clone())])
+            .await
+            .unwrap();
+
+    // The service serves the Participant API next to its own.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(tonic::transport::Server::builder().add_routes(routes.routes()).serve_with_incoming(incoming));
+
+    let dir = TestDir::new("pg-library");
+    let coordinator = dir.coordinator_for(&[("lib_a", endpoint.clone()), ("lib_b", endpoint)], &[], &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let gtid_text = begin(&mut c, &[("lib_a", "debit"), ("lib_b", "credit")]).await;
+    let gtid: Gtid = gtid_text.parse().unwrap();
+
+    // The service's own statements, in the branches.
+    let update = format!("UPDATE {table} SET balance = balance + $1 WHERE id = 1");
+    let mut debit = participant.branch(&db_a, gtid, BranchId::parse_field("b", "debit").unwrap()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(update.clone())).bind(-40).execute(debit.conn()).await.unwrap();
+    drop(debit);
+    let mut credit = participant.branch(&db_b, gtid, BranchId::parse_field("b", "credit").unwrap()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(update)).bind(40).execute(credit.conn()).await.unwrap();
+    drop(credit);
+
+    let r = commit(&mut c, &gtid_text, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true), "{}", r.reason);
+    let balance = format!("SELECT balance::int8 FROM {table} WHERE id = 1");
+    let balance_a: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(balance.clone())).fetch_one(&a).await.unwrap();
+    let balance_b: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(balance)).fetch_one(&b).await.unwrap();
+    assert_eq!((balance_a, balance_b), (60, 140));
+    // The branch is finished: the service cannot reopen it.
+    assert!(participant.branch(&db_a, gtid, BranchId::parse_field("b", "debit").unwrap()).await.is_err());
+}
