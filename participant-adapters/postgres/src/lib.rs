@@ -56,7 +56,7 @@ use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
 use pledge_sdk::{Error, InDoubt, Outcome, Participant, Vote};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Postgres};
+use sqlx::{AssertSqlSafe, Postgres, Row};
 use tokio::sync::OwnedMutexGuard;
 
 pub use gid::Gid;
@@ -304,6 +304,9 @@ impl PostgresParticipant {
             let pool = PgPoolOptions::new()
                 .max_connections(rc.max_connections)
                 .acquire_timeout(config.acquire_timeout)
+                // No ping on every acquire: a broken connection fails its statement, and every
+                // failure path here closes the connection instead of returning it.
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await
                 .map_err(|e| anyhow::anyhow!("resource {}: cannot connect to {}: {e}", rc.id, rc.url))?;
@@ -499,15 +502,22 @@ impl PostgresParticipant {
     async fn prepare_active(&self, r: &Resource, key: &Key, gid: &Gid, slot: &mut Slot) -> Vote {
         let mut conn = slot.conn.take().expect("active branch");
         r.branches.lock().unwrap().active -= 1;
-        let prepared =
-            sqlx::query(AssertSqlSafe(format!("PREPARE TRANSACTION {}", gid.literal()))).execute(&mut *conn).await;
+        // PREPARE in a failed transaction answers with a silent ROLLBACK, so the same message
+        // (one round trip, simple protocol) asks whether the prepared transaction exists.
+        let lit = gid.literal();
+        let prepared = sqlx::raw_sql(AssertSqlSafe(format!(
+            "PREPARE TRANSACTION {lit}; \
+             SELECT count(*)::int8 FROM pg_prepared_xacts WHERE gid = {lit} AND database = current_database()"
+        )))
+        .fetch_all(&mut *conn)
+        .await;
         fail::fail_point!("postgres::after_prepare");
         let outcome = match prepared {
-            Ok(_) => match self.is_prepared(r, gid).await {
-                Ok(true) => Ok(()),
-                // PREPARE in a failed transaction answers with a silent ROLLBACK.
-                Ok(false) => Err("the transaction had failed: PostgreSQL rolled it back instead of preparing".into()),
-                Err(e) => Err(e.0),
+            Ok(rows) => match rows.first().map(|row| row.try_get::<i64, _>(0)) {
+                Some(Ok(1)) => Ok(()),
+                Some(Ok(_)) => Err("the transaction had failed: PostgreSQL rolled it back instead of preparing".into()),
+                Some(Err(e)) => Err(format!("checking the prepared transaction: {e}")),
+                None => Err("no answer to the prepared-transaction check".into()),
             },
             Err(e) => Err(format!("PREPARE TRANSACTION failed: {}", BranchError::from_sqlx(&e))),
         };
@@ -528,11 +538,9 @@ impl PostgresParticipant {
     async fn commit_one_phase(&self, r: &Resource, key: &Key, slot: &mut Slot) -> Outcome {
         let mut conn = slot.conn.take().expect("active branch");
         r.branches.lock().unwrap().active -= 1;
-        // COMMIT of a failed transaction answers with a silent ROLLBACK: ask first.
-        let result = match sqlx::query("SELECT 1").execute(&mut *conn).await {
-            Ok(_) => sqlx::query("COMMIT").execute(&mut *conn).await.map(drop),
-            Err(e) => Err(e),
-        };
+        // COMMIT of a failed transaction answers with a silent ROLLBACK: the SELECT before it,
+        // in the same message, fails in a failed transaction and the COMMIT is then skipped.
+        let result = sqlx::raw_sql("SELECT 1; COMMIT").execute(&mut *conn).await.map(drop);
         match result {
             Ok(()) => {
                 drop(conn);
@@ -641,20 +649,6 @@ fn check_max_prepared(resource: &ResourceId, database: &str, setting: &str) -> a
          above 0 (set it in postgresql.conf, e.g. equal to max_connections, and restart PostgreSQL)"
     );
     Ok(value)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn max_prepared_transactions_of_zero_refuses_start_saying_what_to_change() {
-        let r: ResourceId = "orders".parse().unwrap();
-        let e = check_max_prepared(&r, "shop", "0").unwrap_err().to_string();
-        assert!(e.contains("max_prepared_transactions is 0 on database shop") && e.contains("postgresql.conf"), "{e}");
-        assert_eq!(check_max_prepared(&r, "shop", "128").unwrap(), 128);
-        assert!(check_max_prepared(&r, "shop", "lots").is_err());
-    }
 }
 
 fn fence_key(key: &Key) -> String {
@@ -914,5 +908,19 @@ impl PostgresParticipant {
         }
         r.finish(key, Fin::Aborted("aborted by the coordinator".into()));
         Ok(Outcome::Aborted { reason: String::new() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_prepared_transactions_of_zero_refuses_start_saying_what_to_change() {
+        let r: ResourceId = "orders".parse().unwrap();
+        let e = check_max_prepared(&r, "shop", "0").unwrap_err().to_string();
+        assert!(e.contains("max_prepared_transactions is 0 on database shop") && e.contains("postgresql.conf"), "{e}");
+        assert_eq!(check_max_prepared(&r, "shop", "128").unwrap(), 128);
+        assert!(check_max_prepared(&r, "shop", "lots").is_err());
     }
 }

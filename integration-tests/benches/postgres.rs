@@ -1,0 +1,255 @@
+//! Two-branch transfers between two PostgreSQL databases through Pledge, beside the same
+//! statements run by `pgbench` as local two-phase transactions, in one invocation and with
+//! equal client counts (1, 8, 32 by default).
+//!
+//! * pgbench: `BEGIN; UPDATE ...; PREPARE TRANSACTION 'gid'; COMMIT PREPARED 'gid'` on one
+//!   database: one prepared-and-committed branch per transaction.
+//! * Pledge: Begin (two branches) -> Execute (UPDATE at database A) -> Execute (UPDATE at
+//!   database B) -> Commit, through the coordinator and the PostgreSQL adapter; two branches
+//!   per transaction, each BEGIN/UPDATE/PREPARE TRANSACTION/COMMIT PREPARED in PostgreSQL.
+//!
+//! Reported: Pledge branches/s as a ratio of pgbench's 2PC transactions/s.
+//!
+//! ```sh
+//! bash integration-tests/scripts/postgres.sh start && eval "$(bash integration-tests/scripts/postgres.sh env)"
+//! cargo build --release -p pledge-coordinator -p pledge-postgres --bins
+//! cargo bench -p pledge-integration-tests --bench postgres
+//! ```
+//! Settings (environment): BENCH_CLIENTS (1,8,32), BENCH_SECONDS (10), BENCH_ACCOUNTS (10000),
+//! BENCH_WAIT_FOR_COMPLETION (0: Commit answers once the decision is durable; 1: once both
+//! branches are committed in PostgreSQL).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use pledge_integration_tests::{Process, TestDir, branch, pg_url};
+use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
+use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, value::Kind};
+use tonic::transport::Endpoint;
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+const TABLE: &str = "pledge_bench_accounts";
+
+/// The benchmark's coordinator id: its GIDs are `pledge:bench:...`.
+const COORDINATOR_ID: &str = "bench";
+
+async fn prepare_tables(accounts: i64) {
+    for db in ['a', 'b'] {
+        let pool = sqlx::PgPool::connect(&pg_url(db)).await.unwrap();
+        // A run cut short leaves prepared branches behind (its coordinator's data directory is
+        // gone with it); they hold locks on the table.
+        let leftover: Vec<String> = sqlx::query_scalar(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND starts_with(gid, $1)",
+        )
+        .bind(format!("pledge:{COORDINATOR_ID}:"))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        for gid in leftover {
+            let sql = format!("ROLLBACK PREPARED '{gid}'");
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+        }
+        for sql in [
+            format!("DROP TABLE IF EXISTS {TABLE}"),
+            format!("CREATE TABLE {TABLE} (id int PRIMARY KEY, balance bigint NOT NULL)"),
+            format!("INSERT INTO {TABLE} SELECT g, 0 FROM generate_series(1, {accounts}) g"),
+            format!("VACUUM ANALYZE {TABLE}"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+        }
+    }
+}
+
+fn pgbench_path() -> String {
+    if let Ok(path) = std::env::var("PGBENCH") {
+        return path;
+    }
+    let mut found: Vec<_> = glob_bins().into_iter().filter(|p| std::path::Path::new(p).exists()).collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| "pgbench".into())
+}
+
+fn glob_bins() -> Vec<String> {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .map(|dirs| dirs.flatten().map(|d| format!("{}/bin/pgbench", d.path().display())).collect())
+        .unwrap_or_default()
+}
+
+/// pgbench's 2PC transactions per second with `clients` clients.
+fn pgbench(clients: u32, seconds: u64, accounts: i64, dir: &std::path::Path) -> f64 {
+    let script = dir.join("pgbench-2pc.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set id random(1, {accounts})\nBEGIN;\nUPDATE {TABLE} SET balance = balance + 1 WHERE id = :id;\n\
+             PREPARE TRANSACTION 'pgbench_:client_id';\nCOMMIT PREPARED 'pgbench_:client_id';\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(pgbench_path())
+        .args(["-n", "-M", "simple", "-c", &clients.to_string(), "-j", &clients.min(2).to_string()])
+        .args(["-T", &seconds.to_string(), "-f"])
+        .arg(&script)
+        .arg(pg_url('a'))
+        .output()
+        .expect("running pgbench");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()));
+    tps.unwrap_or_else(|| panic!("pgbench failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+struct Run {
+    txns: u64,
+    errors: u64,
+    seconds: f64,
+    latency: Histogram<u64>,
+}
+
+async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process, adapter: &Process) -> Run {
+    let wait = env("BENCH_WAIT_FOR_COMPLETION", "0") == "1";
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let coordinator_channel = Endpoint::from_shared(coordinator.endpoint()).unwrap().connect().await.unwrap();
+    let adapter_channel = Endpoint::from_shared(adapter.endpoint()).unwrap().connect().await.unwrap();
+    let update = format!("UPDATE {TABLE} SET balance = balance + $1 WHERE id = $2");
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut c = CoordinatorClient::new(coordinator_channel.clone());
+        let mut pg = PostgresBranchClient::new(adapter_channel.clone());
+        let (stop, measuring, update) = (stop.clone(), measuring.clone(), update.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let (mut txns, mut errors) = (0u64, 0u64);
+            let int = |n: i64| v1::Value { kind: Some(Kind::Int(n)) };
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let (from, to) = (fastrand::i64(1..=accounts), fastrand::i64(1..=accounts));
+                let done = async {
+                    let branches = vec![branch("db_a", "debit"), branch("db_b", "credit")];
+                    let gtid = c.begin(v1::BeginRequest { branches, ..Default::default() }).await?.into_inner().gtid;
+                    for (resource, b, amount, id) in [("db_a", "debit", -1, from), ("db_b", "credit", 1, to)] {
+                        pg.execute(v1::ExecuteRequest {
+                            resource_id: resource.into(),
+                            gtid: gtid.clone(),
+                            branch_id: b.into(),
+                            statements: vec![v1::Statement { sql: update.clone(), params: vec![int(amount), int(id)] }],
+                            request_id: String::new(),
+                        })
+                        .await?;
+                    }
+                    let r = c
+                        .commit(v1::CommitRequest { gtid, branches: vec![], wait_for_completion: wait })
+                        .await?
+                        .into_inner();
+                    Ok::<bool, tonic::Status>(r.outcome() == v1::Outcome::Committed)
+                }
+                .await;
+                if measuring.load(Ordering::Relaxed) {
+                    match done {
+                        Ok(true) => {
+                            txns += 1;
+                            latency.saturating_record(start.elapsed().as_micros() as u64);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+            }
+            (txns, errors, latency)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut run =
+        Run { txns: 0, errors: 0, seconds: elapsed, latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap() };
+    for t in tasks {
+        let (txns, errors, latency) = t.await.unwrap();
+        run.txns += txns;
+        run.errors += errors;
+        run.latency.add(latency).unwrap();
+    }
+    // Let phase 2 of the last transactions finish before the next run (or the end) starts.
+    let mut c = CoordinatorClient::new(coordinator_channel);
+    for _ in 0..3000 {
+        let live = c
+            .list(v1::ListRequest {
+                states: [
+                    v1::TransactionState::Active,
+                    v1::TransactionState::Preparing,
+                    v1::TransactionState::Committing,
+                    v1::TransactionState::Aborting,
+                ]
+                .map(|s| s as i32)
+                .to_vec(),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if live.transactions.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    run
+}
+
+fn main() {
+    let clients: Vec<u32> = env("BENCH_CLIENTS", "1,8,32").split(',').map(|c| c.trim().parse().unwrap()).collect();
+    let seconds: u64 = env("BENCH_SECONDS", "10").parse().unwrap();
+    let accounts: i64 = env("BENCH_ACCOUNTS", "10000").parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        prepare_tables(accounts).await;
+        let dir = TestDir::new("bench-postgres");
+        let max_clients = clients.iter().max().copied().unwrap_or(1);
+        let connections = (max_clients + 16).to_string();
+        let active = (max_clients + 8).to_string();
+        let adapter = dir
+            .postgres_adapter(
+                "pg",
+                0,
+                &[("db_a", pg_url('a')), ("db_b", pg_url('b'))],
+                &["--max-connections", &connections, "--max-active-branches", &active],
+                &[("RUST_LOG", "warn")],
+            )
+            .await;
+        let coordinator = dir
+            .coordinator_with(&[("db_a", &adapter), ("db_b", &adapter)], &["--coordinator-id", COORDINATOR_ID], &[])
+            .await;
+        println!(
+            "PostgreSQL 2PC benchmark: {seconds} s per run, {accounts} accounts, binaries from {}",
+            pledge_integration_tests::bin_dir().display()
+        );
+        println!(
+            "{:>7}  {:>14}  {:>12}  {:>15}  {:>9}  {:>9}  {:>18}",
+            "clients", "pgbench 2PC/s", "Pledge txn/s", "Pledge branch/s", "p50 ms", "p99 ms", "ratio (branches)"
+        );
+        for &n in &clients {
+            let pgb = pgbench(n, seconds, accounts, dir.path());
+            let run = pledge(n, seconds, accounts, &coordinator, &adapter).await;
+            let txn_rate = run.txns as f64 / run.seconds;
+            let ms = |q: f64| run.latency.value_at_quantile(q) as f64 / 1000.0;
+            println!(
+                "{n:>7}  {pgb:>14.0}  {txn_rate:>12.0}  {:>15.0}  {:>9.2}  {:>9.2}  {:>18.2}{}",
+                2.0 * txn_rate,
+                ms(0.5),
+                ms(0.99),
+                2.0 * txn_rate / pgb,
+                if run.errors > 0 { format!("  ({} errors)", run.errors) } else { String::new() }
+            );
+        }
+    });
+}
