@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Build prerequisites from Debian (cmake and headers for the bundled librdkafka) when absent.
+bash integration-tests/scripts/build-deps.sh
+
 # The real services (PostgreSQL now; installed when absent) start in the background while
 # everything compiles.
 services_log=$(mktemp)

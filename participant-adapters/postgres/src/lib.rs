@@ -47,17 +47,17 @@
 pub mod gid;
 pub mod service;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
+use pledge_sdk::table::{BranchTable, Fin, Key, SlotGuard, SlotState};
 use pledge_sdk::{Error, InDoubt, Outcome, Participant, Vote};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Row};
-use tokio::sync::OwnedMutexGuard;
 
 pub use gid::Gid;
 
@@ -156,63 +156,29 @@ fn sqlstate(e: &sqlx::Error) -> Option<String> {
 /// `undefined_object`: COMMIT/ROLLBACK PREPARED of a GID PostgreSQL does not have.
 const UNDEFINED_OBJECT: &str = "42704";
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+/// What an active branch holds: its connection, inside its open transaction.
+#[derive(Default)]
+struct PgSlot {
+    conn: Option<PoolConnection<Postgres>>,
 }
 
-/// How a branch ended here, remembered for idempotent answers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Fin {
-    Prepared,
-    /// Did nothing here: no second phase needed.
-    ReadOnly,
-    Committed,
-    Aborted(String),
-}
-
-impl Fin {
-    fn name(&self) -> &'static str {
-        match self {
-            Fin::Prepared => "prepared",
-            Fin::ReadOnly => "read-only (prepared without work)",
-            Fin::Committed => "committed",
-            Fin::Aborted(_) => "aborted",
-        }
+impl SlotState for PgSlot {
+    fn is_open(&self) -> bool {
+        self.conn.is_some()
     }
 }
 
-/// One branch's place in line: every operation on a branch holds its slot's lock, so they
-/// are ordered without holding a lock on anything else.
-#[derive(Default)]
-struct Slot {
-    conn: Option<PoolConnection<Postgres>>,
-    since: Option<Instant>,
-    /// Taken out of the table: whoever locks it next must look the branch up again.
-    removed: bool,
-}
-
-type Key = (Gtid, BranchId);
-
-#[derive(Default)]
-struct Branches {
-    slots: HashMap<Key, Arc<tokio::sync::Mutex<Slot>>>,
-    active: usize,
-    finished: HashMap<Key, Fin>,
-    finished_order: VecDeque<(Instant, Key)>,
-    /// Unknown branches of GTIDs issued at or before this time are refused: an abort that old
-    /// may have been forgotten.
-    watermark_ms: u64,
-}
+type Slot = pledge_sdk::table::Slot<PgSlot>;
 
 struct Resource {
     id: ResourceId,
     pool: PgPool,
-    branches: Mutex<Branches>,
+    branches: BranchTable<PgSlot>,
 }
 
 /// Locked access to a branch; see [`PostgresParticipant::branch`].
 pub struct BranchGuard {
-    slot: OwnedMutexGuard<Slot>,
+    slot: SlotGuard<PgSlot>,
     participant: PostgresParticipant,
     resource: Arc<Resource>,
     key: Key,
@@ -222,7 +188,7 @@ impl BranchGuard {
     /// The branch's connection, inside its open transaction. Run your statements on it; do not
     /// commit, roll back or prepare yourself (the coordinator decides).
     pub fn conn(&mut self) -> &mut sqlx::PgConnection {
-        self.slot.conn.as_mut().expect("an open branch has a connection")
+        self.slot.state.conn.as_mut().expect("an open branch has a connection")
     }
 
     /// Exactly-once: records `request_id` in this branch's transaction. Fails with
@@ -265,8 +231,8 @@ impl BranchGuard {
 
 impl Drop for BranchGuard {
     fn drop(&mut self) {
-        if self.slot.conn.is_none() {
-            self.resource.forget_slot(&self.key, &mut self.slot);
+        if self.slot.state.conn.is_none() {
+            self.resource.branches.release(&self.key, &mut self.slot);
         }
     }
 }
@@ -274,7 +240,6 @@ impl Drop for BranchGuard {
 struct Inner {
     config: PostgresConfig,
     resources: HashMap<ResourceId, Arc<Resource>>,
-    started_ms: u64,
 }
 
 /// The PostgreSQL participant. Cheap to clone.
@@ -330,10 +295,11 @@ impl PostgresParticipant {
                 create_dedup_table(&pool).await.map_err(|e| anyhow::anyhow!("resource {id}: {e}"))?;
             }
             tracing::info!(resource = %id, database, max_prepared, dedup = config.dedup, "database ready");
-            let resource = Resource { id: id.clone(), pool, branches: Mutex::new(Branches::default()) };
+            let branches = BranchTable::new(config.tombstone_retention, config.max_tombstones);
+            let resource = Resource { id: id.clone(), pool, branches };
             resources.insert(id, Arc::new(resource));
         }
-        let participant = PostgresParticipant { inner: Arc::new(Inner { config, resources, started_ms: now_ms() }) };
+        let participant = PostgresParticipant { inner: Arc::new(Inner { config, resources }) };
         participant.spawn_housekeeping();
         Ok(participant)
     }
@@ -352,43 +318,25 @@ impl PostgresParticipant {
     ) -> Result<BranchGuard, BranchError> {
         let r = self.resource(resource).ok_or_else(|| BranchError::UnknownResource(resource.to_string()))?;
         let key = (gtid, branch);
-        let mut slot = r.lock(&key).await;
-        if slot.conn.is_none() {
-            if let Some(fin) = r.finished(&key) {
+        let mut slot = r.branches.lock(&key).await;
+        if slot.state.conn.is_none() {
+            if let Some(fin) = r.branches.finished(&key) {
                 let reason = if let Fin::Aborted(reason) = &fin { reason.clone() } else { String::new() };
-                r.forget_slot(&key, &mut slot);
+                r.branches.release(&key, &mut slot);
                 return Err(BranchError::Finished { state: fin.name(), reason });
             }
             if let Err(e) = self.open(&r, &key, &mut slot).await {
-                r.forget_slot(&key, &mut slot);
+                r.branches.release(&key, &mut slot);
                 return Err(e);
             }
         }
         Ok(BranchGuard { slot, participant: self.clone(), resource: r, key })
     }
 
-    /// May this adapter take a branch it has no record of? Not if its GTID predates the
-    /// adapter's start (work the branch did before the restart is lost) or the watermark.
-    fn may_start(&self, r: &Resource, gtid: &Gtid) -> Result<(), String> {
-        let watermark = r.branches.lock().unwrap().watermark_ms;
-        match gtid.unix_ms() {
-            None => Err("GTID is not a UUIDv7".into()),
-            Some(t) if t < self.inner.started_ms => {
-                Err("unknown branch of a transaction begun before this adapter started (its work may be lost)".into())
-            }
-            Some(t) if t <= watermark => Err("unknown branch older than the aborted branches remembered".into()),
-            Some(_) => Ok(()),
-        }
-    }
-
     async fn open(&self, r: &Arc<Resource>, key: &Key, slot: &mut Slot) -> Result<(), BranchError> {
-        self.may_start(r, &key.0).map_err(BranchError::Refused)?;
-        {
-            let mut b = r.branches.lock().unwrap();
-            if b.active >= self.inner.config.max_active_branches {
-                return Err(BranchError::TooManyActive { max: self.inner.config.max_active_branches });
-            }
-            b.active += 1;
+        r.branches.may_start(&key.0).map_err(BranchError::Refused)?;
+        if !r.branches.try_open(self.inner.config.max_active_branches) {
+            return Err(BranchError::TooManyActive { max: self.inner.config.max_active_branches });
         }
         let opened = async {
             let mut conn = r.pool.acquire().await.map_err(|e| BranchError::Unavailable(e.to_string()))?;
@@ -425,12 +373,12 @@ impl PostgresParticipant {
         .await;
         match opened {
             Ok(conn) => {
-                slot.conn = Some(conn);
+                slot.state.conn = Some(conn);
                 slot.since = Some(Instant::now());
                 Ok(())
             }
             Err(e) => {
-                r.branches.lock().unwrap().active -= 1;
+                r.branches.closed();
                 Err(e)
             }
         }
@@ -439,8 +387,8 @@ impl PostgresParticipant {
     /// Ends an active branch with ROLLBACK (the connection is closed if that fails) and
     /// remembers it as `fin`.
     async fn rollback_active(&self, r: &Resource, key: &Key, slot: &mut Slot, fin: Fin) {
-        if let Some(mut conn) = slot.conn.take() {
-            r.branches.lock().unwrap().active -= 1;
+        if let Some(mut conn) = slot.state.conn.take() {
+            r.branches.closed();
             if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
                 let _ = conn.close().await;
             }
@@ -448,7 +396,7 @@ impl PostgresParticipant {
         if self.inner.config.dedup {
             self.fence_abort(r, key).await;
         }
-        r.finish(key, fin);
+        r.branches.finish(key, fin);
     }
 
     /// Inserts the abort fence (best effort: the in-memory tombstone and the restart rule
@@ -500,8 +448,8 @@ impl PostgresParticipant {
     }
 
     async fn prepare_active(&self, r: &Resource, key: &Key, gid: &Gid, slot: &mut Slot) -> Vote {
-        let mut conn = slot.conn.take().expect("active branch");
-        r.branches.lock().unwrap().active -= 1;
+        let mut conn = slot.state.conn.take().expect("active branch");
+        r.branches.closed();
         // PREPARE in a failed transaction answers with a silent ROLLBACK, so the same message
         // (one round trip, simple protocol) asks whether the prepared transaction exists.
         let lit = gid.literal();
@@ -524,27 +472,27 @@ impl PostgresParticipant {
         match outcome {
             Ok(()) => {
                 drop(conn); // back to the pool: PREPARE TRANSACTION ended its transaction
-                r.finish(key, Fin::Prepared);
+                r.branches.finish(key, Fin::Prepared);
                 Vote::Prepared { metadata: Vec::new() }
             }
             Err(reason) => {
                 let _ = conn.close().await;
-                r.finish(key, Fin::Aborted(reason.clone()));
+                r.branches.finish(key, Fin::Aborted(reason.clone()));
                 Vote::Aborted { reason }
             }
         }
     }
 
     async fn commit_one_phase(&self, r: &Resource, key: &Key, slot: &mut Slot) -> Outcome {
-        let mut conn = slot.conn.take().expect("active branch");
-        r.branches.lock().unwrap().active -= 1;
+        let mut conn = slot.state.conn.take().expect("active branch");
+        r.branches.closed();
         // COMMIT of a failed transaction answers with a silent ROLLBACK: the SELECT before it,
         // in the same message, fails in a failed transaction and the COMMIT is then skipped.
         let result = sqlx::raw_sql("SELECT 1; COMMIT").execute(&mut *conn).await.map(drop);
         match result {
             Ok(()) => {
                 drop(conn);
-                r.finish(key, Fin::Committed);
+                r.branches.finish(key, Fin::Committed);
                 Outcome::Committed
             }
             Err(e) => {
@@ -553,7 +501,7 @@ impl PostgresParticipant {
                 if self.inner.config.dedup {
                     self.fence_abort(r, key).await;
                 }
-                r.finish(key, Fin::Aborted(reason.clone()));
+                r.branches.finish(key, Fin::Aborted(reason.clone()));
                 Outcome::Aborted { reason }
             }
         }
@@ -569,7 +517,7 @@ impl PostgresParticipant {
                     tick.tick().await;
                     n += 1;
                     p.expire_active(&r).await;
-                    r.expire_finished(p.inner.config.tombstone_retention, p.inner.config.max_tombstones);
+                    r.branches.expire_finished();
                     if n.is_multiple_of(10) {
                         p.check_prepared_age(&r).await;
                     }
@@ -584,16 +532,14 @@ impl PostgresParticipant {
     /// Rolls back active branches older than `active_timeout` (their client may be gone).
     async fn expire_active(&self, r: &Arc<Resource>) {
         let timeout = self.inner.config.active_timeout;
-        let candidates: Vec<(Key, Arc<tokio::sync::Mutex<Slot>>)> =
-            r.branches.lock().unwrap().slots.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
-        for (key, slot) in candidates {
+        for (key, slot) in r.branches.open_slots() {
             // A branch in use right now is not idle; look again next time.
             let Ok(mut slot) = slot.try_lock_owned() else { continue };
-            if slot.conn.is_some() && slot.since.is_some_and(|s| s.elapsed() >= timeout) {
+            if slot.state.conn.is_some() && slot.since.is_some_and(|s| s.elapsed() >= timeout) {
                 tracing::info!(resource = %r.id, gtid = %key.0, branch = %key.1, "rolling back a branch not prepared in time");
                 let reason = format!("not prepared within active_timeout ({} ms)", timeout.as_millis());
                 self.rollback_active(r, &key, &mut slot, Fin::Aborted(reason)).await;
-                r.forget_slot(&key, &mut slot);
+                r.branches.release(&key, &mut slot);
             }
         }
     }
@@ -673,61 +619,6 @@ async fn create_dedup_table(pool: &PgPool) -> Result<(), sqlx::Error> {
     }
 }
 
-impl Resource {
-    /// Locks the branch's slot (creating it if absent), retrying if the slot it waited for was
-    /// taken out of the table meanwhile.
-    async fn lock(&self, key: &Key) -> OwnedMutexGuard<Slot> {
-        loop {
-            let slot = self.branches.lock().unwrap().slots.entry(key.clone()).or_default().clone();
-            let guard = slot.lock_owned().await;
-            if !guard.removed {
-                return guard;
-            }
-        }
-    }
-
-    /// Takes a slot without a connection out of the table (the branch is finished or was
-    /// never opened).
-    fn forget_slot(&self, key: &Key, slot: &mut Slot) {
-        if slot.conn.is_none() && !slot.removed {
-            slot.removed = true;
-            self.branches.lock().unwrap().slots.remove(key);
-        }
-    }
-
-    fn finished(&self, key: &Key) -> Option<Fin> {
-        self.branches.lock().unwrap().finished.get(key).cloned()
-    }
-
-    fn finish(&self, key: &Key, fin: Fin) {
-        let mut b = self.branches.lock().unwrap();
-        if b.finished.insert(key.clone(), fin).is_none() {
-            b.finished_order.push_back((Instant::now(), key.clone()));
-        }
-    }
-
-    fn expire_finished(&self, retention: Duration, max: usize) {
-        let mut b = self.branches.lock().unwrap();
-        while let Some((at, key)) = b.finished_order.front().cloned() {
-            if at.elapsed() < retention && b.finished_order.len() <= max {
-                break;
-            }
-            b.finished_order.pop_front();
-            match b.finished.get(&key) {
-                // A prepared branch lives on in PostgreSQL; forgetting it here costs a lookup.
-                Some(Fin::Aborted(_)) => {
-                    b.watermark_ms = b.watermark_ms.max(key.0.unix_ms().unwrap_or(0));
-                    b.finished.remove(&key);
-                }
-                Some(_) => {
-                    b.finished.remove(&key);
-                }
-                None => {}
-            }
-        }
-    }
-}
-
 impl PostgresParticipant {
     fn gid(&self, coordinator_id: &str, xid: &Xid) -> Result<(Arc<Resource>, Key, Gid), String> {
         let r = self.resource(&xid.resource).ok_or_else(|| format!("unknown resource {:?}", xid.resource.as_str()))?;
@@ -743,16 +634,16 @@ impl Participant for PostgresParticipant {
             Ok(found) => found,
             Err(reason) => return Ok(Vote::Aborted { reason }),
         };
-        let mut slot = r.lock(&key).await;
-        let vote = if slot.conn.is_some() {
+        let mut slot = r.branches.lock(&key).await;
+        let vote = if slot.state.conn.is_some() {
             self.prepare_active(&r, &key, &gid, &mut slot).await
         } else {
-            match r.finished(&key) {
+            match r.branches.finished(&key) {
                 Some(Fin::Prepared | Fin::Committed) => Vote::Prepared { metadata: Vec::new() },
                 Some(Fin::ReadOnly) => Vote::ReadOnly,
                 Some(Fin::Aborted(reason)) => Vote::Aborted { reason },
                 None if self.is_prepared(&r, &gid).await? => {
-                    r.finish(&key, Fin::Prepared);
+                    r.branches.finish(&key, Fin::Prepared);
                     Vote::Prepared { metadata: Vec::new() }
                 }
                 None => {
@@ -760,14 +651,14 @@ impl Participant for PostgresParticipant {
                     match fence.as_deref() {
                         Some("work") => Vote::Prepared { metadata: Vec::new() }, // prepared and committed before
                         Some(_) => Vote::Aborted { reason: "branch was aborted (dangling prepare refused)".into() },
-                        None => match self.may_start(&r, &key.0) {
+                        None => match r.branches.may_start(&key.0) {
                             Ok(()) => {
                                 // No statement ran here: nothing to prepare or commit.
-                                r.finish(&key, Fin::ReadOnly);
+                                r.branches.finish(&key, Fin::ReadOnly);
                                 Vote::ReadOnly
                             }
                             Err(reason) => {
-                                r.finish(&key, Fin::Aborted(reason.clone()));
+                                r.branches.finish(&key, Fin::Aborted(reason.clone()));
                                 Vote::Aborted { reason }
                             }
                         },
@@ -775,7 +666,7 @@ impl Participant for PostgresParticipant {
                 }
             }
         };
-        r.forget_slot(&key, &mut slot);
+        r.branches.release(&key, &mut slot);
         Ok(vote)
     }
 
@@ -788,17 +679,17 @@ impl Participant for PostgresParticipant {
     ) -> Result<Outcome, Error> {
         fail::fail_point!("postgres::before_commit");
         let (r, key, gid) = self.gid(coordinator_id, xid).map_err(Error)?;
-        let mut slot = r.lock(&key).await;
+        let mut slot = r.branches.lock(&key).await;
         let outcome = self.commit_locked(&r, &key, &gid, one_phase, &mut slot).await;
-        r.forget_slot(&key, &mut slot);
+        r.branches.release(&key, &mut slot);
         outcome
     }
 
     async fn abort(&self, coordinator_id: &str, xid: &Xid, _metadata: &[u8]) -> Result<Outcome, Error> {
         let (r, key, gid) = self.gid(coordinator_id, xid).map_err(Error)?;
-        let mut slot = r.lock(&key).await;
+        let mut slot = r.branches.lock(&key).await;
         let outcome = self.abort_locked(&r, &key, &gid, &mut slot).await;
-        r.forget_slot(&key, &mut slot);
+        r.branches.release(&key, &mut slot);
         outcome
     }
 
@@ -837,7 +728,7 @@ impl PostgresParticipant {
         one_phase: bool,
         slot: &mut Slot,
     ) -> Result<Outcome, Error> {
-        if slot.conn.is_some() {
+        if slot.state.conn.is_some() {
             if one_phase {
                 return Ok(self.commit_one_phase(r, key, slot).await);
             }
@@ -847,7 +738,7 @@ impl PostgresParticipant {
             self.rollback_active(r, key, slot, Fin::Aborted(reason.clone())).await;
             return Ok(Outcome::Aborted { reason });
         }
-        match r.finished(key) {
+        match r.branches.finished(key) {
             Some(Fin::Committed | Fin::ReadOnly) => return Ok(Outcome::Committed),
             Some(Fin::Aborted(reason)) => return Ok(Outcome::Aborted { reason }),
             Some(Fin::Prepared) | None => {}
@@ -855,7 +746,7 @@ impl PostgresParticipant {
         if one_phase && !self.is_prepared(r, gid).await? {
             // Never opened here (or opened before a restart): decide from what is known.
             let fence = if self.inner.config.dedup { self.fence(r, key).await? } else { None };
-            return Ok(match (fence.as_deref(), self.may_start(r, &key.0)) {
+            return Ok(match (fence.as_deref(), r.branches.may_start(&key.0)) {
                 (Some("work"), _) => Outcome::Committed,
                 (Some(_), _) => Outcome::Aborted { reason: "branch was aborted".into() },
                 (None, Ok(())) => Outcome::Committed, // nothing was done here: nothing to commit
@@ -864,7 +755,7 @@ impl PostgresParticipant {
         }
         match self.control(r, format!("COMMIT PREPARED {}", gid.literal())).await {
             Ok(()) => {
-                r.finish(key, Fin::Committed);
+                r.branches.finish(key, Fin::Committed);
                 Ok(Outcome::Committed)
             }
             Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_OBJECT) => {
@@ -872,7 +763,7 @@ impl PostgresParticipant {
                 // the dedup table says it never committed (rolled back behind our back).
                 let fence = if self.inner.config.dedup { self.fence(r, key).await? } else { Some("work".into()) };
                 if fence.as_deref() == Some("work") {
-                    r.finish(key, Fin::Committed);
+                    r.branches.finish(key, Fin::Committed);
                     Ok(Outcome::Committed)
                 } else {
                     Ok(Outcome::Aborted { reason: format!("prepared transaction {gid} vanished without committing") })
@@ -883,11 +774,11 @@ impl PostgresParticipant {
     }
 
     async fn abort_locked(&self, r: &Resource, key: &Key, gid: &Gid, slot: &mut Slot) -> Result<Outcome, Error> {
-        if slot.conn.is_some() {
+        if slot.state.conn.is_some() {
             self.rollback_active(r, key, slot, Fin::Aborted("aborted by the coordinator".into())).await;
             return Ok(Outcome::Aborted { reason: String::new() });
         }
-        match r.finished(key) {
+        match r.branches.finished(key) {
             Some(Fin::Committed) => return Ok(Outcome::Committed),
             Some(Fin::Aborted(_)) => return Ok(Outcome::Aborted { reason: String::new() }),
             Some(Fin::ReadOnly) | Some(Fin::Prepared) | None => {}
@@ -897,7 +788,7 @@ impl PostgresParticipant {
             Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_OBJECT) => {
                 // Not prepared (never, or rolled back already), unless it committed.
                 if self.inner.config.dedup && self.fence(r, key).await?.as_deref() == Some("work") {
-                    r.finish(key, Fin::Committed);
+                    r.branches.finish(key, Fin::Committed);
                     return Ok(Outcome::Committed);
                 }
             }
@@ -906,7 +797,7 @@ impl PostgresParticipant {
         if self.inner.config.dedup {
             self.fence_abort(r, key).await;
         }
-        r.finish(key, Fin::Aborted("aborted by the coordinator".into()));
+        r.branches.finish(key, Fin::Aborted("aborted by the coordinator".into()));
         Ok(Outcome::Aborted { reason: String::new() })
     }
 }

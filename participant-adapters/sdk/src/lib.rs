@@ -25,6 +25,7 @@
 
 pub mod reference;
 pub mod server;
+pub mod table;
 
 use pledge_proto::Xid;
 
