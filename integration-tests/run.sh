@@ -12,10 +12,10 @@ cd "$(dirname "$0")/.."
 # Build prerequisites from Debian (cmake and headers for the bundled librdkafka) when absent.
 bash integration-tests/scripts/build-deps.sh
 
-# The real services (PostgreSQL now; installed when absent) start in the background while
-# everything compiles.
+# The real services (PostgreSQL and Kafka; installed when absent) start in the background
+# while everything compiles.
 services_log=$(mktemp)
-bash integration-tests/scripts/postgres.sh start >"$services_log" 2>&1 &
+bash integration-tests/scripts/services.sh start >"$services_log" 2>&1 &
 services_pid=$!
 
 # Binaries first: the end-to-end tests start them as processes. Building them in the same
@@ -28,5 +28,5 @@ if ! wait "$services_pid"; then
   echo "error: starting the test services failed (see above)" >&2
   exit 1
 fi
-eval "$(bash integration-tests/scripts/postgres.sh env)"
+eval "$(bash integration-tests/scripts/services.sh env)"
 cargo test --workspace --locked "$@"

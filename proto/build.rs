@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "pledge/v1/participant.proto",
     "pledge/v1/reference.proto",
     "pledge/v1/postgres.proto",
+    "pledge/v1/kafka.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

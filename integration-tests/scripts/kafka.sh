@@ -178,6 +178,9 @@ share.coordinator.state.topic.min.isr=1
 # Tests create topics by producing to them, and want consumers to join at once.
 auto.create.topics.enable=true
 group.initial.rebalance.delay.ms=0
+# Tests of transactions the broker aborts on timeout should not wait the default 10 s for
+# the broker's check.
+transaction.abort.timed.out.transaction.cleanup.interval.ms=500
 # Small test machine (2 cores): fewer threads than the defaults.
 num.network.threads=2
 num.io.threads=4

@@ -1,1 +1,726 @@
+//! Kafka as a Pledge participant: records produced (and consumer offsets added) inside a branch
+//! become visible to read_committed consumers only if the global transaction commits — even
+//! when the adapter crashes between prepare and commit.
+//!
+//! A branch is a Kafka transaction of one of the adapter's transactional producers
+//! ([`pool`]). Kafka has no real prepare, so the adapter follows Flink's route:
+//! * **prepare** = flush and confirm every delivery, then ask the transaction coordinator
+//!   (DescribeTransactions) for the transaction's producer id and epoch, record
+//!   (transactional.id, producer id, epoch) durably ([`state`]) and return it as vote metadata
+//!   (the coordinator logs it with its decision). A branch that sent nothing votes READ_ONLY.
+//! * **commit / abort** = `commit_transaction` / `abort_transaction` on the producer that holds
+//!   it; after an adapter restart, when that producer is gone, EndTxn with the recorded id and
+//!   epoch ([`wire`]) — never InitProducerId for that transactional id, which would abort it.
+//! * **recover** = the recorded prepared branches, each checked with DescribeTransactions.
+//!
+//! **Timeouts.** The broker aborts a transaction open longer than `transaction.timeout.ms`
+//! (configurable here, capped by the broker's `transaction.max.timeout.ms`, 15 min by
+//! default). A prepared branch that outlives it is lost: its commit then reports a heuristic
+//! rollback (fenced producer, invalid state, or a moved epoch), never success.
 
+pub mod pool;
+pub mod service;
+pub mod state;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pledge_proto::{BranchId, Gtid, ResourceId, Xid, bounded_reason};
+use pledge_sdk::table::{BranchTable, Fin, Key, SlotGuard, SlotState};
+use pledge_sdk::{Error, InDoubt, Outcome, Participant, Vote};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use pool::{Lease, PoolConfig, ProducerPool};
+use state::{PreparedTxn, State};
+use wire::{TxnClient, code};
+
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub resource: ResourceId,
+    pub bootstrap: String,
+    pub data_dir: PathBuf,
+    /// Transactional ids are `<prefix>-0` .. `<prefix>-<producers - 1>`; keep the prefix
+    /// stable across restarts and unique per adapter instance.
+    pub transactional_id_prefix: String,
+    pub producers: usize,
+    pub transaction_timeout: Duration,
+    /// Bound of each producer call and broker request.
+    pub call_timeout: Duration,
+    /// Longest wait for a free producer when a branch opens.
+    pub acquire_timeout: Duration,
+    /// A branch not prepared within this long is aborted (keep it below transaction_timeout).
+    pub active_timeout: Duration,
+    pub tombstone_retention: Duration,
+    pub max_tombstones: usize,
+}
+
+impl KafkaConfig {
+    pub fn new(resource: ResourceId, bootstrap: &str, data_dir: impl Into<PathBuf>) -> Self {
+        let prefix = format!("pledge-{resource}");
+        KafkaConfig {
+            resource,
+            bootstrap: bootstrap.to_string(),
+            data_dir: data_dir.into(),
+            transactional_id_prefix: prefix,
+            producers: 8,
+            transaction_timeout: Duration::from_secs(60),
+            call_timeout: Duration::from_secs(10),
+            acquire_timeout: Duration::from_secs(10),
+            active_timeout: Duration::from_secs(50),
+            tombstone_retention: Duration::from_secs(2 * 3600),
+            max_tombstones: 1_000_000,
+        }
+    }
+}
+
+/// Most records in one Produce call, and their largest size in bytes.
+pub const MAX_RECORDS_PER_CALL: usize = 10_000;
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+/// Most consumer groups whose metadata is cached (one consumer handle each).
+const MAX_GROUPS: usize = 64;
+
+/// Why branch work was refused or failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BranchError {
+    #[error("unknown resource {0:?}")]
+    UnknownResource(String),
+    #[error("branch is {state}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
+    Finished { state: &'static str, reason: String },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+}
+
+/// What an open branch holds: its producer (with the branch's transaction open on it).
+#[derive(Default)]
+struct KafkaSlot {
+    lease: Option<Lease>,
+    /// Records sent and offsets added: a branch with neither votes READ_ONLY.
+    sent: u64,
+    offsets: bool,
+    /// Prepared: still holding its producer, waiting for the decision.
+    prepared: Option<PreparedTxn>,
+}
+
+impl SlotState for KafkaSlot {
+    fn is_open(&self) -> bool {
+        self.lease.is_some()
+    }
+}
+
+struct Inner {
+    config: KafkaConfig,
+    branches: BranchTable<KafkaSlot>,
+    pool: ProducerPool,
+    state: State,
+    txn: TxnClient,
+    /// Consumer handles, one per group, for the group metadata offsets are committed under.
+    groups: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+}
+
+/// The Kafka participant. Cheap to clone.
+#[derive(Clone)]
+pub struct KafkaParticipant {
+    inner: Arc<Inner>,
+}
+
+/// Keeps the state log open; [`KafkaHandle::shutdown`] flushes it.
+pub struct KafkaHandle {
+    log: pledge_log::Log,
+}
+
+impl KafkaHandle {
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.log.shutdown().await?;
+        Ok(())
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl KafkaParticipant {
+    /// Replays the state in `config.data_dir` (blocking) and prepares the producer pool; the
+    /// producers of prepared branches' transactional ids stay unused until those are finished.
+    pub fn open(config: KafkaConfig) -> anyhow::Result<(KafkaParticipant, KafkaHandle)> {
+        anyhow::ensure!(config.producers > 0, "at least one producer is needed");
+        anyhow::ensure!(
+            config.active_timeout < config.transaction_timeout,
+            "active_timeout must be below transaction_timeout, or the broker aborts branches before the adapter does"
+        );
+        let (state, log) = State::open(&config.data_dir)?;
+        let prepared = futures::executor::block_on(state.list());
+        let quarantined: Vec<String> = prepared.iter().map(|(_, t)| t.transactional_id.clone()).collect();
+        if !prepared.is_empty() {
+            tracing::info!(resource = %config.resource, prepared = prepared.len(), "prepared branches waiting for their decision");
+        }
+        let pool = ProducerPool::new(
+            PoolConfig {
+                bootstrap: config.bootstrap.clone(),
+                transactional_id_prefix: config.transactional_id_prefix.clone(),
+                size: config.producers,
+                transaction_timeout: config.transaction_timeout,
+                call_timeout: config.call_timeout,
+            },
+            &quarantined,
+        );
+        let inner = Inner {
+            branches: BranchTable::new(config.tombstone_retention, config.max_tombstones),
+            txn: TxnClient::new(&config.bootstrap, config.call_timeout),
+            pool,
+            state,
+            groups: Mutex::new(HashMap::new()),
+            config,
+        };
+        let participant = KafkaParticipant { inner: Arc::new(inner) };
+        participant.spawn_housekeeping();
+        Ok((participant, KafkaHandle { log }))
+    }
+
+    fn check_resource(&self, resource: &ResourceId) -> Result<(), BranchError> {
+        if *resource == self.inner.config.resource {
+            Ok(())
+        } else {
+            Err(BranchError::UnknownResource(resource.to_string()))
+        }
+    }
+
+    /// Locks branch (gtid, branch), opening it (a producer and a new Kafka transaction) if needed.
+    async fn open_branch(&self, key: &Key) -> Result<SlotGuard<KafkaSlot>, BranchError> {
+        let table = &self.inner.branches;
+        let mut slot = table.lock(key).await;
+        if slot.state.prepared.is_some() {
+            return Err(BranchError::Finished { state: "prepared", reason: String::new() });
+        }
+        if slot.state.lease.is_some() {
+            return Ok(slot);
+        }
+        let refuse = |slot: &mut SlotGuard<KafkaSlot>, e: BranchError| {
+            table.release(key, slot);
+            Err(e)
+        };
+        if let Some(fin) = table.finished(key) {
+            let reason = if let Fin::Aborted(r) = &fin { r.clone() } else { String::new() };
+            return refuse(&mut slot, BranchError::Finished { state: fin.name(), reason });
+        }
+        if let Err(reason) = table.may_start(&key.0) {
+            return refuse(&mut slot, BranchError::Refused(reason));
+        }
+        if !table.try_open(self.inner.pool.size()) {
+            return refuse(&mut slot, BranchError::Busy("every transactional producer is in use".into()));
+        }
+        let lease = match self.inner.pool.acquire(self.inner.config.acquire_timeout).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                table.closed();
+                return refuse(&mut slot, BranchError::Busy(e));
+            }
+        };
+        if let Err(e) = lease.producer.begin_transaction() {
+            table.closed();
+            let mut lease = lease;
+            lease.poison();
+            return refuse(&mut slot, BranchError::Kafka(format!("begin_transaction: {e}")));
+        }
+        slot.state = KafkaSlot { lease: Some(lease), sent: 0, offsets: false, prepared: None };
+        slot.since = Some(Instant::now());
+        Ok(slot)
+    }
+
+    /// Sends records inside the branch; returns (partition, offset) of each once the broker has
+    /// acknowledged all of them. A failure rolls the branch back.
+    pub async fn produce(
+        &self,
+        resource: &ResourceId,
+        gtid: Gtid,
+        branch: BranchId,
+        records: Vec<Record>,
+    ) -> Result<Vec<(i32, i64)>, BranchError> {
+        self.check_resource(resource)?;
+        if records.len() > MAX_RECORDS_PER_CALL {
+            return Err(BranchError::Refused(format!("at most {MAX_RECORDS_PER_CALL} records per call")));
+        }
+        if let Some(r) = records.iter().find(|r| r.key.len() + r.value.len() > MAX_RECORD_BYTES) {
+            return Err(BranchError::Refused(format!(
+                "a record for topic {:?} is larger than {MAX_RECORD_BYTES} bytes",
+                r.topic
+            )));
+        }
+        let key = (gtid, branch);
+        let mut slot = self.open_branch(&key).await?;
+        let producer = slot.state.lease.as_ref().expect("open branch").producer.clone();
+        let deliveries: Vec<_> = records
+            .iter()
+            .map(|r| {
+                let mut record = FutureRecord::to(&r.topic).key(&r.key[..]).payload(&r.value[..]);
+                if let Some(p) = r.partition {
+                    record = record.partition(p);
+                }
+                if !r.headers.is_empty() {
+                    let mut headers = rdkafka::message::OwnedHeaders::new_with_capacity(r.headers.len());
+                    for (k, v) in &r.headers {
+                        headers = headers.insert(rdkafka::message::Header { key: k, value: Some(&v[..]) });
+                    }
+                    record = record.headers(headers);
+                }
+                producer.send_result(record).map_err(|(e, _)| e)
+            })
+            .collect();
+        let mut positions = Vec::with_capacity(deliveries.len());
+        let mut failure = None;
+        for delivery in deliveries {
+            match delivery {
+                Ok(future) => match future.await {
+                    Ok(Ok(delivered)) => positions.push((delivered.partition, delivered.offset)),
+                    Ok(Err((e, _))) => failure = failure.or(Some(e.to_string())),
+                    Err(_) => failure = failure.or(Some("delivery cancelled".into())),
+                },
+                Err(e) => failure = failure.or(Some(e.to_string())),
+            }
+        }
+        slot.state.sent += positions.len() as u64;
+        if let Some(e) = failure {
+            let reason = bounded_reason(format!("a record could not be delivered: {e}"));
+            self.abort_open(&key, &mut slot, Fin::Aborted(reason.clone())).await;
+            return Err(BranchError::Kafka(reason));
+        }
+        Ok(positions)
+    }
+
+    /// Adds `offsets` of consumer group `group_id` to the branch.
+    pub async fn add_offsets(
+        &self,
+        resource: &ResourceId,
+        gtid: Gtid,
+        branch: BranchId,
+        group_id: &str,
+        offsets: Vec<(String, i32, i64)>,
+    ) -> Result<(), BranchError> {
+        self.check_resource(resource)?;
+        let metadata = self
+            .group(group_id)?
+            .group_metadata()
+            .ok_or_else(|| BranchError::Kafka(format!("no group metadata for consumer group {group_id:?}")))?;
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, offset) in &offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                .map_err(|e| BranchError::Refused(format!("offset {topic}/{partition}/{offset}: {e}")))?;
+        }
+        let key = (gtid, branch);
+        let mut slot = self.open_branch(&key).await?;
+        let producer = slot.state.lease.as_ref().expect("open branch").producer.clone();
+        let timeout = self.inner.pool.call_timeout();
+        let sent = tokio::task::spawn_blocking(move || producer.send_offsets_to_transaction(&tpl, &metadata, timeout))
+            .await
+            .map_err(|e| BranchError::Kafka(format!("send_offsets_to_transaction panicked: {e}")))?;
+        match sent {
+            Ok(()) => {
+                slot.state.offsets = true;
+                Ok(())
+            }
+            Err(e) => {
+                let reason = bounded_reason(format!("adding consumer offsets failed: {e}"));
+                self.abort_open(&key, &mut slot, Fin::Aborted(reason.clone())).await;
+                Err(BranchError::Kafka(reason))
+            }
+        }
+    }
+
+    fn group(&self, group_id: &str) -> Result<Arc<BaseConsumer>, BranchError> {
+        let mut groups = self.inner.groups.lock().unwrap();
+        if let Some(c) = groups.get(group_id) {
+            return Ok(c.clone());
+        }
+        if groups.len() >= MAX_GROUPS {
+            return Err(BranchError::Refused(format!("more than {MAX_GROUPS} consumer groups in use")));
+        }
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.inner.config.bootstrap)
+            .set("group.id", group_id)
+            .create()
+            .map_err(|e| BranchError::Kafka(format!("consumer for group {group_id:?}: {e}")))?;
+        let consumer = Arc::new(consumer);
+        groups.insert(group_id.to_string(), consumer.clone());
+        Ok(consumer)
+    }
+
+    /// Aborts an open branch's transaction and gives its producer back (a producer whose abort
+    /// failed is replaced). Records the end of a prepared branch durably.
+    async fn abort_open(&self, key: &Key, slot: &mut SlotGuard<KafkaSlot>, fin: Fin) {
+        let Some(mut lease) = slot.state.lease.take() else { return };
+        let (producer, timeout) = (lease.producer.clone(), self.inner.pool.call_timeout());
+        let aborted = tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await;
+        if !matches!(aborted, Ok(Ok(()))) {
+            tracing::warn!(gtid = %key.0, branch = %key.1, result = ?aborted, "abort_transaction failed; replacing the producer");
+            lease.poison();
+        }
+        self.close(key, slot, lease, fin).await;
+    }
+
+    async fn close(&self, key: &Key, slot: &mut SlotGuard<KafkaSlot>, lease: Lease, fin: Fin) {
+        if slot.state.prepared.take().is_some()
+            && let Err(e) = self.inner.state.finished(key).await
+        {
+            tracing::error!(gtid = %key.0, branch = %key.1, error = %e, "cannot record the end of a branch");
+        }
+        drop(lease);
+        self.inner.branches.closed();
+        self.inner.branches.finish(key, fin);
+    }
+
+    fn spawn_housekeeping(&self) {
+        let p = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                p.expire_active().await;
+                p.inner.branches.expire_finished();
+            }
+        });
+    }
+
+    /// Aborts branches open longer than `active_timeout` and not prepared.
+    async fn expire_active(&self) {
+        let timeout = self.inner.config.active_timeout;
+        for (key, slot) in self.inner.branches.open_slots() {
+            let Ok(mut slot) = slot.try_lock_owned() else { continue };
+            let stale = slot.state.lease.is_some()
+                && slot.state.prepared.is_none()
+                && slot.since.is_some_and(|s| s.elapsed() >= timeout);
+            if stale {
+                tracing::info!(gtid = %key.0, branch = %key.1, "aborting a branch not prepared in time");
+                let reason = format!("not prepared within active_timeout ({} ms)", timeout.as_millis());
+                self.abort_open(&key, &mut slot, Fin::Aborted(reason)).await;
+                self.inner.branches.release(&key, &mut slot);
+            }
+        }
+    }
+
+    async fn prepare_open(&self, coordinator_id: &str, key: &Key, slot: &mut SlotGuard<KafkaSlot>) -> Vote {
+        let lease = slot.state.lease.as_ref().expect("open branch");
+        let (producer, timeout) = (lease.producer.clone(), self.inner.pool.call_timeout());
+        let transactional_id = lease.transactional_id.clone();
+        if slot.state.sent == 0 && !slot.state.offsets {
+            // Nothing sent: nothing to commit.
+            self.abort_open(key, slot, Fin::ReadOnly).await;
+            return Vote::ReadOnly;
+        }
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
+        let described = match flushed {
+            Ok(Ok(())) => self.inner.txn.describe(&transactional_id).await.map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(format!("flush: {e}")),
+            Err(e) => Err(format!("flush panicked: {e}")),
+        };
+        let txn = match described {
+            Ok(Some(d)) if d.state == "Ongoing" => PreparedTxn {
+                coordinator_id: coordinator_id.to_string(),
+                transactional_id,
+                producer_id: d.producer_id,
+                producer_epoch: d.producer_epoch,
+                prepared_ms: now_ms(),
+            },
+            Ok(other) => {
+                let reason = format!("prepare failed: the transaction coordinator does not hold it open: {other:?}");
+                self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+                return Vote::Aborted { reason: bounded_reason(reason) };
+            }
+            Err(reason) => {
+                let reason = bounded_reason(format!("prepare failed: {reason}"));
+                self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+                return Vote::Aborted { reason };
+            }
+        };
+        if let Err(e) = self.inner.state.prepared(key, txn.clone()).await {
+            let reason = format!("cannot record the prepared branch: {e}");
+            self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+            return Vote::Aborted { reason };
+        }
+        fail::fail_point!("kafka::after_prepare");
+        let metadata = txn.metadata();
+        slot.state.prepared = Some(txn);
+        Vote::Prepared { metadata }
+    }
+}
+
+/// A record to produce.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: Option<i32>,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+#[tonic::async_trait]
+impl Participant for KafkaParticipant {
+    async fn prepare(&self, coordinator_id: &str, xid: &Xid) -> Result<Vote, Error> {
+        if self.check_resource(&xid.resource).is_err() {
+            return Ok(Vote::Aborted {
+                reason: format!("this adapter serves resource {}", self.inner.config.resource),
+            });
+        }
+        let key = (xid.gtid, xid.branch.clone());
+        let table = &self.inner.branches;
+        let mut slot = table.lock(&key).await;
+        let vote = if let Some(txn) = &slot.state.prepared {
+            Vote::Prepared { metadata: txn.metadata() }
+        } else if slot.state.lease.is_some() {
+            self.prepare_open(coordinator_id, &key, &mut slot).await
+        } else if let Some(txn) = self.inner.state.get(&key).await {
+            Vote::Prepared { metadata: txn.metadata() } // prepared before a restart
+        } else {
+            match table.finished(&key) {
+                Some(Fin::Prepared | Fin::Committed) => Vote::Prepared { metadata: Vec::new() },
+                Some(Fin::ReadOnly) => Vote::ReadOnly,
+                Some(Fin::Aborted(reason)) => Vote::Aborted { reason },
+                None => match table.may_start(&key.0) {
+                    Ok(()) => {
+                        table.finish(&key, Fin::ReadOnly);
+                        Vote::ReadOnly
+                    }
+                    Err(reason) => {
+                        table.finish(&key, Fin::Aborted(reason.clone()));
+                        Vote::Aborted { reason }
+                    }
+                },
+            }
+        };
+        table.release(&key, &mut slot);
+        Ok(vote)
+    }
+
+    async fn commit(
+        &self,
+        coordinator_id: &str,
+        xid: &Xid,
+        one_phase: bool,
+        metadata: &[u8],
+    ) -> Result<Outcome, Error> {
+        fail::fail_point!("kafka::before_commit");
+        self.check_resource(&xid.resource).map_err(|e| Error(e.to_string()))?;
+        let key = (xid.gtid, xid.branch.clone());
+        let mut slot = self.inner.branches.lock(&key).await;
+        let outcome = self.commit_locked(coordinator_id, &key, one_phase, metadata, &mut slot).await;
+        self.inner.branches.release(&key, &mut slot);
+        outcome
+    }
+
+    async fn abort(&self, coordinator_id: &str, xid: &Xid, metadata: &[u8]) -> Result<Outcome, Error> {
+        self.check_resource(&xid.resource).map_err(|e| Error(e.to_string()))?;
+        let key = (xid.gtid, xid.branch.clone());
+        let mut slot = self.inner.branches.lock(&key).await;
+        let outcome = self.abort_locked(coordinator_id, &key, metadata, &mut slot).await;
+        self.inner.branches.release(&key, &mut slot);
+        outcome
+    }
+
+    async fn recover(&self, coordinator_id: &str) -> Result<Vec<InDoubt>, Error> {
+        let mut out = Vec::new();
+        for (key, txn) in self.inner.state.list().await {
+            if txn.coordinator_id != coordinator_id {
+                continue;
+            }
+            // Check the broker still holds it; if not, its commit will report a heuristic
+            // rollback. Say so now, once, where it is found.
+            match self.inner.txn.describe(&txn.transactional_id).await {
+                Ok(Some(d))
+                    if d.state == "Ongoing"
+                        && d.producer_id == txn.producer_id
+                        && d.producer_epoch == txn.producer_epoch => {}
+                Ok(other) => tracing::warn!(
+                    gtid = %key.0,
+                    branch = %key.1,
+                    transactional_id = txn.transactional_id,
+                    broker = ?other,
+                    "the broker no longer holds this prepared branch open (transaction timeout?); committing it \
+                     will report a heuristic rollback"
+                ),
+                Err(e) => {
+                    tracing::warn!(transactional_id = txn.transactional_id, error = %e, "cannot check a prepared branch")
+                }
+            }
+            out.push(InDoubt {
+                xid: Xid { resource: self.inner.config.resource.clone(), gtid: key.0, branch: key.1 },
+                metadata: txn.metadata(),
+                prepared_unix_ms: txn.prepared_ms,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl KafkaParticipant {
+    async fn commit_locked(
+        &self,
+        coordinator_id: &str,
+        key: &Key,
+        one_phase: bool,
+        metadata: &[u8],
+        slot: &mut SlotGuard<KafkaSlot>,
+    ) -> Result<Outcome, Error> {
+        if slot.state.lease.is_some() {
+            if slot.state.prepared.is_none() && !one_phase {
+                let reason = "commit of a branch that was never prepared".to_string();
+                self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+                return Ok(Outcome::Aborted { reason });
+            }
+            let lease = slot.state.lease.as_ref().expect("open branch");
+            let (producer, timeout) = (lease.producer.clone(), self.inner.pool.call_timeout());
+            let committed = tokio::task::spawn_blocking(move || producer.commit_transaction(timeout))
+                .await
+                .map_err(|e| Error::new(format!("commit_transaction panicked: {e}")))?;
+            return match committed {
+                Ok(()) => {
+                    let lease = slot.state.lease.take().expect("open branch");
+                    self.close(key, slot, lease, Fin::Committed).await;
+                    Ok(Outcome::Committed)
+                }
+                Err(e) if is_retriable(&e) => Err(Error::new(format!("commit_transaction: {e}"))),
+                Err(e) => {
+                    // The broker no longer has it (aborted after transaction.timeout.ms, or the
+                    // producer was fenced): it did not commit. Never report success.
+                    let reason = bounded_reason(format!("the Kafka transaction could not commit: {e}"));
+                    let mut lease = slot.state.lease.take().expect("open branch");
+                    lease.poison();
+                    let prepared = slot.state.prepared.is_some();
+                    self.close(key, slot, lease, Fin::Aborted(reason.clone())).await;
+                    Ok(if prepared { Outcome::HeuristicRollback { reason } } else { Outcome::Aborted { reason } })
+                }
+            };
+        }
+        // Prepared before a restart (our record), or named by the coordinator's metadata.
+        let txn = match self.inner.state.get(key).await {
+            Some(txn) => Some(txn),
+            None if !metadata.is_empty() => PreparedTxn::from_metadata(coordinator_id, metadata)
+                .filter(|t| self.inner.pool.owns(&t.transactional_id).is_some())
+                .filter(|_| self.inner.branches.finished(key).is_none()),
+            None => None,
+        };
+        if let Some(txn) = txn {
+            return self.end_txn(key, &txn, true).await;
+        }
+        Ok(match self.inner.branches.finished(key) {
+            Some(Fin::Committed | Fin::ReadOnly | Fin::Prepared) => Outcome::Committed,
+            Some(Fin::Aborted(reason)) => Outcome::Aborted { reason },
+            // Prepared, committed and forgotten: committed.
+            None if !one_phase => Outcome::Committed,
+            // One-phase of a branch never opened here: nothing to commit, if it could not have
+            // had work this process lost.
+            None => match self.inner.branches.may_start(&key.0) {
+                Ok(()) => Outcome::Committed,
+                Err(reason) => Outcome::Aborted { reason },
+            },
+        })
+    }
+
+    async fn abort_locked(
+        &self,
+        coordinator_id: &str,
+        key: &Key,
+        metadata: &[u8],
+        slot: &mut SlotGuard<KafkaSlot>,
+    ) -> Result<Outcome, Error> {
+        if slot.state.lease.is_some() {
+            self.abort_open(key, slot, Fin::Aborted("aborted by the coordinator".into())).await;
+            return Ok(Outcome::Aborted { reason: String::new() });
+        }
+        let txn = match self.inner.state.get(key).await {
+            Some(txn) => Some(txn),
+            None if !metadata.is_empty() => PreparedTxn::from_metadata(coordinator_id, metadata)
+                .filter(|t| self.inner.pool.owns(&t.transactional_id).is_some())
+                .filter(|_| self.inner.branches.finished(key).is_none()),
+            None => None,
+        };
+        if let Some(txn) = txn {
+            return self.end_txn(key, &txn, false).await;
+        }
+        Ok(match self.inner.branches.finished(key) {
+            Some(Fin::Committed) => Outcome::Committed,
+            _ => {
+                // Remember it: a late Prepare or Produce of this branch is refused.
+                self.inner.branches.finish(key, Fin::Aborted("aborted by the coordinator".into()));
+                Outcome::Aborted { reason: String::new() }
+            }
+        })
+    }
+
+    /// Finishes a prepared branch whose producer is gone (adapter restart) with EndTxn, then
+    /// lets its transactional id's producer start again.
+    async fn end_txn(&self, key: &Key, txn: &PreparedTxn, commit: bool) -> Result<Outcome, Error> {
+        let what = if commit { "commit" } else { "abort" };
+        let result = self
+            .inner
+            .txn
+            .end_txn(&txn.transactional_id, txn.producer_id, txn.producer_epoch, commit)
+            .await
+            .map_err(|e| Error::new(format!("EndTxn ({what}) for {}: {e}", txn.transactional_id)))?;
+        let outcome = match result {
+            code::NONE => {
+                if commit {
+                    Outcome::Committed
+                } else {
+                    Outcome::Aborted { reason: String::new() }
+                }
+            }
+            // The transaction is no longer open under this producer id and epoch: find out how
+            // it ended. A repeated EndTxn of the same outcome succeeds, so this is not ours.
+            code::INVALID_PRODUCER_EPOCH
+            | code::PRODUCER_FENCED
+            | code::INVALID_TXN_STATE
+            | code::INVALID_PRODUCER_ID_MAPPING => {
+                let described = self.inner.txn.describe(&txn.transactional_id).await.ok().flatten();
+                let committed_here = described.as_ref().is_some_and(|d| {
+                    d.state == "CompleteCommit"
+                        && d.producer_id == txn.producer_id
+                        && d.producer_epoch == txn.producer_epoch
+                });
+                let reason = format!(
+                    "EndTxn ({what}) refused with Kafka error {result}; the broker reports {described:?} \
+                     (the transaction was aborted by the broker, e.g. after transaction.timeout.ms)"
+                );
+                match (commit, committed_here) {
+                    (true, true) => Outcome::Committed,
+                    (true, false) => Outcome::HeuristicRollback { reason: bounded_reason(reason) },
+                    (false, true) => Outcome::HeuristicCommit { reason: bounded_reason(reason) },
+                    (false, false) => Outcome::Aborted { reason: String::new() },
+                }
+            }
+            other => {
+                return Err(Error::new(format!("EndTxn ({what}) for {}: Kafka error {other}", txn.transactional_id)));
+            }
+        };
+        self.inner
+            .state
+            .finished(key)
+            .await
+            .map_err(|e| Error::new(format!("cannot record the end of the branch: {e}")))?;
+        self.inner.pool.release_quarantine(&txn.transactional_id);
+        let fin = match &outcome {
+            Outcome::Committed | Outcome::HeuristicCommit { .. } => Fin::Committed,
+            _ => Fin::Aborted("finished after a restart".into()),
+        };
+        self.inner.branches.finish(key, fin);
+        tracing::info!(gtid = %key.0, branch = %key.1, transactional_id = txn.transactional_id, ?outcome, "prepared branch finished with EndTxn");
+        Ok(outcome)
+    }
+}
+
+/// A commit_transaction error worth retrying (librdkafka says so); anything else is final.
+fn is_retriable(e: &rdkafka::error::KafkaError) -> bool {
+    match e {
+        rdkafka::error::KafkaError::Transaction(t) => t.is_retriable(),
+        _ => false,
+    }
+}

@@ -210,3 +210,13 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         }))
     }
 }
+
+/// Resolves on SIGTERM or Ctrl-C: the adapters' binaries shut down cleanly on either.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

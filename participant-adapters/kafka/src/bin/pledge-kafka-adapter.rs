@@ -1,1 +1,86 @@
-fn main() {}
+//! The Kafka participant as a gRPC server: the Participant service (for the coordinator) and
+//! the KafkaBranch work API (for application services).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use pledge_kafka::service::BranchService;
+use pledge_kafka::{KafkaConfig, KafkaParticipant};
+use pledge_proto::ResourceId;
+use pledge_proto::v1::kafka_branch_server::KafkaBranchServer;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(name = "pledge-kafka-adapter", version, about)]
+struct Args {
+    /// Address to listen on (port 0: any free port; the chosen address is printed).
+    #[arg(long, env = "PLEDGE_KAFKA_LISTEN", default_value = "127.0.0.1:7901")]
+    listen: SocketAddr,
+    /// The resource id of this Kafka cluster, as registered with the coordinator.
+    #[arg(long, env = "PLEDGE_RESOURCE_ID", default_value = "kafka")]
+    resource_id: String,
+    /// Bootstrap servers, host:port[,host:port...].
+    #[arg(long, env = "PLEDGE_KAFKA_BOOTSTRAP")]
+    bootstrap: String,
+    /// Where the adapter keeps its prepared branches (durably).
+    #[arg(long, env = "PLEDGE_KAFKA_DATA_DIR", default_value = "./kafka-adapter-data")]
+    data_dir: PathBuf,
+    /// Transactional id prefix [default: pledge-<resource id>]. Stable across restarts and unique
+    /// per adapter instance.
+    #[arg(long)]
+    transactional_id_prefix: Option<String>,
+    /// Transactional producers (branches open at once).
+    #[arg(long, default_value_t = 8)]
+    producers: usize,
+    /// transaction.timeout.ms: the broker aborts a transaction open longer than this (capped by
+    /// its transaction.max.timeout.ms); a prepared branch older than this is lost.
+    #[arg(long, default_value_t = 60_000)]
+    transaction_timeout_ms: u64,
+    /// Abort a branch not prepared within this many ms (below transaction_timeout_ms).
+    #[arg(long, default_value_t = 50_000)]
+    active_timeout_ms: u64,
+    /// Bound of each producer call and broker request, ms.
+    #[arg(long, default_value_t = 10_000)]
+    call_timeout_ms: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    #[cfg(feature = "failpoints")]
+    pledge_crashpoints::install();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(Args::parse()))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let resource = ResourceId::parse_field("resource_id", &args.resource_id)?;
+    let mut config = KafkaConfig::new(resource, &args.bootstrap, &args.data_dir);
+    if let Some(prefix) = args.transactional_id_prefix {
+        config.transactional_id_prefix = prefix;
+    }
+    config.producers = args.producers;
+    config.transaction_timeout = Duration::from_millis(args.transaction_timeout_ms);
+    config.active_timeout = Duration::from_millis(args.active_timeout_ms);
+    config.call_timeout = Duration::from_millis(args.call_timeout_ms);
+    let (participant, handle) = tokio::task::block_in_place(|| KafkaParticipant::open(config))?;
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
+    routes.add_service(KafkaBranchServer::new(BranchService::new(participant)));
+    println!("listening on {addr}");
+    tracing::info!(%addr, "Kafka adapter serving");
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(incoming, pledge_sdk::server::shutdown_signal())
+        .await?;
+    handle.shutdown().await?;
+    tracing::info!("Kafka adapter stopped; state flushed");
+    Ok(())
+}

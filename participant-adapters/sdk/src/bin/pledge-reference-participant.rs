@@ -66,20 +66,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, pledge_sdk::server::shutdown_signal())
         .await?;
     handle.shutdown().await?;
     tracing::info!("reference participant stopped; state flushed");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
 
 /// With the `failpoints` feature, `PLEDGE_CRASH_AT` kills this process at named crash points

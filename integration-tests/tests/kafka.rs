@@ -1,0 +1,302 @@
+//! The Kafka participant against the real broker the project's scripts start: read_committed
+//! visibility of committed and aborted branches, PostgreSQL and Kafka in one transaction, kill
+//! -9 of the adapter after prepare (finished with EndTxn) and of the coordinator after the
+//! decision, a branch the broker aborted on timeout (a heuristic outcome), and the participant
+//! conformance suite.
+
+use pledge_integration_tests::conformance::{self, Target};
+use pledge_integration_tests::*;
+use pledge_proto::v1::kafka_branch_client::KafkaBranchClient;
+use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
+use pledge_proto::v1::{self, value::Kind};
+use tonic::transport::Channel;
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:08x}", fastrand::u32(..))
+}
+
+async fn kafka_client(p: &Process) -> KafkaBranchClient<Channel> {
+    KafkaBranchClient::connect(p.endpoint()).await.unwrap()
+}
+
+async fn produce(
+    k: &mut KafkaBranchClient<Channel>,
+    gtid: &str,
+    branch_id: &str,
+    topic: &str,
+    records: &[(&str, &str)],
+) -> Result<v1::ProduceResponse, tonic::Status> {
+    k.produce(v1::ProduceRequest {
+        resource_id: "kafka".into(),
+        gtid: gtid.into(),
+        branch_id: branch_id.into(),
+        records: records
+            .iter()
+            .map(|(key, value)| v1::KafkaRecord {
+                topic: topic.into(),
+                partition: Some(0),
+                key: key.as_bytes().to_vec(),
+                value: value.as_bytes().to_vec(),
+                headers: vec![],
+            })
+            .collect(),
+    })
+    .await
+    .map(tonic::Response::into_inner)
+}
+
+fn keys(records: &[(String, String)]) -> Vec<&str> {
+    records.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+struct Setup {
+    dir: TestDir,
+    kafka: Process,
+    reference: Process,
+    coordinator: Process,
+    prefix: String,
+}
+
+async fn setup(test: &str, kafka_env: &[(&str, &str)], coordinator_env: &[(&str, &str)]) -> Setup {
+    let dir = TestDir::new(test);
+    let prefix = unique(test);
+    let kafka = dir.kafka_adapter("kafka", 0, &prefix, &[], kafka_env).await;
+    let reference = dir.participant("ref", 0, &[], &[]).await;
+    let coordinator = dir.coordinator(&[("kafka", &kafka), ("ref", &reference)], coordinator_env).await;
+    Setup { dir, kafka, reference, coordinator, prefix }
+}
+
+impl Setup {
+    async fn restart_kafka(&mut self, args: &[&str]) {
+        let port = self.kafka.port();
+        self.kafka = self.dir.kafka_adapter("kafka", port, &self.prefix, args, &[]).await;
+    }
+
+    /// A transaction with a Kafka branch (records `keys` to `topic`) and a reference branch.
+    async fn begin_with_records(&self, topic: &str, keys: &[&str]) -> String {
+        let mut c = coordinator_client(&self.coordinator).await;
+        let gtid = begin(&mut c, &[("kafka", "out"), ("ref", "r")]).await;
+        let records: Vec<(&str, &str)> = keys.iter().map(|k| (*k, "v")).collect();
+        let positions = produce(&mut kafka_client(&self.kafka).await, &gtid, "out", topic, &records).await.unwrap();
+        assert_eq!(positions.positions.len(), keys.len());
+        put(&mut store_client(&self.reference).await, &gtid, "r", &format!("{gtid}-ref"), "x").await;
+        gtid
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_records_are_seen_once_and_aborted_ones_never() {
+    let s = setup("kafka-visibility", &[], &[]).await;
+    let topic = unique("visibility");
+    let mut c = coordinator_client(&s.coordinator).await;
+
+    // Two-phase: Kafka + the reference participant.
+    let committed = s.begin_with_records(&topic, &["c1", "c2"]).await;
+    // Invisible while the transaction is open: a read_committed reader stops before it.
+    let aborted = s.begin_with_records(&topic, &["a1"]).await;
+    c.abort(v1::AbortRequest { gtid: aborted.clone() }).await.unwrap();
+    let r = commit(&mut c, &committed, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true), "{}", r.reason);
+    let t = get(&mut c, &committed).await.unwrap();
+    let kafka_branch = t.branches.iter().find(|b| b.resource_id == "kafka").unwrap();
+    let metadata = String::from_utf8(kafka_branch.metadata.clone()).unwrap();
+    assert!(metadata.starts_with(&format!("transactional.id={}-", s.prefix)), "vote metadata: {metadata}");
+
+    // One-phase: Kafka alone.
+    let one = begin(&mut c, &[("kafka", "solo")]).await;
+    produce(&mut kafka_client(&s.kafka).await, &one, "solo", &topic, &[("s1", "v")]).await.unwrap();
+    let r = commit(&mut c, &one, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Committed);
+    assert!(get(&mut c, &one).await.unwrap().one_phase);
+
+    // An aborted branch's producer is handed out again: its records are never seen either.
+    let seen = read_committed(&topic).await;
+    assert_eq!(keys(&seen), vec!["c1", "c2", "s1"], "exactly the committed records, once each");
+
+    // Work in an aborted branch is refused.
+    let e = produce(&mut kafka_client(&s.kafka).await, &aborted, "out", &topic, &[("late", "v")]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_and_kafka_commit_together_and_a_postgres_failure_hides_the_records() {
+    let dir = TestDir::new("kafka-postgres");
+    let prefix = unique("kafka-postgres");
+    let kafka = dir.kafka_adapter("kafka", 0, &prefix, &[], &[]).await;
+    let pg = dir.postgres_adapter("pg", 0, &[("db_a", pg_url('a'))], &[], &[]).await;
+    let coordinator = dir.coordinator(&[("kafka", &kafka), ("db_a", &pg)], &[]).await;
+    let table = format!("orders_{}", fastrand::u32(..));
+    let db = sqlx::PgPool::connect(&pg_url('a')).await.unwrap();
+    let ddl = format!("CREATE TABLE {table} (id int PRIMARY KEY, qty int NOT NULL CHECK (qty > 0))");
+    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&db).await.unwrap();
+    let topic = unique("orders");
+    let insert = format!("INSERT INTO {table} VALUES ($1, $2)");
+    let mut c = coordinator_client(&coordinator).await;
+    let mut pgc = PostgresBranchClient::connect(pg.endpoint()).await.unwrap();
+    let order = |id: i64, qty: i64, gtid: &str| v1::ExecuteRequest {
+        resource_id: "db_a".into(),
+        gtid: gtid.into(),
+        branch_id: "row".into(),
+        statements: vec![v1::Statement {
+            sql: insert.clone(),
+            params: vec![v1::Value { kind: Some(Kind::Int(id)) }, v1::Value { kind: Some(Kind::Int(qty)) }],
+        }],
+        request_id: String::new(),
+    };
+
+    let ok = begin(&mut c, &[("db_a", "row"), ("kafka", "event")]).await;
+    pgc.execute(order(1, 5, &ok)).await.unwrap();
+    produce(&mut kafka_client(&kafka).await, &ok, "event", &topic, &[("order-1", "created")]).await.unwrap();
+    assert_eq!(commit(&mut c, &ok, true).await.unwrap().outcome(), v1::Outcome::Committed);
+
+    // The row violates the check: the branch fails, the transaction aborts, the event is never seen.
+    let bad = begin(&mut c, &[("db_a", "row"), ("kafka", "event")]).await;
+    produce(&mut kafka_client(&kafka).await, &bad, "event", &topic, &[("order-2", "created")]).await.unwrap();
+    let e = pgc.execute(order(2, 0, &bad)).await.unwrap_err();
+    assert!(e.message().contains("23514"), "{}", e.message());
+    let r = commit(&mut c, &bad, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Aborted);
+
+    let rows: Vec<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT id FROM {table} ORDER BY id")))
+        .fetch_all(&db)
+        .await
+        .unwrap();
+    assert_eq!(rows, vec![1]);
+    assert_eq!(keys(&read_committed(&topic).await), vec!["order-1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_killed_after_prepare_commits_with_end_txn_after_restart() {
+    let mut s = setup("kafka-crash-adapter", &[("PLEDGE_CRASH_AT", "kafka::before_commit")], &[]).await;
+    let topic = unique("crash-adapter");
+    let gtid = s.begin_with_records(&topic, &["k1", "k2"]).await;
+    let mut c = coordinator_client(&s.coordinator).await;
+    // The decision is durable; the adapter dies as the commit reaches it, its producer with it.
+    assert_eq!(commit(&mut c, &gtid, false).await.unwrap().outcome(), v1::Outcome::Committed);
+    s.kafka.wait_crashed().await;
+    // Restarted, the adapter no longer has the producer: it finishes the branch with EndTxn
+    // (its transactional id's producer is not started until then, which would abort it).
+    s.restart_kafka(&[]).await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Committed, true, false), "{}", r.reason);
+    assert!(s.kafka.log_tail().contains("prepared branch finished with EndTxn"), "{}", s.kafka.log_tail());
+    assert_eq!(keys(&read_committed(&topic).await), vec!["k1", "k2"]);
+
+    // The producer of that transactional id works again afterwards.
+    let next = s.begin_with_records(&topic, &["k3"]).await;
+    assert_eq!(commit(&mut c, &next, true).await.unwrap().outcome(), v1::Outcome::Committed);
+    assert_eq!(keys(&read_committed(&topic).await), vec!["k1", "k2", "k3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_killed_before_voting_is_rolled_back_with_end_txn() {
+    let mut s = setup("kafka-crash-vote", &[("PLEDGE_CRASH_AT", "kafka::after_prepare")], &[]).await;
+    let topic = unique("crash-vote");
+    let gtid = s.begin_with_records(&topic, &["lost"]).await;
+    let mut c = coordinator_client(&s.coordinator).await;
+    // Prepared and recorded, then killed before answering: no vote, so the coordinator aborts.
+    assert_eq!(commit(&mut c, &gtid, false).await.unwrap().outcome(), v1::Outcome::Aborted);
+    s.kafka.wait_crashed().await;
+    s.restart_kafka(&[]).await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Aborted, true));
+    let after = s.begin_with_records(&topic, &["kept"]).await;
+    assert_eq!(commit(&mut c, &after, true).await.unwrap().outcome(), v1::Outcome::Committed);
+    assert_eq!(keys(&read_committed(&topic).await), vec!["kept"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_after_the_decision_completes_the_kafka_branch_after_restart() {
+    let mut s = setup("kafka-crash-coord", &[], &[("PLEDGE_CRASH_AT", "coordinator::after_commit_synced")]).await;
+    let topic = unique("crash-coord");
+    let gtid = s.begin_with_records(&topic, &["d1"]).await;
+    assert!(commit(&mut coordinator_client(&s.coordinator).await, &gtid, false).await.is_err());
+    s.coordinator.wait_crashed().await;
+    s.coordinator = s.dir.coordinator(&[("kafka", &s.kafka), ("ref", &s.reference)], &[]).await;
+    let r = commit(&mut coordinator_client(&s.coordinator).await, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true));
+    assert_eq!(keys(&read_committed(&topic).await), vec!["d1"]);
+}
+
+/// The broker aborts a prepared branch whose transaction outlives transaction.timeout.ms. Its
+/// commit is then reported as a heuristic rollback — recorded by the coordinator, shown by Get
+/// and List, never reported as plain success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_the_broker_aborted_on_timeout_is_a_heuristic_rollback() {
+    let timeouts = ["--transaction-timeout-ms", "1500", "--active-timeout-ms", "1000"];
+    let dir = TestDir::new("kafka-timeout");
+    let prefix = unique("kafka-timeout");
+    let mut kafka =
+        dir.kafka_adapter("kafka", 0, &prefix, &timeouts, &[("PLEDGE_CRASH_AT", "kafka::before_commit")]).await;
+    let reference = dir.participant("ref", 0, &[], &[]).await;
+    let coordinator = dir.coordinator(&[("kafka", &kafka), ("ref", &reference)], &[]).await;
+    let topic = unique("timeout");
+    let mut c = coordinator_client(&coordinator).await;
+    let gtid = begin(&mut c, &[("kafka", "out"), ("ref", "r")]).await;
+    produce(&mut kafka_client(&kafka).await, &gtid, "out", &topic, &[("never", "v")]).await.unwrap();
+    assert_eq!(commit(&mut c, &gtid, false).await.unwrap().outcome(), v1::Outcome::Committed);
+    kafka.wait_crashed().await;
+
+    // Wait for the broker to abort the orphaned transaction.
+    let metadata =
+        get(&mut c, &gtid).await.unwrap().branches.iter().find(|b| b.resource_id == "kafka").unwrap().metadata.clone();
+    let txn = pledge_kafka::state::PreparedTxn::from_metadata("x", &metadata).expect("vote metadata");
+    let client = pledge_kafka::wire::TxnClient::new(&kafka_bootstrap(), std::time::Duration::from_secs(5));
+    eventually("the broker to abort the timed-out transaction", || async {
+        let d = client.describe(&txn.transactional_id).await.ok().flatten();
+        d.filter(|d| d.state == "CompleteAbort").map(drop)
+    })
+    .await;
+
+    kafka = dir.kafka_adapter("kafka", kafka.port(), &prefix, &timeouts, &[]).await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Committed, true, true), "{r:?}");
+    let t = get(&mut c, &gtid).await.unwrap();
+    assert!(t.heuristic);
+    let branch = t.branches.iter().find(|b| b.resource_id == "kafka").unwrap();
+    assert_eq!(branch.outcome(), v1::BranchOutcome::HeuristicRollback, "{branch:?}");
+    let listed = c.list(v1::ListRequest { heuristic: true, ..Default::default() }).await.unwrap().into_inner();
+    assert!(listed.transactions.iter().any(|t| t.gtid == gtid));
+    assert!(coordinator.log_tail().contains("heuristic outcome"), "{}", coordinator.log_tail());
+    assert!(read_committed(&topic).await.is_empty(), "the records must not be visible");
+    drop(kafka);
+}
+
+struct Adapter {
+    dir: TestDir,
+    process: Process,
+    prefix: String,
+    topic: String,
+}
+
+impl Target for Adapter {
+    fn endpoint(&self) -> String {
+        self.process.endpoint()
+    }
+
+    fn resource(&self) -> String {
+        "kafka".into()
+    }
+
+    async fn work(&mut self, gtid: &str, branch: &str, key: &str) {
+        produce(&mut kafka_client(&self.process).await, gtid, branch, &self.topic, &[(key, "v")]).await.unwrap();
+    }
+
+    async fn visible(&mut self, key: &str) -> bool {
+        read_committed(&self.topic).await.iter().any(|(k, _)| k == key)
+    }
+
+    async fn restart(&mut self) {
+        self.process.kill9().await;
+        let port = self.process.port();
+        self.process = self.dir.kafka_adapter("kafka", port, &self.prefix, &[], &[]).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_adapter_conforms() {
+    let dir = TestDir::new("kafka-conformance");
+    let prefix = unique("kafka-conformance");
+    let process = dir.kafka_adapter("kafka", 0, &prefix, &[], &[]).await;
+    conformance::run(&mut Adapter { dir, process, prefix, topic: unique("conformance") }).await;
+}

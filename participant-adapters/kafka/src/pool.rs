@@ -1,0 +1,170 @@
+//! A fixed pool of transactional producers, so branches run in parallel (a transactional
+//! producer carries one transaction at a time).
+//!
+//! Producer `i` always has transactional.id `<prefix>-<i>`: stable across restarts, so the
+//! first `init_transactions` after a restart fences a zombie from the previous process and
+//! aborts whatever unprepared transaction it left open. A transactional id whose transaction a
+//! prepared branch still needs is **quarantined**: its producer is not started (that would abort
+//! the transaction) until the branch has been finished with EndTxn.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, Producer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub bootstrap: String,
+    pub transactional_id_prefix: String,
+    pub size: usize,
+    /// `transaction.timeout.ms`: the broker aborts a transaction open longer than this.
+    pub transaction_timeout: Duration,
+    /// Bound of every blocking producer call (init, flush, commit, abort, offsets).
+    pub call_timeout: Duration,
+}
+
+struct Entry {
+    transactional_id: String,
+    /// Started lazily, dropped after a fatal error (and started again on next use).
+    producer: Option<Arc<FutureProducer>>,
+}
+
+struct Inner {
+    config: PoolConfig,
+    entries: Vec<Mutex<Entry>>,
+    free: Mutex<VecDeque<usize>>,
+    available: Arc<Semaphore>,
+}
+
+/// See the module documentation. Cheap to clone.
+#[derive(Clone)]
+pub struct ProducerPool {
+    inner: Arc<Inner>,
+}
+
+/// One producer, lent to one branch until it is committed or aborted.
+pub struct Lease {
+    pool: Arc<Inner>,
+    index: usize,
+    pub producer: Arc<FutureProducer>,
+    pub transactional_id: String,
+    poisoned: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Lease {
+    /// The producer hit a fatal error (fenced, broker-side abort...): it is dropped and a new
+    /// one is started for the next branch.
+    pub fn poison(&mut self) {
+        self.poisoned = true;
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.poisoned {
+            self.pool.entries[self.index].lock().unwrap().producer = None;
+        }
+        self.pool.free.lock().unwrap().push_back(self.index);
+        // The permit goes back with `_permit`.
+    }
+}
+
+impl ProducerPool {
+    /// A pool whose producers with transactional ids in `quarantined` stay unused until
+    /// [`ProducerPool::release_quarantine`].
+    pub fn new(config: PoolConfig, quarantined: &[String]) -> ProducerPool {
+        let entries: Vec<Mutex<Entry>> = (0..config.size)
+            .map(|i| {
+                Mutex::new(Entry {
+                    transactional_id: format!("{}-{i}", config.transactional_id_prefix),
+                    producer: None,
+                })
+            })
+            .collect();
+        let free: VecDeque<usize> =
+            (0..config.size).filter(|&i| !quarantined.contains(&entries[i].lock().unwrap().transactional_id)).collect();
+        let available = Arc::new(Semaphore::new(free.len()));
+        ProducerPool { inner: Arc::new(Inner { config, entries, free: Mutex::new(free), available }) }
+    }
+
+    pub fn owns(&self, transactional_id: &str) -> Option<usize> {
+        self.inner.entries.iter().position(|e| e.lock().unwrap().transactional_id == transactional_id)
+    }
+
+    /// The prepared branch that held `transactional_id` is finished: its producer may start.
+    pub fn release_quarantine(&self, transactional_id: &str) {
+        let Some(index) = self.owns(transactional_id) else { return };
+        let mut free = self.inner.free.lock().unwrap();
+        if !free.contains(&index) {
+            free.push_back(index);
+            self.inner.available.add_permits(1);
+        }
+    }
+
+    /// Lends a producer, waiting at most `wait` for one to be free; starts it if needed
+    /// (`init_transactions`, which fences any previous holder of its transactional id).
+    pub async fn acquire(&self, wait: Duration) -> Result<Lease, String> {
+        let permit = tokio::time::timeout(wait, self.inner.available.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                format!(
+                    "no transactional producer free within {} ms (pool of {})",
+                    wait.as_millis(),
+                    self.inner.config.size
+                )
+            })?
+            .map_err(|_| "producer pool closed".to_string())?;
+        let index = self.inner.free.lock().unwrap().pop_front().expect("a permit means a free producer");
+        let (transactional_id, existing) = {
+            let entry = self.inner.entries[index].lock().unwrap();
+            (entry.transactional_id.clone(), entry.producer.clone())
+        };
+        let producer = match existing {
+            Some(p) => p,
+            None => match self.start(&transactional_id).await {
+                Ok(p) => {
+                    self.inner.entries[index].lock().unwrap().producer = Some(p.clone());
+                    p
+                }
+                Err(e) => {
+                    self.inner.free.lock().unwrap().push_back(index);
+                    return Err(e);
+                }
+            },
+        };
+        Ok(Lease { pool: self.inner.clone(), index, producer, transactional_id, poisoned: false, _permit: permit })
+    }
+
+    async fn start(&self, transactional_id: &str) -> Result<Arc<FutureProducer>, String> {
+        let c = &self.inner.config;
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &c.bootstrap)
+            .set("transactional.id", transactional_id)
+            .set("transaction.timeout.ms", c.transaction_timeout.as_millis().to_string())
+            // A record not delivered by then fails its branch (it must not outlive the transaction).
+            .set("message.timeout.ms", c.call_timeout.as_millis().min(c.transaction_timeout.as_millis()).to_string())
+            .set("linger.ms", "1")
+            .create()
+            .map_err(|e| format!("creating producer {transactional_id}: {e}"))?;
+        let producer = Arc::new(producer);
+        let (p, timeout) = (producer.clone(), c.call_timeout);
+        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+            .await
+            .map_err(|e| format!("init_transactions panicked: {e}"))?
+            .map_err(|e| format!("init_transactions for {transactional_id}: {e}"))?;
+        tracing::info!(transactional_id, "transactional producer started");
+        Ok(producer)
+    }
+
+    pub fn call_timeout(&self) -> Duration {
+        self.inner.config.call_timeout
+    }
+
+    pub fn size(&self) -> usize {
+        self.inner.config.size
+    }
+}

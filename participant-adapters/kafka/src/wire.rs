@@ -1,0 +1,270 @@
+//! A minimal client for the three Kafka requests librdkafka does not expose: FindCoordinator
+//! (of a transactional id), DescribeTransactions and EndTxn. Messages are encoded by the
+//! `kafka-protocol` crate; this module only frames them (4-byte length, request header, body)
+//! over TCP, one request at a time per connection, every step bounded by a timeout.
+//!
+//! Why not librdkafka: it cannot resume a transaction after its producer is gone, and calling
+//! InitProducerId for the transactional id (what `init_transactions` does) would abort the
+//! open transaction. Finishing a prepared branch after a restart means sending EndTxn with the
+//! producer id and epoch recorded at prepare, to the transaction coordinator.
+//!
+//! Versions: FindCoordinator v1 (key type 1 = transaction), EndTxn v1 (pre-KIP-890 rules, the
+//! ones librdkafka's transactions follow), DescribeTransactions v0.
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, DescribeTransactionsRequest, DescribeTransactionsResponse, EndTxnRequest, EndTxnResponse,
+    FindCoordinatorRequest, FindCoordinatorResponse, ProducerId, RequestHeader, ResponseHeader, TransactionalId,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Largest response accepted, in bytes.
+const MAX_RESPONSE_BYTES: usize = 16 << 20;
+
+const FIND_COORDINATOR_VERSION: i16 = 1;
+const END_TXN_VERSION: i16 = 1;
+const DESCRIBE_TRANSACTIONS_VERSION: i16 = 0;
+
+/// Kafka error codes this adapter acts on.
+pub mod code {
+    pub const NONE: i16 = 0;
+    pub const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    pub const NOT_COORDINATOR: i16 = 16;
+    pub const INVALID_PRODUCER_EPOCH: i16 = 47;
+    pub const INVALID_TXN_STATE: i16 = 48;
+    pub const INVALID_PRODUCER_ID_MAPPING: i16 = 49;
+    pub const CONCURRENT_TRANSACTIONS: i16 = 51;
+    pub const TRANSACTIONAL_ID_NOT_FOUND: i16 = 105;
+    pub const PRODUCER_FENCED: i16 = 90;
+
+    /// Worth asking again (after finding the coordinator anew).
+    pub fn retriable(code: i16) -> bool {
+        matches!(
+            code,
+            COORDINATOR_LOAD_IN_PROGRESS | COORDINATOR_NOT_AVAILABLE | NOT_COORDINATOR | CONCURRENT_TRANSACTIONS
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("I/O with {addr}: {source}")]
+    Io { addr: String, source: std::io::Error },
+    #[error("{addr} did not answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("Kafka error {code} from {what}{}", message.as_deref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Kafka { what: &'static str, code: i16, message: Option<String> },
+}
+
+/// What the transaction coordinator knows of a transactional id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnDescription {
+    /// Empty, Ongoing, PrepareCommit, PrepareAbort, CompleteCommit, CompleteAbort, Dead, ...
+    pub state: String,
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    /// (topic, partition) added to the ongoing transaction.
+    pub partitions: Vec<(String, i32)>,
+}
+
+/// One connection to one broker.
+struct Connection {
+    addr: String,
+    stream: TcpStream,
+    correlation_id: i32,
+    timeout: Duration,
+}
+
+impl Connection {
+    async fn open(addr: &str, timeout: Duration) -> Result<Connection, WireError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| WireError::Timeout { addr: addr.into(), timeout })?
+            .map_err(|source| WireError::Io { addr: addr.into(), source })?;
+        let _ = stream.set_nodelay(true);
+        Ok(Connection { addr: addr.into(), stream, correlation_id: 0, timeout })
+    }
+
+    async fn call<Req: Encodable, Resp: Decodable>(
+        &mut self,
+        api_key: ApiKey,
+        version: i16,
+        request: &Req,
+    ) -> Result<Resp, WireError> {
+        self.correlation_id += 1;
+        let header = RequestHeader::default()
+            .with_request_api_key(api_key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str("pledge-kafka-adapter")));
+        let protocol = |e: anyhow::Error| WireError::Protocol(e.to_string());
+        let mut body = BytesMut::new();
+        header.encode(&mut body, api_key.request_header_version(version)).map_err(protocol)?;
+        request.encode(&mut body, version).map_err(protocol)?;
+        let mut frame = BytesMut::with_capacity(4 + body.len());
+        frame.put_u32(body.len() as u32);
+        frame.extend_from_slice(&body);
+
+        let (addr, timeout) = (self.addr.clone(), self.timeout);
+        let exchange = async {
+            self.stream.write_all(&frame).await?;
+            let len = self.stream.read_u32().await? as usize;
+            if len > MAX_RESPONSE_BYTES {
+                return Err(std::io::Error::other(format!("response of {len} bytes")));
+            }
+            let mut buf = vec![0u8; len];
+            self.stream.read_exact(&mut buf).await?;
+            Ok(Bytes::from(buf))
+        };
+        let mut response = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| WireError::Timeout { addr: addr.clone(), timeout })?
+            .map_err(|source| WireError::Io { addr, source })?;
+        let header =
+            ResponseHeader::decode(&mut response, api_key.response_header_version(version)).map_err(protocol)?;
+        if header.correlation_id != self.correlation_id {
+            return Err(WireError::Protocol(format!(
+                "correlation id {} in answer to {}",
+                header.correlation_id, self.correlation_id
+            )));
+        }
+        let decoded = Resp::decode(&mut response, version).map_err(protocol)?;
+        if response.has_remaining() {
+            tracing::debug!(remaining = response.remaining(), "unread bytes after a Kafka response");
+        }
+        Ok(decoded)
+    }
+}
+
+/// Talks to the transaction coordinator of transactional ids, through any bootstrap broker.
+#[derive(Clone)]
+pub struct TxnClient {
+    bootstrap: Vec<String>,
+    timeout: Duration,
+}
+
+impl TxnClient {
+    pub fn new(bootstrap: &str, timeout: Duration) -> TxnClient {
+        TxnClient { bootstrap: bootstrap.split(',').map(|s| s.trim().to_string()).collect(), timeout }
+    }
+
+    /// The address of the transaction coordinator of `transactional_id`.
+    async fn coordinator(&self, transactional_id: &str) -> Result<String, WireError> {
+        let mut last = None;
+        for broker in &self.bootstrap {
+            let attempt = async {
+                let mut conn = Connection::open(broker, self.timeout).await?;
+                let request = FindCoordinatorRequest::default()
+                    .with_key(StrBytes::from_string(transactional_id.to_string()))
+                    .with_key_type(1);
+                let r: FindCoordinatorResponse =
+                    conn.call(ApiKey::FindCoordinator, FIND_COORDINATOR_VERSION, &request).await?;
+                if r.error_code != code::NONE {
+                    return Err(WireError::Kafka {
+                        what: "FindCoordinator",
+                        code: r.error_code,
+                        message: r.error_message.map(|m| m.to_string()),
+                    });
+                }
+                Ok(format!("{}:{}", r.host.as_str(), r.port))
+            };
+            match attempt.await {
+                Ok(addr) => return Ok(addr),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| WireError::Protocol("no bootstrap broker".into())))
+    }
+
+    /// Runs `op` against the transaction coordinator, finding it again and retrying (a bounded
+    /// number of times, with a short pause) while it is moving or loading.
+    async fn with_coordinator<T, F, Fut>(&self, transactional_id: &str, mut op: F) -> Result<T, WireError>
+    where
+        F: FnMut(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, WireError>>,
+    {
+        const ATTEMPTS: u32 = 10;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = async {
+                let addr = self.coordinator(transactional_id).await?;
+                op(Connection::open(&addr, self.timeout).await?).await
+            }
+            .await;
+            match result {
+                Err(WireError::Kafka { code, .. }) if code::retriable(code) && attempt < ATTEMPTS => {}
+                Err(WireError::Kafka { what: "FindCoordinator", code, .. })
+                    if code::retriable(code) && attempt < ATTEMPTS => {}
+                other => return other,
+            }
+            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+        }
+    }
+
+    /// Commits (or aborts) the transaction of `transactional_id` as producer (`producer_id`,
+    /// `producer_epoch`). Returns the Kafka error code: 0, or why not.
+    pub async fn end_txn(
+        &self,
+        transactional_id: &str,
+        producer_id: i64,
+        producer_epoch: i16,
+        commit: bool,
+    ) -> Result<i16, WireError> {
+        let request = EndTxnRequest::default()
+            .with_transactional_id(TransactionalId(StrBytes::from_string(transactional_id.to_string())))
+            .with_producer_id(ProducerId(producer_id))
+            .with_producer_epoch(producer_epoch)
+            .with_committed(commit);
+        self.with_coordinator(transactional_id, |mut conn| {
+            let request = request.clone();
+            async move {
+                let r: EndTxnResponse = conn.call(ApiKey::EndTxn, END_TXN_VERSION, &request).await?;
+                if code::retriable(r.error_code) {
+                    return Err(WireError::Kafka { what: "EndTxn", code: r.error_code, message: None });
+                }
+                Ok(r.error_code)
+            }
+        })
+        .await
+    }
+
+    /// What the coordinator knows of `transactional_id` (`None`: nothing).
+    pub async fn describe(&self, transactional_id: &str) -> Result<Option<TxnDescription>, WireError> {
+        let request = DescribeTransactionsRequest::default()
+            .with_transactional_ids(vec![TransactionalId(StrBytes::from_string(transactional_id.to_string()))]);
+        self.with_coordinator(transactional_id, |mut conn| {
+            let request = request.clone();
+            async move {
+                let r: DescribeTransactionsResponse =
+                    conn.call(ApiKey::DescribeTransactions, DESCRIBE_TRANSACTIONS_VERSION, &request).await?;
+                let Some(state) = r.transaction_states.into_iter().next() else { return Ok(None) };
+                match state.error_code {
+                    code::NONE => Ok(Some(TxnDescription {
+                        state: state.transaction_state.to_string(),
+                        producer_id: state.producer_id.0,
+                        producer_epoch: state.producer_epoch,
+                        partitions: state
+                            .topics
+                            .into_iter()
+                            .flat_map(|t| {
+                                let topic = t.topic.0.to_string();
+                                t.partitions.into_iter().map(move |p| (topic.clone(), p))
+                            })
+                            .collect(),
+                    })),
+                    code::TRANSACTIONAL_ID_NOT_FOUND => Ok(None),
+                    other => Err(WireError::Kafka { what: "DescribeTransactions", code: other, message: None }),
+                }
+            }
+        })
+        .await
+    }
+}
