@@ -20,7 +20,7 @@ services_pid=$!
 
 # Binaries first: the end-to-end tests start them as processes. Building them in the same
 # invocation as the tests' dependencies (--workspace) turns the crash points on.
-cargo build --workspace --bins --locked
+cargo build --workspace --bins --examples --locked
 cargo test --workspace --locked --no-run
 
 if ! wait "$services_pid"; then
