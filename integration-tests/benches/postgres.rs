@@ -39,21 +39,9 @@ const TABLE: &str = "pledge_bench_accounts";
 const COORDINATOR_ID: &str = "bench";
 
 async fn prepare_tables(accounts: i64) {
+    pledge_integration_tests::roll_back_leftovers(COORDINATOR_ID).await;
     for db in ['a', 'b'] {
         let pool = sqlx::PgPool::connect(&pg_url(db)).await.unwrap();
-        // A run cut short leaves prepared branches behind (its coordinator's data directory is
-        // gone with it); they hold locks on the table.
-        let leftover: Vec<String> = sqlx::query_scalar(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND starts_with(gid, $1)",
-        )
-        .bind(format!("pledge:{COORDINATOR_ID}:"))
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        for gid in leftover {
-            let sql = format!("ROLLBACK PREPARED '{gid}'");
-            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.unwrap();
-        }
         for sql in [
             format!("DROP TABLE IF EXISTS {TABLE}"),
             format!("CREATE TABLE {TABLE} (id int PRIMARY KEY, balance bigint NOT NULL)"),
@@ -180,29 +168,7 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
         run.latency.add(latency).unwrap();
     }
     // Let phase 2 of the last transactions finish before the next run (or the end) starts.
-    let mut c = CoordinatorClient::new(coordinator_channel);
-    for _ in 0..3000 {
-        let live = c
-            .list(v1::ListRequest {
-                states: [
-                    v1::TransactionState::Active,
-                    v1::TransactionState::Preparing,
-                    v1::TransactionState::Committing,
-                    v1::TransactionState::Aborting,
-                ]
-                .map(|s| s as i32)
-                .to_vec(),
-                limit: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if live.transactions.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    pledge_integration_tests::drain(coordinator).await;
     run
 }
 

@@ -461,3 +461,46 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Rolls back the prepared transactions a run of coordinator `coordinator_id` left behind in
+/// the test databases (a benchmark's coordinator goes away with its data directory, so nothing
+/// would ever finish them; they hold their locks).
+pub async fn roll_back_leftovers(coordinator_id: &str) {
+    for db in ['a', 'b'] {
+        let pool = sqlx::PgPool::connect(&pg_url(db)).await.expect("connecting to the test database");
+        let leftover: Vec<String> = sqlx::query_scalar(
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND starts_with(gid, $1)",
+        )
+        .bind(format!("pledge:{coordinator_id}:"))
+        .fetch_all(&pool)
+        .await
+        .expect("reading pg_prepared_xacts");
+        for gid in leftover {
+            // The GID is ours (prefix checked above) and has no quote (ids are validated).
+            let sql = format!("ROLLBACK PREPARED '{gid}'");
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await.expect("rolling back a leftover");
+        }
+    }
+}
+
+/// Waits (bounded) until the coordinator has no transaction left in flight, so a benchmark
+/// run leaves nothing prepared behind.
+pub async fn drain(coordinator: &Process) {
+    let c = coordinator_client(coordinator).await;
+    let live = [
+        v1::TransactionState::Active,
+        v1::TransactionState::Preparing,
+        v1::TransactionState::Committing,
+        v1::TransactionState::Aborting,
+    ]
+    .map(|s| s as i32)
+    .to_vec();
+    eventually("the coordinator to finish its transactions", || {
+        let (mut c, states) = (c.clone(), live.clone());
+        async move {
+            let r = c.list(v1::ListRequest { states, limit: 1, ..Default::default() }).await.ok()?;
+            r.into_inner().transactions.is_empty().then_some(())
+        }
+    })
+    .await;
+}

@@ -216,18 +216,12 @@ impl KafkaParticipant {
         if let Err(reason) = table.may_start(&key.0) {
             return refuse(&mut slot, BranchError::Refused(reason));
         }
-        if !table.try_open(self.inner.pool.size()) {
-            return refuse(&mut slot, BranchError::Busy("every transactional producer is in use".into()));
-        }
+        // The pool bounds the branches open at once: this waits (bounded) for a free producer.
         let lease = match self.inner.pool.acquire(self.inner.config.acquire_timeout).await {
             Ok(lease) => lease,
-            Err(e) => {
-                table.closed();
-                return refuse(&mut slot, BranchError::Busy(e));
-            }
+            Err(e) => return refuse(&mut slot, BranchError::Busy(e)),
         };
         if let Err(e) = lease.producer.begin_transaction() {
-            table.closed();
             let mut lease = lease;
             lease.poison();
             return refuse(&mut slot, BranchError::Kafka(format!("begin_transaction: {e}")));
@@ -374,7 +368,6 @@ impl KafkaParticipant {
             tracing::error!(gtid = %key.0, branch = %key.1, error = %e, "cannot record the end of a branch");
         }
         drop(lease);
-        self.inner.branches.closed();
         self.inner.branches.finish(key, fin);
     }
 
@@ -535,10 +528,11 @@ impl Participant for KafkaParticipant {
             // Check the broker still holds it; if not, its commit will report a heuristic
             // rollback. Say so now, once, where it is found.
             match self.inner.txn.describe(&txn.transactional_id).await {
+                // Still open, or committing as we speak (a recovery scan can overlap a commit).
                 Ok(Some(d))
-                    if d.state == "Ongoing"
-                        && d.producer_id == txn.producer_id
-                        && d.producer_epoch == txn.producer_epoch => {}
+                    if d.producer_id == txn.producer_id
+                        && d.producer_epoch == txn.producer_epoch
+                        && matches!(d.state.as_str(), "Ongoing" | "PrepareCommit" | "CompleteCommit") => {}
                 Ok(other) => tracing::warn!(
                     gtid = %key.0,
                     branch = %key.1,

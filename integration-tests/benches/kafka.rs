@@ -1,0 +1,292 @@
+//! Kafka transactions through Pledge beside a plain rdkafka transactional producer doing the
+//! same sends, in one invocation with the same number of concurrent clients.
+//!
+//! * baseline: each client has its own transactional producer and loops begin_transaction,
+//!   send one record (and wait for its delivery), commit_transaction;
+//! * Pledge, 1 branch: Begin (Kafka branch) -> Produce (the same record) -> Commit (one-phase:
+//!   the adapter's producer commits);
+//! * Pledge, 2 branches: Begin (PostgreSQL + Kafka) -> Execute (an UPDATE) -> Produce -> Commit
+//!   (two-phase: both prepare, the decision is logged, both commit).
+//!
+//! ```sh
+//! bash integration-tests/scripts/services.sh start && eval "$(bash integration-tests/scripts/services.sh env)"
+//! cargo build --release -p pledge-coordinator -p pledge-postgres -p pledge-kafka --bins
+//! cargo bench -p pledge-integration-tests --bench kafka
+//! ```
+//! Settings (environment): BENCH_CLIENTS (1,8), BENCH_SECONDS (10).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use hdrhistogram::Histogram;
+use pledge_integration_tests::{Process, TestDir, branch, kafka_bootstrap, pg_url};
+use pledge_proto::v1::kafka_branch_client::KafkaBranchClient;
+use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
+use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, value::Kind};
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tonic::transport::{Channel, Endpoint};
+
+/// The benchmark's coordinator id: its GIDs are `pledge:bench-kafka:...`.
+const COORDINATOR_ID: &str = "bench-kafka";
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+struct Run {
+    txns: u64,
+    errors: u64,
+    seconds: f64,
+    latency: Histogram<u64>,
+}
+
+impl Run {
+    fn line(&self, name: &str, baseline: Option<f64>) -> String {
+        let rate = self.txns as f64 / self.seconds;
+        let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
+        format!(
+            "  {name:<28} {rate:>8.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms{}{}",
+            ms(0.5),
+            ms(0.99),
+            baseline.map(|b| format!("   ratio {:.2}", rate / b)).unwrap_or_default(),
+            if self.errors > 0 { format!("   ({} errors)", self.errors) } else { String::new() }
+        )
+    }
+}
+
+/// Runs `clients` copies of `one` (one transaction per call) for `seconds` after a warm-up.
+async fn measure<F>(clients: usize, seconds: u64, make: impl Fn(usize) -> F) -> Run
+where
+    F: FnMut() -> BoxFuture<'static, bool> + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let measuring = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let mut one = make(i);
+        let (stop, measuring) = (stop.clone(), measuring.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+            let (mut txns, mut errors) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                let ok = one().await;
+                if measuring.load(Ordering::Relaxed) {
+                    if ok {
+                        txns += 1;
+                        latency.saturating_record(start.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
+                    }
+                }
+            }
+            (txns, errors, latency)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut run = Run { txns: 0, errors: 0, seconds, latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap() };
+    for t in tasks {
+        let (txns, errors, latency) = t.await.unwrap();
+        run.txns += txns;
+        run.errors += errors;
+        run.latency.add(latency).unwrap();
+    }
+    run
+}
+
+async fn baseline(clients: usize, seconds: u64, topic: &str, run_id: u32) -> Run {
+    let mut producers = Vec::new();
+    for i in 0..clients {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_bootstrap())
+            .set("transactional.id", format!("bench-baseline-{run_id}-{i}"))
+            .set("linger.ms", "1")
+            .create()
+            .unwrap();
+        let producer = Arc::new(producer);
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(Duration::from_secs(30))).await.unwrap().unwrap();
+        producers.push(producer);
+    }
+    let topic = topic.to_string();
+    measure(clients, seconds, |i| {
+        let (producer, topic) = (producers[i].clone(), topic.clone());
+        move || {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            Box::pin(async move {
+                let p = producer.clone();
+                if tokio::task::spawn_blocking(move || p.begin_transaction()).await.unwrap().is_err() {
+                    return false;
+                }
+                let sent = producer
+                    .send(FutureRecord::to(&topic).partition(0).key("k").payload("value"), Duration::from_secs(10))
+                    .await
+                    .is_ok();
+                let p = producer.clone();
+                let committed =
+                    tokio::task::spawn_blocking(move || p.commit_transaction(Duration::from_secs(10))).await.unwrap();
+                sent && committed.is_ok()
+            }) as BoxFuture<'static, bool>
+        }
+    })
+    .await
+}
+
+#[derive(Clone)]
+struct Pledge {
+    coordinator: Channel,
+    kafka: Channel,
+    pg: Channel,
+    topic: String,
+    update: String,
+}
+
+impl Pledge {
+    /// One transaction; on failure it is aborted (so it holds nothing) and `false` returned.
+    async fn txn(self, with_postgres: bool) -> bool {
+        let mut c = CoordinatorClient::new(self.coordinator.clone());
+        let mut branches = vec![branch("kafka", "out")];
+        if with_postgres {
+            branches.push(branch("db", "row"));
+        }
+        let Ok(r) = c.begin(v1::BeginRequest { branches, ..Default::default() }).await else { return false };
+        let gtid = r.into_inner().gtid;
+        match self.work(&mut c, &gtid, with_postgres).await {
+            Ok(committed) => committed,
+            Err(e) => {
+                report_once(&e);
+                let _ = c.abort(v1::AbortRequest { gtid }).await;
+                false
+            }
+        }
+    }
+
+    async fn work(
+        self,
+        c: &mut CoordinatorClient<Channel>,
+        gtid: &str,
+        with_postgres: bool,
+    ) -> Result<bool, tonic::Status> {
+        if with_postgres {
+            PostgresBranchClient::new(self.pg)
+                .execute(v1::ExecuteRequest {
+                    resource_id: "db".into(),
+                    gtid: gtid.into(),
+                    branch_id: "row".into(),
+                    statements: vec![v1::Statement {
+                        sql: self.update,
+                        params: vec![v1::Value { kind: Some(Kind::Int(fastrand::i64(1..=1000))) }],
+                    }],
+                    request_id: String::new(),
+                })
+                .await?;
+        }
+        KafkaBranchClient::new(self.kafka)
+            .produce(v1::ProduceRequest {
+                resource_id: "kafka".into(),
+                gtid: gtid.into(),
+                branch_id: "out".into(),
+                records: vec![v1::KafkaRecord {
+                    topic: self.topic,
+                    partition: Some(0),
+                    key: b"k".to_vec(),
+                    value: b"value".to_vec(),
+                    headers: vec![],
+                }],
+            })
+            .await?;
+        let r = c.commit(v1::CommitRequest { gtid: gtid.into(), ..Default::default() }).await?.into_inner();
+        let committed = r.outcome() == v1::Outcome::Committed;
+        if !committed {
+            report_once(&tonic::Status::aborted(r.reason));
+        }
+        Ok(committed)
+    }
+}
+
+/// Prints the first few failures, so a benchmark that fails says why.
+fn report_once(e: &tonic::Status) {
+    static REPORTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if REPORTED.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("transaction failed: {:?}: {}", e.code(), e.message());
+    }
+}
+
+async fn channel(p: &Process) -> Channel {
+    Endpoint::from_shared(p.endpoint()).unwrap().connect().await.unwrap()
+}
+
+fn main() {
+    let clients: Vec<usize> = env("BENCH_CLIENTS", "1,8").split(',').map(|c| c.trim().parse().unwrap()).collect();
+    let seconds: u64 = env("BENCH_SECONDS", "10").parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let run_id = fastrand::u32(..);
+        let topic = format!("bench-kafka-{run_id:08x}");
+        let table = "pledge_bench_kafka_rows";
+        pledge_integration_tests::roll_back_leftovers(COORDINATOR_ID).await;
+        let db = sqlx::PgPool::connect(&pg_url('a')).await.unwrap();
+        for sql in [
+            format!("DROP TABLE IF EXISTS {table}"),
+            format!("CREATE TABLE {table} (id int PRIMARY KEY, n bigint NOT NULL)"),
+            format!("INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 1000) g"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&db).await.unwrap();
+        }
+        // A producer stays with its branch until phase 2 ends, after the client has its answer
+        // and moved on: two per client keep clients from waiting for one.
+        let producers = (2 * clients.iter().max().copied().unwrap_or(1)).to_string();
+        let dir = TestDir::new("bench-kafka");
+        let kafka = dir
+            .kafka_adapter(
+                "kafka",
+                0,
+                &format!("bench-{run_id:08x}"),
+                &["--producers", &producers],
+                &[("RUST_LOG", "warn")],
+            )
+            .await;
+        let pg = dir.postgres_adapter("pg", 0, &[("db", pg_url('a'))], &[], &[("RUST_LOG", "warn")]).await;
+        let coordinator =
+            dir.coordinator_with(&[("kafka", &kafka), ("db", &pg)], &["--coordinator-id", COORDINATOR_ID], &[]).await;
+        let pledge = Pledge {
+            coordinator: channel(&coordinator).await,
+            kafka: channel(&kafka).await,
+            pg: channel(&pg).await,
+            topic: topic.clone(),
+            update: format!("UPDATE {table} SET n = n + 1 WHERE id = $1"),
+        };
+        println!("Kafka transactions: {seconds} s per run, one 5-byte record per transaction");
+        for &n in &clients {
+            println!("{n} client(s):");
+            let base = baseline(n, seconds, &topic, run_id).await;
+            let base_rate = base.txns as f64 / base.seconds;
+            println!("{}", base.line("rdkafka transactional producer", None));
+            let p = pledge.clone();
+            let one = measure(n, seconds, move |_| {
+                let p = p.clone();
+                move || Box::pin(p.clone().txn(false)) as BoxFuture<'static, bool>
+            })
+            .await;
+            println!("{}", one.line("Pledge, Kafka (1 branch)", Some(base_rate)));
+            pledge_integration_tests::drain(&coordinator).await;
+            let p = pledge.clone();
+            let two = measure(n, seconds, move |_| {
+                let p = p.clone();
+                move || Box::pin(p.clone().txn(true)) as BoxFuture<'static, bool>
+            })
+            .await;
+            println!("{}", two.line("Pledge, PostgreSQL + Kafka", Some(base_rate)));
+            pledge_integration_tests::drain(&coordinator).await;
+        }
+    });
+}
