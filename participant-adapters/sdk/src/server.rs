@@ -211,6 +211,34 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
     }
 }
 
+/// Logging for a participant's binary: `RUST_LOG` (default `info`) to stderr.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Serves `routes` on `listen` until SIGTERM or Ctrl-C. Prints `listening on <addr>` to stdout
+/// once the port is open (scripts and tests wait for that line; port 0 picks a free one).
+pub async fn serve(listen: std::net::SocketAddr, routes: RoutesBuilder, what: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    println!("listening on {addr}");
+    tracing::info!(%addr, "{what} serving");
+    // TCP_NODELAY on every accepted connection: without it a small reply waits for the peer's
+    // delayed ACK (40 ms on Linux). `Server::tcp_nodelay` only covers sockets tonic binds itself.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tonic::transport::Server::builder()
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await?;
+    Ok(())
+}
+
 /// Resolves on SIGTERM or Ctrl-C: the adapters' binaries shut down cleanly on either.
 pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -11,7 +11,6 @@ use pledge_kafka::service::BranchService;
 use pledge_kafka::{KafkaConfig, KafkaParticipant};
 use pledge_proto::ResourceId;
 use pledge_proto::v1::kafka_branch_server::KafkaBranchServer;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(name = "pledge-kafka-adapter", version, about)]
@@ -48,10 +47,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    pledge_sdk::server::init_logging();
     #[cfg(feature = "failpoints")]
     pledge_crashpoints::install();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(Args::parse()))
@@ -69,17 +65,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.call_timeout = Duration::from_millis(args.call_timeout_ms);
     let (participant, handle) = tokio::task::block_in_place(|| KafkaParticipant::open(config))?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let addr = listener.local_addr()?;
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
     routes.add_service(KafkaBranchServer::new(BranchService::new(participant)));
-    println!("listening on {addr}");
-    tracing::info!(%addr, "Kafka adapter serving");
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(incoming, pledge_sdk::server::shutdown_signal())
-        .await?;
+    pledge_sdk::server::serve(args.listen, routes, "Kafka adapter").await?;
     handle.shutdown().await?;
     tracing::info!("Kafka adapter stopped; state flushed");
     Ok(())

@@ -10,7 +10,6 @@ use pledge_postgres::service::BranchService;
 use pledge_postgres::{PostgresConfig, PostgresParticipant, ResourceConfig};
 use pledge_proto::ResourceId;
 use pledge_proto::v1::postgres_branch_server::PostgresBranchServer;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(name = "pledge-postgres-adapter", version, about)]
@@ -49,10 +48,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    pledge_sdk::server::init_logging();
     #[cfg(feature = "failpoints")]
     pledge_crashpoints::install();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(Args::parse()))
@@ -79,18 +75,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.application_name = args.application_name;
     let participant = PostgresParticipant::connect(config).await?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let addr = listener.local_addr()?;
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
     routes.add_service(PostgresBranchServer::new(BranchService::new(participant)));
-    println!("listening on {addr}");
-    tracing::info!(%addr, "PostgreSQL adapter serving");
-    // TCP_NODELAY on accepted connections (see the coordinator's server.rs).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(incoming, pledge_sdk::server::shutdown_signal())
-        .await?;
+    pledge_sdk::server::serve(args.listen, routes, "PostgreSQL adapter").await?;
     tracing::info!("PostgreSQL adapter stopped");
     Ok(())
 }

@@ -11,7 +11,6 @@ use clap::Parser;
 use pledge_proto::ResourceId;
 use pledge_proto::v1::reference_store_server::ReferenceStoreServer;
 use pledge_sdk::reference::{ReferenceConfig, ReferenceParticipant, StoreService};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(name = "pledge-reference-participant", version, about)]
@@ -40,10 +39,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    pledge_sdk::server::init_logging();
     install_crash_points();
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(Args::parse()))
 }
@@ -56,18 +52,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.checkpoint_every_records = args.checkpoint_every_records;
     let (participant, handle) = tokio::task::block_in_place(|| ReferenceParticipant::open(config))?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let addr = listener.local_addr()?;
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
     routes.add_service(ReferenceStoreServer::new(StoreService::new(participant)));
-    println!("listening on {addr}");
-    tracing::info!(%addr, resource = args.resource_id, "reference participant serving");
-    // TCP_NODELAY on accepted connections (see the coordinator's server.rs).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(incoming, pledge_sdk::server::shutdown_signal())
-        .await?;
+    pledge_sdk::server::serve(args.listen, routes, "reference participant").await?;
     handle.shutdown().await?;
     tracing::info!("reference participant stopped; state flushed");
     Ok(())
