@@ -116,47 +116,49 @@ impl PostgresBranch for BranchService {
             return Err(Status::invalid_argument(format!("statements: 1 to {MAX_STATEMENTS_PER_CALL} per call")));
         }
         let span = tracing::debug_span!("execute", resource = %resource, %gtid, branch = %branch);
-        self.execute_in_branch(resource, gtid, branch, r.request_id, r.statements).instrument(span).await
+        // Detached, like every branch operation (see `pledge_sdk::server::to_completion`): a
+        // deadline must not stop it between taking the branch's connection and putting it back.
+        let participant = self.participant.clone();
+        let work = execute_in_branch(participant, resource, gtid, branch, r.request_id, r.statements).instrument(span);
+        tokio::spawn(work).await.map_err(|e| Status::internal(format!("Execute failed: {e}")))?
     }
 }
 
-impl BranchService {
-    async fn execute_in_branch(
-        &self,
-        resource: ResourceId,
-        gtid: Gtid,
-        branch: BranchId,
-        request_id: String,
-        statements: Vec<v1::Statement>,
-    ) -> Result<Response<v1::ExecuteResponse>, Status> {
-        let mut guard = self.participant.branch(&resource, gtid, branch).await.map_err(|e| status_of(&e))?;
-        if !request_id.is_empty() {
-            guard.claim_request(&request_id).await.map_err(|e| status_of(&e))?;
-        }
-        let mut results = Vec::with_capacity(statements.len());
-        for (n, statement) in statements.into_iter().enumerate() {
-            let mut query = sqlx::query(AssertSqlSafe(statement.sql));
-            for (i, param) in statement.params.into_iter().enumerate() {
-                query = bind(query, i, param)
-                    .map_err(|s| Status::invalid_argument(format!("statements[{n}].{}", s.message())))?;
-            }
-            match run(query, guard.conn()).await {
-                Ok(result) => results.push(result),
-                Err(e) => {
-                    // PostgreSQL has aborted the transaction: the branch is over.
-                    let reason = format!("statements[{n}]: {e}");
-                    guard.fail(reason.clone()).await;
-                    let error = match e {
-                        RunError::Sql(e) => e,
-                        RunError::Result(message) => BranchError::Refused(message),
-                    };
-                    let status = status_of(&error);
-                    return Err(Status::new(status.code(), format!("statements[{n}]: {}", status.message())));
-                }
-            }
-        }
-        Ok(Response::new(v1::ExecuteResponse { results }))
+async fn execute_in_branch(
+    participant: PostgresParticipant,
+    resource: ResourceId,
+    gtid: Gtid,
+    branch: BranchId,
+    request_id: String,
+    statements: Vec<v1::Statement>,
+) -> Result<Response<v1::ExecuteResponse>, Status> {
+    let mut guard = participant.branch(&resource, gtid, branch).await.map_err(|e| status_of(&e))?;
+    if !request_id.is_empty() {
+        guard.claim_request(&request_id).await.map_err(|e| status_of(&e))?;
     }
+    let mut results = Vec::with_capacity(statements.len());
+    for (n, statement) in statements.into_iter().enumerate() {
+        let mut query = sqlx::query(AssertSqlSafe(statement.sql));
+        for (i, param) in statement.params.into_iter().enumerate() {
+            query = bind(query, i, param)
+                .map_err(|s| Status::invalid_argument(format!("statements[{n}].{}", s.message())))?;
+        }
+        match run(query, guard.conn()).await {
+            Ok(result) => results.push(result),
+            Err(e) => {
+                // PostgreSQL has aborted the transaction: the branch is over.
+                let reason = format!("statements[{n}]: {e}");
+                guard.fail(reason.clone()).await;
+                let error = match e {
+                    RunError::Sql(e) => e,
+                    RunError::Result(message) => BranchError::Refused(message),
+                };
+                let status = status_of(&error);
+                return Err(Status::new(status.code(), format!("statements[{n}]: {}", status.message())));
+            }
+        }
+    }
+    Ok(Response::new(v1::ExecuteResponse { results }))
 }
 
 enum RunError {
