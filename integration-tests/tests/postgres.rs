@@ -193,6 +193,41 @@ async fn transfer_between_two_databases_commits_atomically() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_branch_id_at_two_databases_of_one_cluster() {
+    // GIDs are unique per cluster, not per database: the resource tag keeps these apart.
+    let s = setup("pg-same-branch", &[], &[], &[]).await;
+    let bank = Bank::new("samebranch", 1, 100).await;
+    let mut c = coordinator_client(&s.coordinator).await;
+    let gtid = begin(&mut c, &[("db_a", "main"), ("db_b", "main")]).await;
+    let mut pg = branch_client(&s.adapter).await;
+    execute(&mut pg, "db_a", &gtid, "main", &bank.update(), vec![int(-5), int(1)]).await.unwrap();
+    execute(&mut pg, "db_b", &gtid, "main", &bank.update(), vec![int(5), int(1)]).await.unwrap();
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true), "{}", r.reason);
+    assert_eq!((bank.balance('a', 1).await, bank.balance('b', 1).await), (95, 105));
+    assert!(prepared_of(&s.cid).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_cannot_end_its_own_transaction() {
+    let s = setup("pg-no-commit", &[], &[], &[]).await;
+    let bank = Bank::new("nocommit", 1, 100).await;
+    let mut c = coordinator_client(&s.coordinator).await;
+    let gtid = begin(&mut c, &[("db_a", "a"), ("db_b", "b")]).await;
+    let mut pg = branch_client(&s.adapter).await;
+    for sql in ["COMMIT", "  -- sneaky\n rollback", "BEGIN", "PREPARE TRANSACTION 'mine'", "END"] {
+        let e = execute(&mut pg, "db_a", &gtid, "a", sql, vec![]).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{sql}: {}", e.message());
+        assert!(e.message().contains("not allowed in a branch"), "{}", e.message());
+    }
+    // Refused before running: the branch goes on.
+    execute(&mut pg, "db_a", &gtid, "a", &bank.update(), vec![int(-1), int(1)]).await.unwrap();
+    execute(&mut pg, "db_b", &gtid, "b", &bank.update(), vec![int(1), int(1)]).await.unwrap();
+    assert_eq!(commit(&mut c, &gtid, true).await.unwrap().outcome(), v1::Outcome::Committed);
+    assert_eq!((bank.balance('a', 1).await, bank.balance('b', 1).await), (99, 101));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_constraint_violation_aborts_both_databases() {
     let s = setup("pg-violation", &["--application-name", "pledge-violation-test"], &[], &[]).await;
     let bank = Bank::new("violation", 1, 100).await;

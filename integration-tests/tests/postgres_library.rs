@@ -58,4 +58,17 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
     assert_eq!((balance_a, balance_b), (60, 140));
     // The branch is finished: the service cannot reopen it.
     assert!(participant.branch(&db_a, gtid, BranchId::parse_field("b", "debit").unwrap()).await.is_err());
+
+    // A service that ends the branch's transaction itself (here sqlx's begin/commit, which
+    // issue COMMIT on the branch's connection) gets the branch voted down at prepare.
+    let gtid_text = begin(&mut c, &[("lib_a", "rogue"), ("lib_b", "fine")]).await;
+    let gtid: Gtid = gtid_text.parse().unwrap();
+    let mut rogue = participant.branch(&db_a, gtid, BranchId::parse_field("b", "rogue").unwrap()).await.unwrap();
+    sqlx::query("COMMIT").execute(rogue.conn()).await.unwrap();
+    drop(rogue);
+    let fine = participant.branch(&db_b, gtid, BranchId::parse_field("b", "fine").unwrap()).await.unwrap();
+    drop(fine);
+    let r = commit(&mut c, &gtid_text, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Aborted);
+    assert!(r.reason.contains("ended by its own statements"), "{}", r.reason);
 }

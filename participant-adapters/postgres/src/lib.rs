@@ -58,6 +58,7 @@ use pledge_sdk::{Error, InDoubt, Outcome, Participant, Vote};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Postgres, Row};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub use gid::Gid;
 
@@ -156,10 +157,43 @@ fn sqlstate(e: &sqlx::Error) -> Option<String> {
 /// `undefined_object`: COMMIT/ROLLBACK PREPARED of a GID PostgreSQL does not have.
 const UNDEFINED_OBJECT: &str = "42704";
 
-/// What an active branch holds: its connection, inside its open transaction.
+/// An active branch's connection, inside its open transaction.
+///
+/// Dropped without [`BranchConn::release`] (after an error, or anywhere it should not have
+/// been), the connection is closed rather than returned to the pool: its transaction may still
+/// be open, and the pool would hand it to the next branch inside it.
+struct BranchConn {
+    conn: Option<PoolConnection<Postgres>>,
+    /// `txid_current()` at BEGIN: at prepare, a different one means the branch's own statements
+    /// ended its transaction (and maybe committed part of its work outside 2PC).
+    txid: i64,
+    /// One of `max_active_branches`.
+    _active: OwnedSemaphorePermit,
+}
+
+impl BranchConn {
+    fn get(&mut self) -> &mut PoolConnection<Postgres> {
+        self.conn.as_mut().expect("a branch connection is present until released")
+    }
+
+    /// Back to the pool: only after the transaction ended (PREPARE, COMMIT or ROLLBACK).
+    fn release(mut self) {
+        drop(self.conn.take());
+    }
+}
+
+impl Drop for BranchConn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+    }
+}
+
+/// What an active branch holds.
 #[derive(Default)]
 struct PgSlot {
-    conn: Option<PoolConnection<Postgres>>,
+    conn: Option<BranchConn>,
 }
 
 impl SlotState for PgSlot {
@@ -174,6 +208,8 @@ struct Resource {
     id: ResourceId,
     pool: PgPool,
     branches: BranchTable<PgSlot>,
+    /// Permits for active branches (`max_active_branches`), each holding a connection.
+    active: Arc<Semaphore>,
 }
 
 /// Locked access to a branch; see [`PostgresParticipant::branch`].
@@ -187,8 +223,12 @@ pub struct BranchGuard {
 impl BranchGuard {
     /// The branch's connection, inside its open transaction. Run your statements on it; do not
     /// commit, roll back or prepare yourself (the coordinator decides).
+    ///
+    /// Do not begin, commit, roll back or prepare on it (sqlx's `begin()` included): the
+    /// adapter checks at prepare that the branch's transaction is still the one it opened, and
+    /// votes no if not, but work committed by the branch itself cannot be undone.
     pub fn conn(&mut self) -> &mut sqlx::PgConnection {
-        self.slot.state.conn.as_mut().expect("an open branch has a connection")
+        self.slot.state.conn.as_mut().expect("an open branch has a connection").get()
     }
 
     /// Exactly-once: records `request_id` in this branch's transaction. Fails with
@@ -296,7 +336,8 @@ impl PostgresParticipant {
             }
             tracing::info!(resource = %id, database, max_prepared, dedup = config.dedup, "database ready");
             let branches = BranchTable::new(config.tombstone_retention, config.max_tombstones);
-            let resource = Resource { id: id.clone(), pool, branches };
+            let active = Arc::new(Semaphore::new(config.max_active_branches));
+            let resource = Resource { id: id.clone(), pool, branches, active };
             resources.insert(id, Arc::new(resource));
         }
         let participant = PostgresParticipant { inner: Arc::new(Inner { config, resources }) };
@@ -335,15 +376,20 @@ impl PostgresParticipant {
 
     async fn open(&self, r: &Arc<Resource>, key: &Key, slot: &mut Slot) -> Result<(), BranchError> {
         r.branches.may_start(&key.0).map_err(BranchError::Refused)?;
-        if !r.branches.try_open(self.inner.config.max_active_branches) {
-            return Err(BranchError::TooManyActive { max: self.inner.config.max_active_branches });
-        }
+        let permit = r
+            .active
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| BranchError::TooManyActive { max: self.inner.config.max_active_branches })?;
         let opened = async {
-            let mut conn = r.pool.acquire().await.map_err(|e| BranchError::Unavailable(e.to_string()))?;
-            if let Err(e) = sqlx::query("BEGIN").execute(&mut *conn).await {
-                let _ = conn.close().await;
-                return Err(BranchError::from_sqlx(&e));
-            }
+            let conn = r.pool.acquire().await.map_err(|e| BranchError::Unavailable(e.to_string()))?;
+            let mut conn = BranchConn { conn: Some(conn), txid: 0, _active: permit };
+            let begun = sqlx::raw_sql("BEGIN; SELECT txid_current()").fetch_all(&mut **conn.get()).await;
+            conn.txid = match begun.as_deref() {
+                Ok([row]) => row.try_get::<i64, _>(0).map_err(|e| BranchError::Unavailable(e.to_string()))?,
+                Ok(rows) => return Err(BranchError::Unavailable(format!("BEGIN answered {} rows", rows.len()))),
+                Err(e) => return Err(BranchError::from_sqlx(e)),
+            };
             if self.inner.config.dedup {
                 // The branch's fence: committed with the branch, so it exists iff the branch
                 // committed; an abort's fence with the same key makes this fail instead.
@@ -354,44 +400,32 @@ impl PostgresParticipant {
                 .bind(fence_key(key))
                 .bind(*key.0.as_uuid())
                 .bind(key.1.to_string())
-                .execute(&mut *conn)
+                .execute(&mut **conn.get())
                 .await;
                 match fenced {
                     Ok(done) if done.rows_affected() == 1 => {}
-                    Ok(_) => {
-                        let _ = conn.close().await;
-                        return Err(BranchError::Finished { state: "aborted or finished", reason: String::new() });
-                    }
-                    Err(e) => {
-                        let _ = conn.close().await;
-                        return Err(BranchError::from_sqlx(&e));
-                    }
+                    Ok(_) => return Err(BranchError::Finished { state: "aborted or finished", reason: String::new() }),
+                    Err(e) => return Err(BranchError::from_sqlx(&e)),
                 }
             }
             Ok(conn)
         }
         .await;
-        match opened {
-            Ok(conn) => {
-                slot.state.conn = Some(conn);
-                slot.since = Some(Instant::now());
-                Ok(())
-            }
-            Err(e) => {
-                r.branches.closed();
-                Err(e)
-            }
-        }
+        // On error `conn` is dropped inside the block above: closed, with its transaction.
+        slot.state.conn = Some(opened?);
+        slot.since = Some(Instant::now());
+        Ok(())
     }
 
     /// Ends an active branch with ROLLBACK (the connection is closed if that fails) and
     /// remembers it as `fin`.
     async fn rollback_active(&self, r: &Resource, key: &Key, slot: &mut Slot, fin: Fin) {
         if let Some(mut conn) = slot.state.conn.take() {
-            r.branches.closed();
-            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
-                let _ = conn.close().await;
-            }
+            let rolled_back =
+                tokio::time::timeout(self.control_timeout(), sqlx::query("ROLLBACK").execute(&mut **conn.get())).await;
+            if matches!(rolled_back, Ok(Ok(_))) {
+                conn.release();
+            } // else dropped: closed, and PostgreSQL rolls the transaction back
         }
         if self.inner.config.dedup {
             self.fence_abort(r, key).await;
@@ -433,32 +467,39 @@ impl PostgresParticipant {
             .map_err(|e| Error::new(format!("reading pg_prepared_xacts: {e}")))
     }
 
+    /// Bound of a control statement, client side: `statement_timeout` covers the server, not
+    /// a connection that stopped answering.
+    fn control_timeout(&self) -> Duration {
+        self.inner.config.statement_timeout + Duration::from_secs(5)
+    }
+
     /// Runs one control statement (COMMIT/ROLLBACK PREPARED) on a pooled connection.
     async fn control(&self, r: &Resource, sql: String) -> Result<(), sqlx::Error> {
         let mut conn = r.pool.acquire().await?;
-        match sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                // In autocommit mode an error leaves no transaction open, but the connection
-                // may be broken: do not hand it to anyone else.
-                let _ = conn.close().await;
-                Err(e)
-            }
+        let done = tokio::time::timeout(self.control_timeout(), sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn))
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+        if done.is_err() {
+            // In autocommit mode an error leaves no transaction open, but the connection may be
+            // broken or still busy: do not hand it to anyone else.
+            conn.close_on_drop();
         }
+        done.map(drop)
     }
 
     async fn prepare_active(&self, r: &Resource, key: &Key, gid: &Gid, slot: &mut Slot) -> Vote {
         let mut conn = slot.state.conn.take().expect("active branch");
-        r.branches.closed();
-        // PREPARE in a failed transaction answers with a silent ROLLBACK, so the same message
-        // (one round trip, simple protocol) asks whether the prepared transaction exists.
+        // One message, one round trip (simple protocol): check that the transaction is still the
+        // one the branch began (its own statements may have ended it), prepare, and ask whether
+        // the prepared transaction exists (PREPARE in a failed transaction answers with a silent
+        // ROLLBACK). An error in the check skips the rest of the message.
         let lit = gid.literal();
-        let prepared = sqlx::raw_sql(AssertSqlSafe(format!(
-            "PREPARE TRANSACTION {lit}; \
-             SELECT count(*)::int8 FROM pg_prepared_xacts WHERE gid = {lit} AND database = current_database()"
-        )))
-        .fetch_all(&mut *conn)
-        .await;
+        let sql = format!(
+            "{check}; PREPARE TRANSACTION {lit}; \
+             SELECT count(*)::int8 FROM pg_prepared_xacts WHERE gid = {lit} AND database = current_database()",
+            check = same_transaction_check(conn.txid)
+        );
+        let prepared = sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(&mut **conn.get()).await;
         fail::fail_point!("postgres::after_prepare");
         let outcome = match prepared {
             Ok(rows) => match rows.first().map(|row| row.try_get::<i64, _>(0)) {
@@ -471,38 +512,62 @@ impl PostgresParticipant {
         };
         match outcome {
             Ok(()) => {
-                drop(conn); // back to the pool: PREPARE TRANSACTION ended its transaction
+                conn.release(); // PREPARE TRANSACTION ended its transaction
                 r.branches.finish(key, Fin::Prepared);
                 Vote::Prepared { metadata: Vec::new() }
             }
             Err(reason) => {
-                let _ = conn.close().await;
+                drop(conn); // closed: PostgreSQL rolls back whatever is left
                 r.branches.finish(key, Fin::Aborted(reason.clone()));
                 Vote::Aborted { reason }
             }
         }
     }
 
-    async fn commit_one_phase(&self, r: &Resource, key: &Key, slot: &mut Slot) -> Outcome {
+    async fn commit_one_phase(&self, r: &Resource, key: &Key, slot: &mut Slot) -> Result<Outcome, Error> {
         let mut conn = slot.state.conn.take().expect("active branch");
-        r.branches.closed();
-        // COMMIT of a failed transaction answers with a silent ROLLBACK: the SELECT before it,
-        // in the same message, fails in a failed transaction and the COMMIT is then skipped.
-        let result = sqlx::raw_sql("SELECT 1; COMMIT").execute(&mut *conn).await.map(drop);
+        // COMMIT of a failed transaction answers with a silent ROLLBACK: the check before it,
+        // in the same message, fails in a failed (or replaced) transaction and skips the COMMIT.
+        let sql = format!("{}; COMMIT", same_transaction_check(conn.txid));
+        let result = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **conn.get()).await.map(drop);
         match result {
             Ok(()) => {
-                drop(conn);
+                conn.release();
                 r.branches.finish(key, Fin::Committed);
-                Outcome::Committed
+                Ok(Outcome::Committed)
             }
-            Err(e) => {
-                let _ = conn.close().await;
+            // PostgreSQL refused (a deferred constraint, a serialization failure, the check):
+            // the transaction did not commit.
+            Err(e @ sqlx::Error::Database(_)) => {
+                drop(conn);
                 let reason = format!("commit failed: {}", BranchError::from_sqlx(&e));
                 if self.inner.config.dedup {
                     self.fence_abort(r, key).await;
                 }
                 r.branches.finish(key, Fin::Aborted(reason.clone()));
-                Outcome::Aborted { reason }
+                Ok(Outcome::Aborted { reason })
+            }
+            // The connection failed: the COMMIT may or may not have happened.
+            Err(e) => {
+                drop(conn);
+                let reason = format!("the connection failed during COMMIT: {e}");
+                if self.inner.config.dedup {
+                    // The branch's fence row exists if and only if its transaction committed.
+                    return Ok(match self.fence(r, key).await?.as_deref() {
+                        Some("work") => {
+                            r.branches.finish(key, Fin::Committed);
+                            Outcome::Committed
+                        }
+                        _ => {
+                            self.fence_abort(r, key).await;
+                            r.branches.finish(key, Fin::Aborted(reason.clone()));
+                            Outcome::Aborted { reason }
+                        }
+                    });
+                }
+                tracing::warn!(resource = %r.id, gtid = %key.0, branch = %key.1, error = %e, "one-phase commit outcome unknown");
+                r.branches.finish(key, Fin::Aborted(reason.clone()));
+                Ok(Outcome::HeuristicHazard { reason })
             }
         }
     }
@@ -521,7 +586,7 @@ impl PostgresParticipant {
                     if n.is_multiple_of(10) {
                         p.check_prepared_age(&r).await;
                     }
-                    if p.inner.config.dedup && n.is_multiple_of(60) {
+                    if p.inner.config.dedup && n.is_multiple_of(10) {
                         p.expire_dedup(&r).await;
                     }
                 }
@@ -597,32 +662,54 @@ fn check_max_prepared(resource: &ResourceId, database: &str, setting: &str) -> a
     Ok(value)
 }
 
+/// A statement that fails unless the current transaction is the branch's (`txid` from BEGIN).
+fn same_transaction_check(txid: i64) -> String {
+    format!(
+        "DO $$BEGIN IF txid_current() <> {txid} THEN RAISE EXCEPTION \
+         'the branch''s transaction was ended by its own statements (work may have committed outside 2PC)'; \
+         END IF; END$$"
+    )
+}
+
 fn fence_key(key: &Key) -> String {
     format!("branch:{}:{}", key.0, key.1)
 }
 
 async fn create_dedup_table(pool: &PgPool) -> Result<(), sqlx::Error> {
-    let created = sqlx::query(
-        "CREATE TABLE IF NOT EXISTS pledge_dedup (\
-           key text PRIMARY KEY, \
-           kind text NOT NULL, \
-           gtid uuid NOT NULL, \
-           branch_id text NOT NULL, \
-           created_at timestamptz NOT NULL DEFAULT now())",
-    )
-    .execute(pool)
-    .await;
-    match created {
-        // Two adapters creating it at once: one wins, the other sees a duplicate.
-        Err(e) if matches!(sqlstate(&e).as_deref(), Some("23505" | "42P07")) => Ok(()),
-        other => other.map(drop),
+    for (name, ddl) in [
+        (
+            "pledge_dedup",
+            "CREATE TABLE IF NOT EXISTS pledge_dedup (\
+               key text PRIMARY KEY, \
+               kind text NOT NULL, \
+               gtid uuid NOT NULL, \
+               branch_id text NOT NULL, \
+               created_at timestamptz NOT NULL DEFAULT now())",
+        ),
+        // Retention deletes by age.
+        ("pledge_dedup_created_at", "CREATE INDEX IF NOT EXISTS pledge_dedup_created_at ON pledge_dedup (created_at)"),
+    ] {
+        // Look first: even with IF NOT EXISTS, CREATE INDEX waits for the table's lock, which
+        // prepared branches that wrote to it hold until their decision, and that decision needs
+        // this adapter up.
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT to_regclass($1)::text").bind(name).fetch_one(pool).await?;
+        if exists.is_some() {
+            continue;
+        }
+        match sqlx::query(ddl).execute(pool).await {
+            // Two adapters creating it at once: one wins, the other sees a duplicate.
+            Err(e) if matches!(sqlstate(&e).as_deref(), Some("23505" | "42P07")) => {}
+            other => drop(other?),
+        }
     }
+    Ok(())
 }
 
 impl PostgresParticipant {
     fn gid(&self, coordinator_id: &str, xid: &Xid) -> Result<(Arc<Resource>, Key, Gid), String> {
         let r = self.resource(&xid.resource).ok_or_else(|| format!("unknown resource {:?}", xid.resource.as_str()))?;
-        let gid = Gid::new(coordinator_id, xid.gtid, xid.branch.clone())?;
+        let gid = Gid::new(coordinator_id, &xid.resource, xid.gtid, xid.branch.clone())?;
         Ok((r, (xid.gtid, xid.branch.clone()), gid))
     }
 }
@@ -707,7 +794,10 @@ impl Participant for PostgresParticipant {
             .await
             .map_err(|e| Error::new(format!("resource {}: reading pg_prepared_xacts: {e}", r.id)))?;
             for (gid, prepared_ms) in rows {
-                let Some(parsed) = Gid::parse(&gid) else { continue };
+                // GIDs are cluster-wide: another resource's branch may be listed in this database.
+                let Some(parsed) = Gid::parse(&gid).filter(|g| g.resource_tag == gid::resource_tag(&r.id)) else {
+                    continue;
+                };
                 out.push(InDoubt {
                     xid: Xid { resource: r.id.clone(), gtid: parsed.gtid, branch: parsed.branch },
                     metadata: Vec::new(),
@@ -730,7 +820,7 @@ impl PostgresParticipant {
     ) -> Result<Outcome, Error> {
         if slot.state.conn.is_some() {
             if one_phase {
-                return Ok(self.commit_one_phase(r, key, slot).await);
+                return self.commit_one_phase(r, key, slot).await;
             }
             // Two-phase commit of a branch that never prepared: the coordinator cannot have
             // decided commit with it. Roll it back and say so.
@@ -778,10 +868,10 @@ impl PostgresParticipant {
             self.rollback_active(r, key, slot, Fin::Aborted("aborted by the coordinator".into())).await;
             return Ok(Outcome::Aborted { reason: String::new() });
         }
-        match r.branches.finished(key) {
-            Some(Fin::Committed) => return Ok(Outcome::Committed),
-            Some(Fin::Aborted(_)) => return Ok(Outcome::Aborted { reason: String::new() }),
-            Some(Fin::ReadOnly) | Some(Fin::Prepared) | None => {}
+        // Even a branch remembered as aborted is rolled back in PostgreSQL: a prepare whose
+        // answer was lost (the connection failed after PREPARE) left it prepared there.
+        if let Some(Fin::Committed) = r.branches.finished(key) {
+            return Ok(Outcome::Committed);
         }
         match self.control(r, format!("ROLLBACK PREPARED {}", gid.literal())).await {
             Ok(()) => {}

@@ -14,6 +14,35 @@ use crate::{BranchError, PostgresParticipant};
 pub const MAX_STATEMENTS_PER_CALL: usize = 100;
 /// Most rows returned per statement (a branch API, not a bulk export).
 pub const MAX_ROWS_PER_STATEMENT: usize = 10_000;
+/// Largest answer of one Execute call, in bytes (values counted by their encoded size).
+pub const MAX_RESULT_BYTES: usize = 4 << 20;
+
+/// The transaction-control command a statement starts with, if any. The coordinator decides
+/// how a branch ends: a statement that ends (or restarts) its transaction is refused.
+pub fn transaction_control(sql: &str) -> Option<String> {
+    let mut rest = sql.trim_start();
+    // Skip leading comments.
+    loop {
+        if let Some(after) = rest.strip_prefix("--") {
+            rest = after.split_once('\n').map_or("", |(_, r)| r).trim_start();
+        } else if let Some(after) = rest.strip_prefix("/*") {
+            rest = after.split_once("*/").map_or("", |(_, r)| r).trim_start();
+        } else {
+            break;
+        }
+    }
+    let mut words = rest.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').filter(|w| !w.is_empty());
+    let first = words.next()?.to_ascii_uppercase();
+    let second = words.next().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
+    let refused = match first.as_str() {
+        "BEGIN" | "START" | "COMMIT" | "END" | "ABORT" => true,
+        // ROLLBACK TO SAVEPOINT stays inside the transaction.
+        "ROLLBACK" => second != "TO",
+        "PREPARE" => second == "TRANSACTION",
+        _ => false,
+    };
+    refused.then(|| if second.is_empty() { first } else { format!("{first} {second}") })
+}
 
 pub struct BranchService {
     participant: PostgresParticipant,
@@ -136,14 +165,22 @@ async fn execute_in_branch(
     if !request_id.is_empty() {
         guard.claim_request(&request_id).await.map_err(|e| status_of(&e))?;
     }
+    if let Some((n, command)) =
+        statements.iter().enumerate().find_map(|(n, st)| transaction_control(&st.sql).map(|c| (n, c)))
+    {
+        return Err(Status::invalid_argument(format!(
+            "statements[{n}]: {command} is not allowed in a branch: the coordinator decides how the transaction ends"
+        )));
+    }
     let mut results = Vec::with_capacity(statements.len());
+    let mut result_bytes = 0usize;
     for (n, statement) in statements.into_iter().enumerate() {
         let mut query = sqlx::query(AssertSqlSafe(statement.sql));
         for (i, param) in statement.params.into_iter().enumerate() {
             query = bind(query, i, param)
                 .map_err(|s| Status::invalid_argument(format!("statements[{n}].{}", s.message())))?;
         }
-        match run(query, guard.conn()).await {
+        match run(query, guard.conn(), &mut result_bytes).await {
             Ok(result) => results.push(result),
             Err(e) => {
                 // PostgreSQL has aborted the transaction: the branch is over.
@@ -178,6 +215,7 @@ impl std::fmt::Display for RunError {
 async fn run(
     query: Query<'_, Postgres, PgArguments>,
     conn: &mut sqlx::PgConnection,
+    result_bytes: &mut usize,
 ) -> Result<v1::StatementResult, RunError> {
     use futures::TryStreamExt;
     // `fetch_many` is deprecated for running several statements in one prepared statement;
@@ -200,9 +238,31 @@ async fn run(
                     .map(|i| column_value(&row, i))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(RunError::Result)?;
+                *result_bytes += values.iter().map(prost::Message::encoded_len).sum::<usize>();
+                if *result_bytes > MAX_RESULT_BYTES {
+                    return Err(RunError::Result(format!("the answer would exceed {MAX_RESULT_BYTES} bytes")));
+                }
                 result.rows.push(v1::Row { values });
             }
         }
     }
     Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transaction_control;
+
+    #[test]
+    fn transaction_control_statements_are_recognised() {
+        assert_eq!(transaction_control("commit").as_deref(), Some("COMMIT"));
+        let begin = "  /* x */ -- y\n BEGIN ISOLATION LEVEL SERIALIZABLE";
+        assert_eq!(transaction_control(begin).as_deref(), Some("BEGIN ISOLATION"));
+        assert_eq!(transaction_control("PREPARE TRANSACTION 'x'").as_deref(), Some("PREPARE TRANSACTION"));
+        assert_eq!(transaction_control("rollback").as_deref(), Some("ROLLBACK"));
+        assert_eq!(transaction_control("ROLLBACK TO SAVEPOINT s"), None);
+        assert_eq!(transaction_control("PREPARE q AS SELECT 1"), None);
+        assert_eq!(transaction_control("UPDATE t SET commit = 1"), None);
+        assert_eq!(transaction_control("SELECT 'BEGIN'"), None);
+    }
 }

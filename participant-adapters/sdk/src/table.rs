@@ -64,7 +64,6 @@ pub type SlotGuard<S> = OwnedMutexGuard<Slot<S>>;
 
 struct Inner<S> {
     slots: HashMap<Key, Arc<tokio::sync::Mutex<Slot<S>>>>,
-    active: usize,
     finished: HashMap<Key, Fin>,
     finished_order: VecDeque<(Instant, Key)>,
     watermark_ms: u64,
@@ -88,7 +87,6 @@ impl<S: SlotState> BranchTable<S> {
         BranchTable {
             inner: Mutex::new(Inner {
                 slots: HashMap::new(),
-                active: 0,
                 finished: HashMap::new(),
                 finished_order: VecDeque::new(),
                 watermark_ms: 0,
@@ -118,21 +116,6 @@ impl<S: SlotState> BranchTable<S> {
             slot.removed = true;
             self.inner.lock().unwrap().slots.remove(key);
         }
-    }
-
-    /// Counts a newly opened branch against `max`; `false` (nothing counted) when full.
-    pub fn try_open(&self, max: usize) -> bool {
-        let mut inner = self.inner.lock().unwrap();
-        if inner.active >= max {
-            return false;
-        }
-        inner.active += 1;
-        true
-    }
-
-    /// The branch counted by [`BranchTable::try_open`] closed (or failed to open).
-    pub fn closed(&self) {
-        self.inner.lock().unwrap().active -= 1;
     }
 
     /// The slots of branches that hold something open, for timeouts.
@@ -165,18 +148,31 @@ impl<S: SlotState> BranchTable<S> {
         }
     }
 
-    /// Forgets finished branches past their retention (or beyond `max_finished`).
+    /// Forgets finished branches past their retention (or beyond `max_finished`). A prepared
+    /// branch is never forgotten here: it waits for its commit or abort (and the number of
+    /// prepared branches has its own bound at the resource), or a late operation on it could be
+    /// taken for the first.
     pub fn expire_finished(&self) {
         let mut inner = self.inner.lock().unwrap();
+        let mut kept = Vec::new();
         while let Some((at, key)) = inner.finished_order.front().cloned() {
             if at.elapsed() < self.retention && inner.finished_order.len() <= self.max_finished {
                 break;
             }
             inner.finished_order.pop_front();
-            if let Some(Fin::Aborted(_)) = inner.finished.remove(&key) {
-                inner.watermark_ms = inner.watermark_ms.max(key.0.unix_ms().unwrap_or(0));
+            match inner.finished.get(&key) {
+                Some(Fin::Prepared) => kept.push((Instant::now(), key)),
+                Some(Fin::Aborted(_)) => {
+                    inner.finished.remove(&key);
+                    inner.watermark_ms = inner.watermark_ms.max(key.0.unix_ms().unwrap_or(0));
+                }
+                Some(_) => {
+                    inner.finished.remove(&key);
+                }
+                None => {}
             }
         }
+        inner.finished_order.extend(kept);
     }
 }
 
@@ -230,9 +226,16 @@ mod tests {
         table.release(&k, &mut again);
         drop(again);
         assert!(table.open_slots().is_empty());
-        assert!(table.try_open(1));
-        assert!(!table.try_open(1));
-        table.closed();
-        assert!(table.try_open(1));
+    }
+
+    #[tokio::test]
+    async fn prepared_branches_are_not_forgotten() {
+        let table: BranchTable<Open> = BranchTable::new(Duration::ZERO, 10);
+        let (prepared, committed) = (key(Gtid::new_v7()), key(Gtid::new_v7()));
+        table.finish(&prepared, Fin::Prepared);
+        table.finish(&committed, Fin::Committed);
+        table.expire_finished();
+        assert_eq!(table.finished(&prepared), Some(Fin::Prepared));
+        assert_eq!(table.finished(&committed), None);
     }
 }
