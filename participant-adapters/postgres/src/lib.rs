@@ -700,7 +700,9 @@ async fn create_dedup_table(pool: &PgPool) -> Result<(), sqlx::Error> {
         match sqlx::query(ddl).execute(pool).await {
             // Two adapters creating it at once: one wins, the other sees a duplicate.
             Err(e) if matches!(sqlstate(&e).as_deref(), Some("23505" | "42P07")) => {}
-            other => drop(other?),
+            other => {
+                other?;
+            }
         }
     }
     Ok(())
