@@ -46,6 +46,8 @@ pub async fn run<T: Target>(target: &mut T) {
     suite.recover_lists_exactly_the_prepared_branches().await;
     suite.commit_survives_a_restart().await;
     suite.abort_survives_a_restart().await;
+    suite.work_lost_in_a_restart_is_never_prepared().await;
+    suite.a_prepare_whose_call_gave_up_still_ends_cleanly().await;
 }
 
 struct Branch {
@@ -247,9 +249,46 @@ impl<T: Target> Suite<'_, T> {
         self.target.restart().await;
         self.reconnect().await;
         assert!(self.target.visible(&b.key).await, "a commit survives a restart");
+        // New work prepared in between (on whatever the participant reuses: a connection, a
+        // producer) must not be touched by a repeated commit of the old branch.
+        let next = self.branch_with_work("restart-commit-next").await;
+        let next_vote = self.prepare(&next).await;
+        assert_eq!(next_vote.vote(), Vote::Prepared, "prepare after restart: {}", next_vote.reason);
         let r = self.commit(&b, false, &vote.metadata).await;
         assert_eq!(r.outcome(), BranchOutcome::Committed, "repeated commit after restart: {}", r.reason);
         assert_eq!(self.listed(&b).await, 0);
+        let r = self.commit(&next, false, &next_vote.metadata).await;
+        assert_eq!(r.outcome(), BranchOutcome::Committed, "the other branch still commits: {}", r.reason);
+        assert!(self.target.visible(&next.key).await);
+    }
+
+    /// Work done before a participant restart may be lost with it: that branch must never vote
+    /// PREPARED (nor READ_ONLY), or the transaction would commit without it.
+    async fn work_lost_in_a_restart_is_never_prepared(&mut self) {
+        let b = self.branch_with_work("lost-work").await;
+        self.target.restart().await;
+        self.reconnect().await;
+        let vote = self.prepare(&b).await;
+        assert_eq!(vote.vote(), Vote::Aborted, "work from before a restart: {}", vote.reason);
+        assert!(!self.target.visible(&b.key).await);
+    }
+
+    /// The coordinator's deadline may cut a Prepare call short; the participant must still end
+    /// up in a consistent state: the abort that follows rolls the branch back, and recover
+    /// does not list it.
+    async fn a_prepare_whose_call_gave_up_still_ends_cleanly(&mut self) {
+        let b = self.branch_with_work("prepare-deadline").await;
+        let mut request = tonic::Request::new(v1::PrepareRequest {
+            coordinator_id: COORDINATOR_ID.into(),
+            branches: vec![self.xid(&b)],
+        });
+        request.set_timeout(std::time::Duration::from_millis(1));
+        let _ = self.client.prepare(request).await; // may or may not have finished
+        let r = self.abort(&b, &[]).await;
+        assert_eq!(r.outcome(), BranchOutcome::Aborted, "abort after a cut-short prepare: {}", r.reason);
+        assert_eq!(self.listed(&b).await, 0, "nothing left in doubt");
+        assert!(!self.target.visible(&b.key).await);
+        assert_eq!(self.prepare(&b).await.vote(), Vote::Aborted);
     }
 
     async fn abort_survives_a_restart(&mut self) {

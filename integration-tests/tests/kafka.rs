@@ -200,6 +200,7 @@ async fn adapter_killed_before_voting_is_rolled_back_with_end_txn() {
     s.restart_kafka(&[]).await;
     let r = commit(&mut c, &gtid, true).await.unwrap();
     assert_eq!((r.outcome(), r.completed), (v1::Outcome::Aborted, true));
+    assert!(s.kafka.log_tail().contains("prepared branch finished with EndTxn"), "{}", s.kafka.log_tail());
     let after = s.begin_with_records(&topic, &["kept"]).await;
     assert_eq!(commit(&mut c, &after, true).await.unwrap().outcome(), v1::Outcome::Committed);
     assert_eq!(keys(&read_committed(&topic).await), vec!["kept"]);
@@ -262,6 +263,48 @@ async fn a_branch_the_broker_aborted_on_timeout_is_a_heuristic_rollback() {
     drop(kafka);
 }
 
+/// With one producer every branch reuses the same transactional id. A commit repeated after an
+/// adapter restart (its first answer lost) must be answered from the adapter's record, and must
+/// not touch the transaction another branch now has open on that id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_commit_after_a_restart_leaves_the_reused_producer_alone() {
+    let dir = TestDir::new("kafka-reuse");
+    let prefix = unique("kafka-reuse");
+    let one = ["--producers", "1"];
+    let mut kafka = dir.kafka_adapter("kafka", 0, &prefix, &one, &[]).await;
+    let topic = unique("reuse");
+    let participant = |p: &Process| {
+        let endpoint = p.endpoint();
+        async move { v1::participant_client::ParticipantClient::connect(endpoint).await.unwrap() }
+    };
+    let xid =
+        |gtid: &str, b: &str| v1::BranchXid { resource_id: "kafka".into(), gtid: gtid.into(), branch_id: b.into() };
+    let commit_branch = |gtid: &str, b: &str| v1::CommitBranchesRequest {
+        coordinator_id: "c".into(),
+        branches: vec![v1::CommitBranch { xid: Some(xid(gtid, b)), one_phase: false, metadata: vec![] }],
+    };
+    let prepare = |gtid: &str, b: &str| v1::PrepareRequest { coordinator_id: "c".into(), branches: vec![xid(gtid, b)] };
+
+    let x = pledge_proto::Gtid::new_v7().to_string();
+    produce(&mut kafka_client(&kafka).await, &x, "b", &topic, &[("x", "v")]).await.unwrap();
+    let mut p = participant(&kafka).await;
+    assert_eq!(p.prepare(prepare(&x, "b")).await.unwrap().into_inner().results[0].vote(), v1::Vote::Prepared);
+    let r = p.commit(commit_branch(&x, "b")).await.unwrap().into_inner();
+    assert_eq!(r.results[0].outcome(), v1::BranchOutcome::Committed);
+    // The answer is lost (the coordinator will ask again), the adapter restarts.
+    kafka.kill9().await;
+    kafka = dir.kafka_adapter("kafka", kafka.port(), &prefix, &one, &[]).await;
+    let y = pledge_proto::Gtid::new_v7().to_string();
+    produce(&mut kafka_client(&kafka).await, &y, "b", &topic, &[("y", "v")]).await.unwrap();
+    let mut p = participant(&kafka).await;
+    assert_eq!(p.prepare(prepare(&y, "b")).await.unwrap().into_inner().results[0].vote(), v1::Vote::Prepared);
+    let again = p.commit(commit_branch(&x, "b")).await.unwrap().into_inner();
+    assert_eq!(again.results[0].outcome(), v1::BranchOutcome::Committed, "{}", again.results[0].reason);
+    let r = p.commit(commit_branch(&y, "b")).await.unwrap().into_inner();
+    assert_eq!(r.results[0].outcome(), v1::BranchOutcome::Committed, "{}", r.results[0].reason);
+    assert_eq!(keys(&read_committed(&topic).await), vec!["x", "y"]);
+}
+
 struct Adapter {
     dir: TestDir,
     process: Process,
@@ -289,7 +332,7 @@ impl Target for Adapter {
     async fn restart(&mut self) {
         self.process.kill9().await;
         let port = self.process.port();
-        self.process = self.dir.kafka_adapter("kafka", port, &self.prefix, &[], &[]).await;
+        self.process = self.dir.kafka_adapter("kafka", port, &self.prefix, &["--producers", "5"], &[]).await;
     }
 }
 
@@ -297,6 +340,7 @@ impl Target for Adapter {
 async fn kafka_adapter_conforms() {
     let dir = TestDir::new("kafka-conformance");
     let prefix = unique("kafka-conformance");
-    let process = dir.kafka_adapter("kafka", 0, &prefix, &[], &[]).await;
+    // Five producers: the suite holds five branches open at once.
+    let process = dir.kafka_adapter("kafka", 0, &prefix, &["--producers", "5"], &[]).await;
     conformance::run(&mut Adapter { dir, process, prefix, topic: unique("conformance") }).await;
 }

@@ -23,7 +23,7 @@ pub mod service;
 pub mod state;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -37,7 +37,7 @@ use rdkafka::producer::{FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use pool::{Lease, PoolConfig, ProducerPool};
-use state::{PreparedTxn, State};
+use state::{Finished, PreparedTxn, State};
 use wire::{TxnClient, code};
 
 #[derive(Debug, Clone)]
@@ -69,10 +69,13 @@ impl KafkaConfig {
             data_dir: data_dir.into(),
             transactional_id_prefix: prefix,
             producers: 8,
-            transaction_timeout: Duration::from_secs(60),
+            // The broker's default transaction.max.timeout.ms: the longest a prepared branch can
+            // wait for its decision. Unprepared branches do not live that long: the adapter
+            // aborts them after active_timeout, and a restart aborts them at once.
+            transaction_timeout: Duration::from_secs(900),
             call_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(10),
-            active_timeout: Duration::from_secs(50),
+            active_timeout: Duration::from_secs(60),
             tombstone_retention: Duration::from_secs(2 * 3600),
             max_tombstones: 1_000_000,
         }
@@ -125,6 +128,8 @@ struct Inner {
     txn: TxnClient,
     /// Consumer handles, one per group, for the group metadata offsets are committed under.
     groups: Mutex<HashMap<String, Arc<BaseConsumer>>>,
+    /// Prepared branches already reported lost at the broker (warned once, not every scan).
+    warned: Mutex<HashSet<Key>>,
 }
 
 /// The Kafka participant. Cheap to clone.
@@ -158,7 +163,7 @@ impl KafkaParticipant {
             config.active_timeout < config.transaction_timeout,
             "active_timeout must be below transaction_timeout, or the broker aborts branches before the adapter does"
         );
-        let (state, log) = State::open(&config.data_dir)?;
+        let (state, log, finished) = State::open(&config.data_dir)?;
         let prepared = futures::executor::block_on(state.list());
         let quarantined: Vec<String> = prepared.iter().map(|(_, t)| t.transactional_id.clone()).collect();
         if !prepared.is_empty() {
@@ -174,8 +179,14 @@ impl KafkaParticipant {
             },
             &quarantined,
         );
+        // Answers given before the restart are given again.
+        let branches = BranchTable::new(config.tombstone_retention, config.max_tombstones);
+        for (key, f) in finished {
+            branches.finish(&key, if f.committed { Fin::Committed } else { Fin::Aborted(f.reason) });
+        }
         let inner = Inner {
-            branches: BranchTable::new(config.tombstone_retention, config.max_tombstones),
+            branches,
+            warned: Mutex::new(HashSet::new()),
             txn: TxnClient::new(&config.bootstrap, config.call_timeout),
             pool,
             state,
@@ -285,7 +296,9 @@ impl KafkaParticipant {
         slot.state.sent += positions.len() as u64;
         if let Some(e) = failure {
             let reason = bounded_reason(format!("a record could not be delivered: {e}"));
-            self.abort_open(&key, &mut slot, Fin::Aborted(reason.clone())).await;
+            // Not prepared, so ending it cannot fail.
+            let _ = self.abort_open(&key, &mut slot, Fin::Aborted(reason.clone())).await;
+            self.inner.branches.release(&key, &mut slot);
             return Err(BranchError::Kafka(reason));
         }
         Ok(positions)
@@ -324,7 +337,8 @@ impl KafkaParticipant {
             }
             Err(e) => {
                 let reason = bounded_reason(format!("adding consumer offsets failed: {e}"));
-                self.abort_open(&key, &mut slot, Fin::Aborted(reason.clone())).await;
+                let _ = self.abort_open(&key, &mut slot, Fin::Aborted(reason.clone())).await;
+                self.inner.branches.release(&key, &mut slot);
                 Err(BranchError::Kafka(reason))
             }
         }
@@ -349,26 +363,38 @@ impl KafkaParticipant {
     }
 
     /// Aborts an open branch's transaction and gives its producer back (a producer whose abort
-    /// failed is replaced). Records the end of a prepared branch durably.
-    async fn abort_open(&self, key: &Key, slot: &mut SlotGuard<KafkaSlot>, fin: Fin) {
-        let Some(mut lease) = slot.state.lease.take() else { return };
+    /// failed is replaced). Records the end of a prepared branch durably; if that fails, the
+    /// branch keeps its producer and stays prepared, and the error is returned.
+    async fn abort_open(&self, key: &Key, slot: &mut SlotGuard<KafkaSlot>, fin: Fin) -> Result<(), Error> {
+        let Some(lease) = slot.state.lease.as_mut() else { return Ok(()) };
         let (producer, timeout) = (lease.producer.clone(), self.inner.pool.call_timeout());
         let aborted = tokio::task::spawn_blocking(move || producer.abort_transaction(timeout)).await;
         if !matches!(aborted, Ok(Ok(()))) {
             tracing::warn!(gtid = %key.0, branch = %key.1, result = ?aborted, "abort_transaction failed; replacing the producer");
             lease.poison();
         }
-        self.close(key, slot, lease, fin).await;
+        self.close(key, slot, fin).await
     }
 
-    async fn close(&self, key: &Key, slot: &mut SlotGuard<KafkaSlot>, lease: Lease, fin: Fin) {
-        if slot.state.prepared.take().is_some()
-            && let Err(e) = self.inner.state.finished(key).await
-        {
-            tracing::error!(gtid = %key.0, branch = %key.1, error = %e, "cannot record the end of a branch");
+    /// Ends an open branch: records a prepared one's end (the answer given) durably, then
+    /// gives the producer back and remembers the answer.
+    async fn close(&self, key: &Key, slot: &mut SlotGuard<KafkaSlot>, fin: Fin) -> Result<(), Error> {
+        if slot.state.prepared.is_some() {
+            let finished = match &fin {
+                Fin::Committed => Finished { committed: true, reason: String::new() },
+                Fin::Aborted(reason) => Finished { committed: false, reason: reason.clone() },
+                Fin::Prepared | Fin::ReadOnly => Finished { committed: false, reason: String::new() },
+            };
+            self.inner
+                .state
+                .finished(key, &finished)
+                .await
+                .map_err(|e| Error::new(format!("cannot record the end of the branch: {e}")))?;
+            slot.state.prepared = None;
         }
-        drop(lease);
+        drop(slot.state.lease.take());
         self.inner.branches.finish(key, fin);
+        Ok(())
     }
 
     fn spawn_housekeeping(&self) {
@@ -394,7 +420,7 @@ impl KafkaParticipant {
             if stale {
                 tracing::info!(gtid = %key.0, branch = %key.1, "aborting a branch not prepared in time");
                 let reason = format!("not prepared within active_timeout ({} ms)", timeout.as_millis());
-                self.abort_open(&key, &mut slot, Fin::Aborted(reason)).await;
+                let _ = self.abort_open(&key, &mut slot, Fin::Aborted(reason)).await;
                 self.inner.branches.release(&key, &mut slot);
             }
         }
@@ -405,8 +431,8 @@ impl KafkaParticipant {
         let (producer, timeout) = (lease.producer.clone(), self.inner.pool.call_timeout());
         let transactional_id = lease.transactional_id.clone();
         if slot.state.sent == 0 && !slot.state.offsets {
-            // Nothing sent: nothing to commit.
-            self.abort_open(key, slot, Fin::ReadOnly).await;
+            // Nothing sent: nothing to commit. (Not prepared, so ending it cannot fail.)
+            let _ = self.abort_open(key, slot, Fin::ReadOnly).await;
             return Vote::ReadOnly;
         }
         let flushed = tokio::task::spawn_blocking(move || producer.flush(timeout)).await;
@@ -424,25 +450,30 @@ impl KafkaParticipant {
                 prepared_ms: now_ms(),
             },
             Ok(other) => {
-                let reason = format!("prepare failed: the transaction coordinator does not hold it open: {other:?}");
-                self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
-                return Vote::Aborted { reason: bounded_reason(reason) };
+                let reason = bounded_reason(format!(
+                    "prepare failed: the transaction coordinator does not hold it open: {other:?}"
+                ));
+                let _ = self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+                return Vote::Aborted { reason };
             }
             Err(reason) => {
                 let reason = bounded_reason(format!("prepare failed: {reason}"));
-                self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+                let _ = self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
                 return Vote::Aborted { reason };
             }
         };
+        // The slot knows it is prepared before the record is awaited: whatever happens next,
+        // ending the branch also ends its record.
+        slot.state.prepared = Some(txn.clone());
         if let Err(e) = self.inner.state.prepared(key, txn.clone()).await {
             let reason = format!("cannot record the prepared branch: {e}");
-            self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+            if self.abort_open(key, slot, Fin::Aborted(reason.clone())).await.is_err() {
+                tracing::error!(gtid = %key.0, branch = %key.1, "the adapter's state log failed");
+            }
             return Vote::Aborted { reason };
         }
         fail::fail_point!("kafka::after_prepare");
-        let metadata = txn.metadata();
-        slot.state.prepared = Some(txn);
-        Vote::Prepared { metadata }
+        Vote::Prepared { metadata: txn.metadata() }
     }
 }
 
@@ -494,27 +525,29 @@ impl Participant for KafkaParticipant {
         Ok(vote)
     }
 
+    // The vote metadata handed back is not used: the adapter's own record (written before the
+    // vote) is the one source of what a prepared branch holds.
     async fn commit(
         &self,
-        coordinator_id: &str,
+        _coordinator_id: &str,
         xid: &Xid,
         one_phase: bool,
-        metadata: &[u8],
+        _metadata: &[u8],
     ) -> Result<Outcome, Error> {
         fail::fail_point!("kafka::before_commit");
         self.check_resource(&xid.resource).map_err(|e| Error(e.to_string()))?;
         let key = (xid.gtid, xid.branch.clone());
         let mut slot = self.inner.branches.lock(&key).await;
-        let outcome = self.commit_locked(coordinator_id, &key, one_phase, metadata, &mut slot).await;
+        let outcome = self.commit_locked(&key, one_phase, &mut slot).await;
         self.inner.branches.release(&key, &mut slot);
         outcome
     }
 
-    async fn abort(&self, coordinator_id: &str, xid: &Xid, metadata: &[u8]) -> Result<Outcome, Error> {
+    async fn abort(&self, _coordinator_id: &str, xid: &Xid, _metadata: &[u8]) -> Result<Outcome, Error> {
         self.check_resource(&xid.resource).map_err(|e| Error(e.to_string()))?;
         let key = (xid.gtid, xid.branch.clone());
         let mut slot = self.inner.branches.lock(&key).await;
-        let outcome = self.abort_locked(coordinator_id, &key, metadata, &mut slot).await;
+        let outcome = self.abort_locked(&key, &mut slot).await;
         self.inner.branches.release(&key, &mut slot);
         outcome
     }
@@ -526,23 +559,34 @@ impl Participant for KafkaParticipant {
                 continue;
             }
             // Check the broker still holds it; if not, its commit will report a heuristic
-            // rollback. Say so now, once, where it is found.
-            match self.inner.txn.describe(&txn.transactional_id).await {
-                // Still open, or committing as we speak (a recovery scan can overlap a commit).
-                Ok(Some(d))
-                    if d.producer_id == txn.producer_id
-                        && d.producer_epoch == txn.producer_epoch
-                        && matches!(d.state.as_str(), "Ongoing" | "PrepareCommit" | "CompleteCommit") => {}
-                Ok(other) => tracing::warn!(
-                    gtid = %key.0,
-                    branch = %key.1,
-                    transactional_id = txn.transactional_id,
-                    broker = ?other,
-                    "the broker no longer holds this prepared branch open (transaction timeout?); committing it \
-                     will report a heuristic rollback"
-                ),
-                Err(e) => {
-                    tracing::warn!(transactional_id = txn.transactional_id, error = %e, "cannot check a prepared branch")
+            // rollback. Say so once (scans repeat), where it is found.
+            if !self.inner.warned.lock().unwrap().contains(&key) {
+                match self.inner.txn.describe(&txn.transactional_id).await {
+                    // Still open, or committing as we speak (a recovery scan can overlap a commit).
+                    Ok(Some(d))
+                        if d.producer_id == txn.producer_id
+                            && d.producer_epoch == txn.producer_epoch
+                            && matches!(d.state.as_str(), "Ongoing" | "PrepareCommit" | "CompleteCommit") => {}
+                    Ok(other) => {
+                        tracing::warn!(
+                            gtid = %key.0,
+                            branch = %key.1,
+                            transactional_id = txn.transactional_id,
+                            broker = ?other,
+                            "the broker no longer holds this prepared branch open (transaction timeout?); \
+                             committing it will report a heuristic rollback"
+                        );
+                        let mut warned = self.inner.warned.lock().unwrap();
+                        if warned.len() >= 10_000 {
+                            warned.clear(); // bounded; at worst a warning is repeated
+                        }
+                        warned.insert(key.clone());
+                    }
+                    Err(e) => tracing::warn!(
+                        transactional_id = txn.transactional_id,
+                        error = %e,
+                        "cannot check a prepared branch"
+                    ),
                 }
             }
             out.push(InDoubt {
@@ -558,53 +602,24 @@ impl Participant for KafkaParticipant {
 impl KafkaParticipant {
     async fn commit_locked(
         &self,
-        coordinator_id: &str,
         key: &Key,
         one_phase: bool,
-        metadata: &[u8],
         slot: &mut SlotGuard<KafkaSlot>,
     ) -> Result<Outcome, Error> {
         if slot.state.lease.is_some() {
             if slot.state.prepared.is_none() && !one_phase {
                 let reason = "commit of a branch that was never prepared".to_string();
-                self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+                self.abort_open(key, slot, Fin::Aborted(reason.clone())).await?;
                 return Ok(Outcome::Aborted { reason });
             }
-            let lease = slot.state.lease.as_ref().expect("open branch");
-            let (producer, timeout) = (lease.producer.clone(), self.inner.pool.call_timeout());
-            let committed = tokio::task::spawn_blocking(move || producer.commit_transaction(timeout))
-                .await
-                .map_err(|e| Error::new(format!("commit_transaction panicked: {e}")))?;
-            return match committed {
-                Ok(()) => {
-                    let lease = slot.state.lease.take().expect("open branch");
-                    self.close(key, slot, lease, Fin::Committed).await;
-                    Ok(Outcome::Committed)
-                }
-                Err(e) if is_retriable(&e) => Err(Error::new(format!("commit_transaction: {e}"))),
-                Err(e) => {
-                    // The broker no longer has it (aborted after transaction.timeout.ms, or the
-                    // producer was fenced): it did not commit. Never report success.
-                    let reason = bounded_reason(format!("the Kafka transaction could not commit: {e}"));
-                    let mut lease = slot.state.lease.take().expect("open branch");
-                    lease.poison();
-                    let prepared = slot.state.prepared.is_some();
-                    self.close(key, slot, lease, Fin::Aborted(reason.clone())).await;
-                    Ok(if prepared { Outcome::HeuristicRollback { reason } } else { Outcome::Aborted { reason } })
-                }
-            };
+            return self.commit_open(key, slot).await;
         }
-        // Prepared before a restart (our record), or named by the coordinator's metadata.
-        let txn = match self.inner.state.get(key).await {
-            Some(txn) => Some(txn),
-            None if !metadata.is_empty() => PreparedTxn::from_metadata(coordinator_id, metadata)
-                .filter(|t| self.inner.pool.owns(&t.transactional_id).is_some())
-                .filter(|_| self.inner.branches.finished(key).is_none()),
-            None => None,
-        };
-        if let Some(txn) = txn {
+        // Prepared before a restart: its producer is gone; EndTxn finishes it.
+        if let Some(txn) = self.inner.state.get(key).await {
             return self.end_txn(key, &txn, true).await;
         }
+        // Every prepared branch is recorded before its vote, and its end before its answer, so a
+        // branch with neither is finished or was never here.
         Ok(match self.inner.branches.finished(key) {
             Some(Fin::Committed | Fin::ReadOnly | Fin::Prepared) => Outcome::Committed,
             Some(Fin::Aborted(reason)) => Outcome::Aborted { reason },
@@ -619,25 +634,82 @@ impl KafkaParticipant {
         })
     }
 
-    async fn abort_locked(
-        &self,
-        coordinator_id: &str,
-        key: &Key,
-        metadata: &[u8],
-        slot: &mut SlotGuard<KafkaSlot>,
-    ) -> Result<Outcome, Error> {
+    /// Commits an open branch's transaction with the producer that holds it.
+    async fn commit_open(&self, key: &Key, slot: &mut SlotGuard<KafkaSlot>) -> Result<Outcome, Error> {
+        let lease = slot.state.lease.as_ref().expect("open branch");
+        let (producer, timeout) = (lease.producer.clone(), self.inner.pool.call_timeout());
+        let committed = tokio::task::spawn_blocking(move || producer.commit_transaction(timeout))
+            .await
+            .map_err(|e| Error::new(format!("commit_transaction panicked: {e}")))?;
+        let error = match committed {
+            Ok(()) => {
+                self.close(key, slot, Fin::Committed).await?;
+                return Ok(Outcome::Committed);
+            }
+            Err(e) => e,
+        };
+        let rd = match &error {
+            rdkafka::error::KafkaError::Transaction(rd) => Some(rd),
+            _ => None,
+        };
+        if rd.is_some_and(|rd| rd.is_retriable()) {
+            // The branch keeps its producer; the coordinator asks again.
+            return Err(Error::new(format!("commit_transaction: {error}")));
+        }
+        let reason = bounded_reason(format!("the Kafka transaction could not commit: {error}"));
+        let prepared = slot.state.prepared.clone();
+        if let Some(lease) = slot.state.lease.as_mut() {
+            lease.poison();
+        }
+        let outcome = match prepared {
+            // A prepared branch: ask the broker how it really ended before answering.
+            Some(txn) => match self.broker_outcome(&txn).await? {
+                Some(true) => Outcome::Committed,
+                Some(false) => Outcome::HeuristicRollback { reason: reason.clone() },
+                None => return Err(Error::new(format!("{reason}; the broker has not finished it yet"))),
+            },
+            // One-phase, and the transaction must be aborted: it did not commit.
+            None if rd.is_some_and(|rd| rd.txn_requires_abort()) => {
+                let _ = self.abort_open(key, slot, Fin::Aborted(reason.clone())).await;
+                return Ok(Outcome::Aborted { reason });
+            }
+            // One-phase, and the producer failed fatally: the outcome is unknown.
+            None => Outcome::HeuristicHazard { reason: reason.clone() },
+        };
+        let fin = if outcome == Outcome::Committed { Fin::Committed } else { Fin::Aborted(reason) };
+        self.close(key, slot, fin).await?;
+        Ok(outcome)
+    }
+
+    /// How the broker ended the transaction of a prepared branch: committed (`Some(true)`), not
+    /// committed (`Some(false)`: aborted, or its producer id and epoch moved on), or still
+    /// deciding (`None`).
+    async fn broker_outcome(&self, txn: &PreparedTxn) -> Result<Option<bool>, Error> {
+        let described = self
+            .inner
+            .txn
+            .describe(&txn.transactional_id)
+            .await
+            .map_err(|e| Error::new(format!("DescribeTransactions for {}: {e}", txn.transactional_id)))?;
+        Ok(match described {
+            Some(d) if d.producer_id == txn.producer_id && d.producer_epoch == txn.producer_epoch => {
+                match d.state.as_str() {
+                    "CompleteCommit" => Some(true),
+                    "CompleteAbort" | "PrepareAbort" | "Empty" => Some(false),
+                    _ => None, // Ongoing, PrepareCommit: not final yet
+                }
+            }
+            // Another epoch or producer: the broker fenced or aborted ours.
+            _ => Some(false),
+        })
+    }
+
+    async fn abort_locked(&self, key: &Key, slot: &mut SlotGuard<KafkaSlot>) -> Result<Outcome, Error> {
         if slot.state.lease.is_some() {
-            self.abort_open(key, slot, Fin::Aborted("aborted by the coordinator".into())).await;
+            self.abort_open(key, slot, Fin::Aborted("aborted by the coordinator".into())).await?;
             return Ok(Outcome::Aborted { reason: String::new() });
         }
-        let txn = match self.inner.state.get(key).await {
-            Some(txn) => Some(txn),
-            None if !metadata.is_empty() => PreparedTxn::from_metadata(coordinator_id, metadata)
-                .filter(|t| self.inner.pool.owns(&t.transactional_id).is_some())
-                .filter(|_| self.inner.branches.finished(key).is_none()),
-            None => None,
-        };
-        if let Some(txn) = txn {
+        if let Some(txn) = self.inner.state.get(key).await {
             return self.end_txn(key, &txn, false).await;
         }
         Ok(match self.inner.branches.finished(key) {
@@ -650,8 +722,8 @@ impl KafkaParticipant {
         })
     }
 
-    /// Finishes a prepared branch whose producer is gone (adapter restart) with EndTxn, then
-    /// lets its transactional id's producer start again.
+    /// Finishes a prepared branch whose producer is gone (adapter restart) with EndTxn, records
+    /// the answer, then lets its transactional id's producer start again.
     async fn end_txn(&self, key: &Key, txn: &PreparedTxn, commit: bool) -> Result<Outcome, Error> {
         let what = if commit { "commit" } else { "abort" };
         let result = self
@@ -661,60 +733,44 @@ impl KafkaParticipant {
             .await
             .map_err(|e| Error::new(format!("EndTxn ({what}) for {}: {e}", txn.transactional_id)))?;
         let outcome = match result {
-            code::NONE => {
-                if commit {
-                    Outcome::Committed
-                } else {
-                    Outcome::Aborted { reason: String::new() }
-                }
-            }
-            // The transaction is no longer open under this producer id and epoch: find out how
-            // it ended. A repeated EndTxn of the same outcome succeeds, so this is not ours.
+            code::NONE if commit => Outcome::Committed,
+            code::NONE => Outcome::Aborted { reason: String::new() },
+            // No longer open under this producer id and epoch (a repeated EndTxn of the same
+            // outcome succeeds, so this is not a retry of ours): ask how it ended.
             code::INVALID_PRODUCER_EPOCH
             | code::PRODUCER_FENCED
             | code::INVALID_TXN_STATE
             | code::INVALID_PRODUCER_ID_MAPPING => {
-                let described = self.inner.txn.describe(&txn.transactional_id).await.ok().flatten();
-                let committed_here = described.as_ref().is_some_and(|d| {
-                    d.state == "CompleteCommit"
-                        && d.producer_id == txn.producer_id
-                        && d.producer_epoch == txn.producer_epoch
-                });
-                let reason = format!(
-                    "EndTxn ({what}) refused with Kafka error {result}; the broker reports {described:?} \
-                     (the transaction was aborted by the broker, e.g. after transaction.timeout.ms)"
-                );
-                match (commit, committed_here) {
-                    (true, true) => Outcome::Committed,
-                    (true, false) => Outcome::HeuristicRollback { reason: bounded_reason(reason) },
-                    (false, true) => Outcome::HeuristicCommit { reason: bounded_reason(reason) },
-                    (false, false) => Outcome::Aborted { reason: String::new() },
+                let reason = bounded_reason(format!(
+                    "EndTxn ({what}) refused with Kafka error {result}: the broker had already ended the transaction \
+                     (e.g. aborted it after transaction.timeout.ms)"
+                ));
+                match (commit, self.broker_outcome(txn).await?) {
+                    (true, Some(true)) => Outcome::Committed,
+                    (true, Some(false)) => Outcome::HeuristicRollback { reason },
+                    (false, Some(true)) => Outcome::HeuristicCommit { reason },
+                    (false, Some(false)) => Outcome::Aborted { reason: String::new() },
+                    (_, None) => return Err(Error::new(format!("{reason}; the broker has not finished it yet"))),
                 }
             }
             other => {
                 return Err(Error::new(format!("EndTxn ({what}) for {}: Kafka error {other}", txn.transactional_id)));
             }
         };
+        let finished = match &outcome {
+            Outcome::Committed | Outcome::HeuristicCommit { .. } => Finished { committed: true, reason: String::new() },
+            Outcome::HeuristicRollback { reason } => Finished { committed: false, reason: reason.clone() },
+            _ => Finished { committed: false, reason: String::new() },
+        };
         self.inner
             .state
-            .finished(key)
+            .finished(key, &finished)
             .await
             .map_err(|e| Error::new(format!("cannot record the end of the branch: {e}")))?;
         self.inner.pool.release_quarantine(&txn.transactional_id);
-        let fin = match &outcome {
-            Outcome::Committed | Outcome::HeuristicCommit { .. } => Fin::Committed,
-            _ => Fin::Aborted("finished after a restart".into()),
-        };
+        let fin = if finished.committed { Fin::Committed } else { Fin::Aborted(finished.reason) };
         self.inner.branches.finish(key, fin);
         tracing::info!(gtid = %key.0, branch = %key.1, transactional_id = txn.transactional_id, ?outcome, "prepared branch finished with EndTxn");
         Ok(outcome)
-    }
-}
-
-/// A commit_transaction error worth retrying (librdkafka says so); anything else is final.
-fn is_retriable(e: &rdkafka::error::KafkaError) -> bool {
-    match e {
-        rdkafka::error::KafkaError::Transaction(t) => t.is_retriable(),
-        _ => false,
     }
 }

@@ -7,7 +7,7 @@
 //! prepared branch still needs is **quarantined**: its producer is not started (that would abort
 //! the transaction) until the branch has been finished with EndTxn.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,8 +35,14 @@ struct Entry {
 struct Inner {
     config: PoolConfig,
     entries: Vec<Mutex<Entry>>,
-    free: Mutex<VecDeque<usize>>,
+    free: Mutex<Free>,
     available: Arc<Semaphore>,
+}
+
+/// Producers not lent out, and the quarantined ones (neither free nor lent).
+struct Free {
+    queue: VecDeque<usize>,
+    quarantined: HashSet<usize>,
 }
 
 /// See the module documentation. Cheap to clone.
@@ -68,7 +74,7 @@ impl Drop for Lease {
         if self.poisoned {
             self.pool.entries[self.index].lock().unwrap().producer = None;
         }
-        self.pool.free.lock().unwrap().push_back(self.index);
+        self.pool.free.lock().unwrap().queue.push_back(self.index);
         // The permit goes back with `_permit`.
     }
 }
@@ -85,22 +91,30 @@ impl ProducerPool {
                 })
             })
             .collect();
-        let free: VecDeque<usize> =
-            (0..config.size).filter(|&i| !quarantined.contains(&entries[i].lock().unwrap().transactional_id)).collect();
-        let available = Arc::new(Semaphore::new(free.len()));
-        ProducerPool { inner: Arc::new(Inner { config, entries, free: Mutex::new(free), available }) }
+        let (mut queue, mut held) = (VecDeque::new(), HashSet::new());
+        for (i, entry) in entries.iter().enumerate() {
+            if quarantined.contains(&entry.lock().unwrap().transactional_id) {
+                held.insert(i);
+            } else {
+                queue.push_back(i);
+            }
+        }
+        let available = Arc::new(Semaphore::new(queue.len()));
+        let free = Mutex::new(Free { queue, quarantined: held });
+        ProducerPool { inner: Arc::new(Inner { config, entries, free, available }) }
     }
 
     pub fn owns(&self, transactional_id: &str) -> Option<usize> {
         self.inner.entries.iter().position(|e| e.lock().unwrap().transactional_id == transactional_id)
     }
 
-    /// The prepared branch that held `transactional_id` is finished: its producer may start.
+    /// The prepared branch that held `transactional_id` when the adapter started is finished:
+    /// its producer may start. Only a quarantined producer is released (never one in use).
     pub fn release_quarantine(&self, transactional_id: &str) {
         let Some(index) = self.owns(transactional_id) else { return };
         let mut free = self.inner.free.lock().unwrap();
-        if !free.contains(&index) {
-            free.push_back(index);
+        if free.quarantined.remove(&index) {
+            free.queue.push_back(index);
             self.inner.available.add_permits(1);
         }
     }
@@ -118,7 +132,8 @@ impl ProducerPool {
                 )
             })?
             .map_err(|_| "producer pool closed".to_string())?;
-        let index = self.inner.free.lock().unwrap().pop_front().expect("a permit means a free producer");
+        // A permit stands for a free producer, taken under the lock that gives producers back.
+        let index = self.inner.free.lock().unwrap().queue.pop_front().ok_or("producer pool out of step")?;
         let (transactional_id, existing) = {
             let entry = self.inner.entries[index].lock().unwrap();
             (entry.transactional_id.clone(), entry.producer.clone())
@@ -131,7 +146,7 @@ impl ProducerPool {
                     p
                 }
                 Err(e) => {
-                    self.inner.free.lock().unwrap().push_back(index);
+                    self.inner.free.lock().unwrap().queue.push_back(index);
                     return Err(e);
                 }
             },

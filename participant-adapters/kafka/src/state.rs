@@ -78,6 +78,19 @@ struct FinishedPb {
     gtid: Vec<u8>,
     #[prost(string, tag = "2")]
     branch_id: String,
+    /// The answer given: a repeated request after a restart gets the same one.
+    #[prost(bool, tag = "3")]
+    committed: bool,
+    #[prost(string, tag = "4")]
+    reason: String,
+}
+
+/// How a prepared branch ended, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    pub committed: bool,
+    /// Why it did not commit as asked (a heuristic outcome), or empty.
+    pub reason: String,
 }
 
 fn prepared_pb(key: &Key, t: &PreparedTxn) -> Vec<u8> {
@@ -112,9 +125,12 @@ pub struct State {
 }
 
 impl State {
-    /// Replays the state in `dir` (blocking).
-    pub fn open(dir: &Path) -> anyhow::Result<(State, Log)> {
+    /// Replays the state in `dir` (blocking). Also returns the branches that finished since the
+    /// last checkpoint, so their answers can be repeated.
+    #[allow(clippy::type_complexity)]
+    pub fn open(dir: &Path) -> anyhow::Result<(State, Log, Vec<(Key, Finished)>)> {
         let mut prepared = HashMap::new();
+        let mut finished = Vec::new();
         let log = pledge_log::open(LogConfig::new(dir.join("log")), |record| {
             match record.rtype {
                 TYPE_PREPARED => {
@@ -130,7 +146,9 @@ impl State {
                 }
                 TYPE_FINISHED => {
                     let r = FinishedPb::decode(record.payload.as_slice()).map_err(|e| e.to_string())?;
-                    prepared.remove(&key_of(&r.gtid, &r.branch_id)?);
+                    let key = key_of(&r.gtid, &r.branch_id)?;
+                    prepared.remove(&key);
+                    finished.push((key, Finished { committed: r.committed, reason: r.reason }));
                 }
                 other => return Err(format!("unknown record type {other}")),
             }
@@ -141,7 +159,7 @@ impl State {
             log: log.writer(),
             inner: tokio::sync::Mutex::new(Inner { prepared, records_since_checkpoint: 0 }),
         };
-        Ok((state, log))
+        Ok((state, log, finished))
     }
 
     /// Records a prepared branch; returns once the record is durable.
@@ -156,16 +174,24 @@ impl State {
         durable.await.map(drop)
     }
 
-    /// Records that a prepared branch is finished (committed, aborted, or lost at the broker);
-    /// returns once the record is durable.
-    pub async fn finished(&self, key: &Key) -> Result<(), LogError> {
+    /// Records that a prepared branch is finished (committed, aborted, or lost at the broker)
+    /// and the answer given; returns once the record is durable.
+    pub async fn finished(&self, key: &Key, outcome: &Finished) -> Result<(), LogError> {
         let durable = {
             let mut inner = self.inner.lock().await;
-            if inner.prepared.remove(key).is_none() {
+            if !inner.prepared.contains_key(key) {
                 return Ok(());
             }
-            let payload = FinishedPb { gtid: key.0.as_bytes().to_vec(), branch_id: key.1.to_string() }.encode_to_vec();
+            let payload = FinishedPb {
+                gtid: key.0.as_bytes().to_vec(),
+                branch_id: key.1.to_string(),
+                committed: outcome.committed,
+                reason: outcome.reason.clone(),
+            }
+            .encode_to_vec();
+            // Queued first, forgotten after: if queueing fails, the branch stays prepared.
             let durable = self.log.submit(TYPE_FINISHED, payload).await?;
+            inner.prepared.remove(key);
             self.maybe_checkpoint(&mut inner).await?;
             durable
         };
@@ -225,16 +251,18 @@ mod tests {
             producer_epoch: 0,
             prepared_ms: 5,
         };
+        let done = Finished { committed: false, reason: "lost at the broker".into() };
         {
-            let (state, log) = State::open(dir.path()).unwrap();
+            let (state, log, _) = State::open(dir.path()).unwrap();
             state.prepared(&k1, t("a")).await.unwrap();
             state.prepared(&k2, t("b")).await.unwrap();
-            state.finished(&k1).await.unwrap();
+            state.finished(&k1, &done).await.unwrap();
             drop(state);
             log.shutdown().await.unwrap();
         }
-        let (state, log) = State::open(dir.path()).unwrap();
+        let (state, log, finished) = State::open(dir.path()).unwrap();
         assert_eq!(state.list().await, vec![(k2, t("b"))]);
+        assert_eq!(finished, vec![(k1, done)], "the answer given is remembered");
         drop(state);
         log.shutdown().await.unwrap();
     }

@@ -191,18 +191,23 @@ impl TxnClient {
         Fut: std::future::Future<Output = Result<T, WireError>>,
     {
         const ATTEMPTS: u32 = 10;
+        // One bound for the whole call, however many attempts it takes.
+        let deadline = tokio::time::Instant::now() + 3 * self.timeout;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = async {
+            let call = async {
                 let addr = self.coordinator(transactional_id).await?;
                 op(Connection::open(&addr, self.timeout).await?).await
-            }
-            .await;
+            };
+            let result = tokio::time::timeout_at(deadline, call).await.unwrap_or_else(|_| {
+                Err(WireError::Timeout {
+                    addr: format!("coordinator of {transactional_id}"),
+                    timeout: 3 * self.timeout,
+                })
+            });
             match result {
                 Err(WireError::Kafka { code, .. }) if code::retriable(code) && attempt < ATTEMPTS => {}
-                Err(WireError::Kafka { what: "FindCoordinator", code, .. })
-                    if code::retriable(code) && attempt < ATTEMPTS => {}
                 other => return other,
             }
             tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;

@@ -36,10 +36,10 @@ struct Args {
     producers: usize,
     /// transaction.timeout.ms: the broker aborts a transaction open longer than this (capped by
     /// its transaction.max.timeout.ms); a prepared branch older than this is lost.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 900_000)]
     transaction_timeout_ms: u64,
     /// Abort a branch not prepared within this many ms (below transaction_timeout_ms).
-    #[arg(long, default_value_t = 50_000)]
+    #[arg(long, default_value_t = 60_000)]
     active_timeout_ms: u64,
     /// Bound of each producer call and broker request, ms.
     #[arg(long, default_value_t = 10_000)]
