@@ -80,7 +80,8 @@ fn consumer(args: &Args) -> anyhow::Result<BaseConsumer> {
     Ok(consumer)
 }
 
-/// One global transaction for `batch` (offset, key, value) messages.
+/// One global transaction for `batch` (offset, key, value) messages. On failure the
+/// transaction is aborted (if it still can be), so it holds nothing while the batch is redone.
 async fn process(args: &Args, c: &mut Clients, batch: &[(i64, String, String)]) -> anyhow::Result<()> {
     let (kafka, db) = (args.kafka_resource.as_str(), args.postgres_resource.as_str());
     let gtid = c
@@ -96,6 +97,18 @@ async fn process(args: &Args, c: &mut Clients, batch: &[(i64, String, String)]) 
         .await?
         .into_inner()
         .gtid;
+    let result = work(args, c, &gtid, batch).await;
+    if result.is_err() {
+        // Best effort: an abort after the decision is refused (and changes nothing), and a
+        // transaction nobody aborts ends at its timeout.
+        let _ = c.coordinator.abort(v1::AbortRequest { gtid }).await;
+    }
+    result
+}
+
+async fn work(args: &Args, c: &mut Clients, gtid: &str, batch: &[(i64, String, String)]) -> anyhow::Result<()> {
+    let (kafka, db) = (args.kafka_resource.as_str(), args.postgres_resource.as_str());
+    let gtid = gtid.to_string();
     let insert = format!("INSERT INTO {} (topic, part, off, payload) VALUES ($1, 0, $2, $3)", args.table);
     let text = |s: &str| v1::Value { kind: Some(Kind::Text(s.into())) };
     let statements = batch
@@ -143,6 +156,9 @@ async fn process(args: &Args, c: &mut Clients, batch: &[(i64, String, String)]) 
         .await?
         .into_inner();
     anyhow::ensure!(r.outcome() == v1::Outcome::Committed, "transaction {gtid} aborted: {}", r.reason);
+    // A heuristic outcome means some participant did not follow the decision: an operator must
+    // look at it; this pipeline stops rather than carry on as if all was well.
+    anyhow::ensure!(!r.heuristic, "transaction {gtid} committed with a heuristic outcome; see `pledge txn get {gtid}`");
     Ok(())
 }
 
@@ -181,8 +197,10 @@ async fn main() -> anyhow::Result<()> {
                     processed += batch.len() as u64;
                     println!("processed {processed}");
                 }
+                Err(e) if e.to_string().contains("heuristic outcome") => return Err(e),
                 Err(e) => {
-                    // Nothing of this batch took effect: read it again from the committed offset.
+                    // Either the batch took effect everywhere (its offsets moved on) or nowhere:
+                    // read again from the committed offset, which says which.
                     eprintln!("batch failed, starting again from the committed offset: {e}");
                     break;
                 }

@@ -95,6 +95,10 @@ pub enum BranchError {
     UnknownResource(String),
     #[error("branch is {state}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
     Finished { state: &'static str, reason: String },
+    /// The request itself is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The branch cannot be taken here (e.g. begun before this adapter started).
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -253,10 +257,10 @@ impl KafkaParticipant {
     ) -> Result<Vec<(i32, i64)>, BranchError> {
         self.check_resource(resource)?;
         if records.len() > MAX_RECORDS_PER_CALL {
-            return Err(BranchError::Refused(format!("at most {MAX_RECORDS_PER_CALL} records per call")));
+            return Err(BranchError::Invalid(format!("at most {MAX_RECORDS_PER_CALL} records per call")));
         }
         if let Some(r) = records.iter().find(|r| r.key.len() + r.value.len() > MAX_RECORD_BYTES) {
-            return Err(BranchError::Refused(format!(
+            return Err(BranchError::Invalid(format!(
                 "a record for topic {:?} is larger than {MAX_RECORD_BYTES} bytes",
                 r.topic
             )));
@@ -321,7 +325,7 @@ impl KafkaParticipant {
         let mut tpl = TopicPartitionList::new();
         for (topic, partition, offset) in &offsets {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-                .map_err(|e| BranchError::Refused(format!("offset {topic}/{partition}/{offset}: {e}")))?;
+                .map_err(|e| BranchError::Invalid(format!("offset {topic}/{partition}/{offset}: {e}")))?;
         }
         let key = (gtid, branch);
         let mut slot = self.open_branch(&key).await?;
@@ -350,7 +354,7 @@ impl KafkaParticipant {
             return Ok(c.clone());
         }
         if groups.len() >= MAX_GROUPS {
-            return Err(BranchError::Refused(format!("more than {MAX_GROUPS} consumer groups in use")));
+            return Err(BranchError::Busy(format!("more than {MAX_GROUPS} consumer groups in use")));
         }
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.inner.config.bootstrap)

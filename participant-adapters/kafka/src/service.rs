@@ -22,8 +22,8 @@ pub fn status_of(e: &BranchError) -> Status {
     let message = e.to_string();
     match e {
         BranchError::UnknownResource(_) => Status::not_found(message),
-        BranchError::Finished { .. } => Status::failed_precondition(message),
-        BranchError::Refused(_) => Status::invalid_argument(message),
+        BranchError::Finished { .. } | BranchError::Refused(_) => Status::failed_precondition(message),
+        BranchError::Invalid(_) => Status::invalid_argument(message),
         BranchError::Busy(_) => Status::resource_exhausted(message),
         BranchError::Kafka(_) => Status::aborted(message),
     }
