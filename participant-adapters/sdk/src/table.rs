@@ -77,6 +77,20 @@ pub struct BranchTable<S> {
     max_finished: usize,
 }
 
+/// The rule for a branch a participant has no record of (see the module documentation): refused
+/// if its GTID was issued before the participant started (`started_ms`) or at or before the
+/// newest aborted branch it forgot (`watermark_ms`).
+pub fn may_start(gtid: &Gtid, started_ms: u64, watermark_ms: u64) -> Result<(), String> {
+    match gtid.unix_ms() {
+        None => Err("GTID is not a UUIDv7".into()),
+        Some(t) if t < started_ms => {
+            Err("unknown branch of a transaction begun before this participant started (its work may be lost)".into())
+        }
+        Some(t) if t <= watermark_ms => Err("unknown branch older than the aborted branches remembered".into()),
+        Some(_) => Ok(()),
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -137,15 +151,7 @@ impl<S: SlotState> BranchTable<S> {
     /// May this process take a branch it has no record of? See the module documentation.
     pub fn may_start(&self, gtid: &Gtid) -> Result<(), String> {
         let watermark = self.inner.lock().unwrap().watermark_ms;
-        match gtid.unix_ms() {
-            None => Err("GTID is not a UUIDv7".into()),
-            Some(t) if t < self.started_ms => {
-                Err("unknown branch of a transaction begun before this participant started (its work may be lost)"
-                    .into())
-            }
-            Some(t) if t <= watermark => Err("unknown branch older than the aborted branches remembered".into()),
-            Some(_) => Ok(()),
-        }
+        may_start(gtid, self.started_ms, watermark)
     }
 
     /// Forgets finished branches past their retention (or beyond `max_finished`). A prepared

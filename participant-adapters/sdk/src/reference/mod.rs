@@ -381,16 +381,7 @@ impl Actor {
     /// process (its staged writes may have died with the previous one) or the watermark (an
     /// abort of it may have been forgotten).
     fn may_start(&self, gtid: &Gtid) -> Result<(), String> {
-        match gtid.unix_ms() {
-            None => Err("GTID is not a UUIDv7".into()),
-            Some(t) if t < self.started_ms => {
-                Err("unknown branch of a transaction begun before this participant restarted".into())
-            }
-            Some(t) if t <= self.watermark_ms => {
-                Err("unknown branch older than the aborted branches remembered".into())
-            }
-            Some(_) => Ok(()),
-        }
+        crate::table::may_start(gtid, self.started_ms, self.watermark_ms)
     }
 
     fn handle(&mut self, op: Op, out: &mut Vec<(u64, Submission)>) {
