@@ -193,8 +193,17 @@ impl Runtime {
         self.execute().await?;
         let mut recovery = tokio::time::interval(self.config.recovery_interval);
         recovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // One timer, moved when the engine's next deadline moves (not a new one every turn).
+        let far = Duration::from_secs(365 * 24 * 3600);
+        let timer = tokio::time::sleep(far);
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
             let deadline = self.engine.next_deadline().map(|at| self.clock.instant_at(at));
+            if deadline != armed {
+                timer.as_mut().reset(deadline.unwrap_or_else(|| Instant::now() + far));
+                armed = deadline;
+            }
             // Biased, in this order: what frees the engine (syncs) and what is due (timers,
             // recovery) before new work, so a steady stream of requests cannot starve them.
             tokio::select! {
@@ -212,7 +221,10 @@ impl Runtime {
                         None => tracing::info!("checkpoint written; older log segments deleted"),
                     }
                 }
-                _ = sleep_until(deadline) => self.handle(Event::Tick),
+                _ = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    self.handle(Event::Tick);
+                }
                 _ = recovery.tick() => self.scan_in_doubt(),
                 Some(event) = self.events_rx.recv() => {
                     self.handle(event);
@@ -368,9 +380,4 @@ impl Runtime {
     }
 }
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
+

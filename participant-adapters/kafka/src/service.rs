@@ -85,10 +85,7 @@ impl KafkaBranch for BranchService {
         let span = tracing::debug_span!("add_offsets", %gtid, branch = %branch, group = r.group_id);
         let participant = self.participant.clone();
         let work = async move { participant.add_offsets(&resource, gtid, branch, &r.group_id, offsets).await };
-        tokio::spawn(work.instrument(span))
-            .await
-            .map_err(|e| Status::internal(format!("AddOffsets failed: {e}")))?
-            .map_err(|e| status_of(&e))?;
+        pledge_sdk::server::detached(work.instrument(span)).await?.map_err(|e| status_of(&e))?;
         Ok(Response::new(v1::AddOffsetsResponse {}))
     }
 }

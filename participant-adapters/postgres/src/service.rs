@@ -145,11 +145,11 @@ impl PostgresBranch for BranchService {
             return Err(Status::invalid_argument(format!("statements: 1 to {MAX_STATEMENTS_PER_CALL} per call")));
         }
         let span = tracing::debug_span!("execute", resource = %resource, %gtid, branch = %branch);
-        // Detached, like every branch operation (see `pledge_sdk::server::to_completion`): a
+        // Detached, like every branch operation (see `pledge_sdk::server::detached`): a
         // deadline must not stop it between taking the branch's connection and putting it back.
         let participant = self.participant.clone();
         let work = execute_in_branch(participant, resource, gtid, branch, r.request_id, r.statements).instrument(span);
-        tokio::spawn(work).await.map_err(|e| Status::internal(format!("Execute failed: {e}")))?
+        pledge_sdk::server::detached(work).await?
     }
 }
 

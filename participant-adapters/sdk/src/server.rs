@@ -38,21 +38,42 @@ pub async fn routes<P: Participant>(participant: Arc<P>) -> RoutesBuilder {
     routes
 }
 
-/// Runs `operation` to completion in its own task, even if the caller stops waiting.
+/// Runs `work` to completion in its own task, even if the caller stops waiting.
 ///
 /// A gRPC call is cancelled when its deadline passes or its client goes away: tonic drops the
 /// handler future at its next await. A participant operation stopped half-way (a prepare
 /// recorded but its branch not updated, a connection taken out of its slot but not returned)
-/// breaks the adapter's invariants, so every operation on a branch runs detached, and the
-/// call only waits for it. A panic in the operation becomes an error.
-pub async fn to_completion<T, F>(operation: F) -> Result<T, crate::Error>
+/// breaks the adapter's invariants, so every call's work on its branches runs detached (one
+/// task per call, its branches concurrently inside it), and the call only waits for it.
+pub async fn detached<T, F>(work: F) -> Result<T, Status>
 where
-    F: std::future::Future<Output = Result<T, crate::Error>> + Send + 'static,
+    F: std::future::Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
-    match tokio::spawn(operation).await {
-        Ok(result) => result,
-        Err(e) => Err(crate::Error::new(format!("the operation failed: {e}"))),
+    tokio::spawn(work).await.map_err(|e| Status::internal(format!("the operation failed: {e}")))
+}
+
+fn prepare_result(vote: Result<Vote, crate::Error>) -> v1::PrepareResult {
+    match vote {
+        Ok(Vote::Prepared { metadata }) if metadata.len() > MAX_VOTE_METADATA_BYTES => v1::PrepareResult {
+            vote: v1::Vote::Aborted as i32,
+            metadata: Vec::new(),
+            reason: format!("participant bug: {} bytes of metadata exceed {MAX_VOTE_METADATA_BYTES}", metadata.len()),
+        },
+        Ok(Vote::Prepared { metadata }) => {
+            v1::PrepareResult { vote: v1::Vote::Prepared as i32, metadata, reason: String::new() }
+        }
+        Ok(Vote::ReadOnly) => v1::PrepareResult { vote: v1::Vote::ReadOnly as i32, ..Default::default() },
+        Ok(Vote::Aborted { reason }) => {
+            v1::PrepareResult { vote: v1::Vote::Aborted as i32, metadata: Vec::new(), reason: bounded_reason(reason) }
+        }
+        // A prepare that failed is a "no": the coordinator aborts (presumed abort makes that
+        // safe) and tells this branch too, in case it prepared before failing.
+        Err(e) => v1::PrepareResult {
+            vote: v1::Vote::Aborted as i32,
+            metadata: Vec::new(),
+            reason: bounded_reason(format!("prepare failed: {e}")),
+        },
     }
 }
 
@@ -108,45 +129,20 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         coordinator_id(&r.coordinator_id)?;
         let xids = xids(r.branches.iter().map(Some))?;
         let span = tracing::debug_span!("prepare", coordinator = r.coordinator_id, branches = xids.len());
-        let votes = join_all(xids.into_iter().map(|xid| {
-            let (p, coordinator) = (self.participant.clone(), r.coordinator_id.clone());
+        let (p, coordinator) = (self.participant.clone(), r.coordinator_id);
+        let votes = detached(
             async move {
-                let vote = to_completion(async move {
-                    let vote = p.prepare(&coordinator, &xid).await;
+                let (p, coordinator) = (&p, &coordinator);
+                join_all(xids.iter().map(|xid| async move {
+                    let vote = p.prepare(coordinator, xid).await;
                     tracing::debug!(%xid, ?vote, "prepared");
-                    vote
-                })
-                .await;
-                match vote {
-                    Ok(Vote::Prepared { metadata }) if metadata.len() > MAX_VOTE_METADATA_BYTES => v1::PrepareResult {
-                        vote: v1::Vote::Aborted as i32,
-                        metadata: Vec::new(),
-                        reason: format!(
-                            "participant bug: {} bytes of metadata exceed {MAX_VOTE_METADATA_BYTES}",
-                            metadata.len()
-                        ),
-                    },
-                    Ok(Vote::Prepared { metadata }) => {
-                        v1::PrepareResult { vote: v1::Vote::Prepared as i32, metadata, reason: String::new() }
-                    }
-                    Ok(Vote::ReadOnly) => v1::PrepareResult { vote: v1::Vote::ReadOnly as i32, ..Default::default() },
-                    Ok(Vote::Aborted { reason }) => v1::PrepareResult {
-                        vote: v1::Vote::Aborted as i32,
-                        metadata: Vec::new(),
-                        reason: bounded_reason(reason),
-                    },
-                    // A prepare that failed is a "no": the coordinator aborts (presumed abort makes
-                    // that safe) and tells this branch too, in case it prepared before failing.
-                    Err(e) => v1::PrepareResult {
-                        vote: v1::Vote::Aborted as i32,
-                        metadata: Vec::new(),
-                        reason: bounded_reason(format!("prepare failed: {e}")),
-                    },
-                }
+                    prepare_result(vote)
+                }))
+                .await
             }
-        }))
-        .instrument(span)
-        .await;
+            .instrument(span),
+        )
+        .await?;
         Ok(Response::new(v1::PrepareResponse { results: votes }))
     }
 
@@ -158,17 +154,21 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         coordinator_id(&r.coordinator_id)?;
         let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
         let span = tracing::debug_span!("commit", coordinator = r.coordinator_id, branches = xids.len());
-        let results = join_all(xids.into_iter().zip(r.branches).map(|(xid, b)| {
-            let (p, coordinator) = (self.participant.clone(), r.coordinator_id.clone());
-            to_completion(async move {
-                let result = p.commit(&coordinator, &xid, b.one_phase, &b.metadata).await;
-                tracing::debug!(%xid, one_phase = b.one_phase, ?result, "commit");
-                result
-            })
-        }))
-        .instrument(span)
-        .await;
-        Ok(Response::new(v1::CommitBranchesResponse { results: results.into_iter().map(outcome_result).collect() }))
+        let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
+        let results = detached(
+            async move {
+                let (p, coordinator) = (&p, &coordinator);
+                join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
+                    let result = p.commit(coordinator, xid, b.one_phase, &b.metadata).await;
+                    tracing::debug!(%xid, one_phase = b.one_phase, ?result, "commit");
+                    outcome_result(result)
+                }))
+                .await
+            }
+            .instrument(span),
+        )
+        .await?;
+        Ok(Response::new(v1::CommitBranchesResponse { results }))
     }
 
     async fn abort(
@@ -179,17 +179,21 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         coordinator_id(&r.coordinator_id)?;
         let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
         let span = tracing::debug_span!("abort", coordinator = r.coordinator_id, branches = xids.len());
-        let results = join_all(xids.into_iter().zip(r.branches).map(|(xid, b)| {
-            let (p, coordinator) = (self.participant.clone(), r.coordinator_id.clone());
-            to_completion(async move {
-                let result = p.abort(&coordinator, &xid, &b.metadata).await;
-                tracing::debug!(%xid, ?result, "abort");
-                result
-            })
-        }))
-        .instrument(span)
-        .await;
-        Ok(Response::new(v1::AbortBranchesResponse { results: results.into_iter().map(outcome_result).collect() }))
+        let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
+        let results = detached(
+            async move {
+                let (p, coordinator) = (&p, &coordinator);
+                join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
+                    let result = p.abort(coordinator, xid, &b.metadata).await;
+                    tracing::debug!(%xid, ?result, "abort");
+                    outcome_result(result)
+                }))
+                .await
+            }
+            .instrument(span),
+        )
+        .await?;
+        Ok(Response::new(v1::AbortBranchesResponse { results }))
     }
 
     async fn recover(&self, request: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
