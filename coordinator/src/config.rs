@@ -196,6 +196,16 @@ mod tests {
     }
 
     #[test]
+    fn the_sample_deployment_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pledge.toml");
+        let c = Config::from_file(&path).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.coordinator_id.as_deref(), Some("pledge-eu-1"));
+        assert_eq!(c.participants.len(), 3);
+        assert_eq!(c.listen.port(), 7600);
+    }
+
+    #[test]
     fn invalid_settings_are_named() {
         let c = Config { prepare_timeout_ms: 0, ..Config::default() };
         assert_eq!(c.validate().unwrap_err().to_string(), "prepare_timeout_ms must be greater than 0");
