@@ -8,11 +8,13 @@ use std::time::Duration;
 use pledge_integration_tests::*;
 use pledge_postgres::{PostgresConfig, PostgresParticipant};
 use pledge_proto::{BranchId, Gtid, ResourceId, v1};
-use sqlx::PgPool;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_embeds_the_adapter_on_its_own_pools() {
-    let (a, b) = (PgPool::connect(&pg_url('a')).await.unwrap(), PgPool::connect(&pg_url('b')).await.unwrap());
+    let pool = |db: char| async move {
+        sqlx::postgres::PgPoolOptions::new().max_connections(16).connect(&pg_url(db)).await.unwrap()
+    };
+    let (a, b) = (pool('a').await, pool('b').await);
     let table = format!("lib_{}", fastrand::u32(..));
     for p in [&a, &b] {
         let ddl = format!("CREATE TABLE {table} (id int PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))");
@@ -23,6 +25,11 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
     let (db_a, db_b): (ResourceId, ResourceId) = ("lib_a".parse().unwrap(), "lib_b".parse().unwrap());
     let mut config = PostgresConfig::new(vec![]);
     config.active_timeout = Duration::from_secs(30);
+    config.max_active_branches = 8; // below the pools' 16 connections
+    // An embedding service must leave connections for commits: the adapter checks.
+    let too_many = PostgresConfig { max_active_branches: 16, ..config.clone() };
+    let e = PostgresParticipant::with_pools(too_many, vec![(db_a.clone(), a.clone())]).await.err().unwrap();
+    assert!(e.to_string().contains("must be below the pool's max_connections"), "{e}");
     let participant =
         PostgresParticipant::with_pools(config, vec![(db_a.clone(), a.clone()), (db_b.clone(), b.clone())])
             .await

@@ -379,5 +379,3 @@ impl Runtime {
         }
     }
 }
-
-

@@ -328,6 +328,16 @@ impl PostgresParticipant {
         anyhow::ensure!(!pools.is_empty(), "at least one database (resource) is required");
         let mut resources = HashMap::new();
         for (id, pool) in pools {
+            // Commits and rollbacks of prepared branches need connections of their own: if active
+            // branches could take them all, a prepared branch holding a lock they wait for could
+            // never be committed.
+            let size = pool.options().get_max_connections() as usize;
+            anyhow::ensure!(
+                config.max_active_branches < size,
+                "resource {id}: max_active_branches ({}) must be below the pool's max_connections ({size}), \
+                 leaving connections for COMMIT/ROLLBACK PREPARED",
+                config.max_active_branches
+            );
             let setting: String = sqlx::query_scalar("SHOW max_prepared_transactions").fetch_one(&pool).await?;
             let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&pool).await?;
             let max_prepared = check_max_prepared(&id, &database, &setting)?;
