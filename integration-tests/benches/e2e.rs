@@ -18,126 +18,58 @@
 //! together start N transactions per second on a fixed schedule, and latency is measured from
 //! the scheduled start, so a stall counts against every transaction it delays).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hdrhistogram::Histogram;
+use futures::future::BoxFuture;
+use pledge_integration_tests::bench::{Load, Run, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch};
 use pledge_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tonic::transport::{Channel, Endpoint};
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-struct Result {
-    name: &'static str,
-    txns: u64,
-    errors: u64,
-    seconds: f64,
-    latency: Histogram<u64>,
-}
-
-impl Result {
-    fn rate(&self) -> f64 {
-        self.txns as f64 / self.seconds
-    }
-
-    fn print(&self) {
-        let us = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
-        println!(
-            "{:<28} {:>10.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   ({} txns, {} errors)",
-            self.name,
-            self.rate(),
-            us(0.50),
-            us(0.99),
-            us(0.999),
-            self.txns,
-            self.errors
-        );
+fn load() -> Load {
+    Load {
+        clients: env_or("BENCH_CLIENTS", 64),
+        warmup: Duration::from_secs(env_or("BENCH_WARMUP_SECONDS", 2)),
+        measure: Duration::from_secs(env_or("BENCH_SECONDS", 10)),
+        rate_per_second: env_or("BENCH_RATE", 0),
     }
 }
 
-async fn run(name: &'static str, coordinator: &Process, resources: &[&'static str]) -> Result {
-    let clients = env("BENCH_CLIENTS", 64);
-    let seconds = env("BENCH_SECONDS", 10);
-    let warmup = env("BENCH_WARMUP_SECONDS", 2);
-    let channels: Vec<Channel> = {
-        let mut v = Vec::new();
-        for _ in 0..env("BENCH_CHANNELS", 8) {
-            v.push(Endpoint::from_shared(coordinator.endpoint()).unwrap().tcp_nodelay(true).connect().await.unwrap());
+fn print(name: &str, r: &Run) {
+    println!(
+        "{name:<28} {:>10.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   ({} txns, {} errors)",
+        r.rate(),
+        r.ms(0.50),
+        r.ms(0.99),
+        r.ms(0.999),
+        r.txns,
+        r.errors
+    );
+}
+
+/// Begin (with `resources`' branches) and Commit, from each client, over shared channels.
+async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
+    let mut channels: Vec<Channel> = Vec::new();
+    for _ in 0..env_or("BENCH_CHANNELS", 8) {
+        channels
+            .push(Endpoint::from_shared(coordinator.endpoint()).unwrap().tcp_nodelay(true).connect().await.unwrap());
+    }
+    measure(load(), |i| {
+        let c = CoordinatorClient::new(channels[i % channels.len()].clone());
+        move || {
+            let mut c = c.clone();
+            Box::pin(async move {
+                let branches = resources.iter().map(|r| branch(r, "b")).collect();
+                let Ok(r) = c.begin(v1::BeginRequest { branches, ..Default::default() }).await else { return false };
+                let gtid = r.into_inner().gtid;
+                matches!(
+                    c.commit(v1::CommitRequest { gtid, ..Default::default() }).await,
+                    Ok(r) if r.get_ref().outcome() == v1::Outcome::Committed
+                )
+            }) as BoxFuture<'static, bool>
         }
-        v
-    };
-    let rate = env("BENCH_RATE", 0);
-    let epoch = tokio::time::Instant::now() + Duration::from_millis(100);
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for i in 0..clients {
-        let mut c = CoordinatorClient::new(channels[i as usize % channels.len()].clone());
-        let (measuring, stop) = (measuring.clone(), stop.clone());
-        let branches: Vec<v1::BranchRef> = resources.iter().map(|r| branch(r, "b")).collect();
-        tasks.push(tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-            let (mut txns, mut errors) = (0u64, 0u64);
-            // Paced: client i starts at epoch + i * period / clients, then every period.
-            let mut schedule = (rate > 0).then(|| {
-                let period = Duration::from_secs_f64(clients as f64 / rate as f64);
-                let mut ticks = tokio::time::interval_at(epoch + period.mul_f64(i as f64 / clients as f64), period);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-                ticks
-            });
-            while !stop.load(Ordering::Relaxed) {
-                let start = match schedule.as_mut() {
-                    Some(ticks) => ticks.tick().await.into_std(),
-                    None => Instant::now(),
-                };
-                let ok = async {
-                    let gtid = c
-                        .begin(v1::BeginRequest { branches: branches.clone(), ..Default::default() })
-                        .await?
-                        .into_inner()
-                        .gtid;
-                    let r = c.commit(v1::CommitRequest { gtid, ..Default::default() }).await?.into_inner();
-                    Ok::<bool, tonic::Status>(r.outcome() == v1::Outcome::Committed)
-                }
-                .await;
-                if measuring.load(Ordering::Relaxed) {
-                    match ok {
-                        Ok(true) => {
-                            txns += 1;
-                            latency.saturating_record(start.elapsed().as_micros() as u64);
-                        }
-                        _ => errors += 1,
-                    }
-                }
-            }
-            (txns, errors, latency)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(warmup)).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let mut result = Result {
-        name,
-        txns: 0,
-        errors: 0,
-        seconds: elapsed,
-        latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-    };
-    for t in tasks {
-        let (txns, errors, latency) = t.await.unwrap();
-        result.txns += txns;
-        result.errors += errors;
-        result.latency.add(latency).unwrap();
-    }
-    result
+    })
+    .await
 }
 
 fn main() {
@@ -147,14 +79,15 @@ fn main() {
             // SAFETY: single-threaded at this point of the benchmark's start-up.
             unsafe { std::env::set_var("TMPDIR", dir) };
         }
+        let l = load();
         println!(
             "end-to-end benchmark: {} clients, {}, {} s per run, binaries from {}",
-            env("BENCH_CLIENTS", 64),
-            match env("BENCH_RATE", 0) {
+            l.clients,
+            match l.rate_per_second {
                 0 => "as fast as they can".to_string(),
                 r => format!("{r} transactions/s scheduled"),
             },
-            env("BENCH_SECONDS", 10),
+            l.measure.as_secs(),
             pledge_integration_tests::bin_dir().display()
         );
 
@@ -162,22 +95,21 @@ fn main() {
         let p1 = dir.participant("db1", 0, &[], &[]).await;
         let p2 = dir.participant("db2", 0, &[], &[]).await;
         let coordinator = dir.coordinator(&[("db1", &p1), ("db2", &p2)], &[]).await;
-        let two_phase = run("2PC, 2 participants", &coordinator, &["db1", "db2"]).await;
+        let two_phase = run(&coordinator, &["db1", "db2"]).await;
         drop((coordinator, p1, p2, dir));
 
         let dir = TestDir::new("bench-1pc");
         let p1 = dir.participant("db1", 0, &[], &[]).await;
         let coordinator = dir.coordinator(&[("db1", &p1)], &[]).await;
-        let one_phase = run("1PC, 1 participant", &coordinator, &["db1"]).await;
+        let one_phase = run(&coordinator, &["db1"]).await;
         drop((coordinator, p1, dir));
 
-        two_phase.print();
-        one_phase.print();
-        let p50 = |r: &Result| r.latency.value_at_quantile(0.5) as f64;
+        print("2PC, 2 participants", &two_phase);
+        print("1PC, 1 participant", &one_phase);
         println!(
             "ratio 2PC / 1PC: throughput {:.2}, p50 latency {:.2}",
             two_phase.rate() / one_phase.rate(),
-            p50(&two_phase) / p50(&one_phase)
+            two_phase.ms(0.5) / one_phase.ms(0.5)
         );
     });
 }

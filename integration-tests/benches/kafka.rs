@@ -16,11 +16,11 @@
 //! Settings (environment): BENCH_CLIENTS (1,8), BENCH_SECONDS (10).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
-use hdrhistogram::Histogram;
+use pledge_integration_tests::bench::{Load, Run, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch, kafka_bootstrap, pg_url};
 use pledge_proto::v1::kafka_branch_client::KafkaBranchClient;
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
@@ -32,75 +32,19 @@ use tonic::transport::{Channel, Endpoint};
 /// The benchmark's coordinator id: its GIDs are `pledge:bench-kafka:...`.
 const COORDINATOR_ID: &str = "bench-kafka";
 
-fn env(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
+fn line(run: &Run, name: &str, baseline: Option<f64>) -> String {
+    format!(
+        "  {name:<28} {:>8.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms{}{}",
+        run.rate(),
+        run.ms(0.5),
+        run.ms(0.99),
+        baseline.map(|b| format!("   ratio {:.2}", run.rate() / b)).unwrap_or_default(),
+        if run.errors > 0 { format!("   ({} errors)", run.errors) } else { String::new() }
+    )
 }
 
-struct Run {
-    txns: u64,
-    errors: u64,
-    seconds: f64,
-    latency: Histogram<u64>,
-}
-
-impl Run {
-    fn line(&self, name: &str, baseline: Option<f64>) -> String {
-        let rate = self.txns as f64 / self.seconds;
-        let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
-        format!(
-            "  {name:<28} {rate:>8.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms{}{}",
-            ms(0.5),
-            ms(0.99),
-            baseline.map(|b| format!("   ratio {:.2}", rate / b)).unwrap_or_default(),
-            if self.errors > 0 { format!("   ({} errors)", self.errors) } else { String::new() }
-        )
-    }
-}
-
-/// Runs `clients` copies of `one` (one transaction per call) for `seconds` after a warm-up.
-async fn measure<F>(clients: usize, seconds: u64, make: impl Fn(usize) -> F) -> Run
-where
-    F: FnMut() -> BoxFuture<'static, bool> + Send + 'static,
-{
-    let stop = Arc::new(AtomicBool::new(false));
-    let measuring = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for i in 0..clients {
-        let mut one = make(i);
-        let (stop, measuring) = (stop.clone(), measuring.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-            let (mut txns, mut errors) = (0, 0);
-            while !stop.load(Ordering::Relaxed) {
-                let start = Instant::now();
-                let ok = one().await;
-                if measuring.load(Ordering::Relaxed) {
-                    if ok {
-                        txns += 1;
-                        latency.saturating_record(start.elapsed().as_micros() as u64);
-                    } else {
-                        errors += 1;
-                    }
-                }
-            }
-            (txns, errors, latency)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    measuring.store(false, Ordering::Relaxed);
-    let seconds = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let mut run = Run { txns: 0, errors: 0, seconds, latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap() };
-    for t in tasks {
-        let (txns, errors, latency) = t.await.unwrap();
-        run.txns += txns;
-        run.errors += errors;
-        run.latency.add(latency).unwrap();
-    }
-    run
+fn load(clients: usize, seconds: u64) -> Load {
+    Load { clients, warmup: Duration::from_secs(1), measure: Duration::from_secs(seconds), rate_per_second: 0 }
 }
 
 async fn baseline(clients: usize, seconds: u64, topic: &str, run_id: u32) -> Run {
@@ -118,7 +62,7 @@ async fn baseline(clients: usize, seconds: u64, topic: &str, run_id: u32) -> Run
         producers.push(producer);
     }
     let topic = topic.to_string();
-    measure(clients, seconds, |i| {
+    measure(load(clients, seconds), |i| {
         let (producer, topic) = (producers[i].clone(), topic.clone());
         move || {
             let (producer, topic) = (producer.clone(), topic.clone());
@@ -226,8 +170,11 @@ async fn channel(p: &Process) -> Channel {
 }
 
 fn main() {
-    let clients: Vec<usize> = env("BENCH_CLIENTS", "1,8").split(',').map(|c| c.trim().parse().unwrap()).collect();
-    let seconds: u64 = env("BENCH_SECONDS", "10").parse().unwrap();
+    let clients: Vec<usize> = env_or("BENCH_CLIENTS", "1,8".to_string())
+        .split(',')
+        .map(|c| c.trim().parse().expect("BENCH_CLIENTS: comma-separated client counts"))
+        .collect();
+    let seconds: u64 = env_or("BENCH_SECONDS", 10);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let run_id = fastrand::u32(..);
@@ -269,23 +216,23 @@ fn main() {
         for &n in &clients {
             println!("{n} client(s):");
             let base = baseline(n, seconds, &topic, run_id).await;
-            let base_rate = base.txns as f64 / base.seconds;
-            println!("{}", base.line("rdkafka transactional producer", None));
+            let base_rate = base.rate();
+            println!("{}", line(&base, "rdkafka transactional producer", None));
             let p = pledge.clone();
-            let one = measure(n, seconds, move |_| {
+            let one = measure(load(n, seconds), move |_| {
                 let p = p.clone();
                 move || Box::pin(p.clone().txn(false)) as BoxFuture<'static, bool>
             })
             .await;
-            println!("{}", one.line("Pledge, Kafka (1 branch)", Some(base_rate)));
+            println!("{}", line(&one, "Pledge, Kafka (1 branch)", Some(base_rate)));
             pledge_integration_tests::drain(&coordinator).await;
             let p = pledge.clone();
-            let two = measure(n, seconds, move |_| {
+            let two = measure(load(n, seconds), move |_| {
                 let p = p.clone();
                 move || Box::pin(p.clone().txn(true)) as BoxFuture<'static, bool>
             })
             .await;
-            println!("{}", two.line("Pledge, PostgreSQL + Kafka", Some(base_rate)));
+            println!("{}", line(&two, "Pledge, PostgreSQL + Kafka", Some(base_rate)));
             pledge_integration_tests::drain(&coordinator).await;
         }
     });

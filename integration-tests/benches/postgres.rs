@@ -20,18 +20,14 @@
 //! branches are committed in PostgreSQL).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hdrhistogram::Histogram;
+use futures::future::BoxFuture;
+use pledge_integration_tests::bench::{Load, Run, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch, pg_url};
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
 use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, value::Kind};
 use tonic::transport::Endpoint;
-
-fn env(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
 
 const TABLE: &str = "pledge_bench_accounts";
 
@@ -93,31 +89,25 @@ fn pgbench(clients: u32, seconds: u64, accounts: i64, dir: &std::path::Path) -> 
     tps.unwrap_or_else(|| panic!("pgbench failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)))
 }
 
-struct Run {
-    txns: u64,
-    errors: u64,
-    seconds: f64,
-    latency: Histogram<u64>,
-}
-
 async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process, adapter: &Process) -> Run {
-    let wait = env("BENCH_WAIT_FOR_COMPLETION", "0") == "1";
-    let stop = Arc::new(AtomicBool::new(false));
-    let measuring = Arc::new(AtomicBool::new(false));
+    let wait = env_or("BENCH_WAIT_FOR_COMPLETION", 0) == 1;
     let coordinator_channel = Endpoint::from_shared(coordinator.endpoint()).unwrap().connect().await.unwrap();
     let adapter_channel = Endpoint::from_shared(adapter.endpoint()).unwrap().connect().await.unwrap();
-    let update = format!("UPDATE {TABLE} SET balance = balance + $1 WHERE id = $2");
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let mut c = CoordinatorClient::new(coordinator_channel.clone());
-        let mut pg = PostgresBranchClient::new(adapter_channel.clone());
-        let (stop, measuring, update) = (stop.clone(), measuring.clone(), update.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-            let (mut txns, mut errors) = (0u64, 0u64);
-            let int = |n: i64| v1::Value { kind: Some(Kind::Int(n)) };
-            while !stop.load(Ordering::Relaxed) {
-                let start = Instant::now();
+    let update: Arc<str> = format!("UPDATE {TABLE} SET balance = balance + $1 WHERE id = $2").into();
+    let load = Load {
+        clients: clients as usize,
+        warmup: Duration::from_secs(1),
+        measure: Duration::from_secs(seconds),
+        rate_per_second: 0,
+    };
+    let run = measure(load, |_| {
+        let c = CoordinatorClient::new(coordinator_channel.clone());
+        let pg = PostgresBranchClient::new(adapter_channel.clone());
+        let update = update.clone();
+        move || {
+            let (mut c, mut pg, update) = (c.clone(), pg.clone(), update.clone());
+            Box::pin(async move {
+                let int = |n: i64| v1::Value { kind: Some(Kind::Int(n)) };
                 let (from, to) = (fastrand::i64(1..=accounts), fastrand::i64(1..=accounts));
                 let done = async {
                     let branches = vec![branch("db_a", "debit"), branch("db_b", "credit")];
@@ -127,7 +117,10 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
                             resource_id: resource.into(),
                             gtid: gtid.clone(),
                             branch_id: b.into(),
-                            statements: vec![v1::Statement { sql: update.clone(), params: vec![int(amount), int(id)] }],
+                            statements: vec![v1::Statement {
+                                sql: update.to_string(),
+                                params: vec![int(amount), int(id)],
+                            }],
                             request_id: String::new(),
                         })
                         .await?;
@@ -137,45 +130,24 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
                         .await?
                         .into_inner();
                     Ok::<bool, tonic::Status>(r.outcome() == v1::Outcome::Committed)
-                }
-                .await;
-                if measuring.load(Ordering::Relaxed) {
-                    match done {
-                        Ok(true) => {
-                            txns += 1;
-                            latency.saturating_record(start.elapsed().as_micros() as u64);
-                        }
-                        _ => errors += 1,
-                    }
-                }
-            }
-            (txns, errors, latency)
-        }));
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    measuring.store(false, Ordering::Relaxed);
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let mut run =
-        Run { txns: 0, errors: 0, seconds: elapsed, latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap() };
-    for t in tasks {
-        let (txns, errors, latency) = t.await.unwrap();
-        run.txns += txns;
-        run.errors += errors;
-        run.latency.add(latency).unwrap();
-    }
+                };
+                matches!(done.await, Ok(true))
+            }) as BoxFuture<'static, bool>
+        }
+    })
+    .await;
     // Let phase 2 of the last transactions finish before the next run (or the end) starts.
     pledge_integration_tests::drain(coordinator).await;
     run
 }
 
 fn main() {
-    let clients: Vec<u32> = env("BENCH_CLIENTS", "1,8,32").split(',').map(|c| c.trim().parse().unwrap()).collect();
-    let seconds: u64 = env("BENCH_SECONDS", "10").parse().unwrap();
-    let accounts: i64 = env("BENCH_ACCOUNTS", "10000").parse().unwrap();
+    let clients: Vec<u32> = env_or("BENCH_CLIENTS", "1,8,32".to_string())
+        .split(',')
+        .map(|c| c.trim().parse().expect("BENCH_CLIENTS: comma-separated client counts"))
+        .collect();
+    let seconds: u64 = env_or("BENCH_SECONDS", 10);
+    let accounts: i64 = env_or("BENCH_ACCOUNTS", 10000);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         prepare_tables(accounts).await;
@@ -206,13 +178,12 @@ fn main() {
         for &n in &clients {
             let pgb = pgbench(n, seconds, accounts, dir.path());
             let run = pledge(n, seconds, accounts, &coordinator, &adapter).await;
-            let txn_rate = run.txns as f64 / run.seconds;
-            let ms = |q: f64| run.latency.value_at_quantile(q) as f64 / 1000.0;
+            let txn_rate = run.rate();
             println!(
                 "{n:>7}  {pgb:>14.0}  {txn_rate:>12.0}  {:>15.0}  {:>9.2}  {:>9.2}  {:>18.2}{}",
                 2.0 * txn_rate,
-                ms(0.5),
-                ms(0.99),
+                run.ms(0.5),
+                run.ms(0.99),
                 2.0 * txn_rate / pgb,
                 if run.errors > 0 { format!("  ({} errors)", run.errors) } else { String::new() }
             );

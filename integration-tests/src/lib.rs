@@ -8,6 +8,7 @@
 
 use std::future::Future;
 
+pub mod bench;
 pub mod conformance;
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
