@@ -1,8 +1,8 @@
 //! The Kafka participant against the real broker the project's scripts start: read_committed
 //! visibility of committed and aborted branches, PostgreSQL and Kafka in one transaction, kill
 //! -9 of the adapter after prepare (finished with EndTxn) and of the coordinator after the
-//! decision, a branch the broker aborted on timeout (a heuristic outcome), and the participant
-//! conformance suite.
+//! decision, a branch the broker aborted on timeout (a heuristic outcome), a restart aborting
+//! what the previous process left open, and the participant conformance suite.
 
 use pledge_integration_tests::conformance::{self, Target};
 use pledge_integration_tests::*;
@@ -204,6 +204,37 @@ async fn adapter_killed_before_voting_is_rolled_back_with_end_txn() {
     let after = s.begin_with_records(&topic, &["kept"]).await;
     assert_eq!(commit(&mut c, &after, true).await.unwrap().outcome(), v1::Outcome::Committed);
     assert_eq!(keys(&read_committed(&topic).await), vec!["kept"]);
+}
+
+/// A restarted adapter starts its whole producer pool at once, so a transaction its previous
+/// process left open (never prepared) is aborted right away: not when its producer happens to
+/// be used again, nor when the broker's transaction timeout (15 minutes by default) runs out.
+/// Until then that transaction holds back every read_committed reader of its partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_adapter_at_once_aborts_what_its_previous_process_left_open() {
+    let mut s = setup("kafka-warm", &[], &[]).await;
+    let topic = unique("warm");
+    let _gtid = s.begin_with_records(&topic, &["lost"]).await;
+    let client = pledge_kafka::wire::TxnClient::new(&kafka_bootstrap(), std::time::Duration::from_secs(5));
+    let mut open = None;
+    for i in 0..8 {
+        let id = format!("{}-{i}", s.prefix);
+        if client.describe(&id).await.unwrap().is_some_and(|d| d.state == "Ongoing") {
+            open = Some(id);
+        }
+    }
+    let open = open.expect("one of the adapter's transactional ids has the branch's transaction open");
+    s.kafka.kill9().await;
+    assert_eq!(client.describe(&open).await.unwrap().map(|d| d.state), Some("Ongoing".to_string()));
+
+    // No branch work reaches the restarted adapter.
+    s.restart_kafka(&[]).await;
+    eventually("the restarted adapter to abort the transaction left open", || async {
+        let state = client.describe(&open).await.ok().flatten()?.state;
+        (state == "CompleteAbort").then_some(())
+    })
+    .await;
+    assert!(read_committed(&topic).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,6 +199,15 @@ impl KafkaParticipant {
         };
         let participant = KafkaParticipant { inner: Arc::new(inner) };
         participant.spawn_housekeeping();
+        let pool = participant.inner.pool.clone();
+        tokio::spawn(async move {
+            match pool.warm().await {
+                (ready, None) => tracing::info!(ready, "transactional producers started"),
+                (ready, Some(e)) => {
+                    tracing::warn!(ready, error = %e, "not every transactional producer started; the rest start on first use")
+                }
+            }
+        });
         Ok((participant, KafkaHandle { log }))
     }
 

@@ -119,6 +119,23 @@ impl ProducerPool {
         }
     }
 
+    /// Starts every free producer not yet started, all at once, and lends none: a producer's
+    /// first `init_transactions` costs about half a second (librdkafka finds the transaction
+    /// coordinator on a timer), which would otherwise land on the first branch of each producer.
+    /// It also fences, early, whatever a previous process left open under these ids, so
+    /// read_committed consumers are not held back until each producer happens to be used.
+    /// Answers how many producers are ready and the first error, if any; a producer that fails
+    /// to start is started again on first use.
+    pub async fn warm(&self) -> (usize, Option<String>) {
+        let mut permits = Vec::new();
+        while let Ok(permit) = self.inner.available.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        let results = futures::future::join_all(permits.into_iter().map(|permit| self.lend(permit))).await;
+        let ready = results.iter().filter(|r| r.is_ok()).count();
+        (ready, results.into_iter().find_map(Result::err))
+    }
+
     /// Lends a producer, waiting at most `wait` for one to be free; starts it if needed
     /// (`init_transactions`, which fences any previous holder of its transactional id).
     pub async fn acquire(&self, wait: Duration) -> Result<Lease, String> {
@@ -132,6 +149,11 @@ impl ProducerPool {
                 )
             })?
             .map_err(|_| "producer pool closed".to_string())?;
+        self.lend(permit).await
+    }
+
+    /// Lends the producer `permit` stands for, starting it if needed.
+    async fn lend(&self, permit: OwnedSemaphorePermit) -> Result<Lease, String> {
         // A permit stands for a free producer, taken under the lock that gives producers back.
         let index = self.inner.free.lock().unwrap().queue.pop_front().ok_or("producer pool out of step")?;
         let (transactional_id, existing) = {
