@@ -13,7 +13,9 @@
 //! ```
 //! Settings (environment): BENCH_CLIENTS (64), BENCH_SECONDS (10), BENCH_WARMUP_SECONDS (2),
 //! BENCH_CHANNELS (8 HTTP/2 connections shared by the clients), BENCH_DIR (where data goes;
-//! must be a real disk so fsync costs what it costs), BENCH_RATE (0: each client starts its
+//! must be a real disk so fsync costs what it costs), BENCH_PARTICIPANT_DIR (where the
+//! participants' data goes, default BENCH_DIR: on one machine three processes fsyncing one
+//! virtual disk contend for it, which participants on their own hosts would not), BENCH_RATE (0: each client starts its
 //! next transaction as soon as the last one ends, i.e. maximum throughput; N: the clients
 //! together start N transactions per second on a fixed schedule, and latency is measured from
 //! the scheduled start, so a stall counts against every transaction it delays).
@@ -25,6 +27,9 @@ use pledge_integration_tests::bench::{Load, Run, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch};
 use pledge_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tonic::transport::{Channel, Endpoint};
+
+/// The coordinator's own recovery interval, not the tests' 500 ms.
+const RECOVERY_DEFAULT: &[&str] = &["--recovery-interval-ms", "30000"];
 
 fn load() -> Load {
     Load {
@@ -91,18 +96,23 @@ fn main() {
             pledge_integration_tests::bin_dir().display()
         );
 
-        let dir = TestDir::new("bench-2pc");
-        let p1 = dir.participant("db1", 0, &[], &[]).await;
-        let p2 = dir.participant("db2", 0, &[], &[]).await;
-        let coordinator = dir.coordinator(&[("db1", &p1), ("db2", &p2)], &[]).await;
+        let participants_dir = || match std::env::var_os("BENCH_PARTICIPANT_DIR") {
+            Some(base) => TestDir::new_in("bench-participants", base.as_ref()),
+            None => TestDir::new("bench-participants"),
+        };
+        let (dir, pdir) = (TestDir::new("bench-2pc"), participants_dir());
+        println!("coordinator data in {}, participants' in {}", dir.path().display(), pdir.path().display());
+        let p1 = pdir.participant("db1", 0, &[], &[]).await;
+        let p2 = pdir.participant("db2", 0, &[], &[]).await;
+        let coordinator = dir.coordinator_with(&[("db1", &p1), ("db2", &p2)], RECOVERY_DEFAULT, &[]).await;
         let two_phase = run(&coordinator, &["db1", "db2"]).await;
-        drop((coordinator, p1, p2, dir));
+        drop((coordinator, p1, p2, dir, pdir));
 
-        let dir = TestDir::new("bench-1pc");
-        let p1 = dir.participant("db1", 0, &[], &[]).await;
-        let coordinator = dir.coordinator(&[("db1", &p1)], &[]).await;
+        let (dir, pdir) = (TestDir::new("bench-1pc"), participants_dir());
+        let p1 = pdir.participant("db1", 0, &[], &[]).await;
+        let coordinator = dir.coordinator_with(&[("db1", &p1)], RECOVERY_DEFAULT, &[]).await;
         let one_phase = run(&coordinator, &["db1"]).await;
-        drop((coordinator, p1, dir));
+        drop((coordinator, p1, dir, pdir));
 
         print("2PC, 2 participants", &two_phase);
         print("1PC, 1 participant", &one_phase);
