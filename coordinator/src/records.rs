@@ -156,8 +156,7 @@ fn branch_pb(
 }
 
 fn gtid_from(bytes: &[u8]) -> Result<Gtid, DecodeError> {
-    let arr: [u8; 16] = bytes.try_into().map_err(|_| DecodeError::GtidLength(bytes.len()))?;
-    Ok(Gtid::from_bytes(arr))
+    Gtid::from_slice(bytes).map_err(DecodeError::GtidLength)
 }
 
 /// The record type byte and protobuf payload of a record.

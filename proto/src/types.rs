@@ -88,6 +88,11 @@ impl Gtid {
         Gtid(Uuid::from_bytes(bytes))
     }
 
+    /// A GTID from its 16 bytes as stored in log records; `Err` carries the wrong length.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, usize> {
+        bytes.try_into().map(Gtid::from_bytes).map_err(|_| bytes.len())
+    }
+
     /// The issue time of a UUIDv7 GTID in Unix milliseconds; `None` for other UUID versions.
     pub fn unix_ms(&self) -> Option<u64> {
         if self.0.get_version_num() != 7 {

@@ -518,21 +518,7 @@ impl Participant for KafkaParticipant {
         } else if let Some(txn) = self.inner.state.get(&key).await {
             Vote::Prepared { metadata: txn.metadata() } // prepared before a restart
         } else {
-            match table.finished(&key) {
-                Some(Fin::Prepared | Fin::Committed) => Vote::Prepared { metadata: Vec::new() },
-                Some(Fin::ReadOnly) => Vote::ReadOnly,
-                Some(Fin::Aborted(reason)) => Vote::Aborted { reason },
-                None => match table.may_start(&key.0) {
-                    Ok(()) => {
-                        table.finish(&key, Fin::ReadOnly);
-                        Vote::ReadOnly
-                    }
-                    Err(reason) => {
-                        table.finish(&key, Fin::Aborted(reason.clone()));
-                        Vote::Aborted { reason }
-                    }
-                },
-            }
+            table.finished_vote(&key).unwrap_or_else(|| table.vote_without_work(&key))
         };
         table.release(&key, &mut slot);
         Ok(vote)

@@ -107,8 +107,8 @@ fn prepared_pb(key: &Key, t: &PreparedTxn) -> Vec<u8> {
 }
 
 fn key_of(gtid: &[u8], branch: &str) -> Result<Key, String> {
-    let gtid: [u8; 16] = gtid.try_into().map_err(|_| "gtid of the wrong length".to_string())?;
-    Ok((Gtid::from_bytes(gtid), BranchId::parse_field("branch_id", branch).map_err(|e| e.to_string())?))
+    let gtid = Gtid::from_slice(gtid).map_err(|len| format!("gtid of {len} bytes"))?;
+    Ok((gtid, BranchId::parse_field("branch_id", branch).map_err(|e| e.to_string())?))
 }
 
 struct Inner {

@@ -736,33 +736,18 @@ impl Participant for PostgresParticipant {
         let mut slot = r.branches.lock(&key).await;
         let vote = if slot.state.conn.is_some() {
             self.prepare_active(&r, &key, &gid, &mut slot).await
+        } else if let Some(vote) = r.branches.finished_vote(&key) {
+            vote
+        } else if self.is_prepared(&r, &gid).await? {
+            r.branches.finish(&key, Fin::Prepared);
+            Vote::Prepared { metadata: Vec::new() }
         } else {
-            match r.branches.finished(&key) {
-                Some(Fin::Prepared | Fin::Committed) => Vote::Prepared { metadata: Vec::new() },
-                Some(Fin::ReadOnly) => Vote::ReadOnly,
-                Some(Fin::Aborted(reason)) => Vote::Aborted { reason },
-                None if self.is_prepared(&r, &gid).await? => {
-                    r.branches.finish(&key, Fin::Prepared);
-                    Vote::Prepared { metadata: Vec::new() }
-                }
-                None => {
-                    let fence = if self.inner.config.dedup { self.fence(&r, &key).await? } else { None };
-                    match fence.as_deref() {
-                        Some("work") => Vote::Prepared { metadata: Vec::new() }, // prepared and committed before
-                        Some(_) => Vote::Aborted { reason: "branch was aborted (dangling prepare refused)".into() },
-                        None => match r.branches.may_start(&key.0) {
-                            Ok(()) => {
-                                // No statement ran here: nothing to prepare or commit.
-                                r.branches.finish(&key, Fin::ReadOnly);
-                                Vote::ReadOnly
-                            }
-                            Err(reason) => {
-                                r.branches.finish(&key, Fin::Aborted(reason.clone()));
-                                Vote::Aborted { reason }
-                            }
-                        },
-                    }
-                }
+            let fence = if self.inner.config.dedup { self.fence(&r, &key).await? } else { None };
+            match fence.as_deref() {
+                Some("work") => Vote::Prepared { metadata: Vec::new() }, // prepared and committed before
+                Some(_) => Vote::Aborted { reason: "branch was aborted (dangling prepare refused)".into() },
+                // No statement ran here: nothing to prepare or commit.
+                None => r.branches.vote_without_work(&key),
             }
         };
         r.branches.release(&key, &mut slot);

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use pledge_proto::{BranchId, Gtid};
 use tokio::sync::OwnedMutexGuard;
 
+use crate::Vote;
+
 /// A branch at one resource.
 pub type Key = (Gtid, BranchId);
 
@@ -154,6 +156,33 @@ impl<S: SlotState> BranchTable<S> {
         may_start(gtid, self.started_ms, watermark)
     }
 
+    /// The vote a repeated prepare of a finished branch gets: the first one again. (A branch
+    /// prepared or committed here votes Prepared without metadata: the coordinator already
+    /// holds the first vote's.)
+    pub fn finished_vote(&self, key: &Key) -> Option<Vote> {
+        self.finished(key).map(|fin| match fin {
+            Fin::Prepared | Fin::Committed => Vote::Prepared { metadata: Vec::new() },
+            Fin::ReadOnly => Vote::ReadOnly,
+            Fin::Aborted(reason) => Vote::Aborted { reason },
+        })
+    }
+
+    /// The vote for a prepare of a branch that did nothing here as far as this process knows:
+    /// read-only if [`BranchTable::may_start`] admits it (nothing was done, so nothing can be
+    /// lost), aborted if not. The answer is remembered, so a later request gets the same.
+    pub fn vote_without_work(&self, key: &Key) -> Vote {
+        match self.may_start(&key.0) {
+            Ok(()) => {
+                self.finish(key, Fin::ReadOnly);
+                Vote::ReadOnly
+            }
+            Err(reason) => {
+                self.finish(key, Fin::Aborted(reason.clone()));
+                Vote::Aborted { reason }
+            }
+        }
+    }
+
     /// Forgets finished branches past their retention (or beyond `max_finished`). A prepared
     /// branch is never forgotten here: it waits for its commit or abort (and the number of
     /// prepared branches has its own bound at the resource), or a late operation on it could be
@@ -212,6 +241,21 @@ mod tests {
         assert_eq!(table.finished(&key(after)), None);
         assert!(table.may_start(&after).is_err());
         assert!(table.may_start(&Gtid::from_parts(table.started_ms + 20, 3)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_prepare_without_work_is_answered_once_and_then_remembered() {
+        let table: BranchTable<Open> = BranchTable::new(Duration::from_secs(60), 10);
+        let (fresh, old) = (key(Gtid::from_parts(table.started_ms + 10, 1)), key(Gtid::from_parts(1, 2)));
+        assert_eq!(table.finished_vote(&fresh), None);
+        assert_eq!(table.vote_without_work(&fresh), Vote::ReadOnly);
+        assert_eq!(table.finished_vote(&fresh), Some(Vote::ReadOnly));
+        let Vote::Aborted { reason } = table.vote_without_work(&old) else {
+            panic!("an old unknown branch is refused")
+        };
+        assert_eq!(table.finished_vote(&old), Some(Vote::Aborted { reason }));
+        table.finish(&fresh, Fin::Committed);
+        assert_eq!(table.finished_vote(&fresh), Some(Vote::Prepared { metadata: Vec::new() }));
     }
 
     #[tokio::test]

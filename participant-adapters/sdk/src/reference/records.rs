@@ -67,8 +67,7 @@ pub struct DataPb {
 }
 
 pub fn gtid_of(bytes: &[u8]) -> Result<Gtid, String> {
-    let arr: [u8; 16] = bytes.try_into().map_err(|_| format!("gtid of {} bytes", bytes.len()))?;
-    Ok(Gtid::from_bytes(arr))
+    Gtid::from_slice(bytes).map_err(|len| format!("gtid of {len} bytes"))
 }
 
 pub fn branch_of(s: &str) -> Result<BranchId, String> {
