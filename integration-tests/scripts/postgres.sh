@@ -165,13 +165,17 @@ cmd_start() {
   ensure_os_user
 
   if our_cluster_running; then
-    # Already up: just make sure it answers and is ours (idempotent start).
-    pg_ready || wait_ready
-    check_settings
-    create_databases
-    log "already running on 127.0.0.1:$PG_PORT (data: $PG_DATA)"
-    print_urls
-    return 0
+    # Already up: just make sure it answers and is ours (idempotent start). A postmaster
+    # killed moments ago can still look alive (not yet reaped); if it turns out dead,
+    # start a new one below.
+    if pg_ready || wait_ready; then
+      check_settings
+      create_databases
+      log "already running on 127.0.0.1:$PG_PORT (data: $PG_DATA)"
+      print_urls
+      return 0
+    fi
+    log "the server found running has exited: starting it again"
   fi
 
   # Something else on our port would make the start fail in a confusing way.
@@ -186,18 +190,28 @@ cmd_start() {
     init_cluster
   fi
   write_settings
+  # A server killed without shutdown (kill -9, machine stop) leaves its pid file behind.
+  # pg_ctl status just said no such process runs, so the file is stale: remove it, or
+  # wait_ready could read the dead pid before the new postmaster rewrites the file and
+  # report a start that is in fact succeeding (crash recovery first) as failed.
+  if [[ -f $PG_DATA/postmaster.pid ]]; then
+    log "removing stale postmaster.pid (pid $(head -n 1 "$PG_DATA/postmaster.pid")): last stop was not clean"
+    as_pg rm -f "$PG_DATA/postmaster.pid"
+  fi
 
   log "starting PostgreSQL ($("$PG_BIN/postgres" --version | awk '{print $3}')) on 127.0.0.1:$PG_PORT"
   # -W: don't let pg_ctl wait; we poll pg_isready ourselves with a bound, and
   # notice at once if the server died.
   as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_LOG" -W start >/dev/null
-  wait_ready
+  wait_ready || { tail -n 30 "$PG_LOG" >&2 || true; die "PostgreSQL exited during start (log: $PG_LOG)"; }
   check_settings
   create_databases
   log "ready in $(elapsed_since "$t0") s"
   print_urls
 }
 
+# Waits (bounded) until the server answers: returns 0 once it does, 1 if its postmaster
+# has exited; dies when the bound passes.
 wait_ready() {
   local t0=$SECONDS deadline=$((SECONDS + READY_TIMEOUT_S)) pid
   until pg_ready; do
@@ -209,7 +223,7 @@ wait_ready() {
     # the postmaster writes its pid file within moments of starting.
     pid="$(head -n 1 "$PG_DATA/postmaster.pid" 2>/dev/null || true)"
     if [[ -n $pid ]]; then
-      kill -0 "$pid" 2>/dev/null || { tail -n 30 "$PG_LOG" >&2 || true; die "PostgreSQL exited during start (log: $PG_LOG)"; }
+      kill -0 "$pid" 2>/dev/null || return 1
     elif ((SECONDS - t0 > 5)); then
       tail -n 30 "$PG_LOG" >&2 || true
       die "PostgreSQL did not start: no postmaster.pid after 5 s (log: $PG_LOG)"
