@@ -5,11 +5,13 @@
 //! later version add fields that an older one skips. The type byte is the schema; never reuse
 //! one for a different message.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use pledge_proto::{BranchKey, Gtid, IdError, ResourceId};
 use prost::Message;
 
-use crate::engine::{BranchOutcome, CommitRecord, EndBranch, EndRecord, LogRecord, LoggedBranch, Vote};
+use crate::engine::{BranchOutcome, CommitRecord, EncodedOnce, EndBranch, EndRecord, LogRecord, LoggedBranch, Vote};
 
 pub const TYPE_REGISTER: u8 = 1;
 pub const TYPE_COMMIT: u8 = 2;
@@ -160,11 +162,11 @@ fn gtid_from(bytes: &[u8]) -> Result<Gtid, DecodeError> {
 }
 
 /// The record type byte and protobuf payload of a record.
-pub fn encode(record: &LogRecord) -> (u8, Vec<u8>) {
+pub fn encode(record: &LogRecord) -> (u8, Bytes) {
     match record {
         LogRecord::Register { resource, endpoint } => (
             TYPE_REGISTER,
-            RegisterPb { resource_id: resource.to_string(), endpoint: endpoint.clone() }.encode_to_vec(),
+            RegisterPb { resource_id: resource.to_string(), endpoint: endpoint.clone() }.encode_to_vec().into(),
         ),
         LogRecord::Commit(c) => {
             let pb = CommitPb {
@@ -178,25 +180,27 @@ pub fn encode(record: &LogRecord) -> (u8, Vec<u8>) {
                     .map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None, b.prepared_ms))
                     .collect(),
             };
-            (TYPE_COMMIT, pb.encode_to_vec())
+            (TYPE_COMMIT, pb.encode_to_vec().into())
         }
-        LogRecord::End(e) => {
-            let pb = EndPb {
-                gtid: e.gtid.as_bytes().to_vec(),
-                committed: e.committed,
-                reason: e.reason.clone(),
-                created_ms: e.created_ms,
-                decided_ms: e.decided_ms,
-                completed_ms: e.completed_ms,
-                one_phase: e.one_phase,
-                idempotency_key: e.idempotency_key.clone(),
-                branches: e.branches.iter().map(|b| branch_pb(&b.key, b.vote, Bytes::new(), b.outcome, 0)).collect(),
-            };
-            (TYPE_END, pb.encode_to_vec())
-        }
+        // Encoded once and shared: a retained End record goes into every checkpoint.
+        LogRecord::End(e) => (TYPE_END, e.encoded.get_or_init(|| end_pb(e).encode_to_vec())),
         LogRecord::Forgotten { through_ms } => {
-            (TYPE_FORGOTTEN, ForgottenPb { through_ms: *through_ms }.encode_to_vec())
+            (TYPE_FORGOTTEN, ForgottenPb { through_ms: *through_ms }.encode_to_vec().into())
         }
+    }
+}
+
+fn end_pb(e: &EndRecord) -> EndPb {
+    EndPb {
+        gtid: e.gtid.as_bytes().to_vec(),
+        committed: e.committed,
+        reason: e.reason.clone(),
+        created_ms: e.created_ms,
+        decided_ms: e.decided_ms,
+        completed_ms: e.completed_ms,
+        one_phase: e.one_phase,
+        idempotency_key: e.idempotency_key.clone(),
+        branches: e.branches.iter().map(|b| branch_pb(&b.key, b.vote, Bytes::new(), b.outcome, 0)).collect(),
     }
 }
 
@@ -236,7 +240,7 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
             for b in &pb.branches {
                 branches.push(EndBranch { key: key(b)?, vote: vote_from(b.vote)?, outcome: outcome_from(b.outcome)? });
             }
-            LogRecord::End(EndRecord {
+            LogRecord::End(Arc::new(EndRecord {
                 gtid: gtid_from(&pb.gtid)?,
                 committed: pb.committed,
                 reason: pb.reason,
@@ -246,7 +250,9 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
                 one_phase: pb.one_phase,
                 idempotency_key: pb.idempotency_key,
                 branches,
-            })
+                // Replayed records go into the next checkpoint as they are.
+                encoded: EncodedOnce::from(payload.to_vec()),
+            }))
         }
         TYPE_FORGOTTEN => LogRecord::Forgotten { through_ms: ForgottenPb::decode(payload)?.through_ms },
         other => return Err(DecodeError::UnknownType(other)),
@@ -278,7 +284,7 @@ mod tests {
                     LoggedBranch { key: k2.clone(), vote: Vote::ReadOnly, metadata: Bytes::new(), prepared_ms: 0 },
                 ],
             }),
-            LogRecord::End(EndRecord {
+            LogRecord::End(Arc::new(EndRecord {
                 gtid: Gtid::from_parts(1_700_000_000_000, 8),
                 committed: false,
                 reason: Some("no".into()),
@@ -288,12 +294,17 @@ mod tests {
                 one_phase: true,
                 idempotency_key: None,
                 branches: vec![EndBranch { key: k2, vote: None, outcome: Some(BranchOutcome::HeuristicHazard) }],
-            }),
+                encoded: Default::default(),
+            })),
             LogRecord::Forgotten { through_ms: 1_800_000_000_000 },
         ];
         for r in records {
             let (t, payload) = encode(&r);
-            assert_eq!(decode(t, &payload).unwrap(), r);
+            let decoded = decode(t, &payload).unwrap();
+            assert_eq!(decoded, r);
+            // Encoding again (an End record's is kept) and re-encoding what was read agree.
+            assert_eq!(encode(&r), (t, payload.clone()));
+            assert_eq!(encode(&decoded), (t, payload));
         }
         assert!(matches!(decode(99, &[]), Err(DecodeError::UnknownType(99))));
     }

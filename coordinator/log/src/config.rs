@@ -29,7 +29,7 @@ pub struct LogConfig {
 }
 
 impl LogConfig {
-    /// Defaults: 64 MiB segments, 1 MiB batches and records, 4096 queued requests, 4 MiB
+    /// Defaults: 64 MiB segments, 1 MiB batches and records, 4096 queued requests, 1 MiB
     /// preallocation steps.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         const MIB: usize = 1 << 20;

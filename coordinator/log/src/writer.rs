@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
@@ -29,11 +30,11 @@ enum Request {
     /// `done` is None for `append_lazy`.
     Append {
         rtype: u8,
-        payload: Vec<u8>,
+        payload: Bytes,
         done: Option<oneshot::Sender<Lsn>>,
     },
     Checkpoint {
-        records: Vec<(u8, Vec<u8>)>,
+        records: Vec<(u8, Bytes)>,
         done: oneshot::Sender<Lsn>,
     },
     /// Stop accepting requests, commit everything already queued, then exit.
@@ -165,14 +166,15 @@ impl Log {
 
 impl LogWriter {
     /// Appends a record and resolves with its LSN once it is durable.
-    pub async fn append(&self, rtype: u8, payload: Vec<u8>) -> Result<Lsn, LogError> {
+    pub async fn append(&self, rtype: u8, payload: impl Into<Bytes>) -> Result<Lsn, LogError> {
         self.submit(rtype, payload).await?.await
     }
 
     /// Queues a record and returns once it has its place in the log (waiting for queue room if
     /// the queue is full). Records submitted one after another by one task get increasing LSNs.
     /// The returned [`Durable`] resolves when the record is on disk.
-    pub async fn submit(&self, rtype: u8, payload: Vec<u8>) -> Result<Durable, LogError> {
+    pub async fn submit(&self, rtype: u8, payload: impl Into<Bytes>) -> Result<Durable, LogError> {
+        let payload = payload.into();
         self.check(rtype, &payload)?;
         let (done, rx) = oneshot::channel();
         self.send(Request::Append { rtype, payload, done: Some(done) }).await?;
@@ -182,14 +184,15 @@ impl LogWriter {
     /// Queues a record without asking to be told when it is durable: it becomes durable with
     /// the next sync, in order with every other record. For records whose loss in a crash is
     /// harmless (e.g. "transaction finished" under presumed abort). Saves the oneshot.
-    pub async fn append_lazy(&self, rtype: u8, payload: Vec<u8>) -> Result<(), LogError> {
+    pub async fn append_lazy(&self, rtype: u8, payload: impl Into<Bytes>) -> Result<(), LogError> {
+        let payload = payload.into();
         self.check(rtype, &payload)?;
         self.send(Request::Append { rtype, payload, done: None }).await
     }
 
     /// Writes a checkpoint and, once it is durable, deletes every older segment; resolves with
     /// the LSN of the checkpoint's end marker. See [`submit_checkpoint`](Self::submit_checkpoint).
-    pub async fn checkpoint(&self, records: Vec<(u8, Vec<u8>)>) -> Result<Lsn, LogError> {
+    pub async fn checkpoint<P: Into<Bytes>>(&self, records: Vec<(u8, P)>) -> Result<Lsn, LogError> {
         self.submit_checkpoint(records).await?.await
     }
 
@@ -202,7 +205,11 @@ impl LogWriter {
     /// take the snapshot and submit it without another record being submitted in between.
     /// The checkpoint's records get consecutive LSNs after the begin marker's; the returned
     /// `Durable` resolves with the end marker's LSN.
-    pub async fn submit_checkpoint(&self, records: Vec<(u8, Vec<u8>)>) -> Result<Durable, LogError> {
+    ///
+    /// Payloads may be shared (`Bytes`, like every payload here): an owner that keeps its
+    /// records' encodings hands them over without copying each one.
+    pub async fn submit_checkpoint<P: Into<Bytes>>(&self, records: Vec<(u8, P)>) -> Result<Durable, LogError> {
+        let records: Vec<(u8, Bytes)> = records.into_iter().map(|(rtype, payload)| (rtype, payload.into())).collect();
         for (rtype, payload) in &records {
             self.check(*rtype, payload)?;
         }
@@ -410,7 +417,7 @@ impl WriterThread {
     /// syncs it, renames it into place and syncs the directory; only then deletes the older
     /// segments. The rename makes the checkpoint appear whole or not at all, and lets it replace
     /// an empty active segment that has the same first LSN (and so the same name).
-    fn write_checkpoint(&mut self, records: Vec<(u8, Vec<u8>)>, done: oneshot::Sender<Lsn>) {
+    fn write_checkpoint(&mut self, records: Vec<(u8, Bytes)>, done: oneshot::Sender<Lsn>) {
         debug_assert!(self.buf.is_empty(), "the pending batch is committed first");
         let begin_lsn = self.next_lsn;
         let record_count = records.len() as u64;

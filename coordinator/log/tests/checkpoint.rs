@@ -127,7 +127,7 @@ async fn checkpoint_of_a_fresh_log_and_back_to_back_checkpoints() {
     assert_eq!(segments(dir.path()), vec![dir.path().join(segment_name(1))]);
     assert_eq!(writer.checkpoint(vec![(4, b"only".to_vec())]).await.unwrap(), 8);
     assert_eq!(segments(dir.path()), vec![dir.path().join(segment_name(6))]);
-    assert_eq!(writer.checkpoint(Vec::new()).await.unwrap(), 10, "an empty snapshot is allowed");
+    assert_eq!(writer.checkpoint(Vec::<(u8, Vec<u8>)>::new()).await.unwrap(), 10, "an empty snapshot is allowed");
     log.shutdown().await.unwrap();
     assert_eq!(replay(&config).await, vec![]);
 }

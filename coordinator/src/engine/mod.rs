@@ -27,6 +27,7 @@ mod types;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use pledge_proto::{BranchKey, Gtid, ResourceId};
@@ -185,6 +186,8 @@ struct Txn {
     /// One-phase outcome decided; its end record (the only record of it) is being synced and
     /// the client hears the outcome only after that.
     end_syncing: bool,
+    /// The End record, once finished.
+    end: Option<Arc<EndRecord>>,
 }
 
 impl Txn {
@@ -206,6 +209,7 @@ impl Txn {
             retry_timer_ms: None,
             retired: false,
             end_syncing: false,
+            end: None,
         }
     }
 
@@ -298,7 +302,14 @@ impl Txn {
                 .iter()
                 .map(|b| EndBranch { key: b.key.clone(), vote: b.vote, outcome: b.outcome })
                 .collect(),
+            encoded: EncodedOnce::default(),
         }
+    }
+
+    /// The End record of a finished transaction: made once when it finishes (or replayed),
+    /// then shared by the log append and every checkpoint that retains it.
+    fn end(&self) -> Arc<EndRecord> {
+        self.end.clone().unwrap_or_else(|| Arc::new(self.end_record()))
     }
 }
 
@@ -391,20 +402,21 @@ impl Engine {
                 self.txns.insert(txn.gtid, txn);
             }
             LogRecord::End(e) => {
-                let mut txn = Txn::new(e.gtid, e.created_ms, e.created_ms, e.idempotency_key);
+                let mut txn = Txn::new(e.gtid, e.created_ms, e.created_ms, e.idempotency_key.clone());
                 txn.phase = if e.committed { Phase::Committed } else { Phase::Aborted };
                 txn.commit_requested = true;
-                txn.abort_reason = e.reason;
+                txn.abort_reason = e.reason.clone();
                 txn.decided_ms = e.decided_ms;
                 txn.completed_ms = e.completed_ms;
                 txn.one_phase = e.one_phase;
-                for eb in e.branches {
-                    let mut b = Branch::new(eb.key);
+                for eb in &e.branches {
+                    let mut b = Branch::new(eb.key.clone());
                     b.vote = eb.vote;
                     b.outcome = eb.outcome;
                     b.acked = true;
                     txn.branches.push(b);
                 }
+                txn.end = Some(e);
                 if let Some(key) = &txn.idempotency_key {
                     self.cx.idempotency.insert(key.clone(), txn.gtid);
                 }
@@ -886,7 +898,7 @@ impl Engine {
                 // CommitPending is included: its commit record was submitted before this
                 // checkpoint, so if the checkpoint is durable, so is the decision.
                 Phase::CommitPending | Phase::Committing => records.push(LogRecord::Commit(txn.commit_record())),
-                Phase::Committed | Phase::Aborted => records.push(LogRecord::End(txn.end_record())),
+                Phase::Committed | Phase::Aborted => records.push(LogRecord::End(txn.end())),
                 Phase::Active | Phase::Preparing | Phase::OnePhaseCommit | Phase::Aborting => {}
             }
         }
@@ -1079,15 +1091,17 @@ impl Ctx {
         if let Some(at) = txn.retry_timer_ms.take() {
             self.timers.remove(&(at, txn.gtid, TimerKind::Retry));
         }
+        let end = Arc::new(txn.end_record());
+        txn.end = Some(end.clone());
         if txn.one_phase {
             // The participant decided and nothing else records it: the client hears the
             // outcome only once this record is durable, so Get can tell it after a crash.
             txn.end_syncing = true;
-            self.append(LogRecord::End(txn.end_record()), Some(SyncToken::End(txn.gtid)));
+            self.append(LogRecord::End(end), Some(SyncToken::End(txn.gtid)));
         } else {
             // Lazy: losing it costs a repeated (idempotent) phase 2 after a crash; keeping it
             // lets Get and retried Commit/Abort answer for finished transactions after a restart.
-            self.append(LogRecord::End(txn.end_record()), None);
+            self.append(LogRecord::End(end), None);
             let outcome = txn.commit_outcome();
             self.reply_waiters(txn, |_| true, &outcome);
         }

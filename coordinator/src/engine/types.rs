@@ -1,6 +1,7 @@
 //! The engine's vocabulary: events in, commands out, and the records it asks the log to keep.
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use pledge_proto::{BranchKey, Gtid, ResourceId};
@@ -304,8 +305,9 @@ pub enum LogRecord {
     Register { resource: ResourceId, endpoint: String },
     /// The commit decision, with every branch that must be told.
     Commit(CommitRecord),
-    /// Every branch acknowledged the outcome; the transaction is finished.
-    End(EndRecord),
+    /// Every branch acknowledged the outcome; the transaction is finished. Shared: the same
+    /// record stays with the retained transaction and goes into every checkpoint.
+    End(Arc<EndRecord>),
     /// Finished transactions with GTIDs up to this time were forgotten (checkpoints only).
     Forgotten { through_ms: Millis },
 }
@@ -338,6 +340,47 @@ pub struct EndRecord {
     pub one_phase: bool,
     pub idempotency_key: Option<String>,
     pub branches: Vec<EndBranch>,
+    /// The record's encoding, made once (see `records::encode`).
+    pub encoded: EncodedOnce,
+}
+
+/// A record's encoding, made at most once. A finished transaction's End record is written
+/// when it finishes and again into every checkpoint while it is retained (up to
+/// `completed_retention_max` of them); encoding them all anew at each checkpoint held the
+/// engine up for tens of milliseconds.
+#[derive(Default)]
+pub struct EncodedOnce(OnceLock<Bytes>);
+
+impl EncodedOnce {
+    pub fn get_or_init(&self, encode: impl FnOnce() -> Vec<u8>) -> Bytes {
+        self.0.get_or_init(|| encode().into()).clone()
+    }
+}
+
+impl From<Vec<u8>> for EncodedOnce {
+    /// Already known, e.g. read from the log.
+    fn from(encoded: Vec<u8>) -> Self {
+        EncodedOnce(OnceLock::from(Bytes::from(encoded)))
+    }
+}
+
+/// A cache, not part of the value: copies start empty, and any two compare equal.
+impl Clone for EncodedOnce {
+    fn clone(&self) -> Self {
+        EncodedOnce::default()
+    }
+}
+
+impl PartialEq for EncodedOnce {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for EncodedOnce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() { "encoded" } else { "not encoded" })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -33,7 +33,8 @@ struct Args {
     /// Wait this long before handling each Commit (fault injection).
     #[arg(long, default_value_t = 0)]
     stall_commit_ms: u64,
-    /// Write a checkpoint of the state after this many log records.
+    /// Write a checkpoint of the state after this many log records (and at least as many as
+    /// the last checkpoint held).
     #[arg(long, default_value_t = 100_000)]
     checkpoint_every_records: u64,
 }

@@ -96,6 +96,14 @@ pub enum BranchState {
 
 type Write = (String, Bytes);
 
+/// A finished branch remembered for retention, with the record checkpoints keep of it.
+struct Finished {
+    at_ms: u64,
+    gtid: Gtid,
+    branch: BranchId,
+    tombstone: (u8, Bytes),
+}
+
 #[derive(Debug)]
 enum Entry {
     Active {
@@ -163,7 +171,7 @@ impl ReferenceParticipant {
         })
         .map_err(|e| anyhow::anyhow!("cannot open the participant's state in {}: {e}", config.data_dir.display()))?;
         // Checkpoints list finished branches in no particular order; retention expects them by age.
-        actor.finished.make_contiguous().sort_by_key(|(at, _, _)| *at);
+        actor.finished.make_contiguous().sort_by_key(|f| f.at_ms);
         let prepared = actor.branches.values().filter(|e| matches!(e, Entry::Prepared { .. })).count();
         tracing::info!(resource = %config.resource, prepared, keys = actor.data.len(), "participant state replayed");
         let (ops, rx) = mpsc::channel(4096);
@@ -234,7 +242,7 @@ struct Actor {
     branches: HashMap<(Gtid, BranchId), Entry>,
     data: BTreeMap<String, Bytes>,
     /// Finished branches in finishing order, for retention.
-    finished: VecDeque<(u64, Gtid, BranchId)>,
+    finished: VecDeque<Finished>,
     /// Active branches in creation order, for their timeout.
     active: VecDeque<(u64, Gtid, BranchId)>,
     active_count: usize,
@@ -247,6 +255,8 @@ struct Actor {
     synced_seq: u64,
     deferred: BTreeMap<u64, Vec<Deferred>>,
     records_since_checkpoint: u64,
+    /// Records in the last checkpoint.
+    last_checkpoint_records: u64,
 }
 
 impl Actor {
@@ -264,6 +274,7 @@ impl Actor {
             synced_seq: 0,
             deferred: BTreeMap::new(),
             records_since_checkpoint: 0,
+            last_checkpoint_records: 0,
         }
     }
 
@@ -288,14 +299,12 @@ impl Actor {
                     self.data.extend(writes);
                 }
                 self.data.extend(writes_of(r.writes));
-                self.finished.push_back((r.at_ms, key.0, key.1.clone()));
-                self.branches.insert(key, Entry::Committed { seq: 0 });
+                self.finish(key, true, 0, r.at_ms);
             }
             TYPE_ABORTED => {
                 let r = AbortedPb::decode(payload).map_err(|e| e.to_string())?;
                 let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
-                self.finished.push_back((r.at_ms, key.0, key.1.clone()));
-                self.branches.insert(key, Entry::Aborted { seq: 0 });
+                self.finish(key, false, 0, r.at_ms);
             }
             TYPE_DATA => {
                 let r = DataPb::decode(payload).map_err(|e| e.to_string())?;
@@ -412,16 +421,14 @@ impl Actor {
                     None => match self.may_start(&xid.gtid) {
                         Ok(()) => Vec::new(),
                         Err(reason) => {
-                            self.branches.insert(key.clone(), Entry::Aborted { seq: 0 });
-                            self.finished.push_back((now, key.0, key.1));
+                            self.finish(key, false, 0, now);
                             let _ = reply.send(Ok(Vote::Aborted { reason }));
                             return;
                         }
                     },
                 };
                 if self.config.vote_no {
-                    self.branches.insert(key.clone(), Entry::Aborted { seq: 0 });
-                    self.finished.push_back((now, key.0, key.1));
+                    self.finish(key, false, 0, now);
                     let _ = reply.send(Ok(Vote::Aborted { reason: "configured to vote no".into() }));
                     return;
                 }
@@ -465,7 +472,7 @@ impl Actor {
                     }
                     Some(Entry::Active { .. }) if one_phase => {
                         self.active_count -= 1;
-                        self.finish_aborted(key, now);
+                        self.finish(key, false, 0, now);
                         let _ = reply.send(Ok(Outcome::Aborted { reason: "configured to vote no".into() }));
                         return;
                     }
@@ -486,7 +493,7 @@ impl Actor {
                         } else {
                             Ok(())
                         }) {
-                            self.finish_aborted(key, now);
+                            self.finish(key, false, 0, now);
                             let _ = reply.send(Ok(Outcome::Aborted { reason }));
                             return;
                         }
@@ -508,8 +515,7 @@ impl Actor {
                 // Applied now, in memory: readers see it once the record is on its way; a crash
                 // before the sync loses both the record and the memory, consistently.
                 self.data.extend(writes);
-                self.branches.insert(key.clone(), Entry::Committed { seq });
-                self.finished.push_back((now, key.0, key.1));
+                self.finish(key, true, seq, now);
                 self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
             }
             Op::Abort { xid, reply } => {
@@ -532,8 +538,7 @@ impl Actor {
                         }
                         .encode_to_vec();
                         let seq = self.record(out, TYPE_ABORTED, payload);
-                        self.branches.insert(key.clone(), Entry::Aborted { seq });
-                        self.finished.push_back((now, key.0, key.1));
+                        self.finish(key, false, seq, now);
                         let reason = String::new();
                         self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
                     }
@@ -542,7 +547,7 @@ impl Actor {
                             self.active_count -= 1;
                         }
                         // Nothing durable to undo; the tombstone refuses a late Prepare.
-                        self.finish_aborted(key, now);
+                        self.finish(key, false, 0, now);
                         let _ = reply.send(Ok(Outcome::Aborted { reason: String::new() }));
                     }
                 }
@@ -646,9 +651,18 @@ impl Actor {
         }
     }
 
-    fn finish_aborted(&mut self, key: (Gtid, BranchId), now: u64) {
-        self.finished.push_back((now, key.0, key.1.clone()));
-        self.branches.insert(key, Entry::Aborted { seq: 0 });
+    /// Marks a branch finished (`seq`: of the record that says so, 0 for none) and remembers
+    /// it for retention, with the record a checkpoint keeps of it, encoded once here rather
+    /// than at every checkpoint.
+    fn finish(&mut self, key: (Gtid, BranchId), committed: bool, seq: u64, at_ms: u64) {
+        let (gtid, branch_id) = (key.0.as_bytes().to_vec(), key.1.to_string());
+        let tombstone = if committed {
+            (TYPE_COMMITTED, CommittedPb { gtid, branch_id, at_ms, writes: Vec::new() }.encode_to_vec().into())
+        } else {
+            (TYPE_ABORTED, AbortedPb { gtid, branch_id, at_ms }.encode_to_vec().into())
+        };
+        self.finished.push_back(Finished { at_ms, gtid: key.0, branch: key.1.clone(), tombstone });
+        self.branches.insert(key, if committed { Entry::Committed { seq } } else { Entry::Aborted { seq } });
     }
 
     /// Rolls back active branches past their timeout and forgets finished branches past their
@@ -663,11 +677,11 @@ impl Actor {
             if matches!(self.branches.get(&key), Some(Entry::Active { since_ms, .. }) if *since_ms == since) {
                 tracing::info!(%gtid, branch = %key.1, "rolling back a branch that was not prepared in time");
                 self.active_count -= 1;
-                self.finish_aborted(key, now);
+                self.finish(key, false, 0, now);
             }
         }
-        while let Some(&(at, gtid, ref branch)) = self.finished.front() {
-            if at + self.config.tombstone_retention_ms > now && self.finished.len() <= self.config.max_tombstones {
+        while let Some(&Finished { at_ms, gtid, ref branch, .. }) = self.finished.front() {
+            if at_ms + self.config.tombstone_retention_ms > now && self.finished.len() <= self.config.max_tombstones {
                 break;
             }
             let key = (gtid, branch.clone());
@@ -687,47 +701,38 @@ impl Actor {
         }
     }
 
-    /// Every `checkpoint_every_records` records, snapshot the data, the prepared branches and
-    /// the remembered finished ones, so the log's older segments can go.
+    /// Snapshot the data, the prepared branches and the remembered finished ones, so the log's
+    /// older segments can go: after `checkpoint_every_records` records, and at least as many as
+    /// the last checkpoint held. The snapshot grows with the remembered branches (up to
+    /// `max_tombstones`); without the second rule a large state was rewritten every few seconds
+    /// under load (ten times the log's own writes) and held the participant up each time. With
+    /// it, checkpoints write at most as much as the log does, and the log stays within about
+    /// twice the state.
     fn maybe_checkpoint(&mut self, out: &mut Vec<(u64, Submission)>) {
-        if self.records_since_checkpoint < self.config.checkpoint_every_records {
+        if self.records_since_checkpoint < self.config.checkpoint_every_records.max(self.last_checkpoint_records) {
             return;
         }
         self.records_since_checkpoint = 0;
-        let mut records: Vec<(u8, Vec<u8>)> = self
+        let mut records: Vec<(u8, Bytes)> = self
             .data
             .iter()
-            .map(|(k, v)| (TYPE_DATA, DataPb { key: k.clone(), value: v.to_vec() }.encode_to_vec()))
+            .map(|(k, v)| (TYPE_DATA, DataPb { key: k.clone(), value: v.to_vec() }.encode_to_vec().into()))
             .collect();
-        let mut finished_at: HashMap<(Gtid, &BranchId), u64> = HashMap::new();
-        for (at, g, b) in &self.finished {
-            finished_at.insert((*g, b), *at);
-        }
         for ((gtid, branch), entry) in &self.branches {
-            let at_ms = finished_at.get(&(*gtid, branch)).copied().unwrap_or(0);
-            let (gtid_bytes, branch_id) = (gtid.as_bytes().to_vec(), branch.to_string());
-            match entry {
-                Entry::Prepared { writes, coordinator_id, prepared_ms, .. } => records.push((
-                    TYPE_PREPARED,
-                    PreparedPb {
-                        gtid: gtid_bytes,
-                        branch_id,
-                        coordinator_id: coordinator_id.clone(),
-                        prepared_ms: *prepared_ms,
-                        writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
-                    }
-                    .encode_to_vec(),
-                )),
-                Entry::Committed { .. } => records.push((
-                    TYPE_COMMITTED,
-                    CommittedPb { gtid: gtid_bytes, branch_id, at_ms, writes: Vec::new() }.encode_to_vec(),
-                )),
-                Entry::Aborted { .. } => {
-                    records.push((TYPE_ABORTED, AbortedPb { gtid: gtid_bytes, branch_id, at_ms }.encode_to_vec()))
-                }
-                Entry::Active { .. } => {}
+            if let Entry::Prepared { writes, coordinator_id, prepared_ms, .. } = entry {
+                let prepared = PreparedPb {
+                    gtid: gtid.as_bytes().to_vec(),
+                    branch_id: branch.to_string(),
+                    coordinator_id: coordinator_id.clone(),
+                    prepared_ms: *prepared_ms,
+                    writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
+                };
+                records.push((TYPE_PREPARED, prepared.encode_to_vec().into()));
             }
         }
+        // Every finished branch is in `finished` until `expire` forgets both.
+        records.extend(self.finished.iter().map(|f| f.tombstone.clone()));
+        self.last_checkpoint_records = records.len() as u64;
         self.next_seq += 1;
         out.push((self.next_seq, Submission::Checkpoint(records)));
     }
@@ -739,7 +744,7 @@ fn prepared() -> Vote {
 
 enum Submission {
     Record(u8, Vec<u8>),
-    Checkpoint(Vec<(u8, Vec<u8>)>),
+    Checkpoint(Vec<(u8, Bytes)>),
 }
 
 type SeqDurable = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Result<u64, LogError>)> + Send>>;
@@ -801,5 +806,51 @@ impl ReferenceStore for StoreService {
             BranchState::Aborted => v1::BranchState::Aborted,
         };
         Ok(Response::new(v1::BranchStatusResponse { state: state as i32 }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoints_wait_for_the_interval_and_for_as_many_records_as_the_last_one_held() {
+        let mut config = ReferenceConfig::new("db".parse().unwrap(), "/nonexistent");
+        config.checkpoint_every_records = 2;
+        let mut actor = Actor::new(config, 0);
+        for i in 0..3 {
+            actor.data.insert(format!("k{i}"), Bytes::new());
+        }
+        let branch = |id: &str| (Gtid::new_v7(), id.parse::<BranchId>().unwrap());
+        let (committed, aborted) = (branch("c"), branch("a"));
+        actor.finish(committed.clone(), true, 1, 7);
+        actor.finish(aborted.clone(), false, 2, 8);
+        let mut out = Vec::new();
+        let mut after = |actor: &mut Actor, records: u64| {
+            out.clear();
+            actor.records_since_checkpoint = records;
+            actor.maybe_checkpoint(&mut out);
+            match out.as_slice() {
+                [] => None,
+                [(_, Submission::Checkpoint(records))] => Some(records.clone()),
+                _ => panic!("more than one submission"),
+            }
+        };
+        assert_eq!(after(&mut actor, 1), None, "below the interval");
+        let records = after(&mut actor, 2).expect("the interval reached: the whole state");
+        assert_eq!(records.len(), 5);
+        assert_eq!(records.iter().filter(|(t, _)| *t == TYPE_DATA).count(), 3);
+        // The finished branches, as they were when they finished.
+        let mut replayed = Actor::new(ReferenceConfig::new("db".parse().unwrap(), "/nonexistent"), 0);
+        for (rtype, payload) in &records {
+            replayed.replay(*rtype, payload).unwrap();
+        }
+        assert!(matches!(replayed.branches.get(&committed), Some(Entry::Committed { .. })));
+        assert!(matches!(replayed.branches.get(&aborted), Some(Entry::Aborted { .. })));
+        let at: Vec<u64> = replayed.finished.iter().map(|f| f.at_ms).collect();
+        assert_eq!(at, [7, 8]);
+
+        assert_eq!(after(&mut actor, 4), None, "fewer records than the last checkpoint held");
+        assert_eq!(after(&mut actor, 5).map(|r| r.len()), Some(5));
     }
 }
