@@ -486,7 +486,10 @@ impl PostgresParticipant {
     /// Runs one control statement (COMMIT/ROLLBACK PREPARED) on a pooled connection.
     async fn control(&self, r: &Resource, sql: String) -> Result<(), sqlx::Error> {
         let mut conn = r.pool.acquire().await?;
-        let done = tokio::time::timeout(self.control_timeout(), sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn))
+        // Simple protocol: one round trip. As a prepared statement (sqlx::query) each of these
+        // one-off texts (the GID differs every time) cost three: parse and describe, closing the
+        // statement it pushed out of the connection's cache, then bind and execute.
+        let done = tokio::time::timeout(self.control_timeout(), sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn))
             .await
             .unwrap_or(Err(sqlx::Error::PoolTimedOut));
         if done.is_err() {
