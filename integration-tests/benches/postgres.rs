@@ -165,7 +165,13 @@ fn main() {
             )
             .await;
         let coordinator = dir
-            .coordinator_with(&[("db_a", &adapter), ("db_b", &adapter)], &["--coordinator-id", COORDINATOR_ID], &[])
+            .coordinator_with(
+                &[("db_a", &adapter), ("db_b", &adapter)],
+                // The coordinator's own recovery interval, not the tests' 500 ms (each scan
+                // reads pg_prepared_xacts).
+                &["--coordinator-id", COORDINATOR_ID, "--recovery-interval-ms", "30000"],
+                &[],
+            )
             .await;
         println!(
             "PostgreSQL 2PC benchmark: {seconds} s per run, {accounts} accounts, binaries from {}",

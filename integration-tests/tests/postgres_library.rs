@@ -54,7 +54,7 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
     sqlx::query(sqlx::AssertSqlSafe(update.clone())).bind(-40).execute(debit.conn()).await.unwrap();
     drop(debit);
     let mut credit = participant.branch(&db_b, gtid, BranchId::parse_field("b", "credit").unwrap()).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(update)).bind(40).execute(credit.conn()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(update.clone())).bind(40).execute(credit.conn()).await.unwrap();
     drop(credit);
 
     let r = commit(&mut c, &gtid_text, true).await.unwrap();
@@ -78,4 +78,26 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
     let r = commit(&mut c, &gtid_text, true).await.unwrap();
     assert_eq!(r.outcome(), v1::Outcome::Aborted);
     assert!(r.reason.contains("ended by its own statements"), "{}", r.reason);
+
+    // A statement that failed leaves the branch's transaction failed; the service carries on
+    // regardless. PREPARE there would answer with a silent ROLLBACK: the branch must be voted
+    // down with PostgreSQL's reason, and nothing of it left prepared.
+    let gtid_text = begin(&mut c, &[("lib_a", "failed"), ("lib_b", "fine")]).await;
+    let gtid: Gtid = gtid_text.parse().unwrap();
+    let mut failed = participant.branch(&db_a, gtid, BranchId::parse_field("b", "failed").unwrap()).await.unwrap();
+    let overdraw = format!("UPDATE {table} SET balance = balance - 1000 WHERE id = 1");
+    assert!(sqlx::query(sqlx::AssertSqlSafe(overdraw)).execute(failed.conn()).await.is_err(), "the CHECK fails");
+    drop(failed);
+    let mut fine = participant.branch(&db_b, gtid, BranchId::parse_field("b", "fine").unwrap()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(update)).bind(1).execute(fine.conn()).await.unwrap();
+    drop(fine);
+    let r = commit(&mut c, &gtid_text, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Aborted);
+    assert!(r.reason.contains("25P02"), "PostgreSQL's in_failed_sql_transaction: {}", r.reason);
+    let ours = format!("SELECT count(*)::int8 FROM pg_prepared_xacts WHERE gid LIKE '%{gtid_text}%'");
+    let left: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(ours)).fetch_one(&a).await.unwrap();
+    assert_eq!(left, 0);
+    let balance = format!("SELECT balance::int8 FROM {table} WHERE id = 1");
+    let balance_b: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(balance)).fetch_one(&b).await.unwrap();
+    assert_eq!(balance_b, 140, "the other branch rolled back");
 }
