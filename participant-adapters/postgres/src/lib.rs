@@ -12,9 +12,10 @@
 //! `PostgresBranch.Execute` runs statements for services in any language.
 //!
 //! # Operations
-//! * **prepare** → `PREPARE TRANSACTION '<gid>'` (see [`gid`]), then a check in
-//!   `pg_prepared_xacts` (PostgreSQL answers a PREPARE in a failed transaction with a silent
-//!   ROLLBACK). A branch with no work here votes READ_ONLY.
+//! * **prepare** → `PREPARE TRANSACTION '<gid>'` (see [`gid`]), in one message after a check
+//!   that the transaction is still the branch's; the check fails in a failed transaction, so
+//!   PREPARE never meets one (there it would answer with a silent ROLLBACK). A branch with no
+//!   work here votes READ_ONLY.
 //! * **commit** → `COMMIT PREPARED`; one-phase → plain `COMMIT`. Idempotent: an unknown GID
 //!   for a branch that was prepared means it was already committed (with the dedup table, the
 //!   adapter checks instead of presuming).
