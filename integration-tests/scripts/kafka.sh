@@ -56,7 +56,8 @@ TOOLS_LOG4J_CONF="$STATE/tools-log4j2.properties"
 PID_FILE="$STATE/kafka.pid"
 SERVER_LOG="$STATE/logs/server.log"     # written by log4j2
 STDOUT_LOG="$STATE/logs/kafka.out"      # JVM stdout/stderr (crashes, GC warnings)
-READY_TIMEOUT_S=60
+# After an unclean stop the broker first recovers its logs (26 s seen): allow for it, bounded.
+READY_TIMEOUT_S=120
 STOP_TIMEOUT_S=30
 
 BOOTSTRAP="127.0.0.1:$KAFKA_PORT"

@@ -26,7 +26,9 @@ PG_RUN="$PG_ROOT/run"          # unix socket directory
 PG_LOG="$PG_ROOT/postgres.log"
 PG_USER=pledge                  # bootstrap superuser, created by initdb -U
 PG_DATABASES=(pledge_a pledge_b)
-READY_TIMEOUT_S=30
+# Crash recovery after an unclean stop replays the WAL since the last checkpoint (benchmarks
+# write a lot of it): allow for it, bounded.
+READY_TIMEOUT_S=120
 # The coordinator and the tests keep many branches prepared at once.
 MIN_PREPARED_XACTS=64
 
