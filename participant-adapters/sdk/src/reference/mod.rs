@@ -379,7 +379,7 @@ impl Actor {
         }
     }
 
-    fn record(&mut self, out: &mut Vec<(u64, Submission)>, rtype: u8, payload: Vec<u8>) -> u64 {
+    fn record(&mut self, out: &mut Vec<(u64, Submission)>, rtype: u8, payload: Bytes) -> u64 {
         self.next_seq += 1;
         self.records_since_checkpoint += 1;
         out.push((self.next_seq, Submission::Record(rtype, payload)));
@@ -440,7 +440,7 @@ impl Actor {
                     writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
                 }
                 .encode_to_vec();
-                let seq = self.record(out, TYPE_PREPARED, payload);
+                let seq = self.record(out, TYPE_PREPARED, payload.into());
                 self.branches.insert(key, Entry::Prepared { writes, coordinator_id, prepared_ms: now, seq });
                 self.when_synced(seq, Box::new(move || drop(reply.send(Ok(prepared())))));
             }
@@ -500,22 +500,23 @@ impl Actor {
                         (Vec::new(), true)
                     }
                 };
-                let payload = CommittedPb {
-                    gtid: xid.gtid.as_bytes().to_vec(),
-                    branch_id: xid.branch.to_string(),
-                    at_ms: now,
-                    writes: if one_phase_writes {
-                        writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect()
-                    } else {
-                        Vec::new()
-                    },
-                }
-                .encode_to_vec();
-                let seq = self.record(out, TYPE_COMMITTED, payload);
                 // Applied now, in memory: readers see it once the record is on its way; a crash
                 // before the sync loses both the record and the memory, consistently.
+                let seq = if one_phase_writes && !writes.is_empty() {
+                    let payload = CommittedPb {
+                        gtid: xid.gtid.as_bytes().to_vec(),
+                        branch_id: xid.branch.to_string(),
+                        at_ms: now,
+                        writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
+                    };
+                    let seq = self.record(out, TYPE_COMMITTED, payload.encode_to_vec().into());
+                    self.finish(key, true, seq, now);
+                    seq
+                } else {
+                    // Prepared writes are in the prepare record: the tombstone says it all.
+                    self.finish_logged(out, key, true, now)
+                };
                 self.data.extend(writes);
-                self.finish(key, true, seq, now);
                 self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
             }
             Op::Abort { xid, reply } => {
@@ -531,14 +532,7 @@ impl Actor {
                         self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
                     }
                     Some(Entry::Prepared { .. }) => {
-                        let payload = AbortedPb {
-                            gtid: xid.gtid.as_bytes().to_vec(),
-                            branch_id: xid.branch.to_string(),
-                            at_ms: now,
-                        }
-                        .encode_to_vec();
-                        let seq = self.record(out, TYPE_ABORTED, payload);
-                        self.finish(key, false, seq, now);
+                        let seq = self.finish_logged(out, key, false, now);
                         let reason = String::new();
                         self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
                     }
@@ -655,12 +649,26 @@ impl Actor {
     /// it for retention, with the record a checkpoint keeps of it, encoded once here rather
     /// than at every checkpoint.
     fn finish(&mut self, key: (Gtid, BranchId), committed: bool, seq: u64, at_ms: u64) {
-        let (gtid, branch_id) = (key.0.as_bytes().to_vec(), key.1.to_string());
-        let tombstone = if committed {
-            (TYPE_COMMITTED, CommittedPb { gtid, branch_id, at_ms, writes: Vec::new() }.encode_to_vec().into())
-        } else {
-            (TYPE_ABORTED, AbortedPb { gtid, branch_id, at_ms }.encode_to_vec().into())
-        };
+        let tombstone = tombstone(&key, committed, at_ms);
+        self.remember(key, committed, seq, at_ms, tombstone);
+    }
+
+    /// [`finish`](Self::finish), logging the end with the tombstone itself as the record (all a
+    /// commit without writes of its own, or an abort, has to say). Returns the record's number.
+    fn finish_logged(
+        &mut self,
+        out: &mut Vec<(u64, Submission)>,
+        key: (Gtid, BranchId),
+        committed: bool,
+        at_ms: u64,
+    ) -> u64 {
+        let tombstone = tombstone(&key, committed, at_ms);
+        let seq = self.record(out, tombstone.0, tombstone.1.clone());
+        self.remember(key, committed, seq, at_ms, tombstone);
+        seq
+    }
+
+    fn remember(&mut self, key: (Gtid, BranchId), committed: bool, seq: u64, at_ms: u64, tombstone: (u8, Bytes)) {
         self.finished.push_back(Finished { at_ms, gtid: key.0, branch: key.1.clone(), tombstone });
         self.branches.insert(key, if committed { Entry::Committed { seq } } else { Entry::Aborted { seq } });
     }
@@ -738,12 +746,23 @@ impl Actor {
     }
 }
 
+/// The record that a finished branch leaves: what the log says when it finishes, and what
+/// checkpoints keep of it while it is remembered.
+fn tombstone(key: &(Gtid, BranchId), committed: bool, at_ms: u64) -> (u8, Bytes) {
+    let (gtid, branch_id) = (key.0.as_bytes().to_vec(), key.1.to_string());
+    if committed {
+        (TYPE_COMMITTED, CommittedPb { gtid, branch_id, at_ms, writes: Vec::new() }.encode_to_vec().into())
+    } else {
+        (TYPE_ABORTED, AbortedPb { gtid, branch_id, at_ms }.encode_to_vec().into())
+    }
+}
+
 fn prepared() -> Vote {
     Vote::Prepared { metadata: Vec::new() }
 }
 
 enum Submission {
-    Record(u8, Vec<u8>),
+    Record(u8, Bytes),
     Checkpoint(Vec<(u8, Bytes)>),
 }
 
