@@ -218,22 +218,16 @@ fn main() {
             let base = baseline(n, seconds, &topic, run_id).await;
             let base_rate = base.rate();
             println!("{}", line(&base, "rdkafka transactional producer", None));
-            let p = pledge.clone();
-            let one = measure(load(n, seconds), move |_| {
-                let p = p.clone();
-                move || Box::pin(p.clone().txn(false)) as BoxFuture<'static, bool>
-            })
-            .await;
-            println!("{}", line(&one, "Pledge, Kafka (1 branch)", Some(base_rate)));
-            pledge_integration_tests::drain(&coordinator).await;
-            let p = pledge.clone();
-            let two = measure(load(n, seconds), move |_| {
-                let p = p.clone();
-                move || Box::pin(p.clone().txn(true)) as BoxFuture<'static, bool>
-            })
-            .await;
-            println!("{}", line(&two, "Pledge, PostgreSQL + Kafka", Some(base_rate)));
-            pledge_integration_tests::drain(&coordinator).await;
+            for (with_postgres, name) in [(false, "Pledge, Kafka (1 branch)"), (true, "Pledge, PostgreSQL + Kafka")] {
+                let p = pledge.clone();
+                let run = measure(load(n, seconds), move |_| {
+                    let p = p.clone();
+                    move || Box::pin(p.clone().txn(with_postgres)) as BoxFuture<'static, bool>
+                })
+                .await;
+                println!("{}", line(&run, name, Some(base_rate)));
+                pledge_integration_tests::drain(&coordinator).await;
+            }
         }
     });
 }
