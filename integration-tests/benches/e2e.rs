@@ -42,11 +42,12 @@ fn load() -> Load {
 
 fn print(name: &str, r: &Run) {
     println!(
-        "{name:<28} {:>10.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   ({} txns, {} errors)",
+        "{name:<28} {:>10.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   CPU {:>4} µs/txn   ({} txns, {} errors)",
         r.rate(),
         r.ms(0.50),
         r.ms(0.99),
         r.ms(0.999),
+        r.cpu_us_per_txn().map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
         r.txns,
         r.errors
     );

@@ -17,13 +17,14 @@
 //! ```
 //! Settings (environment): BENCH_CLIENTS (1,8,32), BENCH_SECONDS (10), BENCH_ACCOUNTS (10000),
 //! BENCH_WAIT_FOR_COMPLETION (0: Commit answers once the decision is durable; 1: once both
-//! branches are committed in PostgreSQL).
+//! branches are committed in PostgreSQL), BENCH_ADAPTER_ARGS (extra flags for the adapter,
+//! space-separated, e.g. `--warm-connections 0`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use pledge_integration_tests::bench::{Load, Run, env_or, measure};
+use pledge_integration_tests::bench::{Load, Run, busy_cpu_seconds, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch, pg_url};
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
 use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, value::Kind};
@@ -64,8 +65,9 @@ fn glob_bins() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// pgbench's 2PC transactions per second with `clients` clients.
-fn pgbench(clients: u32, seconds: u64, accounts: i64, dir: &std::path::Path) -> f64 {
+/// pgbench's 2PC transactions per second with `clients` clients, and the machine's CPU time per
+/// transaction (µs) while it ran.
+fn pgbench(clients: u32, seconds: u64, accounts: i64, dir: &std::path::Path) -> (f64, Option<f64>) {
     let script = dir.join("pgbench-2pc.sql");
     std::fs::write(
         &script,
@@ -75,6 +77,7 @@ fn pgbench(clients: u32, seconds: u64, accounts: i64, dir: &std::path::Path) -> 
         ),
     )
     .unwrap();
+    let cpu_before = busy_cpu_seconds();
     let out = std::process::Command::new(pgbench_path())
         .args(["-n", "-M", "simple", "-c", &clients.to_string(), "-j", &clients.min(2).to_string()])
         .args(["-T", &seconds.to_string(), "-f"])
@@ -82,11 +85,14 @@ fn pgbench(clients: u32, seconds: u64, accounts: i64, dir: &std::path::Path) -> 
         .arg(pg_url('a'))
         .output()
         .expect("running pgbench");
+    let cpu = cpu_before.zip(busy_cpu_seconds()).map(|(before, after)| after - before);
     let text = String::from_utf8_lossy(&out.stdout);
     let tps = text
         .lines()
         .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()));
-    tps.unwrap_or_else(|| panic!("pgbench failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)))
+    let tps: f64 = tps.unwrap_or_else(|| panic!("pgbench failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)));
+    // Its CPU time includes pgbench's start (connections), a small part of a run of seconds.
+    (tps, cpu.map(|s| s * 1e6 / (tps * seconds as f64)))
 }
 
 async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process, adapter: &Process) -> Run {
@@ -155,12 +161,15 @@ fn main() {
         let max_clients = clients.iter().max().copied().unwrap_or(1);
         let connections = (max_clients + 16).to_string();
         let active = (max_clients + 8).to_string();
+        let extra = env_or("BENCH_ADAPTER_ARGS", String::new());
+        let mut adapter_args = vec!["--max-connections", &connections, "--max-active-branches", &active];
+        adapter_args.extend(extra.split_whitespace());
         let adapter = dir
             .postgres_adapter(
                 "pg",
                 0,
                 &[("db_a", pg_url('a')), ("db_b", pg_url('b'))],
-                &["--max-connections", &connections, "--max-active-branches", &active],
+                &adapter_args,
                 &[("RUST_LOG", "warn")],
             )
             .await;
@@ -177,20 +186,32 @@ fn main() {
             "PostgreSQL 2PC benchmark: {seconds} s per run, {accounts} accounts, binaries from {}",
             pledge_integration_tests::bin_dir().display()
         );
+        println!("(CPU: the whole machine's CPU time per pgbench transaction / per Pledge branch, µs)");
         println!(
-            "{:>7}  {:>14}  {:>12}  {:>15}  {:>9}  {:>9}  {:>18}",
-            "clients", "pgbench 2PC/s", "Pledge txn/s", "Pledge branch/s", "p50 ms", "p99 ms", "ratio (branches)"
+            "{:>7}  {:>14}  {:>12}  {:>15}  {:>9}  {:>9}  {:>16}  {:>9}  {:>9}",
+            "clients",
+            "pgbench 2PC/s",
+            "Pledge txn/s",
+            "Pledge branch/s",
+            "p50 ms",
+            "p99 ms",
+            "ratio (branches)",
+            "CPU pgb",
+            "CPU Pledge"
         );
+        let us = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
         for &n in &clients {
-            let pgb = pgbench(n, seconds, accounts, dir.path());
+            let (pgb, pgb_cpu) = pgbench(n, seconds, accounts, dir.path());
             let run = pledge(n, seconds, accounts, &coordinator, &adapter).await;
             let txn_rate = run.rate();
             println!(
-                "{n:>7}  {pgb:>14.0}  {txn_rate:>12.0}  {:>15.0}  {:>9.2}  {:>9.2}  {:>18.2}{}",
+                "{n:>7}  {pgb:>14.0}  {txn_rate:>12.0}  {:>15.0}  {:>9.2}  {:>9.2}  {:>16.2}  {:>9}  {:>9}{}",
                 2.0 * txn_rate,
                 run.ms(0.5),
                 run.ms(0.99),
                 2.0 * txn_rate / pgb,
+                us(pgb_cpu),
+                us(run.cpu_us_per_txn().map(|t| t / 2.0)),
                 if run.errors > 0 { format!("  ({} errors)", run.errors) } else { String::new() }
             );
         }

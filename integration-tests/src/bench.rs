@@ -28,11 +28,27 @@ pub struct Load {
     pub rate_per_second: u64,
 }
 
+/// Seconds the machine's CPUs have spent busy since boot (all processes; idle, I/O wait and
+/// time stolen by the hypervisor excluded), from `/proc/stat`. `None` where there is none.
+///
+/// Throughput on a shared VM moves by a third from minute to minute; CPU time per transaction
+/// moves much less, so benchmarks report both.
+pub fn busy_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).map_while(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum();
+    // /proc/stat counts in USER_HZ, 100 a second on every Linux architecture.
+    Some(busy as f64 / 100.0)
+}
+
 /// What a measured window saw.
 pub struct Run {
     pub txns: u64,
     pub errors: u64,
     pub seconds: f64,
+    /// CPU seconds the whole machine was busy during the window (see [`busy_cpu_seconds`]).
+    pub cpu_seconds: Option<f64>,
     /// Microseconds.
     pub latency: Histogram<u64>,
 }
@@ -40,6 +56,11 @@ pub struct Run {
 impl Run {
     pub fn rate(&self) -> f64 {
         self.txns as f64 / self.seconds
+    }
+
+    /// Machine CPU time per successful transaction, in microseconds.
+    pub fn cpu_us_per_txn(&self) -> Option<f64> {
+        self.cpu_seconds.filter(|_| self.txns > 0).map(|s| s * 1e6 / self.txns as f64)
     }
 
     /// Latency at quantile `q`, in milliseconds.
@@ -96,12 +117,13 @@ where
     }
     tokio::time::sleep(load.warmup).await;
     measuring.store(true, Ordering::Relaxed);
-    let started = Instant::now();
+    let (started, cpu_before) = (Instant::now(), busy_cpu_seconds());
     tokio::time::sleep(load.measure).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_before.zip(busy_cpu_seconds()).map(|(before, after)| after - before);
     stop.store(true, Ordering::Relaxed);
-    let mut run = Run { txns: 0, errors: 0, seconds, latency: histogram() };
+    let mut run = Run { txns: 0, errors: 0, seconds, cpu_seconds, latency: histogram() };
     for t in tasks {
         let (txns, errors, latency) = t.await.expect("benchmark client");
         run.txns += txns;

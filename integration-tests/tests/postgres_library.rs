@@ -100,4 +100,14 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
     let balance = format!("SELECT balance::int8 FROM {table} WHERE id = 1");
     let balance_b: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(balance)).fetch_one(&b).await.unwrap();
     assert_eq!(balance_b, 140, "the other branch rolled back");
+
+    // The adapter keeps connections warm between branches, out of the service's pool; it hands
+    // them all back within a second or so when they are not used.
+    let returned = async {
+        while [&a, &b].iter().any(|p| p.num_idle() as u32 != p.size()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let in_time = tokio::time::timeout(Duration::from_secs(10), returned).await;
+    assert!(in_time.is_ok(), "pools: a {} idle of {}, b {} idle of {}", a.num_idle(), a.size(), b.num_idle(), b.size());
 }

@@ -29,7 +29,8 @@
 //! * A branch not prepared within `active_timeout` is rolled back (its client may be gone); as
 //!   a second line, each connection has `idle_in_transaction_session_timeout` set a little
 //!   above it.
-//! * A connection goes back to the pool only after its transaction ended in COMMIT, ROLLBACK
+//! * A connection goes back to the pool (or is kept warm for the next branch, see
+//!   [`PostgresConfig::warm_connections`]) only after its transaction ended in COMMIT, ROLLBACK
 //!   or PREPARE TRANSACTION; after any error it is closed instead.
 //! * The age of the oldest prepared branch of each database is checked periodically and logged
 //!   when it exceeds `prepared_age_warn` (a forgotten prepared transaction holds its locks and
@@ -50,7 +51,7 @@ pub mod service;
 
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
@@ -87,6 +88,18 @@ pub struct PostgresConfig {
     pub acquire_timeout: Duration,
     /// Most active branches per database (each holds a connection).
     pub max_active_branches: usize,
+    /// Idle connections kept out of the pool between uses, at most this many per database.
+    ///
+    /// sqlx's pool checks every connection handed back to it with a round trip to the server
+    /// (a ping), with no way to turn it off; the adapter hands a connection back twice per
+    /// branch (after PREPARE, after COMMIT PREPARED), so that is two of the six round trips a
+    /// branch would cost. The adapter hands back only connections whose last statement
+    /// succeeded outside any transaction (after an error it closes them), so the ping has
+    /// nothing to find; a kept connection is reused without one. All of them go back to the
+    /// pool once a second, so the pool's own limits (lifetime, idle timeout) still apply. With
+    /// a pool shared with the embedding service, these connections are out of its reach for up
+    /// to that second; 0 turns this off.
+    pub warm_connections: usize,
     /// Keep the exactly-once dedup table (see the crate docs).
     pub dedup: bool,
     /// Dedup rows older than this are deleted.
@@ -108,6 +121,7 @@ impl PostgresConfig {
             statement_timeout: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(10),
             max_active_branches: 48,
+            warm_connections: 16,
             dedup: false,
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
             prepared_age_warn: Duration::from_secs(60),
@@ -181,9 +195,12 @@ impl BranchConn {
         self.conn.as_mut().expect("a branch connection is present until released")
     }
 
-    /// Back to the pool: only after the transaction ended (PREPARE, COMMIT or ROLLBACK).
-    fn release(mut self) {
-        drop(self.conn.take());
+    /// Back to the pool (or kept warm): only after the transaction ended (PREPARE, COMMIT or
+    /// ROLLBACK).
+    fn release(mut self, r: &Resource) {
+        if let Some(conn) = self.conn.take() {
+            r.put_back(conn);
+        }
     }
 }
 
@@ -215,6 +232,37 @@ struct Resource {
     branches: BranchTable<PgSlot>,
     /// Permits for active branches (`max_active_branches`), each holding a connection.
     active: Arc<Semaphore>,
+    /// Idle connections kept out of the pool, most recently used last (`warm_connections`).
+    warm: Mutex<Vec<PoolConnection<Postgres>>>,
+    max_warm: usize,
+}
+
+impl Resource {
+    /// A connection outside any transaction: a warm one, else one from the pool.
+    async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let warm = self.warm.lock().expect("warm connections lock").pop();
+        match warm {
+            Some(conn) => Ok(conn),
+            None => self.pool.acquire().await,
+        }
+    }
+
+    /// Takes back a connection whose last statement succeeded and left no transaction open.
+    fn put_back(&self, conn: PoolConnection<Postgres>) {
+        let mut warm = self.warm.lock().expect("warm connections lock");
+        if warm.len() < self.max_warm {
+            warm.push(conn);
+        } else {
+            drop(warm);
+            drop(conn); // to the pool, which pings it first
+        }
+    }
+
+    /// Hands every warm connection back to the pool.
+    fn cool_down(&self) {
+        let warm = std::mem::take(&mut *self.warm.lock().expect("warm connections lock"));
+        drop(warm);
+    }
 }
 
 /// Locked access to a branch; see [`PostgresParticipant::branch`].
@@ -352,7 +400,14 @@ impl PostgresParticipant {
             tracing::info!(resource = %id, database, max_prepared, dedup = config.dedup, "database ready");
             let branches = BranchTable::new(config.tombstone_retention, config.max_tombstones);
             let active = Arc::new(Semaphore::new(config.max_active_branches));
-            let resource = Resource { id: id.clone(), pool, branches, active };
+            let resource = Resource {
+                id: id.clone(),
+                pool,
+                branches,
+                active,
+                warm: Mutex::new(Vec::new()),
+                max_warm: config.warm_connections,
+            };
             resources.insert(id, Arc::new(resource));
         }
         let participant = PostgresParticipant { inner: Arc::new(Inner { config, resources }) };
@@ -397,7 +452,7 @@ impl PostgresParticipant {
             .try_acquire_owned()
             .map_err(|_| BranchError::TooManyActive { max: self.inner.config.max_active_branches })?;
         let opened = async {
-            let conn = r.pool.acquire().await.map_err(|e| BranchError::Unavailable(e.to_string()))?;
+            let conn = r.acquire().await.map_err(|e| BranchError::Unavailable(e.to_string()))?;
             let mut conn = BranchConn { conn: Some(conn), txid: 0, _active: permit };
             let begun = sqlx::raw_sql("BEGIN; SELECT txid_current()").fetch_all(&mut **conn.get()).await;
             conn.txid = match begun.as_deref() {
@@ -439,7 +494,7 @@ impl PostgresParticipant {
             let rolled_back =
                 tokio::time::timeout(self.control_timeout(), sqlx::query("ROLLBACK").execute(&mut **conn.get())).await;
             if matches!(rolled_back, Ok(Ok(_))) {
-                conn.release();
+                conn.release(r);
             } // else dropped: closed, and PostgreSQL rolls the transaction back
         }
         if self.inner.config.dedup {
@@ -490,17 +545,18 @@ impl PostgresParticipant {
 
     /// Runs one control statement (COMMIT/ROLLBACK PREPARED) on a pooled connection.
     async fn control(&self, r: &Resource, sql: String) -> Result<(), sqlx::Error> {
-        let mut conn = r.pool.acquire().await?;
+        let mut conn = r.acquire().await?;
         // Simple protocol: one round trip. As a prepared statement (sqlx::query) each of these
         // one-off texts (the GID differs every time) cost three: parse and describe, closing the
         // statement it pushed out of the connection's cache, then bind and execute.
         let done = tokio::time::timeout(self.control_timeout(), sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut *conn))
             .await
             .unwrap_or(Err(sqlx::Error::PoolTimedOut));
-        if done.is_err() {
+        match done {
+            Ok(_) => r.put_back(conn),
             // In autocommit mode an error leaves no transaction open, but the connection may be
             // broken or still busy: do not hand it to anyone else.
-            conn.close_on_drop();
+            Err(_) => conn.close_on_drop(),
         }
         done.map(drop)
     }
@@ -521,7 +577,7 @@ impl PostgresParticipant {
         };
         match outcome {
             Ok(()) => {
-                conn.release(); // PREPARE TRANSACTION ended its transaction
+                conn.release(r); // PREPARE TRANSACTION ended its transaction
                 r.branches.finish(key, Fin::Prepared);
                 Vote::Prepared { metadata: Vec::new() }
             }
@@ -541,7 +597,7 @@ impl PostgresParticipant {
         let result = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **conn.get()).await.map(drop);
         match result {
             Ok(()) => {
-                conn.release();
+                conn.release(r);
                 r.branches.finish(key, Fin::Committed);
                 Ok(Outcome::Committed)
             }
@@ -592,6 +648,7 @@ impl PostgresParticipant {
                     n += 1;
                     p.expire_active(&r).await;
                     r.branches.expire_finished();
+                    r.cool_down();
                     if n.is_multiple_of(10) {
                         p.check_prepared_age(&r).await;
                     }

@@ -27,6 +27,10 @@ struct Args {
     /// Most active (not yet prepared) branches per database.
     #[arg(long, default_value_t = 48)]
     max_active_branches: usize,
+    /// Idle connections per database kept out of the pool between uses, reused without the
+    /// pool's check (a round trip) on every return; all go back to the pool once a second.
+    #[arg(long, default_value_t = 16)]
+    warm_connections: usize,
     /// Roll back a branch not prepared within this many ms.
     #[arg(long, default_value_t = 60_000)]
     active_timeout_ms: u64,
@@ -67,6 +71,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut config = PostgresConfig::new(resources);
     config.max_active_branches = args.max_active_branches;
+    config.warm_connections = args.warm_connections;
     config.active_timeout = Duration::from_millis(args.active_timeout_ms);
     config.statement_timeout = Duration::from_millis(args.statement_timeout_ms);
     config.dedup = args.dedup;
