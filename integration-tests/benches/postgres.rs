@@ -4,9 +4,12 @@
 //!
 //! * pgbench: `BEGIN; UPDATE ...; PREPARE TRANSACTION 'gid'; COMMIT PREPARED 'gid'` on one
 //!   database: one prepared-and-committed branch per transaction.
-//! * Pledge: Begin (two branches) -> Execute (UPDATE at database A) -> Execute (UPDATE at
-//!   database B) -> Commit, through the coordinator and the PostgreSQL adapter; two branches
-//!   per transaction, each BEGIN/UPDATE/PREPARE TRANSACTION/COMMIT PREPARED in PostgreSQL.
+//! * Pledge: Begin (two branches) -> UPDATE at database A -> UPDATE at database B -> Commit,
+//!   through the coordinator and the PostgreSQL adapter; two branches per transaction, each
+//!   BEGIN/UPDATE/PREPARE TRANSACTION/COMMIT PREPARED in PostgreSQL. Twice: with the adapter
+//!   as its own process (each UPDATE an `Execute` call to it), and embedded in the benchmark's
+//!   process as a Rust service would use it (each UPDATE with sqlx on the branch's connection;
+//!   the coordinator calls the benchmark's Participant API).
 //!
 //! Reported: Pledge branches/s as a ratio of pgbench's 2PC transactions/s.
 //!
@@ -26,14 +29,18 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use pledge_integration_tests::bench::{Load, Run, busy_cpu_seconds, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch, pg_url};
+use pledge_postgres::{PostgresConfig, PostgresParticipant, ResourceConfig};
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
 use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, value::Kind};
-use tonic::transport::Endpoint;
+use pledge_proto::{BranchId, Gtid, ResourceId};
+use tonic::transport::{Channel, Endpoint};
 
 const TABLE: &str = "pledge_bench_accounts";
 
-/// The benchmark's coordinator id: its GIDs are `pledge:bench:...`.
+/// The benchmark's coordinator ids: GIDs `pledge:bench:...` (through the adapter process) and
+/// `pledge:bench-embedded:...` (through the adapter embedded in the benchmark).
 const COORDINATOR_ID: &str = "bench";
+const EMBEDDED_COORDINATOR_ID: &str = "bench-embedded";
 
 async fn prepare_tables(accounts: i64) {
     pledge_integration_tests::roll_back_leftovers(COORDINATOR_ID).await;
@@ -95,10 +102,63 @@ fn pgbench(clients: u32, seconds: u64, accounts: i64, dir: &std::path::Path) -> 
     (tps, cpu.map(|s| s * 1e6 / (tps * seconds as f64)))
 }
 
-async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process, adapter: &Process) -> Run {
+/// How the benchmark's transfers reach PostgreSQL.
+#[derive(Clone)]
+enum Via {
+    /// The `pledge-postgres-adapter` process: branch work through its `PostgresBranch.Execute`.
+    Adapter(Channel),
+    /// The adapter embedded in this process (what a Rust service does): branch work with sqlx
+    /// on the branch's connection; the coordinator calls this process's Participant API.
+    Embedded(PostgresParticipant),
+}
+
+impl Via {
+    /// Runs `UPDATE ... balance + amount WHERE id` in branch (`gtid`, `b`) at `resource`.
+    async fn update(
+        &self,
+        update: &str,
+        resource: &str,
+        gtid: &str,
+        b: &str,
+        amount: i64,
+        id: i64,
+    ) -> Result<(), String> {
+        match self {
+            Via::Adapter(channel) => {
+                let int = |n: i64| v1::Value { kind: Some(Kind::Int(n)) };
+                let request = v1::ExecuteRequest {
+                    resource_id: resource.into(),
+                    gtid: gtid.into(),
+                    branch_id: b.into(),
+                    statements: vec![v1::Statement { sql: update.into(), params: vec![int(amount), int(id)] }],
+                    request_id: String::new(),
+                };
+                let mut pg = PostgresBranchClient::new(channel.clone());
+                pg.execute(request).await.map(drop).map_err(|s| s.message().to_string())
+            }
+            Via::Embedded(participant) => {
+                let resource: ResourceId = resource.parse().map_err(|e| format!("{e}"))?;
+                let gtid: Gtid = gtid.parse().map_err(|e| format!("{e}"))?;
+                let b = BranchId::parse_field("branch", b).map_err(|e| format!("{e}"))?;
+                let mut branch = participant.branch(&resource, gtid, b).await.map_err(|e| e.to_string())?;
+                let done = sqlx::query(sqlx::AssertSqlSafe(update.to_string()))
+                    .bind(amount)
+                    .bind(id)
+                    .execute(branch.conn())
+                    .await;
+                if let Err(e) = done {
+                    branch.fail(e.to_string()).await;
+                    return Err(e.to_string());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process, via: &Via) -> Run {
     let wait = env_or("BENCH_WAIT_FOR_COMPLETION", 0) == 1;
     let coordinator_channel = Endpoint::from_shared(coordinator.endpoint()).unwrap().connect().await.unwrap();
-    let adapter_channel = Endpoint::from_shared(adapter.endpoint()).unwrap().connect().await.unwrap();
     let update: Arc<str> = format!("UPDATE {TABLE} SET balance = balance + $1 WHERE id = $2").into();
     let load = Load {
         clients: clients as usize,
@@ -108,36 +168,22 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
     };
     let run = measure(load, |_| {
         let c = CoordinatorClient::new(coordinator_channel.clone());
-        let pg = PostgresBranchClient::new(adapter_channel.clone());
-        let update = update.clone();
+        let (via, update) = (via.clone(), update.clone());
         move || {
-            let (mut c, mut pg, update) = (c.clone(), pg.clone(), update.clone());
+            let (mut c, via, update) = (c.clone(), via.clone(), update.clone());
             Box::pin(async move {
-                let int = |n: i64| v1::Value { kind: Some(Kind::Int(n)) };
                 let (from, to) = (fastrand::i64(1..=accounts), fastrand::i64(1..=accounts));
-                let done = async {
-                    let branches = vec![branch("db_a", "debit"), branch("db_b", "credit")];
-                    let gtid = c.begin(v1::BeginRequest { branches, ..Default::default() }).await?.into_inner().gtid;
-                    for (resource, b, amount, id) in [("db_a", "debit", -1, from), ("db_b", "credit", 1, to)] {
-                        pg.execute(v1::ExecuteRequest {
-                            resource_id: resource.into(),
-                            gtid: gtid.clone(),
-                            branch_id: b.into(),
-                            statements: vec![v1::Statement {
-                                sql: update.to_string(),
-                                params: vec![int(amount), int(id)],
-                            }],
-                            request_id: String::new(),
-                        })
-                        .await?;
+                let branches = vec![branch("db_a", "debit"), branch("db_b", "credit")];
+                let Ok(r) = c.begin(v1::BeginRequest { branches, ..Default::default() }).await else { return false };
+                let gtid = r.into_inner().gtid;
+                for (resource, b, amount, id) in [("db_a", "debit", -1, from), ("db_b", "credit", 1, to)] {
+                    if via.update(&update, resource, &gtid, b, amount, id).await.is_err() {
+                        // Abandoned: the coordinator's transaction timeout aborts it.
+                        return false;
                     }
-                    let r = c
-                        .commit(v1::CommitRequest { gtid, branches: vec![], wait_for_completion: wait })
-                        .await?
-                        .into_inner();
-                    Ok::<bool, tonic::Status>(r.outcome() == v1::Outcome::Committed)
-                };
-                matches!(done.await, Ok(true))
+                }
+                let committed = c.commit(v1::CommitRequest { gtid, branches: vec![], wait_for_completion: wait }).await;
+                committed.is_ok_and(|r| r.into_inner().outcome() == v1::Outcome::Committed)
             }) as BoxFuture<'static, bool>
         }
     })
@@ -145,6 +191,24 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
     // Let phase 2 of the last transactions finish before the next run (or the end) starts.
     pledge_integration_tests::drain(coordinator).await;
     run
+}
+
+/// The adapter embedded in this process, serving the Participant API on a local port.
+async fn embedded_adapter(max_clients: u32) -> (PostgresParticipant, String) {
+    let resource = |id: &str, db: char| ResourceConfig {
+        id: id.parse().unwrap(),
+        url: pg_url(db),
+        max_connections: max_clients + 16,
+    };
+    let mut config = PostgresConfig::new(vec![resource("db_a", 'a'), resource("db_b", 'b')]);
+    config.max_active_branches = max_clients as usize + 8;
+    let participant = PostgresParticipant::connect(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    tokio::spawn(tonic::transport::Server::builder().add_routes(routes.routes()).serve_with_incoming(incoming));
+    (participant, endpoint)
 }
 
 fn main() {
@@ -157,6 +221,7 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         prepare_tables(accounts).await;
+        pledge_integration_tests::roll_back_leftovers(EMBEDDED_COORDINATOR_ID).await;
         let dir = TestDir::new("bench-postgres");
         let max_clients = clients.iter().max().copied().unwrap_or(1);
         let connections = (max_clients + 16).to_string();
@@ -173,47 +238,58 @@ fn main() {
                 &[("RUST_LOG", "warn")],
             )
             .await;
+        // The coordinator's own recovery interval, not the tests' 500 ms (each scan reads
+        // pg_prepared_xacts).
+        let coordinator_args = |id| ["--coordinator-id", id, "--recovery-interval-ms", "30000"];
         let coordinator = dir
-            .coordinator_with(
-                &[("db_a", &adapter), ("db_b", &adapter)],
-                // The coordinator's own recovery interval, not the tests' 500 ms (each scan
-                // reads pg_prepared_xacts).
-                &["--coordinator-id", COORDINATOR_ID, "--recovery-interval-ms", "30000"],
+            .coordinator_with(&[("db_a", &adapter), ("db_b", &adapter)], &coordinator_args(COORDINATOR_ID), &[])
+            .await;
+        // Its own coordinator id: each coordinator's recovery rolls back prepared branches of
+        // its id that it does not know.
+        let (embedded, endpoint) = embedded_adapter(max_clients).await;
+        let embedded_dir = TestDir::new("bench-postgres-embedded");
+        let embedded_coordinator = embedded_dir
+            .coordinator_for(
+                &[("db_a", endpoint.clone()), ("db_b", endpoint)],
+                &coordinator_args(EMBEDDED_COORDINATOR_ID),
                 &[],
             )
             .await;
+        let adapter_channel = Endpoint::from_shared(adapter.endpoint()).unwrap().connect().await.unwrap();
+        let modes = [
+            ("adapter process", &coordinator, Via::Adapter(adapter_channel)),
+            ("adapter embedded", &embedded_coordinator, Via::Embedded(embedded)),
+        ];
+
         println!(
             "PostgreSQL 2PC benchmark: {seconds} s per run, {accounts} accounts, binaries from {}",
             pledge_integration_tests::bin_dir().display()
         );
-        println!("(CPU: the whole machine's CPU time per pgbench transaction / per Pledge branch, µs)");
+        println!("ratio: Pledge branches/s over pgbench 2PC transactions/s, run one after the other");
+        println!("CPU: the whole machine's CPU time per pgbench transaction / per Pledge branch, µs");
         println!(
-            "{:>7}  {:>14}  {:>12}  {:>15}  {:>9}  {:>9}  {:>16}  {:>9}  {:>9}",
-            "clients",
-            "pgbench 2PC/s",
-            "Pledge txn/s",
-            "Pledge branch/s",
-            "p50 ms",
-            "p99 ms",
-            "ratio (branches)",
-            "CPU pgb",
-            "CPU Pledge"
+            "{:>7}  {:>13}  {:>7}  {:<16}  {:>8}  {:>8}  {:>7}  {:>7}  {:>5}  {:>7}",
+            "clients", "pgbench 2PC/s", "CPU", "Pledge via", "txn/s", "branch/s", "p50 ms", "p99 ms", "ratio", "CPU"
         );
         let us = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "-".into());
         for &n in &clients {
             let (pgb, pgb_cpu) = pgbench(n, seconds, accounts, dir.path());
-            let run = pledge(n, seconds, accounts, &coordinator, &adapter).await;
-            let txn_rate = run.rate();
-            println!(
-                "{n:>7}  {pgb:>14.0}  {txn_rate:>12.0}  {:>15.0}  {:>9.2}  {:>9.2}  {:>16.2}  {:>9}  {:>9}{}",
-                2.0 * txn_rate,
-                run.ms(0.5),
-                run.ms(0.99),
-                2.0 * txn_rate / pgb,
-                us(pgb_cpu),
-                us(run.cpu_us_per_txn().map(|t| t / 2.0)),
-                if run.errors > 0 { format!("  ({} errors)", run.errors) } else { String::new() }
-            );
+            for (i, (name, coordinator, via)) in modes.iter().enumerate() {
+                let run = pledge(n, seconds, accounts, coordinator, via).await;
+                let (txn_rate, first) = (run.rate(), i == 0);
+                println!(
+                    "{:>7}  {:>13}  {:>7}  {name:<16}  {txn_rate:>8.0}  {:>8.0}  {:>7.2}  {:>7.2}  {:>5.2}  {:>7}{}",
+                    if first { n.to_string() } else { String::new() },
+                    if first { format!("{pgb:.0}") } else { String::new() },
+                    if first { us(pgb_cpu) } else { String::new() },
+                    2.0 * txn_rate,
+                    run.ms(0.5),
+                    run.ms(0.99),
+                    2.0 * txn_rate / pgb,
+                    us(run.cpu_us_per_txn().map(|t| t / 2.0)),
+                    if run.errors > 0 { format!("  ({} errors)", run.errors) } else { String::new() }
+                );
+            }
         }
     });
 }
