@@ -16,11 +16,10 @@
 //! Settings (environment): BENCH_CLIENTS (1,8), BENCH_SECONDS (10).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use pledge_integration_tests::bench::{Load, Run, env_or, measure};
+use pledge_integration_tests::bench::{Load, Run, env_or, measure, report_error};
 use pledge_integration_tests::{Process, TestDir, branch, kafka_bootstrap, pg_url};
 use pledge_proto::v1::kafka_branch_client::KafkaBranchClient;
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
@@ -107,7 +106,7 @@ impl Pledge {
         match self.work(&mut c, &gtid, with_postgres).await {
             Ok(committed) => committed,
             Err(e) => {
-                report_once(&e);
+                report_error(format_args!("{:?}: {}", e.code(), e.message()));
                 let _ = c.abort(v1::AbortRequest { gtid }).await;
                 false
             }
@@ -151,17 +150,9 @@ impl Pledge {
         let r = c.commit(v1::CommitRequest { gtid: gtid.into(), ..Default::default() }).await?.into_inner();
         let committed = r.outcome() == v1::Outcome::Committed;
         if !committed {
-            report_once(&tonic::Status::aborted(r.reason));
+            report_error(format_args!("{:?}: {}", r.outcome(), r.reason));
         }
         Ok(committed)
-    }
-}
-
-/// Prints the first few failures, so a benchmark that fails says why.
-fn report_once(e: &tonic::Status) {
-    static REPORTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    if REPORTED.fetch_add(1, Ordering::Relaxed) < 5 {
-        eprintln!("transaction failed: {:?}: {}", e.code(), e.message());
     }
 }
 

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use pledge_integration_tests::bench::{Load, Run, busy_cpu_seconds, env_or, measure};
+use pledge_integration_tests::bench::{Load, Run, busy_cpu_seconds, env_or, measure, report_error};
 use pledge_integration_tests::{Process, TestDir, branch, pg_url};
 use pledge_postgres::{PostgresConfig, PostgresParticipant, ResourceConfig};
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
@@ -174,16 +174,21 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
             Box::pin(async move {
                 let (from, to) = (fastrand::i64(1..=accounts), fastrand::i64(1..=accounts));
                 let branches = vec![branch("db_a", "debit"), branch("db_b", "credit")];
-                let Ok(r) = c.begin(v1::BeginRequest { branches, ..Default::default() }).await else { return false };
-                let gtid = r.into_inner().gtid;
+                let gtid = match c.begin(v1::BeginRequest { branches, ..Default::default() }).await {
+                    Ok(r) => r.into_inner().gtid,
+                    Err(e) => return report_error(format_args!("Begin: {e}")),
+                };
                 for (resource, b, amount, id) in [("db_a", "debit", -1, from), ("db_b", "credit", 1, to)] {
-                    if via.update(&update, resource, &gtid, b, amount, id).await.is_err() {
-                        // Abandoned: the coordinator's transaction timeout aborts it.
-                        return false;
+                    if let Err(e) = via.update(&update, resource, &gtid, b, amount, id).await {
+                        let _ = c.abort(v1::AbortRequest { gtid: gtid.clone() }).await;
+                        return report_error(format_args!("UPDATE at {resource}: {e}"));
                     }
                 }
-                let committed = c.commit(v1::CommitRequest { gtid, branches: vec![], wait_for_completion: wait }).await;
-                committed.is_ok_and(|r| r.into_inner().outcome() == v1::Outcome::Committed)
+                match c.commit(v1::CommitRequest { gtid, branches: vec![], wait_for_completion: wait }).await {
+                    Ok(r) if r.get_ref().outcome() == v1::Outcome::Committed => true,
+                    Ok(r) => report_error(format_args!("Commit: {:?} {}", r.get_ref().outcome(), r.get_ref().reason)),
+                    Err(e) => report_error(format_args!("Commit: {e}")),
+                }
             }) as BoxFuture<'static, bool>
         }
     })

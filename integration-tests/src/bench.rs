@@ -15,6 +15,16 @@ pub fn env_or<T: FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Prints why a transaction failed, for the first few failures of the process (a benchmark
+/// counts errors; this says what they were). Returns `false`: the transaction did not succeed.
+pub fn report_error(error: impl std::fmt::Display) -> bool {
+    static REPORTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if REPORTED.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("transaction failed: {error}");
+    }
+    false
+}
+
 /// How much load to apply.
 #[derive(Debug, Clone, Copy)]
 pub struct Load {

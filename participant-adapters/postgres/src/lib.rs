@@ -100,6 +100,20 @@ pub struct PostgresConfig {
     /// a pool shared with the embedding service, these connections are out of its reach for up
     /// to that second; 0 turns this off.
     pub warm_connections: usize,
+    /// Most branches this adapter keeps prepared at once on one PostgreSQL server (resources
+    /// at the same host and port share it); `None`: the server's `max_prepared_transactions`.
+    ///
+    /// PREPARE TRANSACTION fails, and the branch votes no, once the server holds
+    /// `max_prepared_transactions` prepared transactions. Phase 2 runs after the coordinator
+    /// answers its client, so under load prepared branches can pile up faster than their
+    /// COMMIT PREPARED drains them; the adapter makes a prepare wait for a free place instead
+    /// (up to `prepared_slot_wait`): backpressure rather than aborted transactions. Set it
+    /// lower to leave room for other users of the server. It cannot count what other processes
+    /// prepare; PostgreSQL's own limit still holds for those.
+    pub max_prepared_branches: Option<usize>,
+    /// Longest a prepare waits for a place (see `max_prepared_branches`) before voting no.
+    /// Keep it below the coordinator's prepare timeout (10 s by default).
+    pub prepared_slot_wait: Duration,
     /// Keep the exactly-once dedup table (see the crate docs).
     pub dedup: bool,
     /// Dedup rows older than this are deleted.
@@ -122,6 +136,8 @@ impl PostgresConfig {
             acquire_timeout: Duration::from_secs(10),
             max_active_branches: 48,
             warm_connections: 16,
+            max_prepared_branches: None,
+            prepared_slot_wait: Duration::from_secs(5),
             dedup: false,
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
             prepared_age_warn: Duration::from_secs(60),
@@ -235,6 +251,12 @@ struct Resource {
     /// Idle connections kept out of the pool, most recently used last (`warm_connections`).
     warm: Mutex<Vec<PoolConnection<Postgres>>>,
     max_warm: usize,
+    /// Places for prepared branches on this resource's server (shared by the resources on
+    /// it; see `max_prepared_branches`), and the ones this resource's branches hold.
+    prepared_slots: Arc<Semaphore>,
+    prepared_held: Mutex<HashMap<Key, OwnedSemaphorePermit>>,
+    /// The server, as host:port, for messages.
+    server: String,
 }
 
 impl Resource {
@@ -262,6 +284,12 @@ impl Resource {
     fn cool_down(&self) {
         let warm = std::mem::take(&mut *self.warm.lock().expect("warm connections lock"));
         drop(warm);
+    }
+
+    /// A branch is no longer prepared (committed or rolled back): its place is free.
+    fn unprepared(&self, key: &Key) {
+        let permit = self.prepared_held.lock().expect("prepared places lock").remove(key);
+        drop(permit);
     }
 }
 
@@ -380,6 +408,8 @@ impl PostgresParticipant {
     pub async fn with_pools(config: PostgresConfig, pools: Vec<(ResourceId, PgPool)>) -> anyhow::Result<Self> {
         anyhow::ensure!(!pools.is_empty(), "at least one database (resource) is required");
         let mut resources = HashMap::new();
+        // Places for prepared branches, one semaphore per server (host:port).
+        let mut servers: HashMap<String, Arc<Semaphore>> = HashMap::new();
         for (id, pool) in pools {
             // Commits and rollbacks of prepared branches need connections of their own: if active
             // branches could take them all, a prepared branch holding a lock they wait for could
@@ -394,6 +424,13 @@ impl PostgresParticipant {
             let setting: String = sqlx::query_scalar("SHOW max_prepared_transactions").fetch_one(&pool).await?;
             let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&pool).await?;
             let max_prepared = check_max_prepared(&id, &database, &setting)?;
+            let server = {
+                let options = pool.connect_options();
+                format!("{}:{}", options.get_host(), options.get_port())
+            };
+            let places = config.max_prepared_branches.unwrap_or(max_prepared as usize).min(max_prepared as usize);
+            let prepared_slots =
+                servers.entry(server.clone()).or_insert_with(|| Arc::new(Semaphore::new(places))).clone();
             if config.dedup {
                 create_dedup_table(&pool).await.map_err(|e| anyhow::anyhow!("resource {id}: {e}"))?;
             }
@@ -407,6 +444,9 @@ impl PostgresParticipant {
                 active,
                 warm: Mutex::new(Vec::new()),
                 max_warm: config.warm_connections,
+                prepared_slots,
+                prepared_held: Mutex::new(HashMap::new()),
+                server,
             };
             resources.insert(id, Arc::new(resource));
         }
@@ -562,6 +602,18 @@ impl PostgresParticipant {
     }
 
     async fn prepare_active(&self, r: &Resource, key: &Key, gid: &Gid, slot: &mut Slot) -> Vote {
+        let wait = self.inner.config.prepared_slot_wait;
+        let Ok(Ok(place)) = tokio::time::timeout(wait, r.prepared_slots.clone().acquire_owned()).await else {
+            let reason = format!(
+                "no place for another prepared transaction on server {} within {} ms: this adapter's prepared \
+                 branches there await their commit or rollback (max_prepared_branches, max_prepared_transactions)",
+                r.server,
+                wait.as_millis()
+            );
+            tracing::warn!(resource = %r.id, gtid = %key.0, branch = %key.1, "{reason}");
+            self.rollback_active(r, key, slot, Fin::Aborted(reason.clone())).await;
+            return Vote::Aborted { reason };
+        };
         let mut conn = slot.state.conn.take().expect("active branch");
         // One message, one round trip (simple protocol): check that the transaction is still the
         // one the branch began (its own statements may have ended it), then prepare. PREPARE in
@@ -578,6 +630,7 @@ impl PostgresParticipant {
         match outcome {
             Ok(()) => {
                 conn.release(r); // PREPARE TRANSACTION ended its transaction
+                r.prepared_held.lock().expect("prepared places lock").insert(key.clone(), place);
                 r.branches.finish(key, Fin::Prepared);
                 Vote::Prepared { metadata: Vec::new() }
             }
@@ -905,7 +958,13 @@ impl PostgresParticipant {
                 (None, Err(reason)) => Outcome::Aborted { reason },
             });
         }
-        match self.control(r, format!("COMMIT PREPARED {}", gid.literal())).await {
+        let committed = self.control(r, format!("COMMIT PREPARED {}", gid.literal())).await;
+        if committed.as_ref().is_ok()
+            || committed.as_ref().is_err_and(|e| sqlstate(e).as_deref() == Some(UNDEFINED_OBJECT))
+        {
+            r.unprepared(key);
+        }
+        match committed {
             Ok(()) => {
                 r.branches.finish(key, Fin::Committed);
                 Ok(Outcome::Committed)
@@ -935,7 +994,12 @@ impl PostgresParticipant {
         if let Some(Fin::Committed) = r.branches.finished(key) {
             return Ok(Outcome::Committed);
         }
-        match self.control(r, format!("ROLLBACK PREPARED {}", gid.literal())).await {
+        let rolled_back = self.control(r, format!("ROLLBACK PREPARED {}", gid.literal())).await;
+        if rolled_back.is_ok() || rolled_back.as_ref().is_err_and(|e| sqlstate(e).as_deref() == Some(UNDEFINED_OBJECT))
+        {
+            r.unprepared(key);
+        }
+        match rolled_back {
             Ok(()) => {}
             Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_OBJECT) => {
                 // Not prepared (never, or rolled back already), unless it committed.
