@@ -32,6 +32,10 @@
 //! * A connection goes back to the pool (or is kept warm for the next branch, see
 //!   [`PostgresConfig::warm_connections`]) only after its transaction ended in COMMIT, ROLLBACK
 //!   or PREPARE TRANSACTION; after any error it is closed instead.
+//! * A prepare waits (up to `prepared_slot_wait`) while the branches the adapter keeps prepared
+//!   on that server fill `max_prepared_transactions` (or `max_prepared_branches`), rather than
+//!   meet PostgreSQL's limit and vote no: phase 2 runs after the coordinator answers its client,
+//!   so under load prepared branches can outpace their COMMIT PREPARED.
 //! * The age of the oldest prepared branch of each database is checked periodically and logged
 //!   when it exceeds `prepared_age_warn` (a forgotten prepared transaction holds its locks and
 //!   the xmin horizon).
