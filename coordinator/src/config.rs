@@ -50,8 +50,8 @@ pub struct Config {
     pub completed_retention_max: usize,
     /// Most branches in one Prepare/Commit/Abort call to a participant.
     pub participant_max_batch_branches: usize,
-    /// Calls of one kind in flight to one participant endpoint (shared by the resources it
-    /// serves); while they are, new work queues up and goes out as the next batch.
+    /// Calls of one kind in flight to one participant; while they are, new work queues up and
+    /// goes out as the next batch.
     pub participant_max_inflight_calls: usize,
     /// Longest a client call waits for its answer before getting DEADLINE_EXCEEDED (the
     /// transaction goes on; Get tells how it ended).

@@ -315,11 +315,9 @@ impl Runtime {
                 if self.participants.get(&resource).is_some_and(|p| p.endpoint == endpoint) {
                     return Ok(());
                 }
-                let same_endpoint = self.participants.values().find(|p| p.endpoint == endpoint);
                 match ParticipantHandle::spawn(
                     resource.clone(),
                     endpoint.clone(),
-                    same_endpoint,
                     self.config.call.clone(),
                     self.events_tx.clone(),
                 ) {

@@ -1,11 +1,9 @@
-//! Talking to participants: batched Prepare / Commit / Abort calls and the recovery scan.
+//! Talking to one participant: batched Prepare / Commit / Abort calls and the recovery scan.
 //!
-//! Each participant endpoint gets three batchers (prepare, commit, abort), shared by every
-//! resource it serves (one PostgreSQL adapter serving two databases gets one call per phase,
-//! not two). A batcher takes whatever work is queued for its endpoint, up to
-//! `max_batch_branches`, and sends it as ONE call; at most `max_inflight_calls` calls of a kind
-//! are in flight, so under load work accumulates while calls are out and the batches grow on
-//! their own: the same idea as the log's group commit.
+//! Each participant gets three batchers (prepare, commit, abort). A batcher takes whatever work
+//! is queued for its participant, up to `max_batch_branches`, and sends it as ONE call; at most
+//! `max_inflight_calls` calls of a kind are in flight, so under load work accumulates while
+//! calls are out and the batches grow on their own: the same idea as the log's group commit.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -48,59 +46,77 @@ pub struct Phase2Item {
     pub metadata: Bytes,
 }
 
-/// The queues into one endpoint's batchers, and its connection.
+/// The queues into one participant's batchers.
 ///
 /// The queues are unbounded channels on purpose: the runtime must never block on them, since
 /// the batchers' results flow back into the runtime (a bounded queue both ways could deadlock).
 /// They are bounded all the same, by the engine: at most `max_live_transactions` ×
-/// `max_branches_per_transaction` branches can have a call pending. The batchers stop when the
-/// last resource using the endpoint lets go of it.
-struct EndpointCalls {
+/// `max_branches_per_transaction` branches can have a call pending.
+pub struct ParticipantHandle {
+    pub resource: ResourceId,
+    pub endpoint: String,
     client: ParticipantClient<Channel>,
     prepare: mpsc::UnboundedSender<PrepareItem>,
     commit: mpsc::UnboundedSender<Phase2Item>,
     abort: mpsc::UnboundedSender<Phase2Item>,
-}
-
-/// One resource's participant: the calls of its endpoint (shared with the endpoint's other
-/// resources) and its own recovery scan.
-pub struct ParticipantHandle {
-    pub resource: ResourceId,
-    pub endpoint: String,
-    calls: Arc<EndpointCalls>,
     config: Arc<CallConfig>,
-    /// A recovery scan of this resource is under way (one at a time).
+    /// A recovery scan of this participant is under way (one at a time).
     scanning: Arc<AtomicBool>,
 }
 
 impl ParticipantHandle {
-    /// A handle for `resource` at `endpoint`: it shares the batchers and connection of
-    /// `same_endpoint` (a handle of another resource at the same endpoint) if given, else
-    /// starts them. The connection is made lazily (and remade after failures) by the channel,
-    /// so an unreachable participant costs failed calls, not a failed start.
+    /// Starts the batchers for a participant. The connection is made lazily (and remade after
+    /// failures) by the channel, so an unreachable participant costs failed calls, not a
+    /// failed start.
     pub fn spawn(
         resource: ResourceId,
         endpoint: String,
-        same_endpoint: Option<&ParticipantHandle>,
         config: Arc<CallConfig>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<Self, String> {
-        let calls = match same_endpoint {
-            Some(other) if other.endpoint == endpoint => other.calls.clone(),
-            _ => Arc::new(EndpointCalls::spawn(&endpoint, &config, events)?),
-        };
-        Ok(ParticipantHandle { resource, endpoint, calls, config, scanning: Arc::new(AtomicBool::new(false)) })
+        let channel = Endpoint::from_shared(endpoint.clone())
+            .map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))?
+            .connect_timeout(config.rpc_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect_lazy();
+        let client = ParticipantClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
+
+        let (prepare, prepare_rx) = mpsc::unbounded_channel();
+        let (commit, commit_rx) = mpsc::unbounded_channel();
+        let (abort, abort_rx) = mpsc::unbounded_channel();
+        let call = Caller { resource: resource.clone(), client: client.clone(), config: config.clone(), events };
+        tokio::spawn(batcher(prepare_rx, config.clone(), {
+            let call = call.clone();
+            move |batch| call.clone().prepare(batch)
+        }));
+        tokio::spawn(batcher(commit_rx, config.clone(), {
+            let call = call.clone();
+            move |batch| call.clone().phase2(Phase2Op::Commit, batch)
+        }));
+        tokio::spawn(batcher(abort_rx, config.clone(), move |batch| call.clone().phase2(Phase2Op::Abort, batch)));
+        Ok(ParticipantHandle {
+            resource,
+            endpoint,
+            client,
+            prepare,
+            commit,
+            abort,
+            config,
+            scanning: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     pub fn prepare(&self, item: PrepareItem) {
         // A send fails only when the batcher is gone, i.e. during shutdown.
-        let _ = self.calls.prepare.send(item);
+        let _ = self.prepare.send(item);
     }
 
     pub fn phase2(&self, op: Phase2Op, item: Phase2Item) {
         let _ = match op {
-            Phase2Op::Commit => self.calls.commit.send(item),
-            Phase2Op::Abort => self.calls.abort.send(item),
+            Phase2Op::Commit => self.commit.send(item),
+            Phase2Op::Abort => self.abort.send(item),
         };
     }
 
@@ -115,7 +131,7 @@ impl ParticipantHandle {
             return None;
         }
         let scanning = self.scanning.clone();
-        let mut client = self.calls.client.clone();
+        let mut client = self.client.clone();
         let config = self.config.clone();
         let resource = self.resource.clone();
         Some(async move {
@@ -154,34 +170,6 @@ impl ParticipantHandle {
             scanning.store(false, Ordering::Release);
             result
         })
-    }
-}
-
-impl EndpointCalls {
-    fn spawn(endpoint: &str, config: &Arc<CallConfig>, events: mpsc::UnboundedSender<Event>) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))?
-            .connect_timeout(config.rpc_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .connect_lazy();
-        let client = ParticipantClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
-
-        let (prepare, prepare_rx) = mpsc::unbounded_channel();
-        let (commit, commit_rx) = mpsc::unbounded_channel();
-        let (abort, abort_rx) = mpsc::unbounded_channel();
-        let call = Caller { endpoint: endpoint.into(), client: client.clone(), config: config.clone(), events };
-        tokio::spawn(batcher(prepare_rx, config.clone(), {
-            let call = call.clone();
-            move |batch| call.clone().prepare(batch)
-        }));
-        tokio::spawn(batcher(commit_rx, config.clone(), {
-            let call = call.clone();
-            move |batch| call.clone().phase2(Phase2Op::Commit, batch)
-        }));
-        tokio::spawn(batcher(abort_rx, config.clone(), move |batch| call.clone().phase2(Phase2Op::Abort, batch)));
-        Ok(EndpointCalls { client, prepare, commit, abort })
     }
 }
 
@@ -232,7 +220,7 @@ where
 
 #[derive(Clone)]
 struct Caller {
-    endpoint: Arc<str>,
+    resource: ResourceId,
     client: ParticipantClient<Channel>,
     config: Arc<CallConfig>,
     events: mpsc::UnboundedSender<Event>,
@@ -240,7 +228,7 @@ struct Caller {
 
 impl Caller {
     async fn prepare(mut self, batch: Vec<PrepareItem>) {
-        let span = tracing::debug_span!("participant.prepare", endpoint = %self.endpoint, branches = batch.len());
+        let span = tracing::debug_span!("participant.prepare", resource = %self.resource, branches = batch.len());
         let mut request = tonic::Request::new(v1::PrepareRequest {
             coordinator_id: self.config.coordinator_id.clone(),
             branches: batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect(),
@@ -265,7 +253,7 @@ impl Caller {
     }
 
     async fn phase2(mut self, op: Phase2Op, batch: Vec<Phase2Item>) {
-        let span = tracing::debug_span!("participant.phase2", endpoint = %self.endpoint, ?op, branches = batch.len());
+        let span = tracing::debug_span!("participant.phase2", resource = %self.resource, ?op, branches = batch.len());
         let timeout = self.config.rpc_timeout;
         let coordinator_id = self.config.coordinator_id.clone();
         let result = match op {
@@ -344,37 +332,4 @@ fn phase2_result(r: v1::BranchResult) -> Phase2Result {
         }
     };
     Phase2Result::Outcome { outcome, reason }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config() -> Arc<CallConfig> {
-        Arc::new(CallConfig {
-            coordinator_id: "c".into(),
-            prepare_timeout: Duration::from_secs(1),
-            rpc_timeout: Duration::from_secs(1),
-            max_batch_branches: 16,
-            max_inflight_calls: 1,
-        })
-    }
-
-    #[tokio::test]
-    async fn resources_at_one_endpoint_share_its_batchers_and_others_do_not() {
-        let (events, _rx) = mpsc::unbounded_channel();
-        let spawn = |resource: &str, endpoint: &str, same: Option<&ParticipantHandle>| {
-            ParticipantHandle::spawn(resource.parse().unwrap(), endpoint.into(), same, config(), events.clone())
-                .unwrap()
-        };
-        let a = spawn("db_a", "http://127.0.0.1:7801", None);
-        let b = spawn("db_b", "http://127.0.0.1:7801", Some(&a));
-        assert!(Arc::ptr_eq(&a.calls, &b.calls), "one endpoint, one set of batchers");
-        assert!(!Arc::ptr_eq(&a.scanning, &b.scanning), "recovery scans stay per resource");
-        // A handle of another endpoint passed by mistake is not shared.
-        let c = spawn("db_c", "http://127.0.0.1:7802", Some(&a));
-        assert!(!Arc::ptr_eq(&a.calls, &c.calls));
-        let bad = ParticipantHandle::spawn("db_d".parse().unwrap(), "not a uri".into(), None, config(), events.clone());
-        assert!(bad.is_err_and(|e| e.contains("invalid endpoint")));
-    }
 }
