@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use pledge_integration_tests::*;
 use pledge_postgres::{PostgresConfig, PostgresParticipant};
-use pledge_proto::{BranchId, Gtid, ResourceId, Xid, v1};
-use pledge_sdk::{Outcome, Participant, Vote};
+use pledge_proto::{BranchId, Gtid, ResourceId, v1};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_embeds_the_adapter_on_its_own_pools() {
@@ -111,71 +110,4 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
     };
     let in_time = tokio::time::timeout(Duration::from_secs(10), returned).await;
     assert!(in_time.is_ok(), "pools: a {} idle of {}, b {} idle of {}", a.num_idle(), a.size(), b.num_idle(), b.size());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prepare_beyond_max_prepared_branches_waits_for_a_place_and_votes_no_after_its_wait() {
-    let a = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(&pg_url('a')).await.unwrap();
-    let table = format!("places_{}", fastrand::u32(..));
-    let ddl = format!("CREATE TABLE {table} (id int PRIMARY KEY, n int NOT NULL)");
-    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&a).await.unwrap();
-    let fill = format!("INSERT INTO {table} SELECT g, 0 FROM generate_series(1, 4) g");
-    sqlx::query(sqlx::AssertSqlSafe(fill)).execute(&a).await.unwrap();
-    let resource: ResourceId = "lib_places".parse().unwrap();
-    let coordinator_id = format!("places{}", fastrand::u32(..));
-    let ours = format!("SELECT count(*)::int8 FROM pg_prepared_xacts WHERE gid LIKE 'pledge:{coordinator_id}:%'");
-    let prepared_now =
-        || async { sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(ours.clone())).fetch_one(&a).await.unwrap() };
-    let value = |id: i32| {
-        let sql = format!("SELECT n FROM {table} WHERE id = {id}");
-        let a = a.clone();
-        async move { sqlx::query_scalar::<_, i32>(sqlx::AssertSqlSafe(sql)).fetch_one(&a).await.unwrap() }
-    };
-    let participant = |wait: Duration| {
-        let mut config = PostgresConfig::new(vec![]);
-        config.max_active_branches = 4;
-        config.max_prepared_branches = Some(1);
-        config.prepared_slot_wait = wait;
-        PostgresParticipant::with_pools(config, vec![(resource.clone(), a.clone())])
-    };
-    // A branch that sets row `id` to 1.
-    let work = |p: PostgresParticipant, id: i32| {
-        let (resource, table) = (resource.clone(), table.clone());
-        async move {
-            let (gtid, branch) = (Gtid::new_v7(), BranchId::parse_field("branch", "w").unwrap());
-            let mut b = p.branch(&resource, gtid, branch.clone()).await.unwrap();
-            let sql = format!("UPDATE {table} SET n = 1 WHERE id = $1");
-            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).execute(b.conn()).await.unwrap();
-            drop(b);
-            Xid { resource, gtid, branch }
-        }
-    };
-
-    // One place: the second prepare waits until the first branch commits.
-    let p = participant(Duration::from_secs(30)).await.unwrap();
-    let (first, second) = (work(p.clone(), 1).await, work(p.clone(), 2).await);
-    assert!(matches!(p.prepare(&coordinator_id, &first).await.unwrap(), Vote::Prepared { .. }));
-    let mut waiting = tokio::spawn({
-        let (p, coordinator_id, second) = (p.clone(), coordinator_id.clone(), second.clone());
-        async move { p.prepare(&coordinator_id, &second).await }
-    });
-    // (Nothing signals "still waiting": a bounded look that it did not finish.)
-    assert!(tokio::time::timeout(Duration::from_millis(300), &mut waiting).await.is_err(), "the second prepare waits");
-    assert_eq!(prepared_now().await, 1);
-    assert!(matches!(p.commit(&coordinator_id, &first, false, &[]).await.unwrap(), Outcome::Committed));
-    let vote = tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("prepared after the commit");
-    assert!(matches!(vote.unwrap().unwrap(), Vote::Prepared { .. }));
-    assert!(matches!(p.commit(&coordinator_id, &second, false, &[]).await.unwrap(), Outcome::Committed));
-    assert_eq!((value(1).await, value(2).await, prepared_now().await), (1, 1, 0));
-
-    // A short wait that runs out: the branch votes no, saying why, and its work is rolled back.
-    let p = participant(Duration::from_millis(100)).await.unwrap();
-    let (third, fourth) = (work(p.clone(), 3).await, work(p.clone(), 4).await);
-    assert!(matches!(p.prepare(&coordinator_id, &third).await.unwrap(), Vote::Prepared { .. }));
-    match p.prepare(&coordinator_id, &fourth).await.unwrap() {
-        Vote::Aborted { reason } => assert!(reason.contains("no place for another prepared transaction"), "{reason}"),
-        other => panic!("expected a no vote, got {other:?}"),
-    }
-    assert!(matches!(p.abort(&coordinator_id, &third, &[]).await.unwrap(), Outcome::Aborted { .. }));
-    assert_eq!((value(3).await, value(4).await, prepared_now().await), (0, 0, 0));
 }

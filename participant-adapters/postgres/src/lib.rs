@@ -32,10 +32,6 @@
 //! * A connection goes back to the pool (or is kept warm for the next branch, see
 //!   [`PostgresConfig::warm_connections`]) only after its transaction ended in COMMIT, ROLLBACK
 //!   or PREPARE TRANSACTION; after any error it is closed instead.
-//! * A prepare waits (up to `prepared_slot_wait`) while the branches the adapter keeps prepared
-//!   on that server fill `max_prepared_transactions` (or `max_prepared_branches`), rather than
-//!   meet PostgreSQL's limit and vote no: phase 2 runs after the coordinator answers its client,
-//!   so under load prepared branches can outpace their COMMIT PREPARED.
 //! * The age of the oldest prepared branch of each database is checked periodically and logged
 //!   when it exceeds `prepared_age_warn` (a forgotten prepared transaction holds its locks and
 //!   the xmin horizon).
@@ -100,24 +96,11 @@ pub struct PostgresConfig {
     /// branch would cost. The adapter hands back only connections whose last statement
     /// succeeded outside any transaction (after an error it closes them), so the ping has
     /// nothing to find; a kept connection is reused without one. All of them go back to the
-    /// pool once a second, so the pool's own limits (lifetime, idle timeout) still apply. With
-    /// a pool shared with the embedding service, these connections are out of its reach for up
-    /// to that second; 0 turns this off.
+    /// pool once a second, so the pool's own limits (lifetime, idle timeout) still apply, and
+    /// at most as many are kept as leave one pool connection free beside `max_active_branches`
+    /// active ones. With a pool shared with the embedding service, these connections are out of
+    /// its reach for up to that second; 0 turns this off.
     pub warm_connections: usize,
-    /// Most branches this adapter keeps prepared at once on one PostgreSQL server (resources
-    /// at the same host and port share it); `None`: the server's `max_prepared_transactions`.
-    ///
-    /// PREPARE TRANSACTION fails, and the branch votes no, once the server holds
-    /// `max_prepared_transactions` prepared transactions. Phase 2 runs after the coordinator
-    /// answers its client, so under load prepared branches can pile up faster than their
-    /// COMMIT PREPARED drains them; the adapter makes a prepare wait for a free place instead
-    /// (up to `prepared_slot_wait`): backpressure rather than aborted transactions. Set it
-    /// lower to leave room for other users of the server. It cannot count what other processes
-    /// prepare; PostgreSQL's own limit still holds for those.
-    pub max_prepared_branches: Option<usize>,
-    /// Longest a prepare waits for a place (see `max_prepared_branches`) before voting no.
-    /// Keep it below the coordinator's prepare timeout (10 s by default).
-    pub prepared_slot_wait: Duration,
     /// Keep the exactly-once dedup table (see the crate docs).
     pub dedup: bool,
     /// Dedup rows older than this are deleted.
@@ -140,8 +123,6 @@ impl PostgresConfig {
             acquire_timeout: Duration::from_secs(10),
             max_active_branches: 48,
             warm_connections: 16,
-            max_prepared_branches: None,
-            prepared_slot_wait: Duration::from_secs(5),
             dedup: false,
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
             prepared_age_warn: Duration::from_secs(60),
@@ -255,12 +236,6 @@ struct Resource {
     /// Idle connections kept out of the pool, most recently used last (`warm_connections`).
     warm: Mutex<Vec<PoolConnection<Postgres>>>,
     max_warm: usize,
-    /// Places for prepared branches on this resource's server (shared by the resources on
-    /// it; see `max_prepared_branches`), and the ones this resource's branches hold.
-    prepared_slots: Arc<Semaphore>,
-    prepared_held: Mutex<HashMap<Key, OwnedSemaphorePermit>>,
-    /// The server, as host:port, for messages.
-    server: String,
 }
 
 impl Resource {
@@ -288,12 +263,6 @@ impl Resource {
     fn cool_down(&self) {
         let warm = std::mem::take(&mut *self.warm.lock().expect("warm connections lock"));
         drop(warm);
-    }
-
-    /// A branch is no longer prepared (committed or rolled back): its place is free.
-    fn unprepared(&self, key: &Key) {
-        let permit = self.prepared_held.lock().expect("prepared places lock").remove(key);
-        drop(permit);
     }
 }
 
@@ -412,8 +381,6 @@ impl PostgresParticipant {
     pub async fn with_pools(config: PostgresConfig, pools: Vec<(ResourceId, PgPool)>) -> anyhow::Result<Self> {
         anyhow::ensure!(!pools.is_empty(), "at least one database (resource) is required");
         let mut resources = HashMap::new();
-        // Places for prepared branches, one semaphore per server (host:port).
-        let mut servers: HashMap<String, Arc<Semaphore>> = HashMap::new();
         for (id, pool) in pools {
             // Commits and rollbacks of prepared branches need connections of their own: if active
             // branches could take them all, a prepared branch holding a lock they wait for could
@@ -428,13 +395,6 @@ impl PostgresParticipant {
             let setting: String = sqlx::query_scalar("SHOW max_prepared_transactions").fetch_one(&pool).await?;
             let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&pool).await?;
             let max_prepared = check_max_prepared(&id, &database, &setting)?;
-            let server = {
-                let options = pool.connect_options();
-                format!("{}:{}", options.get_host(), options.get_port())
-            };
-            let places = config.max_prepared_branches.unwrap_or(max_prepared as usize).min(max_prepared as usize);
-            let prepared_slots =
-                servers.entry(server.clone()).or_insert_with(|| Arc::new(Semaphore::new(places))).clone();
             if config.dedup {
                 create_dedup_table(&pool).await.map_err(|e| anyhow::anyhow!("resource {id}: {e}"))?;
             }
@@ -447,10 +407,9 @@ impl PostgresParticipant {
                 branches,
                 active,
                 warm: Mutex::new(Vec::new()),
-                max_warm: config.warm_connections,
-                prepared_slots,
-                prepared_held: Mutex::new(HashMap::new()),
-                server,
+                // Never so many that a statement on the pool itself (recovery, the dedup
+                // fence) finds it empty while every active branch holds a connection.
+                max_warm: config.warm_connections.min(size - config.max_active_branches - 1),
             };
             resources.insert(id, Arc::new(resource));
         }
@@ -606,18 +565,6 @@ impl PostgresParticipant {
     }
 
     async fn prepare_active(&self, r: &Resource, key: &Key, gid: &Gid, slot: &mut Slot) -> Vote {
-        let wait = self.inner.config.prepared_slot_wait;
-        let Ok(Ok(place)) = tokio::time::timeout(wait, r.prepared_slots.clone().acquire_owned()).await else {
-            let reason = format!(
-                "no place for another prepared transaction on server {} within {} ms: this adapter's prepared \
-                 branches there await their commit or rollback (max_prepared_branches, max_prepared_transactions)",
-                r.server,
-                wait.as_millis()
-            );
-            tracing::warn!(resource = %r.id, gtid = %key.0, branch = %key.1, "{reason}");
-            self.rollback_active(r, key, slot, Fin::Aborted(reason.clone())).await;
-            return Vote::Aborted { reason };
-        };
         let mut conn = slot.state.conn.take().expect("active branch");
         // One message, one round trip (simple protocol): check that the transaction is still the
         // one the branch began (its own statements may have ended it), then prepare. PREPARE in
@@ -634,7 +581,6 @@ impl PostgresParticipant {
         match outcome {
             Ok(()) => {
                 conn.release(r); // PREPARE TRANSACTION ended its transaction
-                r.prepared_held.lock().expect("prepared places lock").insert(key.clone(), place);
                 r.branches.finish(key, Fin::Prepared);
                 Vote::Prepared { metadata: Vec::new() }
             }
@@ -703,9 +649,10 @@ impl PostgresParticipant {
                 loop {
                     tick.tick().await;
                     n += 1;
+                    // First, so the warm connections are back in the pool for what follows.
+                    r.cool_down();
                     p.expire_active(&r).await;
                     r.branches.expire_finished();
-                    r.cool_down();
                     if n.is_multiple_of(10) {
                         p.check_prepared_age(&r).await;
                     }
@@ -962,13 +909,7 @@ impl PostgresParticipant {
                 (None, Err(reason)) => Outcome::Aborted { reason },
             });
         }
-        let committed = self.control(r, format!("COMMIT PREPARED {}", gid.literal())).await;
-        if committed.as_ref().is_ok()
-            || committed.as_ref().is_err_and(|e| sqlstate(e).as_deref() == Some(UNDEFINED_OBJECT))
-        {
-            r.unprepared(key);
-        }
-        match committed {
+        match self.control(r, format!("COMMIT PREPARED {}", gid.literal())).await {
             Ok(()) => {
                 r.branches.finish(key, Fin::Committed);
                 Ok(Outcome::Committed)
@@ -998,12 +939,7 @@ impl PostgresParticipant {
         if let Some(Fin::Committed) = r.branches.finished(key) {
             return Ok(Outcome::Committed);
         }
-        let rolled_back = self.control(r, format!("ROLLBACK PREPARED {}", gid.literal())).await;
-        if rolled_back.is_ok() || rolled_back.as_ref().is_err_and(|e| sqlstate(e).as_deref() == Some(UNDEFINED_OBJECT))
-        {
-            r.unprepared(key);
-        }
-        match rolled_back {
+        match self.control(r, format!("ROLLBACK PREPARED {}", gid.literal())).await {
             Ok(()) => {}
             Err(e) if sqlstate(&e).as_deref() == Some(UNDEFINED_OBJECT) => {
                 // Not prepared (never, or rolled back already), unless it committed.

@@ -31,13 +31,6 @@ struct Args {
     /// pool's check (a round trip) on every return; all go back to the pool once a second.
     #[arg(long, default_value_t = 16)]
     warm_connections: usize,
-    /// Most branches kept prepared at once per PostgreSQL server (default: the server's
-    /// max_prepared_transactions); a prepare beyond it waits for a commit or rollback.
-    #[arg(long)]
-    max_prepared_branches: Option<usize>,
-    /// Longest a prepare waits for a place among the prepared branches, ms, before voting no.
-    #[arg(long, default_value_t = 5_000)]
-    prepared_slot_wait_ms: u64,
     /// Roll back a branch not prepared within this many ms.
     #[arg(long, default_value_t = 60_000)]
     active_timeout_ms: u64,
@@ -79,8 +72,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = PostgresConfig::new(resources);
     config.max_active_branches = args.max_active_branches;
     config.warm_connections = args.warm_connections;
-    config.max_prepared_branches = args.max_prepared_branches;
-    config.prepared_slot_wait = Duration::from_millis(args.prepared_slot_wait_ms);
     config.active_timeout = Duration::from_millis(args.active_timeout_ms);
     config.statement_timeout = Duration::from_millis(args.statement_timeout_ms);
     config.dedup = args.dedup;
