@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use pledge_integration_tests::bench::{Load, Run, busy_cpu_seconds, env_or, measure, report_error};
+use pledge_integration_tests::bench::{Load, Run, busy_cpu_seconds, busy_cpu_since, env_or, measure, report_error};
 use pledge_integration_tests::{Process, TestDir, branch, pg_url};
 use pledge_postgres::{PostgresConfig, PostgresParticipant, ResourceConfig};
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
@@ -92,7 +92,7 @@ fn pgbench(clients: u32, seconds: u64, accounts: i64, dir: &std::path::Path) -> 
         .arg(pg_url('a'))
         .output()
         .expect("running pgbench");
-    let cpu = cpu_before.zip(busy_cpu_seconds()).map(|(before, after)| after - before);
+    let cpu = busy_cpu_since(cpu_before);
     let text = String::from_utf8_lossy(&out.stdout);
     let tps = text
         .lines()

@@ -52,6 +52,11 @@ pub fn busy_cpu_seconds() -> Option<f64> {
     Some(busy as f64 / 100.0)
 }
 
+/// Busy CPU seconds of the machine from `start` (a [`busy_cpu_seconds`] reading) to now.
+pub fn busy_cpu_since(start: Option<f64>) -> Option<f64> {
+    start.zip(busy_cpu_seconds()).map(|(before, after)| after - before)
+}
+
 /// What a measured window saw.
 pub struct Run {
     pub txns: u64,
@@ -131,7 +136,7 @@ where
     tokio::time::sleep(load.measure).await;
     measuring.store(false, Ordering::Relaxed);
     let seconds = started.elapsed().as_secs_f64();
-    let cpu_seconds = cpu_before.zip(busy_cpu_seconds()).map(|(before, after)| after - before);
+    let cpu_seconds = busy_cpu_since(cpu_before);
     stop.store(true, Ordering::Relaxed);
     let mut run = Run { txns: 0, errors: 0, seconds, cpu_seconds, latency: histogram() };
     for t in tasks {

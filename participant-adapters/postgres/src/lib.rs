@@ -261,8 +261,8 @@ impl Resource {
 
     /// Hands every warm connection back to the pool.
     fn cool_down(&self) {
-        let warm = std::mem::take(&mut *self.warm.lock().expect("warm connections lock"));
-        drop(warm);
+        // Taken out first: each drop starts the pool's check, not under the lock.
+        drop(std::mem::take(&mut *self.warm.lock().expect("warm connections lock")));
     }
 }
 
