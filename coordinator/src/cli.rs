@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pledge_proto::BranchKey;
+use pledge_proto::transport::{ListenAddr, Target};
 use pledge_proto::v1::coordinator_client::CoordinatorClient;
 use pledge_proto::v1::{self};
 use tonic::transport::Channel;
@@ -51,9 +52,9 @@ pub struct ServeArgs {
     /// TOML config file (flags and environment variables override it).
     #[arg(long, env = "PLEDGE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1:7600].
+    /// Address to listen on: host:port, or unix:<path> for a Unix socket [default: 127.0.0.1:7600].
     #[arg(long, env = "PLEDGE_LISTEN")]
-    pub listen: Option<std::net::SocketAddr>,
+    pub listen: Option<ListenAddr>,
     /// Data directory (decision log, coordinator id) [default: ./data].
     #[arg(long, env = "PLEDGE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -85,7 +86,7 @@ impl ServeArgs {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        if let Some(v) = self.listen {
+        if let Some(v) = self.listen.clone() {
             config.listen = v;
         }
         if let Some(v) = self.data_dir {
@@ -118,7 +119,7 @@ impl ServeArgs {
 
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// Coordinator endpoint.
+    /// Coordinator endpoint: http://host:port, or unix:<path> for a Unix socket.
     #[arg(long, env = "PLEDGE_COORDINATOR", default_value = "http://127.0.0.1:7600", global = true)]
     pub coordinator: String,
 }
@@ -221,8 +222,10 @@ pub enum LogCommand {
 }
 
 async fn connect(client: &ClientArgs) -> anyhow::Result<CoordinatorClient<Channel>> {
-    CoordinatorClient::connect(client.coordinator.clone())
-        .await
+    let target = Target::parse(&client.coordinator)?;
+    let channel = target.connect().await;
+    channel
+        .map(CoordinatorClient::new)
         .with_context(|| format!("cannot reach the coordinator at {}", client.coordinator))
 }
 

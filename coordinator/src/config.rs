@@ -4,8 +4,8 @@
 //! The embedded default needs nothing else: data in `./data`, listening on 127.0.0.1:7600.
 //! Every limit carries its unit in its name.
 
+use pledge_proto::transport::{AddressError, ListenAddr, Target};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -23,8 +23,10 @@ pub const MAX_BATCH_LIMIT: usize = 500;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address of the gRPC server.
-    pub listen: SocketAddr,
+    /// Address of the gRPC server: `host:port`, or `unix:<path>` for clients and participants
+    /// on this host.
+    #[serde(deserialize_with = "listen_addr")]
+    pub listen: ListenAddr,
     /// Where the decision log and the coordinator id live.
     pub data_dir: PathBuf,
     /// Names this coordinator to participants (they keep branches of different coordinators
@@ -167,14 +169,25 @@ impl Config {
     }
 }
 
-/// A participant endpoint must be an http(s) URI with a host and port.
+fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ListenAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+/// A participant endpoint is an http(s) URI with a host and port, or `unix:<path>` for a
+/// participant on this host.
 pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
-    let uri: tonic::transport::Uri =
-        endpoint.parse().map_err(|e| format!("endpoint {endpoint:?} is not a URI: {e}"))?;
-    match (uri.scheme_str(), uri.host(), uri.port_u16()) {
-        (Some("http" | "https"), Some(_), Some(_)) => Ok(()),
-        _ => Err(format!("endpoint {endpoint:?} must look like http://host:port")),
+    let shape = || format!("endpoint {endpoint:?} must look like http://host:port or unix:/path/to.sock");
+    let target = Target::parse(endpoint).map_err(|e| match e {
+        AddressError::PathTooLong { .. } => format!("endpoint {endpoint:?}: {e}"),
+        _ => shape(),
+    })?;
+    if target.unix_path().is_none()
+        && endpoint.parse::<tonic::transport::Uri>().ok().and_then(|u| u.port_u16()).is_none()
+    {
+        return Err(shape());
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -187,7 +200,7 @@ mod tests {
             "listen = \"0.0.0.0:9000\"\nprepare_timeout_ms = 250\n[participants]\ndb1 = \"http://127.0.0.1:7701\"\n",
         )
         .unwrap();
-        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.listen, ListenAddr::Tcp("0.0.0.0:9000".parse().unwrap()));
         assert_eq!(c.prepare_timeout_ms, 250);
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         c.validate().unwrap();
@@ -202,7 +215,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.coordinator_id.as_deref(), Some("pledge-eu-1"));
         assert_eq!(c.participants.len(), 3);
-        assert_eq!(c.listen.port(), 7600);
+        assert!(matches!(c.listen, ListenAddr::Tcp(a) if a.port() == 7600));
     }
 
     #[test]
@@ -211,6 +224,12 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().to_string(), "prepare_timeout_ms must be greater than 0");
         let mut c = Config::default();
         c.participants.insert("db1".into(), "127.0.0.1:7701".into());
-        assert!(c.validate().unwrap_err().to_string().contains("must look like http://host:port"));
+        assert!(c.validate().unwrap_err().to_string().contains("must look like http://host:port or unix:"));
+        for good in ["http://127.0.0.1:7701", "https://db1.internal:7701", "unix:/run/pledge/db1.sock"] {
+            assert_eq!(validate_endpoint(good), Ok(()), "{good}");
+        }
+        for bad in ["http://127.0.0.1", "unix:", "db1.internal:7701"] {
+            assert!(validate_endpoint(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -4,14 +4,13 @@
 //! so no client can see a coordinator that has forgotten a decision. Shutdown is the reverse:
 //! stop accepting calls, stop the engine, flush and sync the log, exit.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use pledge_proto::ResourceId;
+use pledge_proto::transport::Listener;
 use pledge_proto::v1::coordinator_server::CoordinatorServer;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::CoordinatorService;
@@ -64,8 +63,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
     let runtime_task = tokio::spawn(runtime.run(engine_stop.clone()));
 
     let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr: SocketAddr = listener.local_addr()?;
+        Listener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
@@ -87,14 +86,9 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
             stop.cancel();
         });
     }
-    // TCP_NODELAY on every accepted connection: without it small replies wait for the peer's
-    // delayed ACK (40 ms on Linux). `Server::tcp_nodelay` only covers sockets tonic binds itself.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned());
+    let router =
+        tonic::transport::Server::builder().add_service(health_service).add_service(reflection).add_service(service);
+    let server = listener.serve(router, shutdown.cancelled_owned());
 
     // The engine task ends only on a fatal log error or when told to stop.
     let mut runtime_task = runtime_task;

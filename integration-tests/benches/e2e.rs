@@ -1,5 +1,7 @@
 //! End-to-end throughput and latency: committed transactions per second through a real
-//! coordinator (fsync on) with reference participants, all on loopback on this machine.
+//! coordinator (fsync on) with reference participants, all on this machine: over loopback TCP,
+//! or with BENCH_TRANSPORT=unix over Unix sockets (every hop: clients to coordinator,
+//! coordinator to participants).
 //!
 //! Two runs in one invocation, so their ratio is meaningful:
 //! * 2PC: two participants, each transaction `Begin` (both branches enlisted) + `Commit`, so the
@@ -18,15 +20,17 @@
 //! virtual disk contend for it, which participants on their own hosts would not), BENCH_RATE (0: each client starts its
 //! next transaction as soon as the last one ends, i.e. maximum throughput; N: the clients
 //! together start N transactions per second on a fixed schedule, and latency is measured from
-//! the scheduled start, so a stall counts against every transaction it delays).
+//! the scheduled start, so a stall counts against every transaction it delays), BENCH_TRANSPORT
+//! (tcp or unix).
 
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use pledge_integration_tests::bench::{Load, Run, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch};
+use pledge_proto::transport::Target;
 use pledge_proto::v1::{self, coordinator_client::CoordinatorClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// The coordinator's own recovery interval, not the tests' 500 ms.
 const RECOVERY_DEFAULT: &[&str] = &["--recovery-interval-ms", "30000"];
@@ -57,8 +61,8 @@ fn print(name: &str, r: &Run) {
 async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
     let mut channels: Vec<Channel> = Vec::new();
     for _ in 0..env_or("BENCH_CHANNELS", 8) {
-        channels
-            .push(Endpoint::from_shared(coordinator.endpoint()).unwrap().tcp_nodelay(true).connect().await.unwrap());
+        let target = Target::parse(&coordinator.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
+        channels.push(target.connect().await.unwrap());
     }
     measure(load(), |i| {
         let c = CoordinatorClient::new(channels[i % channels.len()].clone());
@@ -78,6 +82,21 @@ async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
     .await
 }
 
+/// Where a benchmark process listens: a free loopback port, or a Unix socket in `dir`.
+fn listen(dir: &TestDir, name: &str) -> String {
+    match env_or("BENCH_TRANSPORT", "tcp".to_string()).as_str() {
+        "tcp" => "127.0.0.1:0".into(),
+        "unix" => format!("unix:{}", dir.path().join(format!("{name}.sock")).display()),
+        other => panic!("BENCH_TRANSPORT: tcp or unix, not {other:?}"),
+    }
+}
+
+/// A coordinator in `dir` with these participants, listening as BENCH_TRANSPORT says.
+async fn start_coordinator(dir: &TestDir, participants: &[(&str, &Process)]) -> Process {
+    let listen = listen(dir, "coordinator");
+    dir.coordinator_with(participants, &[RECOVERY_DEFAULT, &["--listen", &listen]].concat(), &[]).await
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
@@ -87,13 +106,14 @@ fn main() {
         }
         let l = load();
         println!(
-            "end-to-end benchmark: {} clients, {}, {} s per run, binaries from {}",
+            "end-to-end benchmark: {} clients, {}, {} s per run, over {}, binaries from {}",
             l.clients,
             match l.rate_per_second {
                 0 => "as fast as they can".to_string(),
                 r => format!("{r} transactions/s scheduled"),
             },
             l.measure.as_secs(),
+            env_or("BENCH_TRANSPORT", "tcp".to_string()),
             pledge_integration_tests::bin_dir().display()
         );
 
@@ -103,15 +123,15 @@ fn main() {
         };
         let (dir, pdir) = (TestDir::new("bench-2pc"), participants_dir());
         println!("coordinator data in {}, participants' in {}", dir.path().display(), pdir.path().display());
-        let p1 = pdir.participant("db1", 0, &[], &[]).await;
-        let p2 = pdir.participant("db2", 0, &[], &[]).await;
-        let coordinator = dir.coordinator_with(&[("db1", &p1), ("db2", &p2)], RECOVERY_DEFAULT, &[]).await;
+        let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), &[], &[]).await;
+        let p2 = pdir.participant_on("db2", &listen(&pdir, "db2"), &[], &[]).await;
+        let coordinator = start_coordinator(&dir, &[("db1", &p1), ("db2", &p2)]).await;
         let two_phase = run(&coordinator, &["db1", "db2"]).await;
         drop((coordinator, p1, p2, dir, pdir));
 
         let (dir, pdir) = (TestDir::new("bench-1pc"), participants_dir());
-        let p1 = pdir.participant("db1", 0, &[], &[]).await;
-        let coordinator = dir.coordinator_with(&[("db1", &p1)], RECOVERY_DEFAULT, &[]).await;
+        let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), &[], &[]).await;
+        let coordinator = start_coordinator(&dir, &[("db1", &p1)]).await;
         let one_phase = run(&coordinator, &["db1"]).await;
         drop((coordinator, p1, dir, pdir));
 

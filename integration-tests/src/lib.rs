@@ -10,13 +10,13 @@ use std::future::Future;
 
 pub mod bench;
 pub mod conformance;
-use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use pledge_proto::transport::{ListenAddr, Target};
 use pledge_proto::v1::coordinator_client::CoordinatorClient;
 use pledge_proto::v1::reference_store_client::ReferenceStoreClient;
 use pledge_proto::v1::{self};
@@ -57,7 +57,8 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct Process {
     name: String,
     child: Child,
-    pub addr: SocketAddr,
+    /// Where it listens: TCP `host:port` or `unix:<path>`.
+    pub addr: ListenAddr,
     log: PathBuf,
 }
 
@@ -89,12 +90,26 @@ impl Process {
         Ok(Process { name: name.to_string(), child, addr, log })
     }
 
+    /// What a client dials: `http://host:port` or `unix:<path>`.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        match &self.addr {
+            ListenAddr::Tcp(addr) => format!("http://{addr}"),
+            ListenAddr::Unix(_) => self.addr.to_string(),
+        }
     }
 
+    /// A channel to it (TCP or Unix socket), connected now.
+    pub async fn channel(&self) -> Channel {
+        let target = Target::parse(&self.endpoint()).expect("a process's endpoint is a valid target");
+        target.connect().await.unwrap_or_else(|e| panic!("connecting to {} at {}: {e}", self.name, self.endpoint()))
+    }
+
+    /// Its TCP port (a restart passes it back so the coordinator finds the process again).
     pub fn port(&self) -> u16 {
-        self.addr.port()
+        match &self.addr {
+            ListenAddr::Tcp(addr) => addr.port(),
+            ListenAddr::Unix(path) => panic!("{} listens on a Unix socket ({}), not a port", self.name, path.display()),
+        }
     }
 
     /// The last lines the process wrote to stderr.
@@ -181,9 +196,14 @@ impl TestDir {
     /// A reference participant serving `resource`, with its data in `<dir>/<resource>`.
     /// `port` 0 picks a free one; a restart passes the old port so the coordinator finds it.
     pub async fn participant(&self, resource: &str, port: u16, args: &[&str], env: &[(&str, &str)]) -> Process {
+        self.participant_on(resource, &format!("127.0.0.1:{port}"), args, env).await
+    }
+
+    /// [`TestDir::participant`] listening on `listen` (`host:port` or `unix:<path>`).
+    pub async fn participant_on(&self, resource: &str, listen: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         let mut c = Command::new(bin("pledge-reference-participant"));
         c.arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(listen)
             .arg("--resource-id")
             .arg(resource)
             .arg("--data-dir")
@@ -213,7 +233,8 @@ impl TestDir {
         self.coordinator_for(&endpoints, args, env).await
     }
 
-    /// A coordinator whose participants are given as (resource id, endpoint).
+    /// A coordinator whose participants are given as (resource id, endpoint), listening on a
+    /// free TCP port unless `args` hold a `--listen`.
     pub async fn coordinator_for(
         &self,
         participants: &[(&str, String)],
@@ -222,11 +243,10 @@ impl TestDir {
     ) -> Process {
         let mut c = Command::new(bin("pledge"));
         c.arg("serve").args(args);
-        c.arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(self.path().join("coordinator"))
-            .env("RUST_LOG", "info");
+        if !args.contains(&"--listen") {
+            c.arg("--listen").arg("127.0.0.1:0");
+        }
+        c.arg("--data-dir").arg(self.path().join("coordinator")).env("RUST_LOG", "info");
         if !args.contains(&"--recovery-interval-ms") {
             // Tests restart participants and expect recovery to notice soon.
             c.arg("--recovery-interval-ms").arg("500");
@@ -375,11 +395,11 @@ pub async fn read_committed(topic: &str) -> Vec<(String, String)> {
 }
 
 pub async fn coordinator_client(p: &Process) -> CoordinatorClient<Channel> {
-    CoordinatorClient::connect(p.endpoint()).await.expect("connecting to the coordinator")
+    CoordinatorClient::new(p.channel().await)
 }
 
 pub async fn store_client(p: &Process) -> ReferenceStoreClient<Channel> {
-    ReferenceStoreClient::connect(p.endpoint()).await.expect("connecting to the participant")
+    ReferenceStoreClient::new(p.channel().await)
 }
 
 pub fn branch(resource: &str, branch: &str) -> v1::BranchRef {

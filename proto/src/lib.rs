@@ -4,6 +4,7 @@
 //! domain types (GTID, resource id, branch id); every server converts wire messages into them
 //! once, on receipt, and a malformed field becomes `Status::invalid_argument` naming the field.
 
+pub mod transport;
 pub mod types;
 
 /// Generated code for package `pledge.v1`.

@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use pledge_proto::transport::Target;
 use pledge_proto::v1::participant_client::ParticipantClient;
 use pledge_proto::v1::{self, BranchXid};
 use pledge_proto::{BranchKey, Gtid, MAX_VOTE_METADATA_BYTES, ResourceId, bounded_reason};
 use tokio::sync::{Semaphore, mpsc};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::Instrument;
 
 use crate::engine::{BranchOutcome, Event, InDoubtBranch, Phase2Op, Phase2Result, VoteResult};
@@ -74,12 +75,14 @@ impl ParticipantHandle {
         config: Arc<CallConfig>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(endpoint.clone())
+        let channel = Target::parse(&endpoint)
             .map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))?
-            .connect_timeout(config.rpc_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .configure(|e| {
+                e.connect_timeout(config.rpc_timeout)
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(10))
+            })
             .connect_lazy();
         let client = ParticipantClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
 

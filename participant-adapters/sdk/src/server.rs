@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
+use anyhow::Context;
 use futures::future::join_all;
+use pledge_proto::transport::{ListenAddr, Listener};
 use pledge_proto::v1::participant_server::ParticipantServer;
 use pledge_proto::v1::{self};
 use pledge_proto::{IdError, MAX_VOTE_METADATA_BYTES, ResourceId, Xid, bounded_reason};
@@ -254,20 +256,16 @@ pub fn init_logging() {
         .init();
 }
 
-/// Serves `routes` on `listen` until SIGTERM or Ctrl-C. Prints `listening on <addr>` to stdout
-/// once the port is open (scripts and tests wait for that line; port 0 picks a free one).
-pub async fn serve(listen: std::net::SocketAddr, routes: RoutesBuilder, what: &str) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+/// Serves `routes` on `listen` (`host:port` or `unix:<path>`) until SIGTERM or Ctrl-C. Prints
+/// `listening on <addr>` to stdout once the socket is open (scripts and tests wait for that
+/// line; port 0 picks a free one).
+pub async fn serve(listen: &ListenAddr, routes: RoutesBuilder, what: &str) -> anyhow::Result<()> {
+    let listener = Listener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     tracing::info!(%addr, "{what} serving");
-    // TCP_NODELAY on every accepted connection: without it a small reply waits for the peer's
-    // delayed ACK (40 ms on Linux). `Server::tcp_nodelay` only covers sockets tonic binds itself.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
-        .await?;
+    let router = tonic::transport::Server::builder().add_routes(routes.routes());
+    listener.serve(router, shutdown_signal()).await?;
     Ok(())
 }
 

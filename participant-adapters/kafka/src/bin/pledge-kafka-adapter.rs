@@ -1,7 +1,6 @@
 //! The Kafka participant as a gRPC server: the Participant service (for the coordinator) and
 //! the KafkaBranch work API (for application services).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +9,16 @@ use clap::Parser;
 use pledge_kafka::service::BranchService;
 use pledge_kafka::{KafkaConfig, KafkaParticipant};
 use pledge_proto::ResourceId;
+use pledge_proto::transport::ListenAddr;
 use pledge_proto::v1::kafka_branch_server::KafkaBranchServer;
 
 #[derive(Parser, Debug)]
 #[command(name = "pledge-kafka-adapter", version, about)]
 struct Args {
-    /// Address to listen on (port 0: any free port; the chosen address is printed).
+    /// Address to listen on: host:port (port 0: any free port; the chosen address is printed),
+    /// or unix:<path> for a Unix socket.
     #[arg(long, env = "PLEDGE_KAFKA_LISTEN", default_value = "127.0.0.1:7901")]
-    listen: SocketAddr,
+    listen: ListenAddr,
     /// The resource id of this Kafka cluster, as registered with the coordinator.
     #[arg(long, env = "PLEDGE_RESOURCE_ID", default_value = "kafka")]
     resource_id: String,
@@ -67,7 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
     routes.add_service(KafkaBranchServer::new(BranchService::new(participant)));
-    pledge_sdk::server::serve(args.listen, routes, "Kafka adapter").await?;
+    pledge_sdk::server::serve(&args.listen, routes, "Kafka adapter").await?;
     handle.shutdown().await?;
     tracing::info!("Kafka adapter stopped; state flushed");
     Ok(())

@@ -1,7 +1,6 @@
 //! The PostgreSQL participant as a gRPC server: the Participant service (for the coordinator)
 //! and the PostgresBranch work API (for application services), over one or more databases.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,14 +8,16 @@ use clap::Parser;
 use pledge_postgres::service::BranchService;
 use pledge_postgres::{PostgresConfig, PostgresParticipant, ResourceConfig};
 use pledge_proto::ResourceId;
+use pledge_proto::transport::ListenAddr;
 use pledge_proto::v1::postgres_branch_server::PostgresBranchServer;
 
 #[derive(Parser, Debug)]
 #[command(name = "pledge-postgres-adapter", version, about)]
 struct Args {
-    /// Address to listen on (port 0: any free port; the chosen address is printed).
+    /// Address to listen on: host:port (port 0: any free port; the chosen address is printed),
+    /// or unix:<path> for a Unix socket.
     #[arg(long, env = "PLEDGE_POSTGRES_LISTEN", default_value = "127.0.0.1:7801")]
-    listen: SocketAddr,
+    listen: ListenAddr,
     /// A database this adapter serves, as RESOURCE=URL (e.g.
     /// accounts=postgres://app@127.0.0.1:5432/accounts). Repeatable.
     #[arg(long = "resource", env = "PLEDGE_POSTGRES_RESOURCES", value_delimiter = ',', required = true)]
@@ -82,7 +83,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
     routes.add_service(PostgresBranchServer::new(BranchService::new(participant)));
-    pledge_sdk::server::serve(args.listen, routes, "PostgreSQL adapter").await?;
+    pledge_sdk::server::serve(&args.listen, routes, "PostgreSQL adapter").await?;
     tracing::info!("PostgreSQL adapter stopped");
     Ok(())
 }

@@ -2,22 +2,23 @@
 //! transactions. For tests, demos and benchmarks; `--vote-no` and `--stall-*-ms` inject
 //! faults.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use pledge_proto::ResourceId;
+use pledge_proto::transport::ListenAddr;
 use pledge_proto::v1::reference_store_server::ReferenceStoreServer;
 use pledge_sdk::reference::{ReferenceConfig, ReferenceParticipant, StoreService};
 
 #[derive(Parser, Debug)]
 #[command(name = "pledge-reference-participant", version, about)]
 struct Args {
-    /// Address to listen on (port 0: any free port; the chosen address is printed).
+    /// Address to listen on: host:port (port 0: any free port; the chosen address is printed),
+    /// or unix:<path> for a Unix socket.
     #[arg(long, env = "PLEDGE_PARTICIPANT_LISTEN", default_value = "127.0.0.1:7701")]
-    listen: SocketAddr,
+    listen: ListenAddr,
     /// The resource id this participant serves (as registered with the coordinator).
     #[arg(long, env = "PLEDGE_RESOURCE_ID", default_value = "ref")]
     resource_id: String,
@@ -55,7 +56,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
     routes.add_service(ReferenceStoreServer::new(StoreService::new(participant)));
-    pledge_sdk::server::serve(args.listen, routes, "reference participant").await?;
+    pledge_sdk::server::serve(&args.listen, routes, "reference participant").await?;
     handle.shutdown().await?;
     tracing::info!("reference participant stopped; state flushed");
     Ok(())
