@@ -222,9 +222,9 @@ pub enum LogCommand {
 }
 
 async fn connect(client: &ClientArgs) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let target = Target::parse(&client.coordinator)?;
-    let channel = target.connect().await;
-    channel
+    Target::parse(&client.coordinator)?
+        .connect()
+        .await
         .map(CoordinatorClient::new)
         .with_context(|| format!("cannot reach the coordinator at {}", client.coordinator))
 }

@@ -182,12 +182,10 @@ pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
         AddressError::PathTooLong { .. } => format!("endpoint {endpoint:?}: {e}"),
         _ => shape(),
     })?;
-    if target.unix_path().is_none()
-        && endpoint.parse::<tonic::transport::Uri>().ok().and_then(|u| u.port_u16()).is_none()
-    {
-        return Err(shape());
+    match (target.unix_path(), target.port()) {
+        (None, None) => Err(shape()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -35,6 +35,46 @@ async fn two_participants_commit_atomically() {
     assert_eq!((again.outcome(), again.completed), (v1::Outcome::Committed, true));
 }
 
+/// Every hop over Unix sockets (application to coordinator, coordinator to participants, the
+/// CLI to the coordinator): a transaction commits at both participants, and the socket files
+/// are gone once the processes stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_sockets_carry_every_hop() {
+    let dir = TestDir::new("unix");
+    let sock = |name: &str| format!("unix:{}", dir.path().join(format!("{name}.sock")).display());
+    let mut p1 = dir.participant_on("db1", &sock("db1"), &[], &[]).await;
+    let mut p2 = dir.participant_on("db2", &sock("db2"), &[], &[]).await;
+    assert_eq!(p1.endpoint(), sock("db1"));
+    let mut coordinator =
+        dir.coordinator_with(&[("db1", &p1), ("db2", &p2)], &["--listen", &sock("pledge")], &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let (mut s1, mut s2) = (store_client(&p1).await, store_client(&p2).await);
+
+    let gtid = begin(&mut c, &[("db1", "debit"), ("db2", "credit")]).await;
+    put(&mut s1, &gtid, "debit", "alice", "90").await;
+    put(&mut s2, &gtid, "credit", "bob", "110").await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true));
+    assert_eq!(read(&mut s1, "alice").await.as_deref(), Some("90"));
+    assert_eq!(read(&mut s2, "bob").await.as_deref(), Some("110"));
+
+    let cli = tokio::process::Command::new(bin("pledge"))
+        .args(["txn", "get", &gtid, "--coordinator", &coordinator.endpoint()])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(cli.status.success(), "{text}{}", String::from_utf8_lossy(&cli.stderr));
+    assert!(text.contains(&gtid) && text.to_lowercase().contains("committed"), "{text}");
+
+    for p in [&mut coordinator, &mut p1, &mut p2] {
+        assert!(p.terminate().await.success());
+    }
+    for name in ["pledge", "db1", "db2"] {
+        assert!(!dir.path().join(format!("{name}.sock")).exists(), "{name}.sock is removed at shutdown");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_no_vote_aborts_every_branch() {
     let dir = TestDir::new("abort");

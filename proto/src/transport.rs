@@ -29,13 +29,13 @@ pub enum AddressError {
     PathTooLong { path: String, len: usize },
 }
 
-/// The path of a `unix:` address, if `address` is one.
-fn unix_path(address: &str) -> Option<Result<PathBuf, AddressError>> {
+/// The path of a `unix:` address, if `address` is one; `bad` names the error for a malformed one.
+fn unix_path(address: &str, bad: fn(String) -> AddressError) -> Option<Result<PathBuf, AddressError>> {
     let rest = address.strip_prefix("unix:")?;
     // unix:///abs (URI form with an empty authority) and unix:/abs both mean /abs.
     let path = rest.strip_prefix("//").unwrap_or(rest);
     Some(if path.is_empty() || path.contains('\0') {
-        Err(AddressError::BadTarget(address.to_string()))
+        Err(bad(address.to_string()))
     } else if path.len() > MAX_UNIX_PATH_BYTES {
         Err(AddressError::PathTooLong { path: path.to_string(), len: path.len() })
     } else {
@@ -54,11 +54,8 @@ impl std::str::FromStr for ListenAddr {
     type Err = AddressError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match unix_path(s) {
-            Some(path) => path.map(ListenAddr::Unix).map_err(|e| match e {
-                AddressError::BadTarget(s) => AddressError::BadListen(s),
-                e => e,
-            }),
+        match unix_path(s, AddressError::BadListen) {
+            Some(path) => path.map(ListenAddr::Unix),
             None => s.parse().map(ListenAddr::Tcp).map_err(|_| AddressError::BadListen(s.to_string())),
         }
     }
@@ -70,12 +67,6 @@ impl std::fmt::Display for ListenAddr {
             ListenAddr::Tcp(addr) => write!(f, "{addr}"),
             ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
         }
-    }
-}
-
-impl From<SocketAddr> for ListenAddr {
-    fn from(addr: SocketAddr) -> Self {
-        ListenAddr::Tcp(addr)
     }
 }
 
@@ -154,7 +145,7 @@ pub struct Target {
 impl Target {
     pub fn parse(target: &str) -> Result<Target, AddressError> {
         let bad = || AddressError::BadTarget(target.to_string());
-        match unix_path(target) {
+        match unix_path(target, AddressError::BadTarget) {
             Some(path) => {
                 // The URI only names the :authority tonic sends; the connector ignores it.
                 let endpoint = Endpoint::from_static("http://localhost");
@@ -173,6 +164,11 @@ impl Target {
     /// The Unix socket's path, for a `unix:` target.
     pub fn unix_path(&self) -> Option<&Path> {
         self.unix.as_deref()
+    }
+
+    /// The port of an http(s) target, when it names one.
+    pub fn port(&self) -> Option<u16> {
+        self.unix.is_none().then(|| self.endpoint.uri().port_u16()).flatten()
     }
 
     /// Adjusts the endpoint's settings (timeouts, keep-alive, window sizes, ...).
@@ -236,6 +232,8 @@ mod tests {
     fn targets() {
         assert_eq!(Target::parse("unix:///run/p.sock").unwrap().unix_path(), Some(Path::new("/run/p.sock")));
         assert_eq!(Target::parse("http://127.0.0.1:7600").unwrap().unix_path(), None);
+        assert_eq!(Target::parse("http://127.0.0.1:7600").unwrap().port(), Some(7600));
+        assert_eq!(Target::parse("unix:/run/p.sock").unwrap().port(), None);
         assert!(Target::parse("https://coordinator.internal:7600").is_ok());
         for bad in ["127.0.0.1:7600", "ftp://host:1", "http://", "unix:", "not a uri"] {
             assert!(matches!(Target::parse(bad), Err(AddressError::BadTarget(_))), "{bad}");
