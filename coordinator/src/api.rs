@@ -4,10 +4,12 @@
 //! Every domain error maps to a gRPC status in [`status_of`], one exhaustive match with no
 //! wildcard: a new error must choose its status.
 
+use pledge_proto::pipeline;
 use pledge_proto::v1::coordinator_server::Coordinator;
 use pledge_proto::v1::{self};
 use pledge_proto::{BranchKey, Gtid, IdError, ResourceId};
-use tonic::{Request, Response, Status};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::config::validate_endpoint;
@@ -21,14 +23,36 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 /// Most transactions one List returns.
 pub const MAX_LIST_LIMIT: usize = 1_000;
 const DEFAULT_LIST_LIMIT: usize = 100;
+/// Most calls of one pipeline stream handled at a time; the coordinator reads no more of the
+/// stream until one is answered (HTTP/2 flow control then holds the client back).
+pub const MAX_PIPELINE_CALLS_IN_FLIGHT: usize = 1024;
 
+#[derive(Clone)]
 pub struct CoordinatorService {
     runtime: RuntimeHandle,
+    /// Cancelled at shutdown: ends the pipeline streams, which a graceful shutdown would
+    /// otherwise wait for forever.
+    closing: CancellationToken,
 }
 
 impl CoordinatorService {
-    pub fn new(runtime: RuntimeHandle) -> Self {
-        CoordinatorService { runtime }
+    pub fn new(runtime: RuntimeHandle, closing: CancellationToken) -> Self {
+        CoordinatorService { runtime, closing }
+    }
+
+    /// One call from a pipeline stream, handled exactly as the unary call of its kind.
+    async fn pipelined(self, call: v1::CoordinatorCall) -> v1::CoordinatorReply {
+        use v1::coordinator_call::Call;
+        use v1::coordinator_reply::Reply;
+        let reply = match call.call {
+            Some(Call::Begin(r)) => self.begin(Request::new(r)).await.map(|r| Reply::Begin(r.into_inner())),
+            Some(Call::Enlist(r)) => self.enlist(Request::new(r)).await.map(|r| Reply::Enlist(r.into_inner())),
+            Some(Call::Commit(r)) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
+            Some(Call::Abort(r)) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+            None => Err(Status::invalid_argument("call: is required (begin, enlist, commit or abort)")),
+        };
+        let reply = reply.unwrap_or_else(|status| Reply::Error(pipeline::error_to_wire(&status)));
+        v1::CoordinatorReply { call_id: call.call_id, reply: Some(reply) }
     }
 
     async fn call(&self, request: ApiRequest) -> Result<Reply, Status> {
@@ -191,6 +215,19 @@ impl Coordinator for CoordinatorService {
             Reply::Registered => Ok(Response::new(v1::RegisterParticipantResponse {})),
             other => Err(unexpected(other)),
         }
+    }
+
+    type PipelineStream = pipeline::ReplyStream<v1::CoordinatorReply>;
+
+    async fn pipeline(
+        &self,
+        request: Request<Streaming<v1::CoordinatorCall>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        let service = self.clone();
+        let calls = request.into_inner();
+        Ok(Response::new(pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
+            service.clone().pipelined(call)
+        })))
     }
 
     async fn list_participants(

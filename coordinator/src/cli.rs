@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Size at which a log segment is closed, bytes.
     #[arg(long, env = "PLEDGE_LOG_SEGMENT_SIZE_BYTES")]
     pub log_segment_size_bytes: Option<u64>,
+    /// Call participants over their pipeline streams (true) or with unary calls only (false)
+    /// [default: true].
+    #[arg(long, env = "PLEDGE_PARTICIPANT_PIPELINE")]
+    pub participant_pipeline: Option<bool>,
 }
 
 impl ServeArgs {
@@ -111,6 +115,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.log_segment_size_bytes {
             config.log_segment_size_bytes = v;
+        }
+        if let Some(v) = self.participant_pipeline {
+            config.participant_pipeline = v;
         }
         config.validate()?;
         Ok(config)

@@ -53,6 +53,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
             rpc_timeout: Duration::from_millis(config.participant_rpc_timeout_ms),
             max_batch_branches: config.participant_max_batch_branches,
             max_inflight_calls: config.participant_max_inflight_calls,
+            pipeline: config.participant_pipeline,
         }),
         recovery_interval: Duration::from_millis(config.recovery_interval_ms),
         api_queue_capacity: 4096,
@@ -72,8 +73,8 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
         .register_encoded_file_descriptor_set(pledge_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let service =
-        CoordinatorServer::new(CoordinatorService::new(handle)).max_decoding_message_size(config.max_request_bytes);
+    let service = CoordinatorServer::new(CoordinatorService::new(handle, shutdown.clone()))
+        .max_decoding_message_size(config.max_request_bytes);
 
     println!("listening on {addr}");
     tracing::info!(%addr, "coordinator serving");

@@ -28,6 +28,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use pledge_integration_tests::bench::{Load, Run, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch};
+use pledge_proto::pipeline::CoordinatorPipeline;
 use pledge_proto::transport::Target;
 use pledge_proto::v1::{self, coordinator_client::CoordinatorClient};
 use tonic::transport::Channel;
@@ -57,6 +58,23 @@ fn print(name: &str, r: &Run) {
     );
 }
 
+/// How clients call the coordinator (BENCH_API).
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    /// Begin and Commit on the coordinator's pipeline stream (one per channel).
+    Pipeline,
+    /// Begin and Commit as unary calls.
+    Unary,
+}
+
+fn api() -> Api {
+    match env_or("BENCH_API", "pipeline".to_string()).as_str() {
+        "pipeline" => Api::Pipeline,
+        "unary" => Api::Unary,
+        other => panic!("BENCH_API: pipeline or unary, not {other:?}"),
+    }
+}
+
 /// Begin (with `resources`' branches) and Commit, from each client, over shared channels.
 async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
     let mut channels: Vec<Channel> = Vec::new();
@@ -64,18 +82,28 @@ async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
         let target = Target::parse(&coordinator.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
         channels.push(target.connect().await.unwrap());
     }
+    let pipelines: Vec<_> =
+        channels.iter().map(|c| CoordinatorPipeline::new(c.clone(), Duration::from_secs(30))).collect();
+    let api = api();
     measure(load(), |i| {
         let c = CoordinatorClient::new(channels[i % channels.len()].clone());
+        let p = pipelines[i % pipelines.len()].clone();
         move || {
-            let mut c = c.clone();
+            let (mut c, p) = (c.clone(), p.clone());
             Box::pin(async move {
                 let branches = resources.iter().map(|r| branch(r, "b")).collect();
-                let Ok(r) = c.begin(v1::BeginRequest { branches, ..Default::default() }).await else { return false };
-                let gtid = r.into_inner().gtid;
-                matches!(
-                    c.commit(v1::CommitRequest { gtid, ..Default::default() }).await,
-                    Ok(r) if r.get_ref().outcome() == v1::Outcome::Committed
-                )
+                let begin = v1::BeginRequest { branches, ..Default::default() };
+                let begun = match api {
+                    Api::Pipeline => p.begin(begin).await,
+                    Api::Unary => c.begin(begin).await.map(tonic::Response::into_inner),
+                };
+                let Ok(begun) = begun else { return false };
+                let commit = v1::CommitRequest { gtid: begun.gtid, ..Default::default() };
+                let committed = match api {
+                    Api::Pipeline => p.commit(commit).await,
+                    Api::Unary => c.commit(commit).await.map(tonic::Response::into_inner),
+                };
+                matches!(committed, Ok(r) if r.outcome() == v1::Outcome::Committed)
             }) as BoxFuture<'static, bool>
         }
     })
@@ -106,8 +134,9 @@ fn main() {
         }
         let l = load();
         println!(
-            "end-to-end benchmark: {} clients, {}, {} s per run, over {}, binaries from {}",
+            "end-to-end benchmark: {} clients ({} calls), {}, {} s per run, over {}, binaries from {}",
             l.clients,
+            if api() == Api::Pipeline { "pipeline" } else { "unary" },
             match l.rate_per_second {
                 0 => "as fast as they can".to_string(),
                 r => format!("{r} transactions/s scheduled"),

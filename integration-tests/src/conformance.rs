@@ -4,9 +4,14 @@
 //! It speaks the Participant protocol directly, as a coordinator would, and checks the
 //! contract every implementation must keep: idempotent prepare/commit/abort, a prepare after an
 //! abort refused, recover listing exactly the prepared branches, and commit and abort surviving
-//! a kill -9 of the participant.
+//! a kill -9 of the participant. Its Prepare, Commit and Abort calls alternate between unary
+//! calls and the pipeline stream, so every check covers both, and a repeated call crosses from
+//! one to the other.
+
+use std::time::Duration;
 
 use pledge_proto::Gtid;
+use pledge_proto::pipeline::ParticipantPipeline;
 use pledge_proto::v1::participant_client::ParticipantClient;
 use pledge_proto::v1::{self, BranchOutcome, Vote};
 use tonic::transport::Channel;
@@ -27,18 +32,33 @@ pub trait Target {
 }
 
 const COORDINATOR_ID: &str = "conformance";
+/// Deadline of a call on the pipeline.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Suite<'a, T: Target> {
     target: &'a mut T,
     client: ParticipantClient<Channel>,
+    pipeline: ParticipantPipeline,
+    /// Calls made so far: odd ones go over the pipeline.
+    calls: u32,
     n: u32,
+}
+
+async fn connect(endpoint: &str) -> (ParticipantClient<Channel>, ParticipantPipeline) {
+    let channel = pledge_proto::transport::Target::parse(endpoint)
+        .expect("participant endpoint")
+        .connect()
+        .await
+        .expect("connecting to the participant");
+    (ParticipantClient::new(channel.clone()), ParticipantPipeline::new(channel, 8 << 20))
 }
 
 /// Runs every check against `target`, one after the other. Panics on the first violation,
 /// naming the check.
 pub async fn run<T: Target>(target: &mut T) {
-    let client = ParticipantClient::connect(target.endpoint()).await.expect("connecting to the participant");
-    let mut suite = Suite { target, client, n: 0 };
+    let (client, pipeline) = connect(&target.endpoint()).await;
+    let mut suite = Suite { target, client, pipeline, calls: 0, n: 0 };
+    suite.pipelined_calls_in_flight_together_get_their_own_answers().await;
     suite.prepare_and_commit_are_idempotent().await;
     suite.abort_is_idempotent().await;
     suite.prepare_after_abort_is_refused().await;
@@ -74,12 +94,21 @@ impl<T: Target> Suite<'_, T> {
     }
 
     async fn reconnect(&mut self) {
-        self.client = ParticipantClient::connect(self.target.endpoint()).await.expect("reconnecting");
+        (self.client, self.pipeline) = connect(&self.target.endpoint()).await;
+    }
+
+    /// Whether the next call goes over the pipeline (every other one does).
+    fn pipelined(&mut self) -> bool {
+        self.calls += 1;
+        self.calls % 2 == 1
     }
 
     async fn prepare(&mut self, b: &Branch) -> v1::PrepareResult {
         let request = v1::PrepareRequest { coordinator_id: COORDINATOR_ID.into(), branches: vec![self.xid(b)] };
-        let mut results = self.client.prepare(request).await.expect("prepare call").into_inner().results;
+        let mut results = match self.pipelined() {
+            true => self.pipeline.prepare(request, CALL_TIMEOUT).await.expect("prepare call (pipeline)").results,
+            false => self.client.prepare(request).await.expect("prepare call").into_inner().results,
+        };
         assert_eq!(results.len(), 1, "one vote per branch");
         results.remove(0)
     }
@@ -89,7 +118,10 @@ impl<T: Target> Suite<'_, T> {
             coordinator_id: COORDINATOR_ID.into(),
             branches: vec![v1::CommitBranch { xid: Some(self.xid(b)), one_phase, metadata: metadata.to_vec() }],
         };
-        let mut results = self.client.commit(request).await.expect("commit call").into_inner().results;
+        let mut results = match self.pipelined() {
+            true => self.pipeline.commit(request, CALL_TIMEOUT).await.expect("commit call (pipeline)").results,
+            false => self.client.commit(request).await.expect("commit call").into_inner().results,
+        };
         assert_eq!(results.len(), 1, "one result per branch");
         results.remove(0)
     }
@@ -99,7 +131,10 @@ impl<T: Target> Suite<'_, T> {
             coordinator_id: COORDINATOR_ID.into(),
             branches: vec![v1::AbortBranch { xid: Some(self.xid(b)), metadata: metadata.to_vec() }],
         };
-        let mut results = self.client.abort(request).await.expect("abort call").into_inner().results;
+        let mut results = match self.pipelined() {
+            true => self.pipeline.abort(request, CALL_TIMEOUT).await.expect("abort call (pipeline)").results,
+            false => self.client.abort(request).await.expect("abort call").into_inner().results,
+        };
         assert_eq!(results.len(), 1, "one result per branch");
         results.remove(0)
     }
@@ -142,6 +177,57 @@ impl<T: Target> Suite<'_, T> {
 
     async fn listed(&mut self, b: &Branch) -> usize {
         self.recover(COORDINATOR_ID).await.iter().filter(|(g, br, _)| *g == b.gtid && *br == b.branch).count()
+    }
+
+    /// Calls for many branches in flight together on one pipeline stream (as the coordinator
+    /// sends them) each get their own answer; a malformed call gets INVALID_ARGUMENT and leaves
+    /// the stream and the other calls alone.
+    async fn pipelined_calls_in_flight_together_get_their_own_answers(&mut self) {
+        // Four: the Kafka adapter's suite runs with five producers, one per open branch.
+        let mut branches = Vec::new();
+        for _ in 0..4 {
+            branches.push(self.branch_with_work("pipelined").await);
+        }
+        let (xids, pipeline): (Vec<_>, _) = (branches.iter().map(|b| self.xid(b)).collect(), &self.pipeline);
+        let prepares = xids.iter().map(|xid| {
+            pipeline.prepare(
+                v1::PrepareRequest { coordinator_id: COORDINATOR_ID.into(), branches: vec![xid.clone()] },
+                CALL_TIMEOUT,
+            )
+        });
+        let mut bad = xids[0].clone();
+        bad.gtid = "not-a-gtid".into();
+        let malformed = pipeline
+            .prepare(v1::PrepareRequest { coordinator_id: COORDINATOR_ID.into(), branches: vec![bad] }, CALL_TIMEOUT);
+        let (votes, malformed) = futures::join!(futures::future::join_all(prepares), malformed);
+        let malformed = malformed.expect_err("a malformed gtid is refused");
+        assert_eq!(malformed.code(), tonic::Code::InvalidArgument, "{malformed:?}");
+        let mut metadata = Vec::new();
+        for (b, vote) in branches.iter().zip(votes) {
+            let vote = vote.expect("prepare call (pipeline)").results.remove(0);
+            assert_eq!(vote.vote(), Vote::Prepared, "prepare of {}: {}", b.branch, vote.reason);
+            metadata.push(vote.metadata);
+        }
+        let commits = xids.iter().zip(&metadata).map(|(xid, metadata)| {
+            pipeline.commit(
+                v1::CommitBranchesRequest {
+                    coordinator_id: COORDINATOR_ID.into(),
+                    branches: vec![v1::CommitBranch {
+                        xid: Some(xid.clone()),
+                        one_phase: false,
+                        metadata: metadata.clone(),
+                    }],
+                },
+                CALL_TIMEOUT,
+            )
+        });
+        for (b, result) in branches.iter().zip(futures::future::join_all(commits).await) {
+            let result = result.expect("commit call (pipeline)").results.remove(0);
+            assert_eq!(result.outcome(), BranchOutcome::Committed, "commit of {}: {}", b.branch, result.reason);
+        }
+        for b in &branches {
+            assert!(self.target.visible(&b.key).await, "committed work of {} is visible", b.branch);
+        }
     }
 
     async fn prepare_and_commit_are_idempotent(&mut self) {
@@ -282,13 +368,22 @@ impl<T: Target> Suite<'_, T> {
             coordinator_id: COORDINATOR_ID.into(),
             branches: vec![self.xid(&b)],
         });
-        request.set_timeout(std::time::Duration::from_millis(1));
+        request.set_timeout(Duration::from_millis(1));
         let _ = self.client.prepare(request).await; // may or may not have finished
         let r = self.abort(&b, &[]).await;
         assert_eq!(r.outcome(), BranchOutcome::Aborted, "abort after a cut-short prepare: {}", r.reason);
         assert_eq!(self.listed(&b).await, 0, "nothing left in doubt");
         assert!(!self.target.visible(&b.key).await);
         assert_eq!(self.prepare(&b).await.vote(), Vote::Aborted);
+
+        // The same over the pipeline, whose deadline is the caller's alone.
+        let b = self.branch_with_work("prepare-deadline-pipelined").await;
+        let request = v1::PrepareRequest { coordinator_id: COORDINATOR_ID.into(), branches: vec![self.xid(&b)] };
+        let _ = self.pipeline.prepare(request, Duration::from_millis(1)).await;
+        let r = self.abort(&b, &[]).await;
+        assert_eq!(r.outcome(), BranchOutcome::Aborted, "abort after a cut-short pipelined prepare: {}", r.reason);
+        assert_eq!(self.listed(&b).await, 0, "nothing left in doubt");
+        assert!(!self.target.visible(&b.key).await);
     }
 
     async fn abort_survives_a_restart(&mut self) {

@@ -75,6 +75,83 @@ async fn unix_sockets_carry_every_hop() {
     }
 }
 
+/// The Coordinator.Pipeline stream answers as the unary calls do: a transaction begun and
+/// committed on it commits at both participants, a retried Commit (unary) gets the same answer,
+/// bad input gets the same precise status without harming the stream, and a SIGTERM with the
+/// stream open still shuts the coordinator down cleanly (it ends the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_answers_as_unary_calls_do() {
+    use pledge_proto::pipeline::CoordinatorPipeline;
+    let dir = TestDir::new("pipeline-api");
+    let p1 = dir.participant("db1", 0, &[], &[]).await;
+    let p2 = dir.participant("db2", 0, &[], &[]).await;
+    let mut coordinator = dir.coordinator(&[("db1", &p1), ("db2", &p2)], &[]).await;
+    let pipeline = CoordinatorPipeline::new(coordinator.channel().await, std::time::Duration::from_secs(30));
+    let mut c = coordinator_client(&coordinator).await;
+    let (mut s1, mut s2) = (store_client(&p1).await, store_client(&p2).await);
+
+    let begun = pipeline
+        .begin(v1::BeginRequest { branches: vec![branch("db1", "debit")], ..Default::default() })
+        .await
+        .unwrap();
+    let gtid = begun.gtid;
+    pipeline.enlist(v1::EnlistRequest { gtid: gtid.clone(), branches: vec![branch("db2", "credit")] }).await.unwrap();
+    put(&mut s1, &gtid, "debit", "alice", "90").await;
+    put(&mut s2, &gtid, "credit", "bob", "110").await;
+    let r = pipeline
+        .commit(v1::CommitRequest { gtid: gtid.clone(), wait_for_completion: true, ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true));
+    assert_eq!(read(&mut s1, "alice").await.as_deref(), Some("90"));
+    assert_eq!(read(&mut s2, "bob").await.as_deref(), Some("110"));
+    let again = commit(&mut c, &gtid, false).await.unwrap();
+    assert_eq!((again.outcome(), again.completed), (v1::Outcome::Committed, true), "a unary retry, same answer");
+
+    // Bad input: the unary calls' statuses, call by call, on the same stream.
+    let malformed = pipeline.commit(v1::CommitRequest { gtid: "nope".into(), ..Default::default() }).await;
+    assert_eq!(malformed.unwrap_err().code(), Code::InvalidArgument);
+    let unknown = pledge_proto::Gtid::new_v7().to_string();
+    let missing = pipeline.abort(v1::AbortRequest { gtid: unknown.clone() }).await.unwrap_err();
+    let unary = c.abort(v1::AbortRequest { gtid: unknown }).await.unwrap_err();
+    assert_eq!((missing.code(), missing.message()), (unary.code(), unary.message()));
+    let late = pipeline.abort(v1::AbortRequest { gtid: gtid.clone() }).await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "abort after commit: {late:?}");
+    let next = pipeline.begin(v1::BeginRequest::default()).await.unwrap();
+    assert_ne!(next.gtid, gtid, "the stream still works");
+
+    assert!(coordinator.terminate().await.success(), "a clean shutdown with a pipeline stream open");
+}
+
+/// A participant without the pipeline (UNIMPLEMENTED) gets unary calls: a transaction across it
+/// and a participant with the pipeline commits, and one where it votes no aborts everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_without_the_pipeline_get_unary_calls() {
+    let dir = TestDir::new("no-pipeline");
+    let p1 = dir.participant("db1", 0, &[], &[]).await;
+    let p2 = dir.participant("db2", 0, &["--no-pipeline"], &[]).await;
+    let p3 = dir.participant("db3", 0, &["--no-pipeline", "--vote-no"], &[]).await;
+    let coordinator = dir.coordinator(&[("db1", &p1), ("db2", &p2), ("db3", &p3)], &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let (mut s1, mut s2) = (store_client(&p1).await, store_client(&p2).await);
+
+    let gtid = begin(&mut c, &[("db1", "debit"), ("db2", "credit")]).await;
+    put(&mut s1, &gtid, "debit", "alice", "90").await;
+    put(&mut s2, &gtid, "credit", "bob", "110").await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true), "{}", r.reason);
+    assert_eq!(read(&mut s2, "bob").await.as_deref(), Some("110"));
+
+    let gtid = begin(&mut c, &[("db1", "debit"), ("db3", "credit")]).await;
+    put(&mut s1, &gtid, "debit", "carol", "1").await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Aborted);
+    assert!(r.reason.contains("db3/credit voted no: configured to vote no"), "{}", r.reason);
+    assert!(r.completed, "the abort reached both, over the pipeline and over a unary call");
+    assert_eq!(branch_state(&mut s1, &gtid, "debit").await, BranchState::Aborted);
+    assert_eq!(read(&mut s1, "carol").await, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_no_vote_aborts_every_branch() {
     let dir = TestDir::new("abort");

@@ -3,7 +3,10 @@
 //! `v1` is the code generated from `proto/pledge/v1/*.proto`. [`types`] holds the validated
 //! domain types (GTID, resource id, branch id); every server converts wire messages into them
 //! once, on receipt, and a malformed field becomes `Status::invalid_argument` naming the field.
+//! [`transport`] is how servers listen and clients dial (TCP or Unix sockets); [`pipeline`]
+//! multiplexes many calls over one stream, for callers that make many.
 
+pub mod pipeline;
 pub mod transport;
 pub mod types;
 

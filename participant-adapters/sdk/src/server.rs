@@ -4,12 +4,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures::future::join_all;
+use pledge_proto::pipeline;
 use pledge_proto::transport::{ListenAddr, Listener};
-use pledge_proto::v1::participant_server::ParticipantServer;
+use pledge_proto::v1::participant_server::{Participant as _, ParticipantServer};
 use pledge_proto::v1::{self};
 use pledge_proto::{IdError, MAX_VOTE_METADATA_BYTES, ResourceId, Xid, bounded_reason};
+use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::{Outcome, Participant, Vote};
@@ -21,11 +23,22 @@ pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// Most in-doubt branches in one Recover response (each may carry 4 KiB of metadata, and the
 /// response must stay well under the 4 MiB a gRPC client accepts by default).
 pub const MAX_RECOVER_PAGE: usize = 500;
+/// Most calls of one pipeline stream handled at a time; the server reads no more of the stream
+/// until one is answered. (The coordinator keeps a few calls of each kind in flight.)
+pub const MAX_PIPELINE_CALLS_IN_FLIGHT: usize = 256;
 
 /// gRPC health checking, server reflection and the Participant service for `participant`.
-/// Add a work API with `.add_service(...)` and serve with
+/// Add a work API with `.add_service(...)` and serve with [`serve`], or with
 /// `tonic::transport::Server::builder().add_routes(routes.routes())`.
-pub async fn routes<P: Participant>(participant: Arc<P>) -> RoutesBuilder {
+///
+/// `closing` is cancelled when the server shuts down: it ends the pipeline streams (after the
+/// calls they carry are answered), which a graceful shutdown would otherwise wait for forever.
+pub async fn routes<P: Participant>(participant: Arc<P>, closing: CancellationToken) -> RoutesBuilder {
+    routes_for(ParticipantService::new(participant, closing)).await
+}
+
+/// [`routes`] around a service set up by hand (e.g. [`ParticipantService::without_pipeline`]).
+pub async fn routes_for<P: Participant>(service: ParticipantService<P>) -> RoutesBuilder {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ParticipantServer<ParticipantService<P>>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -34,9 +47,10 @@ pub async fn routes<P: Participant>(participant: Arc<P>) -> RoutesBuilder {
         .build_v1()
         .expect("the embedded descriptor sets are valid");
     let mut routes = RoutesBuilder::default();
-    routes.add_service(health_service).add_service(reflection).add_service(
-        ParticipantServer::new(ParticipantService::new(participant)).max_decoding_message_size(MAX_REQUEST_BYTES),
-    );
+    routes
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ParticipantServer::new(service).max_decoding_message_size(MAX_REQUEST_BYTES));
     routes
 }
 
@@ -82,11 +96,48 @@ fn prepare_result(vote: Result<Vote, crate::Error>) -> v1::PrepareResult {
 /// Adapts a [`Participant`] to the generated gRPC service: validation, batching, tracing.
 pub struct ParticipantService<P> {
     participant: Arc<P>,
+    /// Cancelled at shutdown: ends the pipeline streams.
+    closing: CancellationToken,
+    /// Whether `Pipeline` is offered (else it answers UNIMPLEMENTED).
+    pipeline: bool,
 }
 
 impl<P> ParticipantService<P> {
-    pub fn new(participant: Arc<P>) -> Self {
-        ParticipantService { participant }
+    pub fn new(participant: Arc<P>, closing: CancellationToken) -> Self {
+        ParticipantService { participant, closing, pipeline: true }
+    }
+
+    /// Answers `Pipeline` with UNIMPLEMENTED, as a participant written without it does: the
+    /// coordinator then makes unary calls. For tests of that path, and for networks whose
+    /// proxies cut long-lived streams.
+    pub fn without_pipeline(self) -> Self {
+        ParticipantService { pipeline: false, ..self }
+    }
+}
+
+impl<P> Clone for ParticipantService<P> {
+    fn clone(&self) -> Self {
+        ParticipantService {
+            participant: self.participant.clone(),
+            closing: self.closing.clone(),
+            pipeline: self.pipeline,
+        }
+    }
+}
+
+impl<P: Participant> ParticipantService<P> {
+    /// One call from a pipeline stream, handled exactly as the unary call of its kind.
+    async fn pipelined(self, call: v1::ParticipantCall) -> v1::ParticipantReply {
+        use v1::participant_call::Call;
+        use v1::participant_reply::Reply;
+        let reply = match call.call {
+            Some(Call::Prepare(r)) => self.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner())),
+            Some(Call::Commit(r)) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
+            Some(Call::Abort(r)) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+            None => Err(Status::invalid_argument("call: is required (prepare, commit or abort)")),
+        };
+        let reply = reply.unwrap_or_else(|status| Reply::Error(pipeline::error_to_wire(&status)));
+        v1::ParticipantReply { call_id: call.call_id, reply: Some(reply) }
     }
 }
 
@@ -198,6 +249,22 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         Ok(Response::new(v1::AbortBranchesResponse { results }))
     }
 
+    type PipelineStream = pipeline::ReplyStream<v1::ParticipantReply>;
+
+    async fn pipeline(
+        &self,
+        request: Request<Streaming<v1::ParticipantCall>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        if !self.pipeline {
+            return Err(Status::unimplemented("this participant serves unary calls only"));
+        }
+        let service = self.clone();
+        let calls = request.into_inner();
+        Ok(Response::new(pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
+            service.clone().pipelined(call)
+        })))
+    }
+
     async fn recover(&self, request: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
         let r = request.into_inner();
         coordinator_id(&r.coordinator_id)?;
@@ -256,16 +323,27 @@ pub fn init_logging() {
         .init();
 }
 
-/// Serves `routes` on `listen` (`host:port` or `unix:<path>`) until SIGTERM or Ctrl-C. Prints
-/// `listening on <addr>` to stdout once the socket is open (scripts and tests wait for that
-/// line; port 0 picks a free one).
-pub async fn serve(listen: &ListenAddr, routes: RoutesBuilder, what: &str) -> anyhow::Result<()> {
+/// Serves `routes` on `listen` (`host:port` or `unix:<path>`) until SIGTERM or Ctrl-C, or
+/// until `shutdown` is cancelled (a signal cancels it; pass the token given to [`routes`]).
+/// Prints `listening on <addr>` to stdout once the socket is open (scripts and tests wait for
+/// that line; port 0 picks a free one).
+pub async fn serve(
+    listen: &ListenAddr,
+    routes: RoutesBuilder,
+    what: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listener = Listener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     tracing::info!(%addr, "{what} serving");
+    let signalled = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        signalled.cancel();
+    });
     let router = tonic::transport::Server::builder().add_routes(routes.routes());
-    listener.serve(router, shutdown_signal()).await?;
+    listener.serve(router, shutdown.cancelled_owned()).await?;
     Ok(())
 }
 

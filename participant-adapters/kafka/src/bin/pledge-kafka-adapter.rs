@@ -66,9 +66,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.call_timeout = Duration::from_millis(args.call_timeout_ms);
     let (participant, handle) = tokio::task::block_in_place(|| KafkaParticipant::open(config))?;
 
-    let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut routes = pledge_sdk::routes(Arc::new(participant.clone()), shutdown.clone()).await;
     routes.add_service(KafkaBranchServer::new(BranchService::new(participant)));
-    pledge_sdk::server::serve(&args.listen, routes, "Kafka adapter").await?;
+    pledge_sdk::server::serve(&args.listen, routes, "Kafka adapter", shutdown).await?;
     handle.shutdown().await?;
     tracing::info!("Kafka adapter stopped; state flushed");
     Ok(())

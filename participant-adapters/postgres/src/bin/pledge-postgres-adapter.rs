@@ -81,9 +81,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.application_name = args.application_name;
     let participant = PostgresParticipant::connect(config).await?;
 
-    let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut routes = pledge_sdk::routes(Arc::new(participant.clone()), shutdown.clone()).await;
     routes.add_service(PostgresBranchServer::new(BranchService::new(participant)));
-    pledge_sdk::server::serve(&args.listen, routes, "PostgreSQL adapter").await?;
+    pledge_sdk::server::serve(&args.listen, routes, "PostgreSQL adapter", shutdown).await?;
     tracing::info!("PostgreSQL adapter stopped");
     Ok(())
 }

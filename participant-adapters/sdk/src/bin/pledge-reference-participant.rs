@@ -1,6 +1,6 @@
 //! The reference participant: a durable key-value store that takes part in Pledge
 //! transactions. For tests, demos and benchmarks; `--vote-no` and `--stall-*-ms` inject
-//! faults.
+//! faults, `--no-pipeline` makes it a participant that serves unary calls only.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use pledge_proto::ResourceId;
 use pledge_proto::transport::ListenAddr;
 use pledge_proto::v1::reference_store_server::ReferenceStoreServer;
 use pledge_sdk::reference::{ReferenceConfig, ReferenceParticipant, StoreService};
+use pledge_sdk::server::ParticipantService;
 
 #[derive(Parser, Debug)]
 #[command(name = "pledge-reference-participant", version, about)]
@@ -34,6 +35,10 @@ struct Args {
     /// Wait this long before handling each Commit (fault injection).
     #[arg(long, default_value_t = 0)]
     stall_commit_ms: u64,
+    /// Answer the Participant.Pipeline stream with UNIMPLEMENTED, as a participant written
+    /// without it would (the coordinator then makes unary calls).
+    #[arg(long)]
+    no_pipeline: bool,
     /// Write a checkpoint of the state after this many log records (and at least as many as
     /// the last checkpoint held).
     #[arg(long, default_value_t = 100_000)]
@@ -54,9 +59,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.checkpoint_every_records = args.checkpoint_every_records;
     let (participant, handle) = tokio::task::block_in_place(|| ReferenceParticipant::open(config))?;
 
-    let mut routes = pledge_sdk::routes(Arc::new(participant.clone())).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut service = ParticipantService::new(Arc::new(participant.clone()), shutdown.clone());
+    if args.no_pipeline {
+        service = service.without_pipeline();
+    }
+    let mut routes = pledge_sdk::server::routes_for(service).await;
     routes.add_service(ReferenceStoreServer::new(StoreService::new(participant)));
-    pledge_sdk::server::serve(&args.listen, routes, "reference participant").await?;
+    pledge_sdk::server::serve(&args.listen, routes, "reference participant", shutdown).await?;
     handle.shutdown().await?;
     tracing::info!("reference participant stopped; state flushed");
     Ok(())
