@@ -3,6 +3,11 @@ use pledge_coordinator::cli::{self, Cli, Command, LogCommand};
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// glibc's malloc costs this service 5-10% of its CPU (its arenas consolidate on the many
+/// short-lived buffers of the gRPC stack); mimalloc's thread-local pages do not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // The server logs at info by default; client commands only warn.

@@ -14,7 +14,10 @@
 //! cargo bench -p pledge-integration-tests --bench e2e
 //! ```
 //! Settings (environment): BENCH_CLIENTS (64), BENCH_SECONDS (10), BENCH_WARMUP_SECONDS (2),
-//! BENCH_CHANNELS (8 HTTP/2 connections shared by the clients), BENCH_DIR (where data goes;
+//! BENCH_API (pipeline: Begin and Commit on the coordinator's pipeline stream, one per
+//! connection; unary: unary calls), BENCH_CHANNELS (HTTP/2 connections shared by the clients:
+//! 2 for the pipeline, where fewer connections coalesce more messages per write; 8 for unary
+//! calls), BENCH_DIR (where data goes;
 //! must be a real disk so fsync costs what it costs), BENCH_PARTICIPANT_DIR (where the
 //! participants' data goes, default BENCH_DIR: on one machine three processes fsyncing one
 //! virtual disk contend for it, which participants on their own hosts would not), BENCH_RATE (0: each client starts its
@@ -78,7 +81,8 @@ fn api() -> Api {
 /// Begin (with `resources`' branches) and Commit, from each client, over shared channels.
 async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
     let mut channels: Vec<Channel> = Vec::new();
-    for _ in 0..env_or("BENCH_CHANNELS", 8) {
+    let default_channels = if api() == Api::Pipeline { 2 } else { 8 };
+    for _ in 0..env_or("BENCH_CHANNELS", default_channels) {
         let target = Target::parse(&coordinator.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
         channels.push(target.connect().await.unwrap());
     }
