@@ -5,7 +5,8 @@
 //! * pgbench: `BEGIN; UPDATE ...; PREPARE TRANSACTION 'gid'; COMMIT PREPARED 'gid'` on one
 //!   database: one prepared-and-committed branch per transaction.
 //! * Pledge: Begin (two branches) -> UPDATE at database A -> UPDATE at database B -> Commit,
-//!   through the coordinator and the PostgreSQL adapter; two branches per transaction, each
+//!   through the coordinator (Begin and Commit on its pipeline stream) and the PostgreSQL
+//!   adapter; two branches per transaction, each
 //!   BEGIN/UPDATE/PREPARE TRANSACTION/COMMIT PREPARED in PostgreSQL. Twice: with the adapter
 //!   as its own process (each UPDATE an `Execute` call to it), and embedded in the benchmark's
 //!   process as a Rust service would use it (each UPDATE with sqlx on the branch's connection;
@@ -31,7 +32,8 @@ use pledge_integration_tests::bench::{Load, Run, busy_cpu_seconds, busy_cpu_sinc
 use pledge_integration_tests::{Process, TestDir, branch, pg_url};
 use pledge_postgres::{PostgresConfig, PostgresParticipant, ResourceConfig};
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
-use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, value::Kind};
+use pledge_proto::pipeline::CoordinatorPipeline;
+use pledge_proto::v1::{self, value::Kind};
 use pledge_proto::{BranchId, Gtid, ResourceId};
 use tonic::transport::{Channel, Endpoint};
 
@@ -159,6 +161,8 @@ impl Via {
 async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process, via: &Via) -> Run {
     let wait = env_or("BENCH_WAIT_FOR_COMPLETION", 0) == 1;
     let coordinator_channel = Endpoint::from_shared(coordinator.endpoint()).unwrap().connect().await.unwrap();
+    // Begin, Commit and Abort on the coordinator's pipeline stream, shared by every client.
+    let pipeline = CoordinatorPipeline::new(coordinator_channel, Duration::from_secs(30));
     let update: Arc<str> = format!("UPDATE {TABLE} SET balance = balance + $1 WHERE id = $2").into();
     let load = Load {
         clients: clients as usize,
@@ -167,15 +171,14 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
         rate_per_second: 0,
     };
     let run = measure(load, |_| {
-        let c = CoordinatorClient::new(coordinator_channel.clone());
-        let (via, update) = (via.clone(), update.clone());
+        let (c, via, update) = (pipeline.clone(), via.clone(), update.clone());
         move || {
-            let (mut c, via, update) = (c.clone(), via.clone(), update.clone());
+            let (c, via, update) = (c.clone(), via.clone(), update.clone());
             Box::pin(async move {
                 let (from, to) = (fastrand::i64(1..=accounts), fastrand::i64(1..=accounts));
                 let branches = vec![branch("db_a", "debit"), branch("db_b", "credit")];
                 let gtid = match c.begin(v1::BeginRequest { branches, ..Default::default() }).await {
-                    Ok(r) => r.into_inner().gtid,
+                    Ok(r) => r.gtid,
                     Err(e) => return report_error(format_args!("Begin: {e}")),
                 };
                 for (resource, b, amount, id) in [("db_a", "debit", -1, from), ("db_b", "credit", 1, to)] {
@@ -185,8 +188,8 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
                     }
                 }
                 match c.commit(v1::CommitRequest { gtid, branches: vec![], wait_for_completion: wait }).await {
-                    Ok(r) if r.get_ref().outcome() == v1::Outcome::Committed => true,
-                    Ok(r) => report_error(format_args!("Commit: {:?} {}", r.get_ref().outcome(), r.get_ref().reason)),
+                    Ok(r) if r.outcome() == v1::Outcome::Committed => true,
+                    Ok(r) => report_error(format_args!("Commit: {:?} {}", r.outcome(), r.reason)),
                     Err(e) => report_error(format_args!("Commit: {e}")),
                 }
             }) as BoxFuture<'static, bool>
