@@ -21,9 +21,10 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use pledge_integration_tests::bench::{Load, Run, env_or, measure, report_error};
 use pledge_integration_tests::{Process, TestDir, branch, kafka_bootstrap, pg_url};
+use pledge_proto::pipeline::CoordinatorPipeline;
 use pledge_proto::v1::kafka_branch_client::KafkaBranchClient;
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
-use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, value::Kind};
+use pledge_proto::v1::{self, value::Kind};
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tonic::transport::{Channel, Endpoint};
@@ -86,7 +87,8 @@ async fn baseline(clients: usize, seconds: u64, topic: &str, run_id: u32) -> Run
 
 #[derive(Clone)]
 struct Pledge {
-    coordinator: Channel,
+    /// Begin, Commit and Abort on the coordinator's pipeline stream.
+    coordinator: CoordinatorPipeline,
     kafka: Channel,
     pg: Channel,
     topic: String,
@@ -96,14 +98,14 @@ struct Pledge {
 impl Pledge {
     /// One transaction; on failure it is aborted (so it holds nothing) and `false` returned.
     async fn txn(self, with_postgres: bool) -> bool {
-        let mut c = CoordinatorClient::new(self.coordinator.clone());
+        let c = self.coordinator.clone();
         let mut branches = vec![branch("kafka", "out")];
         if with_postgres {
             branches.push(branch("db", "row"));
         }
         let Ok(r) = c.begin(v1::BeginRequest { branches, ..Default::default() }).await else { return false };
-        let gtid = r.into_inner().gtid;
-        match self.work(&mut c, &gtid, with_postgres).await {
+        let gtid = r.gtid;
+        match self.work(&c, &gtid, with_postgres).await {
             Ok(committed) => committed,
             Err(e) => {
                 report_error(format_args!("{:?}: {}", e.code(), e.message()));
@@ -113,12 +115,7 @@ impl Pledge {
         }
     }
 
-    async fn work(
-        self,
-        c: &mut CoordinatorClient<Channel>,
-        gtid: &str,
-        with_postgres: bool,
-    ) -> Result<bool, tonic::Status> {
+    async fn work(self, c: &CoordinatorPipeline, gtid: &str, with_postgres: bool) -> Result<bool, tonic::Status> {
         if with_postgres {
             PostgresBranchClient::new(self.pg)
                 .execute(v1::ExecuteRequest {
@@ -147,7 +144,7 @@ impl Pledge {
                 }],
             })
             .await?;
-        let r = c.commit(v1::CommitRequest { gtid: gtid.into(), ..Default::default() }).await?.into_inner();
+        let r = c.commit(v1::CommitRequest { gtid: gtid.into(), ..Default::default() }).await?;
         let committed = r.outcome() == v1::Outcome::Committed;
         if !committed {
             report_error(format_args!("{:?}: {}", r.outcome(), r.reason));
@@ -197,7 +194,7 @@ fn main() {
         let coordinator =
             dir.coordinator_with(&[("kafka", &kafka), ("db", &pg)], &["--coordinator-id", COORDINATOR_ID], &[]).await;
         let pledge = Pledge {
-            coordinator: channel(&coordinator).await,
+            coordinator: CoordinatorPipeline::new(channel(&coordinator).await, Duration::from_secs(30)),
             kafka: channel(&kafka).await,
             pg: channel(&pg).await,
             topic: topic.clone(),
