@@ -117,6 +117,11 @@ impl Process {
         tail(&self.log)
     }
 
+    /// Everything the process wrote to stderr (its log) so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// kill -9, and wait for it to be gone.
     pub async fn kill9(&mut self) {
         self.child.start_kill().expect("sending SIGKILL");

@@ -124,7 +124,8 @@ async fn the_pipeline_answers_as_unary_calls_do() {
 }
 
 /// A participant without the pipeline (UNIMPLEMENTED) gets unary calls: a transaction across it
-/// and a participant with the pipeline commits, and one where it votes no aborts everywhere.
+/// and a participant with the pipeline commits, and one where it votes no aborts everywhere;
+/// the participant with the pipeline is called over it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn participants_without_the_pipeline_get_unary_calls() {
     let dir = TestDir::new("no-pipeline");
@@ -150,6 +151,8 @@ async fn participants_without_the_pipeline_get_unary_calls() {
     assert!(r.completed, "the abort reached both, over the pipeline and over a unary call");
     assert_eq!(branch_state(&mut s1, &gtid, "debit").await, BranchState::Aborted);
     assert_eq!(read(&mut s1, "carol").await, None);
+    assert!(p1.log().contains("pipeline stream opened"), "the coordinator calls db1 over its pipeline");
+    assert!(!p2.log().contains("pipeline stream opened"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,10 +28,11 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -47,40 +48,60 @@ pub const CLIENT_QUEUE_CALLS: usize = 1024;
 /// After a server answered UNIMPLEMENTED to a pipeline, how long callers use unary calls
 /// before asking again (the server may be upgraded meanwhile).
 pub const UNSUPPORTED_RECHECK: Duration = Duration::from_secs(60);
+/// Longest a server waits for its client to take a reply (HTTP/2 flow control holds it back
+/// when the client stops reading) before it gives up on the stream.
+pub const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Streams one call may be tried on: a call is sent again only when the server ended its
+/// stream cleanly without having taken it (a server answers every call it takes before it
+/// ends a stream), e.g. at a restart.
+const MAX_ATTEMPTS: usize = 3;
 
-/// A call envelope: the request plus the id its reply will carry.
-pub trait CallEnvelope: Send + 'static {
+/// A call envelope: the request plus the id its reply will carry and the caller's deadline.
+pub trait CallEnvelope: Clone + Send + 'static {
+    fn call_id(&self) -> u64;
     fn set_call_id(&mut self, id: u64);
+    /// How long the caller waits, ms (0: no deadline); the server stops the call then.
+    fn timeout_ms(&self) -> u64;
+    fn set_timeout_ms(&mut self, ms: u64);
 }
 
 /// A reply envelope.
 pub trait ReplyEnvelope: Send + 'static {
     fn call_id(&self) -> u64;
+    /// The reply of a call that failed as a whole.
+    fn error(call_id: u64, status: &Status) -> Self;
 }
 
-impl CallEnvelope for v1::ParticipantCall {
-    fn set_call_id(&mut self, id: u64) {
-        self.call_id = id;
-    }
+macro_rules! envelopes {
+    ($call:ty, $reply:ty, $error:path) => {
+        impl CallEnvelope for $call {
+            fn call_id(&self) -> u64 {
+                self.call_id
+            }
+            fn set_call_id(&mut self, id: u64) {
+                self.call_id = id;
+            }
+            fn timeout_ms(&self) -> u64 {
+                self.timeout_ms
+            }
+            fn set_timeout_ms(&mut self, ms: u64) {
+                self.timeout_ms = ms;
+            }
+        }
+
+        impl ReplyEnvelope for $reply {
+            fn call_id(&self) -> u64 {
+                self.call_id
+            }
+            fn error(call_id: u64, status: &Status) -> Self {
+                Self { call_id, reply: Some($error(error_to_wire(status))) }
+            }
+        }
+    };
 }
 
-impl ReplyEnvelope for v1::ParticipantReply {
-    fn call_id(&self) -> u64 {
-        self.call_id
-    }
-}
-
-impl CallEnvelope for v1::CoordinatorCall {
-    fn set_call_id(&mut self, id: u64) {
-        self.call_id = id;
-    }
-}
-
-impl ReplyEnvelope for v1::CoordinatorReply {
-    fn call_id(&self) -> u64 {
-        self.call_id
-    }
-}
+envelopes!(v1::ParticipantCall, v1::ParticipantReply, v1::participant_reply::Reply::Error);
+envelopes!(v1::CoordinatorCall, v1::CoordinatorReply, v1::coordinator_reply::Reply::Error);
 
 /// A failed call's status, as a pipeline reply carries it.
 pub fn error_to_wire(status: &Status) -> v1::CallError {
@@ -97,11 +118,15 @@ pub type ReplyStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
 
 /// Serves one pipeline: reads calls from `calls`, runs `handle` on each (at most
 /// `max_in_flight` at a time, concurrently, in one task) and streams the replies back as they
-/// finish.
+/// finish. A call whose deadline (`timeout_ms`) passes is stopped and answered
+/// DEADLINE_EXCEEDED, as tonic stops a unary call, so calls whose callers gave up cannot hold
+/// the stream's places; a call that panics is answered INTERNAL.
 ///
-/// Ends the reply stream once the client has ended its side and every call taken has been
-/// answered, or, when `closing` is cancelled (the server is shutting down), once the calls
-/// already taken are answered: a long-lived stream must not hold up a graceful shutdown.
+/// Every call taken is answered before the stream ends, so a caller whose call is still
+/// unanswered when the stream ends cleanly knows it never ran. The stream ends once the client
+/// has ended its side, or when `closing` is cancelled (the server is shutting down: a
+/// long-lived stream must not hold up a graceful shutdown), or with the error status of a call
+/// that cannot be decoded (too large, malformed) after the calls taken before it are answered.
 pub fn serve<C, R, F, Fut>(
     mut calls: Streaming<C>,
     closing: CancellationToken,
@@ -109,8 +134,8 @@ pub fn serve<C, R, F, Fut>(
     mut handle: F,
 ) -> ReplyStream<R>
 where
-    C: Send + 'static,
-    R: Send + 'static,
+    C: CallEnvelope,
+    R: ReplyEnvelope,
     F: FnMut(C) -> Fut + Send + 'static,
     Fut: Future<Output = R> + Send + 'static,
 {
@@ -118,53 +143,84 @@ where
     tokio::spawn(async move {
         let mut running = FuturesUnordered::new();
         let mut reading = true;
+        let mut broken = None;
         while reading || !running.is_empty() {
             tokio::select! {
                 biased;
                 Some(reply) = running.next(), if !running.is_empty() => {
-                    if tx.send(Ok(reply)).await.is_err() {
-                        return; // the client is gone
+                    match tokio::time::timeout(REPLY_SEND_TIMEOUT, tx.send(Ok(reply))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return, // the client is gone
+                        Err(_) => {
+                            tracing::warn!("pipeline client took no reply for {REPLY_SEND_TIMEOUT:?}; ending its stream");
+                            return;
+                        }
                     }
                 }
                 _ = closing.cancelled(), if reading => reading = false,
                 next = calls.message(), if reading && running.len() < max_in_flight => match next {
-                    Ok(Some(call)) => running.push(handle(call)),
+                    Ok(Some(call)) => {
+                        let (id, timeout_ms) = (call.call_id(), call.timeout_ms());
+                        let call = std::panic::AssertUnwindSafe(handle(call)).catch_unwind();
+                        running.push(async move {
+                            let finished = match timeout_ms {
+                                0 => Ok(call.await),
+                                ms => tokio::time::timeout(Duration::from_millis(ms), call).await,
+                            };
+                            match finished {
+                                Ok(Ok(reply)) => reply,
+                                Ok(Err(_)) => R::error(id, &Status::internal("the call failed unexpectedly (panic)")),
+                                Err(_) => R::error(id, &Status::deadline_exceeded(format!("deadline of {timeout_ms} ms passed"))),
+                            }
+                        });
+                    }
                     Ok(None) => reading = false,
                     Err(status) => {
-                        // The client's side broke: nobody is left to answer.
-                        tracing::debug!(%status, "pipeline stream broken by the client");
-                        return;
+                        // A call that cannot be decoded, or the client's side broke: read no
+                        // more, answer what was taken, then end with the error.
+                        tracing::debug!(%status, "pipeline stream unreadable");
+                        reading = false;
+                        broken = Some(status);
                     }
                 },
             }
+        }
+        if let Some(status) = broken {
+            let _ = tx.try_send(Err(status));
         }
     });
     Box::pin(ReceiverStream::new(rx))
 }
 
-type Pending<R> = HashMap<u64, oneshot::Sender<Result<R, Status>>>;
+/// Why a call got no reply on its stream.
+enum Failure {
+    /// The server ended the stream cleanly without taking the call: it never ran.
+    NotTaken,
+    Status(Status),
+}
 
-/// What the stream's reader and its callers share: the calls waiting for replies, `None` once
-/// the stream is closed.
+type Waiter<R> = oneshot::Sender<Result<R, Failure>>;
+
+/// What the stream's reader and its callers share.
 struct Shared<R> {
-    pending: Mutex<Option<Pending<R>>>,
+    /// The calls waiting for replies; `None` once the stream is closed.
+    pending: Mutex<Option<HashMap<u64, Waiter<R>>>>,
+    /// New calls may go on this stream (false once it is known to be ending).
+    accepting: AtomicBool,
 }
 
 impl<R> Shared<R> {
-    fn is_open(&self) -> bool {
-        self.pending.lock().unwrap().is_some()
-    }
-
-    /// Fails every call in flight and refuses new ones.
-    fn close(&self, why: &str) {
+    /// Ends the stream for its callers: each call still waiting gets `failure()`.
+    fn close(&self, failure: impl Fn() -> Failure) {
+        self.accepting.store(false, Ordering::Release);
         let pending = self.pending.lock().unwrap().take();
         for (_, waiter) in pending.into_iter().flatten() {
-            let _ = waiter.send(Err(Status::unavailable(format!("pipeline stream closed: {why}"))));
+            let _ = waiter.send(Err(failure()));
         }
     }
 }
 
-/// One open stream.
+/// One stream.
 struct Conn<C, R> {
     tx: mpsc::Sender<C>,
     shared: Arc<Shared<R>>,
@@ -187,18 +243,18 @@ impl<R> Drop for Unregister<'_, R> {
 type Opener<C, R> =
     Box<dyn Fn(ReceiverStream<C>) -> Pin<Box<dyn Future<Output = Result<Streaming<R>, Status>> + Send>> + Send + Sync>;
 
+/// Set when the server answered UNIMPLEMENTED: until then, calls fail at once with it.
+type Unsupported = Arc<Mutex<Option<Instant>>>;
+
 struct Inner<C, R> {
     open: Opener<C, R>,
     current: Mutex<Option<Arc<Conn<C, R>>>>,
-    /// Opening is done by one caller at a time; the others wait for its stream.
-    opening: tokio::sync::Mutex<()>,
-    /// Set when the server answered UNIMPLEMENTED: until then, calls fail at once with it.
-    unsupported_until: Mutex<Option<Instant>>,
+    unsupported_until: Unsupported,
     next_id: AtomicU64,
 }
 
 /// The client end of a pipeline: cheap to clone, shared by every caller. Opens its stream on
-/// first use and again after the stream broke.
+/// first use and again after the stream ended.
 pub struct Pipeline<C, R> {
     inner: Arc<Inner<C, R>>,
 }
@@ -224,22 +280,26 @@ impl<C: CallEnvelope, R: ReplyEnvelope> Pipeline<C, R> {
             inner: Arc::new(Inner {
                 open,
                 current: Mutex::new(None),
-                opening: tokio::sync::Mutex::new(()),
-                unsupported_until: Mutex::new(None),
+                unsupported_until: Arc::default(),
                 next_id: AtomicU64::new(1),
             }),
         }
     }
 
-    /// Sends `call` and waits for its reply, at most `timeout` in all. UNIMPLEMENTED means the
-    /// server offers no pipeline (the caller should make the unary call instead).
-    pub async fn call(&self, mut call: C, timeout: Duration) -> Result<R, Status> {
+    /// Whether the server answered UNIMPLEMENTED to the pipeline lately (within
+    /// [`UNSUPPORTED_RECHECK`]): calls then fail with UNIMPLEMENTED without being sent, and
+    /// the caller should make unary calls.
+    pub fn unsupported(&self) -> bool {
+        self.inner.unsupported_until.lock().unwrap().is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Sends `call` and waits for its reply, at most `timeout` in all (the server is told the
+    /// deadline and stops the call then).
+    pub async fn call(&self, call: C, timeout: Duration) -> Result<R, Status> {
         let deadline = Instant::now() + timeout;
-        let attempt = async {
-            // A call that could not be handed to a stream was never seen by the server, so it
-            // is safe to try once more on a new stream; one that was handed over is not.
-            for _ in 0..2 {
-                let conn = self.conn().await?;
+        let attempts = async {
+            for _ in 0..MAX_ATTEMPTS {
+                let conn = self.conn()?;
                 let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
                 let (tx, rx) = oneshot::channel();
                 match conn.shared.pending.lock().unwrap().as_mut() {
@@ -247,65 +307,71 @@ impl<C: CallEnvelope, R: ReplyEnvelope> Pipeline<C, R> {
                     None => continue, // closed since we got it
                 };
                 let _unregister = Unregister { shared: &conn.shared, id };
-                call.set_call_id(id);
-                if let Err(mpsc::error::SendError(back)) = conn.tx.send(call).await {
-                    call = back;
-                    conn.shared.close("the stream ended");
+                let mut sent = call.clone();
+                sent.set_call_id(id);
+                let left = deadline.saturating_duration_since(Instant::now());
+                sent.set_timeout_ms((left.as_millis() as u64).max(1));
+                if conn.tx.send(sent).await.is_err() {
+                    // The stream's sending side is gone, so it is ending: the call was not
+                    // sent. Its reader fails or releases the calls already on it.
+                    conn.shared.accepting.store(false, Ordering::Release);
                     continue;
                 }
-                return match rx.await {
-                    Ok(reply) => reply,
-                    Err(_) => Err(Status::unavailable("pipeline stream closed")),
-                };
+                match rx.await {
+                    Ok(Ok(reply)) => return Ok(reply),
+                    Ok(Err(Failure::Status(status))) => return Err(status),
+                    Ok(Err(Failure::NotTaken)) => continue,
+                    Err(_) => return Err(Status::unavailable("pipeline stream closed")),
+                }
             }
-            Err(Status::unavailable("pipeline stream closed twice while sending"))
+            Err(Status::unavailable(format!("pipeline streams ended {MAX_ATTEMPTS} times before taking the call")))
         };
-        match tokio::time::timeout_at(deadline, attempt).await {
+        match tokio::time::timeout_at(deadline, attempts).await {
             Ok(result) => result,
             Err(_) => Err(Status::deadline_exceeded(format!("no reply within {} ms", timeout.as_millis()))),
         }
     }
 
-    /// The open stream, opening one if there is none.
-    async fn conn(&self) -> Result<Arc<Conn<C, R>>, Status> {
-        if let Some(conn) = self.live() {
-            return Ok(conn);
+    /// The stream calls go on now, starting one if there is none. Calls queue on a new stream
+    /// at once, without waiting for the server's response headers: some servers send those
+    /// only with their first reply.
+    fn conn(&self) -> Result<Arc<Conn<C, R>>, Status> {
+        let mut current = self.inner.current.lock().unwrap();
+        if let Some(conn) = current.as_ref().filter(|c| c.shared.accepting.load(Ordering::Acquire)) {
+            return Ok(conn.clone());
         }
-        let _opening = self.inner.opening.lock().await;
-        if let Some(conn) = self.live() {
-            return Ok(conn); // another caller opened it meanwhile
-        }
-        if let Some(until) = *self.inner.unsupported_until.lock().unwrap()
-            && Instant::now() < until
-        {
+        if self.unsupported() {
             return Err(Status::unimplemented("the server offers no pipeline"));
         }
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE_CALLS);
-        let replies = match (self.inner.open)(ReceiverStream::new(rx)).await {
-            Ok(replies) => replies,
-            Err(status) => {
-                if status.code() == Code::Unimplemented {
-                    *self.inner.unsupported_until.lock().unwrap() = Some(Instant::now() + UNSUPPORTED_RECHECK);
-                }
-                return Err(status);
-            }
-        };
-        let shared = Arc::new(Shared { pending: Mutex::new(Some(HashMap::new())) });
-        tokio::spawn(read_replies(replies, shared.clone()));
+        let shared = Arc::new(Shared { pending: Mutex::new(Some(HashMap::new())), accepting: AtomicBool::new(true) });
+        let opened = (self.inner.open)(ReceiverStream::new(rx));
+        tokio::spawn(run_stream(opened, shared.clone(), self.inner.unsupported_until.clone()));
         let conn = Arc::new(Conn { tx, shared });
-        *self.inner.current.lock().unwrap() = Some(conn.clone());
+        *current = Some(conn.clone());
         Ok(conn)
-    }
-
-    fn live(&self) -> Option<Arc<Conn<C, R>>> {
-        self.inner.current.lock().unwrap().as_ref().filter(|c| c.shared.is_open()).cloned()
     }
 }
 
-/// Hands each reply to its caller until the stream ends, then fails whatever is left. Holds
-/// no sender of the call queue, so dropping every [`Pipeline`] ends the stream.
-async fn read_replies<R: ReplyEnvelope>(mut replies: Streaming<R>, shared: Arc<Shared<R>>) {
-    let why = loop {
+/// Waits for the stream to open, then hands each reply to its caller until the stream ends,
+/// and then settles whatever is left. Holds no sender of the call queue, so dropping every
+/// [`Pipeline`] ends the stream.
+async fn run_stream<R: ReplyEnvelope>(
+    opened: impl Future<Output = Result<Streaming<R>, Status>>,
+    shared: Arc<Shared<R>>,
+    unsupported: Unsupported,
+) {
+    let mut replies = match opened.await {
+        Ok(replies) => replies,
+        Err(status) => {
+            tracing::debug!(%status, "pipeline stream refused");
+            if status.code() == Code::Unimplemented {
+                *unsupported.lock().unwrap() = Some(Instant::now() + UNSUPPORTED_RECHECK);
+            }
+            return shared.close(|| Failure::Status(status.clone()));
+        }
+    };
+    let end = loop {
         match replies.message().await {
             Ok(Some(reply)) => {
                 let waiter = shared.pending.lock().unwrap().as_mut().and_then(|p| p.remove(&reply.call_id()));
@@ -314,12 +380,26 @@ async fn read_replies<R: ReplyEnvelope>(mut replies: Streaming<R>, shared: Arc<S
                     let _ = waiter.send(Ok(reply));
                 }
             }
-            Ok(None) => break "the server ended it".to_string(),
-            Err(status) => break format!("{:?}: {}", status.code(), status.message()),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
         }
     };
-    tracing::debug!(why, "pipeline stream closed");
-    shared.close(&why);
+    tracing::debug!(?end, "pipeline stream ended");
+    match end {
+        // A clean end comes after every call the server took was answered.
+        None => shared.close(|| Failure::NotTaken),
+        Some(status) if status.code() == Code::Unimplemented => {
+            *unsupported.lock().unwrap() = Some(Instant::now() + UNSUPPORTED_RECHECK);
+            shared.close(|| Failure::Status(status.clone()))
+        }
+        Some(status) => shared.close(|| {
+            Failure::Status(Status::unavailable(format!(
+                "pipeline stream broke ({:?}: {}); the call's outcome is unknown",
+                status.code(),
+                status.message()
+            )))
+        }),
+    }
 }
 
 /// The Participant service's pipeline, for the coordinator (and tests): Prepare, Commit and
@@ -330,6 +410,11 @@ pub struct ParticipantPipeline {
 }
 
 impl ParticipantPipeline {
+    /// See [`Pipeline::unsupported`].
+    pub fn unsupported(&self) -> bool {
+        self.pipeline.unsupported()
+    }
+
     /// Over `channel`; replies larger than `max_reply_bytes` fail their stream.
     pub fn new(channel: Channel, max_reply_bytes: usize) -> Self {
         let client = v1::participant_client::ParticipantClient::new(channel).max_decoding_message_size(max_reply_bytes);
@@ -347,7 +432,8 @@ impl ParticipantPipeline {
         timeout: Duration,
     ) -> Result<v1::participant_reply::Reply, Status> {
         use v1::participant_reply::Reply;
-        let reply = self.pipeline.call(v1::ParticipantCall { call_id: 0, call: Some(call) }, timeout).await?;
+        let reply =
+            self.pipeline.call(v1::ParticipantCall { call_id: 0, timeout_ms: 0, call: Some(call) }, timeout).await?;
         match reply.reply {
             Some(Reply::Error(e)) => Err(error_from_wire(e)),
             Some(reply) => Ok(reply),
@@ -410,7 +496,10 @@ impl CoordinatorPipeline {
 
     async fn call(&self, call: v1::coordinator_call::Call) -> Result<v1::coordinator_reply::Reply, Status> {
         use v1::coordinator_reply::Reply;
-        let reply = self.pipeline.call(v1::CoordinatorCall { call_id: 0, call: Some(call) }, self.timeout).await?;
+        let reply = self
+            .pipeline
+            .call(v1::CoordinatorCall { call_id: 0, timeout_ms: 0, call: Some(call) }, self.timeout)
+            .await?;
         match reply.reply {
             Some(Reply::Error(e)) => Err(error_from_wire(e)),
             Some(reply) => Ok(reply),
@@ -463,37 +552,71 @@ mod tests {
     use crate::v1::participant_server::{Participant, ParticipantServer};
 
     /// A participant whose Prepare answers after `delay_ms` (the branch id, parsed) with the
-    /// gtid as metadata; counts calls running at once. `pipeline: false` leaves the pipeline
-    /// unimplemented, as a participant written without it would.
+    /// gtid as metadata; counts calls running at once and Prepares per gtid.
     #[derive(Clone)]
     struct Fake {
+        /// false: the pipeline is unimplemented, as in a participant written without it.
         pipeline: bool,
+        /// Send the response headers only with the first reply (as grpc-go and grpc-java do).
+        lazy_headers: bool,
+        /// Cancelled at shutdown: ends every stream.
         closing: CancellationToken,
+        /// The streams' own tokens (children of `closing`), to end the open streams only.
+        streams: Arc<Mutex<Vec<CancellationToken>>>,
         max_in_flight: usize,
         running: Arc<AtomicUsize>,
         most_running: Arc<AtomicUsize>,
+        prepares: Arc<Mutex<HashMap<String, usize>>>,
     }
 
     impl Fake {
         fn new(pipeline: bool, max_in_flight: usize) -> Fake {
             Fake {
                 pipeline,
+                lazy_headers: false,
                 closing: CancellationToken::new(),
+                streams: Arc::default(),
                 max_in_flight,
                 running: Arc::default(),
                 most_running: Arc::default(),
+                prepares: Arc::default(),
             }
+        }
+
+        /// Ends the streams open now (answering the calls they took); later ones stay open.
+        fn end_open_streams(&self) {
+            for stream in self.streams.lock().unwrap().drain(..) {
+                stream.cancel();
+            }
+        }
+
+        fn prepares_of(&self, gtid: &str) -> usize {
+            self.prepares.lock().unwrap().get(gtid).copied().unwrap_or(0)
+        }
+
+        async fn pipelined(self, call: v1::ParticipantCall) -> v1::ParticipantReply {
+            use v1::participant_call::Call;
+            use v1::participant_reply::Reply;
+            let reply = match call.call {
+                Some(Call::Prepare(r)) => self.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner())),
+                Some(Call::Commit(r)) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
+                Some(Call::Abort(r)) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+                None => Err(Status::invalid_argument("call: is required")),
+            };
+            let reply = reply.unwrap_or_else(|s| Reply::Error(error_to_wire(&s)));
+            v1::ParticipantReply { call_id: call.call_id, reply: Some(reply) }
         }
     }
 
     #[tonic::async_trait]
     impl Participant for Fake {
         async fn prepare(&self, r: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
-            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-            self.most_running.fetch_max(now, Ordering::SeqCst);
             let r = r.into_inner();
             let b = r.branches.first().ok_or_else(|| Status::invalid_argument("no branch"))?;
             let delay_ms: u64 = b.branch_id.parse().map_err(|_| Status::invalid_argument("branch_id: not a number"))?;
+            *self.prepares.lock().unwrap().entry(b.gtid.clone()).or_default() += 1;
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_running.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             self.running.fetch_sub(1, Ordering::SeqCst);
             Ok(Response::new(v1::PrepareResponse {
@@ -532,43 +655,37 @@ mod tests {
             if !self.pipeline {
                 return Err(Status::unimplemented("no pipeline here"));
             }
+            let closing = self.closing.child_token();
+            self.streams.lock().unwrap().push(closing.clone());
+            let mut calls = r.into_inner();
+            let first = match self.lazy_headers {
+                true => Some(self.clone().pipelined(calls.message().await?.expect("a first call")).await),
+                false => None,
+            };
             let fake = self.clone();
-            Ok(Response::new(serve(r.into_inner(), self.closing.clone(), self.max_in_flight, move |call| {
-                let fake = fake.clone();
-                async move {
-                    use v1::participant_call::Call;
-                    use v1::participant_reply::Reply;
-                    let reply = match call.call {
-                        Some(Call::Prepare(r)) => {
-                            fake.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner()))
-                        }
-                        Some(Call::Commit(r)) => {
-                            fake.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner()))
-                        }
-                        Some(Call::Abort(r)) => fake.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
-                        None => Err(Status::invalid_argument("call: is required")),
-                    };
-                    let reply = reply.unwrap_or_else(|s| Reply::Error(error_to_wire(&s)));
-                    v1::ParticipantReply { call_id: call.call_id, reply: Some(reply) }
-                }
-            })))
+            let rest = serve(calls, closing, self.max_in_flight, move |call| fake.clone().pipelined(call));
+            Ok(Response::new(Box::pin(futures::stream::iter(first.map(Ok)).chain(rest))))
         }
     }
 
-    /// Serves `fake` on a free port until `stop` is cancelled (which also closes its pipeline
-    /// streams, as a real server's shutdown does); returns the port and the task.
-    async fn start(mut fake: Fake, stop: CancellationToken) -> (u16, tokio::task::JoinHandle<()>) {
+    /// Serves `fake` on `port` (0: a free one) until `stop` is cancelled (which also ends its
+    /// pipeline streams, as a real server's shutdown does); returns the port and the task.
+    async fn start_on(port: u16, mut fake: Fake, stop: CancellationToken) -> (u16, tokio::task::JoinHandle<()>) {
         fake.closing = stop.clone();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = tokio::spawn(async move {
             tonic::transport::Server::builder()
-                .add_service(ParticipantServer::new(fake))
+                .add_service(ParticipantServer::new(fake).max_decoding_message_size(16 << 10))
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.cancelled_owned())
                 .await
                 .unwrap();
         });
         (port, server)
+    }
+
+    async fn start(fake: Fake, stop: CancellationToken) -> (u16, tokio::task::JoinHandle<()>) {
+        start_on(0, fake, stop).await
     }
 
     fn client(port: u16) -> ParticipantPipeline {
@@ -586,6 +703,17 @@ mod tests {
                 branch_id: delay_ms.to_string(),
             }],
         }
+    }
+
+    /// Waits (bounded) until `running` calls are at the fake.
+    async fn until_running(running: &AtomicUsize, n: usize) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while running.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the calls reach the server");
     }
 
     const LONG: Duration = Duration::from_secs(10);
@@ -614,6 +742,23 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// A server that sends its response headers only with its first reply still gets the
+    /// calls: they are queued without waiting for the headers.
+    #[tokio::test]
+    async fn a_server_sending_headers_late_gets_the_calls() {
+        let stop = CancellationToken::new();
+        let mut fake = Fake::new(true, 64);
+        fake.lazy_headers = true;
+        let (port, server) = start(fake, stop.clone()).await;
+        let p = client(port);
+        let calls = (0..3).map(|i| p.prepare(prepare(&format!("g{i}"), 0), Duration::from_secs(5)));
+        for (i, reply) in futures::future::join_all(calls).await.into_iter().enumerate() {
+            assert_eq!(reply.unwrap().results[0].metadata, format!("g{i}").into_bytes());
+        }
+        stop.cancel();
+        server.await.unwrap();
+    }
+
     /// The server takes at most `max_in_flight` calls of a stream at a time; the rest wait in
     /// the stream and are answered later, not refused.
     #[tokio::test]
@@ -636,6 +781,23 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// The caller's deadline travels with the call: the server stops a call its caller gave up
+    /// on, so such calls cannot hold the stream's places and stall the calls behind them.
+    #[tokio::test]
+    async fn calls_past_their_deadline_free_their_places() {
+        let stop = CancellationToken::new();
+        let (port, server) = start(Fake::new(true, 2), stop.clone()).await;
+        let p = client(port);
+        for i in 0..2 {
+            let late = p.prepare(prepare(&format!("stuck{i}"), 60_000), Duration::from_millis(50)).await.unwrap_err();
+            assert_eq!(late.code(), Code::DeadlineExceeded);
+        }
+        let reply = p.prepare(prepare("next", 0), Duration::from_secs(5)).await.expect("the places were freed");
+        assert_eq!(reply.results[0].metadata, b"next");
+        stop.cancel();
+        server.await.unwrap();
+    }
+
     /// A server without a pipeline answers UNIMPLEMENTED, and the client remembers it: later
     /// calls fail at once, without asking again, so the caller goes straight to unary calls.
     #[tokio::test]
@@ -643,9 +805,11 @@ mod tests {
         let stop = CancellationToken::new();
         let (port, server) = start(Fake::new(false, 64), stop.clone()).await;
         let p = client(port);
+        assert!(!p.unsupported());
         let first = p.prepare(prepare("g", 0), LONG).await.unwrap_err();
         assert_eq!(first.code(), Code::Unimplemented);
         assert_eq!(first.message(), "no pipeline here", "the server's own answer");
+        assert!(p.unsupported());
         let again = p.prepare(prepare("g", 0), LONG).await.unwrap_err();
         assert_eq!(again.code(), Code::Unimplemented);
         assert_eq!(again.message(), "the server offers no pipeline", "answered from memory");
@@ -653,41 +817,81 @@ mod tests {
         server.await.unwrap();
     }
 
-    /// A server shutting down answers the calls it took, ends the stream (so its graceful
-    /// shutdown completes), and the next call opens a new stream to the next server.
+    /// A call too large for the server ends the stream with an error, after the calls taken
+    /// before it are answered; the next call goes on a new stream.
     #[tokio::test]
-    async fn a_closing_server_answers_then_the_client_reopens() {
+    async fn an_oversized_call_fails_and_the_next_gets_a_new_stream() {
         let stop = CancellationToken::new();
         let fake = Fake::new(true, 64);
         let running = fake.running.clone();
         let (port, server) = start(fake, stop.clone()).await;
         let p = client(port);
-        let slow = tokio::spawn({
+        let taken = tokio::spawn({
             let p = p.clone();
-            async move { p.prepare(prepare("slow", 300), LONG).await }
+            async move { p.prepare(prepare("taken", 200), LONG).await }
         });
-        while running.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await; // until the call is at the server
-        }
+        until_running(&running, 1).await;
+        let huge = p.prepare(prepare(&"x".repeat(64 << 10), 0), LONG).await.unwrap_err();
+        assert_eq!(huge.code(), Code::Unavailable, "{huge:?}");
+        assert!(huge.message().contains("OutOfRange"), "{huge:?}");
+        assert_eq!(taken.await.unwrap().unwrap().results[0].metadata, b"taken", "the call taken before is answered");
+        let next = p.prepare(prepare("next", 0), LONG).await.unwrap();
+        assert_eq!(next.results[0].metadata, b"next");
         stop.cancel();
-        assert_eq!(slow.await.unwrap().unwrap().results[0].metadata, b"slow", "the call taken is answered");
+        server.await.unwrap();
+    }
+
+    /// A server ending a stream (a graceful restart) answers the calls it took; a call queued
+    /// behind them that it never took goes on a new stream, and runs exactly once.
+    #[tokio::test]
+    async fn calls_a_closing_server_did_not_take_go_on_a_new_stream() {
+        let stop = CancellationToken::new();
+        let fake = Fake::new(true, 1);
+        let (port, server) = start(fake.clone(), stop.clone()).await;
+        let p = client(port);
+        let taken = tokio::spawn({
+            let p = p.clone();
+            async move { p.prepare(prepare("taken", 200), LONG).await }
+        });
+        until_running(&fake.running, 1).await;
+        let queued = tokio::spawn({
+            let p = p.clone();
+            async move { p.prepare(prepare("queued", 0), LONG).await }
+        });
+        // Until "queued" is on the stream: the only place is taken, so it stays unread.
+        tokio::time::timeout(LONG, async {
+            while p
+                .pipeline
+                .inner
+                .current
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .shared
+                .pending
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .len()
+                < 2
+            {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .unwrap();
+        fake.end_open_streams();
+        assert_eq!(taken.await.unwrap().unwrap().results[0].metadata, b"taken");
+        assert_eq!(queued.await.unwrap().unwrap().results[0].metadata, b"queued", "retried on a new stream");
+        assert_eq!((fake.prepares_of("taken"), fake.prepares_of("queued")), (1, 1), "each ran once");
+        stop.cancel();
         tokio::time::timeout(LONG, server).await.expect("graceful shutdown is not held up by the stream").unwrap();
 
         // A new server on the same port: the client opens a new stream to it.
         let stop = CancellationToken::new();
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-        let mut fake = Fake::new(true, 64);
-        fake.closing = stop.clone();
-        let server = tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                tonic::transport::Server::builder()
-                    .add_service(ParticipantServer::new(fake))
-                    .serve_with_incoming_shutdown(TcpIncoming::from(listener), stop.cancelled_owned())
-                    .await
-                    .unwrap();
-            }
-        });
+        let (_, server) = start_on(port, Fake::new(true, 64), stop.clone()).await;
         let reply = p.prepare(prepare("after", 0), LONG).await.unwrap();
         assert_eq!(reply.results[0].metadata, b"after");
         stop.cancel();
@@ -703,7 +907,7 @@ mod tests {
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let (kill, killed) = oneshot::channel::<()>();
         let fake = Fake::new(true, 64);
-        let running = fake.running.clone();
+        let seen = fake.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
@@ -715,18 +919,22 @@ mod tests {
         });
         let port = port_rx.recv().unwrap();
         let p = client(port);
-        let late = p.prepare(prepare("late", 500), Duration::from_millis(50)).await.unwrap_err();
+        let late = p.prepare(prepare("late", 60_000), Duration::from_millis(50)).await.unwrap_err();
         assert_eq!(late.code(), Code::DeadlineExceeded);
-        let conn = p.pipeline.live().expect("the stream stays open");
+        let conn = p.pipeline.inner.current.lock().unwrap().clone().expect("a stream");
         assert!(conn.shared.pending.lock().unwrap().as_ref().unwrap().is_empty(), "the timed-out call was removed");
 
         let stuck = tokio::spawn({
             let p = p.clone();
             async move { p.prepare(prepare("stuck", 60_000), Duration::from_secs(120)).await }
         });
-        while running.load(Ordering::SeqCst) < 2 {
-            tokio::task::yield_now().await; // until "late" and "stuck" are both at the server
-        }
+        tokio::time::timeout(LONG, async {
+            while seen.prepares_of("stuck") == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the call reaches the server");
         kill.send(()).unwrap();
         thread.join().unwrap();
         let failed = tokio::time::timeout(LONG, stuck).await.expect("failed at once").unwrap().unwrap_err();

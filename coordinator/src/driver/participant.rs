@@ -239,10 +239,13 @@ struct Caller {
     events: mpsc::UnboundedSender<Event>,
 }
 
-/// Whether a pipeline call's result stands, or the unary call must be made instead.
-fn settled<T>(result: Result<T, tonic::Status>) -> Option<Result<T, tonic::Status>> {
+/// A pipeline call's result, or `None` when the participant offers no pipeline (the stream was
+/// refused with UNIMPLEMENTED, so the call was never made) and the unary call must be made
+/// instead. An UNIMPLEMENTED answer to the call itself stands: making it again would only get
+/// the same answer.
+fn settled<T>(pipeline: &ParticipantPipeline, result: Result<T, tonic::Status>) -> Option<Result<T, tonic::Status>> {
     match result {
-        Err(status) if status.code() == tonic::Code::Unimplemented => None,
+        Err(status) if status.code() == tonic::Code::Unimplemented && pipeline.unsupported() => None,
         other => Some(other),
     }
 }
@@ -256,7 +259,7 @@ impl Caller {
     ) -> Result<Vec<v1::PrepareResult>, tonic::Status> {
         let timeout = self.config.prepare_timeout;
         if let Some(pipeline) = &self.pipeline
-            && let Some(result) = settled(pipeline.prepare(request(), timeout).await)
+            && let Some(result) = settled(pipeline, pipeline.prepare(request(), timeout).await)
         {
             return result.map(|r| r.results);
         }
@@ -271,7 +274,7 @@ impl Caller {
     ) -> Result<Vec<v1::BranchResult>, tonic::Status> {
         let timeout = self.config.rpc_timeout;
         if let Some(pipeline) = &self.pipeline
-            && let Some(result) = settled(pipeline.commit(request(), timeout).await)
+            && let Some(result) = settled(pipeline, pipeline.commit(request(), timeout).await)
         {
             return result.map(|r| r.results);
         }
@@ -286,7 +289,7 @@ impl Caller {
     ) -> Result<Vec<v1::BranchResult>, tonic::Status> {
         let timeout = self.config.rpc_timeout;
         if let Some(pipeline) = &self.pipeline
-            && let Some(result) = settled(pipeline.abort(request(), timeout).await)
+            && let Some(result) = settled(pipeline, pipeline.abort(request(), timeout).await)
         {
             return result.map(|r| r.results);
         }

@@ -31,8 +31,10 @@ pub const MAX_PIPELINE_CALLS_IN_FLIGHT: usize = 256;
 /// Add a work API with `.add_service(...)` and serve with [`serve`], or with
 /// `tonic::transport::Server::builder().add_routes(routes.routes())`.
 ///
-/// `closing` is cancelled when the server shuts down: it ends the pipeline streams (after the
-/// calls they carry are answered), which a graceful shutdown would otherwise wait for forever.
+/// `closing` must be cancelled when the server shuts down (as [`serve`] does): it ends the
+/// pipeline streams (after the calls they carry are answered), which a graceful shutdown would
+/// otherwise wait for forever. Serving the routes yourself, cancel it before (or with) the
+/// server's own shutdown signal.
 pub async fn routes<P: Participant>(participant: Arc<P>, closing: CancellationToken) -> RoutesBuilder {
     routes_for(ParticipantService::new(participant, closing)).await
 }
@@ -258,6 +260,7 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         if !self.pipeline {
             return Err(Status::unimplemented("this participant serves unary calls only"));
         }
+        tracing::info!(peer = ?request.remote_addr(), "pipeline stream opened");
         let service = self.clone();
         let calls = request.into_inner();
         Ok(Response::new(pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
