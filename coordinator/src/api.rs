@@ -223,6 +223,8 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<Streaming<v1::CoordinatorCall>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
+        // Debug: an application may open one per process, and each of its calls has a span.
+        tracing::debug!(peer = ?request.remote_addr(), "pipeline stream opened");
         let service = self.clone();
         let calls = request.into_inner();
         Ok(Response::new(pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
