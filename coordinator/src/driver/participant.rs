@@ -251,61 +251,47 @@ fn settled<T>(pipeline: &ParticipantPipeline, result: Result<T, tonic::Status>) 
 }
 
 impl Caller {
-    /// One Prepare call: on the pipeline if the participant offers one, else unary. The
-    /// request is built by `request` (twice when the pipeline turns out to be missing).
-    async fn prepare_call(
-        &mut self,
-        request: impl Fn() -> v1::PrepareRequest,
-    ) -> Result<Vec<v1::PrepareResult>, tonic::Status> {
-        let timeout = self.config.prepare_timeout;
+    /// One call: on the pipeline if the participant offers one, else unary (`pipelined` and
+    /// `unary` make it each way). The request is built by `request`, twice when the pipeline
+    /// turns out to be missing.
+    async fn call<Req, T, PF, UF>(
+        &self,
+        timeout: Duration,
+        request: impl Fn() -> Req,
+        pipelined: impl FnOnce(ParticipantPipeline, Req) -> PF,
+        unary: impl FnOnce(ParticipantClient<Channel>, tonic::Request<Req>) -> UF,
+    ) -> Result<T, tonic::Status>
+    where
+        PF: Future<Output = Result<T, tonic::Status>>,
+        UF: Future<Output = Result<T, tonic::Status>>,
+    {
         if let Some(pipeline) = &self.pipeline
-            && let Some(result) = settled(pipeline, pipeline.prepare(request(), timeout).await)
+            && let Some(result) = settled(pipeline, pipelined(pipeline.clone(), request()).await)
         {
-            return result.map(|r| r.results);
+            return result;
         }
         let mut request = tonic::Request::new(request());
         request.set_timeout(timeout);
-        self.client.prepare(request).await.map(|r| r.into_inner().results)
+        unary(self.client.clone(), request).await
     }
 
-    async fn commit_call(
-        &mut self,
-        request: impl Fn() -> v1::CommitBranchesRequest,
-    ) -> Result<Vec<v1::BranchResult>, tonic::Status> {
-        let timeout = self.config.rpc_timeout;
-        if let Some(pipeline) = &self.pipeline
-            && let Some(result) = settled(pipeline, pipeline.commit(request(), timeout).await)
-        {
-            return result.map(|r| r.results);
-        }
-        let mut request = tonic::Request::new(request());
-        request.set_timeout(timeout);
-        self.client.commit(request).await.map(|r| r.into_inner().results)
-    }
-
-    async fn abort_call(
-        &mut self,
-        request: impl Fn() -> v1::AbortBranchesRequest,
-    ) -> Result<Vec<v1::BranchResult>, tonic::Status> {
-        let timeout = self.config.rpc_timeout;
-        if let Some(pipeline) = &self.pipeline
-            && let Some(result) = settled(pipeline, pipeline.abort(request(), timeout).await)
-        {
-            return result.map(|r| r.results);
-        }
-        let mut request = tonic::Request::new(request());
-        request.set_timeout(timeout);
-        self.client.abort(request).await.map(|r| r.into_inner().results)
-    }
-
-    async fn prepare(mut self, batch: Vec<PrepareItem>) {
+    async fn prepare(self, batch: Vec<PrepareItem>) {
         let span = tracing::debug_span!("participant.prepare", resource = %self.resource, branches = batch.len());
         let coordinator_id = self.config.coordinator_id.clone();
         let request = || v1::PrepareRequest {
             coordinator_id: coordinator_id.clone(),
             branches: batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect(),
         };
-        let result = self.prepare_call(request).instrument(span).await;
+        let timeout = self.config.prepare_timeout;
+        let result = self
+            .call(
+                timeout,
+                request,
+                |p, r| async move { p.prepare(r, timeout).await.map(|r| r.results) },
+                |mut c, r| async move { c.prepare(r).await.map(|r| r.into_inner().results) },
+            )
+            .instrument(span)
+            .await;
         let votes: Vec<VoteResult> = match result {
             Ok(results) => {
                 if results.len() == batch.len() {
@@ -322,9 +308,10 @@ impl Caller {
         }
     }
 
-    async fn phase2(mut self, op: Phase2Op, batch: Vec<Phase2Item>) {
+    async fn phase2(self, op: Phase2Op, batch: Vec<Phase2Item>) {
         let span = tracing::debug_span!("participant.phase2", resource = %self.resource, ?op, branches = batch.len());
         let coordinator_id = self.config.coordinator_id.clone();
+        let timeout = self.config.rpc_timeout;
         let result = match op {
             Phase2Op::Commit => {
                 let request = || v1::CommitBranchesRequest {
@@ -338,7 +325,13 @@ impl Caller {
                         })
                         .collect(),
                 };
-                self.commit_call(request).instrument(span).await
+                let call = self.call(
+                    timeout,
+                    request,
+                    |p, r| async move { p.commit(r, timeout).await.map(|r| r.results) },
+                    |mut c, r| async move { c.commit(r).await.map(|r| r.into_inner().results) },
+                );
+                call.instrument(span).await
             }
             Phase2Op::Abort => {
                 let request = || v1::AbortBranchesRequest {
@@ -348,7 +341,13 @@ impl Caller {
                         .map(|i| v1::AbortBranch { xid: Some(xid(&i.gtid, &i.branch)), metadata: i.metadata.to_vec() })
                         .collect(),
                 };
-                self.abort_call(request).instrument(span).await
+                let call = self.call(
+                    timeout,
+                    request,
+                    |p, r| async move { p.abort(r, timeout).await.map(|r| r.results) },
+                    |mut c, r| async move { c.abort(r).await.map(|r| r.into_inner().results) },
+                );
+                call.instrument(span).await
             }
         };
         let results: Vec<Phase2Result> = match result {
