@@ -175,6 +175,23 @@ impl<T: Target> Suite<'_, T> {
         all
     }
 
+    /// Whether work under `key` is visible, or becomes so within the tests' patience: a
+    /// commit's answer may come before its effect can be read (a Kafka read_committed consumer
+    /// sees a transaction once the broker has written its markers, which it does after
+    /// answering EndTxn).
+    async fn becomes_visible(&mut self, key: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + crate::EVENTUALLY_TIMEOUT;
+        loop {
+            if self.target.visible(key).await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn listed(&mut self, b: &Branch) -> usize {
         self.recover(COORDINATOR_ID).await.iter().filter(|(g, br, _)| *g == b.gtid && *br == b.branch).count()
     }
@@ -226,7 +243,7 @@ impl<T: Target> Suite<'_, T> {
             assert_eq!(result.outcome(), BranchOutcome::Committed, "commit of {}: {}", b.branch, result.reason);
         }
         for b in &branches {
-            assert!(self.target.visible(&b.key).await, "committed work of {} is visible", b.branch);
+            assert!(self.becomes_visible(&b.key).await, "committed work of {} is visible", b.branch);
         }
     }
 
@@ -246,7 +263,7 @@ impl<T: Target> Suite<'_, T> {
             let r = self.commit(&b, false, &first.metadata).await;
             assert_eq!(r.outcome(), BranchOutcome::Committed, "commit attempt {attempt}: {}", r.reason);
         }
-        assert!(self.target.visible(&b.key).await, "committed work is visible");
+        assert!(self.becomes_visible(&b.key).await, "committed work is visible");
         assert_eq!(self.listed(&b).await, 0, "a committed branch is no longer in doubt");
         let late = self.prepare(&b).await;
         assert_ne!(late.vote(), Vote::Aborted, "a prepare repeated after the commit must not claim a rollback");
@@ -285,7 +302,7 @@ impl<T: Target> Suite<'_, T> {
             let r = self.commit(&b, true, &[]).await;
             assert_eq!(r.outcome(), BranchOutcome::Committed, "one-phase commit attempt {attempt}: {}", r.reason);
         }
-        assert!(self.target.visible(&b.key).await);
+        assert!(self.becomes_visible(&b.key).await);
         assert_eq!(self.listed(&b).await, 0);
     }
 
@@ -331,10 +348,10 @@ impl<T: Target> Suite<'_, T> {
         assert_eq!(entry.2, vote.metadata, "recover hands back the vote's metadata");
         let r = self.commit(&b, false, &vote.metadata).await;
         assert_eq!(r.outcome(), BranchOutcome::Committed, "commit after restart: {}", r.reason);
-        assert!(self.target.visible(&b.key).await);
+        assert!(self.becomes_visible(&b.key).await);
         self.target.restart().await;
         self.reconnect().await;
-        assert!(self.target.visible(&b.key).await, "a commit survives a restart");
+        assert!(self.becomes_visible(&b.key).await, "a commit survives a restart");
         // New work prepared in between (on whatever the participant reuses: a connection, a
         // producer) must not be touched by a repeated commit of the old branch.
         let next = self.branch_with_work("restart-commit-next").await;
@@ -345,7 +362,7 @@ impl<T: Target> Suite<'_, T> {
         assert_eq!(self.listed(&b).await, 0);
         let r = self.commit(&next, false, &next_vote.metadata).await;
         assert_eq!(r.outcome(), BranchOutcome::Committed, "the other branch still commits: {}", r.reason);
-        assert!(self.target.visible(&next.key).await);
+        assert!(self.becomes_visible(&next.key).await);
     }
 
     /// Work done before a participant restart may be lost with it: that branch must never vote

@@ -9,6 +9,8 @@ use pledge_integration_tests::*;
 use pledge_proto::v1::kafka_branch_client::KafkaBranchClient;
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
 use pledge_proto::v1::{self, value::Kind};
+use std::time::Duration;
+
 use tonic::transport::Channel;
 
 fn unique(name: &str) -> String {
@@ -45,8 +47,18 @@ async fn produce(
     .map(tonic::Response::into_inner)
 }
 
-fn keys(records: &[(String, String)]) -> Vec<&str> {
-    records.iter().map(|(k, _)| k.as_str()).collect()
+/// The keys a read_committed reader sees in `topic` once they are `want`, or what it sees when
+/// the tests' patience runs out (for the assertion to show). A commit is answered before the
+/// broker has written the transaction's markers, and a reader sees the records only after.
+async fn committed_keys(topic: &str, want: &[&str]) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + EVENTUALLY_TIMEOUT;
+    loop {
+        let seen: Vec<String> = read_committed(topic).await.into_iter().map(|(k, _)| k).collect();
+        if seen == want || tokio::time::Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 struct Setup {
@@ -110,8 +122,8 @@ async fn committed_records_are_seen_once_and_aborted_ones_never() {
     assert!(get(&mut c, &one).await.unwrap().one_phase);
 
     // An aborted branch's producer is handed out again: its records are never seen either.
-    let seen = read_committed(&topic).await;
-    assert_eq!(keys(&seen), vec!["c1", "c2", "s1"], "exactly the committed records, once each");
+    let seen = committed_keys(&topic, &["c1", "c2", "s1"]).await;
+    assert_eq!(seen, vec!["c1", "c2", "s1"], "exactly the committed records, once each");
 
     // Work in an aborted branch is refused.
     let e = produce(&mut kafka_client(&s.kafka).await, &aborted, "out", &topic, &[("late", "v")]).await.unwrap_err();
@@ -162,7 +174,7 @@ async fn postgres_and_kafka_commit_together_and_a_postgres_failure_hides_the_rec
         .await
         .unwrap();
     assert_eq!(rows, vec![1]);
-    assert_eq!(keys(&read_committed(&topic).await), vec!["order-1"]);
+    assert_eq!(committed_keys(&topic, &["order-1"]).await, vec!["order-1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,12 +192,12 @@ async fn adapter_killed_after_prepare_commits_with_end_txn_after_restart() {
     let r = commit(&mut c, &gtid, true).await.unwrap();
     assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Committed, true, false), "{}", r.reason);
     assert!(s.kafka.log_tail().contains("prepared branch finished with EndTxn"), "{}", s.kafka.log_tail());
-    assert_eq!(keys(&read_committed(&topic).await), vec!["k1", "k2"]);
+    assert_eq!(committed_keys(&topic, &["k1", "k2"]).await, vec!["k1", "k2"]);
 
     // The producer of that transactional id works again afterwards.
     let next = s.begin_with_records(&topic, &["k3"]).await;
     assert_eq!(commit(&mut c, &next, true).await.unwrap().outcome(), v1::Outcome::Committed);
-    assert_eq!(keys(&read_committed(&topic).await), vec!["k1", "k2", "k3"]);
+    assert_eq!(committed_keys(&topic, &["k1", "k2", "k3"]).await, vec!["k1", "k2", "k3"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +215,7 @@ async fn adapter_killed_before_voting_is_rolled_back_with_end_txn() {
     assert!(s.kafka.log_tail().contains("prepared branch finished with EndTxn"), "{}", s.kafka.log_tail());
     let after = s.begin_with_records(&topic, &["kept"]).await;
     assert_eq!(commit(&mut c, &after, true).await.unwrap().outcome(), v1::Outcome::Committed);
-    assert_eq!(keys(&read_committed(&topic).await), vec!["kept"]);
+    assert_eq!(committed_keys(&topic, &["kept"]).await, vec!["kept"]);
 }
 
 /// A restarted adapter starts its whole producer pool at once, so a transaction its previous
@@ -247,7 +259,7 @@ async fn coordinator_killed_after_the_decision_completes_the_kafka_branch_after_
     s.coordinator = s.dir.coordinator(&[("kafka", &s.kafka), ("ref", &s.reference)], &[]).await;
     let r = commit(&mut coordinator_client(&s.coordinator).await, &gtid, true).await.unwrap();
     assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true));
-    assert_eq!(keys(&read_committed(&topic).await), vec!["d1"]);
+    assert_eq!(committed_keys(&topic, &["d1"]).await, vec!["d1"]);
 }
 
 /// The broker aborts a prepared branch whose transaction outlives transaction.timeout.ms. Its
@@ -333,7 +345,7 @@ async fn a_repeated_commit_after_a_restart_leaves_the_reused_producer_alone() {
     assert_eq!(again.results[0].outcome(), v1::BranchOutcome::Committed, "{}", again.results[0].reason);
     let r = p.commit(commit_branch(&y, "b")).await.unwrap().into_inner();
     assert_eq!(r.results[0].outcome(), v1::BranchOutcome::Committed, "{}", r.results[0].reason);
-    assert_eq!(keys(&read_committed(&topic).await), vec!["x", "y"]);
+    assert_eq!(committed_keys(&topic, &["x", "y"]).await, vec!["x", "y"]);
 }
 
 struct Adapter {
