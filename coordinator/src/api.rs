@@ -41,18 +41,15 @@ impl CoordinatorService {
     }
 
     /// One call from a pipeline stream, handled exactly as the unary call of its kind.
-    async fn pipelined(self, call: v1::CoordinatorCall) -> v1::CoordinatorReply {
+    async fn pipelined(self, call: v1::coordinator_call::Call) -> Result<v1::coordinator_reply::Reply, Status> {
         use v1::coordinator_call::Call;
         use v1::coordinator_reply::Reply;
-        let reply = match call.call {
-            Some(Call::Begin(r)) => self.begin(Request::new(r)).await.map(|r| Reply::Begin(r.into_inner())),
-            Some(Call::Enlist(r)) => self.enlist(Request::new(r)).await.map(|r| Reply::Enlist(r.into_inner())),
-            Some(Call::Commit(r)) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
-            Some(Call::Abort(r)) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
-            None => Err(Status::invalid_argument("call: is required (begin, enlist, commit or abort)")),
-        };
-        let reply = reply.unwrap_or_else(|status| Reply::Error(pipeline::error_to_wire(&status)));
-        v1::CoordinatorReply { call_id: call.call_id, reply: Some(reply) }
+        match call {
+            Call::Begin(r) => self.begin(Request::new(r)).await.map(|r| Reply::Begin(r.into_inner())),
+            Call::Enlist(r) => self.enlist(Request::new(r)).await.map(|r| Reply::Enlist(r.into_inner())),
+            Call::Commit(r) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
+            Call::Abort(r) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+        }
     }
 
     async fn call(&self, request: ApiRequest) -> Result<Reply, Status> {

@@ -81,14 +81,14 @@ fn api() -> Api {
 /// Begin (with `resources`' branches) and Commit, from each client, over shared channels.
 async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
     let mut channels: Vec<Channel> = Vec::new();
-    let default_channels = if api() == Api::Pipeline { 2 } else { 8 };
+    let api = api();
+    let default_channels = if api == Api::Pipeline { 2 } else { 8 };
     for _ in 0..env_or("BENCH_CHANNELS", default_channels) {
         let target = Target::parse(&coordinator.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
         channels.push(target.connect().await.unwrap());
     }
     let pipelines: Vec<_> =
         channels.iter().map(|c| CoordinatorPipeline::new(c.clone(), Duration::from_secs(30))).collect();
-    let api = api();
     measure(load(), |i| {
         let c = CoordinatorClient::new(channels[i % channels.len()].clone());
         let p = pipelines[i % pipelines.len()].clone();

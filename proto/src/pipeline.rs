@@ -56,25 +56,38 @@ pub const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// ends a stream), e.g. at a restart.
 const MAX_ATTEMPTS: usize = 3;
 
-/// A call envelope: the request plus the id its reply will carry and the caller's deadline.
+/// A call envelope: the call (one of a service's calls) plus the id its reply will carry and
+/// the caller's deadline.
 pub trait CallEnvelope: Clone + Send + 'static {
+    /// The calls the pipeline carries (the envelope's `oneof`).
+    type Call: Send + 'static;
+    fn new(call_id: u64, timeout_ms: u64, call: Self::Call) -> Self;
     fn call_id(&self) -> u64;
     fn set_call_id(&mut self, id: u64);
     /// How long the caller waits, ms (0: no deadline); the server stops the call then.
     fn timeout_ms(&self) -> u64;
     fn set_timeout_ms(&mut self, ms: u64);
+    /// The call; `None` if the sender left it out.
+    fn into_call(self) -> Option<Self::Call>;
 }
 
-/// A reply envelope.
+/// A reply envelope: a call's id and its reply, or the status it failed with.
 pub trait ReplyEnvelope: Send + 'static {
+    /// The replies the pipeline carries (the envelope's `oneof`, its error arm included).
+    type Reply: Send + 'static;
+    fn new(call_id: u64, result: Result<Self::Reply, Status>) -> Self;
     fn call_id(&self) -> u64;
-    /// The reply of a call that failed as a whole.
-    fn error(call_id: u64, status: &Status) -> Self;
+    /// The reply, or the status the call failed with.
+    fn into_result(self) -> Result<Self::Reply, Status>;
 }
 
 macro_rules! envelopes {
-    ($call:ty, $reply:ty, $error:path) => {
+    ($call:ty, $call_kind:ty, $reply:ty, $reply_kind:ty, $error:path) => {
         impl CallEnvelope for $call {
+            type Call = $call_kind;
+            fn new(call_id: u64, timeout_ms: u64, call: Self::Call) -> Self {
+                Self { call_id, timeout_ms, call: Some(call) }
+            }
             fn call_id(&self) -> u64 {
                 self.call_id
             }
@@ -87,21 +100,45 @@ macro_rules! envelopes {
             fn set_timeout_ms(&mut self, ms: u64) {
                 self.timeout_ms = ms;
             }
+            fn into_call(self) -> Option<Self::Call> {
+                self.call
+            }
         }
 
         impl ReplyEnvelope for $reply {
+            type Reply = $reply_kind;
+            fn new(call_id: u64, result: Result<Self::Reply, Status>) -> Self {
+                let reply = result.unwrap_or_else(|status| $error(error_to_wire(&status)));
+                Self { call_id, reply: Some(reply) }
+            }
             fn call_id(&self) -> u64 {
                 self.call_id
             }
-            fn error(call_id: u64, status: &Status) -> Self {
-                Self { call_id, reply: Some($error(error_to_wire(status))) }
+            fn into_result(self) -> Result<Self::Reply, Status> {
+                match self.reply {
+                    Some($error(e)) => Err(error_from_wire(e)),
+                    Some(reply) => Ok(reply),
+                    None => Err(Status::internal("a pipeline reply without content")),
+                }
             }
         }
     };
 }
 
-envelopes!(v1::ParticipantCall, v1::ParticipantReply, v1::participant_reply::Reply::Error);
-envelopes!(v1::CoordinatorCall, v1::CoordinatorReply, v1::coordinator_reply::Reply::Error);
+envelopes!(
+    v1::ParticipantCall,
+    v1::participant_call::Call,
+    v1::ParticipantReply,
+    v1::participant_reply::Reply,
+    v1::participant_reply::Reply::Error
+);
+envelopes!(
+    v1::CoordinatorCall,
+    v1::coordinator_call::Call,
+    v1::CoordinatorReply,
+    v1::coordinator_reply::Reply,
+    v1::coordinator_reply::Reply::Error
+);
 
 /// A failed call's status, as a pipeline reply carries it.
 pub fn error_to_wire(status: &Status) -> v1::CallError {
@@ -118,7 +155,8 @@ pub type ReplyStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
 
 /// Serves one pipeline: reads calls from `calls`, runs `handle` on each (at most
 /// `max_in_flight` at a time, concurrently, in one task) and streams the replies back as they
-/// finish. A call whose deadline (`timeout_ms`) passes is stopped and answered
+/// finish, each in its envelope (a failed call's status as its error arm; an envelope without
+/// a call is answered INVALID_ARGUMENT). A call whose deadline (`timeout_ms`) passes is stopped and answered
 /// DEADLINE_EXCEEDED, as tonic stops a unary call, so calls whose callers gave up cannot hold
 /// the stream's places; a call that panics is answered INTERNAL.
 ///
@@ -136,8 +174,8 @@ pub fn serve<C, R, F, Fut>(
 where
     C: CallEnvelope,
     R: ReplyEnvelope,
-    F: FnMut(C) -> Fut + Send + 'static,
-    Fut: Future<Output = R> + Send + 'static,
+    F: FnMut(C::Call) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<R::Reply, Status>> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(max_in_flight.max(1));
     tokio::spawn(async move {
@@ -161,17 +199,20 @@ where
                 next = calls.message(), if reading && running.len() < max_in_flight => match next {
                     Ok(Some(call)) => {
                         let (id, timeout_ms) = (call.call_id(), call.timeout_ms());
-                        let call = std::panic::AssertUnwindSafe(handle(call)).catch_unwind();
+                        let call = call.into_call().map(|call| std::panic::AssertUnwindSafe(handle(call)).catch_unwind());
                         running.push(async move {
+                            let Some(call) = call else {
+                                return R::new(id, Err(Status::invalid_argument("call: is required")));
+                            };
                             let finished = match timeout_ms {
                                 0 => Ok(call.await),
                                 ms => tokio::time::timeout(Duration::from_millis(ms), call).await,
                             };
-                            match finished {
-                                Ok(Ok(reply)) => reply,
-                                Ok(Err(_)) => R::error(id, &Status::internal("the call failed unexpectedly (panic)")),
-                                Err(_) => R::error(id, &Status::deadline_exceeded(format!("deadline of {timeout_ms} ms passed"))),
-                            }
+                            R::new(id, match finished {
+                                Ok(Ok(result)) => result,
+                                Ok(Err(_)) => Err(Status::internal("the call failed unexpectedly (panic)")),
+                                Err(_) => Err(Status::deadline_exceeded(format!("deadline of {timeout_ms} ms passed"))),
+                            })
                         });
                     }
                     Ok(None) => reading = false,
@@ -186,7 +227,7 @@ where
             }
         }
         if let Some(status) = broken {
-            let _ = tx.try_send(Err(status));
+            let _ = tokio::time::timeout(REPLY_SEND_TIMEOUT, tx.send(Err(status))).await;
         }
     });
     Box::pin(ReceiverStream::new(rx))
@@ -295,7 +336,8 @@ impl<C: CallEnvelope, R: ReplyEnvelope> Pipeline<C, R> {
 
     /// Sends `call` and waits for its reply, at most `timeout` in all (the server is told the
     /// deadline and stops the call then).
-    pub async fn call(&self, call: C, timeout: Duration) -> Result<R, Status> {
+    pub async fn call(&self, call: C::Call, timeout: Duration) -> Result<R::Reply, Status> {
+        let call = C::new(0, 0, call);
         let deadline = Instant::now() + timeout;
         let attempts = async {
             for _ in 0..MAX_ATTEMPTS {
@@ -318,7 +360,7 @@ impl<C: CallEnvelope, R: ReplyEnvelope> Pipeline<C, R> {
                     continue;
                 }
                 match rx.await {
-                    Ok(Ok(reply)) => return Ok(reply),
+                    Ok(Ok(reply)) => return reply.into_result(),
                     Ok(Err(Failure::Status(status))) => return Err(status),
                     Ok(Err(Failure::NotTaken)) => continue,
                     Err(_) => return Err(Status::unavailable("pipeline stream closed")),
@@ -426,23 +468,8 @@ impl ParticipantPipeline {
         }
     }
 
-    async fn call(
-        &self,
-        call: v1::participant_call::Call,
-        timeout: Duration,
-    ) -> Result<v1::participant_reply::Reply, Status> {
-        use v1::participant_reply::Reply;
-        let reply =
-            self.pipeline.call(v1::ParticipantCall { call_id: 0, timeout_ms: 0, call: Some(call) }, timeout).await?;
-        match reply.reply {
-            Some(Reply::Error(e)) => Err(error_from_wire(e)),
-            Some(reply) => Ok(reply),
-            None => Err(Status::internal("participant sent a pipeline reply without content")),
-        }
-    }
-
     pub async fn prepare(&self, r: v1::PrepareRequest, timeout: Duration) -> Result<v1::PrepareResponse, Status> {
-        match self.call(v1::participant_call::Call::Prepare(r), timeout).await? {
+        match self.pipeline.call(v1::participant_call::Call::Prepare(r), timeout).await? {
             v1::participant_reply::Reply::Prepare(r) => Ok(r),
             _ => Err(mismatched("Prepare")),
         }
@@ -453,7 +480,7 @@ impl ParticipantPipeline {
         r: v1::CommitBranchesRequest,
         timeout: Duration,
     ) -> Result<v1::CommitBranchesResponse, Status> {
-        match self.call(v1::participant_call::Call::Commit(r), timeout).await? {
+        match self.pipeline.call(v1::participant_call::Call::Commit(r), timeout).await? {
             v1::participant_reply::Reply::Commit(r) => Ok(r),
             _ => Err(mismatched("Commit")),
         }
@@ -464,7 +491,7 @@ impl ParticipantPipeline {
         r: v1::AbortBranchesRequest,
         timeout: Duration,
     ) -> Result<v1::AbortBranchesResponse, Status> {
-        match self.call(v1::participant_call::Call::Abort(r), timeout).await? {
+        match self.pipeline.call(v1::participant_call::Call::Abort(r), timeout).await? {
             v1::participant_reply::Reply::Abort(r) => Ok(r),
             _ => Err(mismatched("Abort")),
         }
@@ -494,42 +521,29 @@ impl CoordinatorPipeline {
         }
     }
 
-    async fn call(&self, call: v1::coordinator_call::Call) -> Result<v1::coordinator_reply::Reply, Status> {
-        use v1::coordinator_reply::Reply;
-        let reply = self
-            .pipeline
-            .call(v1::CoordinatorCall { call_id: 0, timeout_ms: 0, call: Some(call) }, self.timeout)
-            .await?;
-        match reply.reply {
-            Some(Reply::Error(e)) => Err(error_from_wire(e)),
-            Some(reply) => Ok(reply),
-            None => Err(Status::internal("coordinator sent a pipeline reply without content")),
-        }
-    }
-
     pub async fn begin(&self, r: v1::BeginRequest) -> Result<v1::BeginResponse, Status> {
-        match self.call(v1::coordinator_call::Call::Begin(r)).await? {
+        match self.pipeline.call(v1::coordinator_call::Call::Begin(r), self.timeout).await? {
             v1::coordinator_reply::Reply::Begin(r) => Ok(r),
             _ => Err(mismatched("Begin")),
         }
     }
 
     pub async fn enlist(&self, r: v1::EnlistRequest) -> Result<v1::EnlistResponse, Status> {
-        match self.call(v1::coordinator_call::Call::Enlist(r)).await? {
+        match self.pipeline.call(v1::coordinator_call::Call::Enlist(r), self.timeout).await? {
             v1::coordinator_reply::Reply::Enlist(r) => Ok(r),
             _ => Err(mismatched("Enlist")),
         }
     }
 
     pub async fn commit(&self, r: v1::CommitRequest) -> Result<v1::CommitResponse, Status> {
-        match self.call(v1::coordinator_call::Call::Commit(r)).await? {
+        match self.pipeline.call(v1::coordinator_call::Call::Commit(r), self.timeout).await? {
             v1::coordinator_reply::Reply::Commit(r) => Ok(r),
             _ => Err(mismatched("Commit")),
         }
     }
 
     pub async fn abort(&self, r: v1::AbortRequest) -> Result<v1::AbortResponse, Status> {
-        match self.call(v1::coordinator_call::Call::Abort(r)).await? {
+        match self.pipeline.call(v1::coordinator_call::Call::Abort(r), self.timeout).await? {
             v1::coordinator_reply::Reply::Abort(r) => Ok(r),
             _ => Err(mismatched("Abort")),
         }
@@ -594,17 +608,14 @@ mod tests {
             self.prepares.lock().unwrap().get(gtid).copied().unwrap_or(0)
         }
 
-        async fn pipelined(self, call: v1::ParticipantCall) -> v1::ParticipantReply {
+        async fn pipelined(self, call: v1::participant_call::Call) -> Result<v1::participant_reply::Reply, Status> {
             use v1::participant_call::Call;
             use v1::participant_reply::Reply;
-            let reply = match call.call {
-                Some(Call::Prepare(r)) => self.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner())),
-                Some(Call::Commit(r)) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
-                Some(Call::Abort(r)) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
-                None => Err(Status::invalid_argument("call: is required")),
-            };
-            let reply = reply.unwrap_or_else(|s| Reply::Error(error_to_wire(&s)));
-            v1::ParticipantReply { call_id: call.call_id, reply: Some(reply) }
+            match call {
+                Call::Prepare(r) => self.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner())),
+                Call::Commit(r) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
+                Call::Abort(r) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+            }
         }
     }
 
@@ -659,7 +670,12 @@ mod tests {
             self.streams.lock().unwrap().push(closing.clone());
             let mut calls = r.into_inner();
             let first = match self.lazy_headers {
-                true => Some(self.clone().pipelined(calls.message().await?.expect("a first call")).await),
+                true => {
+                    let first = calls.message().await?.expect("a first call");
+                    let id = first.call_id;
+                    let result = self.clone().pipelined(first.call.expect("a call")).await;
+                    Some(v1::ParticipantReply::new(id, result))
+                }
                 false => None,
             };
             let fake = self.clone();

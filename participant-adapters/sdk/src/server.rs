@@ -129,17 +129,14 @@ impl<P> Clone for ParticipantService<P> {
 
 impl<P: Participant> ParticipantService<P> {
     /// One call from a pipeline stream, handled exactly as the unary call of its kind.
-    async fn pipelined(self, call: v1::ParticipantCall) -> v1::ParticipantReply {
+    async fn pipelined(self, call: v1::participant_call::Call) -> Result<v1::participant_reply::Reply, Status> {
         use v1::participant_call::Call;
         use v1::participant_reply::Reply;
-        let reply = match call.call {
-            Some(Call::Prepare(r)) => self.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner())),
-            Some(Call::Commit(r)) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
-            Some(Call::Abort(r)) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
-            None => Err(Status::invalid_argument("call: is required (prepare, commit or abort)")),
-        };
-        let reply = reply.unwrap_or_else(|status| Reply::Error(pipeline::error_to_wire(&status)));
-        v1::ParticipantReply { call_id: call.call_id, reply: Some(reply) }
+        match call {
+            Call::Prepare(r) => self.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner())),
+            Call::Commit(r) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
+            Call::Abort(r) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+        }
     }
 }
 
