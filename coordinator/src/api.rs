@@ -4,6 +4,7 @@
 //! Every domain error maps to a gRPC status in [`status_of`], one exhaustive match with no
 //! wildcard: a new error must choose its status.
 
+use pledge_proto::metrics::observe;
 use pledge_proto::pipeline;
 use pledge_proto::v1::coordinator_server::Coordinator;
 use pledge_proto::v1::{self};
@@ -111,107 +112,145 @@ fn unexpected(reply: Reply) -> Status {
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {
-        let r = request.into_inner();
-        if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
-            return Err(Status::invalid_argument(format!(
-                "idempotency_key: {} bytes is longer than the limit of {MAX_IDEMPOTENCY_KEY_BYTES} bytes",
-                r.idempotency_key.len()
-            )));
-        }
-        let request = ApiRequest::Begin {
-            timeout_ms: r.timeout_ms,
-            idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
-            branches: branches(&r.branches)?,
-        };
-        let span = tracing::debug_span!("Begin", gtid = tracing::field::Empty);
-        match self.call(request).instrument(span.clone()).await? {
-            Reply::Begun { gtid, existing, deadline_ms } => {
-                span.record("gtid", tracing::field::display(gtid));
-                Ok(Response::new(v1::BeginResponse { gtid: gtid.to_string(), existing, deadline_unix_ms: deadline_ms }))
+        observe("Begin", async {
+            let r = request.into_inner();
+            if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "idempotency_key: {} bytes is longer than the limit of {MAX_IDEMPOTENCY_KEY_BYTES} bytes",
+                    r.idempotency_key.len()
+                )));
             }
-            other => Err(unexpected(other)),
-        }
+            let request = ApiRequest::Begin {
+                timeout_ms: r.timeout_ms,
+                idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
+                branches: branches(&r.branches)?,
+            };
+            let span = tracing::debug_span!("Begin", gtid = tracing::field::Empty);
+            match self.call(request).instrument(span.clone()).await? {
+                Reply::Begun { gtid, existing, deadline_ms } => {
+                    span.record("gtid", tracing::field::display(gtid));
+                    Ok(Response::new(v1::BeginResponse {
+                        gtid: gtid.to_string(),
+                        existing,
+                        deadline_unix_ms: deadline_ms,
+                    }))
+                }
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
     }
 
     async fn enlist(&self, request: Request<v1::EnlistRequest>) -> Result<Response<v1::EnlistResponse>, Status> {
-        let r = request.into_inner();
-        let gtid = gtid(&r.gtid)?;
-        let request = ApiRequest::Enlist { gtid, branches: branches(&r.branches)? };
-        match self.call(request).instrument(tracing::debug_span!("Enlist", %gtid)).await? {
-            Reply::Enlisted => Ok(Response::new(v1::EnlistResponse {})),
-            other => Err(unexpected(other)),
-        }
+        observe("Enlist", async {
+            let r = request.into_inner();
+            let gtid = gtid(&r.gtid)?;
+            let request = ApiRequest::Enlist { gtid, branches: branches(&r.branches)? };
+            match self.call(request).instrument(tracing::debug_span!("Enlist", %gtid)).await? {
+                Reply::Enlisted => Ok(Response::new(v1::EnlistResponse {})),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
     }
 
     async fn commit(&self, request: Request<v1::CommitRequest>) -> Result<Response<v1::CommitResponse>, Status> {
-        let r = request.into_inner();
-        let gtid = gtid(&r.gtid)?;
-        let request =
-            ApiRequest::Commit { gtid, branches: branches(&r.branches)?, wait_for_completion: r.wait_for_completion };
-        match self.call(request).instrument(tracing::debug_span!("Commit", %gtid)).await? {
-            Reply::CommitOutcome(o) => Ok(Response::new(commit_response(o))),
-            other => Err(unexpected(other)),
-        }
+        observe("Commit", async {
+            let r = request.into_inner();
+            let gtid = gtid(&r.gtid)?;
+            let request = ApiRequest::Commit {
+                gtid,
+                branches: branches(&r.branches)?,
+                wait_for_completion: r.wait_for_completion,
+            };
+            match self.call(request).instrument(tracing::debug_span!("Commit", %gtid)).await? {
+                Reply::CommitOutcome(o) => Ok(Response::new(commit_response(o))),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
     }
 
     async fn abort(&self, request: Request<v1::AbortRequest>) -> Result<Response<v1::AbortResponse>, Status> {
-        let gtid = gtid(&request.into_inner().gtid)?;
-        match self.call(ApiRequest::Abort { gtid }).instrument(tracing::debug_span!("Abort", %gtid)).await? {
-            Reply::Aborted => Ok(Response::new(v1::AbortResponse {})),
-            other => Err(unexpected(other)),
-        }
+        observe("Abort", async {
+            let gtid = gtid(&request.into_inner().gtid)?;
+            match self.call(ApiRequest::Abort { gtid }).instrument(tracing::debug_span!("Abort", %gtid)).await? {
+                Reply::Aborted => Ok(Response::new(v1::AbortResponse {})),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
     }
 
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
-        let gtid = gtid(&request.into_inner().gtid)?;
-        match self.call(ApiRequest::Get { gtid }).instrument(tracing::debug_span!("Get", %gtid)).await? {
-            Reply::Transaction(view) => Ok(Response::new(v1::GetResponse { transaction: Some(transaction(&view)) })),
-            other => Err(unexpected(other)),
-        }
+        observe("Get", async {
+            let gtid = gtid(&request.into_inner().gtid)?;
+            match self.call(ApiRequest::Get { gtid }).instrument(tracing::debug_span!("Get", %gtid)).await? {
+                Reply::Transaction(view) => {
+                    Ok(Response::new(v1::GetResponse { transaction: Some(transaction(&view)) }))
+                }
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
     }
 
     async fn list(&self, request: Request<v1::ListRequest>) -> Result<Response<v1::ListResponse>, Status> {
-        let r = request.into_inner();
-        let states = r
-            .states
-            .iter()
-            .map(|&s| {
-                v1::TransactionState::try_from(s)
-                    .ok()
-                    .and_then(state_from_wire)
-                    .ok_or_else(|| Status::invalid_argument(format!("states: {s} is not a transaction state")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let limit = match r.limit as usize {
-            0 => DEFAULT_LIST_LIMIT,
-            n if n > MAX_LIST_LIMIT => {
-                return Err(Status::invalid_argument(format!("limit: {n} is above the maximum of {MAX_LIST_LIMIT}")));
+        observe("List", async {
+            let r = request.into_inner();
+            let states = r
+                .states
+                .iter()
+                .map(|&s| {
+                    v1::TransactionState::try_from(s)
+                        .ok()
+                        .and_then(state_from_wire)
+                        .ok_or_else(|| Status::invalid_argument(format!("states: {s} is not a transaction state")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let limit = match r.limit as usize {
+                0 => DEFAULT_LIST_LIMIT,
+                n if n > MAX_LIST_LIMIT => {
+                    return Err(Status::invalid_argument(format!(
+                        "limit: {n} is above the maximum of {MAX_LIST_LIMIT}"
+                    )));
+                }
+                n => n,
+            };
+            let filter = ListFilter {
+                states,
+                in_doubt: r.in_doubt,
+                heuristic: r.heuristic,
+                older_than_ms: r.older_than_ms,
+                limit,
+            };
+            match self.call(ApiRequest::List { filter }).instrument(tracing::debug_span!("List")).await? {
+                Reply::List { transactions, truncated } => Ok(Response::new(v1::ListResponse {
+                    transactions: transactions.iter().map(transaction).collect(),
+                    truncated,
+                })),
+                other => Err(unexpected(other)),
             }
-            n => n,
-        };
-        let filter =
-            ListFilter { states, in_doubt: r.in_doubt, heuristic: r.heuristic, older_than_ms: r.older_than_ms, limit };
-        match self.call(ApiRequest::List { filter }).instrument(tracing::debug_span!("List")).await? {
-            Reply::List { transactions, truncated } => Ok(Response::new(v1::ListResponse {
-                transactions: transactions.iter().map(transaction).collect(),
-                truncated,
-            })),
-            other => Err(unexpected(other)),
-        }
+        })
+        .await
     }
 
     async fn register_participant(
         &self,
         request: Request<v1::RegisterParticipantRequest>,
     ) -> Result<Response<v1::RegisterParticipantResponse>, Status> {
-        let r = request.into_inner();
-        let resource = ResourceId::parse_field("resource_id", &r.resource_id).map_err(invalid)?;
-        validate_endpoint(&r.endpoint).map_err(Status::invalid_argument)?;
-        let span = tracing::info_span!("RegisterParticipant", resource = %resource, endpoint = r.endpoint);
-        match self.call(ApiRequest::RegisterParticipant { resource, endpoint: r.endpoint }).instrument(span).await? {
-            Reply::Registered => Ok(Response::new(v1::RegisterParticipantResponse {})),
-            other => Err(unexpected(other)),
-        }
+        observe("RegisterParticipant", async {
+            let r = request.into_inner();
+            let resource = ResourceId::parse_field("resource_id", &r.resource_id).map_err(invalid)?;
+            validate_endpoint(&r.endpoint).map_err(Status::invalid_argument)?;
+            let span = tracing::info_span!("RegisterParticipant", resource = %resource, endpoint = r.endpoint);
+            match self.call(ApiRequest::RegisterParticipant { resource, endpoint: r.endpoint }).instrument(span).await?
+            {
+                Reply::Registered => Ok(Response::new(v1::RegisterParticipantResponse {})),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
     }
 
     type PipelineStream = pipeline::ReplyStream<v1::CoordinatorReply>;
@@ -233,15 +272,18 @@ impl Coordinator for CoordinatorService {
         &self,
         _request: Request<v1::ListParticipantsRequest>,
     ) -> Result<Response<v1::ListParticipantsResponse>, Status> {
-        match self.call(ApiRequest::ListParticipants).await? {
-            Reply::Participants(list) => Ok(Response::new(v1::ListParticipantsResponse {
-                participants: list
-                    .into_iter()
-                    .map(|(r, endpoint)| v1::ParticipantInfo { resource_id: r.to_string(), endpoint })
-                    .collect(),
-            })),
-            other => Err(unexpected(other)),
-        }
+        observe("ListParticipants", async {
+            match self.call(ApiRequest::ListParticipants).await? {
+                Reply::Participants(list) => Ok(Response::new(v1::ListParticipantsResponse {
+                    participants: list
+                        .into_iter()
+                        .map(|(r, endpoint)| v1::ParticipantInfo { resource_id: r.to_string(), endpoint })
+                        .collect(),
+                })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
     }
 }
 

@@ -58,6 +58,9 @@ pub struct ServeArgs {
     /// Data directory (decision log, coordinator id) [default: ./data].
     #[arg(long, env = "PLEDGE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics (GET /metrics) on host:port [default: off].
+    #[arg(long, env = "PLEDGE_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// This coordinator's id, as participants see it [default: generated once, kept in the
     /// data directory].
     #[arg(long, env = "PLEDGE_COORDINATOR_ID")]
@@ -95,6 +98,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.data_dir {
             config.data_dir = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            config.metrics_listen = Some(v);
         }
         if let Some(v) = self.coordinator_id {
             config.coordinator_id = Some(v);

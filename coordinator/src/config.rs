@@ -29,6 +29,9 @@ pub struct Config {
     pub listen: ListenAddr,
     /// Where the decision log and the coordinator id live.
     pub data_dir: PathBuf,
+    /// Serve Prometheus metrics (`GET /metrics`) on this `host:port` (port 0: any free port,
+    /// printed as `metrics on <addr>`). Not set: no metrics endpoint, and nothing recorded.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Names this coordinator to participants (they keep branches of different coordinators
     /// apart by it; the PostgreSQL adapter puts it in GIDs). Generated on first start and kept
     /// in `<data_dir>/coordinator.id` when not set; a configured id that differs from the stored
@@ -77,6 +80,7 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             data_dir: PathBuf::from("./data"),
+            metrics_listen: None,
             coordinator_id: None,
             participants: BTreeMap::new(),
             default_txn_timeout_ms: engine.default_txn_timeout_ms,
@@ -219,6 +223,7 @@ mod tests {
         assert_eq!(c.coordinator_id.as_deref(), Some("pledge-eu-1"));
         assert_eq!(c.participants.len(), 3);
         assert!(matches!(c.listen, ListenAddr::Tcp(a) if a.port() == 7600));
+        assert_eq!(c.metrics_listen.map(|a| a.port()), Some(9600));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! * [`records`]: how engine records are stored in the decision log (`pledge-log`).
 //! * [`driver`]: the runtime that runs the engine: log appends, batched participant calls,
 //!   retries and timers.
+//! * [`metrics`]: the Prometheus metrics it records.
 //! * [`api`]: the gRPC Coordinator service and the error -> status mapping.
 //! * [`recovery`]: log replay and in-doubt resolution after a restart.
 //! * [`server`]: `pledge serve` wiring (data directory, health, reflection, shutdown).
@@ -15,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod engine;
+pub mod metrics;
 pub mod records;
 pub mod recovery;
 pub mod server;

@@ -1,4 +1,5 @@
-//! `pledge serve`: opens the data directory, recovers, and serves gRPC until SIGTERM / Ctrl-C.
+//! `pledge serve`: opens the data directory, recovers, and serves gRPC (and, if configured,
+//! Prometheus metrics) until SIGTERM / Ctrl-C.
 //!
 //! Start-up order matters: the log is replayed and the engine rebuilt before the port opens,
 //! so no client can see a coordinator that has forgotten a decision. Shutdown is the reverse:
@@ -30,6 +31,14 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let coordinator_id = coordinator_id(&config.data_dir, config.coordinator_id.as_deref())?;
+    // Before the log opens, so that replay and everything after it is recorded.
+    if let Some(listen) = config.metrics_listen {
+        let addr = pledge_proto::metrics::serve(listen, crate::metrics::describe, shutdown.clone())
+            .await
+            .with_context(|| format!("cannot serve metrics on {listen}"))?;
+        println!("metrics on {addr}");
+        tracing::info!(%addr, "metrics served at http://{addr}/metrics");
+    }
 
     let log_config = log_config(&config);
     let started = std::time::Instant::now();
@@ -58,6 +67,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
         recovery_interval: Duration::from_millis(config.recovery_interval_ms),
         api_queue_capacity: 4096,
         max_request_wait: Duration::from_millis(config.max_request_wait_ms),
+        publish_gauges: config.metrics_listen.is_some(),
     };
     let (runtime, handle) = Runtime::new(engine, log.writer(), runtime_config);
     let engine_stop = CancellationToken::new();

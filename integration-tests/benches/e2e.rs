@@ -24,7 +24,8 @@
 //! next transaction as soon as the last one ends, i.e. maximum throughput; N: the clients
 //! together start N transactions per second on a fixed schedule, and latency is measured from
 //! the scheduled start, so a stall counts against every transaction it delays), BENCH_TRANSPORT
-//! (tcp or unix).
+//! (tcp or unix), BENCH_METRICS (0; 1: every process records and serves Prometheus metrics,
+//! to measure what they cost).
 
 use std::time::Duration;
 
@@ -114,6 +115,14 @@ async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
     .await
 }
 
+/// Extra arguments of every process: a metrics endpoint if BENCH_METRICS=1.
+fn metrics_args() -> &'static [&'static str] {
+    match env_or("BENCH_METRICS", 0) {
+        0 => &[],
+        _ => &["--metrics-listen", "127.0.0.1:0"],
+    }
+}
+
 /// Where a benchmark process listens: a free loopback port, or a Unix socket in `dir`.
 fn listen(dir: &TestDir, name: &str) -> String {
     match env_or("BENCH_TRANSPORT", "tcp".to_string()).as_str() {
@@ -126,7 +135,8 @@ fn listen(dir: &TestDir, name: &str) -> String {
 /// A coordinator in `dir` with these participants, listening as BENCH_TRANSPORT says.
 async fn start_coordinator(dir: &TestDir, participants: &[(&str, &Process)]) -> Process {
     let listen = listen(dir, "coordinator");
-    dir.coordinator_with(participants, &[RECOVERY_DEFAULT, &["--listen", &listen]].concat(), &[]).await
+    let args = [RECOVERY_DEFAULT, &["--listen", &listen], metrics_args()].concat();
+    dir.coordinator_with(participants, &args, &[]).await
 }
 
 fn main() {
@@ -138,7 +148,7 @@ fn main() {
         }
         let l = load();
         println!(
-            "end-to-end benchmark: {} clients ({} calls), {}, {} s per run, over {}, binaries from {}",
+            "end-to-end benchmark: {} clients ({} calls), {}, {} s per run, over {}{}, binaries from {}",
             l.clients,
             if api() == Api::Pipeline { "pipeline" } else { "unary" },
             match l.rate_per_second {
@@ -147,6 +157,7 @@ fn main() {
             },
             l.measure.as_secs(),
             env_or("BENCH_TRANSPORT", "tcp".to_string()),
+            if metrics_args().is_empty() { "" } else { ", metrics on" },
             pledge_integration_tests::bin_dir().display()
         );
 
@@ -156,14 +167,14 @@ fn main() {
         };
         let (dir, pdir) = (TestDir::new("bench-2pc"), participants_dir());
         println!("coordinator data in {}, participants' in {}", dir.path().display(), pdir.path().display());
-        let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), &[], &[]).await;
-        let p2 = pdir.participant_on("db2", &listen(&pdir, "db2"), &[], &[]).await;
+        let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), metrics_args(), &[]).await;
+        let p2 = pdir.participant_on("db2", &listen(&pdir, "db2"), metrics_args(), &[]).await;
         let coordinator = start_coordinator(&dir, &[("db1", &p1), ("db2", &p2)]).await;
         let two_phase = run(&coordinator, &["db1", "db2"]).await;
         drop((coordinator, p1, p2, dir, pdir));
 
         let (dir, pdir) = (TestDir::new("bench-1pc"), participants_dir());
-        let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), &[], &[]).await;
+        let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), metrics_args(), &[]).await;
         let coordinator = start_coordinator(&dir, &[("db1", &p1)]).await;
         let one_phase = run(&coordinator, &["db1"]).await;
         drop((coordinator, p1, dir, pdir));

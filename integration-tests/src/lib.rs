@@ -59,6 +59,9 @@ pub struct Process {
     child: Child,
     /// Where it listens: TCP `host:port` or `unix:<path>`.
     pub addr: ListenAddr,
+    /// Where it serves Prometheus metrics, if started with `--metrics-listen` (it prints
+    /// `metrics on <addr>` before `listening on`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
     log: PathBuf,
 }
 
@@ -69,25 +72,34 @@ impl Process {
         command.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).kill_on_drop(true);
         let mut child = command.spawn().with_context(|| format!("spawning {name}"))?;
         let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+        // (the metrics address, if printed before; the serving address)
+        let (tx, rx) = tokio::sync::oneshot::channel::<(Option<String>, String)>();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             let mut tx = Some(tx);
+            let mut metrics = None;
             // Keep draining after the first line so the child never blocks on a full pipe.
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = line.strip_prefix("listening on ")
+                if let Some(addr) = line.strip_prefix("metrics on ") {
+                    metrics = Some(addr.trim().to_string());
+                } else if let Some(addr) = line.strip_prefix("listening on ")
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(addr.trim().to_string());
+                    let _ = tx.send((metrics.take(), addr.trim().to_string()));
                 }
             }
         });
-        let addr = match tokio::time::timeout(START_TIMEOUT, rx).await {
-            Ok(Ok(addr)) => addr.parse().with_context(|| format!("{name} printed a bad address {addr:?}"))?,
+        let (metrics_addr, addr) = match tokio::time::timeout(START_TIMEOUT, rx).await {
+            Ok(Ok((metrics, addr))) => (
+                metrics
+                    .map(|m| m.parse().with_context(|| format!("{name} printed a bad metrics address {m:?}")))
+                    .transpose()?,
+                addr.parse().with_context(|| format!("{name} printed a bad address {addr:?}"))?,
+            ),
             Ok(Err(_)) => bail!("{name} exited before serving:\n{}", tail(&log)),
             Err(_) => bail!("{name} did not start within {START_TIMEOUT:?}:\n{}", tail(&log)),
         };
-        Ok(Process { name: name.to_string(), child, addr, log })
+        Ok(Process { name: name.to_string(), child, addr, metrics_addr, log })
     }
 
     /// What a client dials: `http://host:port` or `unix:<path>`.
@@ -110,6 +122,22 @@ impl Process {
             ListenAddr::Tcp(addr) => addr.port(),
             ListenAddr::Unix(path) => panic!("{} listens on a Unix socket ({}), not a port", self.name, path.display()),
         }
+    }
+
+    /// Its metrics in Prometheus' text format (`GET /metrics` over plain HTTP/1.1).
+    pub async fn metrics(&self) -> Metrics {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.metrics_addr.unwrap_or_else(|| panic!("{} was started without --metrics-listen", self.name));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connecting to the metrics endpoint");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: pledge\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("sending the metrics request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("reading the metrics response");
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "metrics endpoint of {} answered {head}", self.name);
+        Metrics(body.to_string())
     }
 
     /// The last lines the process wrote to stderr.
@@ -473,6 +501,27 @@ pub async fn get(c: &mut CoordinatorClient<Channel>, gtid: &str) -> Result<v1::T
     c.get(v1::GetRequest { gtid: gtid.into() })
         .await
         .map(|r| r.into_inner().transaction.expect("transaction in GetResponse"))
+}
+
+/// A scrape of a process's metrics (Prometheus text format).
+#[derive(Debug, Clone)]
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the sample `series`, written as it appears in the exposition: the name,
+    /// then the labels in the order the process records them, e.g.
+    /// `pledge_transactions_finished_total{outcome="committed"}`. `None` if absent.
+    pub fn value(&self, series: &str) -> Option<f64> {
+        self.0.lines().find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(value.trim().parse().unwrap_or_else(|e| panic!("sample {series}: bad value {value:?}: {e}")))
+        })
+    }
+
+    /// [`Metrics::value`], which must be present.
+    pub fn get(&self, series: &str) -> f64 {
+        self.value(series).unwrap_or_else(|| panic!("no sample {series} in:\n{}", self.0))
+    }
 }
 
 /// Asks `check` every 20 ms until it returns `Some`, for at most [`EVENTUALLY_TIMEOUT`]. For

@@ -561,3 +561,67 @@ async fn checkpoints_keep_the_log_bounded_and_restarts_read_them() {
         assert_eq!(get(&mut c, gtid).await.unwrap().state(), v1::TransactionState::Committed, "{gtid}");
     }
 }
+
+/// With `--metrics-listen`, the coordinator and its participants serve Prometheus metrics
+/// that count what happened: a commit, an abort by the client, an abort on a "no" vote, a
+/// call with bad input, the participant calls and the log's syncs; the gauges show a
+/// transaction left open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened() {
+    let dir = TestDir::new("metrics");
+    let metrics = ["--metrics-listen", "127.0.0.1:0"];
+    let p1 = dir.participant("db1", 0, &metrics, &[]).await;
+    let p2 = dir.participant("db2", 0, &metrics, &[]).await;
+    let no = dir.participant("no", 0, &["--vote-no", "--metrics-listen", "127.0.0.1:0"], &[]).await;
+    let coordinator = dir.coordinator_with(&[("db1", &p1), ("db2", &p2), ("no", &no)], &metrics, &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let mut s1 = store_client(&p1).await;
+
+    // Committed on both participants.
+    let committed = begin(&mut c, &[("db1", "debit"), ("db2", "credit")]).await;
+    put(&mut s1, &committed, "debit", "alice", "90").await;
+    let r = commit(&mut c, &committed, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true));
+    // Aborted by the client.
+    let aborted = begin(&mut c, &[("db1", "a")]).await;
+    c.abort(v1::AbortRequest { gtid: aborted.clone() }).await.unwrap();
+    // Aborted because a participant votes no.
+    let refused = begin(&mut c, &[("db2", "b"), ("no", "c")]).await;
+    let r = commit(&mut c, &refused, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Aborted);
+    // Bad input: a commit of a transaction that does not exist.
+    let unknown = commit(&mut c, "01900000-0000-7000-8000-000000000000", false).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    // Left open.
+    begin(&mut c, &[("db1", "open")]).await;
+
+    let m = coordinator.metrics().await;
+    assert_eq!(m.get("pledge_transactions_begun_total"), 4.0);
+    assert_eq!(m.get(r#"pledge_transactions_finished_total{outcome="committed"}"#), 1.0);
+    assert_eq!(m.get(r#"pledge_transactions_finished_total{outcome="aborted"}"#), 2.0);
+    assert_eq!(m.get(r#"pledge_transaction_aborts_total{cause="client"}"#), 1.0);
+    assert_eq!(m.get(r#"pledge_transaction_aborts_total{cause="vote"}"#), 1.0);
+    assert_eq!(m.get(r#"pledge_rpc_requests_total{method="Begin",code="OK"}"#), 4.0);
+    assert_eq!(m.get(r#"pledge_rpc_requests_total{method="Commit",code="NOT_FOUND"}"#), 1.0);
+    assert_eq!(m.get(r#"pledge_rpc_duration_seconds_count{method="Commit"}"#), 3.0);
+    assert_eq!(m.get(r#"pledge_participant_calls_total{resource="no",call="Prepare",code="OK"}"#), 1.0);
+    assert!(m.get(r#"pledge_participant_calls_total{resource="db1",call="Commit",code="OK"}"#) >= 1.0);
+    // The commit decision was forced to the log.
+    assert!(m.get("pledge_log_syncs_total") >= 1.0);
+    assert!(m.get("pledge_log_sync_duration_seconds_count") >= 1.0);
+    // Published every second: the open transaction, and nothing waiting for a participant.
+    eventually("the gauges to show the open transaction", || async {
+        let m = coordinator.metrics().await;
+        (m.value(r#"pledge_transactions{state="active"}"#) == Some(1.0)).then_some(())
+    })
+    .await;
+    assert_eq!(coordinator.metrics().await.get("pledge_oldest_in_doubt_seconds"), 0.0);
+
+    let m = p1.metrics().await;
+    assert_eq!(m.get(r#"pledge_branch_operations_total{operation="prepare",result="prepared"}"#), 1.0);
+    assert_eq!(m.get(r#"pledge_branch_operations_total{operation="commit",result="committed"}"#), 1.0);
+    assert_eq!(m.get(r#"pledge_rpc_requests_total{method="Prepare",code="OK"}"#), 1.0);
+    let m = no.metrics().await;
+    assert_eq!(m.get(r#"pledge_branch_operations_total{operation="prepare",result="aborted"}"#), 1.0);
+    assert!(m.value(r#"pledge_branch_operations_total{operation="commit",result="committed"}"#).is_none());
+}

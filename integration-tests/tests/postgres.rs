@@ -158,7 +158,7 @@ impl Setup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_between_two_databases_commits_atomically() {
-    let s = setup("pg-transfer", &[], &[], &[]).await;
+    let s = setup("pg-transfer", &["--metrics-listen", "127.0.0.1:0"], &[], &[]).await;
     let bank = Bank::new("transfer", 1, 100).await;
     let (gtid, executed) = s.transfer(&bank, 30).await;
     executed.unwrap();
@@ -168,6 +168,18 @@ async fn transfer_between_two_databases_commits_atomically() {
     assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true), "{}", r.reason);
     assert_eq!((bank.balance('a', 1).await, bank.balance('b', 1).await), (70, 130));
     assert!(prepared_of(&s.cid).await.is_empty());
+    // The adapter's metrics count the work and both branches' two phases, and its
+    // housekeeping publishes the age of the oldest prepared branch of ours (none left).
+    let m = s.adapter.metrics().await;
+    assert_eq!(m.get(r#"pledge_rpc_requests_total{method="Execute",code="OK"}"#), 2.0);
+    assert_eq!(m.get(r#"pledge_branch_operations_total{operation="prepare",result="prepared"}"#), 2.0);
+    assert_eq!(m.get(r#"pledge_branch_operations_total{operation="commit",result="committed"}"#), 2.0);
+    eventually("the adapter to publish the oldest prepared branch's age", || async {
+        let m = s.adapter.metrics().await;
+        let age = |r| m.value(&format!(r#"pledge_postgres_oldest_prepared_seconds{{resource="{r}"}}"#));
+        (age("db_a") == Some(0.0) && age("db_b") == Some(0.0)).then_some(())
+    })
+    .await;
     // The coordinator shows when each branch was prepared.
     let t = get(&mut coordinator_client(&s.coordinator).await, &gtid).await.unwrap();
     assert!(

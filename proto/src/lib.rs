@@ -6,6 +6,7 @@
 //! [`transport`] is how servers listen and clients dial (TCP or Unix sockets); [`pipeline`]
 //! multiplexes many calls over one stream, for callers that make many.
 
+pub mod metrics;
 pub mod pipeline;
 pub mod transport;
 pub mod types;

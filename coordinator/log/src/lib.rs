@@ -99,11 +99,20 @@
 //! - A last segment whose header is torn and that holds no valid frame is deleted.
 //!
 //! Nothing is ever repaired silently: every deletion and truncation is logged at warn level.
+//!
+//! # Metrics
+//!
+//! The writer records through the [`metrics`](https://docs.rs/metrics) facade (no-ops until the
+//! process installs a recorder); [`describe_metrics`] registers their help texts:
+//! `pledge_log_records_total`, `pledge_log_syncs_total`, `pledge_log_bytes_written_total`,
+//! `pledge_log_checkpoints_total`, and the histogram `pledge_log_sync_duration_seconds` (each
+//! batch's write and fdatasync). Records per sync is the group-commit batch size.
 
 mod config;
 mod error;
 mod format;
 mod inspect;
+mod metrics;
 mod recovery;
 mod segment;
 mod writer;
@@ -112,6 +121,7 @@ pub use config::LogConfig;
 pub use error::{Corruption, LogError, OpenError};
 pub use format::{FIRST_RESERVED_TYPE, HeaderError};
 pub use inspect::{Inspect, InspectError, InspectItem, InspectedRecord, inspect};
+pub use metrics::describe_metrics;
 pub use writer::{Durable, Log, LogStats, LogWriter};
 
 /// Log sequence number: the position of a record in the log. The first record gets 1;

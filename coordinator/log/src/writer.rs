@@ -346,9 +346,11 @@ impl WriterThread {
         let offset = self.active.write_offset_bytes;
         let end = offset + self.buf.len() as u64;
         let path = &self.active.path;
+        let started = std::time::Instant::now();
         or_abort(self.active.file.write_all_at(&self.buf, offset), "write", path);
         self.preallocate(end);
         or_abort(self.active.file.sync_data(), "fdatasync", &self.active.path);
+        crate::metrics::batch_synced(started.elapsed());
         self.active.write_offset_bytes = end;
 
         let durable = self.next_lsn - 1;
@@ -387,6 +389,7 @@ impl WriterThread {
             segment::create_segment(&self.dir_path, &self.dir, first_lsn, &self.zeros, self.preallocate_chunk_bytes);
         let (file, path) = or_abort(created, "creating segment", &segment::segment_path(&self.dir_path, first_lsn));
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::extra_sync();
         let header_end = SEGMENT_HEADER_BYTES as u64;
         let new = ActiveSegment {
             file,
@@ -409,6 +412,7 @@ impl WriterThread {
             or_abort(active.file.set_len(active.write_offset_bytes), "truncating sealed segment", &active.path);
             or_abort(active.file.sync_data(), "fdatasync", &active.path);
             self.shared.syncs.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::extra_sync();
             active.allocated_bytes = active.write_offset_bytes;
         }
     }
@@ -494,6 +498,7 @@ impl WriterThread {
         self.shared.durable_lsn.store(end_lsn, Ordering::Release);
         self.count(record_count, 0, 1, bytes_written);
         self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::checkpoint();
         debug!(begin_lsn, end_lsn, record_count, deleted, "checkpoint written");
         let _ = done.send(end_lsn);
     }
@@ -504,6 +509,7 @@ impl WriterThread {
         s.batches.fetch_add(batches, Ordering::Relaxed);
         s.syncs.fetch_add(syncs, Ordering::Relaxed);
         s.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+        crate::metrics::written(records, syncs, bytes);
     }
 }
 

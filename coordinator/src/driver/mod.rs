@@ -137,7 +137,13 @@ pub struct RuntimeConfig {
     /// Queue of client requests waiting for the engine (backpressure beyond it).
     pub api_queue_capacity: usize,
     pub max_request_wait: Duration,
+    /// Publish the engine's gauges (see [`crate::metrics`]) every [`GAUGE_INTERVAL`]; off when
+    /// no metrics recorder is installed, to spare the pass over the live transactions.
+    pub publish_gauges: bool,
 }
+
+/// How often the engine's gauges are published.
+pub const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Most events handled in one go before the commands are carried out (keeps the latency of a
 /// command bounded while still amortising the loop).
@@ -198,6 +204,8 @@ impl Runtime {
         let timer = tokio::time::sleep(far);
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
+        let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.engine.next_deadline().map(|at| self.clock.instant_at(at));
             if deadline != armed {
@@ -226,6 +234,9 @@ impl Runtime {
                     self.handle(Event::Tick);
                 }
                 _ = recovery.tick() => self.scan_in_doubt(),
+                _ = gauges.tick(), if self.config.publish_gauges => {
+                    crate::metrics::publish(&self.engine.gauges(self.clock.now()));
+                }
                 Some(event) = self.events_rx.recv() => {
                     self.handle(event);
                     for _ in 1..MAX_EVENTS_PER_TURN {

@@ -256,6 +256,8 @@ impl Caller {
     /// turns out to be missing.
     async fn call<Req, T, PF, UF>(
         &self,
+        name: &'static str,
+        branches: usize,
         timeout: Duration,
         request: impl Fn() -> Req,
         pipelined: impl FnOnce(ParticipantPipeline, Req) -> PF,
@@ -265,14 +267,21 @@ impl Caller {
         PF: Future<Output = Result<T, tonic::Status>>,
         UF: Future<Output = Result<T, tonic::Status>>,
     {
-        if let Some(pipeline) = &self.pipeline
-            && let Some(result) = settled(pipeline, pipelined(pipeline.clone(), request()).await)
-        {
-            return result;
+        let started = std::time::Instant::now();
+        let result = async {
+            if let Some(pipeline) = &self.pipeline
+                && let Some(result) = settled(pipeline, pipelined(pipeline.clone(), request()).await)
+            {
+                return result;
+            }
+            let mut request = tonic::Request::new(request());
+            request.set_timeout(timeout);
+            unary(self.client.clone(), request).await
         }
-        let mut request = tonic::Request::new(request());
-        request.set_timeout(timeout);
-        unary(self.client.clone(), request).await
+        .await;
+        let code = result.as_ref().map_or_else(|status| status.code(), |_| tonic::Code::Ok);
+        crate::metrics::participant_call(&self.resource, name, branches, code, started.elapsed());
+        result
     }
 
     async fn prepare(self, batch: Vec<PrepareItem>) {
@@ -285,6 +294,8 @@ impl Caller {
         let timeout = self.config.prepare_timeout;
         let result = self
             .call(
+                "Prepare",
+                batch.len(),
                 timeout,
                 request,
                 |p, r| async move { p.prepare(r, timeout).await.map(|r| r.results) },
@@ -326,6 +337,8 @@ impl Caller {
                         .collect(),
                 };
                 let call = self.call(
+                    "Commit",
+                    batch.len(),
                     timeout,
                     request,
                     |p, r| async move { p.commit(r, timeout).await.map(|r| r.results) },
@@ -342,6 +355,8 @@ impl Caller {
                         .collect(),
                 };
                 let call = self.call(
+                    "Abort",
+                    batch.len(),
                     timeout,
                     request,
                     |p, r| async move { p.abort(r, timeout).await.map(|r| r.results) },

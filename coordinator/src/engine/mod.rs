@@ -32,6 +32,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use pledge_proto::{BranchKey, Gtid, ResourceId};
 
+use crate::metrics::{self, AbortCause};
+
 pub use types::*;
 
 /// Limits and timings of the engine. Every bound has its unit in its name.
@@ -461,6 +463,27 @@ impl Engine {
         self.txns.len() - self.cx.retired.len()
     }
 
+    /// Transactions not yet finished, by state, and the age of the oldest unfinished decision
+    /// (one pass over the live transactions; the runtime samples it every few seconds).
+    pub fn gauges(&self, now: Millis) -> Gauges {
+        let mut g = Gauges::default();
+        let mut oldest_decision: Option<Millis> = None;
+        for txn in self.txns.values().filter(|t| !t.retired) {
+            match txn.phase.state() {
+                TxnState::Active => g.active += 1,
+                TxnState::Preparing => g.preparing += 1,
+                TxnState::Committing => g.committing += 1,
+                TxnState::Aborting => g.aborting += 1,
+                TxnState::Committed | TxnState::Aborted => continue,
+            }
+            if matches!(txn.phase, Phase::Committing | Phase::Aborting) {
+                oldest_decision = Some(oldest_decision.map_or(txn.decided_ms, |o| o.min(txn.decided_ms)));
+            }
+        }
+        g.oldest_in_doubt_ms = oldest_decision.map_or(0, |at| now.saturating_sub(at));
+        g
+    }
+
     /// Handles one event at time `now`, appending the resulting commands to `out`.
     pub fn handle(&mut self, now: Millis, event: Event, out: &mut Vec<Command>) {
         // Time never goes backwards for the engine, even if the wall clock does.
@@ -548,6 +571,7 @@ impl Engine {
             cx.idempotency.insert(key.clone(), gtid);
         }
         cx.timers.insert((txn.deadline_ms, gtid, TimerKind::TxnTimeout));
+        metrics::begun();
         cx.reply(req, Ok(Reply::Begun { gtid, existing: false, deadline_ms: txn.deadline_ms }));
         self.txns.insert(gtid, txn);
     }
@@ -608,7 +632,7 @@ impl Engine {
         };
         match txn.phase {
             Phase::Active | Phase::Preparing => {
-                cx.decide_abort(txn, "aborted by client".to_string());
+                cx.decide_abort(txn, AbortCause::Client, "aborted by client".to_string());
                 cx.reply(req, Ok(Reply::Aborted));
                 cx.finish_if_done(txn);
             }
@@ -680,13 +704,13 @@ impl Engine {
                 branch.vote = Some(Vote::Aborted);
                 branch.acked = true;
                 let reason = format!("branch {key} voted no: {reason}");
-                cx.decide_abort(txn, reason);
+                cx.decide_abort(txn, AbortCause::Vote, reason);
                 return cx.finish_if_done(txn);
             }
             VoteResult::Failed { error } => {
                 branch.last_error = Some(error.clone());
                 let reason = format!("prepare of branch {key} failed: {error}");
-                cx.decide_abort(txn, reason);
+                cx.decide_abort(txn, AbortCause::PrepareFailed, reason);
                 return cx.finish_if_done(txn);
             }
         }
@@ -739,6 +763,7 @@ impl Engine {
         branch.in_flight = false;
         match result {
             Phase2Result::Retry { error } => {
+                metrics::phase2_retry();
                 branch.attempts += 1;
                 branch.last_error = Some(error);
                 let delay = cx.backoff_ms(branch.attempts);
@@ -756,6 +781,7 @@ impl Engine {
                     branch.outcome = Some(outcome);
                     txn.decided_ms = now;
                     if outcome.is_heuristic() {
+                        metrics::heuristic();
                         tracing::warn!(%gtid, branch = %key, ?outcome, "heuristic outcome reported by participant");
                     }
                     // Committed, or heuristically so; anything else did not commit (a mixed or
@@ -764,6 +790,7 @@ impl Engine {
                         txn.phase = Phase::Committed;
                     } else {
                         txn.phase = Phase::Aborted;
+                        metrics::aborted(AbortCause::OnePhase);
                         txn.abort_reason =
                             Some(format!("branch {key} aborted in one-phase commit: {}", reason.unwrap_or_default()));
                     }
@@ -776,6 +803,7 @@ impl Engine {
                         (_, o) => o,
                     };
                     if outcome.is_heuristic() {
+                        metrics::heuristic();
                         branch.last_error = reason;
                         tracing::warn!(%gtid, branch = %key, ?outcome, "heuristic outcome reported by participant");
                     }
@@ -836,7 +864,7 @@ impl Engine {
             match kind {
                 TimerKind::TxnTimeout if txn.phase == Phase::Active && txn.deadline_ms == at => {
                     let reason = format!("transaction timed out after {} ms", at - txn.created_ms);
-                    cx.decide_abort(txn, reason);
+                    cx.decide_abort(txn, AbortCause::Timeout, reason);
                 }
                 TimerKind::PrepareTimeout if txn.phase == Phase::Preparing && txn.prepare_deadline_ms == at => {
                     let missing: Vec<String> =
@@ -846,7 +874,7 @@ impl Engine {
                         cx.cfg.prepare_timeout_ms,
                         missing.join(", ")
                     );
-                    cx.decide_abort(txn, reason);
+                    cx.decide_abort(txn, AbortCause::PrepareTimeout, reason);
                 }
                 TimerKind::Retry if txn.retry_timer_ms == Some(at) => {
                     txn.retry_timer_ms = None;
@@ -986,7 +1014,7 @@ impl Ctx {
 
     /// Decides abort (presumed: nothing is forced to the log) and tells every branch that may
     /// hold work or a prepared state to roll back.
-    fn decide_abort(&mut self, txn: &mut Txn, reason: String) {
+    fn decide_abort(&mut self, txn: &mut Txn, cause: AbortCause, reason: String) {
         match txn.phase {
             Phase::Active => {
                 self.timers.remove(&(txn.deadline_ms, txn.gtid, TimerKind::TxnTimeout));
@@ -999,6 +1027,7 @@ impl Ctx {
         txn.phase = Phase::Aborting;
         txn.decided_ms = self.now;
         txn.abort_reason = Some(reason);
+        metrics::aborted(cause);
         for b in &mut txn.branches {
             // Every branch but a read-only one is told to roll back: prepared ones, ones not yet
             // asked or not yet answered (a Prepare still on its way then becomes a refused
@@ -1088,6 +1117,7 @@ impl Ctx {
         txn.phase = finished;
         txn.completed_ms = self.now;
         txn.retired = true;
+        metrics::finished(finished == Phase::Committed);
         if let Some(at) = txn.retry_timer_ms.take() {
             self.timers.remove(&(at, txn.gtid, TimerKind::Retry));
         }

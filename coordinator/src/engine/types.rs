@@ -241,6 +241,17 @@ impl fmt::Display for TxnState {
     }
 }
 
+/// What [`Engine::gauges`](super::Engine::gauges) counts: unfinished transactions by state,
+/// and how long ago the oldest unfinished decision (committing or aborting) was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub active: usize,
+    pub preparing: usize,
+    pub committing: usize,
+    pub aborting: usize,
+    pub oldest_in_doubt_ms: u64,
+}
+
 /// How a branch voted, as kept in the engine and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Vote {

@@ -653,7 +653,8 @@ impl PostgresParticipant {
                     r.cool_down();
                     p.expire_active(&r).await;
                     r.branches.expire_finished();
-                    if n.is_multiple_of(10) {
+                    // From the first tick on, every 10 s.
+                    if n % 10 == 1 {
                         p.check_prepared_age(&r).await;
                     }
                     if p.inner.config.dedup && n.is_multiple_of(10) {
@@ -679,7 +680,9 @@ impl PostgresParticipant {
         }
     }
 
-    /// Logs the age of the oldest prepared branch of ours when it is above the warning age.
+    /// Publishes the age of the oldest prepared branch of ours (gauge
+    /// `pledge_postgres_oldest_prepared_seconds{resource}`, 0 when there is none), and logs it
+    /// when it is above the warning age.
     async fn check_prepared_age(&self, r: &Resource) {
         let oldest: Result<Option<(String, f64)>, _> = sqlx::query_as(
             "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts \
@@ -688,6 +691,10 @@ impl PostgresParticipant {
         .bind(gid::PREFIX)
         .fetch_optional(&r.pool)
         .await;
+        if let Ok(oldest) = &oldest {
+            let age_s = oldest.as_ref().map_or(0.0, |(_, age_s)| *age_s);
+            metrics::gauge!(OLDEST_PREPARED, "resource" => r.id.to_string()).set(age_s);
+        }
         match oldest {
             Ok(Some((gid, age_s))) if age_s * 1000.0 >= self.inner.config.prepared_age_warn.as_millis() as f64 => {
                 tracing::warn!(
@@ -715,6 +722,18 @@ impl PostgresParticipant {
             tracing::warn!(resource = %r.id, error = %e, "cannot expire old dedup rows");
         }
     }
+}
+
+/// Gauge: age of the oldest prepared branch of ours, per resource (see `check_prepared_age`).
+pub const OLDEST_PREPARED: &str = "pledge_postgres_oldest_prepared_seconds";
+
+/// Registers the help texts of the adapter's own metrics (the SDK registers its own).
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        OLDEST_PREPARED,
+        metrics::Unit::Seconds,
+        "age of the oldest branch this adapter prepared in the database and not yet committed or rolled back, by resource"
+    );
 }
 
 /// PREPARE TRANSACTION fails on a server with `max_prepared_transactions = 0` (the default):

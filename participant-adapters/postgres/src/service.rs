@@ -136,20 +136,24 @@ fn column_value(row: &PgRow, i: usize) -> Result<v1::Value, String> {
 #[tonic::async_trait]
 impl PostgresBranch for BranchService {
     async fn execute(&self, request: Request<v1::ExecuteRequest>) -> Result<Response<v1::ExecuteResponse>, Status> {
-        let r = request.into_inner();
-        let invalid = |e: pledge_proto::IdError| Status::invalid_argument(e.to_string());
-        let resource = ResourceId::parse_field("resource_id", &r.resource_id).map_err(invalid)?;
-        let gtid = Gtid::parse_field("gtid", &r.gtid).map_err(invalid)?;
-        let branch = BranchId::parse_field("branch_id", &r.branch_id).map_err(invalid)?;
-        if r.statements.is_empty() || r.statements.len() > MAX_STATEMENTS_PER_CALL {
-            return Err(Status::invalid_argument(format!("statements: 1 to {MAX_STATEMENTS_PER_CALL} per call")));
-        }
-        let span = tracing::debug_span!("execute", resource = %resource, %gtid, branch = %branch);
-        // Detached, like every branch operation (see `pledge_sdk::server::detached`): a
-        // deadline must not stop it between taking the branch's connection and putting it back.
-        let participant = self.participant.clone();
-        let work = execute_in_branch(participant, resource, gtid, branch, r.request_id, r.statements).instrument(span);
-        pledge_sdk::server::detached(work).await?
+        pledge_proto::metrics::observe("Execute", async {
+            let r = request.into_inner();
+            let invalid = |e: pledge_proto::IdError| Status::invalid_argument(e.to_string());
+            let resource = ResourceId::parse_field("resource_id", &r.resource_id).map_err(invalid)?;
+            let gtid = Gtid::parse_field("gtid", &r.gtid).map_err(invalid)?;
+            let branch = BranchId::parse_field("branch_id", &r.branch_id).map_err(invalid)?;
+            if r.statements.is_empty() || r.statements.len() > MAX_STATEMENTS_PER_CALL {
+                return Err(Status::invalid_argument(format!("statements: 1 to {MAX_STATEMENTS_PER_CALL} per call")));
+            }
+            let span = tracing::debug_span!("execute", resource = %resource, %gtid, branch = %branch);
+            // Detached, like every branch operation (see `pledge_sdk::server::detached`): a
+            // deadline must not stop it between taking the branch's connection and putting it back.
+            let participant = self.participant.clone();
+            let work =
+                execute_in_branch(participant, resource, gtid, branch, r.request_id, r.statements).instrument(span);
+            pledge_sdk::server::detached(work).await?
+        })
+        .await
     }
 }
 

@@ -23,6 +23,7 @@
 //! * Transient trouble (database unreachable, lock timeout) is an [`Error`]; the coordinator
 //!   retries phase 2 until it gets an answer.
 
+pub mod metrics;
 pub mod reference;
 pub mod server;
 pub mod table;

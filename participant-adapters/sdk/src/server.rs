@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use futures::future::join_all;
+use pledge_proto::metrics::observe;
 use pledge_proto::pipeline;
 use pledge_proto::transport::{ListenAddr, Listener};
 use pledge_proto::v1::participant_server::{Participant as _, ParticipantServer};
@@ -177,75 +178,87 @@ fn outcome_result(result: Result<Outcome, crate::Error>) -> v1::BranchResult {
 #[tonic::async_trait]
 impl<P: Participant> v1::participant_server::Participant for ParticipantService<P> {
     async fn prepare(&self, request: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
-        let r = request.into_inner();
-        coordinator_id(&r.coordinator_id)?;
-        let xids = xids(r.branches.iter().map(Some))?;
-        let span = tracing::debug_span!("prepare", coordinator = r.coordinator_id, branches = xids.len());
-        let (p, coordinator) = (self.participant.clone(), r.coordinator_id);
-        let votes = detached(
-            async move {
-                let (p, coordinator) = (&p, &coordinator);
-                join_all(xids.iter().map(|xid| async move {
-                    let vote = p.prepare(coordinator, xid).await;
-                    tracing::debug!(%xid, ?vote, "prepared");
-                    prepare_result(vote)
-                }))
-                .await
-            }
-            .instrument(span),
-        )
-        .await?;
-        Ok(Response::new(v1::PrepareResponse { results: votes }))
+        observe("Prepare", async {
+            let r = request.into_inner();
+            coordinator_id(&r.coordinator_id)?;
+            let xids = xids(r.branches.iter().map(Some))?;
+            let span = tracing::debug_span!("prepare", coordinator = r.coordinator_id, branches = xids.len());
+            let (p, coordinator) = (self.participant.clone(), r.coordinator_id);
+            let votes = detached(
+                async move {
+                    let (p, coordinator) = (&p, &coordinator);
+                    join_all(xids.iter().map(|xid| async move {
+                        let vote = p.prepare(coordinator, xid).await;
+                        tracing::debug!(%xid, ?vote, "prepared");
+                        crate::metrics::prepared(&vote);
+                        prepare_result(vote)
+                    }))
+                    .await
+                }
+                .instrument(span),
+            )
+            .await?;
+            Ok(Response::new(v1::PrepareResponse { results: votes }))
+        })
+        .await
     }
 
     async fn commit(
         &self,
         request: Request<v1::CommitBranchesRequest>,
     ) -> Result<Response<v1::CommitBranchesResponse>, Status> {
-        let r = request.into_inner();
-        coordinator_id(&r.coordinator_id)?;
-        let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
-        let span = tracing::debug_span!("commit", coordinator = r.coordinator_id, branches = xids.len());
-        let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
-        let results = detached(
-            async move {
-                let (p, coordinator) = (&p, &coordinator);
-                join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
-                    let result = p.commit(coordinator, xid, b.one_phase, &b.metadata).await;
-                    tracing::debug!(%xid, one_phase = b.one_phase, ?result, "commit");
-                    outcome_result(result)
-                }))
-                .await
-            }
-            .instrument(span),
-        )
-        .await?;
-        Ok(Response::new(v1::CommitBranchesResponse { results }))
+        observe("Commit", async {
+            let r = request.into_inner();
+            coordinator_id(&r.coordinator_id)?;
+            let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
+            let span = tracing::debug_span!("commit", coordinator = r.coordinator_id, branches = xids.len());
+            let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
+            let results = detached(
+                async move {
+                    let (p, coordinator) = (&p, &coordinator);
+                    join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
+                        let result = p.commit(coordinator, xid, b.one_phase, &b.metadata).await;
+                        tracing::debug!(%xid, one_phase = b.one_phase, ?result, "commit");
+                        crate::metrics::finished(if b.one_phase { "one_phase_commit" } else { "commit" }, &result);
+                        outcome_result(result)
+                    }))
+                    .await
+                }
+                .instrument(span),
+            )
+            .await?;
+            Ok(Response::new(v1::CommitBranchesResponse { results }))
+        })
+        .await
     }
 
     async fn abort(
         &self,
         request: Request<v1::AbortBranchesRequest>,
     ) -> Result<Response<v1::AbortBranchesResponse>, Status> {
-        let r = request.into_inner();
-        coordinator_id(&r.coordinator_id)?;
-        let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
-        let span = tracing::debug_span!("abort", coordinator = r.coordinator_id, branches = xids.len());
-        let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
-        let results = detached(
-            async move {
-                let (p, coordinator) = (&p, &coordinator);
-                join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
-                    let result = p.abort(coordinator, xid, &b.metadata).await;
-                    tracing::debug!(%xid, ?result, "abort");
-                    outcome_result(result)
-                }))
-                .await
-            }
-            .instrument(span),
-        )
-        .await?;
-        Ok(Response::new(v1::AbortBranchesResponse { results }))
+        observe("Abort", async {
+            let r = request.into_inner();
+            coordinator_id(&r.coordinator_id)?;
+            let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
+            let span = tracing::debug_span!("abort", coordinator = r.coordinator_id, branches = xids.len());
+            let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
+            let results = detached(
+                async move {
+                    let (p, coordinator) = (&p, &coordinator);
+                    join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
+                        let result = p.abort(coordinator, xid, &b.metadata).await;
+                        tracing::debug!(%xid, ?result, "abort");
+                        crate::metrics::finished("abort", &result);
+                        outcome_result(result)
+                    }))
+                    .await
+                }
+                .instrument(span),
+            )
+            .await?;
+            Ok(Response::new(v1::AbortBranchesResponse { results }))
+        })
+        .await
     }
 
     type PipelineStream = pipeline::ReplyStream<v1::ParticipantReply>;
@@ -266,49 +279,52 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
     }
 
     async fn recover(&self, request: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
-        let r = request.into_inner();
-        coordinator_id(&r.coordinator_id)?;
-        let resources = r
-            .resource_ids
-            .iter()
-            .map(|id| ResourceId::parse_field("resource_ids", id))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let after = r
-            .after
-            .as_ref()
-            .map(Xid::try_from)
-            .transpose()
-            .map_err(|e| Status::invalid_argument(format!("after.{e}")))?;
-        let limit = match r.limit as usize {
-            0 => MAX_RECOVER_PAGE,
-            n => n.min(MAX_RECOVER_PAGE),
-        };
-        let span = tracing::info_span!("recover", coordinator = r.coordinator_id);
-        let mut branches: Vec<_> = self
-            .participant
-            .recover(&r.coordinator_id)
-            .instrument(span)
-            .await
-            .map_err(|e| Status::unavailable(format!("recover failed: {e}")))?
-            .into_iter()
-            .filter(|b| resources.is_empty() || resources.contains(&b.xid.resource))
-            .filter(|b| after.as_ref().is_none_or(|a| b.xid > *a))
-            .collect();
-        branches.sort_by(|a, b| a.xid.cmp(&b.xid));
-        let truncated = branches.len() > limit;
-        branches.truncate(limit);
-        Ok(Response::new(v1::RecoverResponse {
-            branches: branches
+        observe("Recover", async {
+            let r = request.into_inner();
+            coordinator_id(&r.coordinator_id)?;
+            let resources = r
+                .resource_ids
+                .iter()
+                .map(|id| ResourceId::parse_field("resource_ids", id))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let after = r
+                .after
+                .as_ref()
+                .map(Xid::try_from)
+                .transpose()
+                .map_err(|e| Status::invalid_argument(format!("after.{e}")))?;
+            let limit = match r.limit as usize {
+                0 => MAX_RECOVER_PAGE,
+                n => n.min(MAX_RECOVER_PAGE),
+            };
+            let span = tracing::info_span!("recover", coordinator = r.coordinator_id);
+            let mut branches: Vec<_> = self
+                .participant
+                .recover(&r.coordinator_id)
+                .instrument(span)
+                .await
+                .map_err(|e| Status::unavailable(format!("recover failed: {e}")))?
                 .into_iter()
-                .map(|b| v1::InDoubtBranch {
-                    xid: Some((&b.xid).into()),
-                    metadata: b.metadata,
-                    prepared_unix_ms: b.prepared_unix_ms,
-                })
-                .collect(),
-            truncated,
-        }))
+                .filter(|b| resources.is_empty() || resources.contains(&b.xid.resource))
+                .filter(|b| after.as_ref().is_none_or(|a| b.xid > *a))
+                .collect();
+            branches.sort_by(|a, b| a.xid.cmp(&b.xid));
+            let truncated = branches.len() > limit;
+            branches.truncate(limit);
+            Ok(Response::new(v1::RecoverResponse {
+                branches: branches
+                    .into_iter()
+                    .map(|b| v1::InDoubtBranch {
+                        xid: Some((&b.xid).into()),
+                        metadata: b.metadata,
+                        prepared_unix_ms: b.prepared_unix_ms,
+                    })
+                    .collect(),
+                truncated,
+            }))
+        })
+        .await
     }
 }
 
@@ -344,6 +360,28 @@ pub async fn serve(
     });
     let router = tonic::transport::Server::builder().add_routes(routes.routes());
     listener.serve(router, shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+/// Serves Prometheus metrics (`GET /metrics`) on `listen` until `shutdown` is cancelled, and
+/// prints `metrics on <addr>` to stdout (port 0 picks a free one). Call it before opening the
+/// participant's state, so that everything from then on is recorded; without it the SDK's
+/// metrics are not recorded at all. `describe` registers the help texts of the adapter's own
+/// metrics (the SDK's and the log's are registered here).
+pub async fn serve_metrics(
+    listen: std::net::SocketAddr,
+    describe: impl FnOnce(),
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let describe = || {
+        crate::metrics::describe();
+        describe();
+    };
+    let addr = pledge_proto::metrics::serve(listen, describe, shutdown)
+        .await
+        .with_context(|| format!("cannot serve metrics on {listen}"))?;
+    println!("metrics on {addr}");
+    tracing::info!(%addr, "metrics served at http://{addr}/metrics");
     Ok(())
 }
 

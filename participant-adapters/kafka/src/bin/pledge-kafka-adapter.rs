@@ -50,6 +50,9 @@ struct Args {
     /// Bound of each producer call and broker request, ms.
     #[arg(long, default_value_t = 10_000)]
     call_timeout_ms: u64,
+    /// Serve Prometheus metrics (GET /metrics) on host:port [default: off].
+    #[arg(long, env = "PLEDGE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +63,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(listen) = args.metrics_listen {
+        pledge_sdk::server::serve_metrics(listen, || {}, shutdown.clone()).await?;
+    }
     let resource = ResourceId::parse_field("resource_id", &args.resource_id)?;
     let mut config = KafkaConfig::new(resource, &args.bootstrap, &args.data_dir);
     if let Some(prefix) = args.transactional_id_prefix {
@@ -71,7 +78,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.call_timeout = Duration::from_millis(args.call_timeout_ms);
     let (participant, handle) = tokio::task::block_in_place(|| KafkaParticipant::open(config))?;
 
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone()), shutdown.clone()).await;
     routes.add_service(KafkaBranchServer::new(BranchService::new(participant)));
     pledge_sdk::server::serve(&args.listen, routes, "Kafka adapter", shutdown).await?;

@@ -55,6 +55,9 @@ struct Args {
     /// application_name of the adapter's database sessions.
     #[arg(long, default_value = "pledge-postgres-adapter")]
     application_name: String,
+    /// Serve Prometheus metrics (GET /metrics) on host:port [default: off].
+    #[arg(long, env = "PLEDGE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +68,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(listen) = args.metrics_listen {
+        pledge_sdk::server::serve_metrics(listen, pledge_postgres::describe_metrics, shutdown.clone()).await?;
+    }
     let mut resources = Vec::new();
     for spec in &args.resources {
         let (id, url) =
@@ -86,7 +93,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.application_name = args.application_name;
     let participant = PostgresParticipant::connect(config).await?;
 
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone()), shutdown.clone()).await;
     routes.add_service(PostgresBranchServer::new(BranchService::new(participant)));
     pledge_sdk::server::serve(&args.listen, routes, "PostgreSQL adapter", shutdown).await?;

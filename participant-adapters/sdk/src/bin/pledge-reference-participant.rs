@@ -48,6 +48,9 @@ struct Args {
     /// the last checkpoint held).
     #[arg(long, default_value_t = 100_000)]
     checkpoint_every_records: u64,
+    /// Serve Prometheus metrics (GET /metrics) on host:port [default: off].
+    #[arg(long, env = "PLEDGE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -57,6 +60,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    if let Some(listen) = args.metrics_listen {
+        pledge_sdk::server::serve_metrics(listen, || {}, shutdown.clone()).await?;
+    }
     let mut config = ReferenceConfig::new(ResourceId::parse_field("resource_id", &args.resource_id)?, &args.data_dir);
     config.vote_no = args.vote_no;
     config.stall_prepare = Duration::from_millis(args.stall_prepare_ms);
@@ -64,7 +71,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.checkpoint_every_records = args.checkpoint_every_records;
     let (participant, handle) = tokio::task::block_in_place(|| ReferenceParticipant::open(config))?;
 
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let mut service = ParticipantService::new(Arc::new(participant.clone()), shutdown.clone());
     if args.no_pipeline {
         service = service.without_pipeline();

@@ -1,0 +1,118 @@
+//! The coordinator's Prometheus metrics, recorded through the `metrics` facade (no-ops unless
+//! `metrics_listen` is set; see [`pledge_proto::metrics`] for the endpoint and the per-call
+//! `pledge_rpc_*` metrics, and `pledge_log` for the decision log's `pledge_log_*`).
+//!
+//! What an operator watches: commit and abort rates and why transactions abort
+//! (`pledge_transaction_aborts_total{cause}`), transactions in flight by state, how long the
+//! oldest decided transaction has waited for its participants (a participant that is down
+//! shows here first), participant call errors and latency, and the log's sync latency.
+
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use pledge_proto::ResourceId;
+
+use crate::engine::{Gauges, TxnState};
+
+pub const BEGUN: &str = "pledge_transactions_begun_total";
+pub const FINISHED: &str = "pledge_transactions_finished_total";
+pub const ABORTS: &str = "pledge_transaction_aborts_total";
+pub const PHASE2_RETRIES: &str = "pledge_phase2_retries_total";
+pub const HEURISTIC: &str = "pledge_heuristic_outcomes_total";
+pub const LIVE: &str = "pledge_transactions";
+pub const OLDEST_IN_DOUBT: &str = "pledge_oldest_in_doubt_seconds";
+pub const PARTICIPANT_CALLS: &str = "pledge_participant_calls_total";
+pub const PARTICIPANT_BRANCHES: &str = "pledge_participant_call_branches_total";
+pub const PARTICIPANT_CALL_DURATION: &str = "pledge_participant_call_duration_seconds";
+
+/// Why the engine decided to abort a transaction (the `cause` label of [`ABORTS`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortCause {
+    /// The client called Abort.
+    Client,
+    /// A branch voted no.
+    Vote,
+    /// A prepare call failed (participant unreachable, error, bad answer).
+    PrepareFailed,
+    /// The transaction was not committed within its timeout.
+    Timeout,
+    /// Not every vote arrived within the prepare deadline.
+    PrepareTimeout,
+    /// The participant of a one-phase commit rolled the branch back.
+    OnePhase,
+}
+
+impl AbortCause {
+    pub fn label(self) -> &'static str {
+        match self {
+            AbortCause::Client => "client",
+            AbortCause::Vote => "vote",
+            AbortCause::PrepareFailed => "prepare_failed",
+            AbortCause::Timeout => "timeout",
+            AbortCause::PrepareTimeout => "prepare_timeout",
+            AbortCause::OnePhase => "one_phase",
+        }
+    }
+}
+
+/// Registers the help texts (the log's and the coordinator's).
+pub fn describe() {
+    pledge_log::describe_metrics();
+    describe_counter!(BEGUN, "transactions begun (a Begin repeated with the same idempotency key counts once)");
+    describe_counter!(FINISHED, "transactions finished (every branch acknowledged), by outcome");
+    describe_counter!(ABORTS, "abort decisions, by cause");
+    describe_counter!(PHASE2_RETRIES, "commit or abort calls to a branch that must be retried (after backoff)");
+    describe_counter!(HEURISTIC, "heuristic outcomes reported by participants (need an operator)");
+    describe_gauge!(LIVE, "transactions not yet finished, by state");
+    describe_gauge!(
+        OLDEST_IN_DOUBT,
+        Unit::Seconds,
+        "time since the oldest unfinished decision was made (a transaction whose outcome is decided but not yet \
+         acknowledged by every branch); 0 when there is none"
+    );
+    describe_counter!(PARTICIPANT_CALLS, "calls to participants, by resource, call and gRPC status code");
+    describe_counter!(PARTICIPANT_BRANCHES, "branches carried by calls to participants (calls are batched)");
+    describe_histogram!(PARTICIPANT_CALL_DURATION, Unit::Seconds, "participant call latency, by resource and call");
+}
+
+pub fn begun() {
+    counter!(BEGUN).increment(1);
+}
+
+pub fn finished(committed: bool) {
+    counter!(FINISHED, "outcome" => if committed { "committed" } else { "aborted" }).increment(1);
+}
+
+pub fn aborted(cause: AbortCause) {
+    counter!(ABORTS, "cause" => cause.label()).increment(1);
+}
+
+pub fn phase2_retry() {
+    counter!(PHASE2_RETRIES).increment(1);
+}
+
+pub fn heuristic() {
+    counter!(HEURISTIC).increment(1);
+}
+
+/// Publishes the engine's gauges (the runtime calls this every few seconds).
+pub fn publish(g: &Gauges) {
+    for (state, count) in [
+        (TxnState::Active, g.active),
+        (TxnState::Preparing, g.preparing),
+        (TxnState::Committing, g.committing),
+        (TxnState::Aborting, g.aborting),
+    ] {
+        gauge!(LIVE, "state" => state.to_string()).set(count as f64);
+    }
+    gauge!(OLDEST_IN_DOUBT).set(g.oldest_in_doubt_ms as f64 / 1000.0);
+}
+
+/// One call to a participant: `call` is Prepare, Commit or Abort.
+pub fn participant_call(resource: &ResourceId, call: &'static str, branches: usize, code: tonic::Code, took: Duration) {
+    let resource = resource.to_string();
+    let code = pledge_proto::metrics::code_name(code);
+    counter!(PARTICIPANT_CALLS, "resource" => resource.clone(), "call" => call, "code" => code).increment(1);
+    counter!(PARTICIPANT_BRANCHES, "resource" => resource.clone(), "call" => call).increment(branches as u64);
+    histogram!(PARTICIPANT_CALL_DURATION, "resource" => resource, "call" => call).record(took);
+}
