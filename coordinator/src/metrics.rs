@@ -38,7 +38,8 @@ pub enum AbortCause {
     Timeout,
     /// Not every vote arrived within the prepare deadline.
     PrepareTimeout,
-    /// The participant of a one-phase commit rolled the branch back.
+    /// The participant of a one-phase commit did not commit the branch (rolled it back, or
+    /// reported a mixed or hazard heuristic outcome).
     OnePhase,
 }
 
@@ -70,8 +71,14 @@ pub fn describe() {
         "time since the oldest unfinished decision was made (a transaction whose outcome is decided but not yet \
          acknowledged by every branch); 0 when there is none"
     );
-    describe_counter!(PARTICIPANT_CALLS, "calls to participants, by resource, call and gRPC status code");
-    describe_counter!(PARTICIPANT_BRANCHES, "branches carried by calls to participants (calls are batched)");
+    describe_counter!(
+        PARTICIPANT_CALLS,
+        "calls to participants (Prepare, Commit, Abort, and Recover pages), by resource, call and gRPC status code"
+    );
+    describe_counter!(
+        PARTICIPANT_BRANCHES,
+        "branches carried by calls to participants (calls are batched; for Recover, the branches listed)"
+    );
     describe_histogram!(PARTICIPANT_CALL_DURATION, Unit::Seconds, "participant call latency, by resource and call");
 }
 
@@ -95,7 +102,7 @@ pub fn heuristic() {
     counter!(HEURISTIC).increment(1);
 }
 
-/// Publishes the engine's gauges (the runtime calls this every few seconds).
+/// Publishes the engine's gauges (the runtime calls this every `GAUGE_INTERVAL`).
 pub fn publish(g: &Gauges) {
     for (state, count) in [
         (TxnState::Active, g.active),
@@ -108,7 +115,7 @@ pub fn publish(g: &Gauges) {
     gauge!(OLDEST_IN_DOUBT).set(g.oldest_in_doubt_ms as f64 / 1000.0);
 }
 
-/// One call to a participant: `call` is Prepare, Commit or Abort.
+/// One call to a participant: `call` is Prepare, Commit, Abort or Recover.
 pub fn participant_call(resource: &ResourceId, call: &'static str, branches: usize, code: tonic::Code, took: Duration) {
     let resource = resource.to_string();
     let code = pledge_proto::metrics::code_name(code);

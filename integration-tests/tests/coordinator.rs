@@ -595,10 +595,15 @@ async fn metrics_count_what_happened() {
     // Left open.
     begin(&mut c, &[("db1", "open")]).await;
 
-    let m = coordinator.metrics().await;
+    // The client's Abort is answered once decided; the transaction finishes when db1 has
+    // acknowledged the abort.
+    let m = eventually("the client-aborted transaction to finish", || async {
+        let m = coordinator.metrics().await;
+        (m.value(r#"pledge_transactions_finished_total{outcome="aborted"}"#) == Some(2.0)).then_some(m)
+    })
+    .await;
     assert_eq!(m.get("pledge_transactions_begun_total"), 4.0);
     assert_eq!(m.get(r#"pledge_transactions_finished_total{outcome="committed"}"#), 1.0);
-    assert_eq!(m.get(r#"pledge_transactions_finished_total{outcome="aborted"}"#), 2.0);
     assert_eq!(m.get(r#"pledge_transaction_aborts_total{cause="client"}"#), 1.0);
     assert_eq!(m.get(r#"pledge_transaction_aborts_total{cause="vote"}"#), 1.0);
     assert_eq!(m.get(r#"pledge_rpc_requests_total{method="Begin",code="OK"}"#), 4.0);
@@ -609,13 +614,14 @@ async fn metrics_count_what_happened() {
     // The commit decision was forced to the log.
     assert!(m.get("pledge_log_syncs_total") >= 1.0);
     assert!(m.get("pledge_log_sync_duration_seconds_count") >= 1.0);
-    // Published every second: the open transaction, and nothing waiting for a participant.
-    eventually("the gauges to show the open transaction", || async {
+    // Published every few seconds: the open transaction, and nothing waiting for a participant.
+    eventually("the gauges to show the open transaction and nothing in doubt", || async {
         let m = coordinator.metrics().await;
-        (m.value(r#"pledge_transactions{state="active"}"#) == Some(1.0)).then_some(())
+        let open = m.value(r#"pledge_transactions{state="active"}"#) == Some(1.0)
+            && m.value(r#"pledge_transactions{state="aborting"}"#) == Some(0.0);
+        (open && m.value("pledge_oldest_in_doubt_seconds") == Some(0.0)).then_some(())
     })
     .await;
-    assert_eq!(coordinator.metrics().await.get("pledge_oldest_in_doubt_seconds"), 0.0);
 
     let m = p1.metrics().await;
     assert_eq!(m.get(r#"pledge_branch_operations_total{operation="prepare",result="prepared"}"#), 1.0);

@@ -59,8 +59,17 @@ pub async fn serve(
     serve_handle(listener, handle, shutdown)
 }
 
+/// Most scrapes served at once; further connections are closed at once.
+const MAX_CONNECTIONS: usize = 16;
+/// Longest a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest one connection may last (a scrape takes milliseconds).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `handle` on `listener` (the part of [`serve`] that does not touch the global
-/// recorder; tests use it with a local one).
+/// recorder; tests use it with a local one): `GET /metrics` answers the text exposition,
+/// anything else 404. One request per connection, at most [`MAX_CONNECTIONS`] at a time, each
+/// bounded in time.
 pub fn serve_handle(
     listener: tokio::net::TcpListener,
     handle: PrometheusHandle,
@@ -78,22 +87,55 @@ pub fn serve_handle(
             }
         }
     });
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let handle = handle.clone();
-            async move {
-                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], handle.render())
-            }
-        }),
-    );
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "metrics endpoint failed");
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little, then go on.
+                        tracing::warn!(error = %e, "metrics endpoint cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    std::future::ready(Ok::<_, std::convert::Infallible>(respond(&handle, &request)))
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .keep_alive(false)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                // Errors here are a client's (closed early, bad request): nothing to handle.
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+                drop(slot);
+            });
         }
     });
     Ok(addr)
+}
+
+fn respond<B>(
+    handle: &PrometheusHandle,
+    request: &hyper::Request<B>,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let (status, content_type, body) = if request.method() == hyper::Method::GET && request.uri().path() == "/metrics" {
+        (hyper::StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", handle.render())
+    } else {
+        (hyper::StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "only GET /metrics is served here\n".into())
+    };
+    hyper::Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .expect("a valid response")
 }
 
 fn describe_rpc() {
@@ -103,17 +145,35 @@ fn describe_rpc() {
 
 /// Runs one call's handler and records it under `method` (see [`RPC_REQUESTS`],
 /// [`RPC_DURATION`]). Unary and pipelined calls of a kind go through the same handler, so
-/// both are counted.
+/// both are counted. A handler stopped before it answers (its deadline passed or its client
+/// went away, so the server dropped it) counts as `CANCELLED`; one that panicked, as `INTERNAL`.
 pub async fn observe<T>(method: &'static str, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
-    let started = Instant::now();
+    let mut record = Record { method, started: Instant::now(), code: None };
     let result = call.await;
-    let code = match &result {
+    record.code = Some(match &result {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
-    };
-    counter!(RPC_REQUESTS, "method" => method, "code" => code_name(code)).increment(1);
-    histogram!(RPC_DURATION, "method" => method).record(started.elapsed());
+    });
     result
+}
+
+/// Records one call when dropped: with its answer's code, or as stopped early.
+struct Record {
+    method: &'static str,
+    started: Instant,
+    code: Option<Code>,
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        let code = match self.code {
+            Some(code) => code,
+            None if std::thread::panicking() => Code::Internal,
+            None => Code::Cancelled,
+        };
+        counter!(RPC_REQUESTS, "method" => self.method, "code" => code_name(code)).increment(1);
+        histogram!(RPC_DURATION, "method" => self.method).record(self.started.elapsed());
+    }
 }
 
 /// The canonical name of a gRPC status code (as grpc-go and grpcurl print it).
@@ -185,9 +245,17 @@ mod tests {
         assert!(ok.is_ok());
         let err: Result<(), Status> = observe("Commit", async { Err(Status::not_found("no such gtid")) }).await;
         assert_eq!(err.unwrap_err().message(), "no such gtid");
+        // A handler dropped before it answers (deadline, client gone) still counts.
+        let stopped = tokio::time::timeout(
+            Duration::from_millis(1),
+            observe("Commit", futures::future::pending::<Result<(), Status>>()),
+        )
+        .await;
+        assert!(stopped.is_err());
         let text = handle.render();
         assert!(text.contains(r#"pledge_rpc_requests_total{method="Commit",code="OK"} 1"#), "{text}");
         assert!(text.contains(r#"pledge_rpc_requests_total{method="Commit",code="NOT_FOUND"} 1"#), "{text}");
-        assert!(text.contains(r#"pledge_rpc_duration_seconds_count{method="Commit"} 2"#), "{text}");
+        assert!(text.contains(r#"pledge_rpc_requests_total{method="Commit",code="CANCELLED"} 1"#), "{text}");
+        assert!(text.contains(r#"pledge_rpc_duration_seconds_count{method="Commit"} 3"#), "{text}");
     }
 }

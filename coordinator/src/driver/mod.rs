@@ -142,8 +142,9 @@ pub struct RuntimeConfig {
     pub publish_gauges: bool,
 }
 
-/// How often the engine's gauges are published.
-pub const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the engine's gauges are published. Each time is one pass over the transactions
+/// the engine holds (live and retained: ~1 ms per 100,000 here), on the engine's task.
+pub const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Most events handled in one go before the commands are carried out (keeps the latency of a
 /// command bounded while still amortising the loop).

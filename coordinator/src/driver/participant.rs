@@ -157,7 +157,14 @@ impl ParticipantHandle {
                         limit: 0,
                     });
                     request.set_timeout(config.rpc_timeout);
-                    let response = client.recover(request).await.map_err(status_text)?.into_inner();
+                    let started = std::time::Instant::now();
+                    let response = client.recover(request).await;
+                    let (code, listed) = match &response {
+                        Ok(r) => (tonic::Code::Ok, r.get_ref().branches.len()),
+                        Err(status) => (status.code(), 0),
+                    };
+                    crate::metrics::participant_call(&resource, "Recover", listed, code, started.elapsed());
+                    let response = response.map_err(status_text)?.into_inner();
                     let mut branches = Vec::with_capacity(response.branches.len());
                     for b in response.branches {
                         let xid = b.xid.ok_or("in-doubt branch without xid")?;

@@ -890,3 +890,106 @@ fn in_doubt_reports_of_a_committing_transaction_resend_or_repeat_the_commit() {
     });
     assert_eq!(out, vec![]);
 }
+
+/// The gauges count unfinished transactions by state, and measure how long the oldest decided
+/// but unfinished one has waited for its participants.
+#[test]
+fn gauges_count_live_transactions_and_age_the_oldest_decision() {
+    let mut h = Harness::new();
+    assert_eq!(h.engine.gauges(h.now), Gauges::default());
+    let (open, deciding, preparing) = (gtid(1), gtid(2), gtid(3));
+    h.begin(open, vec![db1()]);
+    h.begin(deciding, vec![db1(), db2()]);
+    h.begin(preparing, vec![db1(), db2()]);
+    h.commit(deciding);
+    h.commit(preparing);
+    h.vote(deciding, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.vote(deciding, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    // The commit record is on its way to disk: still deciding (shown as preparing).
+    let g = h.engine.gauges(h.now);
+    assert_eq!((g.active, g.preparing, g.committing, g.aborting, g.oldest_in_doubt_ms), (1, 2, 0, 0, 0));
+
+    h.synced(deciding);
+    h.now += 1_500;
+    h.ack(deciding, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    h.ev(Event::Tick);
+    // Decided 1.5 s ago, db2 has not acknowledged.
+    let g = h.engine.gauges(h.now);
+    assert_eq!((g.active, g.preparing, g.committing, g.oldest_in_doubt_ms), (1, 1, 1, 1_500));
+
+    let aborted_later = gtid(4);
+    h.begin(aborted_later, vec![key("db3", "b1")]);
+    h.ev(Event::Abort { req: 77, gtid: aborted_later });
+    let g = h.engine.gauges(h.now);
+    // The older decision is the one shown.
+    assert_eq!((g.aborting, g.oldest_in_doubt_ms), (1, 1_500));
+
+    h.ack(deciding, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    h.ack(aborted_later, key("db3", "b1"), Phase2Op::Abort, BranchOutcome::Aborted);
+    let g = h.engine.gauges(h.now);
+    assert_eq!((g.active, g.preparing, g.committing, g.aborting, g.oldest_in_doubt_ms), (1, 1, 0, 0, 0));
+}
+
+/// The engine's counters: a Begin repeated with its idempotency key counts once, each abort
+/// counts under its cause, finished transactions under their outcome, and transactions rebuilt
+/// from the log after a restart are not counted again.
+#[test]
+fn counters_count_each_transaction_once_and_aborts_by_cause() {
+    let recorder = pledge_proto::metrics::recorder();
+    let handle = recorder.handle();
+    let _local = ::metrics::set_default_local_recorder(&recorder);
+    let value = |series: &str| -> f64 {
+        let text = handle.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    let mut h = Harness::new();
+
+    // Begun twice with one key: one transaction. Then aborted by its timeout.
+    let (g1, g1_again) = (gtid(1), gtid(2));
+    for (req, g) in [(101, g1), (102, g1_again)] {
+        let key = Some("order-7".to_string());
+        h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(1_000), idempotency_key: key, branches: vec![db1()] });
+    }
+    h.now += 1_000;
+    h.ev(Event::Tick);
+    h.ack(g1, db1(), Phase2Op::Abort, BranchOutcome::Aborted);
+    // Prepare deadline passed.
+    let g2 = gtid(3);
+    h.begin(g2, vec![db1(), db2()]);
+    h.commit(g2);
+    h.vote(g2, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.now += EngineConfig::default().prepare_timeout_ms;
+    h.ev(Event::Tick);
+    // Refused in a one-phase commit.
+    let g3 = gtid(4);
+    h.begin(g3, vec![db2()]);
+    h.commit(g3);
+    let refused = Phase2Result::Outcome { outcome: BranchOutcome::Aborted, reason: None };
+    h.ev(Event::Phase2Done { gtid: g3, branch: db2(), op: Phase2Op::Commit, result: refused });
+    // Committed, the commit record synced but one branch not yet acknowledged.
+    let g4 = gtid(5);
+    h.begin(g4, vec![db1(), db2()]);
+    h.commit(g4);
+    h.vote(g4, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.vote(g4, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.synced(g4);
+    h.ack(g4, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+
+    assert_eq!(value("pledge_transactions_begun_total"), 4.0);
+    assert_eq!(value(r#"pledge_transaction_aborts_total{cause="timeout"}"#), 1.0);
+    assert_eq!(value(r#"pledge_transaction_aborts_total{cause="prepare_timeout"}"#), 1.0);
+    assert_eq!(value(r#"pledge_transaction_aborts_total{cause="one_phase"}"#), 1.0);
+    // g1 and g3 finished; g2 waits for its branches' abort acknowledgements, g4 for db2.
+    assert_eq!(value(r#"pledge_transactions_finished_total{outcome="aborted"}"#), 2.0);
+    assert!(!handle.render().contains(r#"outcome="committed""#));
+
+    // After a restart the committed transaction is rebuilt from its record and finishes; it
+    // is not begun again.
+    let (mut h, _) = Harness::restored(EngineConfig::default(), h.now, h.synced_records());
+    h.ack(g4, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    h.ack(g4, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    assert_eq!(value("pledge_transactions_begun_total"), 4.0);
+    assert_eq!(value(r#"pledge_transactions_finished_total{outcome="committed"}"#), 1.0);
+}

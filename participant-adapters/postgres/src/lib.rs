@@ -107,6 +107,9 @@ pub struct PostgresConfig {
     pub dedup_retention: Duration,
     /// Log a warning when a prepared branch is older than this.
     pub prepared_age_warn: Duration,
+    /// How often the age of the oldest prepared branch is read (for the warning and the
+    /// `pledge_postgres_oldest_prepared_seconds` gauge).
+    pub prepared_age_interval: Duration,
     /// `application_name` of the adapter's sessions (shows in `pg_stat_activity`).
     pub application_name: String,
     /// How long finished branches are remembered in memory (and how many at most).
@@ -126,6 +129,7 @@ impl PostgresConfig {
             dedup: false,
             dedup_retention: Duration::from_secs(7 * 24 * 3600),
             prepared_age_warn: Duration::from_secs(60),
+            prepared_age_interval: Duration::from_secs(10),
             application_name: "pledge-postgres-adapter".into(),
             tombstone_retention: Duration::from_secs(2 * 3600),
             max_tombstones: 1_000_000,
@@ -380,6 +384,7 @@ impl PostgresParticipant {
     /// `idle_in_transaction_session_timeout` on them as a second line behind `active_timeout`.
     pub async fn with_pools(config: PostgresConfig, pools: Vec<(ResourceId, PgPool)>) -> anyhow::Result<Self> {
         anyhow::ensure!(!pools.is_empty(), "at least one database (resource) is required");
+        anyhow::ensure!(!config.prepared_age_interval.is_zero(), "prepared_age_interval must be greater than 0");
         let mut resources = HashMap::new();
         for (id, pool) in pools {
             // Commits and rollbacks of prepared branches need connections of their own: if active
@@ -642,6 +647,15 @@ impl PostgresParticipant {
 
     fn spawn_housekeeping(&self) {
         for r in self.inner.resources.values() {
+            let (p, r2) = (self.clone(), r.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(p.inner.config.prepared_age_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    p.check_prepared_age(&r2).await;
+                }
+            });
             let (p, r) = (self.clone(), r.clone());
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -653,10 +667,6 @@ impl PostgresParticipant {
                     r.cool_down();
                     p.expire_active(&r).await;
                     r.branches.expire_finished();
-                    // From the first tick on, every 10 s.
-                    if n % 10 == 1 {
-                        p.check_prepared_age(&r).await;
-                    }
                     if p.inner.config.dedup && n.is_multiple_of(10) {
                         p.expire_dedup(&r).await;
                     }
@@ -680,9 +690,10 @@ impl PostgresParticipant {
         }
     }
 
-    /// Publishes the age of the oldest prepared branch of ours (gauge
-    /// `pledge_postgres_oldest_prepared_seconds{resource}`, 0 when there is none), and logs it
-    /// when it is above the warning age.
+    /// Publishes the age of the oldest Pledge branch prepared in the resource's database, by
+    /// any coordinator (gauge `pledge_postgres_oldest_prepared_seconds{resource}`, 0 when
+    /// there is none; unchanged when the query fails, which is logged), and logs it when it is
+    /// above the warning age.
     async fn check_prepared_age(&self, r: &Resource) {
         let oldest: Result<Option<(String, f64)>, _> = sqlx::query_as(
             "SELECT gid, extract(epoch FROM now() - prepared)::float8 FROM pg_prepared_xacts \
@@ -732,7 +743,8 @@ pub fn describe_metrics() {
     metrics::describe_gauge!(
         OLDEST_PREPARED,
         metrics::Unit::Seconds,
-        "age of the oldest branch this adapter prepared in the database and not yet committed or rolled back, by resource"
+        "age of the oldest Pledge branch prepared in the resource's database and not yet committed or rolled back \
+         (read every prepared_age_interval), by resource"
     );
 }
 

@@ -52,6 +52,9 @@ struct Args {
     /// Warn when a prepared branch is older than this many ms.
     #[arg(long, default_value_t = 60_000)]
     prepared_age_warn_ms: u64,
+    /// How often the age of the oldest prepared branch is read, ms.
+    #[arg(long, default_value_t = 10_000)]
+    prepared_age_interval_ms: u64,
     /// application_name of the adapter's database sessions.
     #[arg(long, default_value = "pledge-postgres-adapter")]
     application_name: String,
@@ -90,6 +93,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.dedup = args.dedup;
     config.dedup_retention = Duration::from_millis(args.dedup_retention_ms);
     config.prepared_age_warn = Duration::from_millis(args.prepared_age_warn_ms);
+    config.prepared_age_interval = Duration::from_millis(args.prepared_age_interval_ms);
     config.application_name = args.application_name;
     let participant = PostgresParticipant::connect(config).await?;
 
