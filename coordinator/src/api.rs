@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::config::validate_endpoint;
+use crate::config::{MAX_BRANCHES_LIMIT, validate_endpoint};
 use crate::driver::{ApiRequest, CallError, RuntimeHandle};
 use crate::engine::{
     BranchOutcome, BranchView, CommitOutcome, EngineError, ListFilter, Reply, TxnState, TxnView, Vote,
@@ -73,9 +73,9 @@ pub fn status_of(e: &EngineError) -> Status {
             Status::failed_precondition(message)
         }
         EngineError::TimeoutTooLong { .. } | EngineError::TooManyBranches { .. } => Status::invalid_argument(message),
-        EngineError::TooManyTransactions { .. } | EngineError::TooManyWaiters { .. } => {
-            Status::resource_exhausted(message)
-        }
+        EngineError::TooManyTransactions { .. }
+        | EngineError::TooManyWaiters { .. }
+        | EngineError::TooManyParticipants { .. } => Status::resource_exhausted(message),
     }
 }
 
@@ -96,7 +96,16 @@ fn gtid(value: &str) -> Result<Gtid, Status> {
     Gtid::parse_field("gtid", value).map_err(invalid)
 }
 
+/// Parses a request's branch list. More than [`MAX_BRANCHES_LIMIT`] entries can never be
+/// accepted (it bounds every transaction's branches), so such a list is refused before any of
+/// it is looked at.
 fn branches(refs: &[v1::BranchRef]) -> Result<Vec<BranchKey>, Status> {
+    if refs.len() > MAX_BRANCHES_LIMIT {
+        return Err(Status::invalid_argument(format!(
+            "branches: {} entries; a transaction has at most {MAX_BRANCHES_LIMIT} branches",
+            refs.len()
+        )));
+    }
     refs.iter()
         .enumerate()
         .map(|(i, r)| BranchKey::try_from(r).map_err(|e| Status::invalid_argument(format!("branches[{i}].{e}"))))
@@ -260,12 +269,16 @@ impl Coordinator for CoordinatorService {
         request: Request<Streaming<v1::CoordinatorCall>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
         // Debug: an application may open one per process, and each of its calls has a span.
-        tracing::debug!(peer = ?request.remote_addr(), "pipeline stream opened");
+        let span = tracing::debug_span!("pipeline", peer = ?request.remote_addr());
+        tracing::debug!(parent: &span, "pipeline stream opened");
         let service = self.clone();
         let calls = request.into_inner();
-        Ok(Response::new(pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
-            service.clone().pipelined(call)
-        })))
+        let replies = span.in_scope(|| {
+            pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
+                service.clone().pipelined(call)
+            })
+        });
+        Ok(Response::new(replies))
     }
 
     async fn list_participants(

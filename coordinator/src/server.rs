@@ -98,7 +98,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
         });
     }
     let router =
-        tonic::transport::Server::builder().add_service(health_service).add_service(reflection).add_service(service);
+        pledge_proto::transport::server().add_service(health_service).add_service(reflection).add_service(service);
     let server = listener.serve(router, shutdown.cancelled_owned());
 
     // The engine task ends only on a fatal log error or when told to stop.

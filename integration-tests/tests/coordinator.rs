@@ -430,6 +430,12 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
     let unknown = "01900000-0000-7000-8000-000000000000";
     assert_eq!(get(&mut c, unknown).await.unwrap_err().code(), Code::NotFound);
 
+    // More branches than a transaction may ever have: refused before any is looked at.
+    let many = (0..201).map(|i| branch("db1", &format!("b{i}"))).collect();
+    let e = c.begin(v1::BeginRequest { branches: many, ..Default::default() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("branches: 201 entries"), "{}", e.message());
+
     let e =
         c.begin(v1::BeginRequest { branches: vec![branch("nosuch", "b")], ..Default::default() }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound);

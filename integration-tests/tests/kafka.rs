@@ -116,6 +116,11 @@ async fn committed_records_are_seen_once_and_aborted_ones_never() {
 
     // One-phase: Kafka alone.
     let one = begin(&mut c, &[("kafka", "solo")]).await;
+    // A record that cannot be sent as given is refused before anything is sent; the branch
+    // goes on as if it had not been asked.
+    let e = produce(&mut kafka_client(&s.kafka).await, &one, "solo", "bad topic", &[("x", "v")]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("records[0].topic"), "{}", e.message());
     produce(&mut kafka_client(&s.kafka).await, &one, "solo", &topic, &[("s1", "v")]).await.unwrap();
     let r = commit(&mut c, &one, true).await.unwrap();
     assert_eq!(r.outcome(), v1::Outcome::Committed);

@@ -225,7 +225,23 @@ async fn a_branch_cannot_end_its_own_transaction() {
         assert_eq!(e.code(), Code::InvalidArgument, "{sql}: {}", e.message());
         assert!(e.message().contains("not allowed in a branch"), "{}", e.message());
     }
-    // Refused before running: the branch goes on.
+    // A bad parameter in a later statement refuses the whole call before any of it runs.
+    let e = pg
+        .execute(v1::ExecuteRequest {
+            resource_id: "db_a".into(),
+            gtid: gtid.clone(),
+            branch_id: "a".into(),
+            statements: vec![
+                v1::Statement { sql: bank.update(), params: vec![int(-50), int(1)] },
+                v1::Statement { sql: bank.update(), params: vec![v1::Value { kind: None }, int(1)] },
+            ],
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(e.message().starts_with("statements[1].params[0]"), "{}", e.message());
+    // Refused before running: the branch goes on (without the -50 of the refused call).
     execute(&mut pg, "db_a", &gtid, "a", &bank.update(), vec![int(-1), int(1)]).await.unwrap();
     execute(&mut pg, "db_b", &gtid, "b", &bank.update(), vec![int(1), int(1)]).await.unwrap();
     assert_eq!(commit(&mut c, &gtid, true).await.unwrap().outcome(), v1::Outcome::Committed);

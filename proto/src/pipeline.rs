@@ -40,6 +40,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
+use tracing::Instrument;
 
 use crate::v1;
 
@@ -229,7 +230,8 @@ where
         if let Some(status) = broken {
             let _ = tokio::time::timeout(REPLY_SEND_TIMEOUT, tx.send(Err(status))).await;
         }
-    });
+    }
+    .in_current_span());
     Box::pin(ReceiverStream::new(rx))
 }
 
@@ -388,7 +390,7 @@ impl<C: CallEnvelope, R: ReplyEnvelope> Pipeline<C, R> {
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE_CALLS);
         let shared = Arc::new(Shared { pending: Mutex::new(Some(HashMap::new())), accepting: AtomicBool::new(true) });
         let opened = (self.inner.open)(ReceiverStream::new(rx));
-        tokio::spawn(run_stream(opened, shared.clone(), self.inner.unsupported_until.clone()));
+        tokio::spawn(run_stream(opened, shared.clone(), self.inner.unsupported_until.clone()).in_current_span());
         let conn = Arc::new(Conn { tx, shared });
         *current = Some(conn.clone());
         Ok(conn)

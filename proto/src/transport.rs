@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -116,7 +117,8 @@ impl Listener {
     ) -> Result<(), tonic::transport::Error> {
         match self {
             Listener::Tcp(l) => {
-                router.serve_with_incoming_shutdown(TcpIncoming::from(l).with_nodelay(Some(true)), signal).await
+                let incoming = TcpIncoming::from(l).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL));
+                router.serve_with_incoming_shutdown(incoming, signal).await
             }
             Listener::Unix(l, path) => {
                 let _remove = RemoveOnDrop(path);
@@ -124,6 +126,25 @@ impl Listener {
             }
         }
     }
+}
+
+/// Most concurrent calls (HTTP/2 streams) on one client connection; a client opening more
+/// waits for one to finish (HTTP/2 flow control), so one connection cannot pile up unbounded
+/// work. Pipelines multiplex many calls on one stream and bound those themselves.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// HTTP/2 pings on an idle connection: a peer that vanished without closing (host gone,
+/// network cut) is noticed within interval + timeout and its calls and streams end.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The gRPC server builder every Pledge server uses: bounded concurrent calls per connection,
+/// and keepalive pings that end the connections (and the calls and pipeline streams on them)
+/// of peers that are gone.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::Lsn;
 use crate::config::LogConfig;
@@ -499,7 +499,7 @@ impl WriterThread {
         self.count(record_count, 0, 1, bytes_written);
         self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
         crate::metrics::checkpoint();
-        debug!(begin_lsn, end_lsn, record_count, deleted, "checkpoint written");
+        info!(begin_lsn, end_lsn, record_count, deleted_segments = deleted, "checkpoint written");
         let _ = done.send(end_lsn);
     }
 

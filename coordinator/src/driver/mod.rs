@@ -220,14 +220,12 @@ impl Runtime {
                 _ = shutdown.cancelled() => break,
                 Some((token, result)) = self.syncs.next(), if !self.syncs.is_empty() => {
                     result?;
-                    match token {
-                        Some(token) => {
-                            if matches!(token, SyncToken::Commit(_)) {
-                                fail::fail_point!("coordinator::after_commit_synced");
-                            }
-                            self.handle(Event::Synced(token));
+                    // `None`: a checkpoint (the log writer says what it wrote and deleted).
+                    if let Some(token) = token {
+                        if matches!(token, SyncToken::Commit(_)) {
+                            fail::fail_point!("coordinator::after_commit_synced");
                         }
-                        None => tracing::info!("checkpoint written; older log segments deleted"),
+                        self.handle(Event::Synced(token));
                     }
                 }
                 _ = &mut timer, if armed.is_some() => {

@@ -319,9 +319,15 @@ impl Caller {
                     vec![VoteResult::Failed { error }; batch.len()]
                 }
             }
-            Err(status) => vec![VoteResult::Failed { error: status_text(status) }; batch.len()],
+            Err(status) => {
+                // Handled here: every branch of the batch votes "failed", so its transaction aborts.
+                tracing::warn!(resource = %self.resource, branches = batch.len(), code = ?status.code(),
+                    error = status.message(), "prepare call failed; the transactions abort");
+                vec![VoteResult::Failed { error: status_text(status) }; batch.len()]
+            }
         };
         for (item, vote) in batch.into_iter().zip(votes) {
+            tracing::debug!(resource = %self.resource, gtid = %item.gtid, branch = %item.branch, ?vote, "vote");
             let _ = self.events.send(Event::Voted { gtid: item.gtid, branch: item.branch, vote });
         }
     }
@@ -383,9 +389,15 @@ impl Caller {
                 let error = format!("participant returned {} results for {} branches", results.len(), batch.len());
                 vec![Phase2Result::Retry { error }; batch.len()]
             }
-            Err(status) => vec![Phase2Result::Retry { error: status_text(status) }; batch.len()],
+            Err(status) => {
+                // Handled here: every branch of the batch is retried after its backoff.
+                tracing::warn!(resource = %self.resource, ?op, branches = batch.len(), code = ?status.code(),
+                    error = status.message(), "phase-2 call failed; retrying with backoff");
+                vec![Phase2Result::Retry { error: status_text(status) }; batch.len()]
+            }
         };
         for (item, result) in batch.into_iter().zip(results) {
+            tracing::debug!(resource = %self.resource, gtid = %item.gtid, branch = %item.branch, ?op, ?result, "phase 2");
             let _ = self.events.send(Event::Phase2Done { gtid: item.gtid, branch: item.branch, op, result });
         }
     }

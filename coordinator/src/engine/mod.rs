@@ -81,6 +81,9 @@ impl Default for EngineConfig {
 
 /// Most Commit calls waiting on one transaction at once (each holds a reply slot).
 pub const MAX_WAITERS_PER_TXN: usize = 16;
+/// Most participants (resource ids) a coordinator knows: each has its connection, batchers,
+/// a place in every checkpoint and a recovery scan every interval.
+pub const MAX_PARTICIPANTS: usize = 1_024;
 
 /// Where a transaction is in its life. Finer than [`TxnState`], which is what clients see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -509,6 +512,10 @@ impl Engine {
             }
             Event::List { req, filter } => self.list(req, filter),
             Event::RegisterParticipant { req, resource, endpoint } => {
+                if !self.cx.participants.contains_key(&resource) && self.cx.participants.len() >= MAX_PARTICIPANTS {
+                    self.cx.reply(req, Err(EngineError::TooManyParticipants { max: MAX_PARTICIPANTS }));
+                    return self.finish_turn(out);
+                }
                 self.cx.participants.insert(resource.clone(), endpoint.clone());
                 self.cx.out.push(Command::Connect { resource: resource.clone(), endpoint: endpoint.clone() });
                 self.cx.append(LogRecord::Register { resource, endpoint }, Some(SyncToken::Register(req)));
@@ -531,6 +538,11 @@ impl Engine {
             Event::InDoubt { resource, branches } => self.in_doubt(resource, branches),
             Event::Tick => {}
         }
+        self.finish_turn(out);
+    }
+
+    /// What every event ends with: due timers, expiry, a checkpoint if due, and the commands.
+    fn finish_turn(&mut self, out: &mut Vec<Command>) {
         self.fire_timers();
         self.expire_retired();
         self.maybe_checkpoint();
@@ -594,7 +606,15 @@ impl Engine {
             return cx.reply(req, Err(cx.unknown(gtid)));
         };
         let waiter = Waiter { req, wait_for_completion };
-        if txn.waiters.len() >= MAX_WAITERS_PER_TXN {
+        // Only a call that would wait is refused when too many wait: one that can be answered
+        // now (the outcome is known) always is.
+        let must_wait = match txn.phase {
+            Phase::Active | Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => true,
+            _ if txn.end_syncing => true,
+            Phase::Committing | Phase::Aborting => wait_for_completion,
+            Phase::Committed | Phase::Aborted => false,
+        };
+        if must_wait && txn.waiters.len() >= MAX_WAITERS_PER_TXN {
             return cx.reply(req, Err(EngineError::TooManyWaiters { gtid, max: MAX_WAITERS_PER_TXN }));
         }
         match txn.phase {
@@ -961,17 +981,15 @@ impl Ctx {
 
     fn add_branches(&mut self, txn: &mut Txn, branches: Vec<BranchKey>) -> Result<(), EngineError> {
         // Validate everything first: a refused request changes nothing.
-        let mut new = 0;
-        for (i, key) in branches.iter().enumerate() {
+        // Linear in the request: a client's list is never compared with itself pairwise.
+        let mut seen: std::collections::HashSet<&BranchKey> = txn.branches.iter().map(|b| &b.key).collect();
+        for key in &branches {
             if !self.participants.contains_key(&key.resource) {
                 return Err(EngineError::UnknownResource(key.resource.clone()));
             }
-            let seen = txn.branches.iter().any(|b| &b.key == key) || branches[..i].contains(key);
-            if !seen {
-                new += 1;
-            }
+            seen.insert(key);
         }
-        let count = txn.branches.len() + new;
+        let count = seen.len();
         if count > self.cfg.max_branches_per_transaction {
             return Err(EngineError::TooManyBranches { count, max: self.cfg.max_branches_per_transaction });
         }

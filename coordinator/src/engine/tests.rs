@@ -827,10 +827,27 @@ fn waiting_commit_calls_are_bounded_per_transaction() {
     let g = gtid(1);
     h.begin(g, vec![db1(), db2()]);
     for _ in 0..MAX_WAITERS_PER_TXN {
-        let (_, out) = h.commit(g);
+        let req = h.req();
+        let out = h.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: true });
         assert!(out.iter().all(|c| !matches!(c, Command::Reply { .. })), "{out:?}");
     }
     let (req, out) = h.commit(g);
+    assert_eq!(
+        out,
+        vec![Command::Reply { req, reply: Err(EngineError::TooManyWaiters { gtid: g, max: MAX_WAITERS_PER_TXN }) }]
+    );
+
+    // Decided, phase 2 under way: a Commit that does not wait is answered at once, however
+    // many wait for completion.
+    for b in [db1(), db2()] {
+        h.vote(g, b, VoteResult::Prepared { metadata: Bytes::new() });
+    }
+    h.synced(g);
+    let req = h.req();
+    let out = h.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: false });
+    assert_eq!(out, vec![committed(req, false)]);
+    let req = h.req();
+    let out = h.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: true });
     assert_eq!(
         out,
         vec![Command::Reply { req, reply: Err(EngineError::TooManyWaiters { gtid: g, max: MAX_WAITERS_PER_TXN }) }]
@@ -992,4 +1009,31 @@ fn counters_count_each_transaction_once_and_aborts_by_cause() {
     h.ack(g4, db1(), Phase2Op::Commit, BranchOutcome::Committed);
     assert_eq!(value("pledge_transactions_begun_total"), 4.0);
     assert_eq!(value(r#"pledge_transactions_finished_total{outcome="committed"}"#), 1.0);
+}
+
+#[test]
+fn participants_are_bounded_but_a_known_one_may_move() {
+    let mut h = Harness::new();
+    let mut registered = h.engine.cx.participants.len();
+    while registered < MAX_PARTICIPANTS {
+        let req = h.req();
+        let resource: ResourceId = format!("r{registered}").parse().unwrap();
+        h.ev(Event::RegisterParticipant { req, resource, endpoint: "http://x:1".into() });
+        registered += 1;
+    }
+    let req = h.req();
+    let out =
+        h.ev(Event::RegisterParticipant { req, resource: "one-more".parse().unwrap(), endpoint: "http://x:1".into() });
+    assert_eq!(
+        out,
+        vec![Command::Reply { req, reply: Err(EngineError::TooManyParticipants { max: MAX_PARTICIPANTS }) }]
+    );
+    // A known participant moving to a new endpoint is no new participant.
+    let req = h.req();
+    let out =
+        h.ev(Event::RegisterParticipant { req, resource: "db1".parse().unwrap(), endpoint: "http://db1:2".into() });
+    assert!(
+        out.iter().any(|c| matches!(c, Command::Connect { endpoint, .. } if endpoint == "http://db1:2")),
+        "{out:?}"
+    );
 }

@@ -215,6 +215,8 @@ pub enum EngineError {
     OutcomeForgotten(Gtid),
     #[error("{max} Commit calls are already waiting on transaction {gtid}")]
     TooManyWaiters { gtid: Gtid, max: usize },
+    #[error("{max} participants are registered already; no more can be")]
+    TooManyParticipants { max: usize },
 }
 
 /// A transaction's state as the API shows it.

@@ -85,6 +85,21 @@ impl KafkaConfig {
 /// Most records in one Produce call, and their largest size in bytes.
 pub const MAX_RECORDS_PER_CALL: usize = 10_000;
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// Kafka's rule for topic names (`org.apache.kafka.common.internals.Topic`): 1 to 249 of
+/// `[A-Za-z0-9._-]`, and not `.` or `..`.
+fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > 249 {
+        return Err(format!("{} characters; a topic name has 1 to 249", topic.len()));
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("{topic:?} is not a valid topic name"));
+    }
+    if let Some(c) = topic.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("{topic:?} contains {c:?}; topic names use only ASCII letters, digits, '.', '_' and '-'"));
+    }
+    Ok(())
+}
 /// Most consumer groups whose metadata is cached (one consumer handle each).
 const MAX_GROUPS: usize = 64;
 
@@ -257,6 +272,12 @@ impl KafkaParticipant {
 
     /// Sends records inside the branch; returns (partition, offset) of each once the broker has
     /// acknowledged all of them. A failure rolls the branch back.
+    ///
+    /// Records that cannot be sent as given (too many, too large, an invalid topic name or a
+    /// negative partition) are refused with [`BranchError::Invalid`] before anything is sent,
+    /// and the branch is left as it was. The sending runs in a task of its own, so a caller that
+    /// stops waiting (a deadline) cannot leave the branch's count of sent records behind what
+    /// was sent.
     pub async fn produce(
         &self,
         resource: &ResourceId,
@@ -268,12 +289,32 @@ impl KafkaParticipant {
         if records.len() > MAX_RECORDS_PER_CALL {
             return Err(BranchError::Invalid(format!("at most {MAX_RECORDS_PER_CALL} records per call")));
         }
-        if let Some(r) = records.iter().find(|r| r.key.len() + r.value.len() > MAX_RECORD_BYTES) {
-            return Err(BranchError::Invalid(format!(
-                "a record for topic {:?} is larger than {MAX_RECORD_BYTES} bytes",
-                r.topic
-            )));
+        for (i, r) in records.iter().enumerate() {
+            if r.key.len() + r.value.len() > MAX_RECORD_BYTES {
+                return Err(BranchError::Invalid(format!(
+                    "records[{i}]: a record for topic {:?} is larger than {MAX_RECORD_BYTES} bytes",
+                    r.topic
+                )));
+            }
+            if let Err(e) = check_topic(&r.topic) {
+                return Err(BranchError::Invalid(format!("records[{i}].topic: {e}")));
+            }
+            if let Some(p) = r.partition.filter(|p| *p < 0) {
+                return Err(BranchError::Invalid(format!("records[{i}].partition: {p} is negative")));
+            }
         }
+        let this = self.clone();
+        tokio::spawn(async move { this.send_records(gtid, branch, records).await })
+            .await
+            .map_err(|e| BranchError::Kafka(format!("sending the records failed: {e}")))?
+    }
+
+    async fn send_records(
+        &self,
+        gtid: Gtid,
+        branch: BranchId,
+        records: Vec<Record>,
+    ) -> Result<Vec<(i32, i64)>, BranchError> {
         let key = (gtid, branch);
         let mut slot = self.open_branch(&key).await?;
         let producer = slot.state.lease.as_ref().expect("open branch").producer.clone();
@@ -480,8 +521,8 @@ impl KafkaParticipant {
         slot.state.prepared = Some(txn.clone());
         if let Err(e) = self.inner.state.prepared(key, txn.clone()).await {
             let reason = format!("cannot record the prepared branch: {e}");
-            if self.abort_open(key, slot, Fin::Aborted(reason.clone())).await.is_err() {
-                tracing::error!(gtid = %key.0, branch = %key.1, "the adapter's state log failed");
+            if let Err(abort_error) = self.abort_open(key, slot, Fin::Aborted(reason.clone())).await {
+                tracing::error!(gtid = %key.0, branch = %key.1, error = %e, %abort_error, "the adapter's state log failed");
             }
             return Vote::Aborted { reason };
         }
@@ -771,5 +812,20 @@ impl KafkaParticipant {
         self.inner.branches.finish(key, fin);
         tracing::info!(gtid = %key.0, branch = %key.1, transactional_id = txn.transactional_id, ?outcome, "prepared branch finished with EndTxn");
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod topic_tests {
+    use super::check_topic;
+
+    #[test]
+    fn topic_names_follow_kafkas_rule() {
+        for good in ["orders", "a.b_c-1", &"t".repeat(249)] {
+            assert_eq!(check_topic(good), Ok(()), "{good}");
+        }
+        for bad in ["", ".", "..", "has space", "ünicode", &"t".repeat(250)] {
+            assert!(check_topic(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -11,6 +11,8 @@ use tracing::Instrument;
 use crate::{BranchError, PostgresParticipant};
 
 /// Most statements in one Execute call.
+/// Longest request id (the dedup table's key).
+pub const MAX_REQUEST_ID_BYTES: usize = 200;
 pub const MAX_STATEMENTS_PER_CALL: usize = 100;
 /// Most rows returned per statement (a branch API, not a bulk export).
 pub const MAX_ROWS_PER_STATEMENT: usize = 10_000;
@@ -165,9 +167,10 @@ async fn execute_in_branch(
     request_id: String,
     statements: Vec<v1::Statement>,
 ) -> Result<Response<v1::ExecuteResponse>, Status> {
-    let mut guard = participant.branch(&resource, gtid, branch).await.map_err(|e| status_of(&e))?;
-    if !request_id.is_empty() {
-        guard.claim_request(&request_id).await.map_err(|e| status_of(&e))?;
+    // Everything that can be checked without the database is checked first, so a request
+    // refused as invalid has changed nothing: not run a statement, not opened the branch.
+    if request_id.len() > MAX_REQUEST_ID_BYTES {
+        return Err(Status::invalid_argument(format!("request_id: must be at most {MAX_REQUEST_ID_BYTES} bytes")));
     }
     if let Some((n, command)) =
         statements.iter().enumerate().find_map(|(n, st)| transaction_control(&st.sql).map(|c| (n, c)))
@@ -176,14 +179,22 @@ async fn execute_in_branch(
             "statements[{n}]: {command} is not allowed in a branch: the coordinator decides how the transaction ends"
         )));
     }
-    let mut results = Vec::with_capacity(statements.len());
-    let mut result_bytes = 0usize;
+    let mut queries = Vec::with_capacity(statements.len());
     for (n, statement) in statements.into_iter().enumerate() {
         let mut query = sqlx::query(AssertSqlSafe(statement.sql));
         for (i, param) in statement.params.into_iter().enumerate() {
             query = bind(query, i, param)
                 .map_err(|s| Status::invalid_argument(format!("statements[{n}].{}", s.message())))?;
         }
+        queries.push(query);
+    }
+    let mut guard = participant.branch(&resource, gtid, branch).await.map_err(|e| status_of(&e))?;
+    if !request_id.is_empty() {
+        guard.claim_request(&request_id).await.map_err(|e| status_of(&e))?;
+    }
+    let mut results = Vec::with_capacity(queries.len());
+    let mut result_bytes = 0usize;
+    for (n, query) in queries.into_iter().enumerate() {
         match run(query, guard.conn(), &mut result_bytes).await {
             Ok(result) => results.push(result),
             Err(e) => {

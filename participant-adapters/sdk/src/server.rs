@@ -189,7 +189,10 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     let (p, coordinator) = (&p, &coordinator);
                     join_all(xids.iter().map(|xid| async move {
                         let vote = p.prepare(coordinator, xid).await;
-                        tracing::debug!(%xid, ?vote, "prepared");
+                        match &vote {
+                            Err(e) => tracing::warn!(%xid, error = %e, "prepare failed; voting no"),
+                            _ => tracing::debug!(%xid, ?vote, "prepared"),
+                        }
                         crate::metrics::prepared(&vote);
                         prepare_result(vote)
                     }))
@@ -218,7 +221,13 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     let (p, coordinator) = (&p, &coordinator);
                     join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
                         let result = p.commit(coordinator, xid, b.one_phase, &b.metadata).await;
-                        tracing::debug!(%xid, one_phase = b.one_phase, ?result, "commit");
+                        match &result {
+                        Err(e) => tracing::warn!(%xid, one_phase = b.one_phase, error = %e, "commit failed; the coordinator retries"),
+                        Ok(o) if !matches!(o, Outcome::Committed | Outcome::Aborted { .. }) => {
+                            tracing::warn!(%xid, one_phase = b.one_phase, outcome = ?o, "heuristic outcome")
+                        }
+                        _ => tracing::debug!(%xid, one_phase = b.one_phase, ?result, "commit"),
+                    }
                         crate::metrics::finished(if b.one_phase { "one_phase_commit" } else { "commit" }, &result);
                         outcome_result(result)
                     }))
@@ -247,7 +256,13 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     let (p, coordinator) = (&p, &coordinator);
                     join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
                         let result = p.abort(coordinator, xid, &b.metadata).await;
-                        tracing::debug!(%xid, ?result, "abort");
+                        match &result {
+                            Err(e) => tracing::warn!(%xid, error = %e, "abort failed; the coordinator retries"),
+                            Ok(o) if !matches!(o, Outcome::Committed | Outcome::Aborted { .. }) => {
+                                tracing::warn!(%xid, outcome = ?o, "heuristic outcome")
+                            }
+                            _ => tracing::debug!(%xid, ?result, "abort"),
+                        }
                         crate::metrics::finished("abort", &result);
                         outcome_result(result)
                     }))
@@ -270,12 +285,16 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         if !self.pipeline {
             return Err(Status::unimplemented("this participant serves unary calls only"));
         }
-        tracing::info!(peer = ?request.remote_addr(), "pipeline stream opened");
+        let span = tracing::info_span!("pipeline", peer = ?request.remote_addr());
+        tracing::info!(parent: &span, "pipeline stream opened");
         let service = self.clone();
         let calls = request.into_inner();
-        Ok(Response::new(pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
-            service.clone().pipelined(call)
-        })))
+        let replies = span.in_scope(|| {
+            pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
+                service.clone().pipelined(call)
+            })
+        });
+        Ok(Response::new(replies))
     }
 
     async fn recover(&self, request: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
@@ -358,7 +377,7 @@ pub async fn serve(
         shutdown_signal().await;
         signalled.cancel();
     });
-    let router = tonic::transport::Server::builder().add_routes(routes.routes());
+    let router = pledge_proto::transport::server().add_routes(routes.routes());
     listener.serve(router, shutdown.cancelled_owned()).await?;
     Ok(())
 }

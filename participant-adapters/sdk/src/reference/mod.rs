@@ -55,6 +55,9 @@ pub struct ReferenceConfig {
     pub active_timeout_ms: u64,
     pub max_active_branches: usize,
     pub max_writes_per_branch: usize,
+    /// Most bytes (keys and values) one branch may stage: its prepare record carries them all,
+    /// and a log record holds at most 1 MiB.
+    pub max_branch_bytes: usize,
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
     pub checkpoint_every_records: u64,
@@ -73,6 +76,7 @@ impl ReferenceConfig {
             active_timeout_ms: 600_000,
             max_active_branches: 100_000,
             max_writes_per_branch: 1_000,
+            max_branch_bytes: 512 << 10,
             max_key_bytes: 256,
             max_value_bytes: 64 << 10,
             checkpoint_every_records: 100_000,
@@ -175,7 +179,16 @@ impl ReferenceParticipant {
         let prepared = actor.branches.values().filter(|e| matches!(e, Entry::Prepared { .. })).count();
         tracing::info!(resource = %config.resource, prepared, keys = actor.data.len(), "participant state replayed");
         let (ops, rx) = mpsc::channel(4096);
-        let task = tokio::spawn(actor.run(log.writer(), rx));
+        let writer = log.writer();
+        let resource = config.resource.clone();
+        let task = tokio::spawn(async move {
+            let ended = actor.run(writer, rx).await;
+            if let Err(e) = &ended {
+                // Every call fails from now on ("shutting down"); say why, once.
+                tracing::error!(resource = %resource, error = %e, "participant state log failed; restart the participant");
+            }
+            ended
+        });
         Ok((ReferenceParticipant { ops, config: Arc::new(config) }, ReferenceHandle { log, actor: task }))
     }
 
@@ -610,6 +623,13 @@ impl Actor {
                         c.max_writes_per_branch
                     )));
                 }
+                let staged: usize = writes.iter().map(|(k, v)| k.len() + v.len()).sum();
+                if staged + key.len() + value.len() > c.max_branch_bytes {
+                    return Err(Status::resource_exhausted(format!(
+                        "a branch may stage at most {} bytes of keys and values ({staged} staged)",
+                        c.max_branch_bytes
+                    )));
+                }
                 writes.push((key, value));
                 Ok(())
             }
@@ -871,5 +891,28 @@ mod tests {
 
         assert_eq!(after(&mut actor, 4), None, "fewer records than the last checkpoint held");
         assert_eq!(after(&mut actor, 5).map(|r| r.len()), Some(5));
+    }
+
+    /// What a branch stages stays under what one log record can hold: with the default limits,
+    /// the write that would pass `max_branch_bytes` is refused and the branch keeps the rest.
+    #[test]
+    fn a_branch_stages_at_most_max_branch_bytes() {
+        let config = ReferenceConfig::new("db".parse().unwrap(), "/nonexistent");
+        let (limit, value_bytes) = (config.max_branch_bytes, config.max_value_bytes);
+        assert!(limit < 1 << 20, "a prepare record must fit in one log record");
+        let mut actor = Actor::new(config, 0);
+        let (gtid, branch) = (Gtid::new_v7(), "b".parse::<BranchId>().unwrap());
+        let value = Bytes::from(vec![7u8; value_bytes]);
+        let fit = limit / (value_bytes + 2);
+        for i in 0..fit {
+            actor.put(gtid, branch.clone(), format!("k{i}"), value.clone(), 0).unwrap();
+        }
+        let e = actor.put(gtid, branch.clone(), "one-more".into(), value, 0).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("bytes of keys and values"), "{}", e.message());
+        match actor.branches.get(&(gtid, branch)) {
+            Some(Entry::Active { writes, .. }) => assert_eq!(writes.len(), fit),
+            _ => panic!("the branch is still active"),
+        }
     }
 }
