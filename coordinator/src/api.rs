@@ -23,6 +23,9 @@ use crate::engine::{
 pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 128;
 /// Most transactions one List returns.
 pub const MAX_LIST_LIMIT: usize = 1_000;
+/// Most bytes of transactions one List returns (then `truncated`; page with `older_than_ms`
+/// or a smaller `limit`).
+pub const MAX_LIST_RESPONSE_BYTES: usize = 3 << 20;
 const DEFAULT_LIST_LIMIT: usize = 100;
 /// Most calls of one pipeline stream handled at a time; the coordinator reads no more of the
 /// stream until one is answered (HTTP/2 flow control then holds the client back).
@@ -234,10 +237,22 @@ impl Coordinator for CoordinatorService {
                 limit,
             };
             match self.call(ApiRequest::List { filter }).instrument(tracing::debug_span!("List")).await? {
-                Reply::List { transactions, truncated } => Ok(Response::new(v1::ListResponse {
-                    transactions: transactions.iter().map(transaction).collect(),
-                    truncated,
-                })),
+                Reply::List { transactions, mut truncated } => {
+                    // Bounded in bytes too: branches' errors make a transaction up to ~200 KiB,
+                    // and a reply must stay under what clients accept (4 MiB by default).
+                    let mut listed = Vec::with_capacity(transactions.len());
+                    let mut bytes = 0;
+                    for t in &transactions {
+                        let t = transaction(t);
+                        bytes += prost::Message::encoded_len(&t);
+                        if bytes > MAX_LIST_RESPONSE_BYTES && !listed.is_empty() {
+                            truncated = true;
+                            break;
+                        }
+                        listed.push(t);
+                    }
+                    Ok(Response::new(v1::ListResponse { transactions: listed, truncated }))
+                }
                 other => Err(unexpected(other)),
             }
         })

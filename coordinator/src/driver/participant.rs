@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -70,6 +70,12 @@ pub struct ParticipantHandle {
     config: Arc<CallConfig>,
     /// A recovery scan of this participant is under way (one at a time).
     scanning: Arc<AtomicBool>,
+    /// Aborts queued or in flight. While more are than the calls in flight can carry at once,
+    /// scans wait: a scan lists those branches again (they are still prepared) and would queue
+    /// the same aborts once more, so a participant slow to abort would see its queue grow by a
+    /// scan's worth every interval. (Below that, scans go on: a steady stream of ordinary
+    /// aborts must not starve recovery.)
+    aborts_pending: Arc<AtomicUsize>,
 }
 
 impl ParticipantHandle {
@@ -107,7 +113,16 @@ impl ParticipantHandle {
             let call = call.clone();
             move |batch| call.clone().phase2(Phase2Op::Commit, batch)
         }));
-        tokio::spawn(batcher(abort_rx, config.clone(), move |batch| call.clone().phase2(Phase2Op::Abort, batch)));
+        let aborts_pending = Arc::new(AtomicUsize::new(0));
+        let pending = aborts_pending.clone();
+        tokio::spawn(batcher(abort_rx, config.clone(), move |batch| {
+            let (n, pending) = (batch.len(), pending.clone());
+            let call = call.clone().phase2(Phase2Op::Abort, batch);
+            async move {
+                call.await;
+                pending.fetch_sub(n, Ordering::AcqRel);
+            }
+        }));
         Ok(ParticipantHandle {
             resource,
             endpoint,
@@ -117,6 +132,7 @@ impl ParticipantHandle {
             abort,
             config,
             scanning: Arc::new(AtomicBool::new(false)),
+            aborts_pending,
         })
     }
 
@@ -128,7 +144,12 @@ impl ParticipantHandle {
     pub fn phase2(&self, op: Phase2Op, item: Phase2Item) {
         let _ = match op {
             Phase2Op::Commit => self.commit.send(item),
-            Phase2Op::Abort => self.abort.send(item),
+            Phase2Op::Abort => {
+                self.aborts_pending.fetch_add(1, Ordering::AcqRel);
+                self.abort.send(item).inspect_err(|_| {
+                    self.aborts_pending.fetch_sub(1, Ordering::AcqRel);
+                })
+            }
         };
     }
 
@@ -139,6 +160,11 @@ impl ParticipantHandle {
     where
         F: FnMut(Vec<InDoubtBranch>) + Send + 'static,
     {
+        let backlog = self.aborts_pending.load(Ordering::Acquire);
+        if backlog > self.config.max_batch_branches * self.config.max_inflight_calls {
+            tracing::info!(resource = %self.resource, backlog, "aborts still queued; recovery scan skipped this time");
+            return None;
+        }
         if self.scanning.swap(true, Ordering::AcqRel) {
             return None;
         }
