@@ -392,3 +392,28 @@ async fn kafka_adapter_conforms() {
     let process = dir.kafka_adapter("kafka", 0, &prefix, &["--producers", "5"], &[]).await;
     conformance::run(&mut Adapter { dir, process, prefix, topic: unique("conformance") }).await;
 }
+
+/// The adapter caches one consumer handle per consumer group, at most 64: a 65th group is
+/// served by dropping an idle one from the cache, not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_consumer_groups_than_the_cache_holds_are_served() {
+    let s = setup("kafka-groups", &[], &[]).await;
+    let topic = unique("groups");
+    let mut c = coordinator_client(&s.coordinator).await;
+    let mut k = kafka_client(&s.kafka).await;
+    let gtid = begin(&mut c, &[("kafka", "out")]).await;
+    produce(&mut k, &gtid, "out", &topic, &[("g", "v")]).await.unwrap();
+    for i in 0..65 {
+        k.add_offsets(v1::AddOffsetsRequest {
+            resource_id: "kafka".into(),
+            gtid: gtid.clone(),
+            branch_id: "out".into(),
+            group_id: format!("{topic}-group-{i}"),
+            offsets: vec![v1::TopicPartitionOffset { topic: topic.clone(), partition: 0, offset: 1 }],
+        })
+        .await
+        .unwrap_or_else(|e| panic!("group {i}: {e}"));
+    }
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Committed, "{}", r.reason);
+}

@@ -100,7 +100,8 @@ fn check_topic(topic: &str) -> Result<(), String> {
     }
     Ok(())
 }
-/// Most consumer groups whose metadata is cached (one consumer handle each).
+/// Most consumer groups whose metadata is cached (one consumer handle each); beyond it an idle
+/// one is dropped from the cache.
 const MAX_GROUPS: usize = 64;
 
 /// Why branch work was refused or failed.
@@ -404,7 +405,15 @@ impl KafkaParticipant {
             return Ok(c.clone());
         }
         if groups.len() >= MAX_GROUPS {
-            return Err(BranchError::Busy(format!("more than {MAX_GROUPS} consumer groups in use")));
+            // Full: drop the handle of a group no call is using right now (it is only a cache;
+            // the group's metadata is fetched again if it comes back).
+            let idle = groups.iter().find(|(_, c)| Arc::strong_count(c) == 1).map(|(g, _)| g.clone());
+            match idle {
+                Some(idle) => {
+                    groups.remove(&idle);
+                }
+                None => return Err(BranchError::Busy(format!("{MAX_GROUPS} consumer groups are in use at once"))),
+            }
         }
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.inner.config.bootstrap)
