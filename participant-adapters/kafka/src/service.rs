@@ -58,7 +58,7 @@ impl KafkaBranch for BranchService {
                     headers: rec.headers.into_iter().map(|h| (h.key, h.value)).collect(),
                 })
                 .collect();
-            let span = tracing::debug_span!("produce", %gtid, branch = %branch);
+            let span = tracing::debug_span!("produce", %resource, %gtid, branch = %branch);
             let positions = self
                 .participant
                 .produce(&resource, gtid, branch, records)
@@ -86,7 +86,7 @@ impl KafkaBranch for BranchService {
                 return Err(Status::invalid_argument("group_id: is required"));
             }
             let offsets = r.offsets.into_iter().map(|o| (o.topic, o.partition, o.offset)).collect();
-            let span = tracing::debug_span!("add_offsets", %gtid, branch = %branch, group = r.group_id);
+            let span = tracing::debug_span!("add_offsets", %resource, %gtid, branch = %branch, group = r.group_id);
             let participant = self.participant.clone();
             let work = async move { participant.add_offsets(&resource, gtid, branch, &r.group_id, offsets).await };
             pledge_sdk::server::detached(work.instrument(span)).await?.map_err(|e| status_of(&e))?;

@@ -187,14 +187,17 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
             let votes = detached(
                 async move {
                     let (p, coordinator) = (&p, &coordinator);
-                    join_all(xids.iter().map(|xid| async move {
-                        let vote = p.prepare(coordinator, xid).await;
-                        match &vote {
-                            Err(e) => tracing::warn!(%xid, error = %e, "prepare failed; voting no"),
-                            _ => tracing::debug!(%xid, ?vote, "prepared"),
+                    join_all(xids.iter().map(|xid| {
+                        async move {
+                            let vote = p.prepare(coordinator, xid).await;
+                            match &vote {
+                                Err(e) => tracing::warn!(%xid, error = %e, "prepare failed; voting no"),
+                                _ => tracing::debug!(%xid, ?vote, "prepared"),
+                            }
+                            crate::metrics::prepared(&vote);
+                            prepare_result(vote)
                         }
-                        crate::metrics::prepared(&vote);
-                        prepare_result(vote)
+                        .instrument(tracing::debug_span!("branch", %xid))
                     }))
                     .await
                 }
@@ -230,7 +233,8 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     }
                         crate::metrics::finished(if b.one_phase { "one_phase_commit" } else { "commit" }, &result);
                         outcome_result(result)
-                    }))
+                    }
+                    .instrument(tracing::debug_span!("branch", %xid))))
                     .await
                 }
                 .instrument(span),
@@ -254,17 +258,20 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
             let results = detached(
                 async move {
                     let (p, coordinator) = (&p, &coordinator);
-                    join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
-                        let result = p.abort(coordinator, xid, &b.metadata).await;
-                        match &result {
-                            Err(e) => tracing::warn!(%xid, error = %e, "abort failed; the coordinator retries"),
-                            Ok(o) if !matches!(o, Outcome::Committed | Outcome::Aborted { .. }) => {
-                                tracing::warn!(%xid, outcome = ?o, "heuristic outcome")
+                    join_all(xids.iter().zip(&branches).map(|(xid, b)| {
+                        async move {
+                            let result = p.abort(coordinator, xid, &b.metadata).await;
+                            match &result {
+                                Err(e) => tracing::warn!(%xid, error = %e, "abort failed; the coordinator retries"),
+                                Ok(o) if !matches!(o, Outcome::Committed | Outcome::Aborted { .. }) => {
+                                    tracing::warn!(%xid, outcome = ?o, "heuristic outcome")
+                                }
+                                _ => tracing::debug!(%xid, ?result, "abort"),
                             }
-                            _ => tracing::debug!(%xid, ?result, "abort"),
+                            crate::metrics::finished("abort", &result);
+                            outcome_result(result)
                         }
-                        crate::metrics::finished("abort", &result);
-                        outcome_result(result)
+                        .instrument(tracing::debug_span!("branch", %xid))
                     }))
                     .await
                 }
