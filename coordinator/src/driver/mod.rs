@@ -142,6 +142,9 @@ pub struct RuntimeConfig {
     pub publish_gauges: bool,
 }
 
+/// How often requests whose callers gave up are looked for (see `sweep_gone_callers`).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// How often the engine's gauges are published. Each time is one pass over the transactions
 /// the engine holds (live and retained: ~1 ms per 100,000 here), on the engine's task.
 pub const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
@@ -162,7 +165,8 @@ pub struct Runtime {
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     participants: HashMap<ResourceId, ParticipantHandle>,
-    replies: HashMap<ReqId, ReplySender>,
+    /// Reply channels of requests in the engine, with the GTID of a Commit (which may wait).
+    replies: HashMap<ReqId, (ReplySender, Option<Gtid>)>,
     next_req: ReqId,
     syncs: FuturesUnordered<SyncFuture>,
     /// Events produced while carrying out commands (e.g. a call to an unknown participant
@@ -205,6 +209,8 @@ impl Runtime {
         let timer = tokio::time::sleep(far);
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -233,6 +239,7 @@ impl Runtime {
                     self.handle(Event::Tick);
                 }
                 _ = recovery.tick() => self.scan_in_doubt(),
+                _ = sweep.tick() => self.sweep_gone_callers(),
                 _ = gauges.tick(), if self.config.publish_gauges => {
                     crate::metrics::publish(&self.engine.gauges(self.clock.now()));
                 }
@@ -263,8 +270,31 @@ impl Runtime {
     fn api(&mut self, request: ApiRequest, reply: ReplySender) {
         self.next_req += 1;
         let req = self.next_req;
-        self.replies.insert(req, reply);
+        let commit_of = match &request {
+            ApiRequest::Commit { gtid, .. } => Some(*gtid),
+            _ => None,
+        };
+        self.replies.insert(req, (reply, commit_of));
         self.handle(request.into_event(req));
+    }
+
+    /// Forgets requests whose callers stopped waiting, and tells the engine of the Commit
+    /// calls among them: a client retrying Commit while a participant is down would otherwise
+    /// fill the transaction's waiter places with calls nobody waits for.
+    fn sweep_gone_callers(&mut self) {
+        let mut gone = Vec::new();
+        self.replies.retain(|req, (tx, commit_of)| {
+            if !tx.is_closed() {
+                return true;
+            }
+            if let Some(gtid) = commit_of {
+                gone.push((*req, *gtid));
+            }
+            false
+        });
+        if !gone.is_empty() {
+            self.handle(Event::CallersGone(gone));
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -340,7 +370,7 @@ impl Runtime {
                 }
             }
             Command::Reply { req, reply } => {
-                if let Some(tx) = self.replies.remove(&req) {
+                if let Some((tx, _)) = self.replies.remove(&req) {
                     // The caller may have given up (deadline); nothing to do then.
                     let _ = tx.send(reply);
                 }

@@ -537,6 +537,13 @@ impl Engine {
             Event::Synced(SyncToken::Register(req)) => self.cx.reply(req, Ok(Reply::Registered)),
             Event::InDoubt { resource, branches } => self.in_doubt(resource, branches),
             Event::Tick => {}
+            Event::CallersGone(gone) => {
+                for (req, gtid) in gone {
+                    if let Some(txn) = self.txns.get_mut(&gtid) {
+                        txn.waiters.retain(|w| w.req != req);
+                    }
+                }
+            }
         }
         self.finish_turn(out);
     }

@@ -826,16 +826,25 @@ fn waiting_commit_calls_are_bounded_per_transaction() {
     let mut h = Harness::new();
     let g = gtid(1);
     h.begin(g, vec![db1(), db2()]);
+    let mut waiting = Vec::new();
     for _ in 0..MAX_WAITERS_PER_TXN {
         let req = h.req();
         let out = h.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: true });
         assert!(out.iter().all(|c| !matches!(c, Command::Reply { .. })), "{out:?}");
+        waiting.push(req);
     }
     let (req, out) = h.commit(g);
     assert_eq!(
         out,
         vec![Command::Reply { req, reply: Err(EngineError::TooManyWaiters { gtid: g, max: MAX_WAITERS_PER_TXN }) }]
     );
+    // Callers that gave up free their places (and are not answered later).
+    let gone = waiting.pop().unwrap();
+    h.ev(Event::CallersGone(vec![(gone, g)]));
+    let req = h.req();
+    let out = h.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: true });
+    assert!(out.is_empty(), "a place was free: {out:?}");
+    waiting.push(req);
 
     // Decided, phase 2 under way: a Commit that does not wait is answered at once, however
     // many wait for completion.
@@ -852,6 +861,16 @@ fn waiting_commit_calls_are_bounded_per_transaction() {
         out,
         vec![Command::Reply { req, reply: Err(EngineError::TooManyWaiters { gtid: g, max: MAX_WAITERS_PER_TXN }) }]
     );
+
+    // Completion answers exactly the callers still waiting.
+    let mut out = h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    out.extend(h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed));
+    let mut answered: Vec<ReqId> =
+        out.iter().filter_map(|c| if let Command::Reply { req, .. } = c { Some(*req) } else { None }).collect();
+    answered.sort();
+    waiting.sort();
+    assert_eq!(answered, waiting);
+    assert!(!answered.contains(&gone));
 }
 
 #[test]

@@ -78,6 +78,9 @@ pub enum Event {
     },
     /// Time passed: fire the deadlines that are due.
     Tick,
+    /// The callers of these Commit requests stopped waiting (deadline, disconnect): their
+    /// places among the transaction's waiters are free again.
+    CallersGone(Vec<(ReqId, Gtid)>),
 }
 
 /// What a Prepare call came back with.
