@@ -301,7 +301,7 @@ impl Coordinator for CoordinatorService {
         _request: Request<v1::ListParticipantsRequest>,
     ) -> Result<Response<v1::ListParticipantsResponse>, Status> {
         observe("ListParticipants", async {
-            match self.call(ApiRequest::ListParticipants).await? {
+            match self.call(ApiRequest::ListParticipants).instrument(tracing::debug_span!("ListParticipants")).await? {
                 Reply::Participants(list) => Ok(Response::new(v1::ListParticipantsResponse {
                     participants: list
                         .into_iter()

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::Instrument;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -816,35 +817,61 @@ fn ids(gtid: &str, branch: &str) -> Result<(Gtid, BranchId), Status> {
 #[tonic::async_trait]
 impl ReferenceStore for StoreService {
     async fn put(&self, request: Request<v1::PutRequest>) -> Result<Response<v1::PutResponse>, Status> {
-        let r = request.into_inner();
-        let (gtid, branch) = ids(&r.gtid, &r.branch_id)?;
-        self.participant.put(gtid, branch, r.key, r.value.into()).await?;
-        Ok(Response::new(v1::PutResponse {}))
+        let span = tracing::debug_span!("Put", gtid = request.get_ref().gtid, branch = request.get_ref().branch_id);
+        pledge_proto::metrics::observe(
+            "Put",
+            async {
+                let r = request.into_inner();
+                let (gtid, branch) = ids(&r.gtid, &r.branch_id)?;
+                self.participant.put(gtid, branch, r.key, r.value.into()).await?;
+                Ok(Response::new(v1::PutResponse {}))
+            }
+            .instrument(span),
+        )
+        .await
     }
 
     async fn read(&self, request: Request<v1::ReadRequest>) -> Result<Response<v1::ReadResponse>, Status> {
-        let value = self.participant.read(request.into_inner().key).await.map_err(|e| Status::unavailable(e.0))?;
-        Ok(Response::new(v1::ReadResponse {
-            found: value.is_some(),
-            value: value.map(|v| v.to_vec()).unwrap_or_default(),
-        }))
+        let span = tracing::debug_span!("Read", key = request.get_ref().key);
+        pledge_proto::metrics::observe(
+            "Read",
+            async {
+                let value =
+                    self.participant.read(request.into_inner().key).await.map_err(|e| Status::unavailable(e.0))?;
+                Ok(Response::new(v1::ReadResponse {
+                    found: value.is_some(),
+                    value: value.map(|v| v.to_vec()).unwrap_or_default(),
+                }))
+            }
+            .instrument(span),
+        )
+        .await
     }
 
     async fn branch_status(
         &self,
         request: Request<v1::BranchStatusRequest>,
     ) -> Result<Response<v1::BranchStatusResponse>, Status> {
-        let r = request.into_inner();
-        let (gtid, branch) = ids(&r.gtid, &r.branch_id)?;
-        let state = self.participant.status(gtid, branch).await.map_err(|e| Status::unavailable(e.0))?;
-        let state = match state {
-            BranchState::Unknown => v1::BranchState::Unknown,
-            BranchState::Active => v1::BranchState::Active,
-            BranchState::Prepared => v1::BranchState::Prepared,
-            BranchState::Committed => v1::BranchState::Committed,
-            BranchState::Aborted => v1::BranchState::Aborted,
-        };
-        Ok(Response::new(v1::BranchStatusResponse { state: state as i32 }))
+        let span =
+            tracing::debug_span!("BranchStatus", gtid = request.get_ref().gtid, branch = request.get_ref().branch_id);
+        pledge_proto::metrics::observe(
+            "BranchStatus",
+            async {
+                let r = request.into_inner();
+                let (gtid, branch) = ids(&r.gtid, &r.branch_id)?;
+                let state = self.participant.status(gtid, branch).await.map_err(|e| Status::unavailable(e.0))?;
+                let state = match state {
+                    BranchState::Unknown => v1::BranchState::Unknown,
+                    BranchState::Active => v1::BranchState::Active,
+                    BranchState::Prepared => v1::BranchState::Prepared,
+                    BranchState::Committed => v1::BranchState::Committed,
+                    BranchState::Aborted => v1::BranchState::Aborted,
+                };
+                Ok(Response::new(v1::BranchStatusResponse { state: state as i32 }))
+            }
+            .instrument(span),
+        )
+        .await
     }
 }
 
