@@ -1,6 +1,7 @@
 //! Crash points for the crash tests: `PLEDGE_CRASH_AT=name[@n][,name[@n]...]` makes the process
 //! kill itself with SIGKILL the `n`-th time (default: the first time) it reaches the
-//! `fail::fail_point!(name)` of that name. A real kill -9, at an exact place in the code.
+//! `fail::fail_point!(name)` of that name. A real kill -9, at an exact place in the code: from
+//! that hit on, no thread gets past the point.
 //!
 //! Binaries call [`install`] only when built with their `failpoints` feature; without it the
 //! points compile to nothing and this crate is not linked.
@@ -21,12 +22,23 @@ pub fn install() {
         let hits = AtomicU64::new(0);
         let point = name.clone();
         let armed = fail::cfg_callback(&name, move || {
-            if hits.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+            let hit = hits.fetch_add(1, Ordering::SeqCst) + 1;
+            if hit < nth {
+                return;
+            }
+            if hit == nth {
                 eprintln!("crash point {point} reached (hit {nth}): killing this process with SIGKILL");
-                // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-                unsafe {
-                    libc::kill(libc::getpid(), libc::SIGKILL);
-                }
+            }
+            // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            // SIGKILL reaches the other threads a moment later: until then no thread may get
+            // past this point (the calling one, or another that reaches it meanwhile, e.g. the
+            // commit of a second branch on another core), or the crash would not be where the
+            // test says it is.
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
             }
         });
         if let Err(e) = armed {
