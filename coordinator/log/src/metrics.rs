@@ -22,7 +22,7 @@ pub fn describe_metrics() {
     describe_histogram!(SYNC_DURATION, Unit::Seconds, "time to write and fdatasync one group-commit batch");
 }
 
-/// Counts what one batch, checkpoint or rotation wrote.
+/// Counts what one batch, checkpoint, rotation or segment trim wrote.
 pub(crate) fn written(records: u64, syncs: u64, bytes: u64) {
     counter!(RECORDS).increment(records);
     counter!(SYNCS).increment(syncs);
@@ -35,8 +35,4 @@ pub(crate) fn batch_synced(took: Duration) {
 
 pub(crate) fn checkpoint() {
     counter!(CHECKPOINTS).increment(1);
-}
-
-pub(crate) fn extra_sync() {
-    counter!(SYNCS).increment(1);
 }

@@ -388,8 +388,7 @@ impl WriterThread {
         let created =
             segment::create_segment(&self.dir_path, &self.dir, first_lsn, &self.zeros, self.preallocate_chunk_bytes);
         let (file, path) = or_abort(created, "creating segment", &segment::segment_path(&self.dir_path, first_lsn));
-        self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::extra_sync();
+        self.count(0, 0, 1, 0);
         let header_end = SEGMENT_HEADER_BYTES as u64;
         let new = ActiveSegment {
             file,
@@ -411,9 +410,8 @@ impl WriterThread {
         if active.allocated_bytes > active.write_offset_bytes {
             or_abort(active.file.set_len(active.write_offset_bytes), "truncating sealed segment", &active.path);
             or_abort(active.file.sync_data(), "fdatasync", &active.path);
-            self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::extra_sync();
             active.allocated_bytes = active.write_offset_bytes;
+            self.count(0, 0, 1, 0);
         }
     }
 

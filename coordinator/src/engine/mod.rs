@@ -613,24 +613,14 @@ impl Engine {
             return cx.reply(req, Err(cx.unknown(gtid)));
         };
         let waiter = Waiter { req, wait_for_completion };
-        // Only a call that would wait is refused when too many wait: one that can be answered
-        // now (the outcome is known) always is.
-        let must_wait = match txn.phase {
-            Phase::Active | Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => true,
-            _ if txn.end_syncing => true,
-            Phase::Committing | Phase::Aborting => wait_for_completion,
-            Phase::Committed | Phase::Aborted => false,
-        };
-        if must_wait && txn.waiters.len() >= MAX_WAITERS_PER_TXN {
-            return cx.reply(req, Err(EngineError::TooManyWaiters { gtid, max: MAX_WAITERS_PER_TXN }));
-        }
         match txn.phase {
             Phase::Active => {
                 if let Err(e) = cx.add_branches(txn, branches) {
                     return cx.reply(req, Err(e));
                 }
                 txn.commit_requested = true;
-                txn.waiters.push(waiter);
+                // The first Commit: nobody waits yet, so this never refuses.
+                cx.add_waiter(txn, waiter);
                 cx.timers.remove(&(txn.deadline_ms, gtid, TimerKind::TxnTimeout));
                 cx.start_commit(txn);
             }
@@ -642,9 +632,9 @@ impl Engine {
                 let reason = txn.abort_reason.clone().unwrap_or_default();
                 cx.reply(req, Err(EngineError::AlreadyAborted { gtid, reason }));
             }
-            Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => txn.waiters.push(waiter),
-            _ if txn.end_syncing => txn.waiters.push(waiter),
-            Phase::Committing | Phase::Aborting if wait_for_completion => txn.waiters.push(waiter),
+            Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => cx.add_waiter(txn, waiter),
+            _ if txn.end_syncing => cx.add_waiter(txn, waiter),
+            Phase::Committing | Phase::Aborting if wait_for_completion => cx.add_waiter(txn, waiter),
             Phase::Committing | Phase::Aborting | Phase::Committed | Phase::Aborted => {
                 cx.reply(req, Ok(Reply::CommitOutcome(txn.commit_outcome())))
             }
@@ -975,6 +965,16 @@ impl Ctx {
             Some(t) if t <= self.forgotten_through_ms => EngineError::OutcomeForgotten(gtid),
             _ => EngineError::UnknownTransaction(gtid),
         }
+    }
+
+    /// Adds a Commit call to the transaction's waiters, or refuses it when too many wait. Only a
+    /// call that must wait can be refused so: one that can be answered now always is.
+    fn add_waiter(&mut self, txn: &mut Txn, waiter: Waiter) {
+        if txn.waiters.len() >= MAX_WAITERS_PER_TXN {
+            let e = EngineError::TooManyWaiters { gtid: txn.gtid, max: MAX_WAITERS_PER_TXN };
+            return self.reply(waiter.req, Err(e));
+        }
+        txn.waiters.push(waiter);
     }
 
     fn reply(&mut self, req: ReqId, reply: Result<Reply, EngineError>) {

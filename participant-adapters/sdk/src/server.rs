@@ -161,8 +161,17 @@ fn xids<'a>(items: impl Iterator<Item = Option<&'a v1::BranchXid>>) -> Result<Ve
     Ok(out)
 }
 
-fn outcome_result(result: Result<Outcome, crate::Error>) -> v1::BranchResult {
+/// A branch's phase-2 result on the wire; `operation` (commit, one_phase_commit, abort) names
+/// it in the log and the metrics. Runs in the branch's span (its xid). A failure (the
+/// coordinator retries) and a heuristic outcome are logged here, where they are handled.
+fn outcome_result(operation: &'static str, result: Result<Outcome, crate::Error>) -> v1::BranchResult {
     use v1::BranchOutcome as O;
+    match &result {
+        Err(e) => tracing::warn!(operation, error = %e, "branch operation failed; the coordinator retries"),
+        Ok(Outcome::Committed | Outcome::Aborted { .. }) => tracing::debug!(operation, ?result, "branch finished"),
+        Ok(outcome) => tracing::warn!(operation, ?outcome, "heuristic outcome"),
+    }
+    crate::metrics::finished(operation, &result);
     let (outcome, reason) = match result {
         Ok(Outcome::Committed) => (O::Committed, String::new()),
         Ok(Outcome::Aborted { reason }) => (O::Aborted, reason),
@@ -222,19 +231,13 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
             let results = detached(
                 async move {
                     let (p, coordinator) = (&p, &coordinator);
-                    join_all(xids.iter().zip(&branches).map(|(xid, b)| async move {
-                        let result = p.commit(coordinator, xid, b.one_phase, &b.metadata).await;
-                        match &result {
-                        Err(e) => tracing::warn!(%xid, one_phase = b.one_phase, error = %e, "commit failed; the coordinator retries"),
-                        Ok(o) if !matches!(o, Outcome::Committed | Outcome::Aborted { .. }) => {
-                            tracing::warn!(%xid, one_phase = b.one_phase, outcome = ?o, "heuristic outcome")
+                    join_all(xids.iter().zip(&branches).map(|(xid, b)| {
+                        async move {
+                            let result = p.commit(coordinator, xid, b.one_phase, &b.metadata).await;
+                            outcome_result(if b.one_phase { "one_phase_commit" } else { "commit" }, result)
                         }
-                        _ => tracing::debug!(%xid, one_phase = b.one_phase, ?result, "commit"),
-                    }
-                        crate::metrics::finished(if b.one_phase { "one_phase_commit" } else { "commit" }, &result);
-                        outcome_result(result)
-                    }
-                    .instrument(tracing::debug_span!("branch", %xid))))
+                        .instrument(tracing::debug_span!("branch", %xid))
+                    }))
                     .await
                 }
                 .instrument(span),
@@ -261,15 +264,7 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     join_all(xids.iter().zip(&branches).map(|(xid, b)| {
                         async move {
                             let result = p.abort(coordinator, xid, &b.metadata).await;
-                            match &result {
-                                Err(e) => tracing::warn!(%xid, error = %e, "abort failed; the coordinator retries"),
-                                Ok(o) if !matches!(o, Outcome::Committed | Outcome::Aborted { .. }) => {
-                                    tracing::warn!(%xid, outcome = ?o, "heuristic outcome")
-                                }
-                                _ => tracing::debug!(%xid, ?result, "abort"),
-                            }
-                            crate::metrics::finished("abort", &result);
-                            outcome_result(result)
+                            outcome_result("abort", result)
                         }
                         .instrument(tracing::debug_span!("branch", %xid))
                     }))
