@@ -16,7 +16,7 @@ use tracing::Instrument;
 use crate::config::{MAX_BRANCHES_LIMIT, validate_endpoint};
 use crate::driver::{ApiRequest, CallError, RuntimeHandle};
 use crate::engine::{
-    BranchOutcome, BranchView, CommitOutcome, EngineError, ListFilter, Reply, TxnState, TxnView, Vote,
+    BranchOutcome, BranchView, CommitOutcome, EngineError, Enlisted, ListFilter, Reply, TxnState, TxnView, Vote,
 };
 
 /// Longest idempotency key, in bytes.
@@ -72,9 +72,10 @@ pub fn status_of(e: &EngineError) -> Status {
         EngineError::UnknownTransaction(_) | EngineError::UnknownResource(_) | EngineError::OutcomeForgotten(_) => {
             Status::not_found(message)
         }
-        EngineError::NotActive { .. } | EngineError::AlreadyAborted { .. } | EngineError::CommitDecided { .. } => {
-            Status::failed_precondition(message)
-        }
+        EngineError::NotActive { .. }
+        | EngineError::AlreadyAborted { .. }
+        | EngineError::CommitDecided { .. }
+        | EngineError::EnlistConflict { .. } => Status::failed_precondition(message),
         EngineError::TimeoutTooLong { .. } | EngineError::TooManyBranches { .. } => Status::invalid_argument(message),
         EngineError::TooManyTransactions { .. }
         | EngineError::TooManyWaiters { .. }
@@ -102,7 +103,7 @@ fn gtid(value: &str) -> Result<Gtid, Status> {
 /// Parses a request's branch list. More than [`MAX_BRANCHES_LIMIT`] entries can never be
 /// accepted (it bounds every transaction's branches), so such a list is refused before any of
 /// it is looked at.
-fn branches(refs: &[v1::BranchRef]) -> Result<Vec<BranchKey>, Status> {
+fn branches(refs: &[v1::BranchRef]) -> Result<Vec<Enlisted>, Status> {
     if refs.len() > MAX_BRANCHES_LIMIT {
         return Err(Status::invalid_argument(format!(
             "branches: {} entries; a transaction has at most {MAX_BRANCHES_LIMIT} branches",
@@ -111,7 +112,10 @@ fn branches(refs: &[v1::BranchRef]) -> Result<Vec<BranchKey>, Status> {
     }
     refs.iter()
         .enumerate()
-        .map(|(i, r)| BranchKey::try_from(r).map_err(|e| Status::invalid_argument(format!("branches[{i}].{e}"))))
+        .map(|(i, r)| match BranchKey::try_from(r) {
+            Ok(key) => Ok(Enlisted { key, may_be_empty: r.may_be_empty }),
+            Err(e) => Err(Status::invalid_argument(format!("branches[{i}].{e}"))),
+        })
         .collect()
 }
 
@@ -396,5 +400,6 @@ fn branch(b: &BranchView) -> v1::Branch {
         last_error: b.last_error.clone().unwrap_or_default(),
         next_retry_unix_ms: b.next_retry_ms,
         prepared_unix_ms: b.prepared_ms,
+        may_be_empty: b.may_be_empty,
     }
 }

@@ -154,18 +154,27 @@ pub enum TxnCommand {
         /// Enlist RESOURCE/BRANCH right away. Repeatable.
         #[arg(long = "branch", value_parser = parse_branch)]
         branches: Vec<BranchKey>,
+        /// Enlist RESOURCE/BRANCH as possibly empty: if its participant never saw it, it votes
+        /// read-only instead of no. Repeatable.
+        #[arg(long = "branch-may-be-empty", value_parser = parse_branch)]
+        maybe_empty: Vec<BranchKey>,
     },
     /// Enlist branches (RESOURCE/BRANCH ...).
     Enlist {
         gtid: String,
         #[arg(value_parser = parse_branch, required = true)]
         branches: Vec<BranchKey>,
+        /// The branches may be empty (see `begin --branch-may-be-empty`).
+        #[arg(long)]
+        may_be_empty: bool,
     },
     /// Commit; prints the outcome.
     Commit {
         gtid: String,
         #[arg(long = "branch", value_parser = parse_branch)]
         branches: Vec<BranchKey>,
+        #[arg(long = "branch-may-be-empty", value_parser = parse_branch)]
+        maybe_empty: Vec<BranchKey>,
         /// Wait until every participant has acknowledged.
         #[arg(long)]
         wait: bool,
@@ -242,8 +251,12 @@ async fn connect(client: &ClientArgs) -> anyhow::Result<CoordinatorClient<Channe
         .with_context(|| format!("cannot reach the coordinator at {}", client.coordinator))
 }
 
-fn refs(branches: &[BranchKey]) -> Vec<v1::BranchRef> {
-    branches.iter().map(v1::BranchRef::from).collect()
+/// The branches as the API takes them: `branches`, then `maybe_empty` (declared possibly empty).
+fn refs(branches: &[BranchKey], maybe_empty: &[BranchKey]) -> Vec<v1::BranchRef> {
+    let refs = |keys: &[BranchKey], may_be_empty| {
+        keys.iter().map(move |k| v1::BranchRef { may_be_empty, ..v1::BranchRef::from(k) }).collect::<Vec<_>>()
+    };
+    [refs(branches, false), refs(maybe_empty, true)].concat()
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
@@ -253,21 +266,23 @@ fn status(e: tonic::Status) -> anyhow::Error {
 pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> {
     let mut c = connect(&client).await?;
     match command {
-        TxnCommand::Begin { timeout_ms, idempotency_key, branches } => {
+        TxnCommand::Begin { timeout_ms, idempotency_key, branches, maybe_empty } => {
             let r = c
-                .begin(v1::BeginRequest { timeout_ms, idempotency_key, branches: refs(&branches) })
+                .begin(v1::BeginRequest { timeout_ms, idempotency_key, branches: refs(&branches, &maybe_empty) })
                 .await
                 .map_err(status)?
                 .into_inner();
             println!("{}", r.gtid);
         }
-        TxnCommand::Enlist { gtid, branches } => {
-            c.enlist(v1::EnlistRequest { gtid, branches: refs(&branches) }).await.map_err(status)?;
+        TxnCommand::Enlist { gtid, branches, may_be_empty } => {
+            let branches = if may_be_empty { refs(&[], &branches) } else { refs(&branches, &[]) };
+            c.enlist(v1::EnlistRequest { gtid, branches }).await.map_err(status)?;
             println!("enlisted");
         }
-        TxnCommand::Commit { gtid, branches, wait } => {
+        TxnCommand::Commit { gtid, branches, maybe_empty, wait } => {
+            let branches = refs(&branches, &maybe_empty);
             let r = c
-                .commit(v1::CommitRequest { gtid, branches: refs(&branches), wait_for_completion: wait })
+                .commit(v1::CommitRequest { gtid, branches, wait_for_completion: wait })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -357,6 +372,9 @@ fn print_transaction(t: &v1::Transaction) {
             "branch:     {}/{}  vote={vote}  outcome={outcome}  acknowledged={}  attempts={}",
             b.resource_id, b.branch_id, b.acknowledged, b.attempts
         );
+        if b.may_be_empty {
+            print!("  may_be_empty");
+        }
         if b.prepared_unix_ms != 0 && !b.acknowledged {
             let age_ms = crate::driver::now_ms().saturating_sub(b.prepared_unix_ms);
             print!("  prepared_for={age_ms}ms");

@@ -34,7 +34,7 @@ use pledge_integration_tests::bench::{Load, Run, env_or, measure};
 use pledge_integration_tests::{Process, TestDir, branch};
 use pledge_proto::pipeline::CoordinatorPipeline;
 use pledge_proto::transport::Target;
-use pledge_proto::v1::{self, coordinator_client::CoordinatorClient};
+use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, reference_store_client::ReferenceStoreClient};
 use tonic::transport::Channel;
 
 /// The coordinator's own recovery interval, not the tests' 500 ms.
@@ -80,7 +80,9 @@ fn api() -> Api {
 }
 
 /// Begin (with `resources`' branches) and Commit, from each client, over shared channels.
-async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
+/// Each transaction: Begin with a branch at each participant, a Put in each branch (the
+/// reference store's work API, a unary call), Commit.
+async fn run(coordinator: &Process, participants: &[(&'static str, &Process)]) -> Run {
     let mut channels: Vec<Channel> = Vec::new();
     let api = api();
     let default_channels = if api == Api::Pipeline { 2 } else { 8 };
@@ -90,19 +92,36 @@ async fn run(coordinator: &Process, resources: &'static [&'static str]) -> Run {
     }
     let pipelines: Vec<_> =
         channels.iter().map(|c| CoordinatorPipeline::new(c.clone(), Duration::from_secs(30))).collect();
+    let mut stores = Vec::new();
+    for (resource, p) in participants {
+        let target = Target::parse(&p.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
+        stores.push((*resource, ReferenceStoreClient::new(target.connect().await.unwrap())));
+    }
     measure(load(), |i| {
         let c = CoordinatorClient::new(channels[i % channels.len()].clone());
         let p = pipelines[i % pipelines.len()].clone();
+        let stores = stores.clone();
         move || {
-            let (mut c, p) = (c.clone(), p.clone());
+            let (mut c, p, mut stores) = (c.clone(), p.clone(), stores.clone());
             Box::pin(async move {
-                let branches = resources.iter().map(|r| branch(r, "b")).collect();
+                let branches = stores.iter().map(|(r, _)| branch(r, "b")).collect();
                 let begin = v1::BeginRequest { branches, ..Default::default() };
                 let begun = match api {
                     Api::Pipeline => p.begin(begin).await,
                     Api::Unary => c.begin(begin).await.map(tonic::Response::into_inner),
                 };
                 let Ok(begun) = begun else { return false };
+                for (_, store) in &mut stores {
+                    let put = v1::PutRequest {
+                        gtid: begun.gtid.clone(),
+                        branch_id: "b".into(),
+                        key: format!("k{}", fastrand::u16(..)),
+                        value: b"v".to_vec(),
+                    };
+                    if store.put(put).await.is_err() {
+                        return false;
+                    }
+                }
                 let commit = v1::CommitRequest { gtid: begun.gtid, ..Default::default() };
                 let committed = match api {
                     Api::Pipeline => p.commit(commit).await,
@@ -170,13 +189,13 @@ fn main() {
         let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), metrics_args(), &[]).await;
         let p2 = pdir.participant_on("db2", &listen(&pdir, "db2"), metrics_args(), &[]).await;
         let coordinator = start_coordinator(&dir, &[("db1", &p1), ("db2", &p2)]).await;
-        let two_phase = run(&coordinator, &["db1", "db2"]).await;
+        let two_phase = run(&coordinator, &[("db1", &p1), ("db2", &p2)]).await;
         drop((coordinator, p1, p2, dir, pdir));
 
         let (dir, pdir) = (TestDir::new("bench-1pc"), participants_dir());
         let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), metrics_args(), &[]).await;
         let coordinator = start_coordinator(&dir, &[("db1", &p1)]).await;
-        let one_phase = run(&coordinator, &["db1"]).await;
+        let one_phase = run(&coordinator, &[("db1", &p1)]).await;
         drop((coordinator, p1, dir, pdir));
 
         print("2PC, 2 participants", &two_phase);

@@ -142,6 +142,7 @@ impl Pledge {
                     value: b"value".to_vec(),
                     headers: vec![],
                 }],
+                request_id: String::new(),
             })
             .await?;
         let r = c.commit(v1::CommitRequest { gtid: gtid.into(), ..Default::default() }).await?;

@@ -202,15 +202,17 @@ async fn pledge(clients: u32, seconds: u64, accounts: i64, coordinator: &Process
 }
 
 /// The adapter embedded in this process, serving the Participant API on a local port.
-async fn embedded_adapter(max_clients: u32) -> (PostgresParticipant, String) {
+async fn embedded_adapter(max_clients: u32, data_dir: &std::path::Path) -> (PostgresParticipant, String) {
     let resource = |id: &str, db: char| ResourceConfig {
         id: id.parse().unwrap(),
         url: pg_url(db),
         max_connections: max_clients + 16,
     };
-    let mut config = PostgresConfig::new(vec![resource("db_a", 'a'), resource("db_b", 'b')]);
+    let mut config = PostgresConfig::new(vec![resource("db_a", 'a'), resource("db_b", 'b')], data_dir);
     config.max_active_branches = max_clients as usize + 8;
-    let participant = PostgresParticipant::connect(config).await.unwrap();
+    // The journal stays open until the process ends.
+    let (participant, journal) = PostgresParticipant::connect(config).await.unwrap();
+    std::mem::forget(journal);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let routes = pledge_sdk::routes(Arc::new(participant.clone()), tokio_util::sync::CancellationToken::new()).await;
@@ -254,8 +256,8 @@ fn main() {
             .await;
         // Its own coordinator id: each coordinator's recovery rolls back prepared branches of
         // its id that it does not know.
-        let (embedded, endpoint) = embedded_adapter(max_clients).await;
         let embedded_dir = TestDir::new("bench-postgres-embedded");
+        let (embedded, endpoint) = embedded_adapter(max_clients, &embedded_dir.path().join("adapter")).await;
         let embedded_coordinator = embedded_dir
             .coordinator_for(
                 &[("db_a", endpoint.clone()), ("db_b", endpoint)],

@@ -9,7 +9,9 @@
 use std::future::Future;
 
 pub mod bench;
-pub mod conformance;
+pub mod kafka;
+pub mod pg;
+pub mod proxy;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -309,7 +311,8 @@ pub fn pg_url(db: char) -> String {
 }
 
 impl TestDir {
-    /// A PostgreSQL adapter serving `resources` (resource id, database URL).
+    /// A PostgreSQL adapter serving `resources` (resource id, database URL), with its journal in
+    /// `<dir>/<name>` (a restart under the same name finds it again).
     pub async fn postgres_adapter(
         &self,
         name: &str,
@@ -319,7 +322,12 @@ impl TestDir {
         env: &[(&str, &str)],
     ) -> Process {
         let mut c = Command::new(bin("pledge-postgres-adapter"));
-        c.arg("--listen").arg(format!("127.0.0.1:{port}")).args(args).env("RUST_LOG", "info");
+        c.arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(self.path().join(name))
+            .args(args)
+            .env("RUST_LOG", "info");
         for (id, url) in resources {
             c.arg("--resource").arg(format!("{id}={url}"));
         }
@@ -436,7 +444,7 @@ pub async fn store_client(p: &Process) -> ReferenceStoreClient<Channel> {
 }
 
 pub fn branch(resource: &str, branch: &str) -> v1::BranchRef {
-    v1::BranchRef { resource_id: resource.into(), branch_id: branch.into() }
+    v1::BranchRef { resource_id: resource.into(), branch_id: branch.into(), may_be_empty: false }
 }
 
 /// Begins a transaction with these branches; returns its GTID.

@@ -145,6 +145,7 @@ async fn participants_without_the_pipeline_get_unary_calls() {
 
     let gtid = begin(&mut c, &[("db1", "debit"), ("db3", "credit")]).await;
     put(&mut s1, &gtid, "debit", "carol", "1").await;
+    put(&mut store_client(&p3).await, &gtid, "credit", "dave", "1").await;
     let r = commit(&mut c, &gtid, true).await.unwrap();
     assert_eq!(r.outcome(), v1::Outcome::Aborted);
     assert!(r.reason.contains("db3/credit voted no: configured to vote no"), "{}", r.reason);
@@ -491,6 +492,7 @@ async fn runtime_registration_survives_a_restart_and_probes_work() {
     assert_eq!(list.participants.len(), 1);
     assert_eq!((list.participants[0].resource_id.as_str(), &list.participants[0].endpoint), ("late", &p1.endpoint()));
     let gtid = begin(&mut c, &[("late", "b")]).await;
+    put(&mut store_client(&p1).await, &gtid, "b", "k", "v").await;
     assert_eq!(commit(&mut c, &gtid, true).await.unwrap().outcome(), v1::Outcome::Committed);
 
     // Standard probes: gRPC health checking and server reflection, on both kinds of server.
@@ -532,10 +534,13 @@ async fn checkpoints_keep_the_log_bounded_and_restarts_read_them() {
     let args = ["--checkpoint-every-records", "40", "--log-segment-size-bytes", "4096"];
     let mut coordinator = dir.coordinator_with(&[("db1", &p1), ("db2", &p2)], &args, &[]).await;
     let mut c = coordinator_client(&coordinator).await;
+    let (mut s1, mut s2) = (store_client(&p1).await, store_client(&p2).await);
     let mut committed = Vec::new();
     // 150 transactions: a commit and an end record each, about 7 checkpoints.
     for _ in 0..150 {
         let gtid = begin(&mut c, &[("db1", "a"), ("db2", "b")]).await;
+        put(&mut s1, &gtid, "a", "k", "v").await;
+        put(&mut s2, &gtid, "b", "k", "v").await;
         let r = commit(&mut c, &gtid, true).await.unwrap();
         assert_eq!(r.outcome(), v1::Outcome::Committed);
         committed.push(gtid);
@@ -586,6 +591,7 @@ async fn metrics_count_what_happened() {
     // Committed on both participants.
     let committed = begin(&mut c, &[("db1", "debit"), ("db2", "credit")]).await;
     put(&mut s1, &committed, "debit", "alice", "90").await;
+    put(&mut store_client(&p2).await, &committed, "credit", "bob", "110").await;
     let r = commit(&mut c, &committed, true).await.unwrap();
     assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true));
     // Aborted by the client.
@@ -593,6 +599,8 @@ async fn metrics_count_what_happened() {
     c.abort(v1::AbortRequest { gtid: aborted.clone() }).await.unwrap();
     // Aborted because a participant votes no.
     let refused = begin(&mut c, &[("db2", "b"), ("no", "c")]).await;
+    put(&mut store_client(&p2).await, &refused, "b", "k", "v").await;
+    put(&mut store_client(&no).await, &refused, "c", "k", "v").await;
     let r = commit(&mut c, &refused, true).await.unwrap();
     assert_eq!(r.outcome(), v1::Outcome::Aborted);
     // Bad input: a commit of a transaction that does not exist.

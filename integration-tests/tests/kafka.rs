@@ -4,62 +4,11 @@
 //! decision, a branch the broker aborted on timeout (a heuristic outcome), a restart aborting
 //! what the previous process left open, and the participant conformance suite.
 
-use pledge_integration_tests::conformance::{self, Target};
+use pledge_conformance::{Options, Target};
+use pledge_integration_tests::kafka::*;
 use pledge_integration_tests::*;
-use pledge_proto::v1::kafka_branch_client::KafkaBranchClient;
 use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
 use pledge_proto::v1::{self, value::Kind};
-use std::time::Duration;
-
-use tonic::transport::Channel;
-
-fn unique(name: &str) -> String {
-    format!("{name}-{:08x}", fastrand::u32(..))
-}
-
-async fn kafka_client(p: &Process) -> KafkaBranchClient<Channel> {
-    KafkaBranchClient::connect(p.endpoint()).await.unwrap()
-}
-
-async fn produce(
-    k: &mut KafkaBranchClient<Channel>,
-    gtid: &str,
-    branch_id: &str,
-    topic: &str,
-    records: &[(&str, &str)],
-) -> Result<v1::ProduceResponse, tonic::Status> {
-    k.produce(v1::ProduceRequest {
-        resource_id: "kafka".into(),
-        gtid: gtid.into(),
-        branch_id: branch_id.into(),
-        records: records
-            .iter()
-            .map(|(key, value)| v1::KafkaRecord {
-                topic: topic.into(),
-                partition: Some(0),
-                key: key.as_bytes().to_vec(),
-                value: value.as_bytes().to_vec(),
-                headers: vec![],
-            })
-            .collect(),
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-/// The keys a read_committed reader sees in `topic` once they are `want`, or what it sees when
-/// the tests' patience runs out (for the assertion to show). A commit is answered before the
-/// broker has written the transaction's markers, and a reader sees the records only after.
-async fn committed_keys(topic: &str, want: &[&str]) -> Vec<String> {
-    let deadline = tokio::time::Instant::now() + EVENTUALLY_TIMEOUT;
-    loop {
-        let seen: Vec<String> = read_committed(topic).await.into_iter().map(|(k, _)| k).collect();
-        if seen == want || tokio::time::Instant::now() >= deadline {
-            return seen;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 struct Setup {
     dir: TestDir,
@@ -207,7 +156,7 @@ async fn adapter_killed_after_prepare_commits_with_end_txn_after_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_killed_before_voting_is_rolled_back_with_end_txn() {
-    let mut s = setup("kafka-crash-vote", &[("PLEDGE_CRASH_AT", "kafka::after_prepare")], &[]).await;
+    let mut s = setup("kafka-crash-vote", &[("PLEDGE_CRASH_AT", "journaled::after_prepare")], &[]).await;
     let topic = unique("crash-vote");
     let gtid = s.begin_with_records(&topic, &["lost"]).await;
     let mut c = coordinator_client(&s.coordinator).await;
@@ -283,13 +232,14 @@ async fn a_branch_the_broker_aborted_on_timeout_is_a_heuristic_rollback() {
     let mut c = coordinator_client(&coordinator).await;
     let gtid = begin(&mut c, &[("kafka", "out"), ("ref", "r")]).await;
     produce(&mut kafka_client(&kafka).await, &gtid, "out", &topic, &[("never", "v")]).await.unwrap();
+    put(&mut store_client(&reference).await, &gtid, "r", &format!("{gtid}-ref"), "x").await;
     assert_eq!(commit(&mut c, &gtid, false).await.unwrap().outcome(), v1::Outcome::Committed);
     kafka.wait_crashed().await;
 
     // Wait for the broker to abort the orphaned transaction.
     let metadata =
         get(&mut c, &gtid).await.unwrap().branches.iter().find(|b| b.resource_id == "kafka").unwrap().metadata.clone();
-    let txn = pledge_kafka::state::PreparedTxn::from_metadata("x", &metadata).expect("vote metadata");
+    let txn = pledge_kafka::txn::TxnRef::from_metadata(&metadata).expect("vote metadata");
     let client = pledge_kafka::wire::TxnClient::new(&kafka_bootstrap(), std::time::Duration::from_secs(5));
     eventually("the broker to abort the timed-out transaction", || async {
         let d = client.describe(&txn.transactional_id).await.ok().flatten();
@@ -329,9 +279,12 @@ async fn a_repeated_commit_after_a_restart_leaves_the_reused_producer_alone() {
         |gtid: &str, b: &str| v1::BranchXid { resource_id: "kafka".into(), gtid: gtid.into(), branch_id: b.into() };
     let commit_branch = |gtid: &str, b: &str| v1::CommitBranchesRequest {
         coordinator_id: "c".into(),
-        branches: vec![v1::CommitBranch { xid: Some(xid(gtid, b)), one_phase: false, metadata: vec![] }],
+        branches: vec![v1::CommitBranch { xid: Some(xid(gtid, b)), one_phase: false, ..Default::default() }],
     };
-    let prepare = |gtid: &str, b: &str| v1::PrepareRequest { coordinator_id: "c".into(), branches: vec![xid(gtid, b)] };
+    let prepare = |gtid: &str, b: &str| v1::PrepareRequest {
+        coordinator_id: "c".into(),
+        branches: vec![v1::PrepareBranch { xid: Some(xid(gtid, b)), may_be_empty: false }],
+    };
 
     let x = pledge_proto::Gtid::new_v7().to_string();
     produce(&mut kafka_client(&kafka).await, &x, "b", &topic, &[("x", "v")]).await.unwrap();
@@ -369,18 +322,20 @@ impl Target for Adapter {
         "kafka".into()
     }
 
-    async fn work(&mut self, gtid: &str, branch: &str, key: &str) {
-        produce(&mut kafka_client(&self.process).await, gtid, branch, &self.topic, &[(key, "v")]).await.unwrap();
+    async fn work(&mut self, gtid: &str, branch: &str, key: &str) -> Result<(), String> {
+        let mut k = kafka_client(&self.process).await;
+        produce(&mut k, gtid, branch, &self.topic, &[(key, "v")]).await.map(drop).map_err(|e| e.to_string())
     }
 
-    async fn visible(&mut self, key: &str) -> bool {
-        read_committed(&self.topic).await.iter().any(|(k, _)| k == key)
+    async fn visible(&mut self, key: &str) -> Result<bool, String> {
+        Ok(read_committed(&self.topic).await.iter().any(|(k, _)| k == key))
     }
 
-    async fn restart(&mut self) {
+    async fn restart(&mut self) -> Result<(), String> {
         self.process.kill9().await;
         let port = self.process.port();
         self.process = self.dir.kafka_adapter("kafka", port, &self.prefix, &["--producers", "5"], &[]).await;
+        Ok(())
     }
 }
 
@@ -390,7 +345,9 @@ async fn kafka_adapter_conforms() {
     let prefix = unique("kafka-conformance");
     // Five producers: the suite holds five branches open at once.
     let process = dir.kafka_adapter("kafka", 0, &prefix, &["--producers", "5"], &[]).await;
-    conformance::run(&mut Adapter { dir, process, prefix, topic: unique("conformance") }).await;
+    let mut adapter = Adapter { dir, process, prefix, topic: unique("conformance") };
+    let report = pledge_conformance::run(&mut adapter, &Options::default()).await;
+    assert!(report.ok() && report.skipped.is_empty(), "{report}");
 }
 
 /// The adapter caches one consumer handle per consumer group, at most 64: a 65th group is

@@ -7,103 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use pledge_integration_tests::conformance::{self, Target};
+use pledge_conformance::{Options, Target};
+use pledge_integration_tests::pg::*;
 use pledge_integration_tests::*;
-use pledge_proto::v1::postgres_branch_client::PostgresBranchClient;
-use pledge_proto::v1::{self, value::Kind};
-use sqlx::PgPool;
+use pledge_proto::v1::{self, postgres_branch_client::PostgresBranchClient};
 use tonic::Code;
-use tonic::transport::Channel;
-
-fn int(n: i64) -> v1::Value {
-    v1::Value { kind: Some(Kind::Int(n)) }
-}
-
-fn text(s: &str) -> v1::Value {
-    v1::Value { kind: Some(Kind::Text(s.into())) }
-}
-
-async fn pool(db: char) -> PgPool {
-    PgPool::connect(&pg_url(db)).await.expect("connecting to the test database")
-}
-
-/// A table of accounts in both databases, named for the test so tests run in parallel.
-struct Bank {
-    table: String,
-    a: PgPool,
-    b: PgPool,
-}
-
-impl Bank {
-    async fn new(name: &str, accounts: i64, balance: i64) -> Bank {
-        let table = format!("acct_{name}_{}", fastrand::u32(..));
-        let (a, b) = (pool('a').await, pool('b').await);
-        for p in [&a, &b] {
-            let ddl = format!("CREATE TABLE {table} (id int PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0))");
-            sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(p).await.unwrap();
-            let fill = format!("INSERT INTO {table} SELECT g, $1 FROM generate_series(1, $2) g");
-            sqlx::query(sqlx::AssertSqlSafe(fill)).bind(balance as i32).bind(accounts as i32).execute(p).await.unwrap();
-        }
-        Bank { table, a, b }
-    }
-
-    async fn balance(&self, db: char, id: i64) -> i64 {
-        let p = if db == 'a' { &self.a } else { &self.b };
-        let sql = format!("SELECT balance::int8 FROM {} WHERE id = $1", self.table);
-        sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(id as i32).fetch_one(p).await.unwrap()
-    }
-
-    async fn total(&self) -> i64 {
-        let sql = format!("SELECT coalesce(sum(balance), 0)::int8 FROM {}", self.table);
-        let a: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone())).fetch_one(&self.a).await.unwrap();
-        let b: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&self.b).await.unwrap();
-        a + b
-    }
-
-    fn update(&self) -> String {
-        format!("UPDATE {} SET balance = balance + $1 WHERE id = $2", self.table)
-    }
-}
-
-/// Prepared transactions of coordinator `coordinator_id` in either database.
-async fn prepared_of(coordinator_id: &str) -> Vec<String> {
-    let mut gids = Vec::new();
-    for db in ['a', 'b'] {
-        let p = pool(db).await;
-        let found: Vec<String> = sqlx::query_scalar(
-            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND starts_with(gid, $1)",
-        )
-        .bind(format!("pledge:{coordinator_id}:"))
-        .fetch_all(&p)
-        .await
-        .unwrap();
-        gids.extend(found);
-    }
-    gids
-}
-
-async fn execute(
-    c: &mut PostgresBranchClient<Channel>,
-    resource: &str,
-    gtid: &str,
-    branch: &str,
-    sql: &str,
-    params: Vec<v1::Value>,
-) -> Result<v1::ExecuteResponse, tonic::Status> {
-    c.execute(v1::ExecuteRequest {
-        resource_id: resource.into(),
-        gtid: gtid.into(),
-        branch_id: branch.into(),
-        statements: vec![v1::Statement { sql: sql.into(), params }],
-        request_id: String::new(),
-    })
-    .await
-    .map(tonic::Response::into_inner)
-}
-
-async fn branch_client(p: &Process) -> PostgresBranchClient<Channel> {
-    PostgresBranchClient::connect(p.endpoint()).await.unwrap()
-}
 
 fn coordinator_id(test: &str) -> String {
     format!("{test}-{:08x}", fastrand::u32(..))
@@ -179,10 +87,14 @@ async fn transfer_between_two_databases_commits_atomically() {
         t.branches.iter().all(|b| b.prepared_unix_ms >= t.created_unix_ms && b.prepared_unix_ms <= t.decided_unix_ms)
     );
 
-    // Rows come back typed. A branch that ran no statement here votes READ_ONLY and takes no
-    // part in phase 2.
+    // Rows come back typed. A branch declared possibly empty that ran no statement here votes
+    // READ_ONLY and takes no part in phase 2.
     let mut c = coordinator_client(&s.coordinator).await;
-    let gtid = begin(&mut c, &[("db_a", "read"), ("db_b", "write"), ("db_b", "idle")]).await;
+    let mut idle = branch("db_b", "idle");
+    idle.may_be_empty = true;
+    let branches = vec![branch("db_a", "read"), branch("db_b", "write"), idle];
+    let begun = c.begin(v1::BeginRequest { branches, ..Default::default() }).await.unwrap().into_inner();
+    let gtid = begun.gtid;
     let mut pg = branch_client(&s.adapter).await;
     let sql = format!("SELECT balance::int8 AS balance, 'x'::text AS tag FROM {} WHERE id = $1", bank.table);
     let rows = execute(&mut pg, "db_a", &gtid, "read", &sql, vec![int(1)]).await.unwrap();
@@ -195,6 +107,7 @@ async fn transfer_between_two_databases_commits_atomically() {
     let t = get(&mut c, &gtid).await.unwrap();
     let votes: Vec<v1::Vote> = t.branches.iter().map(|b| b.vote()).collect();
     assert_eq!(votes, vec![v1::Vote::Prepared, v1::Vote::Prepared, v1::Vote::ReadOnly]);
+    assert_eq!(t.branches.iter().map(|b| b.may_be_empty).collect::<Vec<_>>(), vec![false, false, true]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,22 +421,23 @@ impl Target for Adapter {
         "db_a".into()
     }
 
-    async fn work(&mut self, gtid: &str, branch: &str, key: &str) {
+    async fn work(&mut self, gtid: &str, branch: &str, key: &str) -> Result<(), String> {
         let mut c = branch_client(&self.process).await;
         let sql = format!("INSERT INTO {} (key) VALUES ($1)", self.table);
-        execute(&mut c, "db_a", gtid, branch, &sql, vec![text(key)]).await.unwrap();
+        execute(&mut c, "db_a", gtid, branch, &sql, vec![text(key)]).await.map(drop).map_err(|e| e.to_string())
     }
 
-    async fn visible(&mut self, key: &str) -> bool {
+    async fn visible(&mut self, key: &str) -> Result<bool, String> {
         let sql = format!("SELECT count(*) FROM {} WHERE key = $1", self.table);
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(key).fetch_one(&pool('a').await).await.unwrap();
-        n == 1
+        Ok(n == 1)
     }
 
-    async fn restart(&mut self) {
+    async fn restart(&mut self) -> Result<(), String> {
         self.process.kill9().await;
         let port = self.process.port();
         self.process = self.dir.postgres_adapter("pg", port, &[("db_a", pg_url('a'))], &self.args, &[]).await;
+        Ok(())
     }
 }
 
@@ -533,7 +447,8 @@ async fn conformance_run(test: &str, args: Vec<&'static str>) {
     let ddl = format!("CREATE TABLE {table} (key text PRIMARY KEY)");
     sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&pool('a').await).await.unwrap();
     let process = dir.postgres_adapter("pg", 0, &[("db_a", pg_url('a'))], &args, &[]).await;
-    conformance::run(&mut Adapter { dir, process, table, args }).await;
+    let report = pledge_conformance::run(&mut Adapter { dir, process, table, args }, &Options::default()).await;
+    assert!(report.ok() && report.skipped.is_empty(), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,14 +23,15 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
         sqlx::query(sqlx::AssertSqlSafe(fill)).execute(p).await.unwrap();
     }
     let (db_a, db_b): (ResourceId, ResourceId) = ("lib_a".parse().unwrap(), "lib_b".parse().unwrap());
-    let mut config = PostgresConfig::new(vec![]);
+    let dir = TestDir::new("pg-library");
+    let mut config = PostgresConfig::new(vec![], dir.path().join("adapter"));
     config.active_timeout = Duration::from_secs(30);
     config.max_active_branches = 8; // below the pools' 16 connections
     // An embedding service must leave connections for commits: the adapter checks.
     let too_many = PostgresConfig { max_active_branches: 16, ..config.clone() };
     let e = PostgresParticipant::with_pools(too_many, vec![(db_a.clone(), a.clone())]).await.err().unwrap();
     assert!(e.to_string().contains("must be below the pool's max_connections"), "{e}");
-    let participant =
+    let (participant, _journal) =
         PostgresParticipant::with_pools(config, vec![(db_a.clone(), a.clone()), (db_b.clone(), b.clone())])
             .await
             .unwrap();
@@ -42,7 +43,6 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     tokio::spawn(tonic::transport::Server::builder().add_routes(routes.routes()).serve_with_incoming(incoming));
 
-    let dir = TestDir::new("pg-library");
     let coordinator = dir.coordinator_for(&[("lib_a", endpoint.clone()), ("lib_b", endpoint)], &[], &[]).await;
     let mut c = coordinator_client(&coordinator).await;
     let gtid_text = begin(&mut c, &[("lib_a", "debit"), ("lib_b", "credit")]).await;

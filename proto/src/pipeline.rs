@@ -625,7 +625,8 @@ mod tests {
     impl Participant for Fake {
         async fn prepare(&self, r: Request<v1::PrepareRequest>) -> Result<Response<v1::PrepareResponse>, Status> {
             let r = r.into_inner();
-            let b = r.branches.first().ok_or_else(|| Status::invalid_argument("no branch"))?;
+            let b =
+                r.branches.first().and_then(|b| b.xid.as_ref()).ok_or_else(|| Status::invalid_argument("no branch"))?;
             let delay_ms: u64 = b.branch_id.parse().map_err(|_| Status::invalid_argument("branch_id: not a number"))?;
             *self.prepares.lock().unwrap().entry(b.gtid.clone()).or_default() += 1;
             let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
@@ -715,10 +716,13 @@ mod tests {
     fn prepare(gtid: &str, delay_ms: u64) -> v1::PrepareRequest {
         v1::PrepareRequest {
             coordinator_id: "c".into(),
-            branches: vec![v1::BranchXid {
-                resource_id: "r".into(),
-                gtid: gtid.into(),
-                branch_id: delay_ms.to_string(),
+            branches: vec![v1::PrepareBranch {
+                xid: Some(v1::BranchXid {
+                    resource_id: "r".into(),
+                    gtid: gtid.into(),
+                    branch_id: delay_ms.to_string(),
+                }),
+                may_be_empty: false,
             }],
         }
     }

@@ -253,7 +253,7 @@ impl TryFrom<&v1::BranchRef> for BranchKey {
 
 impl From<&BranchKey> for v1::BranchRef {
     fn from(k: &BranchKey) -> Self {
-        v1::BranchRef { resource_id: k.resource.to_string(), branch_id: k.branch.to_string() }
+        v1::BranchRef { resource_id: k.resource.to_string(), branch_id: k.branch.to_string(), may_be_empty: false }
     }
 }
 

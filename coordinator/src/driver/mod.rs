@@ -16,14 +16,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt};
 use pledge_log::{LogError, LogWriter};
-use pledge_proto::{BranchKey, Gtid, ResourceId};
+use pledge_proto::{Gtid, ResourceId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{
-    Command, Engine, EngineError, Event, ListFilter, LogRecord, Phase2Op, Phase2Result, Reply, ReqId, SyncToken,
-    VoteResult,
+    Command, Engine, EngineError, Enlisted, Event, ListFilter, LogRecord, Phase2Op, Phase2Result, Reply, ReqId,
+    SyncToken, VoteResult,
 };
 use crate::records;
 use participant::{CallConfig, ParticipantHandle, Phase2Item, PrepareItem};
@@ -59,9 +59,9 @@ impl Clock {
 /// A client request, as the API layer hands it to the runtime.
 #[derive(Debug)]
 pub enum ApiRequest {
-    Begin { timeout_ms: Option<u64>, idempotency_key: Option<String>, branches: Vec<BranchKey> },
-    Enlist { gtid: Gtid, branches: Vec<BranchKey> },
-    Commit { gtid: Gtid, branches: Vec<BranchKey>, wait_for_completion: bool },
+    Begin { timeout_ms: Option<u64>, idempotency_key: Option<String>, branches: Vec<Enlisted> },
+    Enlist { gtid: Gtid, branches: Vec<Enlisted> },
+    Commit { gtid: Gtid, branches: Vec<Enlisted>, wait_for_completion: bool },
     Abort { gtid: Gtid },
     Get { gtid: Gtid },
     List { filter: ListFilter },
@@ -338,19 +338,18 @@ impl Runtime {
                 let durable = self.log.submit_checkpoint(encoded).await?;
                 self.syncs.push(Box::pin(async move { (None, durable.await) }));
             }
-            Command::Prepare { gtid, branch } => match self.participants.get(&branch.resource) {
-                Some(p) => p.prepare(PrepareItem { gtid, branch }),
+            Command::Prepare { gtid, branch, may_be_empty } => match self.participants.get(&branch.resource) {
+                Some(p) => p.prepare(PrepareItem { gtid, branch, may_be_empty }),
                 None => {
                     let error = format!("no endpoint for resource {:?}", branch.resource.as_str());
                     self.local.push_back(Event::Voted { gtid, branch, vote: VoteResult::Failed { error } });
                 }
             },
-            Command::Commit { gtid, branch, one_phase, metadata } => {
-                self.phase2(Phase2Op::Commit, Phase2Item { gtid, branch, one_phase, metadata })
+            Command::Commit { gtid, branch, one_phase, metadata, may_be_empty } => {
+                self.phase2(Phase2Op::Commit, Phase2Item { gtid, branch, one_phase, metadata, may_be_empty })
             }
-            Command::Abort { gtid, branch, metadata } => {
-                self.phase2(Phase2Op::Abort, Phase2Item { gtid, branch, one_phase: false, metadata })
-            }
+            Command::Abort { gtid, branch, metadata } => self
+                .phase2(Phase2Op::Abort, Phase2Item { gtid, branch, one_phase: false, metadata, may_be_empty: false }),
             Command::Connect { resource, endpoint } => {
                 if self.participants.get(&resource).is_some_and(|p| p.endpoint == endpoint) {
                     return Ok(());

@@ -45,6 +45,7 @@ pub struct CallConfig {
 pub struct PrepareItem {
     pub gtid: Gtid,
     pub branch: BranchKey,
+    pub may_be_empty: bool,
 }
 
 pub struct Phase2Item {
@@ -52,6 +53,8 @@ pub struct Phase2Item {
     pub branch: BranchKey,
     pub one_phase: bool,
     pub metadata: Bytes,
+    /// With `one_phase`: the branch was enlisted as possibly empty.
+    pub may_be_empty: bool,
 }
 
 /// The queues into one participant's batchers.
@@ -322,7 +325,10 @@ impl Caller {
         let coordinator_id = self.config.coordinator_id.clone();
         let request = || v1::PrepareRequest {
             coordinator_id: coordinator_id.clone(),
-            branches: batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect(),
+            branches: batch
+                .iter()
+                .map(|i| v1::PrepareBranch { xid: Some(xid(&i.gtid, &i.branch)), may_be_empty: i.may_be_empty })
+                .collect(),
         };
         let timeout = self.config.prepare_timeout;
         let result = self
@@ -372,6 +378,7 @@ impl Caller {
                             xid: Some(xid(&i.gtid, &i.branch)),
                             one_phase: i.one_phase,
                             metadata: i.metadata.to_vec(),
+                            may_be_empty: i.may_be_empty,
                         })
                         .collect(),
                 };

@@ -129,6 +129,8 @@ enum TimerKind {
 #[derive(Debug)]
 struct Branch {
     key: BranchKey,
+    /// Enlisted as possibly empty (see [`Enlisted`]).
+    may_be_empty: bool,
     vote: Option<Vote>,
     metadata: Bytes,
     /// The participant confirmed the outcome (or needs no phase 2).
@@ -148,6 +150,7 @@ impl Branch {
     fn new(key: BranchKey) -> Self {
         Branch {
             key,
+            may_be_empty: false,
             vote: None,
             metadata: Bytes::new(),
             acked: false,
@@ -258,6 +261,7 @@ impl Txn {
                 .iter()
                 .map(|b| BranchView {
                     key: b.key.clone(),
+                    may_be_empty: b.may_be_empty,
                     vote: b.vote,
                     metadata: if with_metadata { b.metadata.clone() } else { Bytes::new() },
                     acknowledged: b.acked,
@@ -562,7 +566,7 @@ impl Engine {
         gtid: Gtid,
         timeout_ms: Option<u64>,
         idempotency_key: Option<String>,
-        branches: Vec<BranchKey>,
+        branches: Vec<Enlisted>,
     ) {
         let cx = &mut self.cx;
         if let Some(existing) = idempotency_key.as_ref().and_then(|k| cx.idempotency.get(k))
@@ -595,7 +599,7 @@ impl Engine {
         self.txns.insert(gtid, txn);
     }
 
-    fn enlist(&mut self, req: ReqId, gtid: Gtid, branches: Vec<BranchKey>) {
+    fn enlist(&mut self, req: ReqId, gtid: Gtid, branches: Vec<Enlisted>) {
         let Engine { txns, cx } = self;
         let Some(txn) = txns.get_mut(&gtid) else {
             return cx.reply(req, Err(cx.unknown(gtid)));
@@ -607,7 +611,7 @@ impl Engine {
         cx.reply(req, reply);
     }
 
-    fn commit(&mut self, req: ReqId, gtid: Gtid, branches: Vec<BranchKey>, wait_for_completion: bool) {
+    fn commit(&mut self, req: ReqId, gtid: Gtid, branches: Vec<Enlisted>, wait_for_completion: bool) {
         let Engine { txns, cx } = self;
         let Some(txn) = txns.get_mut(&gtid) else {
             return cx.reply(req, Err(cx.unknown(gtid)));
@@ -624,7 +628,7 @@ impl Engine {
                 cx.timers.remove(&(txn.deadline_ms, gtid, TimerKind::TxnTimeout));
                 cx.start_commit(txn);
             }
-            _ if !branches.iter().all(|k| txn.branches.iter().any(|b| &b.key == k)) => {
+            _ if !branches.iter().all(|e| txn.branches.iter().any(|b| b.key == e.key)) => {
                 // A retry may repeat the branches it enlisted; new ones are too late.
                 cx.reply(req, Err(EngineError::NotActive { gtid, state: txn.phase.state() }));
             }
@@ -859,8 +863,10 @@ impl Engine {
                         b.in_flight = true;
                         b.next_retry_ms = 0;
                     }
-                    let metadata = if b.metadata.is_empty() { ib.metadata } else { b.metadata.clone() };
-                    cx.out.push(phase2_command(op, gtid, b.key.clone(), false, metadata));
+                    if b.metadata.is_empty() {
+                        b.metadata = ib.metadata;
+                    }
+                    cx.out.push(phase2_command(op, gtid, b, false));
                 }
                 None => {
                     // Not a branch of this transaction's decision: it was never part of a commit.
@@ -951,9 +957,10 @@ impl Engine {
     }
 }
 
-fn phase2_command(op: Phase2Op, gtid: Gtid, branch: BranchKey, one_phase: bool, metadata: Bytes) -> Command {
+fn phase2_command(op: Phase2Op, gtid: Gtid, b: &Branch, one_phase: bool) -> Command {
+    let (branch, metadata) = (b.key.clone(), b.metadata.clone());
     match op {
-        Phase2Op::Commit => Command::Commit { gtid, branch, one_phase, metadata },
+        Phase2Op::Commit => Command::Commit { gtid, branch, one_phase, metadata, may_be_empty: b.may_be_empty },
         Phase2Op::Abort => Command::Abort { gtid, branch, metadata },
     }
 }
@@ -986,23 +993,31 @@ impl Ctx {
         self.out.push(Command::Append { record, sync });
     }
 
-    fn add_branches(&mut self, txn: &mut Txn, branches: Vec<BranchKey>) -> Result<(), EngineError> {
+    fn add_branches(&mut self, txn: &mut Txn, branches: Vec<Enlisted>) -> Result<(), EngineError> {
         // Validate everything first: a refused request changes nothing.
         // Linear in the request: a client's list is never compared with itself pairwise.
-        let mut seen: std::collections::HashSet<&BranchKey> = txn.branches.iter().map(|b| &b.key).collect();
-        for key in &branches {
-            if !self.participants.contains_key(&key.resource) {
-                return Err(EngineError::UnknownResource(key.resource.clone()));
+        let mut seen: std::collections::HashMap<&BranchKey, bool> =
+            txn.branches.iter().map(|b| (&b.key, b.may_be_empty)).collect();
+        for e in &branches {
+            if !self.participants.contains_key(&e.key.resource) {
+                return Err(EngineError::UnknownResource(e.key.resource.clone()));
             }
-            seen.insert(key);
+            match seen.insert(&e.key, e.may_be_empty) {
+                Some(was) if was != e.may_be_empty => {
+                    return Err(EngineError::EnlistConflict { branch: e.key.clone(), may_be_empty: was });
+                }
+                _ => {}
+            }
         }
         let count = seen.len();
         if count > self.cfg.max_branches_per_transaction {
             return Err(EngineError::TooManyBranches { count, max: self.cfg.max_branches_per_transaction });
         }
-        for key in branches {
-            if !txn.branches.iter().any(|b| b.key == key) {
-                txn.branches.push(Branch::new(key));
+        for e in branches {
+            if !txn.branches.iter().any(|b| b.key == e.key) {
+                let mut branch = Branch::new(e.key);
+                branch.may_be_empty = e.may_be_empty;
+                txn.branches.push(branch);
             }
         }
         Ok(())
@@ -1024,6 +1039,7 @@ impl Ctx {
                     branch: branch.key.clone(),
                     one_phase: true,
                     metadata: Bytes::new(),
+                    may_be_empty: branch.may_be_empty,
                 });
             }
             _ => {
@@ -1031,7 +1047,11 @@ impl Ctx {
                 txn.prepare_deadline_ms = self.now + self.cfg.prepare_timeout_ms;
                 self.timers.insert((txn.prepare_deadline_ms, txn.gtid, TimerKind::PrepareTimeout));
                 for b in &txn.branches {
-                    self.out.push(Command::Prepare { gtid: txn.gtid, branch: b.key.clone() });
+                    self.out.push(Command::Prepare {
+                        gtid: txn.gtid,
+                        branch: b.key.clone(),
+                        may_be_empty: b.may_be_empty,
+                    });
                 }
             }
         }
@@ -1069,7 +1089,7 @@ impl Ctx {
         for b in txn.branches.iter_mut().filter(|b| !b.acked && !b.in_flight) {
             b.in_flight = true;
             b.next_retry_ms = 0;
-            self.out.push(phase2_command(op, txn.gtid, b.key.clone(), false, b.metadata.clone()));
+            self.out.push(phase2_command(op, txn.gtid, b, false));
         }
     }
 
@@ -1085,7 +1105,7 @@ impl Ctx {
             if b.next_retry_ms <= self.now {
                 b.in_flight = true;
                 b.next_retry_ms = 0;
-                self.out.push(phase2_command(op, txn.gtid, b.key.clone(), one_phase, b.metadata.clone()));
+                self.out.push(phase2_command(op, txn.gtid, b, one_phase));
             } else {
                 next = Some(next.map_or(b.next_retry_ms, |n| n.min(b.next_retry_ms)));
             }

@@ -75,6 +75,7 @@ impl Harness {
 
     fn begin(&mut self, g: Gtid, branches: Vec<BranchKey>) -> Vec<Command> {
         let req = self.req();
+        let branches = branches.into_iter().map(Enlisted::from).collect();
         self.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: None, branches })
     }
 
@@ -136,7 +137,7 @@ fn aborted(req: ReqId, reason: &str, completed: bool) -> Command {
 }
 
 fn commit_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
-    Command::Commit { gtid: g, branch: b, one_phase: false, metadata: m }
+    Command::Commit { gtid: g, branch: b, one_phase: false, metadata: m, may_be_empty: false }
 }
 
 fn abort_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
@@ -182,7 +183,13 @@ fn all_yes_commits_forcing_the_decision_before_phase_two() {
 
     h.now += 5;
     let (req, out) = h.commit(g);
-    assert_eq!(out, vec![Command::Prepare { gtid: g, branch: db1() }, Command::Prepare { gtid: g, branch: db2() }]);
+    assert_eq!(
+        out,
+        vec![
+            Command::Prepare { gtid: g, branch: db1(), may_be_empty: false },
+            Command::Prepare { gtid: g, branch: db2(), may_be_empty: false }
+        ]
+    );
 
     h.now += 1;
     assert_eq!(h.vote(g, db1(), VoteResult::Prepared { metadata: meta("m1") }), vec![]);
@@ -279,7 +286,7 @@ fn active_transaction_times_out_and_is_aborted() {
     let mut h = Harness::new();
     let g = gtid(1);
     let req = h.req();
-    h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(1_000), idempotency_key: None, branches: vec![db1()] });
+    h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(1_000), idempotency_key: None, branches: vec![db1().into()] });
     assert_eq!(h.engine.next_deadline(), Some(T0 + 1_000));
     h.now = T0 + 999;
     assert_eq!(h.ev(Event::Tick), vec![]);
@@ -378,7 +385,10 @@ fn single_branch_commits_in_one_phase_without_a_log_force() {
     let g = gtid(1);
     h.begin(g, vec![db1()]);
     let (req, out) = h.commit(g);
-    assert_eq!(out, vec![Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new() }]);
+    assert_eq!(
+        out,
+        vec![Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new(), may_be_empty: false }]
+    );
     let out = h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
     // The participant decided; the end record is the coordinator's only record of it, so the
     // client hears the outcome once that record is durable (and a repeated Commit waits too).
@@ -491,7 +501,7 @@ fn bad_requests_are_refused_and_change_nothing() {
     let g = gtid(1);
     let unknown = gtid(99);
     let req = h.req();
-    let out = h.ev(Event::Enlist { req, gtid: unknown, branches: vec![db1()] });
+    let out = h.ev(Event::Enlist { req, gtid: unknown, branches: vec![db1().into()] });
     assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::UnknownTransaction(unknown)) }]);
 
     let req = h.req();
@@ -504,25 +514,25 @@ fn bad_requests_are_refused_and_change_nothing() {
 
     h.begin(g, vec![db1()]);
     let req = h.req();
-    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2(), key("nope", "b")] });
+    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2().into(), key("nope", "b").into()] });
     assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::UnknownResource("nope".parse().unwrap())) }]);
     assert_eq!(h.get(g).unwrap().branches.len(), 1, "db2 must not have been enlisted");
 
     let mut h = Harness::with_config(EngineConfig { max_branches_per_transaction: 2, ..EngineConfig::default() });
     h.begin(g, vec![db1(), db2()]);
     let req = h.req();
-    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2(), key("db3", "z")] });
+    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2().into(), key("db3", "z").into()] });
     assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::TooManyBranches { count: 3, max: 2 }) }]);
     // Enlisting an enlisted branch again is fine (idempotent).
     let req = h.req();
     assert_eq!(
-        h.ev(Event::Enlist { req, gtid: g, branches: vec![db2()] }),
+        h.ev(Event::Enlist { req, gtid: g, branches: vec![db2().into()] }),
         vec![Command::Reply { req, reply: Ok(Reply::Enlisted) }]
     );
 
     h.commit(g);
     let req = h.req();
-    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![key("db3", "z")] });
+    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![key("db3", "z").into()] });
     assert_eq!(
         out,
         vec![Command::Reply { req, reply: Err(EngineError::NotActive { gtid: g, state: TxnState::Preparing }) }]
@@ -783,7 +793,13 @@ fn a_deadline_that_passed_wins_over_an_event_that_arrives_before_the_tick() {
     let mut h = Harness::new();
     let g = gtid(1);
     let req = h.req();
-    h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(1_000), idempotency_key: None, branches: vec![db1(), db2()] });
+    h.ev(Event::Begin {
+        req,
+        gtid: g,
+        timeout_ms: Some(1_000),
+        idempotency_key: None,
+        branches: vec![db1().into(), db2().into()],
+    });
     // No tick was delivered at T0+1000; the Commit comes at T0+5000.
     h.now = T0 + 5_000;
     let (req, out) = h.commit(g);
@@ -986,7 +1002,13 @@ fn counters_count_each_transaction_once_and_aborts_by_cause() {
     let (g1, g1_again) = (gtid(1), gtid(2));
     for (req, g) in [(101, g1), (102, g1_again)] {
         let key = Some("order-7".to_string());
-        h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(1_000), idempotency_key: key, branches: vec![db1()] });
+        h.ev(Event::Begin {
+            req,
+            gtid: g,
+            timeout_ms: Some(1_000),
+            idempotency_key: key,
+            branches: vec![db1().into()],
+        });
     }
     h.now += 1_000;
     h.ev(Event::Tick);

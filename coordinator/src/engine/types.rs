@@ -23,17 +23,17 @@ pub enum Event {
         gtid: Gtid,
         timeout_ms: Option<u64>,
         idempotency_key: Option<String>,
-        branches: Vec<BranchKey>,
+        branches: Vec<Enlisted>,
     },
     Enlist {
         req: ReqId,
         gtid: Gtid,
-        branches: Vec<BranchKey>,
+        branches: Vec<Enlisted>,
     },
     Commit {
         req: ReqId,
         gtid: Gtid,
-        branches: Vec<BranchKey>,
+        branches: Vec<Enlisted>,
         wait_for_completion: bool,
     },
     Abort {
@@ -81,6 +81,21 @@ pub enum Event {
     /// The callers of these Commit requests stopped waiting (deadline, disconnect): their
     /// places among the transaction's waiters are free again.
     CallersGone(Vec<(ReqId, Gtid)>),
+}
+
+/// A branch as a client enlists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enlisted {
+    pub key: BranchKey,
+    /// The client declared the branch may have done nothing at its participant: a participant
+    /// with no record of it then votes READ_ONLY rather than ABORTED.
+    pub may_be_empty: bool,
+}
+
+impl From<BranchKey> for Enlisted {
+    fn from(key: BranchKey) -> Self {
+        Enlisted { key, may_be_empty: false }
+    }
 }
 
 /// What a Prepare call came back with.
@@ -158,9 +173,10 @@ pub enum Command {
     /// Write a checkpoint of the live state (so older log segments can be deleted).
     Checkpoint { records: Vec<LogRecord> },
     /// Ask a participant to prepare a branch; answer with [`Event::Voted`].
-    Prepare { gtid: Gtid, branch: BranchKey },
-    /// Tell a participant to commit a branch; answer with [`Event::Phase2Done`].
-    Commit { gtid: Gtid, branch: BranchKey, one_phase: bool, metadata: Bytes },
+    Prepare { gtid: Gtid, branch: BranchKey, may_be_empty: bool },
+    /// Tell a participant to commit a branch (in one phase: the transaction's only branch, never
+    /// prepared, and `may_be_empty` as enlisted); answer with [`Event::Phase2Done`].
+    Commit { gtid: Gtid, branch: BranchKey, one_phase: bool, metadata: Bytes, may_be_empty: bool },
     /// Tell a participant to roll back a branch; answer with [`Event::Phase2Done`].
     Abort { gtid: Gtid, branch: BranchKey, metadata: Bytes },
     /// (Re)connect to a participant at this endpoint.
@@ -220,6 +236,8 @@ pub enum EngineError {
     TooManyWaiters { gtid: Gtid, max: usize },
     #[error("{max} participants are registered already; no more can be")]
     TooManyParticipants { max: usize },
+    #[error("branch {branch} is enlisted already with may_be_empty = {may_be_empty}; enlist it the same way")]
+    EnlistConflict { branch: BranchKey, may_be_empty: bool },
 }
 
 /// A transaction's state as the API shows it.
@@ -285,6 +303,7 @@ pub struct TxnView {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BranchView {
     pub key: BranchKey,
+    pub may_be_empty: bool,
     pub vote: Option<Vote>,
     pub metadata: Bytes,
     pub acknowledged: bool,

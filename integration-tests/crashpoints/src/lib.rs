@@ -3,13 +3,24 @@
 //! `fail::fail_point!(name)` of that name. A real kill -9, at an exact place in the code: from
 //! that hit on, no thread gets past the point.
 //!
+//! `PLEDGE_FAIL_AT=name[,name...]` makes every pass through the named point take the point's
+//! error path instead (a fault the real resource cannot be made to produce on demand, e.g. a
+//! producer whose commit keeps failing). Only points written with an error path honour it.
+//!
 //! Binaries call [`install`] only when built with their `failpoints` feature; without it the
 //! points compile to nothing and this crate is not linked.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Reads `PLEDGE_CRASH_AT` and arms the named points. Exits with status 2 on a malformed value.
+/// Reads `PLEDGE_FAIL_AT` and `PLEDGE_CRASH_AT` and arms the named points. Exits with status 2 on a malformed value.
 pub fn install() {
+    if let Ok(spec) = std::env::var("PLEDGE_FAIL_AT") {
+        for name in spec.split(',').filter(|s| !s.is_empty()) {
+            if let Err(e) = fail::cfg(name, "return") {
+                fail_setup(&format!("PLEDGE_FAIL_AT: {name}: {e}"));
+            }
+        }
+    }
     let Ok(spec) = std::env::var("PLEDGE_CRASH_AT") else { return };
     for item in spec.split(',').filter(|s| !s.is_empty()) {
         let (name, nth) = match item.split_once('@') {

@@ -90,8 +90,8 @@ async fn process(args: &Args, c: &mut Clients, batch: &[(i64, String, String)]) 
             timeout_ms: Some(args.txn_timeout_ms),
             idempotency_key: String::new(),
             branches: vec![
-                v1::BranchRef { resource_id: db.into(), branch_id: "rows".into() },
-                v1::BranchRef { resource_id: kafka.into(), branch_id: "out".into() },
+                v1::BranchRef { resource_id: db.into(), branch_id: "rows".into(), may_be_empty: false },
+                v1::BranchRef { resource_id: kafka.into(), branch_id: "out".into(), may_be_empty: false },
             ],
         })
         .await?
@@ -138,7 +138,13 @@ async fn work(args: &Args, c: &mut Clients, gtid: &str, batch: &[(i64, String, S
         })
         .collect();
     c.kafka
-        .produce(v1::ProduceRequest { resource_id: kafka.into(), gtid: gtid.clone(), branch_id: "out".into(), records })
+        .produce(v1::ProduceRequest {
+            resource_id: kafka.into(),
+            gtid: gtid.clone(),
+            branch_id: "out".into(),
+            records,
+            request_id: String::new(),
+        })
         .await?;
     let next = batch.last().map(|(o, _, _)| o + 1).unwrap_or_default();
     c.kafka

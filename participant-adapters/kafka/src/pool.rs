@@ -6,14 +6,41 @@
 //! aborts whatever unprepared transaction it left open. A transactional id whose transaction a
 //! prepared branch still needs is **quarantined**: its producer is not started (that would abort
 //! the transaction) until the branch has been finished with EndTxn.
+//!
+//! Each producer knows its own producer id and epoch from librdkafka's statistics (emitted
+//! every second; a producer is lent only once they have come): prepare checks that the
+//! transaction the broker holds open on the transactional id is this producer's, not that of
+//! another process started on the same ids (which fences this one).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, Producer};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientConfig, ClientContext};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+
+/// A producer's id and epoch as it knows them itself.
+pub type Identity = (i64, i16);
+
+/// Collects a producer's id and epoch from librdkafka's statistics.
+pub struct IdentityContext {
+    identity: watch::Sender<Option<Identity>>,
+}
+
+impl ClientContext for IdentityContext {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(eos) = statistics.eos
+            && eos.producer_id >= 0
+            && eos.producer_epoch >= 0
+        {
+            self.identity.send_replace(Some((eos.producer_id, eos.producer_epoch as i16)));
+        }
+    }
+}
+
+pub type TxnProducer = FutureProducer<IdentityContext>;
 
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -29,7 +56,13 @@ pub struct PoolConfig {
 struct Entry {
     transactional_id: String,
     /// Started lazily, dropped after a fatal error (and started again on next use).
-    producer: Option<Arc<FutureProducer>>,
+    producer: Option<Started>,
+}
+
+#[derive(Clone)]
+struct Started {
+    producer: Arc<TxnProducer>,
+    identity: watch::Receiver<Option<Identity>>,
 }
 
 struct Inner {
@@ -55,8 +88,9 @@ pub struct ProducerPool {
 pub struct Lease {
     pool: Arc<Inner>,
     index: usize,
-    pub producer: Arc<FutureProducer>,
+    pub producer: Arc<TxnProducer>,
     pub transactional_id: String,
+    identity: watch::Receiver<Option<Identity>>,
     poisoned: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -66,6 +100,15 @@ impl Lease {
     /// one is started for the next branch.
     pub fn poison(&mut self) {
         self.poisoned = true;
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// The producer's id and epoch, as it last reported them.
+    pub fn identity(&self) -> Option<Identity> {
+        *self.identity.borrow()
     }
 }
 
@@ -160,7 +203,7 @@ impl ProducerPool {
             let entry = self.inner.entries[index].lock().unwrap();
             (entry.transactional_id.clone(), entry.producer.clone())
         };
-        let producer = match existing {
+        let started = match existing {
             Some(p) => p,
             None => match self.start(&transactional_id).await {
                 Ok(p) => {
@@ -173,19 +216,31 @@ impl ProducerPool {
                 }
             },
         };
-        Ok(Lease { pool: self.inner.clone(), index, producer, transactional_id, poisoned: false, _permit: permit })
+        Ok(Lease {
+            pool: self.inner.clone(),
+            index,
+            producer: started.producer,
+            transactional_id,
+            identity: started.identity,
+            poisoned: false,
+            _permit: permit,
+        })
     }
 
-    async fn start(&self, transactional_id: &str) -> Result<Arc<FutureProducer>, String> {
+    async fn start(&self, transactional_id: &str) -> Result<Started, String> {
         let c = &self.inner.config;
-        let producer: FutureProducer = ClientConfig::new()
+        let (identity, mut identity_rx) = watch::channel(None);
+        let producer: TxnProducer = ClientConfig::new()
             .set("bootstrap.servers", &c.bootstrap)
             .set("transactional.id", transactional_id)
             .set("transaction.timeout.ms", c.transaction_timeout.as_millis().to_string())
             // A record not delivered by then fails its branch (it must not outlive the transaction).
             .set("message.timeout.ms", c.call_timeout.as_millis().min(c.transaction_timeout.as_millis()).to_string())
             .set("linger.ms", "1")
-            .create()
+            // The producer's own id and epoch come with its statistics (librdkafka's finest
+            // interval is a second).
+            .set("statistics.interval.ms", "1000")
+            .create_with_context(IdentityContext { identity })
             .map_err(|e| format!("creating producer {transactional_id}: {e}"))?;
         let producer = Arc::new(producer);
         let (p, timeout) = (producer.clone(), c.call_timeout);
@@ -193,8 +248,19 @@ impl ProducerPool {
             .await
             .map_err(|e| format!("init_transactions panicked: {e}"))?
             .map_err(|e| format!("init_transactions for {transactional_id}: {e}"))?;
-        tracing::info!(transactional_id, "transactional producer started");
-        Ok(producer)
+        // Statistics come every second: wait (bounded) for the first one that knows the id.
+        let wait = c.call_timeout.max(std::time::Duration::from_secs(3));
+        let known = tokio::time::timeout(wait, identity_rx.wait_for(Option::is_some)).await.map(|r| r.map(|id| *id));
+        let Ok(Ok(Some(identity))) = known else {
+            return Err(format!("producer {transactional_id} did not report its producer id in time"));
+        };
+        tracing::info!(
+            transactional_id,
+            producer_id = identity.0,
+            epoch = identity.1,
+            "transactional producer started"
+        );
+        Ok(Started { producer, identity: identity_rx })
     }
 
     pub fn call_timeout(&self) -> Duration {

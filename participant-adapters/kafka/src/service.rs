@@ -5,7 +5,9 @@ use pledge_proto::{BranchId, Gtid, IdError, ResourceId};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::{BranchError, KafkaParticipant, Record};
+use pledge_sdk::status_of;
+
+use crate::{KafkaParticipant, Record};
 
 pub struct BranchService {
     participant: KafkaParticipant,
@@ -14,18 +16,6 @@ pub struct BranchService {
 impl BranchService {
     pub fn new(participant: KafkaParticipant) -> Self {
         BranchService { participant }
-    }
-}
-
-/// The one place where branch errors become gRPC statuses.
-pub fn status_of(e: &BranchError) -> Status {
-    let message = e.to_string();
-    match e {
-        BranchError::UnknownResource(_) => Status::not_found(message),
-        BranchError::Finished { .. } | BranchError::Refused(_) => Status::failed_precondition(message),
-        BranchError::Invalid(_) => Status::invalid_argument(message),
-        BranchError::Busy(_) => Status::resource_exhausted(message),
-        BranchError::Kafka(_) => Status::aborted(message),
     }
 }
 
@@ -58,10 +48,11 @@ impl KafkaBranch for BranchService {
                     headers: rec.headers.into_iter().map(|h| (h.key, h.value)).collect(),
                 })
                 .collect();
-            let span = tracing::debug_span!("produce", %resource, %gtid, branch = %branch);
+            let request_id = (!r.request_id.is_empty()).then_some(r.request_id);
+            let span = tracing::debug_span!("produce", %resource, %gtid, branch = %branch, request_id);
             let positions = self
                 .participant
-                .produce(&resource, gtid, branch, records)
+                .produce(&resource, gtid, branch, records, request_id)
                 .instrument(span)
                 .await
                 .map_err(|e| status_of(&e))?;

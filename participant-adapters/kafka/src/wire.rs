@@ -72,6 +72,9 @@ pub struct TxnDescription {
     pub producer_epoch: i16,
     /// (topic, partition) added to the ongoing transaction.
     pub partitions: Vec<(String, i32)>,
+    /// When the transaction began, broker time (ms); with the producer id and epoch it tells
+    /// one transaction of a transactional id from the next.
+    pub start_ms: i64,
 }
 
 /// One connection to one broker.
@@ -256,6 +259,7 @@ impl TxnClient {
                         state: state.transaction_state.to_string(),
                         producer_id: state.producer_id.0,
                         producer_epoch: state.producer_epoch,
+                        start_ms: state.transaction_start_time_ms,
                         partitions: state
                             .topics
                             .into_iter()

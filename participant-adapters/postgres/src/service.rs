@@ -8,20 +8,33 @@ use sqlx::{AssertSqlSafe, Column, Postgres, Row, TypeInfo};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::{BranchError, PostgresParticipant};
+use pledge_sdk::{BranchError, status_of};
 
-/// Most statements in one Execute call.
+use crate::PostgresParticipant;
+use crate::resource::branch_error;
+
 /// Longest request id (the dedup table's key).
 pub const MAX_REQUEST_ID_BYTES: usize = 200;
+/// Most statements in one Execute call.
 pub const MAX_STATEMENTS_PER_CALL: usize = 100;
 /// Most rows returned per statement (a branch API, not a bulk export).
 pub const MAX_ROWS_PER_STATEMENT: usize = 10_000;
 /// Largest answer of one Execute call, in bytes (values counted by their encoded size).
 pub const MAX_RESULT_BYTES: usize = 4 << 20;
 
-/// The transaction-control command a statement starts with, if any. The coordinator decides
-/// how a branch ends: a statement that ends (or restarts) its transaction is refused.
-pub fn transaction_control(sql: &str) -> Option<String> {
+/// Why a statement may not run in a branch, if it may not: the command it starts with, and the
+/// reason. Checked on the statement's first words (after comments), which is what decides its
+/// kind in PostgreSQL's grammar.
+///
+/// * Transaction control (`BEGIN`, `COMMIT`, `ROLLBACK`, `PREPARE TRANSACTION`, ...): the
+///   coordinator decides how the branch's transaction ends.
+/// * `SET`/`RESET SESSION AUTHORIZATION`: the branch must stay in the adapter's session user
+///   (`SET ROLE` is fine: the adapter takes its own role back before preparing, and resets it
+///   before the connection serves anyone else).
+/// * `LISTEN`, `UNLISTEN`, `NOTIFY`: a prepared transaction cannot carry them.
+/// * `PREPARE name AS`, `DEALLOCATE`, `DISCARD`: they outlive the branch, or tear down the
+///   adapter's own session state; pass parameters instead.
+pub fn refused_statement(sql: &str) -> Option<(String, &'static str)> {
     let mut rest = sql.trim_start();
     // Skip leading comments.
     loop {
@@ -36,14 +49,28 @@ pub fn transaction_control(sql: &str) -> Option<String> {
     let mut words = rest.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').filter(|w| !w.is_empty());
     let first = words.next()?.to_ascii_uppercase();
     let second = words.next().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
-    let refused = match first.as_str() {
-        "BEGIN" | "START" | "COMMIT" | "END" | "ABORT" => true,
+    let third = words.next().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
+    const ENDS: &str = "the coordinator decides how the transaction ends";
+    let why = match (first.as_str(), second.as_str()) {
+        ("BEGIN" | "START" | "COMMIT" | "END" | "ABORT", _) => ENDS,
         // ROLLBACK TO SAVEPOINT stays inside the transaction.
-        "ROLLBACK" => second != "TO",
-        "PREPARE" => second == "TRANSACTION",
-        _ => false,
+        ("ROLLBACK", s) if s != "TO" => ENDS,
+        ("PREPARE", "TRANSACTION") => ENDS,
+        ("SET" | "RESET", "SESSION") if third == "AUTHORIZATION" => {
+            "the branch must run as the adapter's session user (SET ROLE is allowed)"
+        }
+        ("LISTEN" | "UNLISTEN" | "NOTIFY", _) => "a prepared transaction cannot carry notifications",
+        ("PREPARE" | "DEALLOCATE" | "DISCARD", _) => {
+            "it outlives the branch or drops the adapter's session state; pass parameters instead"
+        }
+        _ => return None,
     };
-    refused.then(|| if second.is_empty() { first } else { format!("{first} {second}") })
+    let command = match (second.is_empty(), first.as_str()) {
+        (true, _) => first,
+        (false, "SET" | "RESET") if second == "SESSION" => format!("{first} {second} {third}"),
+        (false, _) => format!("{first} {second}"),
+    };
+    Some((command, why))
 }
 
 pub struct BranchService {
@@ -53,26 +80,6 @@ pub struct BranchService {
 impl BranchService {
     pub fn new(participant: PostgresParticipant) -> Self {
         BranchService { participant }
-    }
-}
-
-/// The one place where branch errors become gRPC statuses.
-pub fn status_of(e: &BranchError) -> Status {
-    let message = e.to_string();
-    match e {
-        BranchError::UnknownResource(_) => Status::not_found(message),
-        BranchError::Finished { .. } | BranchError::Refused(_) => Status::failed_precondition(message),
-        BranchError::TooManyActive { .. } => Status::resource_exhausted(message),
-        BranchError::DuplicateRequest(_) => Status::already_exists(message),
-        BranchError::Sql { sqlstate, .. } => match sqlstate.as_deref().map(|s| &s[..2.min(s.len())]) {
-            // Serialization failure, deadlock: retry the whole transaction.
-            Some("40") => Status::aborted(message),
-            // Syntax, undefined table or column, wrong parameter type: the request is wrong.
-            Some("42") | Some("22") => Status::invalid_argument(message),
-            // Constraint violations and the like: the data does not allow it.
-            _ => Status::failed_precondition(message),
-        },
-        BranchError::Unavailable(_) => Status::unavailable(message),
     }
 }
 
@@ -172,12 +179,10 @@ async fn execute_in_branch(
     if request_id.len() > MAX_REQUEST_ID_BYTES {
         return Err(Status::invalid_argument(format!("request_id: must be at most {MAX_REQUEST_ID_BYTES} bytes")));
     }
-    if let Some((n, command)) =
-        statements.iter().enumerate().find_map(|(n, st)| transaction_control(&st.sql).map(|c| (n, c)))
+    if let Some((n, (command, why))) =
+        statements.iter().enumerate().find_map(|(n, st)| refused_statement(&st.sql).map(|c| (n, c)))
     {
-        return Err(Status::invalid_argument(format!(
-            "statements[{n}]: {command} is not allowed in a branch: the coordinator decides how the transaction ends"
-        )));
+        return Err(Status::invalid_argument(format!("statements[{n}]: {command} is not allowed in a branch: {why}")));
     }
     let mut queries = Vec::with_capacity(statements.len());
     for (n, statement) in statements.into_iter().enumerate() {
@@ -194,21 +199,29 @@ async fn execute_in_branch(
     }
     let mut results = Vec::with_capacity(queries.len());
     let mut result_bytes = 0usize;
+    let bound = participant.statement_bound();
     for (n, query) in queries.into_iter().enumerate() {
-        match run(query, guard.conn(), &mut result_bytes).await {
-            Ok(result) => results.push(result),
-            Err(e) => {
-                // PostgreSQL has aborted the transaction: the branch is over.
-                let reason = format!("statements[{n}]: {e}");
-                guard.fail(reason.clone()).await;
-                let error = match e {
-                    RunError::Sql(e) => e,
-                    RunError::Result(message) => BranchError::Refused(message),
-                };
-                let status = status_of(&error);
-                return Err(Status::new(status.code(), format!("statements[{n}]: {}", status.message())));
+        let ran = tokio::time::timeout(bound, run(query, guard.conn(), &mut result_bytes)).await;
+        let e = match ran {
+            Ok(Ok(result)) => {
+                results.push(result);
+                continue;
             }
-        }
+            Ok(Err(e)) => e,
+            Err(_) => RunError::Sql(BranchError::Unavailable(format!(
+                "the database did not answer within {} ms",
+                bound.as_millis()
+            ))),
+        };
+        // PostgreSQL has aborted the transaction (or the connection is in doubt): the branch
+        // is over.
+        guard.fail(format!("statements[{n}]: {e}")).await;
+        let error = match e {
+            RunError::Sql(e) => e,
+            RunError::Result(message) => BranchError::Refused(message),
+        };
+        let status = status_of(&error);
+        return Err(Status::new(status.code(), format!("statements[{n}]: {}", status.message())));
     }
     Ok(Response::new(v1::ExecuteResponse { results }))
 }
@@ -239,7 +252,7 @@ async fn run(
     #[allow(deprecated)]
     let mut stream = query.fetch_many(conn);
     let mut result = v1::StatementResult::default();
-    while let Some(item) = stream.try_next().await.map_err(|e| RunError::Sql(BranchError::from_sqlx(&e)))? {
+    while let Some(item) = stream.try_next().await.map_err(|e| RunError::Sql(branch_error(&e)))? {
         match item {
             sqlx::Either::Left(done) => result.rows_affected += done.rows_affected(),
             sqlx::Either::Right(row) => {
@@ -266,18 +279,28 @@ async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::transaction_control;
+    use super::refused_statement;
+
+    fn command(sql: &str) -> Option<String> {
+        refused_statement(sql).map(|(command, _)| command)
+    }
 
     #[test]
-    fn transaction_control_statements_are_recognised() {
-        assert_eq!(transaction_control("commit").as_deref(), Some("COMMIT"));
+    fn statements_that_must_not_run_in_a_branch_are_recognised() {
+        assert_eq!(command("commit").as_deref(), Some("COMMIT"));
         let begin = "  /* x */ -- y\n BEGIN ISOLATION LEVEL SERIALIZABLE";
-        assert_eq!(transaction_control(begin).as_deref(), Some("BEGIN ISOLATION"));
-        assert_eq!(transaction_control("PREPARE TRANSACTION 'x'").as_deref(), Some("PREPARE TRANSACTION"));
-        assert_eq!(transaction_control("rollback").as_deref(), Some("ROLLBACK"));
-        assert_eq!(transaction_control("ROLLBACK TO SAVEPOINT s"), None);
-        assert_eq!(transaction_control("PREPARE q AS SELECT 1"), None);
-        assert_eq!(transaction_control("UPDATE t SET commit = 1"), None);
-        assert_eq!(transaction_control("SELECT 'BEGIN'"), None);
+        assert_eq!(command(begin).as_deref(), Some("BEGIN ISOLATION"));
+        assert_eq!(command("PREPARE TRANSACTION 'x'").as_deref(), Some("PREPARE TRANSACTION"));
+        assert_eq!(command("rollback").as_deref(), Some("ROLLBACK"));
+        assert_eq!(command("set session authorization bob").as_deref(), Some("SET SESSION AUTHORIZATION"));
+        assert_eq!(command("LISTEN ch").as_deref(), Some("LISTEN CH"));
+        assert_eq!(command("PREPARE q AS SELECT 1").as_deref(), Some("PREPARE Q"));
+        assert_eq!(command("DISCARD ALL").as_deref(), Some("DISCARD ALL"));
+        assert_eq!(command("ROLLBACK TO SAVEPOINT s"), None);
+        assert_eq!(command("SET ROLE app"), None);
+        assert_eq!(command("SET statement_timeout = 5"), None);
+        assert_eq!(command("SET SESSION statement_timeout = 5"), None);
+        assert_eq!(command("UPDATE t SET commit = 1"), None);
+        assert_eq!(command("SELECT 'BEGIN'"), None);
     }
 }

@@ -6,29 +6,55 @@
 //! validates every request once, on receipt, and runs the branches of a batched call
 //! concurrently.
 //!
-//! [`reference`] is a complete participant built on this SDK: a small durable key-value store
-//! (binary `pledge-reference-participant`) used by tests, demos and benchmarks.
+//! Most implementations should not write [`Participant`] by hand: implement
+//! [`journaled::Resource`] (what to do at the resource: open, prepare, commit, roll back, and
+//! how to find out how a transaction ended) and wrap it in [`journaled::Journaled`], which
+//! keeps the whole contract below on top of the [`journal`]. The PostgreSQL and Kafka adapters
+//! are built that way. [`reference`] is a participant written by hand on its own log: a small
+//! durable key-value store (binary `pledge-reference-participant`) used by tests, demos and
+//! benchmarks.
 //!
-//! # The contract an implementation must keep
+//! # The contract every participant keeps
+//! The conformance kit (`pledge-conformance`) checks each rule over gRPC, for a participant in
+//! any language.
+//!
 //! * **Prepare is a pledge.** Answer [`Vote::Prepared`] only once the branch's work is durable
 //!   and can be committed even after a crash; from then on, never roll it back on your own.
-//! * **Idempotent on (gtid, branch, operation).** A repeated Prepare, Commit or Abort returns the
-//!   same answer as the first. Commit of a branch you prepared but no longer know means it was
-//!   already committed: answer [`Outcome::Committed`].
+//! * **Only durable state answers.** Every answer that may be asked for again survives a kill
+//!   -9: write it down (and sync it) before giving it. A repeated Prepare, Commit or Abort of
+//!   (gtid, branch) returns the first answer, also after a restart.
+//! * **Silence never reads as consent.** A Prepare of a branch you have no record of votes
+//!   [`Vote::Aborted`] — a mistyped branch id, or work that went to another instance, must not
+//!   commit without that work — unless the client declared the branch may be empty
+//!   (`may_be_empty`), which votes [`Vote::ReadOnly`]. The same holds for a one-phase Commit.
+//! * **The restart rule.** Work in a branch is recorded as begun before it is acknowledged, so
+//!   after a restart a branch whose work died with the previous process is known: its further
+//!   work and its Prepare are refused. No clock is involved.
 //! * **No dangling prepare.** A Prepare that arrives after an Abort of the same branch is
-//!   refused with [`Vote::Aborted`]. Remember aborted branches (at least as long as the
-//!   coordinator's longest transaction timeout), or refuse prepares of GTIDs older than what
-//!   you remember: a GTID is a UUIDv7 whose timestamp tells its age.
-//! * **Recover lists exactly the prepared branches** of the asking coordinator.
+//!   refused with [`Vote::Aborted`] (the abort is recorded, even of a branch never seen).
+//! * **No outcome without proof.** A Commit of a prepared branch the resource no longer holds
+//!   is answered with what the resource can prove (committed, or a heuristic rollback), and
+//!   with [`Outcome::HeuristicHazard`] where nothing can prove either — never with success. A
+//!   one-phase Commit cut short by a crash is answered the same way, after asking the resource.
+//! * **Vote metadata** (at most 4096 bytes) comes back with every Commit and Abort and in
+//!   Recover. It is for finding the branch's transaction at the resource when your own record
+//!   is gone (a lost data directory); your own record stays the source of truth while it
+//!   exists, and the metadata never proves an outcome by itself.
+//! * **Recover lists exactly the prepared branches** of the asking coordinator, per resource,
+//!   in (resource, gtid, branch) order, a page at a time: one resource that cannot be read fails
+//!   only its own listing.
 //! * Transient trouble (database unreachable, lock timeout) is an [`Error`]; the coordinator
 //!   retries phase 2 until it gets an answer.
 
+pub mod journal;
+pub mod journaled;
 pub mod metrics;
 pub mod reference;
 pub mod server;
 pub mod table;
 
-use pledge_proto::Xid;
+use pledge_proto::{ResourceId, Xid};
+use tonic::Status;
 
 pub use server::routes;
 
@@ -61,9 +87,20 @@ pub enum Outcome {
     HeuristicMixed {
         reason: String,
     },
+    /// Nothing can prove how the branch ended.
     HeuristicHazard {
         reason: String,
     },
+}
+
+/// How a Commit reaches a branch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitKind {
+    /// Phase 2 of a branch that voted PREPARED.
+    TwoPhase,
+    /// The transaction's only branch, never prepared: the participant decides (committed or
+    /// aborted). `may_be_empty` as in Prepare.
+    OnePhase { may_be_empty: bool },
 }
 
 /// A branch a participant holds prepared.
@@ -72,6 +109,26 @@ pub struct InDoubt {
     pub xid: Xid,
     pub metadata: Vec<u8>,
     pub prepared_unix_ms: u64,
+}
+
+/// Which in-doubt branches a Recover call asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoverQuery {
+    /// Only these resources (sorted, no duplicates); empty: every resource served.
+    pub resources: Vec<ResourceId>,
+    /// Only branches after this one, in (resource, gtid, branch) order.
+    pub after: Option<Xid>,
+    /// At most this many.
+    pub limit: usize,
+}
+
+/// One page of in-doubt branches.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecoverPage {
+    /// In (resource, gtid, branch) order.
+    pub branches: Vec<InDoubt>,
+    /// More follow: ask again with `after` = the last one.
+    pub truncated: bool,
 }
 
 /// A transient failure: the operation did not happen and may be retried.
@@ -88,17 +145,67 @@ impl Error {
 /// One resource's side of the participant protocol. See the crate docs for the contract.
 #[tonic::async_trait]
 pub trait Participant: Send + Sync + 'static {
-    async fn prepare(&self, coordinator_id: &str, xid: &Xid) -> Result<Vote, Error>;
+    async fn prepare(&self, coordinator_id: &str, xid: &Xid, may_be_empty: bool) -> Result<Vote, Error>;
 
-    /// Commits a prepared branch, or, with `one_phase`, a branch that was never prepared (the
+    /// Commits a prepared branch, or, one-phase, a branch that was never prepared (the
     /// participant then decides: [`Outcome::Committed`] or [`Outcome::Aborted`]).
-    async fn commit(&self, coordinator_id: &str, xid: &Xid, one_phase: bool, metadata: &[u8])
-    -> Result<Outcome, Error>;
+    async fn commit(
+        &self,
+        coordinator_id: &str,
+        xid: &Xid,
+        kind: CommitKind,
+        metadata: &[u8],
+    ) -> Result<Outcome, Error>;
 
     /// Rolls a branch back, whether prepared, still active, or unknown (then remember it, so a
     /// late Prepare is refused).
     async fn abort(&self, coordinator_id: &str, xid: &Xid, metadata: &[u8]) -> Result<Outcome, Error>;
 
-    /// The branches prepared for `coordinator_id` and not yet committed or aborted.
-    async fn recover(&self, coordinator_id: &str) -> Result<Vec<InDoubt>, Error>;
+    /// A page of the branches prepared for `coordinator_id` and not yet committed or aborted.
+    async fn recover(&self, coordinator_id: &str, query: &RecoverQuery) -> Result<RecoverPage, Error>;
+}
+
+/// Why work in a branch (a participant's own work API: run SQL, produce records) was refused
+/// or failed. One enum for every adapter, mapped to a gRPC status by [`status_of`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BranchError {
+    #[error("unknown resource {0:?}")]
+    UnknownResource(String),
+    /// The branch is past taking work (prepared, committed, aborted, or lost in a restart).
+    #[error("branch is {state}{}", if reason.is_empty() { String::new() } else { format!(": {reason}") })]
+    Finished { state: &'static str, reason: String },
+    /// The request is wrong (a bad statement, an invalid topic name).
+    #[error("{0}")]
+    Invalid(String),
+    /// The branch cannot take it as things stand (e.g. the branch's transaction was ended by
+    /// its own statement, a constraint would be violated).
+    #[error("{0}")]
+    Refused(String),
+    /// A bound is reached (active branches, producers, request ids per branch).
+    #[error("{0}")]
+    Busy(String),
+    /// A request id already processed by a committed branch.
+    #[error("{0}")]
+    Duplicate(String),
+    /// The work failed at the resource and the branch was rolled back: retry the transaction
+    /// (a serialization failure, a deadlock, a record that could not be delivered).
+    #[error("{0}")]
+    Aborted(String),
+    /// The resource (or the journal) cannot be reached now; nothing was done.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The one place where branch errors become gRPC statuses.
+pub fn status_of(e: &BranchError) -> Status {
+    let message = e.to_string();
+    match e {
+        BranchError::UnknownResource(_) => Status::not_found(message),
+        BranchError::Finished { .. } | BranchError::Refused(_) => Status::failed_precondition(message),
+        BranchError::Invalid(_) => Status::invalid_argument(message),
+        BranchError::Busy(_) => Status::resource_exhausted(message),
+        BranchError::Duplicate(_) => Status::already_exists(message),
+        BranchError::Aborted(_) => Status::aborted(message),
+        BranchError::Unavailable(_) => Status::unavailable(message),
+    }
 }

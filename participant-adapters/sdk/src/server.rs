@@ -15,7 +15,7 @@ use tonic::service::RoutesBuilder;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{Outcome, Participant, Vote};
+use crate::{CommitKind, Outcome, Participant, RecoverQuery, Vote};
 
 /// Most branches accepted in one call (the coordinator sends at most 512 by default).
 pub const MAX_BRANCHES_PER_CALL: usize = 4096;
@@ -190,15 +190,15 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         observe("Prepare", async {
             let r = request.into_inner();
             coordinator_id(&r.coordinator_id)?;
-            let xids = xids(r.branches.iter().map(Some))?;
+            let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
             let span = tracing::debug_span!("prepare", coordinator = r.coordinator_id, branches = xids.len());
-            let (p, coordinator) = (self.participant.clone(), r.coordinator_id);
+            let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
             let votes = detached(
                 async move {
                     let (p, coordinator) = (&p, &coordinator);
-                    join_all(xids.iter().map(|xid| {
+                    join_all(xids.iter().zip(&branches).map(|(xid, b)| {
                         async move {
-                            let vote = p.prepare(coordinator, xid).await;
+                            let vote = p.prepare(coordinator, xid, b.may_be_empty).await;
                             match &vote {
                                 Err(e) => tracing::warn!(%xid, error = %e, "prepare failed; voting no"),
                                 _ => tracing::debug!(%xid, ?vote, "prepared"),
@@ -233,7 +233,11 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     let (p, coordinator) = (&p, &coordinator);
                     join_all(xids.iter().zip(&branches).map(|(xid, b)| {
                         async move {
-                            let result = p.commit(coordinator, xid, b.one_phase, &b.metadata).await;
+                            let kind = match b.one_phase {
+                                true => CommitKind::OnePhase { may_be_empty: b.may_be_empty },
+                                false => CommitKind::TwoPhase,
+                            };
+                            let result = p.commit(coordinator, xid, kind, &b.metadata).await;
                             outcome_result(if b.one_phase { "one_phase_commit" } else { "commit" }, result)
                         }
                         .instrument(tracing::debug_span!("branch", %xid))
@@ -303,12 +307,14 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
         observe("Recover", async {
             let r = request.into_inner();
             coordinator_id(&r.coordinator_id)?;
-            let resources = r
+            let mut resources = r
                 .resource_ids
                 .iter()
                 .map(|id| ResourceId::parse_field("resource_ids", id))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            resources.sort();
+            resources.dedup();
             let after = r
                 .after
                 .as_ref()
@@ -319,19 +325,24 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                 0 => MAX_RECOVER_PAGE,
                 n => n.min(MAX_RECOVER_PAGE),
             };
-            let span = tracing::info_span!("recover", coordinator = r.coordinator_id);
-            let mut branches: Vec<_> = self
+            let span = tracing::info_span!("recover", coordinator = r.coordinator_id, resources = ?r.resource_ids);
+            let query = RecoverQuery { resources, after, limit };
+            let page = self
                 .participant
-                .recover(&r.coordinator_id)
+                .recover(&r.coordinator_id, &query)
                 .instrument(span)
                 .await
-                .map_err(|e| Status::unavailable(format!("recover failed: {e}")))?
+                .map_err(|e| Status::unavailable(format!("recover failed: {e}")))?;
+            // The implementation's page, held to the contract: only what was asked, in order,
+            // no more than the limit.
+            let mut branches: Vec<_> = page
+                .branches
                 .into_iter()
-                .filter(|b| resources.is_empty() || resources.contains(&b.xid.resource))
-                .filter(|b| after.as_ref().is_none_or(|a| b.xid > *a))
+                .filter(|b| query.resources.is_empty() || query.resources.contains(&b.xid.resource))
+                .filter(|b| query.after.as_ref().is_none_or(|a| b.xid > *a))
                 .collect();
             branches.sort_by(|a, b| a.xid.cmp(&b.xid));
-            let truncated = branches.len() > limit;
+            let truncated = page.truncated || branches.len() > limit;
             branches.truncate(limit);
             Ok(Response::new(v1::RecoverResponse {
                 branches: branches

@@ -30,7 +30,9 @@ struct Args {
     /// Bootstrap servers, host:port[,host:port...].
     #[arg(long, env = "PLEDGE_KAFKA_BOOTSTRAP")]
     bootstrap: String,
-    /// Where the adapter keeps its prepared branches (durably).
+    /// Where the adapter keeps its branch journal (what it answered, and what it must finish
+    /// after a crash). Keep it across restarts: without it, outcomes it cannot prove are
+    /// reported as heuristic hazards.
     #[arg(long, env = "PLEDGE_KAFKA_DATA_DIR", default_value = "./kafka-adapter-data")]
     data_dir: PathBuf,
     /// Transactional id prefix [default: pledge-<resource id>]. Stable across restarts and unique
@@ -50,6 +52,10 @@ struct Args {
     /// Bound of each producer call and broker request, ms.
     #[arg(long, default_value_t = 10_000)]
     call_timeout_ms: u64,
+    /// How long a finished branch's answer (and the request ids of a committed one) is kept,
+    /// ms.
+    #[arg(long, default_value_t = 2 * 3_600_000)]
+    answer_retention_ms: u64,
     /// Serve Prometheus metrics (GET /metrics) on host:port [default: off].
     #[arg(long, env = "PLEDGE_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -76,7 +82,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.transaction_timeout = Duration::from_millis(args.transaction_timeout_ms);
     config.active_timeout = Duration::from_millis(args.active_timeout_ms);
     config.call_timeout = Duration::from_millis(args.call_timeout_ms);
-    let (participant, handle) = tokio::task::block_in_place(|| KafkaParticipant::open(config))?;
+    config.journal.answer_retention = Duration::from_millis(args.answer_retention_ms);
+    let (participant, handle) = KafkaParticipant::open(config).await?;
 
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone()), shutdown.clone()).await;
     routes.add_service(KafkaBranchServer::new(BranchService::new(participant)));

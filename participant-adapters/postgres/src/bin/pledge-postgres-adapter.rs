@@ -1,6 +1,7 @@
 //! The PostgreSQL participant as a gRPC server: the Participant service (for the coordinator)
 //! and the PostgresBranch work API (for application services), over one or more databases.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,14 @@ struct Args {
     /// accounts=postgres://app@127.0.0.1:5432/accounts). Repeatable.
     #[arg(long = "resource", env = "PLEDGE_POSTGRES_RESOURCES", value_delimiter = ',', required = true)]
     resources: Vec<String>,
+    /// Where the adapter keeps its branch journal (what it answered, and what it must finish
+    /// after a crash). Keep it across restarts: without it, outcomes it cannot prove are
+    /// reported as heuristic hazards.
+    #[arg(long, env = "PLEDGE_POSTGRES_DATA_DIR", default_value = "./postgres-adapter-data")]
+    data_dir: PathBuf,
+    /// How long a finished branch's answer is kept for a coordinator that asks again, ms.
+    #[arg(long, default_value_t = 2 * 3_600_000)]
+    answer_retention_ms: u64,
     /// Connections per database (each active branch holds one until it is prepared).
     #[arg(long, default_value_t = 64)]
     max_connections: u32,
@@ -85,7 +94,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_connections: args.max_connections,
         });
     }
-    let mut config = PostgresConfig::new(resources);
+    let mut config = PostgresConfig::new(resources, &args.data_dir);
+    config.journal.answer_retention = Duration::from_millis(args.answer_retention_ms);
     config.max_active_branches = args.max_active_branches;
     config.warm_connections = args.warm_connections;
     config.active_timeout = Duration::from_millis(args.active_timeout_ms);
@@ -95,11 +105,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.prepared_age_warn = Duration::from_millis(args.prepared_age_warn_ms);
     config.prepared_age_interval = Duration::from_millis(args.prepared_age_interval_ms);
     config.application_name = args.application_name;
-    let participant = PostgresParticipant::connect(config).await?;
+    let (participant, handle) = PostgresParticipant::connect(config).await?;
 
     let mut routes = pledge_sdk::routes(Arc::new(participant.clone()), shutdown.clone()).await;
     routes.add_service(PostgresBranchServer::new(BranchService::new(participant)));
     pledge_sdk::server::serve(&args.listen, routes, "PostgreSQL adapter", shutdown).await?;
-    tracing::info!("PostgreSQL adapter stopped");
+    handle.shutdown().await?;
+    tracing::info!("PostgreSQL adapter stopped; journal flushed");
     Ok(())
 }

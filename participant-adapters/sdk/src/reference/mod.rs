@@ -7,22 +7,26 @@
 //! are ordered without locks; an answer that depends on a record waits until that record is
 //! synced, including a repeated request that finds the record still on its way to disk.
 //!
+//! It keeps the SDK's contract by hand (the adapters get it from `pledge_sdk::journaled`),
+//! which makes it a second implementation for the conformance kit to check.
+//!
 //! # What is durable, and why that is enough
-//! * Prepared (with its writes), Committed, and Aborted-after-prepare records are synced before
-//!   the answer: acknowledged means durable.
-//! * Staged writes of a branch that is still active are memory only. After a restart, a
-//!   Prepare or one-phase Commit of a branch this participant does not know is refused if the
-//!   GTID was issued before the restart (its timestamp says so; GTIDs are UUIDv7): its writes
-//!   may have been lost. (This assumes the coordinator's clock is not ahead of this machine's.)
-//! * Aborts of branches that were never prepared are remembered in memory only; the same
-//!   restart rule refuses their late ("dangling") Prepare after a restart.
+//! * Every answer that may be asked for again is synced before it is given: Prepared (with its
+//!   writes), Committed, Read-only and Aborted records.
+//! * A branch's first write is acknowledged only once an Opened record is synced. Its staged
+//!   writes are memory only, so after a restart a branch with an Opened record and no end is
+//!   known to have lost them: its further writes and its Prepare are refused. No clock is
+//!   involved.
+//! * A Prepare (or one-phase Commit) of a branch with no record votes no, unless the client
+//!   declared the branch may be empty (then it votes read-only); either answer is recorded.
 //! * Finished branches are remembered for `tombstone_retention_ms` (and at most
-//!   `max_tombstones`); when an aborted one is forgotten, Prepares of GTIDs that old or older
-//!   are refused from then on (the watermark), so forgetting never admits a dangling prepare.
+//!   `max_tombstones`); forgetting one raises the watermark to its GTID's time, and a branch of
+//!   a GTID that old or older with no record is refused (its answer may have been forgotten):
+//!   a Commit of it is answered as a heuristic hazard, never guessed.
 
 mod records;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -38,7 +42,7 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use crate::{Error, InDoubt, Outcome, Participant, Vote};
+use crate::{CommitKind, Error, InDoubt, Outcome, Participant, RecoverPage, RecoverQuery, Vote};
 use records::*;
 
 #[derive(Debug, Clone)]
@@ -111,6 +115,8 @@ struct Finished {
 
 #[derive(Debug)]
 enum Entry {
+    /// Taking writes (in memory). Replay creates one for each Opened record; one left at the
+    /// end of replay lost its writes in the restart.
     Active {
         writes: Vec<Write>,
         since_ms: u64,
@@ -125,16 +131,28 @@ enum Entry {
     Committed {
         seq: u64,
     },
+    /// Voted read-only: there was nothing to commit.
+    ReadOnly {
+        seq: u64,
+    },
     Aborted {
         seq: u64,
     },
 }
 
+/// How a branch ended here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Committed,
+    ReadOnly,
+    Aborted,
+}
+
 enum Op {
-    Prepare { coordinator_id: String, xid: Xid, reply: oneshot::Sender<Result<Vote, Error>> },
-    Commit { xid: Xid, one_phase: bool, reply: oneshot::Sender<Result<Outcome, Error>> },
+    Prepare { coordinator_id: String, xid: Xid, may_be_empty: bool, reply: oneshot::Sender<Result<Vote, Error>> },
+    Commit { xid: Xid, kind: CommitKind, reply: oneshot::Sender<Result<Outcome, Error>> },
     Abort { xid: Xid, reply: oneshot::Sender<Result<Outcome, Error>> },
-    Recover { coordinator_id: String, reply: oneshot::Sender<Vec<InDoubt>> },
+    Recover { coordinator_id: String, query: RecoverQuery, reply: oneshot::Sender<RecoverPage> },
     Put { gtid: Gtid, branch: BranchId, key: String, value: Bytes, reply: oneshot::Sender<Result<(), Status>> },
     Read { key: String, reply: oneshot::Sender<Option<Bytes>> },
     Status { gtid: Gtid, branch: BranchId, reply: oneshot::Sender<BranchState> },
@@ -169,12 +187,12 @@ impl ReferenceParticipant {
     /// Replays the state in `config.data_dir` and starts the actor. Blocking replay; call from
     /// async code at start-up.
     pub fn open(config: ReferenceConfig) -> anyhow::Result<(ReferenceParticipant, ReferenceHandle)> {
-        let started_ms = now_ms();
-        let mut actor = Actor::new(config.clone(), started_ms);
+        let mut actor = Actor::new(config.clone());
         let log = pledge_log::open(pledge_log::LogConfig::new(config.data_dir.join("log")), |record| {
             actor.replay(record.rtype, &record.payload)
         })
         .map_err(|e| anyhow::anyhow!("cannot open the participant's state in {}: {e}", config.data_dir.display()))?;
+        actor.lose_unfinished_work(now_ms());
         // Checkpoints list finished branches in no particular order; retention expects them by age.
         actor.finished.make_contiguous().sort_by_key(|f| f.at_ms);
         let prepared = actor.branches.values().filter(|e| matches!(e, Entry::Prepared { .. })).count();
@@ -216,19 +234,19 @@ impl ReferenceParticipant {
 
 #[tonic::async_trait]
 impl Participant for ReferenceParticipant {
-    async fn prepare(&self, coordinator_id: &str, xid: &Xid) -> Result<Vote, Error> {
+    async fn prepare(&self, coordinator_id: &str, xid: &Xid, may_be_empty: bool) -> Result<Vote, Error> {
         if !self.config.stall_prepare.is_zero() {
             tokio::time::sleep(self.config.stall_prepare).await;
         }
         let (coordinator_id, xid) = (coordinator_id.to_string(), xid.clone());
-        self.ask(|reply| Op::Prepare { coordinator_id, xid, reply }).await?
+        self.ask(|reply| Op::Prepare { coordinator_id, xid, may_be_empty, reply }).await?
     }
 
     async fn commit(
         &self,
         _coordinator_id: &str,
         xid: &Xid,
-        one_phase: bool,
+        kind: CommitKind,
         _metadata: &[u8],
     ) -> Result<Outcome, Error> {
         if !self.config.stall_commit.is_zero() {
@@ -236,7 +254,7 @@ impl Participant for ReferenceParticipant {
         }
         fail::fail_point!("participant::before_commit");
         let xid = xid.clone();
-        self.ask(|reply| Op::Commit { xid, one_phase, reply }).await?
+        self.ask(|reply| Op::Commit { xid, kind, reply }).await?
     }
 
     async fn abort(&self, _coordinator_id: &str, xid: &Xid, _metadata: &[u8]) -> Result<Outcome, Error> {
@@ -244,24 +262,25 @@ impl Participant for ReferenceParticipant {
         self.ask(|reply| Op::Abort { xid, reply }).await?
     }
 
-    async fn recover(&self, coordinator_id: &str) -> Result<Vec<InDoubt>, Error> {
-        let coordinator_id = coordinator_id.to_string();
-        self.ask(|reply| Op::Recover { coordinator_id, reply }).await
+    async fn recover(&self, coordinator_id: &str, query: &RecoverQuery) -> Result<RecoverPage, Error> {
+        let (coordinator_id, query) = (coordinator_id.to_string(), query.clone());
+        self.ask(|reply| Op::Recover { coordinator_id, query, reply }).await
     }
 }
 
 struct Actor {
     config: ReferenceConfig,
-    started_ms: u64,
     branches: HashMap<(Gtid, BranchId), Entry>,
+    /// The prepared branches, in Recover's order.
+    prepared: BTreeSet<(Gtid, BranchId)>,
     data: BTreeMap<String, Bytes>,
     /// Finished branches in finishing order, for retention.
     finished: VecDeque<Finished>,
     /// Active branches in creation order, for their timeout.
     active: VecDeque<(u64, Gtid, BranchId)>,
     active_count: usize,
-    /// Prepares of unknown GTIDs issued at or before this time are refused (an abort that old
-    /// may have been forgotten).
+    /// Branches with no record and a GTID issued at or before this time may have been here: an
+    /// answer that old may have been forgotten.
     watermark_ms: u64,
     /// Records submitted by this actor are numbered 1, 2, ...; `synced_seq` is the highest whose
     /// sync has been confirmed. The log syncs in order, so every lower one is durable too.
@@ -274,11 +293,11 @@ struct Actor {
 }
 
 impl Actor {
-    fn new(config: ReferenceConfig, started_ms: u64) -> Self {
+    fn new(config: ReferenceConfig) -> Self {
         Actor {
             config,
-            started_ms,
             branches: HashMap::new(),
+            prepared: BTreeSet::new(),
             data: BTreeMap::new(),
             finished: VecDeque::new(),
             active: VecDeque::new(),
@@ -304,6 +323,7 @@ impl Actor {
                     prepared_ms: r.prepared_ms,
                     seq: 0,
                 };
+                self.prepared.insert(key.clone());
                 self.branches.insert(key, entry);
             }
             TYPE_COMMITTED => {
@@ -313,12 +333,18 @@ impl Actor {
                     self.data.extend(writes);
                 }
                 self.data.extend(writes_of(r.writes));
-                self.finish(key, true, 0, r.at_ms);
+                let ended = if r.read_only { Ended::ReadOnly } else { Ended::Committed };
+                self.finish(key, ended, 0, r.at_ms);
             }
             TYPE_ABORTED => {
                 let r = AbortedPb::decode(payload).map_err(|e| e.to_string())?;
                 let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
-                self.finish(key, false, 0, r.at_ms);
+                self.finish(key, Ended::Aborted, 0, r.at_ms);
+            }
+            TYPE_OPENED => {
+                let r = OpenedPb::decode(payload).map_err(|e| e.to_string())?;
+                let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
+                self.branches.insert(key, Entry::Active { writes: Vec::new(), since_ms: r.at_ms });
             }
             TYPE_DATA => {
                 let r = DataPb::decode(payload).map_err(|e| e.to_string())?;
@@ -400,51 +426,73 @@ impl Actor {
         self.next_seq
     }
 
-    /// May this participant take a branch it has never heard of? Not if its GTID predates this
-    /// process (its staged writes may have died with the previous one) or the watermark (an
-    /// abort of it may have been forgotten).
-    fn may_start(&self, gtid: &Gtid) -> Result<(), String> {
-        crate::table::may_start(gtid, self.started_ms, self.watermark_ms)
+    /// After replay: a branch opened before the restart and neither prepared nor finished
+    /// lost its staged writes with the previous process. It is aborted (in memory; its Opened
+    /// record says the same after another restart, until a checkpoint records the abort).
+    fn lose_unfinished_work(&mut self, now: u64) {
+        let lost: Vec<_> =
+            self.branches.iter().filter(|(_, e)| matches!(e, Entry::Active { .. })).map(|(k, _)| k.clone()).collect();
+        if !lost.is_empty() {
+            tracing::info!(
+                branches = lost.len(),
+                "branches lost their staged writes in the restart; they will vote no"
+            );
+        }
+        for key in lost {
+            self.finish(key, Ended::Aborted, 0, now);
+        }
+    }
+
+    /// A branch with no record: may it have been here before, its answer since forgotten?
+    fn maybe_forgotten(&self, gtid: &Gtid) -> bool {
+        gtid.unix_ms().is_none_or(|t| t <= self.watermark_ms)
     }
 
     fn handle(&mut self, op: Op, out: &mut Vec<(u64, Submission)>) {
         let now = now_ms();
         match op {
-            Op::Prepare { coordinator_id, xid, reply } => {
+            Op::Prepare { coordinator_id, xid, may_be_empty, reply } => {
                 if xid.resource != self.config.resource {
                     let reason = format!("this participant serves resource {:?}", self.config.resource.as_str());
                     let _ = reply.send(Ok(Vote::Aborted { reason }));
                     return;
                 }
                 let key = (xid.gtid, xid.branch.clone());
+                let forgotten = self.maybe_forgotten(&xid.gtid);
                 let writes = match self.branches.get_mut(&key) {
                     Some(Entry::Prepared { seq, .. }) | Some(Entry::Committed { seq }) => {
                         // Repeated prepare: same answer, once the first one's record is durable.
                         let seq = *seq;
                         return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(prepared())))));
                     }
-                    Some(Entry::Aborted { .. }) => {
-                        let reason = "branch was aborted (dangling prepare refused)".to_string();
-                        let _ = reply.send(Ok(Vote::Aborted { reason }));
-                        return;
+                    Some(Entry::ReadOnly { seq }) => {
+                        let seq = *seq;
+                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Vote::ReadOnly)))));
+                    }
+                    Some(Entry::Aborted { seq }) => {
+                        let seq = *seq;
+                        let reason = "branch was aborted (a dangling prepare, or its work was lost)".to_string();
+                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Vote::Aborted { reason })))));
                     }
                     Some(Entry::Active { writes, .. }) => {
                         self.active_count -= 1;
                         std::mem::take(writes)
                     }
-                    None => match self.may_start(&xid.gtid) {
-                        Ok(()) => Vec::new(),
-                        Err(reason) => {
-                            self.finish(key, false, 0, now);
-                            let _ = reply.send(Ok(Vote::Aborted { reason }));
-                            return;
-                        }
-                    },
+                    None if may_be_empty && !forgotten => {
+                        let seq = self.finish_logged(out, key, Ended::ReadOnly, now);
+                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Vote::ReadOnly)))));
+                    }
+                    None => {
+                        // Silence is not consent: recorded, so a later Put or Prepare is refused too.
+                        let seq = self.finish_logged(out, key, Ended::Aborted, now);
+                        let reason = crate::journaled::NO_RECORD.to_string();
+                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Vote::Aborted { reason })))));
+                    }
                 };
                 if self.config.vote_no {
-                    self.finish(key, false, 0, now);
-                    let _ = reply.send(Ok(Vote::Aborted { reason: "configured to vote no".into() }));
-                    return;
+                    let seq = self.finish_logged(out, key, Ended::Aborted, now);
+                    let reason = "configured to vote no".to_string();
+                    return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Vote::Aborted { reason })))));
                 }
                 let payload = PreparedPb {
                     gtid: xid.gtid.as_bytes().to_vec(),
@@ -455,10 +503,11 @@ impl Actor {
                 }
                 .encode_to_vec();
                 let seq = self.record(out, TYPE_PREPARED, payload.into());
+                self.prepared.insert(key.clone());
                 self.branches.insert(key, Entry::Prepared { writes, coordinator_id, prepared_ms: now, seq });
                 self.when_synced(seq, Box::new(move || drop(reply.send(Ok(prepared())))));
             }
-            Op::Commit { xid, one_phase, reply } => {
+            Op::Commit { xid, kind, reply } => {
                 if xid.resource != self.config.resource {
                     let _ = reply.send(Err(Error::new(format!(
                         "this participant serves resource {:?}, not {:?}",
@@ -467,9 +516,11 @@ impl Actor {
                     ))));
                     return;
                 }
+                let one_phase = kind != CommitKind::TwoPhase;
                 let key = (xid.gtid, xid.branch.clone());
+                let forgotten = self.maybe_forgotten(&xid.gtid);
                 let (writes, one_phase_writes) = match self.branches.get_mut(&key) {
-                    Some(Entry::Committed { seq }) => {
+                    Some(Entry::Committed { seq } | Entry::ReadOnly { seq }) => {
                         let seq = *seq;
                         return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
                     }
@@ -486,9 +537,10 @@ impl Actor {
                     }
                     Some(Entry::Active { .. }) if one_phase => {
                         self.active_count -= 1;
-                        self.finish(key, false, 0, now);
-                        let _ = reply.send(Ok(Outcome::Aborted { reason: "configured to vote no".into() }));
-                        return;
+                        let seq = self.finish_logged(out, key, Ended::Aborted, now);
+                        let reason = "configured to vote no".to_string();
+                        return self
+                            .when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
                     }
                     Some(Entry::Active { .. }) => {
                         // Two-phase commit of a branch that never prepared: a coordinator bug.
@@ -496,22 +548,25 @@ impl Actor {
                         let _ = reply.send(Ok(Outcome::Aborted { reason }));
                         return;
                     }
-                    None if !one_phase => {
-                        // Prepared earlier and forgotten after its commit: it was committed.
-                        let _ = reply.send(Ok(Outcome::Committed));
+                    None if forgotten || !one_phase => {
+                        // No record: forgotten (older than the retention), or never prepared
+                        // here. Nothing can prove an outcome.
+                        let reason = "this participant has no record of the branch (forgotten after its retention, \
+                                      or never prepared here)"
+                            .to_string();
+                        let _ = reply.send(Ok(Outcome::HeuristicHazard { reason }));
                         return;
                     }
                     None => {
-                        if let Err(reason) = self.may_start(&xid.gtid).and(if self.config.vote_no {
-                            Err("configured to vote no".to_string())
-                        } else {
-                            Ok(())
-                        }) {
-                            self.finish(key, false, 0, now);
-                            let _ = reply.send(Ok(Outcome::Aborted { reason }));
-                            return;
-                        }
-                        (Vec::new(), true)
+                        let empty = matches!(kind, CommitKind::OnePhase { may_be_empty: true }) && !self.config.vote_no;
+                        let (ended, outcome) = match empty {
+                            true => (Ended::ReadOnly, Outcome::Committed),
+                            false => {
+                                (Ended::Aborted, Outcome::Aborted { reason: crate::journaled::NO_RECORD.to_string() })
+                            }
+                        };
+                        let seq = self.finish_logged(out, key, ended, now);
+                        return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(outcome)))));
                     }
                 };
                 // Applied now, in memory: readers see it once the record is on its way; a crash
@@ -522,13 +577,14 @@ impl Actor {
                         branch_id: xid.branch.to_string(),
                         at_ms: now,
                         writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
+                        read_only: false,
                     };
                     let seq = self.record(out, TYPE_COMMITTED, payload.encode_to_vec().into());
-                    self.finish(key, true, seq, now);
+                    self.finish(key, Ended::Committed, seq, now);
                     seq
                 } else {
                     // Prepared writes are in the prepare record: the tombstone says it all.
-                    self.finish_logged(out, key, true, now)
+                    self.finish_logged(out, key, Ended::Committed, now)
                 };
                 self.data.extend(writes);
                 self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
@@ -536,7 +592,7 @@ impl Actor {
             Op::Abort { xid, reply } => {
                 let key = (xid.gtid, xid.branch.clone());
                 match self.branches.get(&key) {
-                    Some(Entry::Aborted { seq }) => {
+                    Some(Entry::Aborted { seq } | Entry::ReadOnly { seq }) => {
                         let seq = *seq;
                         let reason = String::new();
                         self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
@@ -545,48 +601,56 @@ impl Actor {
                         let seq = *seq;
                         self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
                     }
-                    Some(Entry::Prepared { .. }) => {
-                        let seq = self.finish_logged(out, key, false, now);
-                        let reason = String::new();
-                        self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
-                    }
-                    Some(Entry::Active { .. }) | None => {
+                    Some(Entry::Active { .. } | Entry::Prepared { .. }) | None => {
                         if matches!(self.branches.get(&key), Some(Entry::Active { .. })) {
                             self.active_count -= 1;
                         }
-                        // Nothing durable to undo; the tombstone refuses a late Prepare.
-                        self.finish(key, false, 0, now);
-                        let _ = reply.send(Ok(Outcome::Aborted { reason: String::new() }));
+                        // Recorded: a late Prepare (or Put) of the branch is refused, also after
+                        // a restart.
+                        let seq = self.finish_logged(out, key, Ended::Aborted, now);
+                        let reason = String::new();
+                        self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
                     }
                 }
             }
-            Op::Recover { coordinator_id, reply } => {
+            Op::Recover { coordinator_id, query, reply } => {
                 let synced = self.synced_seq;
-                let list = self
-                    .branches
-                    .iter()
-                    .filter_map(|((gtid, branch), e)| match e {
-                        Entry::Prepared { coordinator_id: c, prepared_ms, seq, .. }
-                            if *c == coordinator_id && *seq <= synced =>
-                        {
-                            Some(InDoubt {
-                                xid: Xid {
-                                    resource: self.config.resource.clone(),
-                                    gtid: *gtid,
-                                    branch: branch.clone(),
-                                },
-                                metadata: Vec::new(),
-                                prepared_unix_ms: *prepared_ms,
-                            })
+                let mut page = RecoverPage::default();
+                let ours = query.resources.is_empty() || query.resources.contains(&self.config.resource);
+                let after = query.after.as_ref().filter(|a| a.resource == self.config.resource);
+                let past = query.after.as_ref().is_some_and(|a| a.resource > self.config.resource);
+                if ours && !past {
+                    let from = match after {
+                        Some(a) => std::ops::Bound::Excluded((a.gtid, a.branch.clone())),
+                        None => std::ops::Bound::Unbounded,
+                    };
+                    for (gtid, branch) in self.prepared.range((from, std::ops::Bound::Unbounded)) {
+                        let Some(Entry::Prepared { coordinator_id: c, prepared_ms, seq, .. }) =
+                            self.branches.get(&(*gtid, branch.clone()))
+                        else {
+                            continue;
+                        };
+                        if *c != coordinator_id || *seq > synced {
+                            continue;
                         }
-                        _ => None,
-                    })
-                    .collect();
-                let _ = reply.send(list);
+                        if page.branches.len() == query.limit {
+                            page.truncated = true;
+                            break;
+                        }
+                        page.branches.push(InDoubt {
+                            xid: Xid { resource: self.config.resource.clone(), gtid: *gtid, branch: branch.clone() },
+                            metadata: Vec::new(),
+                            prepared_unix_ms: *prepared_ms,
+                        });
+                    }
+                }
+                let _ = reply.send(page);
             }
-            Op::Put { gtid, branch, key, value, reply } => {
-                let _ = reply.send(self.put(gtid, branch, key, value, now));
-            }
+            Op::Put { gtid, branch, key, value, reply } => match self.put(out, gtid, branch, key, value, now) {
+                // A branch's first write: acknowledged once its Opened record is durable.
+                Ok(Some(seq)) => self.when_synced(seq, Box::new(move || drop(reply.send(Ok(()))))),
+                done => drop(reply.send(done.map(drop))),
+            },
             Op::Read { key, reply } => {
                 let _ = reply.send(self.data.get(&key).cloned());
             }
@@ -595,7 +659,7 @@ impl Actor {
                     None => BranchState::Unknown,
                     Some(Entry::Active { .. }) => BranchState::Active,
                     Some(Entry::Prepared { .. }) => BranchState::Prepared,
-                    Some(Entry::Committed { .. }) => BranchState::Committed,
+                    Some(Entry::Committed { .. } | Entry::ReadOnly { .. }) => BranchState::Committed,
                     Some(Entry::Aborted { .. }) => BranchState::Aborted,
                 };
                 let _ = reply.send(state);
@@ -603,7 +667,17 @@ impl Actor {
         }
     }
 
-    fn put(&mut self, gtid: Gtid, branch: BranchId, key: String, value: Bytes, now: u64) -> Result<(), Status> {
+    /// Stages a write. `Ok(Some(seq))`: the branch's first, to be acknowledged once record
+    /// `seq` (its Opened record) is durable.
+    fn put(
+        &mut self,
+        out: &mut Vec<(u64, Submission)>,
+        gtid: Gtid,
+        branch: BranchId,
+        key: String,
+        value: Bytes,
+        now: u64,
+    ) -> Result<Option<u64>, Status> {
         let c = &self.config;
         if key.is_empty() || key.len() > c.max_key_bytes {
             return Err(Status::invalid_argument(format!("key: must be 1 to {} bytes", c.max_key_bytes)));
@@ -632,18 +706,23 @@ impl Actor {
                     )));
                 }
                 writes.push((key, value));
-                Ok(())
+                Ok(None)
             }
             Some(other) => Err(Status::failed_precondition(format!(
                 "branch is {}; writes are only accepted while it is active",
                 match other {
                     Entry::Prepared { .. } => "prepared",
-                    Entry::Committed { .. } => "committed",
-                    _ => "aborted",
+                    Entry::Committed { .. } | Entry::ReadOnly { .. } => "committed",
+                    _ => "aborted (or its work was lost in a restart)",
                 }
             ))),
             None => {
-                self.may_start(&gtid).map_err(Status::failed_precondition)?;
+                if self.maybe_forgotten(&gtid) {
+                    return Err(Status::failed_precondition(
+                        "the transaction is older than what this participant remembers: it cannot tell whether the \
+                         branch ended already",
+                    ));
+                }
                 if self.active_count >= c.max_active_branches {
                     return Err(Status::resource_exhausted(format!(
                         "{} branches are already active (max_active_branches)",
@@ -660,8 +739,10 @@ impl Actor {
                         matches!(branches.get(&(*g, b.clone())), Some(Entry::Active { since_ms, .. }) if since_ms == since)
                     });
                 }
+                let opened = OpenedPb { gtid: gtid.as_bytes().to_vec(), branch_id: k.1.to_string(), at_ms: now };
+                let seq = self.record(out, TYPE_OPENED, opened.encode_to_vec().into());
                 self.branches.insert(k, Entry::Active { writes: vec![(key, value)], since_ms: now });
-                Ok(())
+                Ok(Some(seq))
             }
         }
     }
@@ -669,9 +750,9 @@ impl Actor {
     /// Marks a branch finished (`seq`: of the record that says so, 0 for none) and remembers
     /// it for retention, with the record a checkpoint keeps of it, encoded once here rather
     /// than at every checkpoint.
-    fn finish(&mut self, key: (Gtid, BranchId), committed: bool, seq: u64, at_ms: u64) {
-        let tombstone = tombstone(&key, committed, at_ms);
-        self.remember(key, committed, seq, at_ms, tombstone);
+    fn finish(&mut self, key: (Gtid, BranchId), ended: Ended, seq: u64, at_ms: u64) {
+        let tombstone = tombstone(&key, ended, at_ms);
+        self.remember(key, ended, seq, at_ms, tombstone);
     }
 
     /// [`finish`](Self::finish), logging the end with the tombstone itself as the record (all a
@@ -680,18 +761,24 @@ impl Actor {
         &mut self,
         out: &mut Vec<(u64, Submission)>,
         key: (Gtid, BranchId),
-        committed: bool,
+        ended: Ended,
         at_ms: u64,
     ) -> u64 {
-        let tombstone = tombstone(&key, committed, at_ms);
+        let tombstone = tombstone(&key, ended, at_ms);
         let seq = self.record(out, tombstone.0, tombstone.1.clone());
-        self.remember(key, committed, seq, at_ms, tombstone);
+        self.remember(key, ended, seq, at_ms, tombstone);
         seq
     }
 
-    fn remember(&mut self, key: (Gtid, BranchId), committed: bool, seq: u64, at_ms: u64, tombstone: (u8, Bytes)) {
+    fn remember(&mut self, key: (Gtid, BranchId), ended: Ended, seq: u64, at_ms: u64, tombstone: (u8, Bytes)) {
         self.finished.push_back(Finished { at_ms, gtid: key.0, branch: key.1.clone(), tombstone });
-        self.branches.insert(key, if committed { Entry::Committed { seq } } else { Entry::Aborted { seq } });
+        self.prepared.remove(&key);
+        let entry = match ended {
+            Ended::Committed => Entry::Committed { seq },
+            Ended::ReadOnly => Entry::ReadOnly { seq },
+            Ended::Aborted => Entry::Aborted { seq },
+        };
+        self.branches.insert(key, entry);
     }
 
     /// Rolls back active branches past their timeout and forgets finished branches past their
@@ -706,7 +793,7 @@ impl Actor {
             if matches!(self.branches.get(&key), Some(Entry::Active { since_ms, .. }) if *since_ms == since) {
                 tracing::info!(%gtid, branch = %key.1, "rolling back a branch that was not prepared in time");
                 self.active_count -= 1;
-                self.finish(key, false, 0, now);
+                self.finish(key, Ended::Aborted, 0, now);
             }
         }
         while let Some(&Finished { at_ms, gtid, ref branch, .. }) = self.finished.front() {
@@ -716,12 +803,14 @@ impl Actor {
             let key = (gtid, branch.clone());
             match self.branches.get(&key) {
                 // Its record is still on its way to disk: forget it next time.
-                Some(Entry::Aborted { seq } | Entry::Committed { seq }) if *seq > self.synced_seq => break,
-                Some(Entry::Aborted { .. }) => {
-                    self.watermark_ms = self.watermark_ms.max(gtid.unix_ms().unwrap_or(0));
-                    self.branches.remove(&key);
+                Some(Entry::Aborted { seq } | Entry::Committed { seq } | Entry::ReadOnly { seq })
+                    if *seq > self.synced_seq =>
+                {
+                    break;
                 }
-                Some(Entry::Committed { .. }) => {
+                Some(Entry::Aborted { .. } | Entry::Committed { .. } | Entry::ReadOnly { .. }) => {
+                    // From now on a branch this old with no record may be this one: never guessed.
+                    self.watermark_ms = self.watermark_ms.max(gtid.unix_ms().unwrap_or(0));
                     self.branches.remove(&key);
                 }
                 _ => {}
@@ -748,6 +837,12 @@ impl Actor {
             .map(|(k, v)| (TYPE_DATA, DataPb { key: k.clone(), value: v.to_vec() }.encode_to_vec().into()))
             .collect();
         for ((gtid, branch), entry) in &self.branches {
+            if let Entry::Active { since_ms, .. } = entry {
+                // Its staged writes are not durable, but that it had some is.
+                let opened =
+                    OpenedPb { gtid: gtid.as_bytes().to_vec(), branch_id: branch.to_string(), at_ms: *since_ms };
+                records.push((TYPE_OPENED, opened.encode_to_vec().into()));
+            }
             if let Entry::Prepared { writes, coordinator_id, prepared_ms, .. } = entry {
                 let prepared = PreparedPb {
                     gtid: gtid.as_bytes().to_vec(),
@@ -769,12 +864,15 @@ impl Actor {
 
 /// The record that a finished branch leaves: what the log says when it finishes, and what
 /// checkpoints keep of it while it is remembered.
-fn tombstone(key: &(Gtid, BranchId), committed: bool, at_ms: u64) -> (u8, Bytes) {
+fn tombstone(key: &(Gtid, BranchId), ended: Ended, at_ms: u64) -> (u8, Bytes) {
     let (gtid, branch_id) = (key.0.as_bytes().to_vec(), key.1.to_string());
-    if committed {
-        (TYPE_COMMITTED, CommittedPb { gtid, branch_id, at_ms, writes: Vec::new() }.encode_to_vec().into())
-    } else {
-        (TYPE_ABORTED, AbortedPb { gtid, branch_id, at_ms }.encode_to_vec().into())
+    match ended {
+        Ended::Committed | Ended::ReadOnly => {
+            let read_only = ended == Ended::ReadOnly;
+            let record = CommittedPb { gtid, branch_id, at_ms, writes: Vec::new(), read_only };
+            (TYPE_COMMITTED, record.encode_to_vec().into())
+        }
+        Ended::Aborted => (TYPE_ABORTED, AbortedPb { gtid, branch_id, at_ms }.encode_to_vec().into()),
     }
 }
 
@@ -883,14 +981,14 @@ mod tests {
     fn checkpoints_wait_for_the_interval_and_for_as_many_records_as_the_last_one_held() {
         let mut config = ReferenceConfig::new("db".parse().unwrap(), "/nonexistent");
         config.checkpoint_every_records = 2;
-        let mut actor = Actor::new(config, 0);
+        let mut actor = Actor::new(config);
         for i in 0..3 {
             actor.data.insert(format!("k{i}"), Bytes::new());
         }
         let branch = |id: &str| (Gtid::new_v7(), id.parse::<BranchId>().unwrap());
         let (committed, aborted) = (branch("c"), branch("a"));
-        actor.finish(committed.clone(), true, 1, 7);
-        actor.finish(aborted.clone(), false, 2, 8);
+        actor.finish(committed.clone(), Ended::Committed, 1, 7);
+        actor.finish(aborted.clone(), Ended::Aborted, 2, 8);
         let mut out = Vec::new();
         let mut after = |actor: &mut Actor, records: u64| {
             out.clear();
@@ -907,7 +1005,7 @@ mod tests {
         assert_eq!(records.len(), 5);
         assert_eq!(records.iter().filter(|(t, _)| *t == TYPE_DATA).count(), 3);
         // The finished branches, as they were when they finished.
-        let mut replayed = Actor::new(ReferenceConfig::new("db".parse().unwrap(), "/nonexistent"), 0);
+        let mut replayed = Actor::new(ReferenceConfig::new("db".parse().unwrap(), "/nonexistent"));
         for (rtype, payload) in &records {
             replayed.replay(*rtype, payload).unwrap();
         }
@@ -927,14 +1025,14 @@ mod tests {
         let config = ReferenceConfig::new("db".parse().unwrap(), "/nonexistent");
         let (limit, value_bytes) = (config.max_branch_bytes, config.max_value_bytes);
         assert!(limit < 1 << 20, "a prepare record must fit in one log record");
-        let mut actor = Actor::new(config, 0);
+        let mut actor = Actor::new(config);
         let (gtid, branch) = (Gtid::new_v7(), "b".parse::<BranchId>().unwrap());
         let value = Bytes::from(vec![7u8; value_bytes]);
         let fit = limit / (value_bytes + 2);
         for i in 0..fit {
-            actor.put(gtid, branch.clone(), format!("k{i}"), value.clone(), 0).unwrap();
+            actor.put(&mut Vec::new(), gtid, branch.clone(), format!("k{i}"), value.clone(), 1).unwrap();
         }
-        let e = actor.put(gtid, branch.clone(), "one-more".into(), value, 0).unwrap_err();
+        let e = actor.put(&mut Vec::new(), gtid, branch.clone(), "one-more".into(), value, 1).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
         assert!(e.message().contains("bytes of keys and values"), "{}", e.message());
         match actor.branches.get(&(gtid, branch)) {

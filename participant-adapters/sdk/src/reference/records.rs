@@ -8,6 +8,19 @@ pub const TYPE_PREPARED: u8 = 1;
 pub const TYPE_COMMITTED: u8 = 2;
 pub const TYPE_ABORTED: u8 = 3;
 pub const TYPE_DATA: u8 = 4;
+pub const TYPE_OPENED: u8 = 5;
+
+/// Work began in a branch (synced before the first write is acknowledged): after a restart
+/// the branch is known to have lost its staged writes.
+#[derive(Clone, PartialEq, Message)]
+pub struct OpenedPb {
+    #[prost(bytes = "vec", tag = "1")]
+    pub gtid: Vec<u8>,
+    #[prost(string, tag = "2")]
+    pub branch_id: String,
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
+}
 
 #[derive(Clone, PartialEq, Message)]
 pub struct WritePb {
@@ -44,6 +57,9 @@ pub struct CommittedPb {
     pub at_ms: u64,
     #[prost(message, repeated, tag = "4")]
     pub writes: Vec<WritePb>,
+    /// Voted READ_ONLY (a branch declared possibly empty that did nothing): nothing applied.
+    #[prost(bool, tag = "5")]
+    pub read_only: bool,
 }
 
 /// A branch rolled back.

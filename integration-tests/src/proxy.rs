@@ -1,0 +1,65 @@
+//! A TCP proxy on loopback that a test can cut or freeze: a database that goes away, or one that
+//! stops answering without closing its connections, for one resource while the others stay up.
+
+use std::net::SocketAddr;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// Bytes flow both ways.
+    Open,
+    /// Connections stay open but nothing flows (a peer that stopped answering).
+    Frozen,
+    /// Every connection is closed and new ones are closed at once (a peer that is gone).
+    Cut,
+}
+
+/// Forwards connections to `target` until dropped.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    link: watch::Sender<Link>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (link, watch) = watch::channel(Link::Open);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward(client, target, watch.clone()));
+            }
+        });
+        Proxy { addr, link, task }
+    }
+
+    pub fn set(&self, link: Link) {
+        self.link.send_replace(link);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.link.send_replace(Link::Cut);
+        self.task.abort();
+    }
+}
+
+async fn forward(mut client: TcpStream, target: SocketAddr, mut link: watch::Receiver<Link>) {
+    let state = *link.borrow_and_update();
+    if state == Link::Cut {
+        return;
+    }
+    let Ok(mut server) = TcpStream::connect(target).await else { return };
+    if state == Link::Open {
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+            _ = link.wait_for(|l| *l != Link::Open) => {}
+        }
+    }
+    // Frozen: hold both connections open, moving nothing, until cut.
+    let _ = link.wait_for(|l| *l == Link::Cut).await;
+}
