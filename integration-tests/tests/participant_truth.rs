@@ -170,6 +170,32 @@ async fn a_branch_its_participant_never_saw_aborts_the_transaction() {
     assert_eq!(r.outcome(), v1::Outcome::Aborted, "db_a/debit did nothing there");
     assert!(r.reason.contains("db_a/debit"), "{}", r.reason);
     assert_eq!(bank.balance('a', 1).await, 100);
+
+    // Declared possibly empty (here with the CLI), the same branches vote read-only and the
+    // transaction commits the work that was done.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin("pledge"))
+            .args(args)
+            .args(["--coordinator", &coordinator.endpoint()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pledge {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let gtid = cli(&["txn", "begin", "--branch", "db2/credit", "--branch-may-be-empty", "db1/debit"]);
+    let gtid = gtid.trim();
+    cli(&["txn", "enlist", gtid, "--may-be-empty", "db_a/debit"]);
+    put(&mut store_client(&p2).await, gtid, "credit", &format!("{gtid}-k"), "v").await;
+    let r = commit(&mut c, gtid, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Committed, "{}", r.reason);
+    let t = get(&mut c, gtid).await.unwrap();
+    let votes: Vec<(String, v1::Vote)> = t.branches.iter().map(|b| (b.resource_id.clone(), b.vote())).collect();
+    assert_eq!(
+        votes,
+        [("db2".into(), v1::Vote::Prepared), ("db1".into(), v1::Vote::ReadOnly), ("db_a".into(), v1::Vote::ReadOnly)]
+    );
+    assert!(cli(&["txn", "get", gtid]).contains("db1/debit  vote=READ_ONLY"));
+    assert_eq!(read(&mut store_client(&p2).await, &format!("{gtid}-k")).await.as_deref(), Some("v"));
 }
 
 /// Finding 5: a prepared branch rolled back by hand (`ROLLBACK PREPARED`) before the
@@ -243,6 +269,47 @@ async fn postgres_session_settings_do_not_leak_into_the_next_branch() {
         assert_ne!(row[1], text("1234ms"), "branch {n} has another client's statement_timeout");
         c.abort(v1::AbortRequest { gtid }).await.unwrap();
     }
+}
+
+/// Finding 7: a Produce retried with its request id takes effect once; the id stays taken by
+/// the committed branch, so another branch cannot process the same request again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_produce_with_a_request_id_takes_effect_once() {
+    let dir = TestDir::new("kafka-request-id");
+    let prefix = unique("kafka-request-id");
+    let kafka = dir.kafka_adapter("kafka", 0, &prefix, &[], &[]).await;
+    let coordinator = dir.coordinator(&[("kafka", &kafka)], &[]).await;
+    let topic = unique("request-id");
+    let mut c = coordinator_client(&coordinator).await;
+    let mut k = kafka_client(&kafka).await;
+    let request_id = format!("payment-{}", fastrand::u32(..));
+    let produce_once = |gtid: &str, key: &str| v1::ProduceRequest {
+        resource_id: "kafka".into(),
+        gtid: gtid.into(),
+        branch_id: "out".into(),
+        records: vec![v1::KafkaRecord {
+            topic: topic.clone(),
+            partition: Some(0),
+            key: key.into(),
+            ..Default::default()
+        }],
+        request_id: request_id.clone(),
+    };
+    let gtid = begin(&mut c, &[("kafka", "out")]).await;
+    let first = k.produce(produce_once(&gtid, "k1")).await.unwrap().into_inner();
+    let retry = k.produce(produce_once(&gtid, "k1")).await.unwrap().into_inner();
+    assert_eq!(first.positions, retry.positions, "a retry gets the first call's positions");
+    // Another branch with the same id while the first is undecided: not now.
+    let other = begin(&mut c, &[("kafka", "out")]).await;
+    let e = k.produce(produce_once(&other, "k2")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert_eq!(commit(&mut c, &gtid, true).await.unwrap().outcome(), v1::Outcome::Committed);
+    let later = begin(&mut c, &[("kafka", "out")]).await;
+    let e = k.produce(produce_once(&later, "k3")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    assert_eq!(committed_keys(&topic, &["k1"]).await, vec!["k1"], "the record was sent once");
+    let bad = v1::ProduceRequest { request_id: "x".repeat(201), ..produce_once(&later, "k4") };
+    assert_eq!(k.produce(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
 }
 
 /// Finding 7: a Kafka producer whose commit keeps failing must not hold a prepared branch until

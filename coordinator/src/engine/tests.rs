@@ -1078,3 +1078,56 @@ fn participants_are_bounded_but_a_known_one_may_move() {
         "{out:?}"
     );
 }
+
+/// A branch enlisted as possibly empty carries the flag to its participant, in Prepare and in
+/// a one-phase Commit (retries included); enlisting it again the other way is refused and
+/// changes nothing.
+#[test]
+fn a_branch_declared_possibly_empty_says_so_to_its_participant() {
+    let maybe = |k: BranchKey| Enlisted { key: k, may_be_empty: true };
+    let mut h = Harness::new();
+    let g = gtid(1);
+    let req = h.req();
+    h.ev(Event::Begin {
+        req,
+        gtid: g,
+        timeout_ms: None,
+        idempotency_key: None,
+        branches: vec![maybe(db1()), db2().into()],
+    });
+    let req = h.req();
+    let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2().into(), db1().into()] });
+    assert_eq!(
+        out,
+        vec![Command::Reply { req, reply: Err(EngineError::EnlistConflict { branch: db1(), may_be_empty: true }) }]
+    );
+    let req = h.req();
+    assert_eq!(
+        h.ev(Event::Enlist { req, gtid: g, branches: vec![maybe(db1())] }),
+        vec![Command::Reply { req, reply: Ok(Reply::Enlisted) }],
+        "the same enlistment again is fine"
+    );
+    let flags: Vec<bool> = h.get(g).unwrap().branches.iter().map(|b| b.may_be_empty).collect();
+    assert_eq!(flags, vec![true, false]);
+    let (_, out) = h.commit(g);
+    assert_eq!(
+        out,
+        vec![
+            Command::Prepare { gtid: g, branch: db1(), may_be_empty: true },
+            Command::Prepare { gtid: g, branch: db2(), may_be_empty: false },
+        ]
+    );
+
+    // One phase: the commit, and its retry.
+    let g = gtid(2);
+    let req = h.req();
+    h.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: None, branches: vec![maybe(db1())] });
+    let one_phase =
+        Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new(), may_be_empty: true };
+    let (_, out) = h.commit(g);
+    assert_eq!(out, vec![one_phase.clone()]);
+    let retry = Phase2Result::Retry { error: "unavailable".into() };
+    h.ev(Event::Phase2Done { gtid: g, branch: db1(), op: Phase2Op::Commit, result: retry });
+    h.now += 60_000;
+    assert!(h.ev(Event::Tick).contains(&one_phase), "the retry says so too");
+}

@@ -157,11 +157,11 @@ impl KafkaParticipant {
             "active_timeout must be below transaction_timeout, or the broker aborts branches before the adapter does"
         );
         let (journal, log) = Journal::open(config.journal.clone()).await?;
-        let mut quarantined = Vec::new();
+        let mut quarantined = HashMap::new();
         for (xid, state) in journal.in_flight_branches().await {
             let (State::Prepared { metadata, .. } | State::Committing { metadata, .. }) = state else { continue };
             match TxnRef::from_metadata(&metadata) {
-                Some(txn) => quarantined.push(txn.transactional_id),
+                Some(txn) => drop(quarantined.insert(xid, txn.transactional_id)),
                 None if metadata.is_empty() => {} // a one-phase commit with nothing sent
                 None => anyhow::bail!("branch {xid} in the journal has metadata that does not parse: {metadata:?}"),
             }
@@ -177,11 +177,11 @@ impl KafkaParticipant {
                 transaction_timeout: config.transaction_timeout,
                 call_timeout: config.call_timeout,
             },
-            &quarantined,
+            &quarantined.values().cloned().collect::<Vec<_>>(),
         );
         let txn = TxnClient::new(&config.bootstrap, config.call_timeout);
         let active_timeout = config.active_timeout;
-        let inner = Journaled::new(Kafka::new(config, pool.clone(), txn), journal, active_timeout);
+        let inner = Journaled::new(Kafka::new(config, pool.clone(), txn, quarantined), journal, active_timeout);
         tokio::spawn(async move {
             match pool.warm().await {
                 (ready, None) => tracing::info!(ready, "transactional producers started"),

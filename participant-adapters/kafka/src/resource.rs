@@ -48,10 +48,15 @@ impl KafkaOpen {
     }
 }
 
-/// A prepared (or one-phase committing) branch's producer, kept until the branch is finished.
+/// A prepared (or one-phase committing) branch's producer, kept until the journal has
+/// recorded the branch's end ([`Resource::finished`]): given back earlier, the producer could
+/// begin another branch's transaction under the same producer id and epoch, which an EndTxn
+/// repeated after a crash would then end.
 struct Held {
     lease: Lease,
     txn: TxnRef,
+    /// How its transaction ended, once known (a repeated call gets it without asking again).
+    ended: Option<Fate>,
 }
 
 /// The Kafka cluster of one adapter, as a [`Resource`].
@@ -60,11 +65,19 @@ pub struct Kafka {
     pub(crate) pool: ProducerPool,
     pub(crate) txn: TxnClient,
     held: Mutex<HashMap<Xid, Held>>,
+    /// Branches in flight when the adapter started, and the transactional id each keeps out of
+    /// use until the journal has recorded its end.
+    quarantined: Mutex<HashMap<Xid, String>>,
 }
 
 impl Kafka {
-    pub(crate) fn new(config: KafkaConfig, pool: ProducerPool, txn: TxnClient) -> Kafka {
-        Kafka { config, pool, txn, held: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(
+        config: KafkaConfig,
+        pool: ProducerPool,
+        txn: TxnClient,
+        quarantined: HashMap<Xid, String>,
+    ) -> Kafka {
+        Kafka { config, pool, txn, held: Mutex::new(HashMap::new()), quarantined: Mutex::new(quarantined) }
     }
 
     /// Ends an open branch's transaction with `abort_transaction` and gives its producer back
@@ -154,6 +167,17 @@ impl Kafka {
 
     /// Finishes a held branch on its own producer; if that fails, with EndTxn.
     async fn finish_held(&self, held: &mut Held, commit: bool) -> Result<Fate, Error> {
+        if let Some(fate) = held.ended {
+            return Ok(fate);
+        }
+        let fate = self.end_held(held, commit).await?;
+        if fate != Fate::Pending {
+            held.ended = Some(fate);
+        }
+        Ok(fate)
+    }
+
+    async fn end_held(&self, held: &mut Held, commit: bool) -> Result<Fate, Error> {
         if !held.lease.is_poisoned() {
             let (producer, timeout) = (held.lease.producer.clone(), self.pool.call_timeout());
             fail::fail_point!("kafka::commit_transaction", commit, |_| {
@@ -237,7 +261,7 @@ impl Resource for Kafka {
         match self.seal_txn(&open).await {
             Ok(txn) => {
                 let metadata = txn.metadata();
-                self.held.lock().unwrap().insert(xid.clone(), Held { lease: open.lease, txn });
+                self.held.lock().unwrap().insert(xid.clone(), Held { lease: open.lease, txn, ended: None });
                 Sealed::Prepared { metadata }
             }
             Err(reason) => {
@@ -263,24 +287,30 @@ impl Resource for Kafka {
             self.abort_open(xid, open).await;
             return OnePhase::Aborted { reason: "participant bug: the seal's metadata does not parse".into() };
         };
-        let mut held = Held { lease: open.lease, txn };
+        let mut held = Held { lease: open.lease, txn, ended: None };
         let fate = self.finish_held(&mut held, true).await;
         if matches!(fate, Ok(Fate::Committed)) {
             fail::fail_point!("kafka::after_one_phase_commit");
         }
+        // Kept, with its transactional id, until the journal has the answer.
+        self.held.lock().unwrap().insert(xid.clone(), held);
         match fate {
             Ok(Fate::Committed) => OnePhase::Committed,
             Ok(Fate::Aborted) => OnePhase::Aborted { reason: "the broker aborted the transaction".into() },
-            other => {
-                // Keep the transactional id to this branch until `resolve` has the answer.
-                self.held.lock().unwrap().insert(xid.clone(), held);
-                OnePhase::Unknown { error: format!("{other:?}") }
-            }
+            other => OnePhase::Unknown { error: format!("{other:?}") },
         }
     }
 
     async fn rollback(&self, xid: &Xid, open: KafkaOpen) {
         self.abort_open(xid, open).await;
+    }
+
+    fn finished(&self, xid: &Xid) {
+        // Its producer goes back to the pool (replaced if broken).
+        drop(self.held.lock().unwrap().remove(xid));
+        if let Some(transactional_id) = self.quarantined.lock().unwrap().remove(xid) {
+            self.pool.release_quarantine(&transactional_id);
+        }
     }
 
     async fn finish(
@@ -295,10 +325,8 @@ impl Resource for Kafka {
         if let Some(mut held) = held {
             let fate = self.finish_held(&mut held, commit).await;
             let result = fate.and_then(|fate| outcome(commit, fate, &held.txn));
-            if result.is_err() {
-                // Not finished: keep the producer (and its transactional id) for the retry.
-                self.held.lock().unwrap().insert(xid.clone(), held);
-            }
+            // The producer (and its transactional id) stays until the journal has the end.
+            self.held.lock().unwrap().insert(xid.clone(), held);
             return result;
         }
         let Some(txn) = TxnRef::from_metadata(metadata) else {
@@ -318,12 +346,9 @@ impl Resource for Kafka {
                 true => outcome(true, self.fate(&txn).await?, &txn),
             };
         }
-        // Prepared before a restart: the transactional id has been kept unused since.
-        let result = self.end_txn(&txn, commit).await.and_then(|fate| outcome(commit, fate, &txn));
-        if result.is_ok() {
-            self.pool.release_quarantine(&txn.transactional_id);
-        }
-        result
+        // Prepared before a restart: the transactional id has been kept unused since (and stays
+        // so until the journal has recorded the end).
+        self.end_txn(&txn, commit).await.and_then(|fate| outcome(commit, fate, &txn))
     }
 
     async fn resolve(&self, xid: &Xid, metadata: &[u8]) -> Result<Option<Outcome>, Error> {
@@ -337,18 +362,11 @@ impl Resource for Kafka {
         let fate = match held {
             Some(mut held) => {
                 let fate = self.finish_held(&mut held, true).await;
-                if !matches!(fate, Ok(Fate::Committed | Fate::Aborted | Fate::Unknown)) {
-                    self.held.lock().unwrap().insert(xid.clone(), held);
-                }
+                self.held.lock().unwrap().insert(xid.clone(), held);
                 fate?
             }
-            None => {
-                let fate = self.end_txn(&txn, true).await?;
-                if fate != Fate::Pending {
-                    self.pool.release_quarantine(&txn.transactional_id);
-                }
-                fate
-            }
+            // Committing before a restart: its transactional id has been kept unused since.
+            None => self.end_txn(&txn, true).await?,
         };
         Ok(match fate {
             Fate::Committed => Some(Outcome::Committed),

@@ -207,7 +207,9 @@ impl Journal {
     pub async fn unrecorded(&self, gtid: &Gtid) -> Unrecorded {
         let inner = self.inner.lock().await;
         match gtid.unix_ms() {
-            Some(t) if t > inner.created_ms.max(inner.forgotten_through_ms) => Unrecorded::Never,
+            // Issued in the millisecond the journal was created counts as after it; one issued
+            // in the millisecond of a forgotten answer may be that one.
+            Some(t) if t >= inner.created_ms && t > inner.forgotten_through_ms => Unrecorded::Never,
             _ => Unrecorded::MaybeForgotten,
         }
     }

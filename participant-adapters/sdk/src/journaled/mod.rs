@@ -103,6 +103,13 @@ pub trait Resource: Send + Sync + 'static {
     /// tell; `None` while it cannot yet.
     async fn resolve(&self, xid: &Xid, metadata: &[u8]) -> Result<Option<Outcome>, Error>;
 
+    /// The journal has durably recorded how `xid` ended: what the resource kept for the branch
+    /// until then (a producer, a transactional id no one else may use) can go. Until this is
+    /// called, a crash leaves the branch in flight in the journal and the resource is asked
+    /// again; so nothing that a repeated [`Resource::finish`] or [`Resource::resolve`] relies
+    /// on may be released earlier.
+    fn finished(&self, _xid: &Xid) {}
+
     /// Branches of `coordinator_id` prepared at the resource itself, after `after`, in order, at
     /// most `limit`: for resources that keep prepared transactions on their own (PostgreSQL),
     /// whose list may hold one the journal missed (a crash between the resource's prepare and
@@ -216,15 +223,22 @@ impl<R: Resource> Journaled<R> {
         Ok(())
     }
 
+    /// Records how `xid` ended (durably), then lets the resource release what it kept for it.
+    async fn record_end(&self, xid: &Xid, end: End) -> Result<(), Error> {
+        self.shared.journal.finish(xid, end).await?;
+        self.shared.resource.finished(xid);
+        Ok(())
+    }
+
     /// Ends an open branch as aborted (rolled back at the resource, recorded in the journal).
     async fn roll_back_open(&self, xid: &Xid, open: R::Open, reason: String) -> Result<(), Error> {
         self.shared.resource.rollback(xid, open).await;
-        self.shared.journal.finish(xid, End::Outcome(Outcome::Aborted { reason })).await
+        self.record_end(xid, End::Outcome(Outcome::Aborted { reason })).await
     }
 
     /// Records `outcome` as the branch's end, then gives it.
     async fn answer(&self, xid: &Xid, outcome: Outcome) -> Result<Outcome, Error> {
-        self.shared.journal.finish(xid, End::Outcome(outcome.clone())).await?;
+        self.record_end(xid, End::Outcome(outcome.clone())).await?;
         Ok(outcome)
     }
 
@@ -249,11 +263,11 @@ impl<R: Resource> Journaled<R> {
                     Err(e) => Ok(Vote::Aborted { reason: format!("cannot record the prepared branch: {e}") }),
                 },
                 Sealed::ReadOnly => {
-                    s.journal.finish(xid, End::ReadOnly).await?;
+                    self.record_end(xid, End::ReadOnly).await?;
                     Ok(Vote::ReadOnly)
                 }
                 Sealed::Aborted { reason } => {
-                    s.journal.finish(xid, End::Outcome(Outcome::Aborted { reason: reason.clone() })).await?;
+                    self.record_end(xid, End::Outcome(Outcome::Aborted { reason: reason.clone() })).await?;
                     Ok(Vote::Aborted { reason })
                 }
             };
@@ -271,12 +285,12 @@ impl<R: Resource> Journaled<R> {
             None => {
                 let never = s.journal.unrecorded(&xid.gtid).await == Unrecorded::Never;
                 if may_be_empty && never {
-                    s.journal.finish(xid, End::ReadOnly).await?;
+                    self.record_end(xid, End::ReadOnly).await?;
                     Vote::ReadOnly
                 } else {
                     // Recorded, so that a late Prepare or more work is refused too.
                     let reason = NO_RECORD.to_string();
-                    s.journal.finish(xid, End::Outcome(Outcome::Aborted { reason: reason.clone() })).await?;
+                    self.record_end(xid, End::Outcome(Outcome::Aborted { reason: reason.clone() })).await?;
                     Vote::Aborted { reason }
                 }
             }
@@ -334,7 +348,7 @@ impl<R: Resource> Journaled<R> {
                 CommitKind::OnePhase { may_be_empty } => {
                     match s.journal.unrecorded(&xid.gtid).await {
                         Unrecorded::Never if may_be_empty => {
-                            s.journal.finish(xid, End::ReadOnly).await?;
+                            self.record_end(xid, End::ReadOnly).await?;
                             Ok(Outcome::Committed)
                         }
                         Unrecorded::Never => self.answer(xid, Outcome::Aborted { reason: NO_RECORD.into() }).await,
@@ -557,3 +571,6 @@ impl<R: Resource> Participant for Journaled<R> {
         Ok(page)
     }
 }
+
+#[cfg(test)]
+mod tests;
