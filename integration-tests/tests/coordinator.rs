@@ -196,8 +196,17 @@ async fn crash_setup(
     crash_at: &str,
     p2_args: &[&str],
 ) -> (CrashSetup, Result<v1::CommitResponse, tonic::Status>) {
+    crash_setup_with(test, crash_at, &[], p2_args).await
+}
+
+async fn crash_setup_with(
+    test: &str,
+    crash_at: &str,
+    p1_args: &[&str],
+    p2_args: &[&str],
+) -> (CrashSetup, Result<v1::CommitResponse, tonic::Status>) {
     let dir = TestDir::new(test);
-    let p1 = dir.participant("db1", 0, &[], &[]).await;
+    let p1 = dir.participant("db1", 0, p1_args, &[]).await;
     let p2 = dir.participant("db2", 0, p2_args, &[]).await;
     let coordinator = dir.coordinator(&[("db1", &p1), ("db2", &p2)], &[("PLEDGE_CRASH_AT", crash_at)]).await;
     let mut c = coordinator_client(&coordinator).await;
@@ -247,9 +256,15 @@ async fn coordinator_killed_after_the_decision_is_synced_commits_after_restart()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_during_phase_two_finishes_it_after_restart() {
     // db2 takes its time with commits, so the crash (right after db1's commit call returns)
-    // lands while db2 has not committed.
-    let (mut s, result) =
-        crash_setup("crash-phase2", "coordinator::after_commit_call", &["--stall-commit-ms", "3000"]).await;
+    // lands while db2 has not committed; db1 takes a little, so the client's answer (sent as
+    // phase 2 starts) is out before the crash even on a busy machine.
+    let (mut s, result) = crash_setup_with(
+        "crash-phase2",
+        "coordinator::after_commit_call",
+        &["--stall-commit-ms", "300"],
+        &["--stall-commit-ms", "3000"],
+    )
+    .await;
     // The decision was durable before phase 2, so the client had its answer.
     assert_eq!(result.unwrap().outcome(), v1::Outcome::Committed);
     s.coordinator.wait_crashed().await;

@@ -233,7 +233,20 @@ async fn postgres_branch_rolled_back_by_hand_is_a_heuristic_outcome() {
         "{branch:?}"
     );
     let listed = c.list(v1::ListRequest { heuristic: true, limit: 1000, ..Default::default() }).await.unwrap();
-    assert!(listed.into_inner().transactions.iter().any(|t| t.gtid == gtid), "list --heuristic shows it");
+    assert!(listed.into_inner().transactions.iter().any(|t| t.gtid == gtid), "List's heuristic filter shows it");
+    // And the operator's view: the CLI.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin("pledge"))
+            .args(args)
+            .args(["--coordinator", &coordinator.endpoint()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pledge {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let shown = cli(&["txn", "get", &gtid]);
+    assert!(shown.contains("HEURISTIC") && shown.contains("rolled back outside Pledge"), "{shown}");
+    assert!(cli(&["txn", "list", "--heuristic", "--limit", "1000"]).contains(&gtid));
     assert_eq!((bank.balance('a', 1).await, bank.balance('b', 1).await), (100, 110));
 }
 

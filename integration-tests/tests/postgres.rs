@@ -133,7 +133,17 @@ async fn a_branch_cannot_end_its_own_transaction() {
     let mut c = coordinator_client(&s.coordinator).await;
     let gtid = begin(&mut c, &[("db_a", "a"), ("db_b", "b")]).await;
     let mut pg = branch_client(&s.adapter).await;
-    for sql in ["COMMIT", "  -- sneaky\n rollback", "BEGIN", "PREPARE TRANSACTION 'mine'", "END"] {
+    let refused = [
+        "COMMIT",
+        "  -- sneaky\n rollback",
+        "BEGIN",
+        "PREPARE TRANSACTION 'mine'",
+        "END",
+        "SET SESSION AUTHORIZATION pledge",
+        "LISTEN channel",
+        "DISCARD ALL",
+    ];
+    for sql in refused {
         let e = execute(&mut pg, "db_a", &gtid, "a", sql, vec![]).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{sql}: {}", e.message());
         assert!(e.message().contains("not allowed in a branch"), "{}", e.message());

@@ -162,7 +162,6 @@ impl KafkaParticipant {
             let (State::Prepared { metadata, .. } | State::Committing { metadata, .. }) = state else { continue };
             match TxnRef::from_metadata(&metadata) {
                 Some(txn) => drop(quarantined.insert(xid, txn.transactional_id)),
-                None if metadata.is_empty() => {} // a one-phase commit with nothing sent
                 None => anyhow::bail!("branch {xid} in the journal has metadata that does not parse: {metadata:?}"),
             }
         }

@@ -252,37 +252,29 @@ impl Resource for Kafka {
         Ok(KafkaOpen { lease, partitions: BTreeSet::new(), sent: 0, offsets: false, requests: HashMap::new() })
     }
 
-    async fn prepare(&self, _coordinator_id: &str, xid: &Xid, open: KafkaOpen) -> Sealed {
+    async fn seal(&self, _coordinator_id: &str, _xid: &Xid, open: &mut KafkaOpen) -> Sealed {
         if open.is_empty() {
-            // Nothing sent: nothing to commit.
-            self.abort_open(xid, open).await;
-            return Sealed::ReadOnly;
+            return Sealed::ReadOnly; // nothing sent: nothing to commit
         }
-        match self.seal_txn(&open).await {
-            Ok(txn) => {
-                let metadata = txn.metadata();
-                self.held.lock().unwrap().insert(xid.clone(), Held { lease: open.lease, txn, ended: None });
-                Sealed::Prepared { metadata }
-            }
+        match self.seal_txn(open).await {
+            Ok(txn) => Sealed::Ready { metadata: txn.metadata() },
             Err(reason) => {
-                self.abort_open(xid, open).await;
-                Sealed::Aborted { reason: bounded_reason(format!("prepare failed: {reason}")) }
+                Sealed::Refused { reason: bounded_reason(format!("the transaction cannot commit: {reason}")) }
             }
         }
     }
 
-    async fn seal(&self, _coordinator_id: &str, _xid: &Xid, open: &mut KafkaOpen) -> Result<Vec<u8>, String> {
-        if open.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.seal_txn(open).await.map(|txn| txn.metadata()).map_err(|e| bounded_reason(format!("commit refused: {e}")))
+    async fn prepare(&self, _coordinator_id: &str, xid: &Xid, open: KafkaOpen, metadata: &[u8]) -> Result<(), String> {
+        // Kafka has no prepare: sealed, the transaction waits on its producer for the decision.
+        let Some(txn) = TxnRef::from_metadata(metadata) else {
+            self.abort_open(xid, open).await;
+            return Err("participant bug: the seal's metadata does not parse".into());
+        };
+        self.held.lock().unwrap().insert(xid.clone(), Held { lease: open.lease, txn, ended: None });
+        Ok(())
     }
 
     async fn commit_one_phase(&self, xid: &Xid, open: KafkaOpen, metadata: &[u8]) -> OnePhase {
-        if open.is_empty() {
-            self.abort_open(xid, open).await;
-            return OnePhase::Committed;
-        }
         let Some(txn) = TxnRef::from_metadata(metadata) else {
             self.abort_open(xid, open).await;
             return OnePhase::Aborted { reason: "participant bug: the seal's metadata does not parse".into() };
@@ -352,9 +344,6 @@ impl Resource for Kafka {
     }
 
     async fn resolve(&self, xid: &Xid, metadata: &[u8]) -> Result<Option<Outcome>, Error> {
-        if metadata.is_empty() {
-            return Ok(Some(Outcome::Committed)); // nothing was sent
-        }
         let txn = TxnRef::from_metadata(metadata)
             .ok_or_else(|| Error::new("participant bug: a one-phase commit's metadata does not parse"))?;
         // The one-phase commit was decided here: committing whatever is still open is its end.

@@ -326,14 +326,16 @@ impl Resource for Databases {
         Ok(open)
     }
 
-    async fn prepare(&self, coordinator_id: &str, xid: &Xid, mut open: BranchConn) -> Sealed {
-        let gid = match Gid::new(coordinator_id, &xid.resource, xid.gtid, xid.branch.clone()) {
-            Ok(gid) => gid,
-            Err(reason) => {
-                self.rollback(xid, open).await;
-                return Sealed::Aborted { reason };
-            }
-        };
+    async fn seal(&self, coordinator_id: &str, xid: &Xid, open: &mut BranchConn) -> Sealed {
+        // PostgreSQL cannot tell cheaply whether the branch changed anything: it is prepared.
+        match Gid::new(coordinator_id, &xid.resource, xid.gtid, xid.branch.clone()) {
+            Ok(_) => Sealed::Ready { metadata: txid_metadata(open.txid) },
+            Err(reason) => Sealed::Refused { reason },
+        }
+    }
+
+    async fn prepare(&self, coordinator_id: &str, xid: &Xid, mut open: BranchConn, _: &[u8]) -> Result<(), String> {
+        let gid = Gid::new(coordinator_id, &xid.resource, xid.gtid, xid.branch.clone())?;
         // One message, one round trip (simple protocol): check that the transaction is still the
         // one the branch began (its own statements may have ended it), take back the adapter's
         // role, then prepare. PREPARE in a failed transaction would answer with a silent
@@ -345,27 +347,21 @@ impl Resource for Databases {
         fail::fail_point!("postgres::after_prepare");
         match prepared {
             Ok(_) => {
-                let metadata = txid_metadata(open.txid);
                 open.recycle(self.bound()); // PREPARE TRANSACTION ended its transaction
-                Sealed::Prepared { metadata }
+                Ok(())
             }
             Err(e) => {
                 drop(open); // closed: PostgreSQL rolls back whatever is left
-                let reason = match e {
+                Err(match e {
                     sqlx::Error::PoolTimedOut => format!(
                         "PREPARE TRANSACTION got no answer within {} ms (if it went through, the abort that follows \
                          rolls it back)",
                         self.bound().as_millis()
                     ),
                     e => format!("PREPARE TRANSACTION failed: {}", branch_error(&e)),
-                };
-                Sealed::Aborted { reason }
+                })
             }
         }
-    }
-
-    async fn seal(&self, _coordinator_id: &str, _xid: &Xid, open: &mut BranchConn) -> Result<Vec<u8>, String> {
-        Ok(txid_metadata(open.txid))
     }
 
     async fn commit_one_phase(&self, xid: &Xid, mut open: BranchConn, _metadata: &[u8]) -> OnePhase {
@@ -426,18 +422,18 @@ impl Resource for Databases {
         }
         // PostgreSQL has no such prepared transaction (any more): ask how it ended.
         let fate = self.fate(db, xid, metadata).await?;
-        let outside = |what: &str| format!("prepared transaction {gid} was {what} outside Pledge");
+        let outside = |what: &str, how: &str| format!("prepared transaction {gid} was {what} outside Pledge ({how})");
         Ok(match (commit, fate) {
             (true, Fate::Committed) => Outcome::Committed, // a repeated commit
             (true, Fate::Aborted) => Outcome::HeuristicRollback {
-                reason: outside("rolled back (ROLLBACK PREPARED by hand, or lost in a failover)"),
+                reason: outside("rolled back", "ROLLBACK PREPARED by hand, or lost in a failover"),
             },
             (false, Fate::Aborted) => {
                 self.fence_abort(db, xid).await;
                 Outcome::Aborted { reason: String::new() }
             }
             (false, Fate::Committed) => {
-                Outcome::HeuristicCommit { reason: outside("committed (COMMIT PREPARED by hand?)") }
+                Outcome::HeuristicCommit { reason: outside("committed", "COMMIT PREPARED by hand?") }
             }
             (_, Fate::InProgress) => {
                 return Err(Error::new(format!("transaction of {gid} is still in progress at PostgreSQL")));

@@ -9,7 +9,7 @@
 //!
 //! | journal says | Prepare | Commit (2PC) | Commit (one phase) | Abort |
 //! |---|---|---|---|---|
-//! | open (this process) | [`Resource::prepare`], journal Prepared | roll back: never prepared | journal Committing, [`Resource::commit_one_phase`] | roll back |
+//! | open (this process) | [`Resource::seal`], then [`Resource::prepare`] while the journal writes Prepared | roll back: never prepared | [`Resource::seal`], journal Committing, then [`Resource::commit_one_phase`] | roll back |
 //! | prepared | same vote | [`Resource::finish`] | same as 2PC | [`Resource::finish`] |
 //! | committing | — (error) | [`Resource::resolve`] | [`Resource::resolve`] | [`Resource::resolve`] |
 //! | finished | same answer | same answer | same answer | same answer (and the resource is told to roll back again, harmlessly: a prepare whose vote was lost may have left the branch prepared there) |
@@ -25,16 +25,16 @@ use crate::journal::{End, Journal, State, Unrecorded};
 use crate::table::{SlotGuard, Slots};
 use crate::{BranchError, CommitKind, Error, InDoubt, Outcome, Participant, RecoverPage, RecoverQuery, Vote};
 
-/// What [`Resource::prepare`] did.
+/// What [`Resource::seal`] found of an open branch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sealed {
-    /// Durably prepared at the resource; `metadata` identifies its transaction there (it goes
-    /// into the journal and to the coordinator with the vote).
-    Prepared { metadata: Vec<u8> },
-    /// Nothing to commit; the resource side is closed.
+    /// Ready to be prepared (or committed in one phase); `metadata` identifies its transaction
+    /// at the resource (it goes into the journal, and to the coordinator with the vote).
+    Ready { metadata: Vec<u8> },
+    /// The branch did nothing here: nothing to commit. (It is then rolled back.)
     ReadOnly,
-    /// Could not prepare; rolled back (or left for [`Resource::finish`] to roll back).
-    Aborted { reason: String },
+    /// It cannot commit. (It is then rolled back.)
+    Refused { reason: String },
 }
 
 /// What [`Resource::commit_one_phase`] did.
@@ -69,13 +69,16 @@ pub trait Resource: Send + Sync + 'static {
     /// [`BranchError::Busy`] when full).
     async fn open(&self, xid: &Xid) -> Result<Self::Open, BranchError>;
 
-    /// Prepares an open branch: makes its work durable at the resource.
-    async fn prepare(&self, coordinator_id: &str, xid: &Xid, open: Self::Open) -> Sealed;
+    /// Before a prepare or a one-phase commit: checks the branch can commit, and says what
+    /// identifies its transaction at the resource, so that [`Resource::finish`] and
+    /// [`Resource::resolve`] can find out how it ended after a crash.
+    async fn seal(&self, coordinator_id: &str, xid: &Xid, open: &mut Self::Open) -> Sealed;
 
-    /// Before a one-phase commit: what identifies the branch's transaction at the resource, so
-    /// that [`Resource::resolve`] can find out how it ended after a crash. `Err` refuses the
-    /// commit (the branch is rolled back with that reason).
-    async fn seal(&self, coordinator_id: &str, xid: &Xid, open: &mut Self::Open) -> Result<Vec<u8>, String>;
+    /// Makes a sealed branch's work durable at the resource. The journal writes the branch's
+    /// Prepared record meanwhile, so a crash may leave a record of a branch the resource never
+    /// prepared: [`Resource::finish`] then finds it rolled back. `Err`: not prepared (if it
+    /// may have been after all, say so in the reason: the abort that follows rolls it back).
+    async fn prepare(&self, coordinator_id: &str, xid: &Xid, open: Self::Open, metadata: &[u8]) -> Result<(), String>;
 
     /// Commits an open branch in one phase.
     async fn commit_one_phase(&self, xid: &Xid, open: Self::Open, metadata: &[u8]) -> OnePhase;
@@ -250,24 +253,38 @@ impl<R: Resource> Journaled<R> {
         slot: &mut SlotGuard<R::Open>,
     ) -> Result<Vote, Error> {
         let s = &self.shared;
-        if let Some(open) = slot.open.take() {
-            return match s.resource.prepare(coordinator_id, xid, open).await {
-                Sealed::Prepared { metadata } => match s.journal.prepared(xid, coordinator_id, &metadata).await {
-                    Ok(()) => {
-                        // Prepared and recorded; the vote not yet given.
-                        fail::fail_point!("journaled::after_prepare");
-                        Ok(Vote::Prepared { metadata })
+        if let Some(mut open) = slot.open.take() {
+            return match s.resource.seal(coordinator_id, xid, &mut open).await {
+                Sealed::Ready { metadata } => {
+                    // The record and the resource's prepare overlap: the vote waits for both.
+                    let (recorded, prepared) = futures::join!(
+                        s.journal.prepared(xid, coordinator_id, &metadata),
+                        s.resource.prepare(coordinator_id, xid, open, &metadata)
+                    );
+                    match (recorded, prepared) {
+                        (Ok(()), Ok(())) => {
+                            // Prepared and recorded; the vote not yet given.
+                            fail::fail_point!("journaled::after_prepare");
+                            Ok(Vote::Prepared { metadata })
+                        }
+                        (_, Err(reason)) => {
+                            self.record_end(xid, End::Outcome(Outcome::Aborted { reason: reason.clone() })).await?;
+                            Ok(Vote::Aborted { reason })
+                        }
+                        // Prepared at the resource, but not recorded: vote no. The abort that
+                        // follows rolls it back (the resource still has it, by its own name).
+                        (Err(e), Ok(())) => {
+                            Ok(Vote::Aborted { reason: format!("cannot record the prepared branch: {e}") })
+                        }
                     }
-                    // Prepared at the resource, but not recorded: vote no. The abort that
-                    // follows rolls it back (the resource still has it, by its own name).
-                    Err(e) => Ok(Vote::Aborted { reason: format!("cannot record the prepared branch: {e}") }),
-                },
+                }
                 Sealed::ReadOnly => {
+                    s.resource.rollback(xid, open).await;
                     self.record_end(xid, End::ReadOnly).await?;
                     Ok(Vote::ReadOnly)
                 }
-                Sealed::Aborted { reason } => {
-                    self.record_end(xid, End::Outcome(Outcome::Aborted { reason: reason.clone() })).await?;
+                Sealed::Refused { reason } => {
+                    self.roll_back_open(xid, open, reason.clone()).await?;
                     Ok(Vote::Aborted { reason })
                 }
             };
@@ -313,8 +330,14 @@ impl<R: Resource> Journaled<R> {
                 return Ok(Outcome::Aborted { reason });
             }
             let sealed = match s.resource.seal(coordinator_id, xid, &mut open).await {
-                Ok(sealed) => sealed,
-                Err(reason) => {
+                Sealed::Ready { metadata } => metadata,
+                Sealed::ReadOnly => {
+                    // Nothing to commit.
+                    s.resource.rollback(xid, open).await;
+                    self.record_end(xid, End::ReadOnly).await?;
+                    return Ok(Outcome::Committed);
+                }
+                Sealed::Refused { reason } => {
                     self.roll_back_open(xid, open, reason.clone()).await?;
                     return Ok(Outcome::Aborted { reason });
                 }

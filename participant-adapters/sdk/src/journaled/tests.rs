@@ -48,14 +48,14 @@ impl Resource for Arc<Fake> {
         Ok(())
     }
 
-    async fn prepare(&self, _: &str, xid: &Xid, _: ()) -> Sealed {
-        self.called(format!("prepare {}", xid.branch));
-        Sealed::Prepared { metadata: format!("meta-{}", xid.branch).into_bytes() }
+    async fn seal(&self, _: &str, xid: &Xid, _: &mut ()) -> Sealed {
+        self.called(format!("seal {}", xid.branch));
+        Sealed::Ready { metadata: format!("meta-{}", xid.branch).into_bytes() }
     }
 
-    async fn seal(&self, _: &str, xid: &Xid, _: &mut ()) -> Result<Vec<u8>, String> {
-        self.called(format!("seal {}", xid.branch));
-        Ok(format!("seal-{}", xid.branch).into_bytes())
+    async fn prepare(&self, _: &str, xid: &Xid, _: (), metadata: &[u8]) -> Result<(), String> {
+        self.called(format!("prepare {} {}", xid.branch, String::from_utf8_lossy(metadata)));
+        Ok(())
     }
 
     async fn commit_one_phase(&self, xid: &Xid, _: (), metadata: &[u8]) -> OnePhase {
@@ -180,7 +180,7 @@ async fn a_one_phase_commit_whose_answer_was_lost_is_resolved_by_the_resource() 
     let calls = rig.fake.calls();
     assert_eq!(
         calls,
-        ["open b", "seal b", "commit_one_phase b seal-b", "resolve b seal-b", "resolve b seal-b", "finished b"],
+        ["open b", "seal b", "commit_one_phase b meta-b", "resolve b meta-b", "resolve b meta-b", "finished b"],
         "the seal is recorded before the commit is sent, and resolves it"
     );
     rig.restart().await;
@@ -194,11 +194,11 @@ async fn a_one_phase_commit_whose_answer_was_lost_is_resolved_by_the_resource() 
 async fn a_one_phase_commit_cut_by_a_crash_is_resolved_after_the_restart() {
     let mut rig = Rig::new().await;
     let x = xid("b");
-    rig.participant.journal().committing(&x, "c", b"seal-b").await.unwrap();
+    rig.participant.journal().committing(&x, "c", b"meta-b").await.unwrap();
     rig.restart().await;
     let r = rig.participant.commit("c", &x, CommitKind::OnePhase { may_be_empty: false }, &[]).await.unwrap();
     assert_eq!(r, Outcome::Committed);
-    assert_eq!(rig.fake.calls(), ["resolve b seal-b", "finished b"]);
+    assert_eq!(rig.fake.calls(), ["resolve b meta-b", "finished b"]);
 }
 
 /// A two-phase commit of a branch the journal has no record of (a lost data directory) goes
