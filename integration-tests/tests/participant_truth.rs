@@ -255,8 +255,8 @@ async fn postgres_branch_rolled_back_by_hand_is_a_heuristic_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_session_settings_do_not_leak_into_the_next_branch() {
     let dir = TestDir::new("pg-leak");
-    // Two connections and no warm ones: the next branches get the first branch's connection.
-    let args = ["--max-connections", "2", "--max-active-branches", "1", "--warm-connections", "0"];
+    // Few connections and no warm ones: the next branches soon get the first branch's.
+    let args = ["--max-connections", "3", "--max-active-branches", "2", "--warm-connections", "0"];
     let adapter = dir.postgres_adapter("pg", 0, &[("db_a", pg_url('a'))], &args, &[]).await;
     let coordinator = dir.coordinator(&[("db_a", &adapter)], &[]).await;
     let a = pool('a').await;
@@ -268,19 +268,50 @@ async fn postgres_session_settings_do_not_leak_into_the_next_branch() {
     .unwrap();
     let mut c = coordinator_client(&coordinator).await;
     let mut pg = branch_client(&adapter).await;
-    let gtid = begin(&mut c, &[("db_a", "setter")]).await;
-    for sql in ["SET ROLE pledge_leak_test", "SET statement_timeout = 1234", "SELECT 1"] {
-        execute(&mut pg, "db_a", &gtid, "setter", sql, vec![]).await.unwrap();
-    }
-    assert_eq!(commit(&mut c, &gtid, true).await.unwrap().outcome(), v1::Outcome::Committed);
-    for n in 0..6 {
-        let gtid = begin(&mut c, &[("db_a", "reader")]).await;
-        let sql = "SELECT current_user::text, current_setting('statement_timeout')";
-        let r = execute(&mut pg, "db_a", &gtid, "reader", sql, vec![]).await.unwrap();
-        let row = &r.results[0].rows[0].values;
-        assert_eq!(row[0], text("pledge"), "branch {n} runs as another client's role");
-        assert_ne!(row[1], text("1234ms"), "branch {n} has another client's statement_timeout");
-        c.abort(v1::AbortRequest { gtid }).await.unwrap();
+    let sets = ["SET ROLE pledge_leak_test", "SET statement_timeout = 1234", "SELECT pg_advisory_lock(424242)::text"];
+    // What a branch leaves must not reach the next branches, however the branch ends: prepared
+    // (two branches: two-phase commit), committed in one phase, rolled back after an error.
+    for (case, branches, fail) in [
+        ("two-phase", &[("db_a", "setter"), ("db_a", "other")][..], false),
+        ("one-phase", &[("db_a", "setter")][..], false),
+        ("rolled back", &[("db_a", "setter")][..], true),
+    ] {
+        let gtid = begin(&mut c, branches).await;
+        let pid = "SELECT pg_backend_pid()::int8";
+        let setter =
+            execute(&mut pg, "db_a", &gtid, "setter", pid, vec![]).await.unwrap().results[0].rows[0].values[0].clone();
+        for sql in sets {
+            execute(&mut pg, "db_a", &gtid, "setter", sql, vec![]).await.unwrap();
+        }
+        if branches.len() > 1 {
+            execute(&mut pg, "db_a", &gtid, "other", "SELECT 1", vec![]).await.unwrap();
+        }
+        if fail {
+            assert!(execute(&mut pg, "db_a", &gtid, "setter", "SELECT 1/0", vec![]).await.is_err());
+        }
+        let r = commit(&mut c, &gtid, true).await.unwrap();
+        let want = if fail { v1::Outcome::Aborted } else { v1::Outcome::Committed };
+        assert_eq!(r.outcome(), want, "{case}: {}", r.reason);
+        let mut reused = false;
+        let mut seen = std::collections::BTreeSet::new();
+        for n in 0..50 {
+            let gtid = begin(&mut c, &[("db_a", "reader")]).await;
+            let sql = "SELECT current_user::text, current_setting('statement_timeout'), \
+                       (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()), \
+                       pg_backend_pid()::int8";
+            let r = execute(&mut pg, "db_a", &gtid, "reader", sql, vec![]).await.unwrap();
+            let row = &r.results[0].rows[0].values;
+            assert_eq!(row[0], text("pledge"), "{case}: branch {n} runs as another client's role");
+            assert_ne!(row[1], text("1234ms"), "{case}: branch {n} has another client's statement_timeout");
+            assert_eq!(row[2], int(0), "{case}: branch {n} holds another client's advisory lock");
+            c.abort(v1::AbortRequest { gtid }).await.unwrap();
+            seen.insert(format!("{:?}", row[3].kind));
+            if row[3] == setter {
+                reused = true;
+                break;
+            }
+        }
+        assert!(reused, "{case}: no later branch got the setter's connection {setter:?}; they had {seen:?}");
     }
 }
 

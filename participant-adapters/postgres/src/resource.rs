@@ -4,20 +4,26 @@
 //!
 //! * **open** → a connection (a warm one, or from the pool), `BEGIN; SELECT txid_current()`;
 //!   the transaction id is the branch's identity at PostgreSQL, later its vote metadata.
-//! * **prepare** → the same-transaction check, `RESET ROLE` (the prepared transaction must be
-//!   owned by the adapter's role, or no other session of the adapter could finish it) and
-//!   `PREPARE TRANSACTION '<gid>'`, in one message.
-//! * **one-phase commit** → the check and `COMMIT`; its answer lost (connection broken, no
-//!   answer in time) → `txid_status` of the branch's transaction id tells how it ended.
+//! * **prepare** → the same-transaction check, the session reset (below; its `RESET ROLE` also
+//!   makes the prepared transaction the adapter's role's, or no other session of the adapter
+//!   could finish it) and `PREPARE TRANSACTION '<gid>'`, in one message.
+//! * **one-phase commit** → the check, the reset and `COMMIT`; its answer lost (connection
+//!   broken, no answer in time) → `txid_status` of the branch's transaction id tells how it
+//!   ended.
 //! * **finish** → `COMMIT PREPARED` / `ROLLBACK PREPARED`; a GID PostgreSQL no longer has
 //!   (42704) is asked of `txid_status` (or the dedup table): committed, rolled back outside
 //!   Pledge (a heuristic outcome), or unknown (a heuristic hazard) — never presumed.
 //! * Every statement has a client-side bound (`statement_timeout` + 5 s): PostgreSQL's own
 //!   timeout does not cover a server or network that stopped answering.
 //! * A connection a branch used goes back (to the warm set or the pool) only after its
-//!   transaction ended and its session was reset ([`RESET_SESSION`]), in the background: what
-//!   one client's statements set (`SET ROLE`, `SET statement_timeout`, advisory locks, `LISTEN`,
-//!   temporary tables, cursors) never reaches the next client's branch. Any error closes it.
+//!   transaction ended with its session reset, so what one client's statements set never
+//!   reaches the next client's branch. The reset rides in the message that ends the
+//!   transaction: settings changed in a transaction (`SET ROLE`, `SET statement_timeout`, any
+//!   `SET`) last past its PREPARE or COMMIT, so resetting them just before takes effect for the
+//!   session ([`RESET_BEFORE_PREPARE`], [`RESET_BEFORE_COMMIT`]); a ROLLBACK reverts them by
+//!   itself ([`RESET_AFTER_ROLLBACK`] releases what it does not: session advisory locks). What
+//!   PREPARE refuses to carry (LISTEN, temporary tables, cursors WITH HOLD) cannot outlive a
+//!   prepared branch. Any error closes the connection instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,11 +43,16 @@ use crate::{PostgresConfig, REPLACED_TRANSACTION, same_transaction_check};
 /// `undefined_object`: COMMIT/ROLLBACK PREPARED of a GID PostgreSQL does not have.
 const UNDEFINED_OBJECT: &str = "42704";
 
-/// Everything a branch's own statements can leave in a session that outlives its transaction
-/// (what `DISCARD ALL` does, but for `DEALLOCATE ALL`, which would pull the adapter's cached
-/// statements from under it). Run on every connection a branch used before anyone else gets it.
-pub const RESET_SESSION: &str = "RESET ROLE; RESET ALL; CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); \
-                                 DISCARD TEMP; DISCARD SEQUENCES";
+/// Run inside a branch's transaction just before PREPARE: everything its statements can leave in
+/// the session that a prepared transaction does not refuse (what `DISCARD ALL` would reset, but
+/// `DEALLOCATE ALL`, which would pull the adapter's cached statements from under it).
+pub const RESET_BEFORE_PREPARE: &str = "RESET ALL; RESET ROLE; SELECT pg_advisory_unlock_all(); DISCARD SEQUENCES";
+/// The same before a one-phase COMMIT, which (unlike PREPARE) would carry LISTEN, temporary
+/// tables and cursors WITH HOLD into the session.
+pub const RESET_BEFORE_COMMIT: &str = "RESET ALL; RESET ROLE; SELECT pg_advisory_unlock_all(); DISCARD SEQUENCES; \
+                                       CLOSE ALL; UNLISTEN *; DISCARD TEMP";
+/// After a ROLLBACK, which reverts settings, LISTEN, temporary tables and cursors itself.
+pub const RESET_AFTER_ROLLBACK: &str = "SELECT pg_advisory_unlock_all(); DISCARD SEQUENCES";
 
 /// One database the adapter serves.
 pub(crate) struct Database {
@@ -118,21 +129,11 @@ impl BranchConn {
         self.conn.as_mut().expect("a branch connection is present until recycled")
     }
 
-    /// After its transaction ended: resets the session and hands the connection back, in the
-    /// background (the answer does not wait for it). Frees the branch's active permit now.
-    fn recycle(mut self, bound: Duration) {
-        let (Some(mut conn), db) = (self.conn.take(), self.db.clone()) else { return };
-        tokio::spawn(async move {
-            let reset = tokio::time::timeout(bound, sqlx::raw_sql(RESET_SESSION).execute(&mut *conn)).await;
-            match reset {
-                Ok(Ok(_)) => db.put_back(conn),
-                Ok(Err(e)) => {
-                    tracing::warn!(resource = %db.id, error = %e, "cannot reset a branch's session; closing it");
-                    conn.close_on_drop();
-                }
-                Err(_) => conn.close_on_drop(),
-            }
-        });
+    /// Hands the connection back, once its transaction ended with its session reset.
+    fn recycle(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.db.put_back(conn);
+        }
     }
 }
 
@@ -342,12 +343,13 @@ impl Resource for Databases {
         // ROLLBACK, but it cannot get there: in a failed transaction the check itself fails, and
         // an error skips the rest of the message. So PREPARE either prepares or fails (a
         // deferred constraint, a serialization failure).
-        let sql = format!("{}; RESET ROLE; PREPARE TRANSACTION {}", same_transaction_check(open.txid), gid.literal());
+        let check = same_transaction_check(open.txid);
+        let sql = format!("{check}; {RESET_BEFORE_PREPARE}; PREPARE TRANSACTION {}", gid.literal());
         let prepared = self.bounded(sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **open.get())).await;
         fail::fail_point!("postgres::after_prepare");
         match prepared {
             Ok(_) => {
-                open.recycle(self.bound()); // PREPARE TRANSACTION ended its transaction
+                open.recycle(); // PREPARE TRANSACTION ended its transaction
                 Ok(())
             }
             Err(e) => {
@@ -367,12 +369,12 @@ impl Resource for Databases {
     async fn commit_one_phase(&self, xid: &Xid, mut open: BranchConn, _metadata: &[u8]) -> OnePhase {
         // COMMIT of a failed transaction answers with a silent ROLLBACK: the check before it,
         // in the same message, fails in a failed (or replaced) transaction and skips the COMMIT.
-        let sql = format!("{}; COMMIT", same_transaction_check(open.txid));
+        let sql = format!("{}; {RESET_BEFORE_COMMIT}; COMMIT", same_transaction_check(open.txid));
         let result = self.bounded(sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **open.get())).await;
         fail::fail_point!("postgres::after_one_phase_commit");
         match result {
             Ok(_) => {
-                open.recycle(self.bound());
+                open.recycle();
                 OnePhase::Committed
             }
             // PostgreSQL refused (a deferred constraint, a serialization failure, the check):
@@ -393,10 +395,12 @@ impl Resource for Databases {
 
     async fn rollback(&self, xid: &Xid, mut open: BranchConn) {
         let db = open.db.clone();
-        let rolled_back = self.bounded(sqlx::query("ROLLBACK").execute(&mut **open.get())).await;
-        if rolled_back.is_ok() {
-            open.recycle(self.bound());
-        } // else dropped: closed, and PostgreSQL rolls the transaction back
+        let sql = format!("ROLLBACK; {RESET_AFTER_ROLLBACK}");
+        match self.bounded(sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **open.get())).await {
+            Ok(_) => open.recycle(),
+            // Dropped: closed, and PostgreSQL rolls the transaction back.
+            Err(e) => tracing::info!(%xid, error = %e, "ROLLBACK failed; closing the branch's connection"),
+        }
         self.fence_abort(&db, xid).await;
     }
 
