@@ -146,53 +146,134 @@ impl Connection {
     }
 }
 
+/// Idle connections kept per broker, at most.
+const MAX_IDLE_PER_BROKER: usize = 4;
+
 /// Talks to the transaction coordinator of transactional ids, through any bootstrap broker.
+/// Connections are kept and reused (at most [`MAX_IDLE_PER_BROKER`] idle per broker), and each
+/// transactional id's coordinator is remembered until a call says it moved: a prepare's
+/// DescribeTransactions is then one request on an open connection, not two new ones.
 #[derive(Clone)]
 pub struct TxnClient {
     bootstrap: Vec<String>,
     timeout: Duration,
+    shared: std::sync::Arc<Shared>,
 }
+
+#[derive(Default)]
+struct Shared {
+    /// Transactional id -> its transaction coordinator's address (bounded: cleared when full).
+    coordinators: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Broker address -> idle connections.
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<Connection>>>,
+}
+
+/// Most transactional ids whose coordinator is remembered.
+const MAX_REMEMBERED_COORDINATORS: usize = 4096;
 
 impl TxnClient {
     pub fn new(bootstrap: &str, timeout: Duration) -> TxnClient {
-        TxnClient { bootstrap: bootstrap.split(',').map(|s| s.trim().to_string()).collect(), timeout }
+        TxnClient {
+            bootstrap: bootstrap.split(',').map(|s| s.trim().to_string()).collect(),
+            timeout,
+            shared: Default::default(),
+        }
+    }
+
+    /// An idle connection to `addr`, or a new one.
+    async fn connection(&self, addr: &str) -> Result<Connection, WireError> {
+        let idle = self.shared.idle.lock().unwrap().get_mut(addr).and_then(Vec::pop);
+        match idle {
+            Some(conn) => Ok(conn),
+            None => Connection::open(addr, self.timeout).await,
+        }
+    }
+
+    /// Gives back a connection whose last exchange completed.
+    fn put_back(&self, conn: Connection) {
+        let mut idle = self.shared.idle.lock().unwrap();
+        let list = idle.entry(conn.addr.clone()).or_default();
+        if list.len() < MAX_IDLE_PER_BROKER {
+            list.push(conn);
+        }
+    }
+
+    /// One request on a kept (or new) connection to `addr`. A kept connection the broker has
+    /// closed meanwhile fails at once; the request is then made once more on a new one.
+    async fn call<Req: Encodable, Resp: Decodable>(
+        &self,
+        addr: &str,
+        api_key: ApiKey,
+        version: i16,
+        request: &Req,
+    ) -> Result<Resp, WireError> {
+        let mut conn = self.connection(addr).await?;
+        let reused = conn.correlation_id > 0;
+        let result = match conn.call(api_key, version, request).await {
+            Err(WireError::Io { .. }) if reused => {
+                conn = Connection::open(addr, self.timeout).await?;
+                conn.call(api_key, version, request).await
+            }
+            other => other,
+        };
+        if result.is_ok() {
+            self.put_back(conn);
+        }
+        result
     }
 
     /// The address of the transaction coordinator of `transactional_id`.
     async fn coordinator(&self, transactional_id: &str) -> Result<String, WireError> {
+        if let Some(addr) = self.shared.coordinators.lock().unwrap().get(transactional_id) {
+            return Ok(addr.clone());
+        }
         let mut last = None;
         for broker in &self.bootstrap {
-            let attempt = async {
-                let mut conn = Connection::open(broker, self.timeout).await?;
-                let request = FindCoordinatorRequest::default()
-                    .with_key(StrBytes::from_string(transactional_id.to_string()))
-                    .with_key_type(1);
-                let r: FindCoordinatorResponse =
-                    conn.call(ApiKey::FindCoordinator, FIND_COORDINATOR_VERSION, &request).await?;
-                if r.error_code != code::NONE {
-                    return Err(WireError::Kafka {
+            let request = FindCoordinatorRequest::default()
+                .with_key(StrBytes::from_string(transactional_id.to_string()))
+                .with_key_type(1);
+            let attempt = self
+                .call::<_, FindCoordinatorResponse>(broker, ApiKey::FindCoordinator, FIND_COORDINATOR_VERSION, &request)
+                .await;
+            match attempt {
+                Ok(r) if r.error_code == code::NONE => {
+                    let addr = format!("{}:{}", r.host.as_str(), r.port);
+                    let mut known = self.shared.coordinators.lock().unwrap();
+                    if known.len() >= MAX_REMEMBERED_COORDINATORS {
+                        known.clear();
+                    }
+                    known.insert(transactional_id.to_string(), addr.clone());
+                    return Ok(addr);
+                }
+                Ok(r) => {
+                    last = Some(WireError::Kafka {
                         what: "FindCoordinator",
                         code: r.error_code,
                         message: r.error_message.map(|m| m.to_string()),
-                    });
+                    })
                 }
-                Ok(format!("{}:{}", r.host.as_str(), r.port))
-            };
-            match attempt.await {
-                Ok(addr) => return Ok(addr),
                 Err(e) => last = Some(e),
             }
         }
         Err(last.unwrap_or_else(|| WireError::Protocol("no bootstrap broker".into())))
     }
 
-    /// Runs `op` against the transaction coordinator, finding it again and retrying (a bounded
-    /// number of times, with a short pause) while it is moving or loading.
-    async fn with_coordinator<T, F, Fut>(&self, transactional_id: &str, mut op: F) -> Result<T, WireError>
-    where
-        F: FnMut(Connection) -> Fut,
-        Fut: std::future::Future<Output = Result<T, WireError>>,
-    {
+    /// The coordinator of `transactional_id` moved (or cannot be reached): ask again next time.
+    fn forget_coordinator(&self, transactional_id: &str) {
+        self.shared.coordinators.lock().unwrap().remove(transactional_id);
+    }
+
+    /// Sends `request` to the transaction coordinator of `transactional_id`, finding it again
+    /// and retrying (a bounded number of times, with a short pause) while it is moving or
+    /// loading (`retriable` reads that from the response).
+    async fn to_coordinator<Req: Encodable, Resp: Decodable>(
+        &self,
+        transactional_id: &str,
+        api_key: ApiKey,
+        version: i16,
+        request: &Req,
+        retriable: impl Fn(&Resp) -> Option<i16>,
+    ) -> Result<Resp, WireError> {
         const ATTEMPTS: u32 = 10;
         // One bound for the whole call, however many attempts it takes.
         let deadline = tokio::time::Instant::now() + 3 * self.timeout;
@@ -201,7 +282,7 @@ impl TxnClient {
             attempt += 1;
             let call = async {
                 let addr = self.coordinator(transactional_id).await?;
-                op(Connection::open(&addr, self.timeout).await?).await
+                self.call::<_, Resp>(&addr, api_key, version, request).await
             };
             let result = tokio::time::timeout_at(deadline, call).await.unwrap_or_else(|_| {
                 Err(WireError::Timeout {
@@ -209,11 +290,20 @@ impl TxnClient {
                     timeout: 3 * self.timeout,
                 })
             });
-            match result {
-                Err(WireError::Kafka { code, .. }) if code::retriable(code) && attempt < ATTEMPTS => {}
-                other => return other,
+            let retry = match &result {
+                Ok(r) => retriable(r).filter(|c| code::retriable(*c)),
+                Err(_) => None,
+            };
+            if result.is_err() || retry.is_some() {
+                self.forget_coordinator(transactional_id);
             }
-            tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await;
+            match retry {
+                Some(code) if attempt >= ATTEMPTS => {
+                    return Err(WireError::Kafka { what: api_key_name(api_key), code, message: None });
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt))).await,
+                None => return result,
+            }
         }
     }
 
@@ -231,49 +321,55 @@ impl TxnClient {
             .with_producer_id(ProducerId(producer_id))
             .with_producer_epoch(producer_epoch)
             .with_committed(commit);
-        self.with_coordinator(transactional_id, |mut conn| {
-            let request = request.clone();
-            async move {
-                let r: EndTxnResponse = conn.call(ApiKey::EndTxn, END_TXN_VERSION, &request).await?;
-                if code::retriable(r.error_code) {
-                    return Err(WireError::Kafka { what: "EndTxn", code: r.error_code, message: None });
-                }
-                Ok(r.error_code)
-            }
-        })
-        .await
+        let r: EndTxnResponse = self
+            .to_coordinator(transactional_id, ApiKey::EndTxn, END_TXN_VERSION, &request, |r: &EndTxnResponse| {
+                Some(r.error_code)
+            })
+            .await?;
+        Ok(r.error_code)
     }
 
     /// What the coordinator knows of `transactional_id` (`None`: nothing).
     pub async fn describe(&self, transactional_id: &str) -> Result<Option<TxnDescription>, WireError> {
         let request = DescribeTransactionsRequest::default()
             .with_transactional_ids(vec![TransactionalId(StrBytes::from_string(transactional_id.to_string()))]);
-        self.with_coordinator(transactional_id, |mut conn| {
-            let request = request.clone();
-            async move {
-                let r: DescribeTransactionsResponse =
-                    conn.call(ApiKey::DescribeTransactions, DESCRIBE_TRANSACTIONS_VERSION, &request).await?;
-                let Some(state) = r.transaction_states.into_iter().next() else { return Ok(None) };
-                match state.error_code {
-                    code::NONE => Ok(Some(TxnDescription {
-                        state: state.transaction_state.to_string(),
-                        producer_id: state.producer_id.0,
-                        producer_epoch: state.producer_epoch,
-                        start_ms: state.transaction_start_time_ms,
-                        partitions: state
-                            .topics
-                            .into_iter()
-                            .flat_map(|t| {
-                                let topic = t.topic.0.to_string();
-                                t.partitions.into_iter().map(move |p| (topic.clone(), p))
-                            })
-                            .collect(),
-                    })),
-                    code::TRANSACTIONAL_ID_NOT_FOUND => Ok(None),
-                    other => Err(WireError::Kafka { what: "DescribeTransactions", code: other, message: None }),
-                }
-            }
-        })
-        .await
+        let first_code = |r: &DescribeTransactionsResponse| r.transaction_states.first().map(|s| s.error_code);
+        let r: DescribeTransactionsResponse = self
+            .to_coordinator(
+                transactional_id,
+                ApiKey::DescribeTransactions,
+                DESCRIBE_TRANSACTIONS_VERSION,
+                &request,
+                first_code,
+            )
+            .await?;
+        let Some(state) = r.transaction_states.into_iter().next() else { return Ok(None) };
+        match state.error_code {
+            code::NONE => Ok(Some(TxnDescription {
+                state: state.transaction_state.to_string(),
+                producer_id: state.producer_id.0,
+                producer_epoch: state.producer_epoch,
+                start_ms: state.transaction_start_time_ms,
+                partitions: state
+                    .topics
+                    .into_iter()
+                    .flat_map(|t| {
+                        let topic = t.topic.0.to_string();
+                        t.partitions.into_iter().map(move |p| (topic.clone(), p))
+                    })
+                    .collect(),
+            })),
+            code::TRANSACTIONAL_ID_NOT_FOUND => Ok(None),
+            other => Err(WireError::Kafka { what: "DescribeTransactions", code: other, message: None }),
+        }
+    }
+}
+
+fn api_key_name(api_key: ApiKey) -> &'static str {
+    match api_key {
+        ApiKey::EndTxn => "EndTxn",
+        ApiKey::DescribeTransactions => "DescribeTransactions",
+        ApiKey::FindCoordinator => "FindCoordinator",
+        _ => "request",
     }
 }
