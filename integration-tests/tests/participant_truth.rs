@@ -34,6 +34,17 @@ async fn commit_one(p: &mut ParticipantClient<Channel>, x: v1::BranchXid, metada
     r.expect("commit call").into_inner().results.remove(0)
 }
 
+/// Runs the `pledge` CLI against `coordinator`; its standard output.
+fn cli(coordinator: &Process, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("pledge"))
+        .args(args)
+        .args(["--coordinator", &coordinator.endpoint()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "pledge {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn pg_addr() -> std::net::SocketAddr {
     let port: u16 = std::env::var("PLEDGE_PG_PORT").expect("PLEDGE_PG_PORT").parse().unwrap();
     std::net::SocketAddr::from(([127, 0, 0, 1], port))
@@ -173,15 +184,7 @@ async fn a_branch_its_participant_never_saw_aborts_the_transaction() {
 
     // Declared possibly empty (here with the CLI), the same branches vote read-only and the
     // transaction commits the work that was done.
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(bin("pledge"))
-            .args(args)
-            .args(["--coordinator", &coordinator.endpoint()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pledge {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| cli(&coordinator, args);
     let gtid = cli(&["txn", "begin", "--branch", "db2/credit", "--branch-may-be-empty", "db1/debit"]);
     let gtid = gtid.trim();
     cli(&["txn", "enlist", gtid, "--may-be-empty", "db_a/debit"]);
@@ -235,15 +238,7 @@ async fn postgres_branch_rolled_back_by_hand_is_a_heuristic_outcome() {
     let listed = c.list(v1::ListRequest { heuristic: true, limit: 1000, ..Default::default() }).await.unwrap();
     assert!(listed.into_inner().transactions.iter().any(|t| t.gtid == gtid), "List's heuristic filter shows it");
     // And the operator's view: the CLI.
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(bin("pledge"))
-            .args(args)
-            .args(["--coordinator", &coordinator.endpoint()])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pledge {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| cli(&coordinator, args);
     let shown = cli(&["txn", "get", &gtid]);
     assert!(shown.contains("HEURISTIC") && shown.contains("rolled back outside Pledge"), "{shown}");
     assert!(cli(&["txn", "list", "--heuristic", "--limit", "1000"]).contains(&gtid));
