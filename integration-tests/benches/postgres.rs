@@ -215,7 +215,8 @@ async fn embedded_adapter(max_clients: u32, data_dir: &std::path::Path) -> (Post
     std::mem::forget(journal);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let routes = pledge_sdk::routes(Arc::new(participant.clone()), tokio_util::sync::CancellationToken::new()).await;
+    let routes =
+        pledge_sdk::routes(Arc::new(participant.participant()), tokio_util::sync::CancellationToken::new()).await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tokio::spawn(tonic::transport::Server::builder().add_routes(routes.routes()).serve_with_incoming(incoming));
     (participant, endpoint)

@@ -133,7 +133,7 @@ async fn postgres_and_kafka_commit_together_and_a_postgres_failure_hides_the_rec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_killed_after_prepare_commits_with_end_txn_after_restart() {
-    let mut s = setup("kafka-crash-adapter", &[("PLEDGE_CRASH_AT", "kafka::before_commit")], &[]).await;
+    let mut s = setup("kafka-crash-adapter", &[("PLEDGE_CRASH_AT", "journaled::before_commit")], &[]).await;
     let topic = unique("crash-adapter");
     let gtid = s.begin_with_records(&topic, &["k1", "k2"]).await;
     let mut c = coordinator_client(&s.coordinator).await;
@@ -225,7 +225,7 @@ async fn a_branch_the_broker_aborted_on_timeout_is_a_heuristic_rollback() {
     let dir = TestDir::new("kafka-timeout");
     let prefix = unique("kafka-timeout");
     let mut kafka =
-        dir.kafka_adapter("kafka", 0, &prefix, &timeouts, &[("PLEDGE_CRASH_AT", "kafka::before_commit")]).await;
+        dir.kafka_adapter("kafka", 0, &prefix, &timeouts, &[("PLEDGE_CRASH_AT", "journaled::before_commit")]).await;
     let reference = dir.participant("ref", 0, &[], &[]).await;
     let coordinator = dir.coordinator(&[("kafka", &kafka), ("ref", &reference)], &[]).await;
     let topic = unique("timeout");

@@ -273,7 +273,7 @@ async fn adapter_killed_after_prepare_is_resolved_after_its_restart() {
     assert_eq!((bank.balance('a', 1).await, bank.balance('b', 1).await), (100, 100));
 
     // Killed after voting, when the commit arrives: the decision waits for the adapter.
-    let mut s = setup("pg-crash-commit", &[], &[("PLEDGE_CRASH_AT", "postgres::before_commit")], &[]).await;
+    let mut s = setup("pg-crash-commit", &[], &[("PLEDGE_CRASH_AT", "journaled::before_commit")], &[]).await;
     let (gtid, executed) = s.transfer(&bank, 10).await;
     executed.unwrap();
     let r = commit(&mut coordinator_client(&s.coordinator).await, &gtid, false).await.unwrap();

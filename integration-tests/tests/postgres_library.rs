@@ -39,7 +39,8 @@ async fn a_service_embeds_the_adapter_on_its_own_pools() {
     // The service serves the Participant API next to its own.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let routes = pledge_sdk::routes(Arc::new(participant.clone()), tokio_util::sync::CancellationToken::new()).await;
+    let routes =
+        pledge_sdk::routes(Arc::new(participant.participant()), tokio_util::sync::CancellationToken::new()).await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     tokio::spawn(tonic::transport::Server::builder().add_routes(routes.routes()).serve_with_incoming(incoming));
 

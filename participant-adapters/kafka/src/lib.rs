@@ -36,9 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pledge_proto::{BranchId, Gtid, ResourceId, Xid, bounded_reason};
+use pledge_sdk::BranchError;
 use pledge_sdk::journal::{Journal, JournalConfig, State};
 use pledge_sdk::journaled::{Journaled, Resource};
-use pledge_sdk::{BranchError, CommitKind, Error, Outcome, Participant, RecoverPage, RecoverQuery, Vote};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureRecord, Producer};
@@ -197,6 +197,11 @@ impl KafkaParticipant {
         &self.inner.resource().config
     }
 
+    /// The Participant service of this Kafka cluster, to serve with `pledge_sdk::routes`.
+    pub fn participant(&self) -> Journaled<Kafka> {
+        self.inner.clone()
+    }
+
     /// Sends records inside the branch; returns (partition, offset) of each once the broker has
     /// acknowledged all of them. A failure rolls the branch back.
     ///
@@ -289,7 +294,6 @@ impl KafkaParticipant {
                 Err(e) => failure = failure.or(Some(e.to_string())),
             }
         }
-        branch.open().sent += positions.len() as u64;
         if let Some(e) = failure {
             let reason = bounded_reason(format!("a record could not be delivered: {e}"));
             branch.fail(reason.clone()).await;
@@ -366,32 +370,6 @@ impl KafkaParticipant {
         let consumer = Arc::new(consumer);
         groups.insert(group_id.to_string(), consumer.clone());
         Ok(consumer)
-    }
-}
-
-#[tonic::async_trait]
-impl Participant for KafkaParticipant {
-    async fn prepare(&self, coordinator_id: &str, xid: &Xid, may_be_empty: bool) -> Result<Vote, Error> {
-        self.inner.prepare(coordinator_id, xid, may_be_empty).await
-    }
-
-    async fn commit(
-        &self,
-        coordinator_id: &str,
-        xid: &Xid,
-        kind: CommitKind,
-        metadata: &[u8],
-    ) -> Result<Outcome, Error> {
-        fail::fail_point!("kafka::before_commit");
-        self.inner.commit(coordinator_id, xid, kind, metadata).await
-    }
-
-    async fn abort(&self, coordinator_id: &str, xid: &Xid, metadata: &[u8]) -> Result<Outcome, Error> {
-        self.inner.abort(coordinator_id, xid, metadata).await
-    }
-
-    async fn recover(&self, coordinator_id: &str, query: &RecoverQuery) -> Result<RecoverPage, Error> {
-        self.inner.recover(coordinator_id, query).await
     }
 }
 

@@ -35,8 +35,7 @@ pub struct KafkaOpen {
     pub(crate) lease: Lease,
     /// (topic, partition) of every record delivered in the branch.
     pub(crate) partitions: BTreeSet<(String, i32)>,
-    /// Records delivered and offsets added: a branch with neither votes READ_ONLY.
-    pub(crate) sent: u64,
+    /// Consumer offsets added. A branch with neither records nor offsets votes READ_ONLY.
     pub(crate) offsets: bool,
     /// Where each request id's records went: a retried Produce is answered with them.
     pub(crate) requests: HashMap<String, Vec<(i32, i64)>>,
@@ -44,7 +43,7 @@ pub struct KafkaOpen {
 
 impl KafkaOpen {
     fn is_empty(&self) -> bool {
-        self.sent == 0 && !self.offsets
+        self.partitions.is_empty() && !self.offsets
     }
 }
 
@@ -249,7 +248,7 @@ impl Resource for Kafka {
             lease.poison();
             return Err(BranchError::Unavailable(format!("begin_transaction: {e}")));
         }
-        Ok(KafkaOpen { lease, partitions: BTreeSet::new(), sent: 0, offsets: false, requests: HashMap::new() })
+        Ok(KafkaOpen { lease, partitions: BTreeSet::new(), offsets: false, requests: HashMap::new() })
     }
 
     async fn seal(&self, _coordinator_id: &str, _xid: &Xid, open: &mut KafkaOpen) -> Sealed {

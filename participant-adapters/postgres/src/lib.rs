@@ -12,7 +12,7 @@
 //! journal in the adapter's data directory; [`resource`] says what happens in PostgreSQL.
 //!
 //! Use it as a library (open a branch with [`PostgresParticipant::branch`], run your own sqlx
-//! statements on [`BranchGuard::conn`], and serve [`PostgresParticipant`] with
+//! statements on [`BranchGuard::conn`], and serve [`PostgresParticipant::participant`] with
 //! `pledge_sdk::routes`) or through the `pledge-postgres-adapter` binary, whose
 //! `PostgresBranch.Execute` runs statements for services in any language.
 //!
@@ -47,9 +47,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
+use pledge_sdk::BranchError;
 use pledge_sdk::journal::{Journal, JournalConfig};
 use pledge_sdk::journaled::{self, Journaled};
-use pledge_sdk::{BranchError, CommitKind, Error, Outcome, Participant, RecoverPage, RecoverQuery, Vote};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use gid::Gid;
@@ -280,6 +280,11 @@ impl PostgresParticipant {
         &self.inner.resource().config
     }
 
+    /// The Participant service of these databases, to serve with `pledge_sdk::routes`.
+    pub fn participant(&self) -> Journaled<Databases> {
+        self.inner.clone()
+    }
+
     /// Opens branch (gtid, branch) at `resource`, or resumes it if it is open, and returns it
     /// locked: concurrent calls for the same branch wait their turn. Refused once the branch is
     /// prepared or finished, or if its work was lost in a restart of the adapter.
@@ -399,66 +404,6 @@ fn check_max_prepared(resource: &ResourceId, database: &str, setting: &str) -> a
     Ok(value)
 }
 
-/// What a failed [`same_transaction_check`] means (and the text its error carries).
-pub(crate) const REPLACED_TRANSACTION: &str =
-    "the transaction of the branch was ended by its own statements (work may have committed outside 2PC)";
-
-/// A statement that fails unless the current transaction is the branch's (`txid` from BEGIN).
-///
-/// Plain SQL rather than a PL/pgSQL `DO` block, which PostgreSQL compiles on every call: with
-/// it (and a lookup in `pg_prepared_xacts` after PREPARE, now gone) PostgreSQL managed half the
-/// 2PC transactions a second (pgbench, 32 clients). The cast fails only on the branch taken
-/// when the transaction differs (its input is not a constant, so the planner cannot fold it),
-/// and its error carries [`REPLACED_TRANSACTION`].
-pub(crate) fn same_transaction_check(txid: i64) -> String {
-    format!(
-        "SELECT CASE WHEN txid_current() = {txid} THEN 1 \
-         ELSE ('pledge: {REPLACED_TRANSACTION}; now in transaction ' || txid_current())::int END"
-    )
-}
-
-/// The dedup table's key of a branch's fence. (Without the resource: each database has its
-/// own table.)
-pub(crate) fn fence_key(xid: &Xid) -> String {
-    format!("branch:{}:{}", xid.gtid, xid.branch)
-}
-
-/// Inserts the abort fence (best effort: the journal already refuses a late prepare; the fence
-/// keeps refusing it in the database, whatever becomes of the journal).
-pub(crate) async fn fence_abort(dbs: &Databases, db: &Database, xid: &Xid) {
-    let fenced = tokio::time::timeout(
-        dbs.bound(),
-        sqlx::query(
-            "INSERT INTO pledge_dedup (key, kind, gtid, branch_id) VALUES ($1, 'abort', $2, $3) \
-             ON CONFLICT (key) DO NOTHING",
-        )
-        .bind(fence_key(xid))
-        .bind(*xid.gtid.as_uuid())
-        .bind(xid.branch.to_string())
-        .execute(&db.pool),
-    )
-    .await;
-    if !matches!(fenced, Ok(Ok(_))) {
-        tracing::warn!(resource = %db.id, %xid, result = ?fenced, "cannot record the abort fence");
-    }
-}
-
-/// The kind of this branch's dedup row ('work' = it committed, 'abort'), if any.
-pub(crate) async fn fence(dbs: &Databases, db: &Database, xid: &Xid) -> Result<Option<String>, Error> {
-    let found = tokio::time::timeout(
-        dbs.bound(),
-        sqlx::query_scalar("SELECT kind FROM pledge_dedup WHERE key = $1")
-            .bind(fence_key(xid))
-            .fetch_optional(&db.pool),
-    )
-    .await;
-    match found {
-        Ok(Ok(kind)) => Ok(kind),
-        Ok(Err(e)) => Err(Error::new(format!("reading the dedup table: {e}"))),
-        Err(_) => Err(Error::new("reading the dedup table: no answer in time")),
-    }
-}
-
 async fn create_dedup_table(pool: &PgPool) -> Result<(), sqlx::Error> {
     for (name, ddl) in [
         (
@@ -490,32 +435,6 @@ async fn create_dedup_table(pool: &PgPool) -> Result<(), sqlx::Error> {
         }
     }
     Ok(())
-}
-
-#[tonic::async_trait]
-impl Participant for PostgresParticipant {
-    async fn prepare(&self, coordinator_id: &str, xid: &Xid, may_be_empty: bool) -> Result<Vote, Error> {
-        self.inner.prepare(coordinator_id, xid, may_be_empty).await
-    }
-
-    async fn commit(
-        &self,
-        coordinator_id: &str,
-        xid: &Xid,
-        kind: CommitKind,
-        metadata: &[u8],
-    ) -> Result<Outcome, Error> {
-        fail::fail_point!("postgres::before_commit");
-        self.inner.commit(coordinator_id, xid, kind, metadata).await
-    }
-
-    async fn abort(&self, coordinator_id: &str, xid: &Xid, metadata: &[u8]) -> Result<Outcome, Error> {
-        self.inner.abort(coordinator_id, xid, metadata).await
-    }
-
-    async fn recover(&self, coordinator_id: &str, query: &RecoverQuery) -> Result<RecoverPage, Error> {
-        self.inner.recover(coordinator_id, query).await
-    }
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.journal.answer_retention = Duration::from_millis(args.answer_retention_ms);
     let (participant, handle) = KafkaParticipant::open(config).await?;
 
-    let mut routes = pledge_sdk::routes(Arc::new(participant.clone()), shutdown.clone()).await;
+    let mut routes = pledge_sdk::routes(Arc::new(participant.participant()), shutdown.clone()).await;
     routes.add_service(KafkaBranchServer::new(BranchService::new(participant)));
     pledge_sdk::server::serve(&args.listen, routes, "Kafka adapter", shutdown).await?;
     handle.shutdown().await?;

@@ -107,7 +107,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.application_name = args.application_name;
     let (participant, handle) = PostgresParticipant::connect(config).await?;
 
-    let mut routes = pledge_sdk::routes(Arc::new(participant.clone()), shutdown.clone()).await;
+    let mut routes = pledge_sdk::routes(Arc::new(participant.participant()), shutdown.clone()).await;
     routes.add_service(PostgresBranchServer::new(BranchService::new(participant)));
     pledge_sdk::server::serve(&args.listen, routes, "PostgreSQL adapter", shutdown).await?;
     handle.shutdown().await?;

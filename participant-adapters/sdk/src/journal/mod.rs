@@ -27,7 +27,7 @@
 
 mod records;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -106,6 +106,17 @@ pub enum Unrecorded {
     MaybeForgotten,
 }
 
+/// Why work cannot begin in a branch ([`Journal::open_branch`]).
+#[derive(Debug)]
+pub enum NotOpened {
+    /// The journal holds the branch: it is open already elsewhere, in flight, or finished.
+    Known(State),
+    /// Its transaction is older than what the journal remembers.
+    MaybeForgotten,
+    /// The journal failed.
+    Journal(Error),
+}
+
 /// Why a request id cannot be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClaimError {
@@ -128,6 +139,8 @@ struct Inner {
     entries: HashMap<Xid, Entry>,
     /// Prepared branches, in Recover's order.
     prepared: BTreeSet<Xid>,
+    /// Branches committing in one phase.
+    committing: HashSet<Xid>,
     /// Finished branches in finishing order, for retention.
     finished: VecDeque<(u64, Xid)>,
     /// Request id -> the branch that took it.
@@ -205,24 +218,26 @@ impl Journal {
 
     /// For a branch with no entry: was it never here, or may it have been? See [`Unrecorded`].
     pub async fn unrecorded(&self, gtid: &Gtid) -> Unrecorded {
-        let inner = self.inner.lock().await;
-        match gtid.unix_ms() {
-            // Issued in the millisecond the journal was created counts as after it; one issued
-            // in the millisecond of a forgotten answer may be that one.
-            Some(t) if t >= inner.created_ms && t > inner.forgotten_through_ms => Unrecorded::Never,
-            _ => Unrecorded::MaybeForgotten,
-        }
+        self.inner.lock().await.unrecorded(gtid)
     }
 
-    /// Records that work begins in `xid` (which has no entry). The returned future resolves
-    /// once that is durable: acknowledge the work only then.
-    pub async fn open_branch(&self, xid: &Xid) -> Result<Durable, Error> {
+    /// Records that work begins in `xid`, if it may: not when the journal holds the branch
+    /// already (past taking work, or lost in a restart), nor when it is [`Unrecorded::MaybeForgotten`]
+    /// (it may have ended already). The returned future resolves once the record is durable:
+    /// acknowledge the work only then.
+    pub async fn open_branch(&self, xid: &Xid) -> Result<Durable, NotOpened> {
         let mut inner = self.inner.lock().await;
+        if let Some(e) = inner.entries.get(xid) {
+            return Err(NotOpened::Known(e.state.clone()));
+        }
+        if inner.unrecorded(&xid.gtid) == Unrecorded::MaybeForgotten {
+            return Err(NotOpened::MaybeForgotten);
+        }
         let at_ms = now_ms();
         let record = OpenedPb { xid: Some(xid_pb(xid)), at_ms }.encode_to_vec();
-        let durable = self.log.submit(TYPE_OPENED, record).await.map_err(journal_error)?;
+        let durable = self.log.submit(TYPE_OPENED, record).await.map_err(|e| NotOpened::Journal(journal_error(e)))?;
         inner.entries.insert(xid.clone(), Entry { state: State::Open, at_ms, claims: Vec::new() });
-        self.maybe_checkpoint(&mut inner).await?;
+        self.maybe_checkpoint(&mut inner).await.map_err(NotOpened::Journal)?;
         Ok(durable)
     }
 
@@ -270,6 +285,7 @@ impl Journal {
                 inner.prepared.insert(xid.clone());
                 State::Prepared { coordinator_id, metadata, prepared_ms: at_ms }
             } else {
+                inner.committing.insert(xid.clone());
                 State::Committing { coordinator_id, metadata }
             };
             inner.entries.insert(xid.clone(), Entry { state, at_ms, claims });
@@ -368,12 +384,8 @@ impl Journal {
     /// keep for them at its resource when it starts (e.g. producers it must not restart).
     pub async fn in_flight_branches(&self) -> Vec<(Xid, State)> {
         let inner = self.inner.lock().await;
-        inner
-            .entries
-            .iter()
-            .filter(|(_, e)| matches!(e.state, State::Prepared { .. } | State::Committing { .. }))
-            .map(|(x, e)| (x.clone(), e.state.clone()))
-            .collect()
+        let in_flight = inner.prepared.iter().chain(&inner.committing);
+        in_flight.filter_map(|x| Some((x.clone(), inner.entries.get(x)?.state.clone()))).collect()
     }
 
     /// Forgets answers past their retention (or beyond `max_answers`), and publishes the
@@ -431,6 +443,15 @@ pub(crate) struct Gauges {
 }
 
 impl Inner {
+    fn unrecorded(&self, gtid: &Gtid) -> Unrecorded {
+        match gtid.unix_ms() {
+            // Issued in the millisecond the journal was created counts as after it; one issued
+            // in the millisecond of a forgotten answer may be that one.
+            Some(t) if t >= self.created_ms && t > self.forgotten_through_ms => Unrecorded::Never,
+            _ => Unrecorded::MaybeForgotten,
+        }
+    }
+
     fn replay(&mut self, rtype: u8, payload: &[u8]) -> Result<(), String> {
         let decode = |e: prost::DecodeError| e.to_string();
         match rtype {
@@ -451,6 +472,7 @@ impl Inner {
                     self.prepared.insert(xid.clone());
                     State::Prepared { coordinator_id: r.coordinator_id, metadata: r.metadata, prepared_ms: r.at_ms }
                 } else {
+                    self.committing.insert(xid.clone());
                     State::Committing { coordinator_id: r.coordinator_id, metadata: r.metadata }
                 };
                 for claim in &r.claims {
@@ -475,6 +497,7 @@ impl Inner {
                     self.claims.insert(claim.clone(), xid.clone());
                 }
                 self.prepared.remove(&xid);
+                self.committing.remove(&xid);
                 self.finished.push_back((r.at_ms, xid.clone()));
                 self.entries.insert(xid, Entry { state: State::Finished(end), at_ms: r.at_ms, claims: r.claims });
             }
@@ -486,6 +509,7 @@ impl Inner {
     /// Marks `xid` finished with `end` in memory, releasing its request ids unless it committed.
     fn finish(&mut self, xid: Xid, end: End, at_ms: u64) {
         self.prepared.remove(&xid);
+        self.committing.remove(&xid);
         let entry = self.entries.entry(xid.clone()).or_insert(Entry { state: State::Open, at_ms, claims: Vec::new() });
         if matches!(entry.state, State::Finished(_)) {
             return;
@@ -538,17 +562,11 @@ impl Inner {
         records
     }
 
+    /// From the sets the journal keeps anyway (every finished branch is in `finished` once).
     fn gauges(&self) -> Gauges {
-        let mut g = Gauges { open: 0, prepared: 0, committing: 0, finished: 0 };
-        for e in self.entries.values() {
-            match e.state {
-                State::Open => g.open += 1,
-                State::Prepared { .. } => g.prepared += 1,
-                State::Committing { .. } => g.committing += 1,
-                State::Finished(_) => g.finished += 1,
-            }
-        }
-        g
+        let (prepared, committing, finished) = (self.prepared.len(), self.committing.len(), self.finished.len());
+        let open = self.entries.len().saturating_sub(prepared + committing + finished);
+        Gauges { open, prepared, committing, finished }
     }
 }
 

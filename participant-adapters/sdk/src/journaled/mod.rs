@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use pledge_proto::{ResourceId, Xid};
 
-use crate::journal::{End, Journal, State, Unrecorded};
+use crate::journal::{End, Journal, NotOpened, State, Unrecorded};
 use crate::table::{SlotGuard, Slots};
 use crate::{BranchError, CommitKind, Error, InDoubt, Outcome, Participant, RecoverPage, RecoverQuery, Vote};
 
@@ -189,26 +189,23 @@ impl<R: Resource> Journaled<R> {
 
     async fn open(&self, xid: &Xid, slot: &mut SlotGuard<R::Open>) -> Result<(), BranchError> {
         let s = &self.shared;
-        match s.journal.state(xid).await {
-            Some(state) => {
+        // The journal's record and the resource's opening overlap; the work is acknowledged
+        // only once both are done.
+        let durable = s.journal.open_branch(xid).await.map_err(|e| match e {
+            NotOpened::Known(state) => {
                 let reason = match &state {
                     State::Finished(End::Outcome(Outcome::Aborted { reason })) => reason.clone(),
                     _ => String::new(),
                 };
-                return Err(BranchError::Finished { state: state.name(), reason });
+                BranchError::Finished { state: state.name(), reason }
             }
-            None if s.journal.unrecorded(&xid.gtid).await == Unrecorded::MaybeForgotten => {
-                return Err(BranchError::Refused(
-                    "the transaction is older than what this participant remembers (its journal's retention, or \
-                     its creation): it cannot tell whether the branch ended already"
-                        .into(),
-                ));
-            }
-            None => {}
-        }
-        // The journal's record and the resource's opening overlap; the work is acknowledged
-        // only once both are done.
-        let durable = s.journal.open_branch(xid).await.map_err(|e| BranchError::Unavailable(e.0))?;
+            NotOpened::MaybeForgotten => BranchError::Refused(
+                "the transaction is older than what this participant remembers (its journal's retention, or its \
+                 creation): it cannot tell whether the branch ended already"
+                    .into(),
+            ),
+            NotOpened::Journal(e) => BranchError::Unavailable(e.0),
+        })?;
         let open = match s.resource.open(xid).await {
             Ok(open) => open,
             Err(e) => {
@@ -545,6 +542,7 @@ impl<R: Resource> Participant for Journaled<R> {
         kind: CommitKind,
         metadata: &[u8],
     ) -> Result<Outcome, Error> {
+        fail::fail_point!("journaled::before_commit");
         let s = &self.shared;
         if !s.resource.serves(&xid.resource) {
             return Err(Error::new(format!("this participant does not serve resource {}", xid.resource)));
