@@ -69,9 +69,10 @@ impl CoordinatorService {
 pub fn status_of(e: &EngineError) -> Status {
     let message = e.to_string();
     match e {
-        EngineError::UnknownTransaction(_) | EngineError::UnknownResource(_) | EngineError::OutcomeForgotten(_) => {
-            Status::not_found(message)
-        }
+        // NOT_FOUND: no record, so never committed here (presumed abort is proven, see the
+        // engine). OUT_OF_RANGE: older than the retention window; the outcome is not known.
+        EngineError::UnknownTransaction(_) | EngineError::UnknownResource(_) => Status::not_found(message),
+        EngineError::OutcomeForgotten(_) => Status::out_of_range(message),
         EngineError::NotActive { .. }
         | EngineError::AlreadyAborted { .. }
         | EngineError::CommitDecided { .. }
@@ -79,7 +80,8 @@ pub fn status_of(e: &EngineError) -> Status {
         EngineError::TimeoutTooLong { .. } | EngineError::TooManyBranches { .. } => Status::invalid_argument(message),
         EngineError::TooManyTransactions { .. }
         | EngineError::TooManyWaiters { .. }
-        | EngineError::TooManyParticipants { .. } => Status::resource_exhausted(message),
+        | EngineError::TooManyParticipants { .. }
+        | EngineError::RetentionFull { .. } => Status::resource_exhausted(message),
     }
 }
 

@@ -449,6 +449,14 @@ fn describe(record: &LogRecord) -> String {
             ),
             c.idempotency_key.as_ref().map(|k| format!(" key={k:?}")).unwrap_or_default()
         ),
+        LogRecord::OnePhase(o) => format!(
+            "ONE-PHASE {} decided={} branch={}{}{}",
+            o.gtid,
+            o.decided_ms,
+            o.branch,
+            if o.may_be_empty { " may_be_empty" } else { "" },
+            o.idempotency_key.as_ref().map(|k| format!(" key={k:?}")).unwrap_or_default()
+        ),
         LogRecord::End(e) => format!(
             "END {} {} completed={} branches=[{}]{}",
             e.gtid,

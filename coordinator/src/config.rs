@@ -12,13 +12,9 @@ use serde::Deserialize;
 
 use crate::engine::EngineConfig;
 
+pub use crate::limits::{MAX_BATCH_LIMIT, MAX_BRANCHES_LIMIT};
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
-/// Upper limit of `max_branches_per_transaction`: a commit record carries every branch with up
-/// to 4 KiB of vote metadata, and a log record is at most 1 MiB.
-pub const MAX_BRANCHES_LIMIT: usize = 200;
-/// Upper limit of `participant_max_batch_branches`: a batched call must stay under the 4 MiB a
-/// participant accepts.
-pub const MAX_BATCH_LIMIT: usize = 500;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -51,8 +47,13 @@ pub struct Config {
     pub recovery_interval_ms: u64,
     pub max_live_transactions: usize,
     pub max_branches_per_transaction: usize,
+    /// How long a finished transaction's outcome stays answerable (Get, a retried Commit or
+    /// Abort, a Begin idempotency key). Load never shortens it.
     pub completed_retention_ms: u64,
-    pub completed_retention_max: usize,
+    /// Most finished transactions kept at once (memory: a few hundred bytes each). At the bound
+    /// Begin is refused with RESOURCE_EXHAUSTED until older ones expire; size it as peak
+    /// transactions per second × completed_retention_ms / 1000.
+    pub max_retained_transactions: usize,
     /// Most branches in one Prepare/Commit/Abort call to a participant.
     pub participant_max_batch_branches: usize,
     /// Calls of one kind in flight to one participant; while they are, new work queues up and
@@ -93,7 +94,7 @@ impl Default for Config {
             max_live_transactions: engine.max_live_transactions,
             max_branches_per_transaction: engine.max_branches_per_transaction,
             completed_retention_ms: engine.completed_retention_ms,
-            completed_retention_max: engine.completed_retention_max,
+            max_retained_transactions: engine.max_retained_transactions,
             participant_max_batch_branches: 256,
             participant_max_inflight_calls: 4,
             participant_pipeline: true,
@@ -114,46 +115,10 @@ impl Config {
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config file {}: {e}", path.display()))
     }
 
-    /// Checks what serde cannot: ranges and relations between settings.
+    /// Checks what serde cannot: every limit's range (see [`crate::limits`]) and the
+    /// participants' ids and endpoints.
     pub fn validate(&self) -> anyhow::Result<()> {
-        let positive = [
-            ("default_txn_timeout_ms", self.default_txn_timeout_ms),
-            ("prepare_timeout_ms", self.prepare_timeout_ms),
-            ("participant_rpc_timeout_ms", self.participant_rpc_timeout_ms),
-            ("retry_initial_backoff_ms", self.retry_initial_backoff_ms),
-            ("recovery_interval_ms", self.recovery_interval_ms),
-            ("max_request_wait_ms", self.max_request_wait_ms),
-            ("max_live_transactions", self.max_live_transactions as u64),
-            ("max_branches_per_transaction", self.max_branches_per_transaction as u64),
-            ("participant_max_batch_branches", self.participant_max_batch_branches as u64),
-            ("participant_max_inflight_calls", self.participant_max_inflight_calls as u64),
-            ("checkpoint_every_records", self.checkpoint_every_records),
-        ];
-        for (name, value) in positive {
-            anyhow::ensure!(value > 0, "{name} must be greater than 0");
-        }
-        anyhow::ensure!(
-            self.default_txn_timeout_ms <= self.max_txn_timeout_ms,
-            "default_txn_timeout_ms ({}) exceeds max_txn_timeout_ms ({})",
-            self.default_txn_timeout_ms,
-            self.max_txn_timeout_ms
-        );
-        anyhow::ensure!(
-            self.retry_initial_backoff_ms <= self.retry_max_backoff_ms,
-            "retry_initial_backoff_ms exceeds retry_max_backoff_ms"
-        );
-        anyhow::ensure!(
-            self.max_branches_per_transaction <= MAX_BRANCHES_LIMIT,
-            "max_branches_per_transaction ({}) is above {MAX_BRANCHES_LIMIT}: a commit record with that many \
-             branches might not fit in one log record",
-            self.max_branches_per_transaction
-        );
-        anyhow::ensure!(
-            self.participant_max_batch_branches <= MAX_BATCH_LIMIT,
-            "participant_max_batch_branches ({}) is above {MAX_BATCH_LIMIT}: a full batch might exceed what a \
-             participant accepts in one call",
-            self.participant_max_batch_branches
-        );
+        crate::limits::check(self).map_err(anyhow::Error::msg)?;
         for (resource, endpoint) in &self.participants {
             pledge_proto::ResourceId::parse_field("participants", resource)?;
             validate_endpoint(endpoint).map_err(|e| anyhow::anyhow!("participant {resource}: {e}"))?;
@@ -171,7 +136,8 @@ impl Config {
             max_live_transactions: self.max_live_transactions,
             max_branches_per_transaction: self.max_branches_per_transaction,
             completed_retention_ms: self.completed_retention_ms,
-            completed_retention_max: self.completed_retention_max,
+            max_retained_transactions: self.max_retained_transactions,
+            max_record_bytes: pledge_log::LogConfig::new("").max_record_bytes,
             checkpoint_every_records: self.checkpoint_every_records,
             rng_seed: fastrand::u64(..),
         }
@@ -229,7 +195,7 @@ mod tests {
     #[test]
     fn invalid_settings_are_named() {
         let c = Config { prepare_timeout_ms: 0, ..Config::default() };
-        assert_eq!(c.validate().unwrap_err().to_string(), "prepare_timeout_ms must be greater than 0");
+        assert!(c.validate().unwrap_err().to_string().starts_with("prepare_timeout_ms = 0 is out of range"));
         let mut c = Config::default();
         c.participants.insert("db1".into(), "127.0.0.1:7701".into());
         assert!(c.validate().unwrap_err().to_string().contains("must look like http://host:port or unix:"));

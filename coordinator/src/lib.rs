@@ -16,6 +16,7 @@ pub mod cli;
 pub mod config;
 pub mod driver;
 pub mod engine;
+pub mod limits;
 pub mod metrics;
 pub mod records;
 pub mod recovery;

@@ -21,6 +21,10 @@ pub const PHASE2_RETRIES: &str = "pledge_phase2_retries_total";
 pub const HEURISTIC: &str = "pledge_heuristic_outcomes_total";
 pub const LIVE: &str = "pledge_transactions";
 pub const OLDEST_IN_DOUBT: &str = "pledge_oldest_in_doubt_seconds";
+pub const RETAINED: &str = "pledge_transactions_retained";
+pub const HEURISTIC_KEPT: &str = "pledge_heuristic_transactions";
+pub const RETENTION_FULL: &str = "pledge_retention_full_refusals_total";
+pub const PROTOCOL_ERRORS: &str = "pledge_participant_protocol_errors_total";
 pub const PARTICIPANT_CALLS: &str = "pledge_participant_calls_total";
 pub const PARTICIPANT_BRANCHES: &str = "pledge_participant_call_branches_total";
 pub const PARTICIPANT_CALL_DURATION: &str = "pledge_participant_call_duration_seconds";
@@ -71,6 +75,22 @@ pub fn describe() {
         "time since the oldest unfinished decision was made (a transaction whose outcome is decided but not yet \
          acknowledged by every branch); 0 when there is none"
     );
+    describe_gauge!(
+        RETAINED,
+        "finished transactions kept for Get and retried calls (completed_retention_ms); at \
+         max_retained_transactions Begin is refused"
+    );
+    describe_gauge!(HEURISTIC_KEPT, "finished transactions with a heuristic outcome, kept until an operator acts");
+    describe_counter!(
+        RETENTION_FULL,
+        "Begin calls refused because max_retained_transactions finished transactions are kept (none is forgotten \
+         before completed_retention_ms)"
+    );
+    describe_counter!(
+        PROTOCOL_ERRORS,
+        "participant answers that break the protocol (a result for a branch not asked about, or none for one \
+         that was), by resource; such a branch counts as having no answer"
+    );
     describe_counter!(
         PARTICIPANT_CALLS,
         "calls to participants (Prepare, Commit, Abort, and Recover pages), by resource, call and gRPC status code"
@@ -102,6 +122,14 @@ pub fn heuristic() {
     counter!(HEURISTIC).increment(1);
 }
 
+pub fn retention_full() {
+    counter!(RETENTION_FULL).increment(1);
+}
+
+pub fn protocol_error(resource: &ResourceId) {
+    counter!(PROTOCOL_ERRORS, "resource" => resource.to_string()).increment(1);
+}
+
 /// Publishes the engine's gauges (the runtime calls this every `GAUGE_INTERVAL`).
 pub fn publish(g: &Gauges) {
     for (state, count) in [
@@ -113,6 +141,8 @@ pub fn publish(g: &Gauges) {
         gauge!(LIVE, "state" => state.to_string()).set(count as f64);
     }
     gauge!(OLDEST_IN_DOUBT).set(g.oldest_in_doubt_ms as f64 / 1000.0);
+    gauge!(RETAINED).set(g.retained as f64);
+    gauge!(HEURISTIC_KEPT).set(g.heuristic as f64);
 }
 
 /// One call to a participant: `call` is Prepare, Commit, Abort or Recover.

@@ -11,12 +11,38 @@ use bytes::Bytes;
 use pledge_proto::{BranchKey, Gtid, IdError, ResourceId};
 use prost::Message;
 
-use crate::engine::{BranchOutcome, CommitRecord, EncodedOnce, EndBranch, EndRecord, LogRecord, LoggedBranch, Vote};
+use crate::engine::{
+    BranchOutcome, CommitRecord, EncodedOnce, EndBranch, EndRecord, LogRecord, LoggedBranch, OnePhaseRecord, Vote,
+};
 
 pub const TYPE_REGISTER: u8 = 1;
 pub const TYPE_COMMIT: u8 = 2;
 pub const TYPE_END: u8 = 3;
 pub const TYPE_FORGOTTEN: u8 = 4;
+pub const TYPE_ONE_PHASE: u8 = 5;
+
+/// Bytes a protobuf field of `len` bytes of data takes at most: a tag (one byte for the field
+/// numbers used here) and a length varint (at most 5 bytes for lengths below 4 GiB).
+const fn field_bound(len: usize) -> usize {
+    1 + 5 + len
+}
+
+/// An upper bound of a commit record's size without its branches (gtid, two times, the
+/// idempotency key, and the branches field's own tags); see [`branch_bytes_bound`].
+pub fn commit_bytes_bound(idempotency_key: Option<&str>) -> usize {
+    field_bound(16) + 2 * field_bound(10) + field_bound(idempotency_key.map_or(0, str::len))
+}
+
+/// An upper bound of one branch's share of a commit record with `metadata_bytes` of vote
+/// metadata: the engine refuses a vote that would push the record past the log's
+/// `max_record_bytes` (a test checks the bound against the real encoding).
+pub fn branch_bytes_bound(key: &BranchKey, metadata_bytes: usize) -> usize {
+    let fields = field_bound(key.resource.as_str().len())
+        + field_bound(key.branch.as_str().len())
+        + field_bound(metadata_bytes)
+        + 3 * field_bound(10);
+    field_bound(fields)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -76,6 +102,24 @@ struct CommitPb {
     idempotency_key: Option<String>,
     #[prost(message, repeated, tag = "5")]
     branches: Vec<BranchPb>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct OnePhasePb {
+    #[prost(bytes = "vec", tag = "1")]
+    gtid: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    created_ms: u64,
+    #[prost(uint64, tag = "3")]
+    decided_ms: u64,
+    #[prost(string, optional, tag = "4")]
+    idempotency_key: Option<String>,
+    #[prost(string, tag = "5")]
+    resource_id: String,
+    #[prost(string, tag = "6")]
+    branch_id: String,
+    #[prost(bool, tag = "7")]
+    may_be_empty: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -182,6 +226,18 @@ pub fn encode(record: &LogRecord) -> (u8, Bytes) {
             };
             (TYPE_COMMIT, pb.encode_to_vec().into())
         }
+        LogRecord::OnePhase(o) => {
+            let pb = OnePhasePb {
+                gtid: o.gtid.as_bytes().to_vec(),
+                created_ms: o.created_ms,
+                decided_ms: o.decided_ms,
+                idempotency_key: o.idempotency_key.clone(),
+                resource_id: o.branch.resource.to_string(),
+                branch_id: o.branch.branch.to_string(),
+                may_be_empty: o.may_be_empty,
+            };
+            (TYPE_ONE_PHASE, pb.encode_to_vec().into())
+        }
         // Encoded once and shared: a retained End record goes into every checkpoint.
         LogRecord::End(e) => (TYPE_END, e.encoded.get_or_init(|| end_pb(e).encode_to_vec())),
         LogRecord::Forgotten { through_ms } => {
@@ -254,6 +310,17 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
                 encoded: EncodedOnce::from(payload.to_vec()),
             }))
         }
+        TYPE_ONE_PHASE => {
+            let pb = OnePhasePb::decode(payload)?;
+            LogRecord::OnePhase(OnePhaseRecord {
+                gtid: gtid_from(&pb.gtid)?,
+                created_ms: pb.created_ms,
+                decided_ms: pb.decided_ms,
+                idempotency_key: pb.idempotency_key,
+                branch: BranchKey::new(&pb.resource_id, &pb.branch_id)?,
+                may_be_empty: pb.may_be_empty,
+            })
+        }
         TYPE_FORGOTTEN => LogRecord::Forgotten { through_ms: ForgottenPb::decode(payload)?.through_ms },
         other => return Err(DecodeError::UnknownType(other)),
     })
@@ -297,6 +364,14 @@ mod tests {
                 encoded: Default::default(),
             })),
             LogRecord::Forgotten { through_ms: 1_800_000_000_000 },
+            LogRecord::OnePhase(OnePhaseRecord {
+                gtid: Gtid::from_parts(1_700_000_000_000, 9),
+                created_ms: 4,
+                decided_ms: 5,
+                idempotency_key: Some("once".into()),
+                branch: BranchKey::new("db1", "only").unwrap(),
+                may_be_empty: true,
+            }),
         ];
         for r in records {
             let (t, payload) = encode(&r);
@@ -307,5 +382,39 @@ mod tests {
             assert_eq!(encode(&decoded), (t, payload));
         }
         assert!(matches!(decode(99, &[]), Err(DecodeError::UnknownType(99))));
+    }
+
+    /// The engine bounds commit records with `commit_bytes_bound` + `branch_bytes_bound`; the
+    /// real encoding must never be larger, for the longest ids and any metadata and times.
+    #[test]
+    fn commit_record_size_bound_holds() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..200 {
+            let n = rng.usize(0..=200);
+            let id = |rng: &mut fastrand::Rng| {
+                let len = rng.usize(1..=pledge_proto::types::MAX_ID_BYTES);
+                std::iter::repeat_with(|| rng.alphanumeric()).take(len).collect::<String>()
+            };
+            let branches: Vec<LoggedBranch> = (0..n)
+                .map(|_| LoggedBranch {
+                    key: BranchKey::new(&id(&mut rng), &id(&mut rng)).unwrap(),
+                    vote: if rng.bool() { Vote::Prepared } else { Vote::ReadOnly },
+                    metadata: Bytes::from(vec![7u8; rng.usize(0..=pledge_proto::MAX_VOTE_METADATA_BYTES)]),
+                    prepared_ms: rng.u64(..),
+                })
+                .collect();
+            let key = rng.bool().then(|| "k".repeat(rng.usize(0..=128)));
+            let bound = commit_bytes_bound(key.as_deref())
+                + branches.iter().map(|b| branch_bytes_bound(&b.key, b.metadata.len())).sum::<usize>();
+            let record = LogRecord::Commit(CommitRecord {
+                gtid: Gtid::from_parts(rng.u64(..1 << 47), rng.u64(..)),
+                created_ms: rng.u64(..),
+                decided_ms: rng.u64(..),
+                idempotency_key: key,
+                branches,
+            });
+            let (_, payload) = encode(&record);
+            assert!(payload.len() <= bound, "{} bytes encoded, bound {bound}", payload.len());
+        }
     }
 }

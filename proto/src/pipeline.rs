@@ -638,6 +638,7 @@ mod tests {
                     vote: v1::Vote::Prepared as i32,
                     metadata: b.gtid.clone().into_bytes(),
                     reason: String::new(),
+                    xid: Some(b.clone()),
                 }],
             }))
         }

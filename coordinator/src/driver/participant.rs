@@ -323,11 +323,13 @@ impl Caller {
     async fn prepare(self, batch: Vec<PrepareItem>) {
         let span = tracing::debug_span!("participant.prepare", resource = %self.resource, branches = batch.len());
         let coordinator_id = self.config.coordinator_id.clone();
+        let asked: Vec<BranchXid> = batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect();
         let request = || v1::PrepareRequest {
             coordinator_id: coordinator_id.clone(),
-            branches: batch
+            branches: asked
                 .iter()
-                .map(|i| v1::PrepareBranch { xid: Some(xid(&i.gtid, &i.branch)), may_be_empty: i.may_be_empty })
+                .zip(&batch)
+                .map(|(x, i)| v1::PrepareBranch { xid: Some(x.clone()), may_be_empty: i.may_be_empty })
                 .collect(),
         };
         let timeout = self.config.prepare_timeout;
@@ -344,12 +346,15 @@ impl Caller {
             .await;
         let votes: Vec<VoteResult> = match result {
             Ok(results) => {
-                if results.len() == batch.len() {
-                    results.into_iter().map(vote_result).collect()
-                } else {
-                    let error = format!("participant returned {} votes for {} branches", results.len(), batch.len());
-                    vec![VoteResult::Failed { error }; batch.len()]
-                }
+                let (matched, error) = match_results(&asked, results, |r| r.xid.as_ref());
+                let error = error.map(|e| self.protocol_error("Prepare", e));
+                matched
+                    .into_iter()
+                    .map(|r| match r {
+                        Some(r) => vote_result(r),
+                        None => VoteResult::Failed { error: error.clone().unwrap_or_default() },
+                    })
+                    .collect()
             }
             Err(status) => {
                 // Handled here: every branch of the batch votes "failed", so its transaction aborts.
@@ -368,14 +373,16 @@ impl Caller {
         let span = tracing::debug_span!("participant.phase2", resource = %self.resource, ?op, branches = batch.len());
         let coordinator_id = self.config.coordinator_id.clone();
         let timeout = self.config.rpc_timeout;
+        let asked: Vec<BranchXid> = batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect();
         let result = match op {
             Phase2Op::Commit => {
                 let request = || v1::CommitBranchesRequest {
                     coordinator_id: coordinator_id.clone(),
-                    branches: batch
+                    branches: asked
                         .iter()
-                        .map(|i| v1::CommitBranch {
-                            xid: Some(xid(&i.gtid, &i.branch)),
+                        .zip(&batch)
+                        .map(|(x, i)| v1::CommitBranch {
+                            xid: Some(x.clone()),
                             one_phase: i.one_phase,
                             metadata: i.metadata.to_vec(),
                             may_be_empty: i.may_be_empty,
@@ -395,9 +402,10 @@ impl Caller {
             Phase2Op::Abort => {
                 let request = || v1::AbortBranchesRequest {
                     coordinator_id: coordinator_id.clone(),
-                    branches: batch
+                    branches: asked
                         .iter()
-                        .map(|i| v1::AbortBranch { xid: Some(xid(&i.gtid, &i.branch)), metadata: i.metadata.to_vec() })
+                        .zip(&batch)
+                        .map(|(x, i)| v1::AbortBranch { xid: Some(x.clone()), metadata: i.metadata.to_vec() })
                         .collect(),
                 };
                 let call = self.call(
@@ -412,15 +420,20 @@ impl Caller {
             }
         };
         let results: Vec<Phase2Result> = match result {
-            Ok(results) if results.len() == batch.len() => {
+            Ok(results) => {
                 if op == Phase2Op::Commit {
                     fail::fail_point!("coordinator::after_commit_call");
                 }
-                results.into_iter().map(phase2_result).collect()
-            }
-            Ok(results) => {
-                let error = format!("participant returned {} results for {} branches", results.len(), batch.len());
-                vec![Phase2Result::Retry { error }; batch.len()]
+                let (matched, error) = match_results(&asked, results, |r| r.xid.as_ref());
+                let name = if op == Phase2Op::Commit { "Commit" } else { "Abort" };
+                let error = error.map(|e| self.protocol_error(name, e));
+                matched
+                    .into_iter()
+                    .map(|r| match r {
+                        Some(r) => phase2_result(r),
+                        None => Phase2Result::Retry { error: error.clone().unwrap_or_default() },
+                    })
+                    .collect()
             }
             Err(status) => {
                 // Handled here: every branch of the batch is retried after its backoff.
@@ -434,6 +447,65 @@ impl Caller {
             let _ = self.events.send(Event::Phase2Done { gtid: item.gtid, branch: item.branch, op, result });
         }
     }
+}
+
+impl Caller {
+    /// Handled here: logged once per call and counted; the branches without a matching result
+    /// count as unanswered (a "no" vote, or a phase-2 retry). Returns the error they carry.
+    fn protocol_error(&self, call: &'static str, error: String) -> String {
+        tracing::warn!(resource = %self.resource, call, error, "participant broke the protocol; unmatched branches count as unanswered");
+        crate::metrics::protocol_error(&self.resource);
+        format!("protocol error in the participant's {call} answer: {error}")
+    }
+}
+
+/// Matches a participant's results to the branches asked about (`asked`, in request order) by
+/// the xid each result names: never by position, so a participant that answers for a
+/// different set (a bug, a proxy mixing up calls) cannot have its answers taken for another
+/// branch's. Returns one slot per asked branch (`None`: no result for it) and, if anything did
+/// not match (a result for a branch not asked about, one without an xid, a second result for a
+/// branch, a branch without a result), what.
+fn match_results<R>(
+    asked: &[BranchXid],
+    results: Vec<R>,
+    xid_of: impl Fn(&R) -> Option<&BranchXid>,
+) -> (Vec<Option<R>>, Option<String>) {
+    let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(asked.len()).collect();
+    let mut error: Option<String> = None;
+    let mut note = |e: String| {
+        error.get_or_insert(e);
+    };
+    // Usually the results come in request order: match those without building an index.
+    let in_order = results.len() == asked.len() && results.iter().zip(asked).all(|(r, a)| xid_of(r) == Some(a));
+    if in_order {
+        for (slot, r) in slots.iter_mut().zip(results) {
+            *slot = Some(r);
+        }
+        return (slots, None);
+    }
+    // Otherwise by an index of the asked branches (owned keys: this path is the rare one).
+    let key_of = |x: &BranchXid| (x.resource_id.clone(), x.gtid.clone(), x.branch_id.clone());
+    let mut index: std::collections::HashMap<(String, String, String), Vec<usize>> = std::collections::HashMap::new();
+    for (i, a) in asked.iter().enumerate().rev() {
+        index.entry(key_of(a)).or_default().push(i);
+    }
+    for r in results {
+        let slot = match xid_of(&r) {
+            None => Err("a result without an xid".to_string()),
+            Some(x) => index.get_mut(&key_of(x)).and_then(Vec::pop).ok_or_else(|| {
+                format!("a result for {}/{}/{}, which was not asked about (or twice)", x.resource_id, x.gtid, x.branch_id)
+            }),
+        };
+        match slot {
+            Ok(i) => slots[i] = Some(r),
+            Err(e) => note(e),
+        }
+    }
+    if let Some(i) = slots.iter().position(Option::is_none) {
+        let a = &asked[i];
+        note(format!("no result for {}/{}/{}", a.resource_id, a.gtid, a.branch_id));
+    }
+    (slots, error)
 }
 
 fn vote_result(r: v1::PrepareResult) -> VoteResult {
@@ -465,4 +537,50 @@ fn phase2_result(r: v1::BranchResult) -> Phase2Result {
         }
     };
     Phase2Result::Outcome { outcome, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn x(gtid: &str, branch: &str) -> BranchXid {
+        BranchXid { resource_id: "db1".into(), gtid: gtid.into(), branch_id: branch.into() }
+    }
+
+    #[test]
+    fn results_are_matched_by_branch_not_by_position() {
+        let asked = vec![x("g1", "a"), x("g2", "a"), x("g2", "b")];
+        let tagged = |xid: &BranchXid, n: u32| (Some(xid.clone()), n);
+        fn key(r: &(Option<BranchXid>, u32)) -> Option<&BranchXid> {
+            r.0.as_ref()
+        }
+        let values = |slots: Vec<Option<(Option<BranchXid>, u32)>>| -> Vec<Option<u32>> {
+            slots.into_iter().map(|s| s.map(|r| r.1)).collect()
+        };
+
+        // In order, or shuffled: each result lands on its branch.
+        let (slots, e) = match_results(&asked, vec![tagged(&asked[0], 0), tagged(&asked[1], 1), tagged(&asked[2], 2)], key);
+        assert_eq!((values(slots), e), (vec![Some(0), Some(1), Some(2)], None));
+        let (slots, e) = match_results(&asked, vec![tagged(&asked[2], 2), tagged(&asked[0], 0), tagged(&asked[1], 1)], key);
+        assert_eq!((values(slots), e), (vec![Some(0), Some(1), Some(2)], None));
+
+        // The right count for the wrong set: the stranger's result is not taken for anyone's,
+        // and the branch left without one is unanswered. (Matching by position accepted it.)
+        let (slots, e) = match_results(&asked, vec![tagged(&asked[0], 0), tagged(&x("g9", "z"), 9), tagged(&asked[2], 2)], key);
+        assert_eq!(values(slots), vec![Some(0), None, Some(2)]);
+        assert!(e.unwrap().contains("g9/z, which was not asked about"));
+
+        // Twice for one branch, none for another; and a result naming no branch.
+        let (slots, e) = match_results(&asked, vec![tagged(&asked[0], 0), tagged(&asked[0], 5), tagged(&asked[2], 2)], key);
+        assert_eq!(values(slots), vec![Some(0), None, Some(2)]);
+        assert!(e.is_some());
+        let (slots, e) = match_results(&asked, vec![(None, 0), tagged(&asked[1], 1), tagged(&asked[2], 2)], key);
+        assert_eq!(values(slots), vec![None, Some(1), Some(2)]);
+        assert_eq!(e.as_deref(), Some("a result without an xid"));
+
+        // The same branch asked twice (a resend while listed in doubt) gets both results.
+        let twice = vec![x("g1", "a"), x("g1", "a")];
+        let (slots, e) = match_results(&twice, vec![tagged(&twice[0], 7), tagged(&twice[0], 8)], key);
+        assert_eq!((values(slots), e), (vec![Some(7), Some(8)], None));
+    }
 }

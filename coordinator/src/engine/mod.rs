@@ -13,10 +13,15 @@
 //! * **Presumed abort.** Only the commit decision is forced to disk, with the full branch list,
 //!   before any participant hears "commit". No commit record means aborted, so aborts are never
 //!   forced and a crash before the decision aborts the transaction.
-//! * **One-phase commit** for a transaction with a single branch: no prepare round and no log
-//!   record; the participant decides.
+//! * **One-phase commit** for a transaction with a single branch: no prepare round; the
+//!   participant decides. The decision to ask it is forced to the log first (`OnePhase`), so
+//!   after a crash the coordinator resends it and hears the participant's recorded answer
+//!   instead of presuming an abort the participant may not have made.
 //! * **Read-only votes** skip phase 2; a transaction whose every vote is read-only commits
-//!   without a log record.
+//!   without a decision record (its End record is synced before the client hears "committed").
+//! * **Retention.** A finished transaction stays answerable for `completed_retention_ms`,
+//!   whatever the load: when `max_retained_transactions` are kept, Begin is refused instead of
+//!   forgetting early. One with a heuristic outcome is kept until an operator acts on it.
 //! * **Phase 2** is retried with exponential backoff and jitter until every prepared branch
 //!   acknowledges; there is no retry count limit, because a commit decision must reach every
 //!   branch, but the rate is bounded by `retry_max_backoff_ms`.
@@ -52,9 +57,14 @@ pub struct EngineConfig {
     pub max_live_transactions: usize,
     pub max_branches_per_transaction: usize,
     /// How long a finished transaction stays visible to Get, idempotent Commit/Abort and Begin
-    /// idempotency keys, and how many of them at most.
+    /// idempotency keys. Load never shortens it: see `max_retained_transactions`.
     pub completed_retention_ms: u64,
-    pub completed_retention_max: usize,
+    /// Most finished transactions kept at once (a bound on memory and checkpoint size). At the
+    /// bound Begin is refused (RetentionFull) until older ones expire; none is forgotten early.
+    pub max_retained_transactions: usize,
+    /// Largest record the decision log takes. A vote whose metadata would make the commit
+    /// record larger is refused (the transaction aborts) rather than failing the log.
+    pub max_record_bytes: usize,
     /// Write a checkpoint after this many appended records.
     pub checkpoint_every_records: u64,
     /// Seed of the backoff jitter (fixed in tests, random in production).
@@ -72,7 +82,8 @@ impl Default for EngineConfig {
             max_live_transactions: 100_000,
             max_branches_per_transaction: 64,
             completed_retention_ms: 600_000,
-            completed_retention_max: 100_000,
+            max_retained_transactions: 2_000_000,
+            max_record_bytes: 1 << 20,
             checkpoint_every_records: 200_000,
             rng_seed: 0x5eed,
         }
@@ -91,6 +102,8 @@ enum Phase {
     Active,
     /// Prepare sent to every branch; collecting votes.
     Preparing,
+    /// Single branch: the one-phase intent is on its way to disk.
+    OnePhasePending,
     /// Single branch: one-phase commit sent; the participant decides.
     OnePhaseCommit,
     /// Every vote was yes; the commit record is on its way to disk.
@@ -106,7 +119,9 @@ impl Phase {
     fn state(self) -> TxnState {
         match self {
             Phase::Active => TxnState::Active,
-            Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => TxnState::Preparing,
+            Phase::Preparing | Phase::OnePhasePending | Phase::OnePhaseCommit | Phase::CommitPending => {
+                TxnState::Preparing
+            }
             Phase::Committing => TxnState::Committing,
             Phase::Aborting => TxnState::Aborting,
             Phase::Committed => TxnState::Committed,
@@ -191,9 +206,11 @@ struct Txn {
     retry_timer_ms: Option<Millis>,
     /// Finished and in the retention queue.
     retired: bool,
-    /// One-phase outcome decided; its end record (the only record of it) is being synced and
-    /// the client hears the outcome only after that.
+    /// Finished, and its End record (the only record of its outcome) is being synced; the
+    /// client hears the outcome, and retention starts, only after that.
     end_syncing: bool,
+    /// A Commit or OnePhase record holds the decision (so the End record may be lazy).
+    decision_logged: bool,
     /// The End record, once finished.
     end: Option<Arc<EndRecord>>,
 }
@@ -217,6 +234,7 @@ impl Txn {
             retry_timer_ms: None,
             retired: false,
             end_syncing: false,
+            decision_logged: false,
             end: None,
         }
     }
@@ -315,6 +333,25 @@ impl Txn {
         }
     }
 
+    fn one_phase_record(&self) -> OnePhaseRecord {
+        let branch = &self.branches[0];
+        OnePhaseRecord {
+            gtid: self.gtid,
+            created_ms: self.created_ms,
+            decided_ms: self.decided_ms,
+            idempotency_key: self.idempotency_key.clone(),
+            branch: branch.key.clone(),
+            may_be_empty: branch.may_be_empty,
+        }
+    }
+
+    /// An upper bound of the commit record's size with a vote of `extra_metadata_bytes` more.
+    fn commit_record_bytes(&self, extra_metadata_bytes: usize) -> usize {
+        let branches = self.branches.iter().map(|b| crate::records::branch_bytes_bound(&b.key, b.metadata.len()));
+        crate::records::commit_bytes_bound(self.idempotency_key.as_deref()) + branches.sum::<usize>()
+            + extra_metadata_bytes
+    }
+
     /// The End record of a finished transaction: made once when it finishes (or replayed),
     /// then shared by the log append and every checkpoint that retains it.
     fn end(&self) -> Arc<EndRecord> {
@@ -330,6 +367,9 @@ struct Ctx {
     timers: BTreeSet<(Millis, Gtid, TimerKind)>,
     /// Finished transactions in completion order, for retention expiry.
     retired: VecDeque<(Millis, Gtid)>,
+    /// Finished transactions with a heuristic outcome: not in `retired`, kept until an operator
+    /// acts on them (they count towards `max_retained_transactions`).
+    kept_heuristic: BTreeSet<Gtid>,
     idempotency: HashMap<String, Gtid>,
     participants: BTreeMap<ResourceId, String>,
     /// The newest GTID timestamp among the finished transactions forgotten after their
@@ -358,6 +398,7 @@ impl Engine {
                 out: Vec::new(),
                 timers: BTreeSet::new(),
                 retired: VecDeque::new(),
+                kept_heuristic: BTreeSet::new(),
                 idempotency: HashMap::new(),
                 participants: BTreeMap::new(),
                 forgotten_through_ms: 0,
@@ -377,8 +418,7 @@ impl Engine {
         }
         let Engine { txns, cx } = &mut engine;
         for txn in txns.values_mut().filter(|t| t.phase.is_finished()) {
-            txn.retired = true;
-            cx.retired.push_back((txn.completed_ms, txn.gtid));
+            cx.retain(txn, txn.completed_ms);
         }
         cx.retired.make_contiguous().sort();
         engine
@@ -392,10 +432,26 @@ impl Engine {
             LogRecord::Forgotten { through_ms } => {
                 self.cx.forgotten_through_ms = self.cx.forgotten_through_ms.max(through_ms);
             }
+            LogRecord::OnePhase(o) => {
+                let mut txn = Txn::new(o.gtid, o.created_ms, o.created_ms, o.idempotency_key);
+                txn.phase = Phase::OnePhaseCommit;
+                txn.one_phase = true;
+                txn.commit_requested = true;
+                txn.decision_logged = true;
+                txn.decided_ms = o.decided_ms;
+                let mut b = Branch::new(o.branch);
+                b.may_be_empty = o.may_be_empty;
+                txn.branches.push(b);
+                if let Some(key) = &txn.idempotency_key {
+                    self.cx.idempotency.insert(key.clone(), txn.gtid);
+                }
+                self.txns.insert(txn.gtid, txn);
+            }
             LogRecord::Commit(c) => {
                 let mut txn = Txn::new(c.gtid, c.created_ms, c.created_ms, c.idempotency_key);
                 txn.phase = Phase::Committing;
                 txn.commit_requested = true;
+                txn.decision_logged = true;
                 txn.decided_ms = c.decided_ms;
                 for lb in c.branches {
                     let mut b = Branch::new(lb.key);
@@ -418,6 +474,7 @@ impl Engine {
                 txn.decided_ms = e.decided_ms;
                 txn.completed_ms = e.completed_ms;
                 txn.one_phase = e.one_phase;
+                txn.decision_logged = true;
                 for eb in &e.branches {
                     let mut b = Branch::new(eb.key.clone());
                     b.vote = eb.vote;
@@ -439,8 +496,9 @@ impl Engine {
         self.cx.participants.insert(resource, endpoint);
     }
 
-    /// The commands to run once after construction: connect to every participant and resume
-    /// phase 2 of every committed transaction that is not finished.
+    /// The commands to run once after construction: connect to every participant, resume
+    /// phase 2 of every committed transaction that is not finished, and resend every one-phase
+    /// commit whose answer was not recorded (the participant answers from its own record).
     pub fn start(&mut self, now: Millis, out: &mut Vec<Command>) {
         let Engine { txns, cx } = self;
         cx.now = now;
@@ -448,8 +506,10 @@ impl Engine {
             cx.out.push(Command::Connect { resource: resource.clone(), endpoint: endpoint.clone() });
         }
         for txn in txns.values_mut() {
-            if txn.phase == Phase::Committing {
-                cx.send_phase2(txn, Phase2Op::Commit);
+            match txn.phase {
+                Phase::Committing => cx.send_phase2(txn, Phase2Op::Commit),
+                Phase::OnePhaseCommit => cx.send_one_phase(txn),
+                _ => {}
             }
         }
         out.append(&mut cx.out);
@@ -467,13 +527,13 @@ impl Engine {
 
     /// Number of transactions not yet finished.
     pub fn live_transactions(&self) -> usize {
-        self.txns.len() - self.cx.retired.len()
+        self.txns.len() - self.cx.retained()
     }
 
     /// Transactions not yet finished, by state, and the age of the oldest unfinished decision
     /// (one pass over the live transactions; the runtime samples it every few seconds).
     pub fn gauges(&self, now: Millis) -> Gauges {
-        let mut g = Gauges::default();
+        let mut g = Gauges { retained: self.cx.retired.len(), heuristic: self.cx.kept_heuristic.len(), ..Gauges::default() };
         let mut oldest_decision: Option<Millis> = None;
         for txn in self.txns.values().filter(|t| !t.retired) {
             match txn.phase.state() {
@@ -531,11 +591,23 @@ impl Engine {
             Event::Voted { gtid, branch, vote } => self.voted(gtid, branch, vote),
             Event::Phase2Done { gtid, branch, op, result } => self.phase2_done(gtid, branch, op, result),
             Event::Synced(SyncToken::Commit(gtid)) => self.commit_durable(gtid),
+            Event::Synced(SyncToken::OnePhase(gtid)) => {
+                if let Some(txn) = self.txns.get_mut(&gtid)
+                    && txn.phase == Phase::OnePhasePending
+                {
+                    txn.phase = Phase::OnePhaseCommit;
+                    self.cx.send_one_phase(txn);
+                }
+            }
             Event::Synced(SyncToken::End(gtid)) => {
-                if let Some(txn) = self.txns.get_mut(&gtid) {
+                if let Some(txn) = self.txns.get_mut(&gtid)
+                    && txn.end_syncing
+                {
                     txn.end_syncing = false;
                     let outcome = txn.commit_outcome();
                     self.cx.reply_waiters(txn, |_| true, &outcome);
+                    let now = self.cx.now;
+                    self.cx.retain(txn, now);
                 }
             }
             Event::Synced(SyncToken::Register(req)) => self.cx.reply(req, Ok(Reply::Registered)),
@@ -583,8 +655,13 @@ impl Engine {
             }
             Some(t) => t,
         };
-        if self.txns.len() - cx.retired.len() >= cx.cfg.max_live_transactions {
+        if self.txns.len() - cx.retained() >= cx.cfg.max_live_transactions {
             return cx.reply(req, Err(EngineError::TooManyTransactions { max: cx.cfg.max_live_transactions }));
+        }
+        if cx.retained() >= cx.cfg.max_retained_transactions {
+            let (max, retention_ms) = (cx.cfg.max_retained_transactions, cx.cfg.completed_retention_ms);
+            metrics::retention_full();
+            return cx.reply(req, Err(EngineError::RetentionFull { max, retention_ms }));
         }
         let mut txn = Txn::new(gtid, cx.now, cx.now + timeout, idempotency_key);
         if let Err(e) = cx.add_branches(&mut txn, branches) {
@@ -636,7 +713,9 @@ impl Engine {
                 let reason = txn.abort_reason.clone().unwrap_or_default();
                 cx.reply(req, Err(EngineError::AlreadyAborted { gtid, reason }));
             }
-            Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => cx.add_waiter(txn, waiter),
+            Phase::Preparing | Phase::OnePhasePending | Phase::OnePhaseCommit | Phase::CommitPending => {
+                cx.add_waiter(txn, waiter)
+            }
             _ if txn.end_syncing => cx.add_waiter(txn, waiter),
             Phase::Committing | Phase::Aborting if wait_for_completion => cx.add_waiter(txn, waiter),
             Phase::Committing | Phase::Aborting | Phase::Committed | Phase::Aborted => {
@@ -659,7 +738,7 @@ impl Engine {
             }
             Phase::Aborting | Phase::Aborted => cx.reply(req, Ok(Reply::Aborted)),
             // One-phase: the participant is deciding; the outcome is no longer ours to change.
-            Phase::OnePhaseCommit | Phase::CommitPending | Phase::Committing | Phase::Committed => {
+            Phase::OnePhasePending | Phase::OnePhaseCommit | Phase::CommitPending | Phase::Committing | Phase::Committed => {
                 cx.reply(req, Err(EngineError::CommitDecided { gtid, state: txn.phase.state() }))
             }
         }
@@ -711,6 +790,29 @@ impl Engine {
             }
             return;
         }
+        let vote = match vote {
+            VoteResult::Prepared { metadata } => {
+                let record_bytes = txn.commit_record_bytes(metadata.len());
+                if record_bytes > cx.cfg.max_record_bytes {
+                    // The decision could not be logged: refuse the vote rather than fail the log.
+                    // The branch is prepared, so the abort goes to it with its metadata.
+                    let branch = txn.branch_mut(&key).expect("found above");
+                    branch.vote = Some(Vote::Prepared);
+                    branch.metadata = metadata.clone();
+                    let error = format!(
+                        "its vote metadata ({} bytes) would make the commit record up to {record_bytes} bytes, above \
+                         the decision log's limit of {} bytes",
+                        metadata.len(),
+                        cx.cfg.max_record_bytes
+                    );
+                    VoteResult::Failed { error }
+                } else {
+                    VoteResult::Prepared { metadata }
+                }
+            }
+            other => other,
+        };
+        let branch = txn.branch_mut(&key).expect("found above");
         match vote {
             VoteResult::Prepared { metadata } => {
                 branch.vote = Some(Vote::Prepared);
@@ -741,6 +843,7 @@ impl Engine {
                 // Every vote is yes: force the decision to disk before anyone hears "commit".
                 txn.phase = Phase::CommitPending;
                 txn.decided_ms = cx.now;
+                txn.decision_logged = true;
                 cx.append(LogRecord::Commit(txn.commit_record()), Some(SyncToken::Commit(gtid)));
             } else {
                 // All read-only: nothing to commit anywhere, nothing to log.
@@ -848,7 +951,11 @@ impl Engine {
             };
             let op = match txn.phase {
                 // Still being decided: the prepare round (or the sync) will settle it.
-                Phase::Active | Phase::Preparing | Phase::OnePhaseCommit | Phase::CommitPending => continue,
+                Phase::Active
+                | Phase::Preparing
+                | Phase::OnePhasePending
+                | Phase::OnePhaseCommit
+                | Phase::CommitPending => continue,
                 Phase::Committing | Phase::Committed => Phase2Op::Commit,
                 Phase::Aborting | Phase::Aborted => Phase2Op::Abort,
             };
@@ -909,11 +1016,12 @@ impl Engine {
         }
     }
 
+    /// Forgets finished transactions whose retention has passed: by time only, so load never
+    /// shortens the window in which a retried call still gets its answer.
     fn expire_retired(&mut self) {
         let Engine { txns, cx } = self;
         while let Some(&(done, gtid)) = cx.retired.front() {
-            let expired = done + cx.cfg.completed_retention_ms <= cx.now;
-            if !expired && cx.retired.len() <= cx.cfg.completed_retention_max {
+            if done + cx.cfg.completed_retention_ms > cx.now {
                 break;
             }
             cx.retired.pop_front();
@@ -949,8 +1057,14 @@ impl Engine {
                 // CommitPending is included: its commit record was submitted before this
                 // checkpoint, so if the checkpoint is durable, so is the decision.
                 Phase::CommitPending | Phase::Committing => records.push(LogRecord::Commit(txn.commit_record())),
+                // Likewise the one-phase intent.
+                Phase::OnePhasePending | Phase::OnePhaseCommit => {
+                    records.push(LogRecord::OnePhase(txn.one_phase_record()))
+                }
+                // A finished transaction whose End record is still being synced is kept too:
+                // the checkpoint is written after that record.
                 Phase::Committed | Phase::Aborted => records.push(LogRecord::End(txn.end())),
-                Phase::Active | Phase::Preparing | Phase::OnePhaseCommit | Phase::Aborting => {}
+                Phase::Active | Phase::Preparing | Phase::Aborting => {}
             }
         }
         cx.out.push(Command::Checkpoint { records });
@@ -1030,17 +1144,13 @@ impl Ctx {
                 txn.decided_ms = self.now;
             }
             1 => {
-                txn.phase = Phase::OnePhaseCommit;
+                // The decision to commit is forced before the participant hears it, like a
+                // commit record: after a crash, the coordinator asks again instead of presuming.
+                txn.phase = Phase::OnePhasePending;
                 txn.one_phase = true;
-                let branch = &mut txn.branches[0];
-                branch.in_flight = true;
-                self.out.push(Command::Commit {
-                    gtid: txn.gtid,
-                    branch: branch.key.clone(),
-                    one_phase: true,
-                    metadata: Bytes::new(),
-                    may_be_empty: branch.may_be_empty,
-                });
+                txn.decided_ms = self.now;
+                txn.decision_logged = true;
+                self.append(LogRecord::OnePhase(txn.one_phase_record()), Some(SyncToken::OnePhase(txn.gtid)));
             }
             _ => {
                 txn.phase = Phase::Preparing;
@@ -1083,6 +1193,30 @@ impl Ctx {
         self.send_phase2(txn, Phase2Op::Abort);
         let outcome = txn.commit_outcome();
         self.reply_waiters(txn, |w| !w.wait_for_completion, &outcome);
+    }
+
+    /// Sends the one-phase commit of a transaction's only branch (its intent is durable).
+    fn send_one_phase(&mut self, txn: &mut Txn) {
+        let branch = &mut txn.branches[0];
+        branch.in_flight = true;
+        branch.next_retry_ms = 0;
+        self.out.push(phase2_command(Phase2Op::Commit, txn.gtid, branch, true));
+    }
+
+    /// Finished transactions kept (for retention, or until an operator acts).
+    fn retained(&self) -> usize {
+        self.retired.len() + self.kept_heuristic.len()
+    }
+
+    /// Starts keeping a finished transaction whose outcome is durable: for the retention, or
+    /// until an operator acts on it if it has a heuristic outcome.
+    fn retain(&mut self, txn: &mut Txn, since: Millis) {
+        txn.retired = true;
+        if txn.heuristic() {
+            self.kept_heuristic.insert(txn.gtid);
+        } else {
+            self.retired.push_back((since, txn.gtid));
+        }
     }
 
     fn send_phase2(&mut self, txn: &mut Txn, op: Phase2Op) {
@@ -1149,37 +1283,40 @@ impl Ctx {
         });
     }
 
-    /// Moves a transaction whose every branch has acknowledged to its final state: lazy end
-    /// record, remaining waiters answered, retained for a while for Get and retries.
+    /// Moves a transaction whose every branch has acknowledged to its final state: end record,
+    /// remaining waiters answered, retained for a while for Get and retries.
     fn finish_if_done(&mut self, txn: &mut Txn) {
         let finished = match txn.phase {
             Phase::Committing if txn.all_acked() => Phase::Committed,
             Phase::Aborting if txn.all_acked() => Phase::Aborted,
-            // Reached directly (empty, all read-only, one-phase) and not yet retired.
-            Phase::Committed | Phase::Aborted if !txn.retired => txn.phase,
+            // Reached directly (empty, all read-only, one-phase) and not yet finished.
+            Phase::Committed | Phase::Aborted if txn.end.is_none() => txn.phase,
             _ => return,
         };
         txn.phase = finished;
         txn.completed_ms = self.now;
-        txn.retired = true;
         metrics::finished(finished == Phase::Committed);
         if let Some(at) = txn.retry_timer_ms.take() {
             self.timers.remove(&(at, txn.gtid, TimerKind::Retry));
         }
         let end = Arc::new(txn.end_record());
         txn.end = Some(end.clone());
-        if txn.one_phase {
-            // The participant decided and nothing else records it: the client hears the
-            // outcome only once this record is durable, so Get can tell it after a crash.
+        // A commit no other record holds (empty, all read-only: nothing was logged; one-phase:
+        // the participant's answer is news): the client hears it only once this record is
+        // durable, so the same answer is given after a crash. Retention starts then too.
+        let only_record = txn.one_phase || (finished == Phase::Committed && !txn.decision_logged);
+        if only_record {
             txn.end_syncing = true;
             self.append(LogRecord::End(end), Some(SyncToken::End(txn.gtid)));
         } else {
-            // Lazy: losing it costs a repeated (idempotent) phase 2 after a crash; keeping it
-            // lets Get and retried Commit/Abort answer for finished transactions after a restart.
+            // Lazy: losing it costs a repeated (idempotent) phase 2 after a crash, or an abort
+            // that presumed abort tells anyway; keeping it lets Get and retried Commit/Abort
+            // answer for finished transactions after a restart.
             self.append(LogRecord::End(end), None);
             let outcome = txn.commit_outcome();
             self.reply_waiters(txn, |_| true, &outcome);
+            let now = self.now;
+            self.retain(txn, now);
         }
-        self.retired.push_back((self.now, txn.gtid));
     }
 }

@@ -32,6 +32,8 @@ struct Harness {
     next_req: ReqId,
     /// Every record appended, with whether it has been reported synced.
     appended: Vec<(LogRecord, bool)>,
+    /// Appended records waiting for a sync, by index into `appended`.
+    pending: Vec<(usize, SyncToken)>,
 }
 
 impl Harness {
@@ -44,7 +46,7 @@ impl Harness {
         for r in ["db1", "db2", "db3"] {
             engine.add_configured_participant(r.parse().unwrap(), format!("http://{r}"));
         }
-        Harness { engine, now: T0, next_req: 1, appended: Vec::new() }
+        Harness { engine, now: T0, next_req: 1, appended: Vec::new(), pending: Vec::new() }
     }
 
     fn restored(cfg: EngineConfig, now: Millis, records: Vec<LogRecord>) -> (Self, Vec<Command>) {
@@ -54,15 +56,31 @@ impl Harness {
         }
         let mut out = Vec::new();
         engine.start(now, &mut out);
-        (Harness { engine, now, next_req: 1000, appended: Vec::new() }, out)
+        (Harness { engine, now, next_req: 1000, appended: Vec::new(), pending: Vec::new() }, out)
     }
 
     fn ev(&mut self, event: Event) -> Vec<Command> {
         let mut out = Vec::new();
         self.engine.handle(self.now, event, &mut out);
         for c in &out {
-            if let Command::Append { record, .. } = c {
+            if let Command::Append { record, sync } = c {
+                if let Some(token) = sync {
+                    self.pending.push((self.appended.len(), token.clone()));
+                }
                 self.appended.push((record.clone(), false));
+            }
+        }
+        out
+    }
+
+    /// Reports every record appended with a sync token as durable (a group commit), and
+    /// returns what that produced.
+    fn sync_all(&mut self) -> Vec<Command> {
+        let mut out = Vec::new();
+        while !self.pending.is_empty() {
+            for (index, token) in std::mem::take(&mut self.pending) {
+                self.appended[index].1 = true;
+                out.extend(self.ev(Event::Synced(token)));
             }
         }
         out
@@ -94,11 +112,20 @@ impl Harness {
                 *synced = true;
             }
         }
+        self.pending.retain(|(_, t)| *t != SyncToken::Commit(g));
         self.ev(Event::Synced(SyncToken::Commit(g)))
     }
 
     fn ack(&mut self, g: Gtid, b: BranchKey, op: Phase2Op, outcome: BranchOutcome) -> Vec<Command> {
         self.ev(Event::Phase2Done { gtid: g, branch: b, op, result: Phase2Result::Outcome { outcome, reason: None } })
+    }
+
+    fn abort_req(&mut self, g: Gtid) -> Result<Reply, EngineError> {
+        let req = self.req();
+        match self.ev(Event::Abort { req, gtid: g }).pop() {
+            Some(Command::Reply { reply, .. }) => reply,
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     fn get(&mut self, g: Gtid) -> Result<TxnView, EngineError> {
@@ -380,11 +407,19 @@ fn commit_waiting_for_completion_answers_after_every_ack() {
 }
 
 #[test]
-fn single_branch_commits_in_one_phase_without_a_log_force() {
+fn single_branch_commits_in_one_phase_after_forcing_its_intent() {
     let mut h = Harness::new();
     let g = gtid(1);
     h.begin(g, vec![db1()]);
     let (req, out) = h.commit(g);
+    // No prepare round; the decision to ask for a one-phase commit is forced first.
+    let [Command::Append { record: LogRecord::OnePhase(o), sync: Some(SyncToken::OnePhase(synced)) }] = out.as_slice()
+    else {
+        panic!("expected the one-phase intent, got {out:?}");
+    };
+    assert_eq!((o.gtid, &o.branch, o.may_be_empty, *synced), (g, &db1(), false, g));
+    assert_eq!(h.abort_req(g), Err(EngineError::CommitDecided { gtid: g, state: TxnState::Preparing }));
+    let out = h.sync_all();
     assert_eq!(
         out,
         vec![Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new(), may_be_empty: false }]
@@ -411,6 +446,7 @@ fn one_phase_refusal_aborts_with_the_participants_reason() {
     let g = gtid(1);
     h.begin(g, vec![db1()]);
     let (req, _) = h.commit(g);
+    h.sync_all();
     let out = h.ev(Event::Phase2Done {
         gtid: g,
         branch: db1(),
@@ -423,15 +459,20 @@ fn one_phase_refusal_aborts_with_the_participants_reason() {
 }
 
 #[test]
-fn read_only_votes_skip_phase_two_and_the_log_force() {
+fn read_only_votes_skip_phase_two_and_the_commit_record() {
     let mut h = Harness::new();
     let g = gtid(1);
     h.begin(g, vec![db1(), db2()]);
     let (req, _) = h.commit(g);
     assert_eq!(h.vote(g, db1(), VoteResult::ReadOnly), vec![]);
     let out = h.vote(g, db2(), VoteResult::ReadOnly);
-    assert!(matches!(&out[0], Command::Append { record: LogRecord::End(e), sync: None } if e.committed));
-    assert_eq!(out[1], committed(req, true));
+    // No commit record; the End record is the only record of the answer, so it is synced
+    // before the client hears "committed".
+    let [Command::Append { record: LogRecord::End(e), sync: Some(SyncToken::End(_)) }] = out.as_slice() else {
+        panic!("expected a synced end record, got {out:?}");
+    };
+    assert!(e.committed);
+    assert_eq!(h.sync_all(), vec![committed(req, true)]);
 
     // Mixed: only the prepared branch takes part in phase 2.
     let g = gtid(2);
@@ -548,6 +589,7 @@ fn live_transactions_are_bounded() {
     assert!(matches!(&out[0], Command::Reply { reply: Err(EngineError::TooManyTransactions { max: 2 }), .. }));
     // Finishing one frees a place.
     h.commit(gtid(1));
+    h.sync_all();
     assert!(matches!(&h.begin(gtid(3), vec![])[0], Command::Reply { reply: Ok(Reply::Begun { .. }), .. }));
 }
 
@@ -591,6 +633,7 @@ fn finished_transactions_are_forgotten_after_their_retention() {
     let g = gtid(1);
     h.begin(g, vec![]);
     h.commit(g);
+    h.sync_all();
     assert_eq!(h.engine.next_deadline(), Some(T0 + 1_000));
     h.now = T0 + 1_000;
     h.ev(Event::Tick);
@@ -777,6 +820,7 @@ fn checkpoint_holds_participants_undecided_commits_and_retained_ends() {
             LogRecord::Register { resource, .. } => format!("register {resource}"),
             LogRecord::Commit(c) => format!("commit {}", c.gtid == g2),
             LogRecord::End(e) => format!("end {}", e.gtid == g1),
+            LogRecord::OnePhase(o) => format!("one-phase {}", o.gtid),
             LogRecord::Forgotten { .. } => "forgotten".into(),
         })
         .collect();
@@ -821,6 +865,7 @@ fn a_forgotten_outcome_is_told_apart_from_an_unknown_transaction_also_after_a_re
     let g = gtid(1);
     h.begin(g, vec![]);
     h.commit(g);
+    h.sync_all();
     h.now = T0 + 1_000;
     h.ev(Event::Tick);
     assert_eq!(h.get(g), Err(EngineError::OutcomeForgotten(g)));
@@ -830,8 +875,12 @@ fn a_forgotten_outcome_is_told_apart_from_an_unknown_transaction_also_after_a_re
     // The watermark is part of the next checkpoint, so a restart keeps telling them apart.
     let g2 = gtid(2);
     h.begin(g2, vec![]);
-    let (_, out) = h.commit(g2);
-    let Some(Command::Checkpoint { records }) = out.last() else { panic!("no checkpoint: {out:?}") };
+    let (_, mut out) = h.commit(g2);
+    out.extend(h.sync_all());
+    let Some(Command::Checkpoint { records }) = out.iter().rev().find(|c| matches!(c, Command::Checkpoint { .. }))
+    else {
+        panic!("no checkpoint: {out:?}")
+    };
     let (mut r, _) = Harness::restored(cfg, T0 + 3_000, records.clone());
     assert_eq!(r.get(g), Err(EngineError::OutcomeForgotten(g)));
     assert_eq!(r.get(later), Err(EngineError::UnknownTransaction(later)));
@@ -1024,6 +1073,7 @@ fn counters_count_each_transaction_once_and_aborts_by_cause() {
     let g3 = gtid(4);
     h.begin(g3, vec![db2()]);
     h.commit(g3);
+    h.sync_all();
     let refused = Phase2Result::Outcome { outcome: BranchOutcome::Aborted, reason: None };
     h.ev(Event::Phase2Done { gtid: g3, branch: db2(), op: Phase2Op::Commit, result: refused });
     // Committed, the commit record synced but one branch not yet acknowledged.
@@ -1124,10 +1174,161 @@ fn a_branch_declared_possibly_empty_says_so_to_its_participant() {
     h.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: None, branches: vec![maybe(db1())] });
     let one_phase =
         Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new(), may_be_empty: true };
-    let (_, out) = h.commit(g);
-    assert_eq!(out, vec![one_phase.clone()]);
+    h.commit(g);
+    assert_eq!(h.sync_all(), vec![one_phase.clone()]);
     let retry = Phase2Result::Retry { error: "unavailable".into() };
     h.ev(Event::Phase2Done { gtid: g, branch: db1(), op: Phase2Op::Commit, result: retry });
     h.now += 60_000;
     assert!(h.ev(Event::Tick).contains(&one_phase), "the retry says so too");
+}
+
+// ---- issue 12 findings, written against the old engine first ----
+
+#[test]
+fn finding1_a_one_phase_commit_is_never_reported_aborted_after_a_crash() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1()]);
+    let (_, mut out) = h.commit(g);
+    out.extend(h.sync_all());
+    let sent = Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new(), may_be_empty: false };
+    assert!(out.contains(&sent));
+    // The participant committed; the coordinator crashes before the End record is durable.
+    let (mut r, start) = Harness::restored(EngineConfig::default(), T0 + 100, h.synced_records());
+    match r.get(g) {
+        Ok(view) => assert_eq!(view.state, TxnState::Preparing),
+        Err(e) => panic!("after a crash the one-phase commit is reported as {e}"),
+    }
+    // The commit is asked again; the participant answers from its record, and the retried
+    // Commit hears that answer.
+    assert!(start.contains(&sent), "{start:?}");
+    let (req, _) = r.commit(g);
+    r.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    assert_eq!(r.sync_all(), vec![committed(req, true)]);
+}
+
+#[test]
+fn finding1_a_read_only_commit_answer_survives_a_crash() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let (req, _) = h.commit(g);
+    h.vote(g, db1(), VoteResult::ReadOnly);
+    let out = h.vote(g, db2(), VoteResult::ReadOnly);
+    let answered = out.contains(&committed(req, true));
+    let (mut r, _) = Harness::restored(EngineConfig::default(), T0 + 100, h.synced_records());
+    if answered {
+        assert_eq!(r.get(g).map(|v| v.state), Ok(TxnState::Committed), "the client heard committed");
+    }
+}
+
+#[test]
+fn finding3_zero_retention_still_answers_a_one_phase_commit() {
+    let mut h = Harness::with_config(EngineConfig { completed_retention_ms: 0, ..EngineConfig::default() });
+    let g = gtid(1);
+    h.begin(g, vec![db1()]);
+    let (req, _) = h.commit(g);
+    h.sync_all();
+    let mut out = h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    for _ in 0..3 {
+        let syncs: Vec<SyncToken> = out
+            .iter()
+            .filter_map(|c| match c {
+                Command::Append { sync: Some(t), .. } => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        if out.contains(&committed(req, true)) {
+            return;
+        }
+        out = syncs.into_iter().flat_map(|t| h.ev(Event::Synced(t))).collect();
+    }
+    panic!("the Commit call was never answered");
+}
+
+#[test]
+fn finding6_heuristic_outcomes_outlive_the_retention() {
+    let mut h = Harness::with_config(EngineConfig { completed_retention_ms: 1_000, ..EngineConfig::default() });
+    let g = gtid(1);
+    prepared_two(&mut h, g);
+    h.synced(g);
+    h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::HeuristicMixed);
+    h.now += 10_000_000;
+    h.ev(Event::Tick);
+    assert!(h.get(g).expect("a heuristic outcome is kept until an operator acts").heuristic);
+}
+
+#[test]
+fn finding2_retention_is_a_time_load_cannot_shrink_and_a_full_one_refuses_begin() {
+    let cfg = EngineConfig { completed_retention_ms: 10_000, max_retained_transactions: 2, ..EngineConfig::default() };
+    let mut h = Harness::with_config(cfg);
+    for n in 1..=2 {
+        h.begin(gtid(n), vec![]);
+        h.commit(gtid(n));
+        h.sync_all();
+    }
+    // A third would exceed the bound: Begin is refused, and both answers are still there.
+    let out = h.begin(gtid(3), vec![]);
+    assert!(
+        matches!(&out[0], Command::Reply { reply: Err(EngineError::RetentionFull { max: 2, retention_ms: 10_000 }), .. }),
+        "{out:?}"
+    );
+    assert_eq!(h.get(gtid(1)).unwrap().state, TxnState::Committed);
+    assert_eq!(h.engine.gauges(h.now).retained, 2);
+    // Once their time is up they go, and Begin works again.
+    h.now += 10_000;
+    h.ev(Event::Tick);
+    assert_eq!(h.get(gtid(1)), Err(EngineError::OutcomeForgotten(gtid(1))));
+    assert!(matches!(&h.begin(gtid(3), vec![])[0], Command::Reply { reply: Ok(Reply::Begun { .. }), .. }));
+}
+
+#[test]
+fn finding6_a_heuristic_outcome_is_kept_across_restarts_and_counted() {
+    let cfg = EngineConfig { completed_retention_ms: 1_000, checkpoint_every_records: 3, ..EngineConfig::default() };
+    let mut h = Harness::with_config(cfg.clone());
+    let g = gtid(1);
+    prepared_two(&mut h, g);
+    h.synced(g);
+    h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::HeuristicRollback);
+    h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    assert_eq!(h.engine.gauges(h.now).heuristic, 1);
+    // Restart from everything written (the End record is lazy): still kept, still counted.
+    let records: Vec<LogRecord> = h.appended.iter().map(|(r, _)| r.clone()).collect();
+    let (mut r, _) = Harness::restored(cfg, h.now + 10_000_000, records);
+    r.ev(Event::Tick);
+    assert!(r.get(g).unwrap().heuristic);
+    assert_eq!((r.engine.gauges(r.now).heuristic, r.engine.gauges(r.now).retained), (1, 0));
+}
+
+#[test]
+fn finding8_a_vote_that_would_overflow_the_commit_record_aborts_the_transaction() {
+    let cfg = EngineConfig { max_record_bytes: 600, ..EngineConfig::default() };
+    let mut h = Harness::with_config(cfg);
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let (req, _) = h.commit(g);
+    h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::from(vec![1u8; 200]) });
+    let big = Bytes::from(vec![2u8; 400]);
+    let out = h.vote(g, db2(), VoteResult::Prepared { metadata: big.clone() });
+    // No commit record is attempted; both prepared branches are rolled back, the big one with
+    // its metadata, and the client hears why.
+    assert!(!out.iter().any(|c| matches!(c, Command::Append { record: LogRecord::Commit(_), .. })), "{out:?}");
+    assert!(out.contains(&abort_cmd(g, db2(), big)), "{out:?}");
+    let Some(Command::Reply { req: r, reply: Ok(Reply::CommitOutcome(o)) }) =
+        out.iter().find(|c| matches!(c, Command::Reply { .. }))
+    else {
+        panic!("no answer: {out:?}")
+    };
+    assert_eq!(*r, req);
+    assert!(!o.committed);
+    let reason = o.reason.as_deref().unwrap();
+    assert!(reason.contains("would make the commit record up to") && reason.contains("limit of 600 bytes"), "{reason}");
+    // Within the limit, the same transaction shape commits.
+    let mut h = Harness::with_config(EngineConfig { max_record_bytes: 1_000, ..EngineConfig::default() });
+    h.begin(g, vec![db1(), db2()]);
+    h.commit(g);
+    h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::from(vec![1u8; 200]) });
+    let out = h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::from(vec![2u8; 400]) });
+    assert!(matches!(&out[0], Command::Append { record: LogRecord::Commit(_), .. }), "{out:?}");
 }

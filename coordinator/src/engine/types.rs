@@ -160,7 +160,10 @@ pub enum SyncToken {
     Commit(Gtid),
     /// The registration answering this request.
     Register(ReqId),
-    /// The end record of a one-phase commit (its only record).
+    /// The one-phase intent record: synced before the participant is told to commit.
+    OnePhase(Gtid),
+    /// The end record of a transaction whose outcome no other record holds (one-phase, empty,
+    /// all read-only): synced before the client hears the outcome.
     End(Gtid),
 }
 
@@ -211,7 +214,10 @@ pub struct CommitOutcome {
 /// Why the engine refused a request. Each maps to one gRPC status in the API layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    #[error("unknown transaction {0} (a transaction the coordinator has no commit record of is presumed aborted)")]
+    #[error(
+        "no record of transaction {0}: it was never committed here (presumed aborted: the coordinator logs every \
+         commit decision, one-phase ones included, before any participant hears it)"
+    )]
     UnknownTransaction(Gtid),
     #[error("unknown resource {0:?}: register the participant first (RegisterParticipant or the config file)")]
     UnknownResource(ResourceId),
@@ -229,9 +235,14 @@ pub enum EngineError {
     TooManyTransactions { max: usize },
     #[error(
         "transaction {0} finished longer ago than the coordinator remembers finished transactions \
-         (completed_retention_ms / completed_retention_max); its outcome is no longer known here"
+         (completed_retention_ms); its outcome is no longer known here"
     )]
     OutcomeForgotten(Gtid),
+    #[error(
+        "the coordinator keeps {max} finished transactions for completed_retention_ms = {retention_ms} ms \
+         (max_retained_transactions) and forgets none early; retry once older ones expire, or raise the bound"
+    )]
+    RetentionFull { max: usize, retention_ms: u64 },
     #[error("{max} Commit calls are already waiting on transaction {gtid}")]
     TooManyWaiters { gtid: Gtid, max: usize },
     #[error("{max} participants are registered already; no more can be")]
@@ -268,6 +279,10 @@ impl fmt::Display for TxnState {
 /// and how long ago the oldest unfinished decision (committing or aborting) was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Gauges {
+    /// Finished transactions kept for Get and retries (within `completed_retention_ms`).
+    pub retained: usize,
+    /// Finished transactions with a heuristic outcome, kept until an operator acts on them.
+    pub heuristic: usize,
     pub active: usize,
     pub preparing: usize,
     pub committing: usize,
@@ -330,16 +345,20 @@ pub struct ListFilter {
 
 /// What the engine keeps in the decision log.
 ///
-/// Presumed abort: only `Commit` is forced (synced before phase 2 starts). `End` is written
-/// lazily when every branch has acknowledged the outcome; losing it costs a repeated,
-/// idempotent phase 2 after a crash, nothing more. An abort is never forced: a transaction with
-/// no commit record is aborted.
+/// Presumed abort: only the decision to commit is forced, before any participant hears it:
+/// `Commit` before phase 2, `OnePhase` before a one-phase commit is sent. So a transaction with
+/// neither record was never committed anywhere, and an abort is never forced. `End` is written
+/// lazily when every branch has acknowledged the outcome (losing it costs a repeated, idempotent
+/// phase 2 after a crash), except where it is the only record of an answer the client is about
+/// to hear (one-phase, empty and all-read-only transactions): then it is synced first.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LogRecord {
     /// A participant registered at run time (resource id -> endpoint).
     Register { resource: ResourceId, endpoint: String },
     /// The commit decision, with every branch that must be told.
     Commit(CommitRecord),
+    /// A one-phase commit is about to be sent to the transaction's only branch.
+    OnePhase(OnePhaseRecord),
     /// Every branch acknowledged the outcome; the transaction is finished. Shared: the same
     /// record stays with the retained transaction and goes into every checkpoint.
     End(Arc<EndRecord>),
@@ -354,6 +373,18 @@ pub struct CommitRecord {
     pub decided_ms: Millis,
     pub idempotency_key: Option<String>,
     pub branches: Vec<LoggedBranch>,
+}
+
+/// The decision to commit a single-branch transaction in one phase. After a crash it is resent
+/// (idempotent): the participant's own record answers how the branch ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnePhaseRecord {
+    pub gtid: Gtid,
+    pub created_ms: Millis,
+    pub decided_ms: Millis,
+    pub idempotency_key: Option<String>,
+    pub branch: BranchKey,
+    pub may_be_empty: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

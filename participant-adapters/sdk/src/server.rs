@@ -72,19 +72,21 @@ where
     tokio::spawn(work).await.map_err(|e| Status::internal(format!("the operation failed: {e}")))
 }
 
-fn prepare_result(vote: Result<Vote, crate::Error>) -> v1::PrepareResult {
-    match vote {
+/// A vote on the wire, naming its branch (`xid`, as the request did).
+fn prepare_result(xid: Option<v1::BranchXid>, vote: Result<Vote, crate::Error>) -> v1::PrepareResult {
+    let result = match vote {
         Ok(Vote::Prepared { metadata }) if metadata.len() > MAX_VOTE_METADATA_BYTES => v1::PrepareResult {
             vote: v1::Vote::Aborted as i32,
             metadata: Vec::new(),
             reason: format!("participant bug: {} bytes of metadata exceed {MAX_VOTE_METADATA_BYTES}", metadata.len()),
+            ..Default::default()
         },
         Ok(Vote::Prepared { metadata }) => {
-            v1::PrepareResult { vote: v1::Vote::Prepared as i32, metadata, reason: String::new() }
+            v1::PrepareResult { vote: v1::Vote::Prepared as i32, metadata, ..Default::default() }
         }
         Ok(Vote::ReadOnly) => v1::PrepareResult { vote: v1::Vote::ReadOnly as i32, ..Default::default() },
         Ok(Vote::Aborted { reason }) => {
-            v1::PrepareResult { vote: v1::Vote::Aborted as i32, metadata: Vec::new(), reason: bounded_reason(reason) }
+            v1::PrepareResult { vote: v1::Vote::Aborted as i32, reason: bounded_reason(reason), ..Default::default() }
         }
         // A prepare that failed is a "no": the coordinator aborts (presumed abort makes that
         // safe) and tells this branch too, in case it prepared before failing.
@@ -92,8 +94,10 @@ fn prepare_result(vote: Result<Vote, crate::Error>) -> v1::PrepareResult {
             vote: v1::Vote::Aborted as i32,
             metadata: Vec::new(),
             reason: bounded_reason(format!("prepare failed: {e}")),
+            ..Default::default()
         },
-    }
+    };
+    v1::PrepareResult { xid, ..result }
 }
 
 /// Adapts a [`Participant`] to the generated gRPC service: validation, batching, tracing.
@@ -161,10 +165,15 @@ fn xids<'a>(items: impl Iterator<Item = Option<&'a v1::BranchXid>>) -> Result<Ve
     Ok(out)
 }
 
-/// A branch's phase-2 result on the wire; `operation` (commit, one_phase_commit, abort) names
-/// it in the log and the metrics. Runs in the branch's span (its xid). A failure (the
-/// coordinator retries) and a heuristic outcome are logged here, where they are handled.
-fn outcome_result(operation: &'static str, result: Result<Outcome, crate::Error>) -> v1::BranchResult {
+/// A branch's phase-2 result on the wire, naming its branch (`xid`, as the request did);
+/// `operation` (commit, one_phase_commit, abort) names it in the log and the metrics. Runs in
+/// the branch's span. A failure (the coordinator retries) and a heuristic outcome are logged
+/// here, where they are handled.
+fn outcome_result(
+    operation: &'static str,
+    xid: Option<v1::BranchXid>,
+    result: Result<Outcome, crate::Error>,
+) -> v1::BranchResult {
     use v1::BranchOutcome as O;
     match &result {
         Err(e) => tracing::warn!(operation, error = %e, "branch operation failed; the coordinator retries"),
@@ -181,7 +190,7 @@ fn outcome_result(operation: &'static str, result: Result<Outcome, crate::Error>
         Ok(Outcome::HeuristicHazard { reason }) => (O::HeuristicHazard, reason),
         Err(e) => (O::Retry, e.0),
     };
-    v1::BranchResult { outcome: outcome as i32, reason: bounded_reason(reason) }
+    v1::BranchResult { outcome: outcome as i32, reason: bounded_reason(reason), xid }
 }
 
 #[tonic::async_trait]
@@ -204,7 +213,7 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                                 _ => tracing::debug!(%xid, ?vote, "prepared"),
                             }
                             crate::metrics::prepared(&vote);
-                            prepare_result(vote)
+                            prepare_result(b.xid.clone(), vote)
                         }
                         .instrument(tracing::debug_span!("branch", %xid))
                     }))
@@ -238,7 +247,8 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                                 false => CommitKind::TwoPhase,
                             };
                             let result = p.commit(coordinator, xid, kind, &b.metadata).await;
-                            outcome_result(if b.one_phase { "one_phase_commit" } else { "commit" }, result)
+                            let operation = if b.one_phase { "one_phase_commit" } else { "commit" };
+                            outcome_result(operation, b.xid.clone(), result)
                         }
                         .instrument(tracing::debug_span!("branch", %xid))
                     }))
@@ -268,7 +278,7 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     join_all(xids.iter().zip(&branches).map(|(xid, b)| {
                         async move {
                             let result = p.abort(coordinator, xid, &b.metadata).await;
-                            outcome_result("abort", result)
+                            outcome_result("abort", b.xid.clone(), result)
                         }
                         .instrument(tracing::debug_span!("branch", %xid))
                     }))
