@@ -273,6 +273,34 @@ async fn coordinator_killed_during_phase_two_finishes_it_after_restart() {
     s.assert_committed_everywhere().await;
 }
 
+/// A single-branch transaction commits in one phase: the participant decides. Killed after the
+/// participant committed and before the coordinator's End record is durable, the coordinator
+/// must not answer "no record, presumed aborted" after its restart (it did: the client would
+/// redo committed work). It logs the one-phase decision before sending it, resends it after the
+/// restart, and the participant answers from its own record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_after_a_one_phase_commit_answers_committed_after_restart() {
+    let dir = TestDir::new("crash-one-phase");
+    let p1 = dir.participant("db1", 0, &[], &[]).await;
+    let mut coordinator =
+        dir.coordinator(&[("db1", &p1)], &[("PLEDGE_CRASH_AT", "coordinator::after_commit_call")]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let gtid = begin(&mut c, &[("db1", "only")]).await;
+    put(&mut store_client(&p1).await, &gtid, "only", "carol", "42").await;
+    let result = commit(&mut c, &gtid, false).await;
+    assert!(result.is_err(), "the coordinator died before answering: {result:?}");
+    coordinator.wait_crashed().await;
+    // The participant committed on its own authority.
+    assert_eq!(read(&mut store_client(&p1).await, "carol").await.as_deref(), Some("42"));
+
+    let coordinator = dir.coordinator(&[("db1", &p1)], &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let r = commit(&mut c, &gtid, false).await.expect("the retried Commit gets the outcome");
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true));
+    let t = get(&mut c, &gtid).await.unwrap();
+    assert_eq!((t.state(), t.one_phase), (v1::TransactionState::Committed, true));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_killed_before_the_decision_aborts_after_restart() {
     let (mut s, result) = crash_setup("crash-undecided", "coordinator::before_commit_record", &[]).await;

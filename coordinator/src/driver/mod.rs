@@ -396,6 +396,7 @@ impl Runtime {
     /// Asks every participant for its in-doubt branches (skipping one whose previous scan is
     /// still under way); each page of answers comes back as an event.
     fn scan_in_doubt(&self) {
+        let listed_ms = self.clock.now();
         for handle in self.participants.values() {
             let resource = handle.resource.clone();
             let events = self.events_tx.clone();
@@ -404,7 +405,7 @@ impl Runtime {
                 move |branches: Vec<crate::engine::InDoubtBranch>| {
                     if !branches.is_empty() {
                         tracing::info!(resource = %resource, count = branches.len(), "resolving in-doubt branches");
-                        let _ = events.send(Event::InDoubt { resource: resource.clone(), branches });
+                        let _ = events.send(Event::InDoubt { resource: resource.clone(), branches, listed_ms });
                     }
                 }
             };

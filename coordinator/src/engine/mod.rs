@@ -375,6 +375,8 @@ struct Ctx {
     /// The newest GTID timestamp among the finished transactions forgotten after their
     /// retention: an unknown GTID at or below it may have finished either way.
     forgotten_through_ms: Millis,
+    /// When a finished transaction was last forgotten (engine time; 0: not since start).
+    last_forgotten_at_ms: Millis,
     records_since_checkpoint: u64,
     rng: fastrand::Rng,
 }
@@ -402,6 +404,7 @@ impl Engine {
                 idempotency: HashMap::new(),
                 participants: BTreeMap::new(),
                 forgotten_through_ms: 0,
+                last_forgotten_at_ms: 0,
                 records_since_checkpoint: 0,
                 rng,
             },
@@ -611,7 +614,7 @@ impl Engine {
                 }
             }
             Event::Synced(SyncToken::Register(req)) => self.cx.reply(req, Ok(Reply::Registered)),
-            Event::InDoubt { resource, branches } => self.in_doubt(resource, branches),
+            Event::InDoubt { resource, branches, listed_ms } => self.in_doubt(resource, branches, listed_ms),
             Event::Tick => {}
             Event::CallersGone(gone) => {
                 for (req, gtid) in gone {
@@ -938,13 +941,20 @@ impl Engine {
         cx.finish_if_done(txn);
     }
 
-    fn in_doubt(&mut self, resource: ResourceId, branches: Vec<InDoubtBranch>) {
+    fn in_doubt(&mut self, resource: ResourceId, branches: Vec<InDoubtBranch>, listed_ms: Millis) {
         let Engine { txns, cx } = self;
         for ib in branches {
             if ib.branch.resource != resource {
                 continue; // a participant may only speak for its own resource
             }
             let Some(txn) = txns.get_mut(&ib.gtid) else {
+                if listed_ms <= cx.last_forgotten_at_ms && ib.gtid.unix_ms().unwrap_or(0) <= cx.forgotten_through_ms {
+                    // Maybe a transaction that finished (every branch acknowledged) and was
+                    // forgotten after this list was made: the list is stale, and presuming abort
+                    // would roll back a committed branch. A list made after the forgetting
+                    // cannot hold it, so the next scan settles the branch.
+                    continue;
+                }
                 // No record of it: presumed abort.
                 cx.out.push(Command::Abort { gtid: ib.gtid, branch: ib.branch, metadata: ib.metadata });
                 continue;
@@ -1026,6 +1036,7 @@ impl Engine {
             }
             cx.retired.pop_front();
             cx.forgotten_through_ms = cx.forgotten_through_ms.max(gtid.unix_ms().unwrap_or(0));
+            cx.last_forgotten_at_ms = cx.now;
             if let Some(txn) = txns.remove(&gtid)
                 && let Some(key) = txn.idempotency_key
                 && cx.idempotency.get(&key) == Some(&gtid)

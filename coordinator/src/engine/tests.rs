@@ -745,6 +745,7 @@ fn crash_restart_at_every_step_ends_as_the_log_says() {
             // Each participant reports the branch in doubt (it prepared before the crash).
             for b in [db1(), db2()] {
                 let out = r.ev(Event::InDoubt {
+                    listed_ms: u64::MAX,
                     resource: b.resource.clone(),
                     branches: vec![InDoubtBranch { gtid: g, branch: b.clone(), metadata: Bytes::new() }],
                 });
@@ -785,6 +786,7 @@ fn unknown_in_doubt_branch_is_presumed_aborted_but_one_being_decided_is_left_alo
     h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::new() });
     // db1 lists its prepared branch while the vote round is still running.
     let out = h.ev(Event::InDoubt {
+        listed_ms: u64::MAX,
         resource: "db1".parse().unwrap(),
         branches: vec![
             InDoubtBranch { gtid: g, branch: db1(), metadata: Bytes::new() },
@@ -976,6 +978,7 @@ fn in_doubt_reports_of_a_committing_transaction_resend_or_repeat_the_commit() {
     });
     for b in [db1(), db2()] {
         let out = h.ev(Event::InDoubt {
+            listed_ms: u64::MAX,
             resource: b.resource.clone(),
             branches: vec![InDoubtBranch { gtid: g, branch: b.clone(), metadata: Bytes::new() }],
         });
@@ -986,6 +989,7 @@ fn in_doubt_reports_of_a_committing_transaction_resend_or_repeat_the_commit() {
     }
     // db2's commit is in flight now: a second listing sends nothing more.
     let out = h.ev(Event::InDoubt {
+        listed_ms: u64::MAX,
         resource: db2().resource.clone(),
         branches: vec![InDoubtBranch { gtid: g, branch: db2(), metadata: Bytes::new() }],
     });
@@ -1331,4 +1335,29 @@ fn finding8_a_vote_that_would_overflow_the_commit_record_aborts_the_transaction(
     h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::from(vec![1u8; 200]) });
     let out = h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::from(vec![2u8; 400]) });
     assert!(matches!(&out[0], Command::Append { record: LogRecord::Commit(_), .. }), "{out:?}");
+}
+
+/// Found by the simulation: a recovery scan lists a branch while it is prepared; by the time
+/// the list is handled, the transaction committed, every branch acknowledged and (with a short
+/// retention) it was forgotten. Presuming abort then would roll back a committed branch.
+#[test]
+fn a_stale_in_doubt_list_never_aborts_a_transaction_forgotten_after_it_was_made() {
+    let mut h = Harness::with_config(EngineConfig { completed_retention_ms: 1_000, ..EngineConfig::default() });
+    let g = gtid(1);
+    prepared_two(&mut h, g);
+    let listed_ms = h.now; // the participant lists db1's branch as prepared now
+    h.synced(g);
+    h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    h.now += 1_000;
+    h.ev(Event::Tick);
+    assert_eq!(h.get(g), Err(EngineError::OutcomeForgotten(g)));
+    let stale = InDoubtBranch { gtid: g, branch: db1(), metadata: Bytes::new() };
+    let out = h.ev(Event::InDoubt { resource: db1().resource.clone(), branches: vec![stale.clone()], listed_ms });
+    assert_eq!(out, vec![], "a list older than the forgetting is not trusted for forgotten GTIDs");
+    // A list made after the forgetting that still holds the branch is believed: no record,
+    // presumed abort (as for any transaction never committed here).
+    h.now += 1;
+    let out = h.ev(Event::InDoubt { resource: db1().resource.clone(), branches: vec![stale], listed_ms: h.now });
+    assert_eq!(out, vec![abort_cmd(g, db1(), Bytes::new())]);
 }

@@ -75,6 +75,9 @@ pub enum Event {
     InDoubt {
         resource: ResourceId,
         branches: Vec<InDoubtBranch>,
+        /// When the scan that listed them was started (engine time): the participant's list is
+        /// no older than this. A transaction forgotten before it cannot be on the list.
+        listed_ms: Millis,
     },
     /// Time passed: fire the deadlines that are due.
     Tick,
