@@ -3,7 +3,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::Lsn;
-use crate::format::{FrameError, HeaderError};
+use crate::format::{BatchHeaderError, FrameError, HeaderError};
 
 /// Errors of a running log's API. I/O failures are absent on purpose: a failed write or sync
 /// aborts the process (see the crate docs), so a caller never has to guess what reached the disk.
@@ -26,7 +26,7 @@ pub enum LogError {
 /// Why [`open`](crate::open) refused a log directory. `E` is the replay callback's error.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError<E> {
-    /// A record frame is damaged somewhere other than a torn tail. Nothing is repaired
+    /// A batch or record is damaged somewhere other than a torn tail. Nothing is repaired
     /// automatically: the operator decides (see `inspect`).
     #[error("corrupt record in {} at offset {offset}: {reason}", path.display())]
     Corrupt { path: PathBuf, offset: u64, reason: Corruption },
@@ -79,9 +79,15 @@ pub enum Corruption {
     UnknownReservedType(u8),
     /// A checkpoint marker where none may be, or with a malformed payload.
     BadCheckpointMarker(&'static str),
-    /// A checkpoint that is not complete in a segment that has successors: a checkpoint is
-    /// synced before anything is written after it, so this is not a torn write.
+    /// A checkpoint file without its end marker. Checkpoints are renamed into place only once
+    /// synced whole, so this is damage, not an interrupted write.
     IncompleteCheckpoint,
+    /// The bytes at a batch boundary are not a batch header.
+    BadBatchHeader(BatchHeaderError),
+    /// A batch's body does not match its checksum.
+    BatchCrcMismatch,
+    /// A batch whose checksum holds but whose contents the writer cannot have produced.
+    BadBatchContents(&'static str),
     BadHeader(HeaderError),
     /// The header's first LSN does not match the file name.
     NameMismatch {
@@ -93,9 +99,10 @@ pub enum Corruption {
     MissingHistory {
         first_lsn: Lsn,
     },
-    /// Damage at the end of the last segment that cannot be a torn write, because a valid
-    /// record with a higher LSN follows it.
-    ValidRecordFollows {
+    /// Damage at the end of the last segment that cannot be a torn write: a batch written
+    /// after it (or the synced-through mark written once it was synced) follows, so the damaged
+    /// records were synced and may have been acknowledged.
+    SyncedBatchFollows {
         cause: Box<Corruption>,
         lsn: Lsn,
         offset: u64,
@@ -131,7 +138,10 @@ impl fmt::Display for Corruption {
             Self::LsnDiscontinuity { expected, found } => write!(f, "expected LSN {expected}, found {found}"),
             Self::UnknownReservedType(t) => write!(f, "unknown reserved record type {t:#04x}"),
             Self::BadCheckpointMarker(what) => write!(f, "bad checkpoint marker: {what}"),
-            Self::IncompleteCheckpoint => f.write_str("incomplete checkpoint in a segment that is not the last"),
+            Self::IncompleteCheckpoint => f.write_str("checkpoint file without its end marker"),
+            Self::BadBatchHeader(e) => write!(f, "bad batch header: {e}"),
+            Self::BatchCrcMismatch => f.write_str("batch crc mismatch"),
+            Self::BadBatchContents(what) => write!(f, "bad batch contents: {what}"),
             Self::BadHeader(e) => write!(f, "bad segment header: {e}"),
             Self::NameMismatch { name_lsn, header_lsn } => {
                 write!(f, "file name says first LSN {name_lsn}, header says {header_lsn}")
@@ -139,9 +149,11 @@ impl fmt::Display for Corruption {
             Self::MissingHistory { first_lsn } => {
                 write!(f, "the log starts at LSN {first_lsn} without a checkpoint: older segments are missing")
             }
-            Self::ValidRecordFollows { cause, lsn, offset } => {
-                write!(f, "{cause}; a valid record (LSN {lsn}) follows at offset {offset}, so this is not a torn tail")
-            }
+            Self::SyncedBatchFollows { cause, lsn, offset } => write!(
+                f,
+                "{cause}; a batch written after it was synced (first LSN {lsn}) follows at offset {offset}, so the \
+                 damaged records were durable and may have been acknowledged: not a torn tail"
+            ),
             Self::TooMuchAfterDamage { cause, nonzero_bytes, limit_bytes } => write!(
                 f,
                 "{cause}; {nonzero_bytes} bytes of data follow, more than one batch ({limit_bytes}), \

@@ -8,10 +8,12 @@ use crate::Lsn;
 
 /// First bytes of every segment file: lets `open` refuse a directory that holds something else.
 pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"PLEDGLOG";
-/// Bumped on any incompatible change; a reader refuses versions it does not know.
-pub(crate) const FORMAT_VERSION: u16 = 1;
-/// Header flag bit 0: the segment's first frame is a `CheckpointBegin` marker.
-pub(crate) const FLAG_BEGINS_WITH_CHECKPOINT: u16 = 1;
+/// Bumped on any incompatible change; a reader refuses versions it does not know. Version 1
+/// (frames without batches, checkpoints inside segments) was replaced by version 2 (batches
+/// with their own checksum and a synced-through mark, checkpoints in their own files).
+pub(crate) const FORMAT_VERSION: u16 = 2;
+/// Header flag bit 0: the file is a checkpoint (`.ckpt`), not a segment.
+pub(crate) const FLAG_CHECKPOINT_FILE: u16 = 1;
 /// magic (8) + version (2) + flags (2) + first_lsn (8) + crc32c (4).
 pub(crate) const SEGMENT_HEADER_BYTES: usize = 24;
 
@@ -30,10 +32,14 @@ pub(crate) const MAX_RECORD_BYTES_LIMIT: usize = u32::MAX as usize - FRAME_TYPE_
 
 /// Record types at or above this value belong to the crate; `append` refuses them.
 pub const FIRST_RESERVED_TYPE: u8 = 0xF0;
-/// Reserved: first frame of a checkpoint segment. Payload: record_count u64.
-pub(crate) const TYPE_CHECKPOINT_BEGIN: u8 = 0xF0;
-/// Reserved: last frame of a checkpoint. Payload: begin_lsn u64, record_count u64.
+/// Reserved: last frame of a checkpoint file. Payload: record_count u64.
 pub(crate) const TYPE_CHECKPOINT_END: u8 = 0xF1;
+
+/// First bytes of every batch header: "PLBT".
+pub(crate) const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"PLBT");
+/// magic (4) + body_bytes (4) + first_lsn (8) + synced_through (8) + body crc32c (4) +
+/// header crc32c (4).
+pub(crate) const BATCH_HEADER_BYTES: usize = 32;
 
 /// Largest whole frame a reader configured with `max_record_bytes` accepts.
 pub(crate) fn max_frame_bytes(max_record_bytes: usize) -> usize {
@@ -43,8 +49,10 @@ pub(crate) fn max_frame_bytes(max_record_bytes: usize) -> usize {
 /// A decoded segment header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SegmentHeader {
+    /// A segment: the LSN of its first record. A checkpoint file: the LSN from which the
+    /// segments continue it (it holds the state as of every record below).
     pub first_lsn: Lsn,
-    pub begins_with_checkpoint: bool,
+    pub checkpoint_file: bool,
 }
 
 /// Why a segment header could not be decoded.
@@ -81,9 +89,12 @@ impl fmt::Display for HeaderError {
             }
             Self::BadMagic => f.write_str("bad magic (not a pledge log segment)"),
             Self::CrcMismatch => f.write_str("header crc mismatch"),
-            Self::UnsupportedVersion(v) => {
-                write!(f, "format version {v} is not supported (this build reads version {FORMAT_VERSION})")
-            }
+            Self::UnsupportedVersion(v) => write!(
+                f,
+                "format version {v} is not supported (this build reads version {FORMAT_VERSION}; a version 1 \
+                 log is read by the build that wrote it: finish its in-doubt work there, then start this one \
+                 with an empty directory)"
+            ),
             Self::UnknownFlags(flags) => write!(f, "unknown header flags {flags:#06x}"),
         }
     }
@@ -91,7 +102,7 @@ impl fmt::Display for HeaderError {
 
 pub(crate) fn encode_header(header: SegmentHeader) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut out = [0u8; SEGMENT_HEADER_BYTES];
-    let flags = if header.begins_with_checkpoint { FLAG_BEGINS_WITH_CHECKPOINT } else { 0 };
+    let flags = if header.checkpoint_file { FLAG_CHECKPOINT_FILE } else { 0 };
     out[0..8].copy_from_slice(&SEGMENT_MAGIC);
     out[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     out[10..12].copy_from_slice(&flags.to_le_bytes());
@@ -118,13 +129,82 @@ pub(crate) fn decode_header(data: &[u8]) -> Result<SegmentHeader, HeaderError> {
         return Err(HeaderError::UnsupportedVersion(version));
     }
     let flags = u16::from_le_bytes([bytes[10], bytes[11]]);
-    if flags & !FLAG_BEGINS_WITH_CHECKPOINT != 0 {
+    if flags & !FLAG_CHECKPOINT_FILE != 0 {
         return Err(HeaderError::UnknownFlags(flags));
     }
-    Ok(SegmentHeader {
-        first_lsn: read_u64(&bytes[12..20]),
-        begins_with_checkpoint: flags & FLAG_BEGINS_WITH_CHECKPOINT != 0,
+    Ok(SegmentHeader { first_lsn: read_u64(&bytes[12..20]), checkpoint_file: flags & FLAG_CHECKPOINT_FILE != 0 })
+}
+
+/// A decoded batch header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BatchHeader {
+    /// Bytes of frames that follow the header (0: a synced-through mark).
+    pub body_bytes: u32,
+    /// LSN of the batch's first frame (of a mark: the next LSN).
+    pub first_lsn: Lsn,
+    /// Every record up to this LSN was synced before this batch was written (so it may have
+    /// been acknowledged, and damage to it is never a torn write).
+    pub synced_through: Lsn,
+    pub body_crc: u32,
+}
+
+/// Why bytes at a batch boundary are not a valid batch header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchHeaderError {
+    BadMagic,
+    CrcMismatch,
+    /// `body_bytes` is larger than any batch the writer makes.
+    TooLarge(u32),
+}
+
+impl fmt::Display for BatchHeaderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadMagic => f.write_str("bad magic"),
+            Self::CrcMismatch => f.write_str("header crc mismatch"),
+            Self::TooLarge(n) => write!(f, "body of {n} bytes is larger than any batch"),
+        }
+    }
+}
+
+/// The header of a batch whose body is `body` (already encoded frames).
+pub(crate) fn encode_batch_header(first_lsn: Lsn, synced_through: Lsn, body: &[u8]) -> [u8; BATCH_HEADER_BYTES] {
+    let mut out = [0u8; BATCH_HEADER_BYTES];
+    out[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
+    out[4..8].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    out[8..16].copy_from_slice(&first_lsn.to_le_bytes());
+    out[16..24].copy_from_slice(&synced_through.to_le_bytes());
+    out[24..28].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    let crc = crc32c::crc32c(&out[0..28]);
+    out[28..32].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes a batch header; `max_body_bytes` is the largest body the writer can produce.
+pub(crate) fn decode_batch_header(bytes: &[u8], max_body_bytes: usize) -> Result<BatchHeader, BatchHeaderError> {
+    let bytes = &bytes[..BATCH_HEADER_BYTES];
+    if read_u32(&bytes[0..4]) != BATCH_MAGIC {
+        return Err(BatchHeaderError::BadMagic);
+    }
+    if crc32c::crc32c(&bytes[0..28]) != read_u32(&bytes[28..32]) {
+        return Err(BatchHeaderError::CrcMismatch);
+    }
+    let body_bytes = read_u32(&bytes[4..8]);
+    if body_bytes as usize > max_body_bytes {
+        return Err(BatchHeaderError::TooLarge(body_bytes));
+    }
+    Ok(BatchHeader {
+        body_bytes,
+        first_lsn: read_u64(&bytes[8..16]),
+        synced_through: read_u64(&bytes[16..24]),
+        body_crc: read_u32(&bytes[24..28]),
     })
+}
+
+/// The largest batch body a writer configured with these bounds produces: it stops taking
+/// records once the body reaches `max_batch_bytes`, so it exceeds that by less than one frame.
+pub(crate) fn max_batch_body_bytes(max_batch_bytes: usize, max_record_bytes: usize) -> usize {
+    max_batch_bytes + max_frame_bytes(max_record_bytes)
 }
 
 /// Appends one frame to `buf`. The caller has checked `payload.len() <= max_record_bytes`, which
@@ -189,18 +269,6 @@ pub(crate) fn decode_frame(data: &[u8], max_record_bytes: usize) -> Result<Frame
     verify_frame(&data[..frame_bytes])
 }
 
-/// Like [`decode_frame`], but skips the checksum (the expensive part) of any frame whose LSN is
-/// not above `min_lsn_exclusive`. The torn-tail scan tries every byte offset and only cares
-/// about frames that would prove later records exist.
-pub(crate) fn decode_frame_above(data: &[u8], max_record_bytes: usize, min_lsn_exclusive: Lsn) -> Option<Frame<'_>> {
-    let frame_bytes = frame_extent(data, max_record_bytes).ok()?;
-    let lsn = read_u64(&data[FRAME_LENGTH_BYTES + 1..FRAME_LENGTH_BYTES + FRAME_TYPE_LSN_BYTES]);
-    if lsn <= min_lsn_exclusive {
-        return None;
-    }
-    verify_frame(&data[..frame_bytes]).ok()
-}
-
 /// `frame` is exactly one frame's bytes with a plausible length.
 fn verify_frame(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
     let crc_at = frame.len() - FRAME_CRC_BYTES;
@@ -215,26 +283,14 @@ fn verify_frame(frame: &[u8]) -> Result<Frame<'_>, FrameError> {
     })
 }
 
-/// Payload of a `CheckpointBegin` marker.
-pub(crate) fn encode_checkpoint_begin(record_count: u64) -> [u8; 8] {
+/// Payload of a `CheckpointEnd` marker: the record count, so a reader can check that no record
+/// of the checkpoint is missing.
+pub(crate) fn encode_checkpoint_end(record_count: u64) -> [u8; 8] {
     record_count.to_le_bytes()
 }
 
-pub(crate) fn decode_checkpoint_begin(payload: &[u8]) -> Option<u64> {
+pub(crate) fn decode_checkpoint_end(payload: &[u8]) -> Option<u64> {
     (payload.len() == 8).then(|| read_u64(payload))
-}
-
-/// Payload of a `CheckpointEnd` marker: the begin marker's LSN and the record count, so a reader
-/// can check that the end belongs to the begin it saw and that no record is missing between.
-pub(crate) fn encode_checkpoint_end(begin_lsn: Lsn, record_count: u64) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[..8].copy_from_slice(&begin_lsn.to_le_bytes());
-    out[8..].copy_from_slice(&record_count.to_le_bytes());
-    out
-}
-
-pub(crate) fn decode_checkpoint_end(payload: &[u8]) -> Option<(Lsn, u64)> {
-    (payload.len() == 16).then(|| (read_u64(&payload[..8]), read_u64(&payload[8..])))
 }
 
 fn read_u32(bytes: &[u8]) -> u32 {
@@ -312,19 +368,9 @@ mod tests {
     }
 
     #[test]
-    fn decode_frame_above_filters_on_lsn() {
-        let mut buf = Vec::new();
-        encode_frame(&mut buf, 1, 10, b"x");
-        assert!(decode_frame_above(&buf, MAX, 9).is_some());
-        assert!(decode_frame_above(&buf, MAX, 10).is_none());
-        buf[13] ^= 1;
-        assert!(decode_frame_above(&buf, MAX, 0).is_none(), "a bad crc never counts");
-    }
-
-    #[test]
     fn header_round_trip() {
-        for begins_with_checkpoint in [false, true] {
-            let header = SegmentHeader { first_lsn: 123_456, begins_with_checkpoint };
+        for checkpoint_file in [false, true] {
+            let header = SegmentHeader { first_lsn: 123_456, checkpoint_file };
             let bytes = encode_header(header);
             assert_eq!(&bytes[0..8], b"PLEDGLOG");
             assert_eq!(decode_header(&bytes), Ok(header));
@@ -333,7 +379,7 @@ mod tests {
 
     #[test]
     fn header_errors() {
-        let good = encode_header(SegmentHeader { first_lsn: 1, begins_with_checkpoint: false });
+        let good = encode_header(SegmentHeader { first_lsn: 1, checkpoint_file: false });
         assert_eq!(decode_header(&good[..10]), Err(HeaderError::Short { len_bytes: 10 }));
         let mut bad = good;
         bad[0] = b'X';
@@ -344,18 +390,37 @@ mod tests {
 
         // A well-formed header from a future version is refused, not treated as torn.
         let mut future = good;
-        future[8..10].copy_from_slice(&2u16.to_le_bytes());
+        future[8..10].copy_from_slice(&3u16.to_le_bytes());
         let crc = crc32c::crc32c(&future[0..20]);
         future[20..24].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(decode_header(&future), Err(HeaderError::UnsupportedVersion(2)));
-        assert!(!HeaderError::UnsupportedVersion(2).maybe_torn());
+        assert_eq!(decode_header(&future), Err(HeaderError::UnsupportedVersion(3)));
+        assert!(!HeaderError::UnsupportedVersion(3).maybe_torn());
     }
 
     #[test]
-    fn checkpoint_marker_payloads() {
-        assert_eq!(decode_checkpoint_begin(&encode_checkpoint_begin(17)), Some(17));
-        assert_eq!(decode_checkpoint_end(&encode_checkpoint_end(5, 17)), Some((5, 17)));
-        assert_eq!(decode_checkpoint_begin(b"short"), None);
+    fn checkpoint_marker_payload() {
+        assert_eq!(decode_checkpoint_end(&encode_checkpoint_end(17)), Some(17));
         assert_eq!(decode_checkpoint_end(&[0; 15]), None);
+    }
+
+    #[test]
+    fn batch_header_round_trip_and_every_bit_flip_is_detected() {
+        let mut body = Vec::new();
+        encode_frame(&mut body, 1, 5, b"x");
+        let header = encode_batch_header(5, 4, &body);
+        let decoded = decode_batch_header(&header, 1024).unwrap();
+        assert_eq!(
+            decoded,
+            BatchHeader { body_bytes: body.len() as u32, first_lsn: 5, synced_through: 4, body_crc: crc32c::crc32c(&body) }
+        );
+        for byte in 0..BATCH_HEADER_BYTES {
+            for bit in 0..8 {
+                let mut damaged = header;
+                damaged[byte] ^= 1 << bit;
+                assert!(decode_batch_header(&damaged, 1024).is_err(), "flip of byte {byte} bit {bit}");
+            }
+        }
+        assert_eq!(decode_batch_header(&header, body.len() - 1), Err(BatchHeaderError::TooLarge(body.len() as u32)));
+        assert_eq!(decode_batch_header(&[0; 32], 1024), Err(BatchHeaderError::BadMagic));
     }
 }

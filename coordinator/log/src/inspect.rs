@@ -1,10 +1,9 @@
 //! Read-only walk over a log directory for operators (`pledge log inspect`). Never writes,
 //! never truncates, never takes the directory lock, so it can run next to a live log (it then
-//! sees whatever has reached the page cache).
+//! sees whatever has reached the page cache). Reads one batch at a time.
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::fs;
 use std::io;
 use std::path::PathBuf;
 
@@ -12,44 +11,49 @@ use crate::Lsn;
 use crate::config::LogConfig;
 use crate::error::Corruption;
 use crate::format;
-use crate::segment::{self, FrameCursor, FrameKind, MarkerTracker, Step, TailLimits};
+use crate::reader::{self, BatchReader, Limits, Step};
+use crate::segment::{self, LogFile};
 
 /// One ordinary record found by [`inspect`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InspectedRecord {
     pub path: PathBuf,
-    /// Byte offset of the frame in its segment file.
+    /// Byte offset of the frame in its file.
     pub offset: u64,
+    /// 0 for a checkpoint's records (they stand for the state below the checkpoint's LSN).
     pub lsn: Lsn,
     pub rtype: u8,
     pub payload: Vec<u8>,
 }
 
-/// What [`inspect`] reports, in file order.
+/// What [`inspect`] reports, in order: checkpoint files, then segments, each front to back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InspectItem {
-    /// A segment file starts.
+    /// A file starts: a segment, or a checkpoint (`checkpoint_file`; `first_lsn` is then the LSN
+    /// the segments continue it from).
     Segment {
         path: PathBuf,
         first_lsn: Lsn,
-        begins_with_checkpoint: bool,
+        checkpoint_file: bool,
         len_bytes: u64,
     },
-    Record(InspectedRecord),
-    CheckpointBegin {
+    /// A batch (one group commit): `records` frames follow (0: a synced-through mark), and
+    /// every record up to `synced_through` was durable before it was written.
+    Batch {
         path: PathBuf,
         offset: u64,
-        lsn: Lsn,
-        record_count: u64,
+        first_lsn: Lsn,
+        records: u64,
+        synced_through: Lsn,
     },
+    Record(InspectedRecord),
+    /// The end marker of a checkpoint file.
     CheckpointEnd {
         path: PathBuf,
         offset: u64,
-        lsn: Lsn,
-        begin_lsn: Lsn,
         record_count: u64,
     },
-    /// The segment's data ends cleanly at `offset`; `zero_tail_bytes` of preallocated, unwritten
+    /// The file's data ends cleanly at `offset`; `zero_tail_bytes` of preallocated, unwritten
     /// space follow it.
     SegmentEnd {
         path: PathBuf,
@@ -63,19 +67,18 @@ pub enum InspectItem {
         dropped_bytes: u64,
         reason: Corruption,
     },
-    /// A checkpoint without its end marker. At the end of the log `open` deletes the segment
-    /// and replays from the previous checkpoint; anywhere else it refuses to start.
+    /// A checkpoint file without its end marker: `open` refuses to start.
     IncompleteCheckpoint {
         path: PathBuf,
         offset: u64,
     },
-    /// Damage `open` would refuse to start on. The rest of this segment is skipped.
+    /// Damage `open` would refuse to start on. The rest of this file is skipped.
     Corrupt {
         path: PathBuf,
         offset: u64,
         reason: Corruption,
     },
-    /// A segment that is unusable as a whole, or does not continue its predecessor.
+    /// A file that is unusable as a whole, or does not continue its predecessor.
     CorruptSegment {
         path: PathBuf,
         reason: Corruption,
@@ -89,20 +92,26 @@ pub enum InspectItem {
 impl fmt::Display for InspectItem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Segment { path, first_lsn, begins_with_checkpoint, len_bytes } => write!(
+            Self::Segment { path, first_lsn, checkpoint_file, len_bytes } => {
+                if *checkpoint_file {
+                    write!(f, "checkpoint {} continues at lsn={first_lsn} len={len_bytes}", path.display())
+                } else {
+                    write!(f, "segment {} first_lsn={first_lsn} len={len_bytes}", path.display())
+                }
+            }
+            Self::Batch { offset, first_lsn, records: 0, synced_through, .. } => {
+                write!(f, "  @{offset:<10} MARK next_lsn={first_lsn} synced_through={synced_through}")
+            }
+            Self::Batch { offset, first_lsn, records, synced_through, .. } => write!(
                 f,
-                "segment {} first_lsn={first_lsn} len={len_bytes}{}",
-                path.display(),
-                if *begins_with_checkpoint { " (begins with checkpoint)" } else { "" }
+                "  @{offset:<10} BATCH lsn={first_lsn}..={} synced_through={synced_through}",
+                first_lsn + records - 1
             ),
             Self::Record(r) => {
                 write!(f, "  @{:<10} lsn={} type={:#04x} len={}", r.offset, r.lsn, r.rtype, r.payload.len())
             }
-            Self::CheckpointBegin { offset, lsn, record_count, .. } => {
-                write!(f, "  @{offset:<10} lsn={lsn} CHECKPOINT BEGIN records={record_count}")
-            }
-            Self::CheckpointEnd { offset, lsn, begin_lsn, record_count, .. } => {
-                write!(f, "  @{offset:<10} lsn={lsn} CHECKPOINT END begin_lsn={begin_lsn} records={record_count}")
+            Self::CheckpointEnd { offset, record_count, .. } => {
+                write!(f, "  @{offset:<10} CHECKPOINT END records={record_count}")
             }
             Self::SegmentEnd { offset, zero_tail_bytes, .. } => {
                 write!(f, "  @{offset:<10} end of data ({zero_tail_bytes} preallocated bytes follow)")
@@ -116,9 +125,9 @@ impl fmt::Display for InspectItem {
                 write!(f, "  @{offset:<10} INCOMPLETE CHECKPOINT in {}", path.display())
             }
             Self::Corrupt { path, offset, reason } => {
-                write!(f, "  @{offset:<10} CORRUPT record in {} at offset {offset}: {reason}", path.display())
+                write!(f, "  @{offset:<10} CORRUPT data in {} at offset {offset}: {reason}", path.display())
             }
-            Self::CorruptSegment { path, reason } => write!(f, "CORRUPT segment {}: {reason}", path.display()),
+            Self::CorruptSegment { path, reason } => write!(f, "CORRUPT file {}: {reason}", path.display()),
             Self::UnfinishedCheckpointFile { path } => {
                 write!(f, "unfinished checkpoint file {} (open deletes it)", path.display())
             }
@@ -135,24 +144,26 @@ pub struct InspectError {
     pub source: io::Error,
 }
 
-/// Walks every segment in `config.dir` (including ones a checkpoint has superseded but a crash
-/// left behind) and reports records, checkpoint markers, and damage, classified the way `open`
-/// would treat it. The config supplies the bounds that decide what is a torn tail. Reads one
-/// segment at a time.
+/// Walks every file in `config.dir` (including ones a checkpoint has superseded but a crash
+/// left behind) and reports batches, records, checkpoint markers and damage, classified the
+/// way `open` would treat it. The config supplies the bounds that decide what is a torn tail.
 pub fn inspect(config: &LogConfig) -> Inspect {
     let mut inspect = Inspect {
-        segments: VecDeque::new(),
+        files: VecDeque::new(),
         pending: VecDeque::new(),
-        limits: TailLimits { max_batch_bytes: config.max_batch_bytes, max_record_bytes: config.max_record_bytes },
+        limits: Limits { max_batch_bytes: config.max_batch_bytes, max_record_bytes: config.max_record_bytes },
         expected_lsn: None,
-        first_segment: true,
+        newest_checkpoint: None,
     };
     match segment::list_dir(&config.dir) {
         Ok(listing) => {
             inspect
                 .pending
                 .extend(listing.tmp_files.into_iter().map(|path| Ok(InspectItem::UnfinishedCheckpointFile { path })));
-            inspect.segments = listing.segments.into_iter().map(|s| s.path).collect();
+            inspect.newest_checkpoint = listing.checkpoints.last().map(|c| c.lsn);
+            let segments = listing.segments.len();
+            inspect.files = listing.checkpoints.into_iter().map(|c| (c, true, false)).collect();
+            inspect.files.extend(listing.segments.into_iter().enumerate().map(|(i, s)| (s, false, i + 1 == segments)));
         }
         Err(source) => inspect.pending.push_back(Err(InspectError { path: config.dir.clone(), source })),
     }
@@ -161,12 +172,13 @@ pub fn inspect(config: &LogConfig) -> Inspect {
 
 /// Iterator returned by [`inspect`].
 pub struct Inspect {
-    segments: VecDeque<PathBuf>,
+    /// (file, is a checkpoint, is the last segment)
+    files: VecDeque<(LogFile, bool, bool)>,
     pending: VecDeque<Result<InspectItem, InspectError>>,
-    limits: TailLimits,
+    limits: Limits,
     /// LSN the next segment should start with, once one has been read.
     expected_lsn: Option<Lsn>,
-    first_segment: bool,
+    newest_checkpoint: Option<Lsn>,
 }
 
 impl Iterator for Inspect {
@@ -177,105 +189,112 @@ impl Iterator for Inspect {
             if let Some(item) = self.pending.pop_front() {
                 return Some(item);
             }
-            let path = self.segments.pop_front()?;
-            let is_last = self.segments.is_empty();
-            match fs::read(&path) {
-                Ok(data) => self.inspect_segment(path, &data, is_last),
-                Err(source) => self.pending.push_back(Err(InspectError { path, source })),
+            let (file, checkpoint, last) = self.files.pop_front()?;
+            if let Err(source) = self.inspect_file(&file, checkpoint, last) {
+                self.pending.push_back(Err(InspectError { path: file.path, source }));
             }
         }
     }
 }
 
 impl Inspect {
-    fn inspect_segment(&mut self, path: PathBuf, data: &[u8], is_last: bool) {
-        let first_segment = std::mem::replace(&mut self.first_segment, false);
-        let header = match format::decode_header(data) {
+    fn inspect_file(&mut self, file: &LogFile, checkpoint: bool, last: bool) -> io::Result<()> {
+        let path = file.path.clone();
+        let (mut reader, header) = BatchReader::open(&path, self.limits)?;
+        let header = match header {
             Ok(header) => header,
-            Err(e) => {
-                let reason = Corruption::BadHeader(e);
-                let torn = is_last
-                    && e.maybe_torn()
-                    && segment::classify_damage(data, 0, reason.clone(), 0, self.limits).is_ok();
+            Err(reason) => {
+                let torn = last
+                    && matches!(reason, Corruption::BadHeader(e) if e.maybe_torn())
+                    && reader::classify_damage(reader.file(), reader.len(), 0, reason.clone(), None, 0, self.limits)?
+                        .is_ok();
                 self.push(if torn {
-                    InspectItem::TornTail { path, offset: 0, dropped_bytes: data.len() as u64, reason }
+                    InspectItem::TornTail { path, offset: 0, dropped_bytes: reader.len(), reason }
                 } else {
                     InspectItem::CorruptSegment { path, reason }
                 });
                 self.expected_lsn = None;
-                return;
+                return Ok(());
             }
         };
         self.push(InspectItem::Segment {
             path: path.clone(),
             first_lsn: header.first_lsn,
-            begins_with_checkpoint: header.begins_with_checkpoint,
-            len_bytes: data.len() as u64,
+            checkpoint_file: header.checkpoint_file,
+            len_bytes: reader.len(),
         });
-        match self.expected_lsn {
-            Some(expected) if expected != header.first_lsn => {
-                let reason = Corruption::LsnDiscontinuity { expected, found: header.first_lsn };
-                self.push(InspectItem::CorruptSegment { path: path.clone(), reason });
-            }
-            None if first_segment && !header.begins_with_checkpoint && header.first_lsn != 1 => {
-                let reason = Corruption::MissingHistory { first_lsn: header.first_lsn };
-                self.push(InspectItem::CorruptSegment { path: path.clone(), reason });
-            }
-            _ => {}
+        if header.checkpoint_file != checkpoint {
+            let reason = Corruption::BadCheckpointMarker("file name and header disagree on the kind of file");
+            self.push(InspectItem::CorruptSegment { path: path.clone(), reason });
         }
-        let mut expected = header.first_lsn;
+        if !checkpoint {
+            let reason = match self.expected_lsn.or(self.newest_checkpoint) {
+                Some(expected) if expected != header.first_lsn => {
+                    Some(Corruption::LsnDiscontinuity { expected, found: header.first_lsn })
+                }
+                None if header.first_lsn != 1 => Some(Corruption::MissingHistory { first_lsn: header.first_lsn }),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                self.push(InspectItem::CorruptSegment { path: path.clone(), reason });
+            }
+        }
+        let mut expected = if checkpoint { 1 } else { header.first_lsn };
+        let mut ended = false;
         self.expected_lsn = None;
-        let mut markers = MarkerTracker::new(header);
-        let mut cursor = FrameCursor::new(data, self.limits.max_record_bytes);
         loop {
-            match cursor.step() {
-                Step::Frame { offset, frame } => {
-                    if frame.lsn != expected {
-                        let reason = Corruption::LsnDiscontinuity { expected, found: frame.lsn };
-                        return self.push(InspectItem::Corrupt { path, offset, reason });
+            match reader.step()? {
+                Step::Batch { offset, header: batch, frames } => {
+                    self.push(InspectItem::Batch {
+                        path: path.clone(),
+                        offset,
+                        first_lsn: batch.first_lsn,
+                        records: frames.len() as u64,
+                        synced_through: batch.synced_through,
+                    });
+                    if batch.first_lsn != expected {
+                        let reason = Corruption::LsnDiscontinuity { expected, found: batch.first_lsn };
+                        return Ok(self.push(InspectItem::Corrupt { path, offset, reason }));
                     }
-                    let path = path.clone();
-                    let item = match markers.observe(&frame) {
-                        Ok(FrameKind::Record) => InspectItem::Record(InspectedRecord {
-                            path,
-                            offset,
-                            lsn: frame.lsn,
-                            rtype: frame.rtype,
-                            payload: frame.payload.to_vec(),
-                        }),
-                        Ok(FrameKind::CheckpointBegin { record_count }) => {
-                            InspectItem::CheckpointBegin { path, offset, lsn: frame.lsn, record_count }
+                    for f in frames {
+                        expected += 1;
+                        if checkpoint && f.rtype == format::TYPE_CHECKPOINT_END {
+                            let record_count = format::decode_checkpoint_end(&f.payload).unwrap_or(u64::MAX);
+                            ended = true;
+                            self.push(InspectItem::CheckpointEnd { path: path.clone(), offset: f.offset, record_count });
+                            continue;
                         }
-                        Ok(FrameKind::CheckpointEnd { begin_lsn, record_count }) => {
-                            InspectItem::CheckpointEnd { path, offset, lsn: frame.lsn, begin_lsn, record_count }
-                        }
-                        Err(reason) => return self.push(InspectItem::Corrupt { path, offset, reason }),
-                    };
-                    self.push(item);
-                    expected += 1;
+                        self.push(InspectItem::Record(InspectedRecord {
+                            path: path.clone(),
+                            offset: f.offset,
+                            lsn: if checkpoint { 0 } else { f.lsn },
+                            rtype: f.rtype,
+                            payload: f.payload,
+                        }));
+                    }
                 }
                 Step::End { offset } => {
-                    if markers.inside_checkpoint() {
+                    if checkpoint && !ended {
                         self.push(InspectItem::IncompleteCheckpoint { path: path.clone(), offset });
                     }
-                    let zero_tail_bytes = data.len() as u64 - offset;
-                    self.expected_lsn = Some(expected);
-                    return self.push(InspectItem::SegmentEnd { path, offset, zero_tail_bytes });
+                    if !checkpoint {
+                        self.expected_lsn = Some(expected);
+                    }
+                    let zero_tail_bytes = reader.len() - offset;
+                    return Ok(self.push(InspectItem::SegmentEnd { path, offset, zero_tail_bytes }));
                 }
-                Step::Bad { offset, reason } => {
-                    let verdict = if is_last {
-                        segment::classify_damage(data, offset, reason.clone(), expected - 1, self.limits)
+                Step::Bad { offset, reason, extent, maybe_torn } => {
+                    let verdict = if last && maybe_torn {
+                        let file = reader.file();
+                        reader::classify_damage(file, reader.len(), offset, reason.clone(), extent, expected - 1, self.limits)?
                     } else {
                         Err(reason.clone())
                     };
-                    let dropped_bytes = data.len() as u64 - offset;
-                    if markers.inside_checkpoint() && verdict.is_ok() {
-                        self.push(InspectItem::IncompleteCheckpoint { path: path.clone(), offset });
-                    }
-                    return self.push(match verdict {
+                    let dropped_bytes = reader.len() - offset;
+                    return Ok(self.push(match verdict {
                         Ok(()) => InspectItem::TornTail { path, offset, dropped_bytes, reason },
                         Err(reason) => InspectItem::Corrupt { path, offset, reason },
-                    });
+                    }));
                 }
             }
         }

@@ -1,18 +1,20 @@
-//! Opening a log: pick the starting segment, replay, repair a torn tail, refuse anything else.
+//! Opening a log: find the newest checkpoint, replay it and the segments after it batch by
+//! batch, cut off a torn tail, refuse anything else (naming file and offset).
 //!
 //! Runs before the writer thread exists, on the caller's thread, with plain blocking I/O.
+//! Memory stays bounded by one batch: files are read a batch at a time, never whole.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use tracing::{info, warn};
 
 use crate::config::LogConfig;
 use crate::error::{Corruption, OpenError};
-use crate::format::{self, SEGMENT_HEADER_BYTES, SegmentHeader};
-use crate::segment::{self, FrameCursor, FrameKind, MarkerTracker, SegmentFile, Step, TailLimits};
+use crate::format::{self, SEGMENT_HEADER_BYTES};
+use crate::reader::{self, BatchReader, Limits, Step};
+use crate::segment::{self, LogFile};
 use crate::writer::ActiveSegment;
 use crate::{Lsn, Record};
 
@@ -22,8 +24,6 @@ pub(crate) struct Recovered {
     /// Holds the directory's advisory lock for as long as the writer lives.
     pub lock: File,
     pub active: ActiveSegment,
-    /// Live segments older than the active one, oldest first.
-    pub older: Vec<SegmentFile>,
     pub next_lsn: Lsn,
 }
 
@@ -39,7 +39,7 @@ pub(crate) fn recover<E>(
         .ok_or_else(|| OpenError::Locked { dir: dir_path.to_owned() })?;
     let dir = File::open(dir_path).map_err(|e| OpenError::io(dir_path, e))?;
     let listing = segment::list_dir(dir_path).map_err(|e| OpenError::io(dir_path, e))?;
-    let limits = TailLimits { max_batch_bytes: config.max_batch_bytes, max_record_bytes: config.max_record_bytes };
+    let limits = Limits { max_batch_bytes: config.max_batch_bytes, max_record_bytes: config.max_record_bytes };
 
     let mut dir_changed = false;
     for tmp in &listing.tmp_files {
@@ -49,229 +49,203 @@ pub(crate) fn recover<E>(
         remove(tmp)?;
         dir_changed = true;
     }
+
+    // Replay starts at the newest checkpoint; older checkpoints and the segments it covers are
+    // dead (a crash came between its rename and their deletion).
+    let mut checkpoints = listing.checkpoints;
+    let start = checkpoints.pop();
+    let start_lsn = start.as_ref().map_or(1, |c| c.lsn);
     let mut segments = listing.segments;
+    let dead: Vec<LogFile> = checkpoints.into_iter().chain(segments.extract_if(.., |s| s.lsn < start_lsn)).collect();
+    if !dead.is_empty() {
+        warn!(count = dead.len(), checkpoint_lsn = start_lsn, "deleting files the newest checkpoint supersedes (cleanup was interrupted)");
+        for f in &dead {
+            remove(&f.path)?;
+        }
+        dir_changed = true;
+    }
 
     // A crash while a segment was being created can leave the last one with a torn header.
     // It was synced before anything was written into it, so it can hold no record.
     if let Some(last) = segments.last() {
-        let header_bytes = read_prefix(&last.path, SEGMENT_HEADER_BYTES)?;
-        if let Err(e) = format::decode_header(&header_bytes)
+        let (reader, header) = BatchReader::open(&last.path, limits).map_err(|e| OpenError::io(&last.path, e))?;
+        if let Err(reason @ Corruption::BadHeader(e)) = header
             && e.maybe_torn()
         {
-            let data = read(&last.path)?;
-            segment::classify_damage(&data, 0, Corruption::BadHeader(e), 0, limits)
-                .map_err(|reason| OpenError::Corrupt { path: last.path.clone(), offset: 0, reason })?;
-            warn!(file = %last.path.display(), error = %e, len_bytes = data.len(),
+            let verdict = reader::classify_damage(reader.file(), reader.len(), 0, reason, None, 0, limits)
+                .map_err(|e| OpenError::io(&last.path, e))?;
+            verdict.map_err(|reason| OpenError::Corrupt { path: last.path.clone(), offset: 0, reason })?;
+            warn!(file = %last.path.display(), error = %e, len_bytes = reader.len(),
                 "deleting last segment: its header is torn and it holds no record (crash while creating it)");
             remove(&last.path)?;
             dir_changed = true;
             segments.pop();
         }
     }
-
-    let start = find_start(&mut segments, limits, &mut dir_changed)?;
-    let start_index = start.as_ref().map_or(0, |(index, _)| *index);
-    if start_index > 0 {
-        // The checkpoint was synced but the crash came before its older segments were deleted.
-        warn!(
-            count = start_index,
-            checkpoint_lsn = segments[start_index].first_lsn,
-            "deleting segments older than the newest complete checkpoint (cleanup was interrupted)"
-        );
-        for old in segments.drain(..start_index) {
-            remove(&old.path)?;
-        }
-        dir_changed = true;
-    }
     if dir_changed {
         segment::sync_dir(&dir).map_err(|e| OpenError::io(dir_path, e))?;
     }
 
-    if segments.is_empty() {
-        return start_fresh(config, dir, lock);
+    let mut records_replayed = 0u64;
+    if let Some(checkpoint) = &start {
+        records_replayed += replay_checkpoint(checkpoint, limits, replay)?;
     }
-    if start.is_none() && segments[0].first_lsn != 1 {
-        return Err(OpenError::CorruptSegment {
-            path: segments[0].path.clone(),
-            reason: Corruption::MissingHistory { first_lsn: segments[0].first_lsn },
-        });
+    if let Some(first) = segments.first()
+        && first.lsn != start_lsn
+    {
+        let reason = match &start {
+            Some(_) => Corruption::LsnDiscontinuity { expected: start_lsn, found: first.lsn },
+            None => Corruption::MissingHistory { first_lsn: first.lsn },
+        };
+        return Err(OpenError::CorruptSegment { path: first.path.clone(), reason });
     }
 
-    let mut start_data = start.map(|(_, data)| data);
-    let mut expected_lsn = segments[0].first_lsn;
-    let mut records_replayed = 0u64;
-    let mut end_offset = 0u64;
-    let last_index = segments.len() - 1;
+    let mut expected_lsn = start_lsn;
+    let mut end_offset = SEGMENT_HEADER_BYTES as u64;
+    let last_index = segments.len().saturating_sub(1);
     for (index, seg) in segments.iter().enumerate() {
-        let data = match start_data.take() {
-            Some(data) => data,
-            None => read(&seg.path)?,
-        };
         let corrupt_segment = |reason| OpenError::CorruptSegment { path: seg.path.clone(), reason };
-        let header = format::decode_header(&data).map_err(|e| corrupt_segment(Corruption::BadHeader(e)))?;
-        if header.first_lsn != seg.first_lsn {
-            return Err(corrupt_segment(Corruption::NameMismatch {
-                name_lsn: seg.first_lsn,
-                header_lsn: header.first_lsn,
-            }));
+        let (mut reader, header) = BatchReader::open(&seg.path, limits).map_err(|e| OpenError::io(&seg.path, e))?;
+        let header = header.map_err(corrupt_segment)?;
+        if header.checkpoint_file {
+            return Err(corrupt_segment(Corruption::BadCheckpointMarker("a checkpoint file named as a segment")));
+        }
+        if header.first_lsn != seg.lsn {
+            return Err(corrupt_segment(Corruption::NameMismatch { name_lsn: seg.lsn, header_lsn: header.first_lsn }));
         }
         if header.first_lsn != expected_lsn {
-            return Err(corrupt_segment(Corruption::LsnDiscontinuity {
-                expected: expected_lsn,
-                found: header.first_lsn,
-            }));
+            return Err(corrupt_segment(Corruption::LsnDiscontinuity { expected: expected_lsn, found: header.first_lsn }));
         }
         let corrupt = |offset, reason| OpenError::Corrupt { path: seg.path.clone(), offset, reason };
-        let mut markers = MarkerTracker::new(header);
-        let mut cursor = FrameCursor::new(&data, config.max_record_bytes);
         end_offset = loop {
-            match cursor.step() {
-                Step::Frame { offset, frame } => {
-                    if frame.lsn != expected_lsn {
-                        return Err(corrupt(
-                            offset,
-                            Corruption::LsnDiscontinuity { expected: expected_lsn, found: frame.lsn },
-                        ));
+            match reader.step().map_err(|e| OpenError::io(&seg.path, e))? {
+                Step::Batch { offset, header, frames } => {
+                    if header.first_lsn != expected_lsn {
+                        let reason = Corruption::LsnDiscontinuity { expected: expected_lsn, found: header.first_lsn };
+                        return Err(corrupt(offset, reason));
                     }
-                    let kind = markers.observe(&frame).map_err(|reason| corrupt(offset, reason))?;
-                    if kind == FrameKind::Record {
-                        let record = Record { lsn: frame.lsn, rtype: frame.rtype, payload: frame.payload.to_vec() };
+                    for frame in frames {
+                        if frame.rtype >= format::FIRST_RESERVED_TYPE {
+                            return Err(corrupt(frame.offset, Corruption::UnknownReservedType(frame.rtype)));
+                        }
+                        let record = Record { lsn: frame.lsn, rtype: frame.rtype, payload: frame.payload };
                         replay(record).map_err(|source| OpenError::Replay { lsn: frame.lsn, source })?;
                         records_replayed += 1;
+                        expected_lsn += 1;
                     }
-                    expected_lsn += 1;
                 }
                 Step::End { offset } => break offset,
-                Step::Bad { offset, reason } if index == last_index => {
-                    segment::classify_damage(&data, offset, reason.clone(), expected_lsn - 1, limits)
-                        .map_err(|reason| corrupt(offset, reason))?;
+                Step::Bad { offset, reason, extent, maybe_torn } if index == last_index && maybe_torn => {
+                    let verdict = reader::classify_damage(
+                        reader.file(),
+                        reader.len(),
+                        offset,
+                        reason.clone(),
+                        extent,
+                        expected_lsn - 1,
+                        limits,
+                    )
+                    .map_err(|e| OpenError::io(&seg.path, e))?;
+                    verdict.map_err(|reason| corrupt(offset, reason))?;
                     truncate(&seg.path, offset)?;
-                    warn!(file = %seg.path.display(), offset, dropped_bytes = data.len() as u64 - offset, %reason,
-                        "truncated torn tail of the log (a write cut short by a crash; never acknowledged)");
+                    warn!(file = %seg.path.display(), offset, dropped_bytes = reader.len() - offset, %reason,
+                        "truncated torn tail of the log (a batch cut short by a crash before its sync; never acknowledged)");
                     break offset;
                 }
-                Step::Bad { offset, reason } => return Err(corrupt(offset, reason)),
+                Step::Bad { offset, reason, .. } => return Err(corrupt(offset, reason)),
             }
         };
-        if markers.inside_checkpoint() {
-            // find_start verified the starting checkpoint and no later segment begins one.
-            return Err(corrupt(end_offset, Corruption::IncompleteCheckpoint));
-        }
     }
 
-    let last = &segments[last_index];
-    let file = OpenOptions::new().write(true).open(&last.path).map_err(|e| OpenError::io(&last.path, e))?;
-    let file_len = file.metadata().map_err(|e| OpenError::io(&last.path, e))?.len();
-    info!(dir = %dir_path.display(), segments = segments.len(), records_replayed, next_lsn = expected_lsn, "log opened");
-    let active = ActiveSegment {
-        file,
-        path: last.path.clone(),
-        first_lsn: last.first_lsn,
-        write_offset_bytes: end_offset,
-        allocated_bytes: file_len,
+    let active = match segments.last() {
+        Some(last) => {
+            let file = OpenOptions::new().write(true).open(&last.path).map_err(|e| OpenError::io(&last.path, e))?;
+            // What replay read may have been in the page cache only (written, not yet synced,
+            // when the last process died): make it durable before anything vouches for it.
+            file.sync_data().map_err(|e| OpenError::io(&last.path, e))?;
+            let file_len = file.metadata().map_err(|e| OpenError::io(&last.path, e))?.len();
+            ActiveSegment {
+                file,
+                path: last.path.clone(),
+                write_offset_bytes: end_offset,
+                allocated_bytes: file_len,
+            }
+        }
+        None => new_segment(config, &dir, expected_lsn)?,
     };
-    segments.truncate(last_index);
-    Ok(Recovered { dir, lock, active, older: segments, next_lsn: expected_lsn })
+    info!(dir = %dir_path.display(), segments = segments.len(), checkpoint_lsn = start.as_ref().map(|c| c.lsn),
+        records_replayed, next_lsn = expected_lsn, "log opened");
+    Ok(Recovered { dir, lock, active, next_lsn: expected_lsn })
 }
 
-/// Finds the newest segment that begins with a complete checkpoint, and returns its index and
-/// bytes. An incomplete checkpoint can only be the torn end of the log (nothing is written after
-/// a checkpoint before it is synced): then that segment is deleted and the search goes on to
-/// the previous checkpoint, whose segments still exist because they are deleted only after a
-/// newer checkpoint is complete. Anywhere else, an incomplete checkpoint is corruption.
-fn find_start<E>(
-    segments: &mut Vec<SegmentFile>,
-    limits: TailLimits,
-    dir_changed: &mut bool,
-) -> Result<Option<(usize, Vec<u8>)>, OpenError<E>> {
-    for index in (0..segments.len()).rev() {
-        let seg = &segments[index];
-        // A bad header is reported by replay if the segment is still needed.
-        let Ok(header) = format::decode_header(&read_prefix(&seg.path, SEGMENT_HEADER_BYTES)?) else { continue };
-        if !header.begins_with_checkpoint {
-            continue;
-        }
-        let data = read(&seg.path)?;
-        let corrupt = |offset, reason| OpenError::Corrupt { path: seg.path.clone(), offset, reason };
-        match scan_checkpoint(&data, header, limits.max_record_bytes) {
-            CheckpointScan::Complete => return Ok(Some((index, data))),
-            CheckpointScan::Corrupt { offset, reason } => return Err(corrupt(offset, reason)),
-            CheckpointScan::Stopped { offset, .. } if index + 1 != segments.len() => {
-                return Err(corrupt(offset, Corruption::IncompleteCheckpoint));
-            }
-            CheckpointScan::Stopped { offset, damage, last_good_lsn } => {
-                if let Some(cause) = damage {
-                    segment::classify_damage(&data, offset, cause, last_good_lsn, limits)
-                        .map_err(|reason| corrupt(offset, reason))?;
-                }
-                warn!(file = %seg.path.display(), offset,
-                    "deleting incomplete checkpoint at the end of the log; replaying from the previous one");
-                remove(&seg.path)?;
-                *dir_changed = true;
-                segments.pop();
-            }
-        }
+/// Replays a checkpoint file: its records (delivered with LSN 0: they stand for the state as
+/// of every LSN below the checkpoint's) and its end marker, which must count them. A
+/// checkpoint is renamed into place only once synced whole, so any damage is corruption.
+fn replay_checkpoint<E>(
+    checkpoint: &LogFile,
+    limits: Limits,
+    replay: &mut impl FnMut(Record) -> Result<(), E>,
+) -> Result<u64, OpenError<E>> {
+    let path = &checkpoint.path;
+    let (mut reader, header) = BatchReader::open(path, limits).map_err(|e| OpenError::io(path, e))?;
+    let corrupt_file = |reason| OpenError::CorruptSegment { path: path.clone(), reason };
+    let header = header.map_err(corrupt_file)?;
+    if !header.checkpoint_file {
+        return Err(corrupt_file(Corruption::BadCheckpointMarker("a segment named as a checkpoint file")));
     }
-    Ok(None)
-}
-
-enum CheckpointScan {
-    Complete,
-    /// The checkpoint stops before its end marker, at `offset`: at a clean end of data
-    /// (`damage` is None) or at a damaged frame.
-    Stopped {
-        offset: u64,
-        damage: Option<Corruption>,
-        last_good_lsn: Lsn,
-    },
-    /// Valid frames that the writer cannot have produced.
-    Corrupt {
-        offset: u64,
-        reason: Corruption,
-    },
-}
-
-fn scan_checkpoint(data: &[u8], header: SegmentHeader, max_record_bytes: usize) -> CheckpointScan {
-    let mut markers = MarkerTracker::new(header);
-    let mut cursor = FrameCursor::new(data, max_record_bytes);
-    let mut expected_lsn = header.first_lsn;
+    if header.first_lsn != checkpoint.lsn {
+        return Err(corrupt_file(Corruption::NameMismatch { name_lsn: checkpoint.lsn, header_lsn: header.first_lsn }));
+    }
+    let corrupt = |offset, reason| OpenError::Corrupt { path: path.clone(), offset, reason };
+    let mut count = 0u64;
+    let mut ended = false;
     loop {
-        match cursor.step() {
-            Step::Frame { offset, frame } => {
-                if frame.lsn != expected_lsn {
-                    let reason = Corruption::LsnDiscontinuity { expected: expected_lsn, found: frame.lsn };
-                    return CheckpointScan::Corrupt { offset, reason };
+        match reader.step().map_err(|e| OpenError::io(path, e))? {
+            Step::Batch { offset, frames, .. } => {
+                for frame in frames {
+                    if ended {
+                        return Err(corrupt(frame.offset, Corruption::BadCheckpointMarker("records after the end marker")));
+                    }
+                    if frame.rtype == format::TYPE_CHECKPOINT_END {
+                        let announced = format::decode_checkpoint_end(&frame.payload)
+                            .ok_or(Corruption::BadCheckpointMarker("malformed end marker payload"))
+                            .map_err(|reason| corrupt(frame.offset, reason))?;
+                        if announced != count {
+                            return Err(corrupt(frame.offset, Corruption::BadCheckpointMarker("end marker count differs")));
+                        }
+                        ended = true;
+                        continue;
+                    }
+                    if frame.rtype >= format::FIRST_RESERVED_TYPE {
+                        return Err(corrupt(frame.offset, Corruption::UnknownReservedType(frame.rtype)));
+                    }
+                    replay(Record { lsn: 0, rtype: frame.rtype, payload: frame.payload })
+                        .map_err(|source| OpenError::Replay { lsn: 0, source })?;
+                    count += 1;
                 }
-                match markers.observe(&frame) {
-                    Ok(FrameKind::CheckpointEnd { .. }) => return CheckpointScan::Complete,
-                    Ok(_) => expected_lsn += 1,
-                    Err(reason) => return CheckpointScan::Corrupt { offset, reason },
-                }
+                let _ = offset;
             }
-            Step::End { offset } => {
-                return CheckpointScan::Stopped { offset, damage: None, last_good_lsn: expected_lsn - 1 };
-            }
-            Step::Bad { offset, reason } => {
-                return CheckpointScan::Stopped { offset, damage: Some(reason), last_good_lsn: expected_lsn - 1 };
-            }
+            Step::End { offset } if !ended => return Err(corrupt(offset, Corruption::IncompleteCheckpoint)),
+            Step::End { .. } => return Ok(count),
+            Step::Bad { offset, reason, .. } => return Err(corrupt(offset, reason)),
         }
     }
 }
 
-fn start_fresh<E>(config: &LogConfig, dir: File, lock: File) -> Result<Recovered, OpenError<E>> {
+fn new_segment<E>(config: &LogConfig, dir: &File, first_lsn: Lsn) -> Result<ActiveSegment, OpenError<E>> {
     let zeros = vec![0u8; crate::writer::ZERO_BLOCK_BYTES];
-    let (file, path) = segment::create_segment(&config.dir, &dir, 1, &zeros, config.preallocate_chunk_bytes)
-        .map_err(|e| OpenError::io(segment::segment_path(&config.dir, 1), e))?;
-    info!(dir = %config.dir.display(), "created a new log");
+    let (file, path) = segment::create_segment(&config.dir, dir, first_lsn, &zeros, config.preallocate_chunk_bytes)
+        .map_err(|e| OpenError::io(segment::segment_path(&config.dir, first_lsn), e))?;
+    if first_lsn == 1 {
+        info!(dir = %config.dir.display(), "created a new log");
+    }
     let header_end = SEGMENT_HEADER_BYTES as u64;
-    let active = ActiveSegment {
+    Ok(ActiveSegment {
         file,
         path,
-        first_lsn: 1,
         write_offset_bytes: header_end,
         allocated_bytes: header_end + config.preallocate_chunk_bytes,
-    };
-    Ok(Recovered { dir, lock, active, older: Vec::new(), next_lsn: 1 })
+    })
 }
 
 /// `create_dir_all`, and if the log directory is new, sync its parent so the directory entry
@@ -287,28 +261,6 @@ fn create_dir<E>(dir: &Path) -> Result<(), OpenError<E>> {
     Ok(())
 }
 
-fn read<E>(path: &Path) -> Result<Vec<u8>, OpenError<E>> {
-    fs::read(path).map_err(|e| OpenError::io(path, e))
-}
-
-/// Up to `len` bytes from the start of the file (fewer if it is shorter).
-fn read_prefix<E>(path: &Path, len: usize) -> Result<Vec<u8>, OpenError<E>> {
-    let read = || -> io::Result<Vec<u8>> {
-        let file = File::open(path)?;
-        let mut buf = vec![0u8; len];
-        let mut filled = 0;
-        while filled < len {
-            match file.read_at(&mut buf[filled..], filled as u64)? {
-                0 => break,
-                n => filled += n,
-            }
-        }
-        buf.truncate(filled);
-        Ok(buf)
-    };
-    read().map_err(|e| OpenError::io(path, e))
-}
-
 fn remove<E>(path: &Path) -> Result<(), OpenError<E>> {
     fs::remove_file(path).map_err(|e| OpenError::io(path, e))
 }
@@ -321,4 +273,49 @@ fn truncate<E>(path: &Path, len_bytes: u64) -> Result<(), OpenError<E>> {
         file.sync_all()
     };
     cut().map_err(|e| OpenError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{BATCH_HEADER_BYTES, SegmentHeader};
+
+    /// Issue 12, finding 4: a crash in the middle of a batch's write may persist its later
+    /// pages and not its earlier ones. That batch was never synced, so never acknowledged; the
+    /// old rule saw its later records intact after the damage and refused to start. Now the
+    /// batch's own checksum fails as a whole, nothing vouches for it, and it is cut off.
+    #[test]
+    fn a_batch_whose_later_pages_reached_the_disk_but_not_its_first_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LogConfig::new(dir.path());
+        let mut data = format::encode_header(SegmentHeader { first_lsn: 1, checkpoint_file: false }).to_vec();
+        let mut body = Vec::new();
+        format::encode_frame(&mut body, 1, 1, b"acknowledged");
+        data.extend_from_slice(&format::encode_batch_header(1, 0, &body));
+        data.extend_from_slice(&body);
+        data.extend_from_slice(&format::encode_batch_header(2, 1, &[])); // its mark
+        let torn_at = data.len();
+        let mut body = Vec::new();
+        for lsn in 2..12 {
+            format::encode_frame(&mut body, 1, lsn, &[lsn as u8; 1000]);
+        }
+        data.extend_from_slice(&format::encode_batch_header(2, 1, &body));
+        data.extend_from_slice(&body);
+        // The first page of the unsynced batch never reached the disk; the rest did.
+        let page_end = (torn_at / 4096 + 1) * 4096;
+        data[torn_at..page_end].fill(0);
+        assert!(data.len() - page_end > 4 * 1000, "later records are intact on disk");
+        std::fs::write(segment::segment_path(dir.path(), 1), &data).unwrap();
+
+        let mut replayed = Vec::new();
+        let recovered = recover(&config, &mut |r: Record| {
+            replayed.push(r.lsn);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .unwrap_or_else(|e| panic!("refused a torn batch: {e}"));
+        assert_eq!(replayed, vec![1]);
+        assert_eq!(recovered.next_lsn, 2);
+        assert_eq!(recovered.active.write_offset_bytes, torn_at as u64);
+        assert!(torn_at > BATCH_HEADER_BYTES);
+    }
 }

@@ -1,6 +1,6 @@
 //! The writer thread (group commit) and the handles that feed it.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -13,14 +13,15 @@ use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error};
 
 use crate::Lsn;
 use crate::config::LogConfig;
 use crate::error::LogError;
-use crate::format::{self, FIRST_RESERVED_TYPE, SEGMENT_HEADER_BYTES, SegmentHeader};
+use crate::checkpointer::{self, Checkpointer, Job};
+use crate::format::{self, BATCH_HEADER_BYTES, FIRST_RESERVED_TYPE, SEGMENT_HEADER_BYTES};
 use crate::recovery::Recovered;
-use crate::segment::{self, SegmentFile};
+use crate::segment;
 
 /// Size of the zero block used to preallocate segments (written repeatedly).
 pub(crate) const ZERO_BLOCK_BYTES: usize = 256 * 1024;
@@ -43,14 +44,14 @@ enum Request {
     },
 }
 
-/// State shared between the writer thread and every handle. Only the writer thread stores.
-struct Shared {
+/// State shared between the writer thread, the checkpointer and every handle.
+pub(crate) struct Shared {
     durable_lsn: AtomicU64,
-    records: AtomicU64,
+    pub(crate) records: AtomicU64,
     batches: AtomicU64,
-    syncs: AtomicU64,
-    bytes_written: AtomicU64,
-    checkpoints: AtomicU64,
+    pub(crate) syncs: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
     max_record_bytes: usize,
 }
 
@@ -63,7 +64,7 @@ pub struct LogStats {
     pub batches: u64,
     /// fdatasync calls on segment files: batches, checkpoints and segment rotations.
     pub syncs: u64,
-    /// Frame and header bytes written (not preallocation zeros).
+    /// Batch, frame and header bytes written (not preallocation zeros).
     pub bytes_written: u64,
     pub checkpoints: u64,
 }
@@ -117,6 +118,7 @@ impl Log {
         });
         let (tx, rx) = mpsc::channel(config.queue_capacity);
         let recovered_lsn = recovered.next_lsn - 1;
+        let checkpointer = checkpointer::start(config, recovered.dir.try_clone()?, Arc::clone(&shared))?;
         let thread = WriterThread {
             rx,
             shared: Arc::clone(&shared),
@@ -124,12 +126,13 @@ impl Log {
             dir: recovered.dir,
             _lock: recovered.lock,
             active: recovered.active,
-            older: recovered.older,
+            checkpointer: Some(checkpointer),
             next_lsn: recovered.next_lsn,
             segment_size_bytes: config.segment_size_bytes,
             max_batch_bytes: config.max_batch_bytes,
             preallocate_chunk_bytes: config.preallocate_chunk_bytes,
             buf: Vec::with_capacity(config.max_batch_bytes),
+            batch_first_lsn: 0,
             batch_records: 0,
             waiting: Vec::new(),
             shutdown_waiters: Vec::new(),
@@ -190,21 +193,22 @@ impl LogWriter {
         self.send(Request::Append { rtype, payload, done: None }).await
     }
 
-    /// Writes a checkpoint and, once it is durable, deletes every older segment; resolves with
-    /// the LSN of the checkpoint's end marker. See [`submit_checkpoint`](Self::submit_checkpoint).
+    /// Writes a checkpoint and, once it is durable, deletes every older file; resolves with the
+    /// LSN from which replay continues after it. See [`submit_checkpoint`](Self::submit_checkpoint).
     pub async fn checkpoint<P: Into<Bytes>>(&self, records: Vec<(u8, P)>) -> Result<Lsn, LogError> {
         self.submit_checkpoint(records).await?.await
     }
 
-    /// Queues a checkpoint: `records` are a snapshot of the owner's live state, written as
-    /// ordinary records into a new segment between reserved begin/end markers. After a restart,
-    /// replay starts with these records and skips everything older.
+    /// Queues a checkpoint: `records` are a snapshot of the owner's live state. The writer
+    /// starts a new segment at this point (the barrier: every record submitted before is in
+    /// older segments) and hands the snapshot to the checkpoint thread, which writes it into
+    /// its own file while appends go on. Once that file is durable, the segments before the
+    /// barrier and older checkpoints are deleted. After a restart, replay delivers the
+    /// checkpoint's records (with LSN 0) and then every record from the barrier on.
     ///
     /// The caller must keep it consistent: the snapshot has to reflect exactly the records
-    /// submitted before this call (they are written before the checkpoint and then deleted), so
-    /// take the snapshot and submit it without another record being submitted in between.
-    /// The checkpoint's records get consecutive LSNs after the begin marker's; the returned
-    /// `Durable` resolves with the end marker's LSN.
+    /// submitted before this call, so take the snapshot and submit it without another record
+    /// being submitted in between. The returned `Durable` resolves with the barrier LSN.
     ///
     /// Payloads may be shared (`Bytes`, like every payload here): an owner that keeps its
     /// records' encodings hands them over without copying each one.
@@ -256,7 +260,6 @@ impl LogWriter {
 pub(crate) struct ActiveSegment {
     pub file: File,
     pub path: PathBuf,
-    pub first_lsn: Lsn,
     /// Where the next frame goes (end of valid data).
     pub write_offset_bytes: u64,
     /// File length: valid data plus preallocated zeros.
@@ -271,14 +274,16 @@ struct WriterThread {
     /// Held, never read: the directory lock lasts as long as this thread.
     _lock: File,
     active: ActiveSegment,
-    /// Live segments older than `active`, oldest first; deleted by the next checkpoint.
-    older: Vec<SegmentFile>,
+    /// Writes checkpoints off the commit path (None once shut down).
+    checkpointer: Option<Checkpointer>,
     next_lsn: Lsn,
     segment_size_bytes: u64,
     max_batch_bytes: usize,
     preallocate_chunk_bytes: u64,
-    /// Encoded frames of the batch being built. Reused: no allocation per batch once warm.
+    /// The batch being built: room for its header, then its encoded frames. Reused: no
+    /// allocation per batch once warm.
     buf: Vec<u8>,
+    batch_first_lsn: Lsn,
     batch_records: u64,
     /// Completions of the batch in `buf`, answered after its sync. Reused like `buf`.
     waiting: Vec<(oneshot::Sender<Lsn>, Lsn)>,
@@ -295,16 +300,21 @@ impl WriterThread {
     fn run(mut self) {
         while let Some(request) = self.rx.blocking_recv() {
             self.take(request);
-            while self.buf.len() < self.max_batch_bytes {
+            while self.buf.len() < self.max_batch_bytes + BATCH_HEADER_BYTES {
                 match self.rx.try_recv() {
                     Ok(request) => self.take(request),
                     Err(_) => break,
                 }
             }
-            self.commit_batch();
+            if self.commit_batch() && self.rx.is_empty() {
+                self.write_mark();
+            }
         }
         // The queue is closed and drained (shutdown) or every handle is gone; everything taken
-        // has been committed.
+        // has been committed. Checkpoints handed over are finished before shutdown answers.
+        if let Some(checkpointer) = self.checkpointer.take() {
+            checkpointer.finish();
+        }
         debug!(next_lsn = self.next_lsn, "log writer stopped");
         for done in self.shutdown_waiters.drain(..) {
             let _ = done.send(());
@@ -316,6 +326,11 @@ impl WriterThread {
             Request::Append { rtype, payload, done } => {
                 let lsn = self.next_lsn;
                 self.next_lsn += 1;
+                if self.buf.is_empty() {
+                    // Room for the batch header, filled in when the batch is committed.
+                    self.buf.resize(BATCH_HEADER_BYTES, 0);
+                    self.batch_first_lsn = lsn;
+                }
                 format::encode_frame(&mut self.buf, rtype, lsn, &payload);
                 self.batch_records += 1;
                 if let Some(done) = done {
@@ -323,9 +338,15 @@ impl WriterThread {
                 }
             }
             Request::Checkpoint { records, done } => {
-                // What came before the checkpoint is synced first, into the old segment.
+                // What came before the checkpoint is synced first, into the old segment; then a
+                // new segment starts at the barrier, so every segment before it is covered by
+                // the checkpoint. The snapshot itself is written by the checkpoint thread.
                 self.commit_batch();
-                self.write_checkpoint(records, done);
+                if self.active.write_offset_bytes > SEGMENT_HEADER_BYTES as u64 {
+                    self.rotate(self.next_lsn);
+                }
+                let job = Job { barrier_lsn: self.next_lsn, records, done };
+                self.checkpointer.as_ref().expect("running").submit(job);
             }
             Request::Shutdown { done } => {
                 // Later sends fail with Closed; what is already queued is still drained.
@@ -335,14 +356,18 @@ impl WriterThread {
         }
     }
 
-    fn commit_batch(&mut self) {
+    /// Writes and syncs the batch being built, then acknowledges its records. Returns whether
+    /// there was one. Its header vouches for everything synced before it.
+    fn commit_batch(&mut self) -> bool {
         if self.buf.is_empty() {
-            return;
+            return false;
         }
         if self.active.write_offset_bytes >= self.segment_size_bytes {
-            let first_lsn = self.next_lsn - self.batch_records;
-            self.rotate(first_lsn);
+            self.rotate(self.batch_first_lsn);
         }
+        let synced_through = self.shared.durable_lsn.load(Ordering::Relaxed);
+        let header = format::encode_batch_header(self.batch_first_lsn, synced_through, &self.buf[BATCH_HEADER_BYTES..]);
+        self.buf[..BATCH_HEADER_BYTES].copy_from_slice(&header);
         let offset = self.active.write_offset_bytes;
         let end = offset + self.buf.len() as u64;
         let path = &self.active.path;
@@ -362,6 +387,23 @@ impl WriterThread {
         }
         self.buf.clear();
         self.batch_records = 0;
+        true
+    }
+
+    /// Writes a synced-through mark (an empty batch) after a sync that left the writer idle:
+    /// it proves the batch before it was synced, so damage to that batch is never mistaken for
+    /// a torn write. Not synced itself (it rides with the next batch's sync); a process crash
+    /// keeps it (it is in the page cache), and only a power loss within the writeback delay
+    /// can lose it, which leaves the last batch as unproven as it was before marks existed.
+    fn write_mark(&mut self) {
+        let durable = self.shared.durable_lsn.load(Ordering::Relaxed);
+        let mark = format::encode_batch_header(self.next_lsn, durable, &[]);
+        let offset = self.active.write_offset_bytes;
+        or_abort(self.active.file.write_all_at(&mark, offset), "write", &self.active.path);
+        let end = offset + mark.len() as u64;
+        self.preallocate(end);
+        self.active.write_offset_bytes = end;
+        self.count(0, 0, 0, mark.len() as u64);
     }
 
     /// Makes sure the file is allocated (zero-filled) past `data_end`, extending it by one
@@ -393,13 +435,11 @@ impl WriterThread {
         let new = ActiveSegment {
             file,
             path,
-            first_lsn,
             write_offset_bytes: header_end,
             allocated_bytes: header_end + self.preallocate_chunk_bytes,
         };
         let old = std::mem::replace(&mut self.active, new);
         debug!(sealed = %old.path.display(), new = %self.active.path.display(), "rotated log segment");
-        self.older.push(SegmentFile { first_lsn: old.first_lsn, path: old.path });
     }
 
     /// Cuts the preallocated zeros off a segment that will receive no more records, so sealed
@@ -413,92 +453,6 @@ impl WriterThread {
             active.allocated_bytes = active.write_offset_bytes;
             self.count(0, 0, 1, 0);
         }
-    }
-
-    /// Writes a checkpoint segment (begin marker, records, end marker) under a temporary name,
-    /// syncs it, renames it into place and syncs the directory; only then deletes the older
-    /// segments. The rename makes the checkpoint appear whole or not at all, and lets it replace
-    /// an empty active segment that has the same first LSN (and so the same name).
-    fn write_checkpoint(&mut self, records: Vec<(u8, Bytes)>, done: oneshot::Sender<Lsn>) {
-        debug_assert!(self.buf.is_empty(), "the pending batch is committed first");
-        let begin_lsn = self.next_lsn;
-        let record_count = records.len() as u64;
-        let end_lsn = begin_lsn + record_count + 1;
-        let tmp_path = segment::tmp_segment_path(&self.dir_path, begin_lsn);
-        let final_path = segment::segment_path(&self.dir_path, begin_lsn);
-
-        let opened = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp_path);
-        let file = or_abort(opened, "creating checkpoint file", &tmp_path);
-        let header = SegmentHeader { first_lsn: begin_lsn, begins_with_checkpoint: true };
-        self.buf.extend_from_slice(&format::encode_header(header));
-        format::encode_frame(
-            &mut self.buf,
-            format::TYPE_CHECKPOINT_BEGIN,
-            begin_lsn,
-            &format::encode_checkpoint_begin(record_count),
-        );
-        let mut offset = 0u64;
-        let mut bytes_written = 0u64;
-        // Written in max_batch_bytes pieces so a large snapshot needs no buffer of its size.
-        let mut flush = |buf: &mut Vec<u8>, offset: &mut u64| {
-            or_abort(file.write_all_at(buf, *offset), "write", &tmp_path);
-            *offset += buf.len() as u64;
-            bytes_written += buf.len() as u64;
-            buf.clear();
-        };
-        for (lsn, (rtype, payload)) in (begin_lsn + 1..).zip(records) {
-            format::encode_frame(&mut self.buf, rtype, lsn, &payload);
-            if self.buf.len() >= self.max_batch_bytes {
-                flush(&mut self.buf, &mut offset);
-            }
-        }
-        format::encode_frame(
-            &mut self.buf,
-            format::TYPE_CHECKPOINT_END,
-            end_lsn,
-            &format::encode_checkpoint_end(begin_lsn, record_count),
-        );
-        flush(&mut self.buf, &mut offset);
-        let allocated = offset + self.preallocate_chunk_bytes;
-        or_abort(segment::write_zeros(&file, &self.zeros, offset, allocated), "preallocating write", &tmp_path);
-        or_abort(file.sync_data(), "fdatasync", &tmp_path);
-        or_abort(fs::rename(&tmp_path, &final_path), "renaming checkpoint into place", &tmp_path);
-        or_abort(segment::sync_dir(&self.dir), "directory fsync", &self.dir_path);
-
-        // The checkpoint is durable and recovery will start from it: older segments are dead.
-        let new = ActiveSegment {
-            file,
-            path: final_path,
-            first_lsn: begin_lsn,
-            write_offset_bytes: offset,
-            allocated_bytes: allocated,
-        };
-        let old = std::mem::replace(&mut self.active, new);
-        let dead =
-            self.older.drain(..).chain(std::iter::once(SegmentFile { first_lsn: old.first_lsn, path: old.path }));
-        drop(old.file);
-        let mut deleted = 0usize;
-        for segment in dead.filter(|s| s.first_lsn < begin_lsn) {
-            // Not fatal: a segment left behind is deleted by the next open or checkpoint, and
-            // replay skips it because the checkpoint is newer.
-            match fs::remove_file(&segment.path) {
-                Ok(()) => deleted += 1,
-                Err(e) => {
-                    warn!(file = %segment.path.display(), error = %e, "could not delete segment superseded by checkpoint")
-                }
-            }
-        }
-        if let Err(e) = segment::sync_dir(&self.dir) {
-            warn!(dir = %self.dir_path.display(), error = %e, "directory fsync after deleting old segments failed");
-        }
-
-        self.next_lsn = end_lsn + 1;
-        self.shared.durable_lsn.store(end_lsn, Ordering::Release);
-        self.count(record_count, 0, 1, bytes_written);
-        self.shared.checkpoints.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::checkpoint();
-        info!(begin_lsn, end_lsn, record_count, deleted_segments = deleted, "checkpoint written");
-        let _ = done.send(end_lsn);
     }
 
     fn count(&self, records: u64, batches: u64, syncs: u64, bytes: u64) {
@@ -516,7 +470,7 @@ impl WriterThread {
 /// the data ever reaching the disk; and a failed write leaves the file in an unknown state.
 /// Neither can be answered honestly to a waiting caller, and continuing would let later records
 /// be acknowledged on top of a hole. Restarting runs recovery, which reads what is really on disk.
-fn or_abort<T>(result: io::Result<T>, what: &str, path: &Path) -> T {
+pub(crate) fn or_abort<T>(result: io::Result<T>, what: &str, path: &Path) -> T {
     match result {
         Ok(value) => value,
         Err(e) => {

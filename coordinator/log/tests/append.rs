@@ -235,7 +235,7 @@ async fn segments_rotate_and_replay_across_them() {
             InspectItem::SegmentEnd { path, zero_tail_bytes, .. } if path != *files.last().unwrap() => {
                 assert_eq!(zero_tail_bytes, 0, "sealed segment {path:?} was trimmed");
             }
-            InspectItem::Record(_) | InspectItem::SegmentEnd { .. } => {}
+            InspectItem::Record(_) | InspectItem::Batch { .. } | InspectItem::SegmentEnd { .. } => {}
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -1,5 +1,6 @@
-//! Checkpoints: old segments go away, replay starts at the newest complete checkpoint, and a
-//! crash at any point of writing one leaves a log that opens to a consistent state.
+//! Checkpoints: written off the commit path into their own files, the files they cover go
+//! away, replay starts at the newest checkpoint, and a crash at any point of writing one leaves
+//! a log that opens to a consistent state.
 
 mod common;
 
@@ -24,37 +25,47 @@ fn snapshot() -> Vec<(u8, Vec<u8>)> {
     vec![(1, b"live-a".to_vec()), (2, b"live-b".to_vec()), (3, Vec::new())]
 }
 
+/// What replay delivers for `snapshot()`: its records, with LSN 0.
+fn snapshot_records() -> Vec<Record> {
+    snapshot().iter().map(|(t, p)| record(0, *t, p)).collect()
+}
+
 async fn append_n(writer: &pledge_log::LogWriter, from: u64, count: u64) {
     for i in from..from + count {
         writer.append(1, payload(i, PAYLOAD_BYTES)).await.unwrap();
     }
 }
 
-/// Copies every segment file of `from` into `to`.
-fn copy_segments(from: &Path, to: &Path) -> Vec<PathBuf> {
+fn checkpoints(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "ckpt"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn checkpoint_name(lsn: u64) -> String {
+    format!("{lsn:020}.ckpt")
+}
+
+/// Copies every segment and checkpoint file of `from` into `to`.
+fn copy_files(from: &Path, to: &Path) -> Vec<PathBuf> {
     fs::create_dir_all(to).unwrap();
     segments(from)
         .into_iter()
-        .map(|seg| {
-            let dest = to.join(seg.file_name().unwrap());
-            fs::copy(&seg, &dest).unwrap();
+        .chain(checkpoints(from))
+        .map(|file| {
+            let dest = to.join(file.file_name().unwrap());
+            fs::copy(&file, &dest).unwrap();
             dest
         })
         .collect()
 }
 
-fn expected_after_checkpoint(begin_lsn: u64) -> Vec<Record> {
-    snapshot().iter().zip(begin_lsn + 1..).map(|((t, p), lsn)| record(lsn, *t, p)).collect()
-}
-
-/// Byte offset just past the checkpoint's second record in a checkpoint segment written from
-/// `snapshot()`: header, begin marker (8-byte payload), two records.
-fn inside_checkpoint_offset() -> u64 {
-    HEADER_BYTES + (FRAME_OVERHEAD_BYTES + 8) + (FRAME_OVERHEAD_BYTES + 6) * 2
-}
-
 #[tokio::test]
-async fn checkpoint_deletes_old_segments_and_replay_starts_from_it() {
+async fn checkpoint_deletes_what_it_covers_and_replay_starts_from_it() {
     let dir = TempDir::new().unwrap();
     let config = small_segments(dir.path());
     let (log, _) = open(&config);
@@ -63,38 +74,31 @@ async fn checkpoint_deletes_old_segments_and_replay_starts_from_it() {
     let before = segments(dir.path());
     assert!(before.len() >= 4, "{before:?}");
 
-    // Begin marker 201, records 202..=204, end marker 205.
-    assert_eq!(writer.checkpoint(snapshot()).await.unwrap(), 205);
-    assert_eq!(writer.durable_lsn(), 205);
-    let after = segments(dir.path());
-    assert_eq!(after, vec![dir.path().join(segment_name(201))], "older segments are gone from disk");
+    // The barrier: replay continues from LSN 201, in a segment of its own.
+    assert_eq!(writer.checkpoint(snapshot()).await.unwrap(), 201);
+    assert_eq!(segments(dir.path()), vec![dir.path().join(segment_name(201))], "older segments are gone");
+    assert_eq!(checkpoints(dir.path()), vec![dir.path().join(checkpoint_name(201))]);
     for old in &before {
         assert!(!old.exists(), "{old:?} still exists");
     }
-    assert_eq!(writer.append(9, b"later-1".to_vec()).await.unwrap(), 206);
+    assert_eq!(writer.append(9, b"later-1".to_vec()).await.unwrap(), 201, "checkpoints take no LSNs");
     writer.append_lazy(9, b"later-2".to_vec()).await.unwrap();
     log.shutdown().await.unwrap();
     let stats = writer.stats(); // after shutdown: the lazy record is committed too
     assert_eq!((stats.checkpoints, stats.records), (1, 200 + 3 + 2));
 
-    let mut expected = expected_after_checkpoint(201);
-    expected.push(record(206, 9, b"later-1"));
-    expected.push(record(207, 9, b"later-2"));
+    let mut expected = snapshot_records();
+    expected.push(record(201, 9, b"later-1"));
+    expected.push(record(202, 9, b"later-2"));
     let (log, replayed) = open(&config);
     assert_eq!(replayed, expected, "exactly the checkpoint's records and what came after");
-    assert_eq!(log.writer().append(1, b"x".to_vec()).await.unwrap(), 208);
+    assert_eq!(log.writer().append(1, b"x".to_vec()).await.unwrap(), 203);
     log.shutdown().await.unwrap();
 
-    // inspect shows the markers the replay callback never sees.
-    let markers: Vec<_> = pledge_log::inspect(&config)
-        .map(Result::unwrap)
-        .filter_map(|item| match item {
-            InspectItem::CheckpointBegin { lsn, record_count, .. } => Some(("begin", lsn, record_count)),
-            InspectItem::CheckpointEnd { lsn, record_count, .. } => Some(("end", lsn, record_count)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(markers, vec![("begin", 201, 3), ("end", 205, 3)]);
+    // inspect shows the end marker the replay callback never sees.
+    let items: Vec<InspectItem> = pledge_log::inspect(&config).map(Result::unwrap).collect();
+    assert!(items.iter().any(|i| matches!(i, InspectItem::Segment { checkpoint_file: true, first_lsn: 201, .. })));
+    assert!(items.iter().any(|i| matches!(i, InspectItem::CheckpointEnd { record_count: 3, .. })));
 }
 
 #[tokio::test]
@@ -108,12 +112,37 @@ async fn records_queued_before_a_checkpoint_are_written_before_it() {
     }
     let checkpoint = writer.submit_checkpoint(snapshot()).await.unwrap();
     let after = writer.submit(7, b"after".to_vec()).await.unwrap();
-    assert_eq!(checkpoint.await.unwrap(), 15, "10 records, begin 11, records 12..=14, end 15");
-    assert_eq!(after.await.unwrap(), 16);
+    assert_eq!(checkpoint.await.unwrap(), 11, "the 10 records are covered");
+    assert_eq!(after.await.unwrap(), 11);
     log.shutdown().await.unwrap();
-    let mut expected = expected_after_checkpoint(11);
-    expected.push(record(16, 7, b"after"));
+    let mut expected = snapshot_records();
+    expected.push(record(11, 7, b"after"));
     assert_eq!(replay(&config).await, expected);
+}
+
+/// A large snapshot is written by the checkpoint thread while the writer goes on: a commit
+/// submitted after it is durable long before it is.
+#[tokio::test]
+async fn commits_do_not_wait_for_a_checkpoint() {
+    let dir = TempDir::new().unwrap();
+    let config = config(dir.path());
+    let (log, _) = open(&config);
+    let writer = log.writer();
+    writer.append(1, b"before".to_vec()).await.unwrap();
+    let big: Vec<(u8, Vec<u8>)> = (0..300_000).map(|i| (2, payload(i, 100))).collect();
+    let mut checkpoint = writer.submit_checkpoint(big).await.unwrap();
+    let after = writer.append(1, b"after".to_vec()).await.unwrap();
+    assert_eq!(after, 2);
+    // The checkpoint (30 MB to write and sync) is still on its way.
+    assert!(
+        futures::poll!(&mut checkpoint).is_pending(),
+        "the commit waited for the checkpoint to be written"
+    );
+    assert_eq!(checkpoint.await.unwrap(), 2);
+    log.shutdown().await.unwrap();
+    let replayed = replay(&config).await;
+    assert_eq!(replayed.len(), 300_001);
+    assert_eq!(replayed.last().unwrap(), &record(2, 1, b"after"));
 }
 
 #[tokio::test]
@@ -122,126 +151,64 @@ async fn checkpoint_of_a_fresh_log_and_back_to_back_checkpoints() {
     let config = config(dir.path());
     let (log, _) = open(&config);
     let writer = log.writer();
-    // The active segment is empty and named 1.seg, the checkpoint's name: it is replaced.
-    assert_eq!(writer.checkpoint(snapshot()).await.unwrap(), 5);
+    // Nothing written yet: the barrier is LSN 1 and the empty segment stays.
+    assert_eq!(writer.checkpoint(snapshot()).await.unwrap(), 1);
     assert_eq!(segments(dir.path()), vec![dir.path().join(segment_name(1))]);
-    assert_eq!(writer.checkpoint(vec![(4, b"only".to_vec())]).await.unwrap(), 8);
-    assert_eq!(segments(dir.path()), vec![dir.path().join(segment_name(6))]);
-    assert_eq!(writer.checkpoint(Vec::<(u8, Vec<u8>)>::new()).await.unwrap(), 10, "an empty snapshot is allowed");
+    // A second one at the same barrier replaces the first.
+    assert_eq!(writer.checkpoint(vec![(4, b"only".to_vec())]).await.unwrap(), 1);
+    assert_eq!(checkpoints(dir.path()), vec![dir.path().join(checkpoint_name(1))]);
+    writer.append(5, b"one".to_vec()).await.unwrap();
+    assert_eq!(writer.checkpoint(Vec::<(u8, Vec<u8>)>::new()).await.unwrap(), 2, "an empty snapshot is allowed");
+    assert_eq!(checkpoints(dir.path()), vec![dir.path().join(checkpoint_name(2))]);
     log.shutdown().await.unwrap();
     assert_eq!(replay(&config).await, vec![]);
 }
 
 #[tokio::test]
-async fn crash_after_checkpoint_sync_but_before_deleting_old_segments() {
+async fn crash_after_checkpoint_sync_but_before_deleting_what_it_covers() {
     let dir = TempDir::new().unwrap();
     let config = small_segments(dir.path());
     let saved = TempDir::new().unwrap();
     let (log, _) = open(&config);
     let writer = log.writer();
-    append_n(&writer, 0, 200).await;
-    let old = copy_segments(dir.path(), saved.path());
+    append_n(&writer, 0, 100).await;
+    writer.checkpoint(vec![(5, b"older".to_vec())]).await.unwrap();
+    append_n(&writer, 100, 100).await;
+    let old = copy_files(dir.path(), saved.path());
     assert!(old.len() >= 4);
     writer.checkpoint(snapshot()).await.unwrap();
     writer.append(9, b"later".to_vec()).await.unwrap();
     log.shutdown().await.unwrap();
-    // Put the old segments back, as if the crash came before their deletion.
-    let restored = copy_segments(saved.path(), dir.path());
+    // Put the old files back (segments and the older checkpoint), as if the crash came before
+    // their deletion.
+    let restored = copy_files(saved.path(), dir.path());
 
-    let mut expected = expected_after_checkpoint(201);
-    expected.push(record(206, 9, b"later"));
+    let mut expected = snapshot_records();
+    expected.push(record(201, 9, b"later"));
     assert_eq!(replay(&config).await, expected);
     for old in &restored {
-        assert!(!old.exists(), "open deletes superseded segment {old:?}");
+        assert!(!old.exists(), "open deletes superseded file {old:?}");
     }
     assert_eq!(segments(dir.path()), vec![dir.path().join(segment_name(201))]);
 }
 
-/// Puts the checkpoint segment written in `with` into `without` (a copy of the log from before
-/// that checkpoint), cut inside the checkpoint: a crash while the checkpoint was being written.
-fn plant_torn_checkpoint(with: &Path, without: &Path, checkpoint_lsn: u64) -> PathBuf {
-    let source = with.join(segment_name(checkpoint_lsn));
-    let torn = without.join(segment_name(checkpoint_lsn));
-    fs::copy(&source, &torn).unwrap();
-    OpenOptions::new().write(true).open(&torn).unwrap().set_len(inside_checkpoint_offset() + 7).unwrap();
-    torn
-}
-
 #[tokio::test]
-async fn an_incomplete_checkpoint_falls_back_to_the_full_log() {
-    let dir = TempDir::new().unwrap();
-    let config = small_segments(dir.path());
-    let saved = TempDir::new().unwrap();
-    let (log, _) = open(&config);
-    append_n(&log.writer(), 0, 200).await;
-    log.shutdown().await.unwrap();
-    copy_segments(dir.path(), saved.path());
-
-    let (log, _) = open(&config);
-    assert_eq!(log.writer().checkpoint(snapshot()).await.unwrap(), 205);
-    log.shutdown().await.unwrap();
-
-    let torn = plant_torn_checkpoint(dir.path(), saved.path(), 201);
-    let saved_config = small_segments(saved.path());
-    let (log, replayed) = open(&saved_config);
-    assert_eq!(replayed.len(), 200, "the state before the checkpoint");
-    assert!(
-        replayed
-            .iter()
-            .enumerate()
-            .all(|(i, r)| r.lsn == i as u64 + 1 && r.payload == payload(i as u64, PAYLOAD_BYTES))
-    );
-    assert!(!torn.exists(), "the incomplete checkpoint segment is deleted");
-    assert_eq!(log.writer().append(1, b"next".to_vec()).await.unwrap(), 201);
-    log.shutdown().await.unwrap();
-    assert_eq!(replay(&saved_config).await.len(), 201);
-}
-
-#[tokio::test]
-async fn an_incomplete_checkpoint_falls_back_to_the_previous_checkpoint() {
-    let dir = TempDir::new().unwrap();
-    let config = small_segments(dir.path());
-    let saved = TempDir::new().unwrap();
-    let (log, _) = open(&config);
-    let writer = log.writer();
-    append_n(&writer, 0, 50).await;
-    assert_eq!(writer.checkpoint(snapshot()).await.unwrap(), 55);
-    append_n(&writer, 1000, 60).await; // LSNs 56..=115, spilling into new segments
-    log.shutdown().await.unwrap();
-    copy_segments(dir.path(), saved.path());
-    assert!(segments(saved.path()).len() >= 2);
-
-    let (log, _) = open(&config);
-    assert_eq!(log.writer().checkpoint(snapshot()).await.unwrap(), 120);
-    log.shutdown().await.unwrap();
-    plant_torn_checkpoint(dir.path(), saved.path(), 116);
-
-    let replayed = replay(&small_segments(saved.path())).await;
-    let mut expected = expected_after_checkpoint(51);
-    expected.extend((0..60).map(|i| record(56 + i, 1, &payload(1000 + i, PAYLOAD_BYTES))));
-    assert_eq!(replayed, expected);
-}
-
-#[tokio::test]
-async fn an_incomplete_checkpoint_with_later_segments_is_corruption() {
+async fn a_damaged_checkpoint_is_refused_not_skipped() {
     let dir = TempDir::new().unwrap();
     let config = small_segments(dir.path());
     let (log, _) = open(&config);
     let writer = log.writer();
     append_n(&writer, 0, 10).await;
-    writer.checkpoint(snapshot()).await.unwrap(); // segment 11
-    append_n(&writer, 100, 100).await; // rotates past it
+    writer.checkpoint(snapshot()).await.unwrap();
+    append_n(&writer, 100, 10).await;
     log.shutdown().await.unwrap();
-    let checkpoint = dir.path().join(segment_name(11));
-    assert!(segments(dir.path()).len() >= 2);
-    // Damage the checkpoint's third record: valid frames follow, in this and later segments.
-    let file = OpenOptions::new().write(true).open(&checkpoint).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, b"XX", inside_checkpoint_offset() + 4).unwrap();
-
+    let checkpoint = dir.path().join(checkpoint_name(11));
+    // A checkpoint is renamed into place only once synced whole: damage is never a torn write,
+    // and the segments it covered are gone, so nothing could replace it.
+    let len = file_len(&checkpoint);
+    OpenOptions::new().write(true).open(&checkpoint).unwrap().set_len(len - 3).unwrap();
     let message = open_err(&config);
-    let expected = format!("corrupt record in {} at offset {}: ", checkpoint.display(), inside_checkpoint_offset());
-    assert!(message.starts_with(&expected), "{message}");
-    assert!(message.contains("incomplete checkpoint"), "{message}");
+    assert!(message.starts_with(&format!("corrupt record in {} at offset", checkpoint.display())), "{message}");
 }
 
 #[tokio::test]
@@ -251,7 +218,7 @@ async fn an_unfinished_checkpoint_file_is_removed() {
     let (log, _) = open(&config);
     append_n(&log.writer(), 0, 3).await;
     log.shutdown().await.unwrap();
-    let tmp = dir.path().join(format!("{:020}.seg.tmp", 4));
+    let tmp = dir.path().join(format!("{:020}.ckpt.tmp", 4));
     fs::write(&tmp, b"PLEDGLOG partial checkpoint").unwrap();
     let (log, replayed) = open(&config);
     assert_eq!(replayed.len(), 3);

@@ -1,4 +1,6 @@
-//! Recovery: torn tails are cut off, everything else is refused with file and offset.
+//! Recovery: torn tails are cut off, everything else is refused with file and offset. Offsets
+//! come from `inspect`, so the tests say what they damage (a record, a batch, a mark), not
+//! where the format happens to put it.
 
 mod common;
 
@@ -11,7 +13,6 @@ use pledge_log::{InspectItem, LogConfig};
 use tempfile::TempDir;
 
 const PAYLOAD_BYTES: u64 = 100;
-const FRAME_BYTES: u64 = FRAME_OVERHEAD_BYTES + PAYLOAD_BYTES;
 
 /// Both with and without preallocation (the zero tail changes what follows the last record),
 /// each in its own directory.
@@ -65,15 +66,16 @@ fn assert_payloads(records: &[pledge_log::Record], count: u64) {
 }
 
 #[tokio::test]
-async fn a_frame_cut_in_the_middle_is_a_torn_tail() {
+async fn a_batch_cut_in_the_middle_is_a_torn_tail() {
     for (_dir, config) in configs() {
         let seg = write_records(&config, 20).await;
-        let last_frame = frame_offset(19, PAYLOAD_BYTES);
-        set_len(&seg, last_frame + 50);
+        let last_batch = layout(&config, &seg).batch_of(20);
+        // The crash came while the last batch was being written: no mark follows it.
+        set_len(&seg, last_batch + 50);
 
         let (log, replayed) = open(&config);
         assert_payloads(&replayed, 19);
-        assert_eq!(file_len(&seg), last_frame, "the torn frame is cut off");
+        assert_eq!(file_len(&seg), last_batch, "the torn batch is cut off");
         assert_eq!(log.writer().append(1, b"after".to_vec()).await.unwrap(), 20, "LSN 20 is reused");
         log.shutdown().await.unwrap();
 
@@ -84,10 +86,10 @@ async fn a_frame_cut_in_the_middle_is_a_torn_tail() {
 }
 
 #[tokio::test]
-async fn garbage_after_the_last_record_is_a_torn_tail() {
+async fn garbage_after_the_last_batch_is_a_torn_tail() {
     for (_dir, config) in configs() {
         let seg = write_records(&config, 20).await;
-        let end = frame_offset(20, PAYLOAD_BYTES);
+        let end = layout(&config, &seg).end;
         let mut rng = fastrand::Rng::with_seed(7);
         let garbage: Vec<u8> = (0..300).map(|_| rng.u8(1..)).collect();
         write_at(&seg, end, &garbage);
@@ -102,12 +104,12 @@ async fn garbage_after_the_last_record_is_a_torn_tail() {
 }
 
 #[tokio::test]
-async fn zeros_after_the_last_record_end_the_log_without_truncation() {
+async fn zeros_after_the_last_batch_end_the_log_without_truncation() {
     let dir = TempDir::new().unwrap();
     let mut config = config(dir.path());
     config.preallocate_chunk_bytes = 0;
     let seg = write_records(&config, 20).await;
-    let end = frame_offset(20, PAYLOAD_BYTES);
+    let end = layout(&config, &seg).end;
     assert_eq!(file_len(&seg), end);
     set_len(&seg, end + 8192); // as after a crash that extended the file but lost the data
 
@@ -121,30 +123,38 @@ async fn zeros_after_the_last_record_end_the_log_without_truncation() {
 }
 
 #[tokio::test]
-async fn a_damaged_record_followed_by_valid_ones_is_refused_with_file_and_offset() {
+async fn a_damaged_batch_followed_by_valid_ones_is_refused_with_file_and_offset() {
     for (_dir, config) in configs() {
         let seg = write_records(&config, 20).await;
-        let bad_frame = frame_offset(4, PAYLOAD_BYTES);
-        flip_byte(&seg, bad_frame + 13 + 10); // inside the payload of LSN 5
+        let l = layout(&config, &seg);
+        let bad_batch = l.batch_of(5);
+        flip_byte(&seg, l.record(5) + 13 + 10); // inside the payload of LSN 5
         let before = fs::read(&seg).unwrap();
 
         let message = open_err(&config);
-        let expected = format!("corrupt record in {} at offset {bad_frame}: crc mismatch", seg.display());
+        let expected = format!("corrupt record in {} at offset {bad_batch}: batch crc mismatch", seg.display());
         assert!(message.starts_with(&expected), "message: {message}\nexpected prefix: {expected}");
-        assert!(message.contains("LSN 6"), "names the valid record that follows: {message}");
+        assert!(message.contains("may have been acknowledged"), "{message}");
         assert_eq!(fs::read(&seg).unwrap(), before, "a refused log is left untouched");
     }
 }
 
+/// Issue 12, finding 4: damage to the last acknowledged record used to be cut off as a torn
+/// write (the test that stood here accepted it). The synced-through mark written after its
+/// sync proves it was durable, so the log refuses to start, naming file and offset.
 #[tokio::test]
-async fn a_damaged_last_record_is_indistinguishable_from_a_torn_write() {
-    let dir = TempDir::new().unwrap();
-    let config = config(dir.path());
-    let seg = write_records(&config, 20).await;
-    let last = frame_offset(19, PAYLOAD_BYTES);
-    flip_byte(&seg, last + 20);
-    let replayed = replay(&config).await;
-    assert_payloads(&replayed, 19);
+async fn damage_to_the_last_acknowledged_batch_is_refused() {
+    for (_dir, config) in configs() {
+        let seg = write_records(&config, 20).await;
+        let l = layout(&config, &seg);
+        let last_batch = l.batch_of(20);
+        assert_eq!(l.batches.last().map(|b| b.2), Some(0), "a mark follows the last batch");
+        flip_byte(&seg, l.record(20) + 20);
+        let message = open_err(&config);
+        let expected = format!("corrupt record in {} at offset {last_batch}: batch crc mismatch", seg.display());
+        assert!(message.starts_with(&expected), "{message}");
+        assert!(message.contains("first LSN 21"), "names the mark that vouches for it: {message}");
+    }
 }
 
 #[tokio::test]
@@ -155,9 +165,9 @@ async fn damage_followed_by_more_than_one_batch_is_refused() {
     config.max_batch_bytes = 4096;
     config.max_record_bytes = 1024;
     let seg = write_records(&config, 20).await;
-    let end = frame_offset(20, PAYLOAD_BYTES);
-    // More non-zero bytes than one batch plus one frame could ever leave unsynced.
-    write_at(&seg, end, &vec![0xA5; 4096 + 1024 + 17]);
+    let end = layout(&config, &seg).end;
+    // More non-zero bytes than one batch (header, body, one frame over) could ever leave unsynced.
+    write_at(&seg, end, &vec![0xA5; 32 + 4096 + 1024 + 17 + 1]);
     let message = open_err(&config);
     let expected = format!("corrupt record in {} at offset {end}: ", seg.display());
     assert!(message.starts_with(&expected), "{message}");
@@ -178,14 +188,12 @@ async fn damage_in_a_sealed_segment_is_refused_even_at_its_end() {
     log.shutdown().await.unwrap();
     let files = segments(dir.path());
     assert!(files.len() >= 3);
-    // Cut the first segment's last frame short: fine for a last segment, corruption here.
+    // Cut the first segment's last batch (a mark) short: fine for a last segment, not here.
     let first = &files[0];
-    let len = file_len(first);
-    let last_frame = len - FRAME_BYTES;
-    set_len(first, len - 5);
+    let last = layout(&config, first).batches.last().unwrap().0;
+    set_len(first, file_len(first) - 5);
     let message = open_err(&config);
-    let expected =
-        format!("corrupt record in {} at offset {last_frame}: frame of {FRAME_BYTES} bytes runs past", first.display());
+    let expected = format!("corrupt record in {} at offset {last}: frame of 32 bytes runs past", first.display());
     assert!(message.starts_with(&expected), "{message}");
 }
 
@@ -253,11 +261,12 @@ async fn inspect_reports_a_torn_tail_without_repairing_it() {
     let dir = TempDir::new().unwrap();
     let config = config(dir.path());
     let seg = write_records(&config, 5).await;
-    let last_frame = frame_offset(4, PAYLOAD_BYTES);
-    set_len(&seg, last_frame + 30);
+    let l = layout(&config, &seg);
+    let last_batch = l.batch_of(5);
+    set_len(&seg, last_batch + 30);
 
     let items: Vec<InspectItem> = pledge_log::inspect(&config).map(Result::unwrap).collect();
-    assert!(matches!(&items[0], InspectItem::Segment { first_lsn: 1, begins_with_checkpoint: false, .. }));
+    assert!(matches!(&items[0], InspectItem::Segment { first_lsn: 1, checkpoint_file: false, .. }));
     let records: Vec<_> = items
         .iter()
         .filter_map(|i| match i {
@@ -265,16 +274,16 @@ async fn inspect_reports_a_torn_tail_without_repairing_it() {
             _ => None,
         })
         .collect();
-    assert_eq!(records, (0..4).map(|i| (frame_offset(i, PAYLOAD_BYTES), i + 1)).collect::<Vec<_>>());
+    assert_eq!(records, l.records[..4].to_vec());
     assert!(
-        matches!(items.last().unwrap(), InspectItem::TornTail { offset, dropped_bytes: 30, .. } if *offset == last_frame),
+        matches!(items.last().unwrap(), InspectItem::TornTail { offset, dropped_bytes: 30, .. } if *offset == last_batch),
         "{:?}",
         items.last()
     );
-    assert_eq!(file_len(&seg), last_frame + 30, "inspect never truncates");
+    assert_eq!(file_len(&seg), last_batch + 30, "inspect never truncates");
 
-    // And a damaged record with valid ones after it is reported as corruption at its offset.
-    flip_byte(&seg, frame_offset(1, PAYLOAD_BYTES) + 20);
+    // And a damaged batch with valid ones after it is reported as corruption at its offset.
+    flip_byte(&seg, l.record(2) + 20);
     let corrupt: Vec<_> = pledge_log::inspect(&config)
         .map(Result::unwrap)
         .filter_map(|i| match i {
@@ -282,5 +291,5 @@ async fn inspect_reports_a_torn_tail_without_repairing_it() {
             _ => None,
         })
         .collect();
-    assert_eq!(corrupt, vec![frame_offset(1, PAYLOAD_BYTES)]);
+    assert_eq!(corrupt, vec![l.batch_of(2)]);
 }

@@ -8,6 +8,8 @@ use pledge_log::{Log, LogConfig, Record};
 
 /// Segment header bytes (magic 8, version 2, flags 2, first_lsn 8, crc 4).
 pub const HEADER_BYTES: u64 = 24;
+/// Batch header bytes (magic 4, body_bytes 4, first_lsn 8, synced_through 8, crcs 4 + 4).
+pub const BATCH_HEADER_BYTES: u64 = 32;
 /// Frame bytes besides the payload (length 4, type 1, lsn 8, crc 4).
 pub const FRAME_OVERHEAD_BYTES: u64 = 17;
 
@@ -70,10 +72,42 @@ pub fn record(lsn: u64, rtype: u8, payload: &[u8]) -> Record {
     Record { lsn, rtype, payload: payload.to_vec() }
 }
 
-/// Offset of the `index`-th (0-based) frame in a segment whose frames all carry
-/// `payload_bytes` of payload.
-pub fn frame_offset(index: u64, payload_bytes: u64) -> u64 {
-    HEADER_BYTES + index * (FRAME_OVERHEAD_BYTES + payload_bytes)
+/// Where things are in a segment, as `inspect` reports them.
+#[derive(Debug, Default)]
+pub struct Layout {
+    /// (offset, lsn) of each record.
+    pub records: Vec<(u64, u64)>,
+    /// (offset, first lsn, records) of each batch; marks have 0 records.
+    pub batches: Vec<(u64, u64, u64)>,
+    /// Where the data ends.
+    pub end: u64,
+}
+
+impl Layout {
+    /// Offset of the batch holding `lsn`.
+    pub fn batch_of(&self, lsn: u64) -> u64 {
+        self.batches.iter().rev().find(|(_, first, n)| *n > 0 && *first <= lsn).unwrap().0
+    }
+
+    /// Offset of the record `lsn`.
+    pub fn record(&self, lsn: u64) -> u64 {
+        self.records.iter().find(|(_, l)| *l == lsn).unwrap().0
+    }
+}
+
+pub fn layout(config: &LogConfig, segment: &Path) -> Layout {
+    let mut layout = Layout::default();
+    for item in pledge_log::inspect(config).map(Result::unwrap) {
+        match item {
+            pledge_log::InspectItem::Record(r) if r.path == segment => layout.records.push((r.offset, r.lsn)),
+            pledge_log::InspectItem::Batch { path, offset, first_lsn, records, .. } if path == segment => {
+                layout.batches.push((offset, first_lsn, records))
+            }
+            pledge_log::InspectItem::SegmentEnd { path, offset, .. } if path == segment => layout.end = offset,
+            _ => {}
+        }
+    }
+    layout
 }
 
 pub fn file_len(path: &Path) -> u64 {
