@@ -441,18 +441,20 @@ fn describe(record: &LogRecord) -> String {
     match record {
         LogRecord::Register { resource, endpoint } => format!("REGISTER {resource} -> {endpoint}"),
         LogRecord::Commit(c) => format!(
-            "COMMIT {} decided={} branches=[{}]{}",
+            "COMMIT {} decided={} epoch={} branches=[{}]{}",
             c.gtid,
             c.decided_ms,
+            c.epoch,
             branches(
                 c.branches.iter().map(|b| format!("{} {:?}{}", b.key, b.vote, meta_suffix(&b.metadata))).collect()
             ),
             c.idempotency_key.as_ref().map(|k| format!(" key={k:?}")).unwrap_or_default()
         ),
         LogRecord::OnePhase(o) => format!(
-            "ONE-PHASE {} decided={} branch={}{}{}",
+            "ONE-PHASE {} decided={} epoch={} branch={}{}{}",
             o.gtid,
             o.decided_ms,
+            o.epoch,
             o.branch,
             if o.may_be_empty { " may_be_empty" } else { "" },
             o.idempotency_key.as_ref().map(|k| format!(" key={k:?}")).unwrap_or_default()

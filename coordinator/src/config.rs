@@ -126,7 +126,8 @@ impl Config {
         Ok(())
     }
 
-    pub fn engine(&self) -> EngineConfig {
+    /// The engine's settings; `epoch` is the decision log writer's (see `crate::store`).
+    pub fn engine(&self, epoch: u64) -> EngineConfig {
         EngineConfig {
             default_txn_timeout_ms: self.default_txn_timeout_ms,
             max_txn_timeout_ms: self.max_txn_timeout_ms,
@@ -140,6 +141,7 @@ impl Config {
             max_record_bytes: pledge_log::LogConfig::new("").max_record_bytes,
             checkpoint_every_records: self.checkpoint_every_records,
             rng_seed: fastrand::u64(..),
+            epoch,
         }
     }
 }

@@ -2,6 +2,9 @@
 //!
 //! * [`engine`]: the 2PC state machine, free of I/O (events in, commands out).
 //! * [`records`]: how engine records are stored in the decision log (`pledge-log`).
+//! * [`store`]: the decision log at the driver boundary (the seam a replicated store plugs
+//!   into) and the embedded local store.
+//! * [`limits`]: every limit, with the range it is checked against at start.
 //! * [`driver`]: the runtime that runs the engine: log appends, batched participant calls,
 //!   retries and timers.
 //! * [`metrics`]: the Prometheus metrics it records.
@@ -21,3 +24,4 @@ pub mod metrics;
 pub mod records;
 pub mod recovery;
 pub mod server;
+pub mod store;

@@ -27,10 +27,10 @@ const fn field_bound(len: usize) -> usize {
     1 + 5 + len
 }
 
-/// An upper bound of a commit record's size without its branches (gtid, two times, the
+/// An upper bound of a commit record's size without its branches (gtid, two times, epoch, the
 /// idempotency key, and the branches field's own tags); see [`branch_bytes_bound`].
 pub fn commit_bytes_bound(idempotency_key: Option<&str>) -> usize {
-    field_bound(16) + 2 * field_bound(10) + field_bound(idempotency_key.map_or(0, str::len))
+    field_bound(16) + 3 * field_bound(10) + field_bound(idempotency_key.map_or(0, str::len))
 }
 
 /// An upper bound of one branch's share of a commit record with `metadata_bytes` of vote
@@ -102,6 +102,8 @@ struct CommitPb {
     idempotency_key: Option<String>,
     #[prost(message, repeated, tag = "5")]
     branches: Vec<BranchPb>,
+    #[prost(uint64, tag = "6")]
+    epoch: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -120,6 +122,8 @@ struct OnePhasePb {
     branch_id: String,
     #[prost(bool, tag = "7")]
     may_be_empty: bool,
+    #[prost(uint64, tag = "8")]
+    epoch: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -223,6 +227,7 @@ pub fn encode(record: &LogRecord) -> (u8, Bytes) {
                     .iter()
                     .map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None, b.prepared_ms))
                     .collect(),
+                epoch: c.epoch,
             };
             (TYPE_COMMIT, pb.encode_to_vec().into())
         }
@@ -235,6 +240,7 @@ pub fn encode(record: &LogRecord) -> (u8, Bytes) {
                 resource_id: o.branch.resource.to_string(),
                 branch_id: o.branch.branch.to_string(),
                 may_be_empty: o.may_be_empty,
+                epoch: o.epoch,
             };
             (TYPE_ONE_PHASE, pb.encode_to_vec().into())
         }
@@ -284,6 +290,7 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
             }
             LogRecord::Commit(CommitRecord {
                 gtid: gtid_from(&pb.gtid)?,
+                epoch: pb.epoch,
                 created_ms: pb.created_ms,
                 decided_ms: pb.decided_ms,
                 idempotency_key: pb.idempotency_key,
@@ -314,6 +321,7 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
             let pb = OnePhasePb::decode(payload)?;
             LogRecord::OnePhase(OnePhaseRecord {
                 gtid: gtid_from(&pb.gtid)?,
+                epoch: pb.epoch,
                 created_ms: pb.created_ms,
                 decided_ms: pb.decided_ms,
                 idempotency_key: pb.idempotency_key,
@@ -338,6 +346,7 @@ mod tests {
             LogRecord::Register { resource: "db1".parse().unwrap(), endpoint: "http://127.0.0.1:1".into() },
             LogRecord::Commit(CommitRecord {
                 gtid: Gtid::from_parts(1_700_000_000_000, 7),
+                epoch: 3,
                 created_ms: 1,
                 decided_ms: 2,
                 idempotency_key: Some("k".into()),
@@ -366,6 +375,7 @@ mod tests {
             LogRecord::Forgotten { through_ms: 1_800_000_000_000 },
             LogRecord::OnePhase(OnePhaseRecord {
                 gtid: Gtid::from_parts(1_700_000_000_000, 9),
+                epoch: 4,
                 created_ms: 4,
                 decided_ms: 5,
                 idempotency_key: Some("once".into()),
@@ -408,6 +418,7 @@ mod tests {
                 + branches.iter().map(|b| branch_bytes_bound(&b.key, b.metadata.len())).sum::<usize>();
             let record = LogRecord::Commit(CommitRecord {
                 gtid: Gtid::from_parts(rng.u64(..1 << 47), rng.u64(..)),
+                epoch: rng.u64(..),
                 created_ms: rng.u64(..),
                 decided_ms: rng.u64(..),
                 idempotency_key: key,

@@ -20,6 +20,7 @@ use crate::driver::participant::CallConfig;
 use crate::driver::{Runtime, RuntimeConfig};
 use crate::engine::Engine;
 use crate::recovery;
+use crate::store::LocalLog;
 
 pub const COORDINATOR_ID_FILE: &str = "coordinator.id";
 
@@ -43,12 +44,14 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
     let log_config = log_config(&config);
     let started = std::time::Instant::now();
     let (log, records) = tokio::task::spawn_blocking(move || recovery::open_log(log_config)).await??;
-    let mut engine = Engine::restore(config.engine(), crate::driver::now_ms(), records);
+    let epoch = crate::store::next_local_epoch(&config.data_dir)?;
+    let mut engine = Engine::restore(config.engine(epoch), crate::driver::now_ms(), records);
     for (resource, endpoint) in &config.participants {
         engine.add_configured_participant(ResourceId::parse_field("participants", resource)?, endpoint.clone());
     }
     tracing::info!(
         coordinator_id,
+        epoch,
         data_dir = %config.data_dir.display(),
         live_transactions = engine.live_transactions(),
         replay_ms = started.elapsed().as_millis() as u64,
@@ -69,7 +72,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
         max_request_wait: Duration::from_millis(config.max_request_wait_ms),
         publish_gauges: config.metrics_listen.is_some(),
     };
-    let (runtime, handle) = Runtime::new(engine, log.writer(), runtime_config);
+    let (runtime, handle) = Runtime::new(engine, LocalLog::new(log.writer(), epoch), runtime_config);
     let engine_stop = CancellationToken::new();
     let runtime_task = tokio::spawn(runtime.run(engine_stop.clone()));
 
@@ -179,7 +182,7 @@ fn coordinator_id(data_dir: &Path, configured: Option<&str>) -> anyhow::Result<S
     }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let tmp: PathBuf = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;

@@ -99,7 +99,12 @@ fn write(dir_path: &Path, dir: &File, shared: &Shared, max_batch_bytes: usize, j
         }
     }
     let end_lsn = record_count + 1;
-    format::encode_frame(&mut batch.buf, format::TYPE_CHECKPOINT_END, end_lsn, &format::encode_checkpoint_end(record_count));
+    format::encode_frame(
+        &mut batch.buf,
+        format::TYPE_CHECKPOINT_END,
+        end_lsn,
+        &format::encode_checkpoint_end(record_count),
+    );
     flush(&mut batch, end_lsn + 1);
     or_abort(file.sync_data(), "fdatasync", &tmp_path);
     or_abort(fs::rename(&tmp_path, &final_path), "renaming checkpoint into place", &tmp_path);
@@ -114,8 +119,14 @@ fn write(dir_path: &Path, dir: &File, shared: &Shared, max_batch_bytes: usize, j
     s.checkpoints.fetch_add(1, Ordering::Relaxed);
     crate::metrics::written(record_count, 1, offset);
     crate::metrics::checkpoint(started.elapsed());
-    info!(barrier_lsn = barrier, record_count, bytes = offset, deleted_files = deleted,
-        took_ms = started.elapsed().as_millis() as u64, "checkpoint written");
+    info!(
+        barrier_lsn = barrier,
+        record_count,
+        bytes = offset,
+        deleted_files = deleted,
+        took_ms = started.elapsed().as_millis() as u64,
+        "checkpoint written"
+    );
     let _ = job.done.send(barrier);
 }
 
@@ -134,13 +145,8 @@ fn delete_covered(dir_path: &Path, dir: &File, barrier: Lsn) -> usize {
             return 0;
         }
     };
-    let covered: Vec<PathBuf> = listing
-        .segments
-        .into_iter()
-        .chain(listing.checkpoints)
-        .filter(|f| f.lsn < barrier)
-        .map(|f| f.path)
-        .collect();
+    let covered: Vec<PathBuf> =
+        listing.segments.into_iter().chain(listing.checkpoints).filter(|f| f.lsn < barrier).map(|f| f.path).collect();
     let mut deleted = 0;
     for path in covered {
         match fs::remove_file(&path) {

@@ -411,7 +411,12 @@ mod tests {
         let decoded = decode_batch_header(&header, 1024).unwrap();
         assert_eq!(
             decoded,
-            BatchHeader { body_bytes: body.len() as u32, first_lsn: 5, synced_through: 4, body_crc: crc32c::crc32c(&body) }
+            BatchHeader {
+                body_bytes: body.len() as u32,
+                first_lsn: 5,
+                synced_through: 4,
+                body_crc: crc32c::crc32c(&body)
+            }
         );
         for byte in 0..BATCH_HEADER_BYTES {
             for bit in 0..8 {

@@ -254,14 +254,19 @@ impl Inspect {
                     });
                     if batch.first_lsn != expected {
                         let reason = Corruption::LsnDiscontinuity { expected, found: batch.first_lsn };
-                        return Ok(self.push(InspectItem::Corrupt { path, offset, reason }));
+                        self.push(InspectItem::Corrupt { path, offset, reason });
+                        return Ok(());
                     }
                     for f in frames {
                         expected += 1;
                         if checkpoint && f.rtype == format::TYPE_CHECKPOINT_END {
                             let record_count = format::decode_checkpoint_end(&f.payload).unwrap_or(u64::MAX);
                             ended = true;
-                            self.push(InspectItem::CheckpointEnd { path: path.clone(), offset: f.offset, record_count });
+                            self.push(InspectItem::CheckpointEnd {
+                                path: path.clone(),
+                                offset: f.offset,
+                                record_count,
+                            });
                             continue;
                         }
                         self.push(InspectItem::Record(InspectedRecord {
@@ -281,20 +286,30 @@ impl Inspect {
                         self.expected_lsn = Some(expected);
                     }
                     let zero_tail_bytes = reader.len() - offset;
-                    return Ok(self.push(InspectItem::SegmentEnd { path, offset, zero_tail_bytes }));
+                    self.push(InspectItem::SegmentEnd { path, offset, zero_tail_bytes });
+                    return Ok(());
                 }
                 Step::Bad { offset, reason, extent, maybe_torn } => {
                     let verdict = if last && maybe_torn {
                         let file = reader.file();
-                        reader::classify_damage(file, reader.len(), offset, reason.clone(), extent, expected - 1, self.limits)?
+                        reader::classify_damage(
+                            file,
+                            reader.len(),
+                            offset,
+                            reason.clone(),
+                            extent,
+                            expected - 1,
+                            self.limits,
+                        )?
                     } else {
                         Err(reason.clone())
                     };
                     let dropped_bytes = reader.len() - offset;
-                    return Ok(self.push(match verdict {
+                    self.push(match verdict {
                         Ok(()) => InspectItem::TornTail { path, offset, dropped_bytes, reason },
                         Err(reason) => InspectItem::Corrupt { path, offset, reason },
-                    }));
+                    });
+                    return Ok(());
                 }
             }
         }

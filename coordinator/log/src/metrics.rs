@@ -18,7 +18,11 @@ pub fn describe_metrics() {
         SYNCS,
         "fdatasync calls on log files (one per group-commit batch, plus rotations and checkpoints)"
     );
-    describe_counter!(BYTES_WRITTEN, Unit::Bytes, "batch, frame and header bytes written to the log (preallocation excluded)");
+    describe_counter!(
+        BYTES_WRITTEN,
+        Unit::Bytes,
+        "batch, frame and header bytes written to the log (preallocation excluded)"
+    );
     describe_counter!(CHECKPOINTS, "checkpoints written (each lets older segments be deleted)");
     describe_histogram!(SYNC_DURATION, Unit::Seconds, "time to write and fdatasync one group-commit batch");
     describe_histogram!(

@@ -131,14 +131,26 @@ impl BatchReader {
             let frame_offset = offset + (BATCH_HEADER_BYTES + at) as u64;
             let frame = match format::decode_frame(&body[at..], self.limits.max_record_bytes) {
                 Ok(f) => f,
-                Err(e) => return Ok(Step::Bad { offset: frame_offset, reason: e.into(), extent: Some(end), maybe_torn: false }),
+                Err(e) => {
+                    return Ok(Step::Bad {
+                        offset: frame_offset,
+                        reason: e.into(),
+                        extent: Some(end),
+                        maybe_torn: false,
+                    });
+                }
             };
             let expected = header.first_lsn + frames.len() as u64;
             if frame.lsn != expected {
                 let reason = Corruption::LsnDiscontinuity { expected, found: frame.lsn };
                 return Ok(Step::Bad { offset: frame_offset, reason, extent: Some(end), maybe_torn: false });
             }
-            frames.push(ReadFrame { offset: frame_offset, rtype: frame.rtype, lsn: frame.lsn, payload: frame.payload.to_vec() });
+            frames.push(ReadFrame {
+                offset: frame_offset,
+                rtype: frame.rtype,
+                lsn: frame.lsn,
+                payload: frame.payload.to_vec(),
+            });
             at += frame.len_bytes;
         }
         self.offset = end;
@@ -272,7 +284,9 @@ mod tests {
     fn batches_read_back_with_their_frames_and_marks() {
         let (file, offsets) = segment(&[&[(1, b"a"), (2, b"bb")], &[], &[(3, b"c")]]);
         let s = steps(file.path());
-        assert!(matches!(&s[0], Step::Batch { offset, frames, header } if *offset == offsets[0] && frames.len() == 2 && header.synced_through == 0));
+        assert!(
+            matches!(&s[0], Step::Batch { offset, frames, header } if *offset == offsets[0] && frames.len() == 2 && header.synced_through == 0)
+        );
         assert!(matches!(&s[1], Step::Batch { frames, header, .. } if frames.is_empty() && header.synced_through == 2));
         assert!(matches!(&s[2], Step::Batch { frames, .. } if frames[0].lsn == 3 && frames[0].payload == b"c"));
         assert!(matches!(s[3], Step::End { .. }));
@@ -285,7 +299,10 @@ mod tests {
         damage(file.path(), offsets[1] + 40);
         let s = steps(file.path());
         let err = classify(file.path(), s.last().unwrap(), 1).unwrap_err();
-        assert!(matches!(err, Corruption::SyncedBatchFollows { lsn: 4, offset, .. } if offset == offsets[2]), "{err:?}");
+        assert!(
+            matches!(err, Corruption::SyncedBatchFollows { lsn: 4, offset, .. } if offset == offsets[2]),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -58,7 +58,11 @@ pub(crate) fn recover<E>(
     let mut segments = listing.segments;
     let dead: Vec<LogFile> = checkpoints.into_iter().chain(segments.extract_if(.., |s| s.lsn < start_lsn)).collect();
     if !dead.is_empty() {
-        warn!(count = dead.len(), checkpoint_lsn = start_lsn, "deleting files the newest checkpoint supersedes (cleanup was interrupted)");
+        warn!(
+            count = dead.len(),
+            checkpoint_lsn = start_lsn,
+            "deleting files the newest checkpoint supersedes (cleanup was interrupted)"
+        );
         for f in &dead {
             remove(&f.path)?;
         }
@@ -114,7 +118,10 @@ pub(crate) fn recover<E>(
             return Err(corrupt_segment(Corruption::NameMismatch { name_lsn: seg.lsn, header_lsn: header.first_lsn }));
         }
         if header.first_lsn != expected_lsn {
-            return Err(corrupt_segment(Corruption::LsnDiscontinuity { expected: expected_lsn, found: header.first_lsn }));
+            return Err(corrupt_segment(Corruption::LsnDiscontinuity {
+                expected: expected_lsn,
+                found: header.first_lsn,
+            }));
         }
         let corrupt = |offset, reason| OpenError::Corrupt { path: seg.path.clone(), offset, reason };
         end_offset = loop {
@@ -164,12 +171,7 @@ pub(crate) fn recover<E>(
             // when the last process died): make it durable before anything vouches for it.
             file.sync_data().map_err(|e| OpenError::io(&last.path, e))?;
             let file_len = file.metadata().map_err(|e| OpenError::io(&last.path, e))?.len();
-            ActiveSegment {
-                file,
-                path: last.path.clone(),
-                write_offset_bytes: end_offset,
-                allocated_bytes: file_len,
-            }
+            ActiveSegment { file, path: last.path.clone(), write_offset_bytes: end_offset, allocated_bytes: file_len }
         }
         None => new_segment(config, &dir, expected_lsn)?,
     };
@@ -204,14 +206,20 @@ fn replay_checkpoint<E>(
             Step::Batch { offset, frames, .. } => {
                 for frame in frames {
                     if ended {
-                        return Err(corrupt(frame.offset, Corruption::BadCheckpointMarker("records after the end marker")));
+                        return Err(corrupt(
+                            frame.offset,
+                            Corruption::BadCheckpointMarker("records after the end marker"),
+                        ));
                     }
                     if frame.rtype == format::TYPE_CHECKPOINT_END {
                         let announced = format::decode_checkpoint_end(&frame.payload)
                             .ok_or(Corruption::BadCheckpointMarker("malformed end marker payload"))
                             .map_err(|reason| corrupt(frame.offset, reason))?;
                         if announced != count {
-                            return Err(corrupt(frame.offset, Corruption::BadCheckpointMarker("end marker count differs")));
+                            return Err(corrupt(
+                                frame.offset,
+                                Corruption::BadCheckpointMarker("end marker count differs"),
+                            ));
                         }
                         ended = true;
                         continue;

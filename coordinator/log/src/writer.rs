@@ -16,9 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error};
 
 use crate::Lsn;
+use crate::checkpointer::{self, Checkpointer, Job};
 use crate::config::LogConfig;
 use crate::error::LogError;
-use crate::checkpointer::{self, Checkpointer, Job};
 use crate::format::{self, BATCH_HEADER_BYTES, FIRST_RESERVED_TYPE, SEGMENT_HEADER_BYTES};
 use crate::recovery::Recovered;
 use crate::segment;
@@ -134,6 +134,7 @@ impl Log {
             buf: Vec::with_capacity(config.max_batch_bytes),
             batch_first_lsn: 0,
             batch_records: 0,
+            unvouched: false,
             waiting: Vec::new(),
             shutdown_waiters: Vec::new(),
             zeros: vec![0u8; ZERO_BLOCK_BYTES].into_boxed_slice(),
@@ -285,6 +286,8 @@ struct WriterThread {
     buf: Vec<u8>,
     batch_first_lsn: Lsn,
     batch_records: u64,
+    /// The last thing written is a batch that no later batch or mark vouches for yet.
+    unvouched: bool,
     /// Completions of the batch in `buf`, answered after its sync. Reused like `buf`.
     waiting: Vec<(oneshot::Sender<Lsn>, Lsn)>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
@@ -311,7 +314,12 @@ impl WriterThread {
             }
         }
         // The queue is closed and drained (shutdown) or every handle is gone; everything taken
-        // has been committed. Checkpoints handed over are finished before shutdown answers.
+        // has been committed. The last batch gets its mark, synced (a clean stop can afford
+        // it), and checkpoints handed over are finished before shutdown answers.
+        if self.unvouched {
+            self.write_mark();
+            or_abort(self.active.file.sync_data(), "fdatasync", &self.active.path);
+        }
         if let Some(checkpointer) = self.checkpointer.take() {
             checkpointer.finish();
         }
@@ -387,6 +395,7 @@ impl WriterThread {
         }
         self.buf.clear();
         self.batch_records = 0;
+        self.unvouched = true;
         true
     }
 
@@ -403,6 +412,7 @@ impl WriterThread {
         let end = offset + mark.len() as u64;
         self.preallocate(end);
         self.active.write_offset_bytes = end;
+        self.unvouched = false;
         self.count(0, 0, 0, mark.len() as u64);
     }
 

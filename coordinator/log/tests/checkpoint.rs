@@ -134,10 +134,7 @@ async fn commits_do_not_wait_for_a_checkpoint() {
     let after = writer.append(1, b"after".to_vec()).await.unwrap();
     assert_eq!(after, 2);
     // The checkpoint (30 MB to write and sync) is still on its way.
-    assert!(
-        futures::poll!(&mut checkpoint).is_pending(),
-        "the commit waited for the checkpoint to be written"
-    );
+    assert!(futures::poll!(&mut checkpoint).is_pending(), "the commit waited for the checkpoint to be written");
     assert_eq!(checkpoint.await.unwrap(), 2);
     log.shutdown().await.unwrap();
     let replayed = replay(&config).await;

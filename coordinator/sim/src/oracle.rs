@@ -59,14 +59,19 @@ pub struct Oracle {
 impl Oracle {
     /// Records an answer; a second answer that contradicts an earlier one, or an outcome
     /// forgotten before `retention_ms` passed since it was first heard, is a violation.
-    pub fn heard(&mut self, now: u64, gtid: Gtid, heard: Heard, call: &'static str, retention_ms: u64) -> Result<(), String> {
+    pub fn heard(
+        &mut self,
+        now: u64,
+        gtid: Gtid,
+        heard: Heard,
+        call: &'static str,
+        retention_ms: u64,
+    ) -> Result<(), String> {
         let answers = self.heard.entry(gtid).or_default();
         if let Some(said) = heard.committed()
             && let Some((at, earlier, by)) = answers.iter().find(|(_, h, _)| h.committed() == Some(!said))
         {
-            return Err(format!(
-                "{gtid}: {call} answered {heard:?}, but {by} answered {earlier:?} at t={at} ms"
-            ));
+            return Err(format!("{gtid}: {call} answered {heard:?}, but {by} answered {earlier:?} at t={at} ms"));
         }
         if heard == Heard::Forgotten
             && let Some(first) = self.first_final_ms.get(&gtid)

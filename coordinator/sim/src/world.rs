@@ -96,20 +96,52 @@ enum Msg {
 #[derive(Debug)]
 enum Ev {
     ClientStep(usize),
-    ClientTimeout { client: usize, call: u64 },
+    ClientTimeout {
+        client: usize,
+        call: u64,
+    },
     /// A client's call reaches the coordinator.
-    ApiArrives { client: usize, call: u64, api: Api },
-    ApiReply { client: usize, call: u64, reply: Result<Reply, EngineError> },
+    ApiArrives {
+        client: usize,
+        call: u64,
+        api: Api,
+    },
+    ApiReply {
+        client: usize,
+        call: u64,
+        reply: Result<Reply, EngineError>,
+    },
     /// A coordinator's call reaches a participant.
-    MsgArrives { incarnation: u64, call: u64, resource: String, msg: Msg },
+    MsgArrives {
+        incarnation: u64,
+        call: u64,
+        resource: String,
+        msg: Msg,
+    },
     /// A participant's answer reaches the coordinator.
-    Answer { incarnation: u64, call: u64, event: Event },
+    Answer {
+        incarnation: u64,
+        call: u64,
+        event: Event,
+    },
     /// The driver's deadline for a participant call.
-    CallDeadline { incarnation: u64, call: u64 },
-    DiskSync { incarnation: u64 },
-    Tick { incarnation: u64 },
-    Recovery { incarnation: u64 },
-    InDoubt { incarnation: u64, event: Event },
+    CallDeadline {
+        incarnation: u64,
+        call: u64,
+    },
+    DiskSync {
+        incarnation: u64,
+    },
+    Tick {
+        incarnation: u64,
+    },
+    Recovery {
+        incarnation: u64,
+    },
+    InDoubt {
+        incarnation: u64,
+        event: Event,
+    },
     CoordinatorCrash,
     CoordinatorRestart,
     ParticipantCrash(String),
@@ -257,7 +289,11 @@ pub fn run(seed: u64, opts: &Options) -> Result<Report, Violation> {
             return Err(Violation { seed, at_ms: w.now - T0, what });
         }
         if w.now - T0 > MAX_SIM_MS {
-            return Err(Violation { seed, at_ms: w.now - T0, what: "the clients did not finish within an hour".into() });
+            return Err(Violation {
+                seed,
+                at_ms: w.now - T0,
+                what: "the clients did not finish within an hour".into(),
+            });
         }
     }
     w.report.sim_ms = w.now - T0;
@@ -411,7 +447,8 @@ impl World {
         self.incarnations += 1;
         let incarnation = self.incarnations;
         let records = self.disk.iter().map(|(t, p)| records::decode(*t, p).expect("the sim's own records decode"));
-        let mut engine = Engine::restore(self.cfg.clone(), self.now, records);
+        let cfg = EngineConfig { epoch: incarnation, ..self.cfg.clone() };
+        let mut engine = Engine::restore(cfg, self.now, records);
         for r in RESOURCES {
             engine.add_configured_participant(r.parse().unwrap(), format!("http://{r}"));
         }

@@ -15,7 +15,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::stream::FuturesUnordered;
 use futures::{Future, StreamExt};
-use pledge_log::{LogError, LogWriter};
 use pledge_proto::{Gtid, ResourceId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -25,7 +24,7 @@ use crate::engine::{
     Command, Engine, EngineError, Enlisted, Event, ListFilter, LogRecord, Phase2Op, Phase2Result, Reply, ReqId,
     SyncToken, VoteResult,
 };
-use crate::records;
+use crate::store::{DecisionLog, StoreError};
 use participant::{CallConfig, ParticipantHandle, Phase2Item, PrepareItem};
 
 /// Wall-clock time in Unix milliseconds.
@@ -154,11 +153,11 @@ pub const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 const MAX_EVENTS_PER_TURN: usize = 256;
 
 /// A pending sync: of a record the engine waits for, or (`None`) of a checkpoint.
-type SyncFuture = Pin<Box<dyn Future<Output = (Option<SyncToken>, Result<u64, LogError>)> + Send>>;
+type SyncFuture = Pin<Box<dyn Future<Output = (Option<SyncToken>, Result<(), StoreError>)> + Send>>;
 
-pub struct Runtime {
+pub struct Runtime<L> {
     engine: Engine,
-    log: LogWriter,
+    log: L,
     config: RuntimeConfig,
     clock: Clock,
     api_rx: mpsc::Receiver<(ApiRequest, ReplySender)>,
@@ -175,8 +174,8 @@ pub struct Runtime {
     commands: Vec<Command>,
 }
 
-impl Runtime {
-    pub fn new(engine: Engine, log: LogWriter, config: RuntimeConfig) -> (Runtime, RuntimeHandle) {
+impl<L: DecisionLog> Runtime<L> {
+    pub fn new(engine: Engine, log: L, config: RuntimeConfig) -> (Runtime<L>, RuntimeHandle) {
         let (api_tx, api_rx) = mpsc::channel(config.api_queue_capacity);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let handle = RuntimeHandle { api: api_tx, max_wait: config.max_request_wait };
@@ -198,8 +197,8 @@ impl Runtime {
         (runtime, handle)
     }
 
-    /// Runs until `shutdown` is cancelled. Returns an error only for a fatal log failure.
-    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), LogError> {
+    /// Runs until `shutdown` is cancelled. Returns an error only for a fatal store failure.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), StoreError> {
         self.engine.start(self.clock.now(), &mut self.commands);
         self.execute().await?;
         let mut recovery = tokio::time::interval(self.config.recovery_interval);
@@ -303,7 +302,7 @@ impl Runtime {
 
     /// Carries out the engine's commands, and whatever commands the events they cause at once
     /// produce, until none are left.
-    async fn execute(&mut self) -> Result<(), LogError> {
+    async fn execute(&mut self) -> Result<(), StoreError> {
         loop {
             for command in std::mem::take(&mut self.commands) {
                 self.run_command(command).await?;
@@ -316,26 +315,22 @@ impl Runtime {
         }
     }
 
-    async fn run_command(&mut self, command: Command) -> Result<(), LogError> {
+    async fn run_command(&mut self, command: Command) -> Result<(), StoreError> {
         match command {
             Command::Append { record, sync } => {
                 if matches!(record, LogRecord::Commit(_)) {
                     fail::fail_point!("coordinator::before_commit_record", |_| Ok(()));
                 }
-                let (rtype, payload) = records::encode(&record);
-                match sync {
-                    Some(token) => {
-                        let durable = self.log.submit(rtype, payload).await?;
-                        self.syncs.push(Box::pin(async move { (Some(token), durable.await) }));
-                    }
-                    None => self.log.append_lazy(rtype, payload).await?,
+                if let Some(durable) = self.log.append(&record, sync.is_some()).await?
+                    && let Some(token) = sync
+                {
+                    self.syncs.push(Box::pin(async move { (Some(token), durable.await) }));
                 }
             }
             Command::Checkpoint { records } => {
-                // Queued now, in order after the records it reflects; written, synced and the
-                // old segments deleted by the log writer while the engine goes on.
-                let encoded = records.iter().map(records::encode).collect();
-                let durable = self.log.submit_checkpoint(encoded).await?;
+                // In order after the records it reflects; the store writes it while the
+                // engine goes on.
+                let durable = self.log.snapshot(&records).await?;
                 self.syncs.push(Box::pin(async move { (None, durable.await) }));
             }
             Command::Prepare { gtid, branch, may_be_empty } => match self.participants.get(&branch.resource) {

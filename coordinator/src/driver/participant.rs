@@ -493,7 +493,10 @@ fn match_results<R>(
         let slot = match xid_of(&r) {
             None => Err("a result without an xid".to_string()),
             Some(x) => index.get_mut(&key_of(x)).and_then(Vec::pop).ok_or_else(|| {
-                format!("a result for {}/{}/{}, which was not asked about (or twice)", x.resource_id, x.gtid, x.branch_id)
+                format!(
+                    "a result for {}/{}/{}, which was not asked about (or twice)",
+                    x.resource_id, x.gtid, x.branch_id
+                )
             }),
         };
         match slot {
@@ -559,19 +562,23 @@ mod tests {
         };
 
         // In order, or shuffled: each result lands on its branch.
-        let (slots, e) = match_results(&asked, vec![tagged(&asked[0], 0), tagged(&asked[1], 1), tagged(&asked[2], 2)], key);
+        let (slots, e) =
+            match_results(&asked, vec![tagged(&asked[0], 0), tagged(&asked[1], 1), tagged(&asked[2], 2)], key);
         assert_eq!((values(slots), e), (vec![Some(0), Some(1), Some(2)], None));
-        let (slots, e) = match_results(&asked, vec![tagged(&asked[2], 2), tagged(&asked[0], 0), tagged(&asked[1], 1)], key);
+        let (slots, e) =
+            match_results(&asked, vec![tagged(&asked[2], 2), tagged(&asked[0], 0), tagged(&asked[1], 1)], key);
         assert_eq!((values(slots), e), (vec![Some(0), Some(1), Some(2)], None));
 
         // The right count for the wrong set: the stranger's result is not taken for anyone's,
         // and the branch left without one is unanswered. (Matching by position accepted it.)
-        let (slots, e) = match_results(&asked, vec![tagged(&asked[0], 0), tagged(&x("g9", "z"), 9), tagged(&asked[2], 2)], key);
+        let (slots, e) =
+            match_results(&asked, vec![tagged(&asked[0], 0), tagged(&x("g9", "z"), 9), tagged(&asked[2], 2)], key);
         assert_eq!(values(slots), vec![Some(0), None, Some(2)]);
         assert!(e.unwrap().contains("g9/z, which was not asked about"));
 
         // Twice for one branch, none for another; and a result naming no branch.
-        let (slots, e) = match_results(&asked, vec![tagged(&asked[0], 0), tagged(&asked[0], 5), tagged(&asked[2], 2)], key);
+        let (slots, e) =
+            match_results(&asked, vec![tagged(&asked[0], 0), tagged(&asked[0], 5), tagged(&asked[2], 2)], key);
         assert_eq!(values(slots), vec![Some(0), None, Some(2)]);
         assert!(e.is_some());
         let (slots, e) = match_results(&asked, vec![(None, 0), tagged(&asked[1], 1), tagged(&asked[2], 2)], key);

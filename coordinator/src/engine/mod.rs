@@ -26,6 +26,9 @@
 //!   acknowledges; there is no retry count limit, because a commit decision must reach every
 //!   branch, but the rate is bounded by `retry_max_backoff_ms`.
 
+mod protocol;
+mod recovery;
+mod txn;
 mod types;
 
 #[cfg(test)]
@@ -69,6 +72,8 @@ pub struct EngineConfig {
     pub checkpoint_every_records: u64,
     /// Seed of the backoff jitter (fixed in tests, random in production).
     pub rng_seed: u64,
+    /// The decision log writer's epoch, stamped on every decision record.
+    pub epoch: u64,
 }
 
 impl Default for EngineConfig {
@@ -86,6 +91,7 @@ impl Default for EngineConfig {
             max_record_bytes: 1 << 20,
             checkpoint_every_records: 200_000,
             rng_seed: 0x5eed,
+            epoch: 0,
         }
     }
 }
@@ -211,152 +217,10 @@ struct Txn {
     end_syncing: bool,
     /// A Commit or OnePhase record holds the decision (so the End record may be lazy).
     decision_logged: bool,
+    /// The epoch of the writer that logged the decision.
+    decision_epoch: u64,
     /// The End record, once finished.
     end: Option<Arc<EndRecord>>,
-}
-
-impl Txn {
-    fn new(gtid: Gtid, created_ms: Millis, deadline_ms: Millis, idempotency_key: Option<String>) -> Self {
-        Txn {
-            gtid,
-            phase: Phase::Active,
-            created_ms,
-            deadline_ms,
-            prepare_deadline_ms: 0,
-            decided_ms: 0,
-            completed_ms: 0,
-            one_phase: false,
-            commit_requested: false,
-            idempotency_key,
-            abort_reason: None,
-            branches: Vec::new(),
-            waiters: Vec::new(),
-            retry_timer_ms: None,
-            retired: false,
-            end_syncing: false,
-            decision_logged: false,
-            end: None,
-        }
-    }
-
-    fn branch_mut(&mut self, key: &BranchKey) -> Option<&mut Branch> {
-        self.branches.iter_mut().find(|b| &b.key == key)
-    }
-
-    fn all_acked(&self) -> bool {
-        self.branches.iter().all(|b| b.acked)
-    }
-
-    fn commit_outcome(&self) -> CommitOutcome {
-        CommitOutcome {
-            committed: matches!(self.phase, Phase::Committing | Phase::Committed),
-            reason: self.abort_reason.clone(),
-            completed: self.phase.is_finished(),
-            heuristic: self.heuristic(),
-        }
-    }
-
-    /// A participant reported a heuristic outcome for some branch.
-    fn heuristic(&self) -> bool {
-        self.branches.iter().any(|b| b.outcome.is_some_and(BranchOutcome::is_heuristic))
-    }
-
-    /// What Get (`with_metadata`) and List show.
-    fn view(&self, with_metadata: bool) -> TxnView {
-        TxnView {
-            gtid: self.gtid,
-            state: self.phase.state(),
-            abort_reason: self.abort_reason.clone(),
-            created_ms: self.created_ms,
-            deadline_ms: self.deadline_ms,
-            decided_ms: self.decided_ms,
-            completed_ms: self.completed_ms,
-            one_phase: self.one_phase,
-            heuristic: self.heuristic(),
-            idempotency_key: self.idempotency_key.clone(),
-            branches: self
-                .branches
-                .iter()
-                .map(|b| BranchView {
-                    key: b.key.clone(),
-                    may_be_empty: b.may_be_empty,
-                    vote: b.vote,
-                    metadata: if with_metadata { b.metadata.clone() } else { Bytes::new() },
-                    acknowledged: b.acked,
-                    outcome: b.outcome,
-                    attempts: b.attempts,
-                    last_error: b.last_error.clone(),
-                    next_retry_ms: b.next_retry_ms,
-                    prepared_ms: b.prepared_ms,
-                })
-                .collect(),
-        }
-    }
-
-    fn commit_record(&self) -> CommitRecord {
-        CommitRecord {
-            gtid: self.gtid,
-            created_ms: self.created_ms,
-            decided_ms: self.decided_ms,
-            idempotency_key: self.idempotency_key.clone(),
-            branches: self
-                .branches
-                .iter()
-                .filter_map(|b| {
-                    b.vote.map(|vote| LoggedBranch {
-                        key: b.key.clone(),
-                        vote,
-                        metadata: b.metadata.clone(),
-                        prepared_ms: b.prepared_ms,
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    fn end_record(&self) -> EndRecord {
-        EndRecord {
-            gtid: self.gtid,
-            committed: self.phase == Phase::Committed,
-            reason: self.abort_reason.clone(),
-            created_ms: self.created_ms,
-            decided_ms: self.decided_ms,
-            completed_ms: self.completed_ms,
-            one_phase: self.one_phase,
-            idempotency_key: self.idempotency_key.clone(),
-            branches: self
-                .branches
-                .iter()
-                .map(|b| EndBranch { key: b.key.clone(), vote: b.vote, outcome: b.outcome })
-                .collect(),
-            encoded: EncodedOnce::default(),
-        }
-    }
-
-    fn one_phase_record(&self) -> OnePhaseRecord {
-        let branch = &self.branches[0];
-        OnePhaseRecord {
-            gtid: self.gtid,
-            created_ms: self.created_ms,
-            decided_ms: self.decided_ms,
-            idempotency_key: self.idempotency_key.clone(),
-            branch: branch.key.clone(),
-            may_be_empty: branch.may_be_empty,
-        }
-    }
-
-    /// An upper bound of the commit record's size with a vote of `extra_metadata_bytes` more.
-    fn commit_record_bytes(&self, extra_metadata_bytes: usize) -> usize {
-        let branches = self.branches.iter().map(|b| crate::records::branch_bytes_bound(&b.key, b.metadata.len()));
-        crate::records::commit_bytes_bound(self.idempotency_key.as_deref()) + branches.sum::<usize>()
-            + extra_metadata_bytes
-    }
-
-    /// The End record of a finished transaction: made once when it finishes (or replayed),
-    /// then shared by the log append and every checkpoint that retains it.
-    fn end(&self) -> Arc<EndRecord> {
-        self.end.clone().unwrap_or_else(|| Arc::new(self.end_record()))
-    }
 }
 
 /// Everything but the transaction table, so handlers can hold `&mut Txn` and `&mut Ctx` at once.
@@ -411,111 +275,9 @@ impl Engine {
         }
     }
 
-    /// Rebuilds the engine from the decision log after a restart. `now` is the restart time.
-    /// Call [`Engine::start`] next to get the commands that finish what the crash interrupted.
-    pub fn restore(cfg: EngineConfig, now: Millis, records: impl IntoIterator<Item = LogRecord>) -> Self {
-        let mut engine = Engine::new(cfg);
-        engine.cx.now = now;
-        for record in records {
-            engine.apply_replayed(record);
-        }
-        let Engine { txns, cx } = &mut engine;
-        for txn in txns.values_mut().filter(|t| t.phase.is_finished()) {
-            cx.retain(txn, txn.completed_ms);
-        }
-        cx.retired.make_contiguous().sort();
-        engine
-    }
-
-    fn apply_replayed(&mut self, record: LogRecord) {
-        match record {
-            LogRecord::Register { resource, endpoint } => {
-                self.cx.participants.insert(resource, endpoint);
-            }
-            LogRecord::Forgotten { through_ms } => {
-                self.cx.forgotten_through_ms = self.cx.forgotten_through_ms.max(through_ms);
-            }
-            LogRecord::OnePhase(o) => {
-                let mut txn = Txn::new(o.gtid, o.created_ms, o.created_ms, o.idempotency_key);
-                txn.phase = Phase::OnePhaseCommit;
-                txn.one_phase = true;
-                txn.commit_requested = true;
-                txn.decision_logged = true;
-                txn.decided_ms = o.decided_ms;
-                let mut b = Branch::new(o.branch);
-                b.may_be_empty = o.may_be_empty;
-                txn.branches.push(b);
-                if let Some(key) = &txn.idempotency_key {
-                    self.cx.idempotency.insert(key.clone(), txn.gtid);
-                }
-                self.txns.insert(txn.gtid, txn);
-            }
-            LogRecord::Commit(c) => {
-                let mut txn = Txn::new(c.gtid, c.created_ms, c.created_ms, c.idempotency_key);
-                txn.phase = Phase::Committing;
-                txn.commit_requested = true;
-                txn.decision_logged = true;
-                txn.decided_ms = c.decided_ms;
-                for lb in c.branches {
-                    let mut b = Branch::new(lb.key);
-                    b.acked = lb.vote != Vote::Prepared;
-                    b.vote = Some(lb.vote);
-                    b.metadata = lb.metadata;
-                    b.prepared_ms = lb.prepared_ms;
-                    txn.branches.push(b);
-                }
-                if let Some(key) = &txn.idempotency_key {
-                    self.cx.idempotency.insert(key.clone(), txn.gtid);
-                }
-                self.txns.insert(txn.gtid, txn);
-            }
-            LogRecord::End(e) => {
-                let mut txn = Txn::new(e.gtid, e.created_ms, e.created_ms, e.idempotency_key.clone());
-                txn.phase = if e.committed { Phase::Committed } else { Phase::Aborted };
-                txn.commit_requested = true;
-                txn.abort_reason = e.reason.clone();
-                txn.decided_ms = e.decided_ms;
-                txn.completed_ms = e.completed_ms;
-                txn.one_phase = e.one_phase;
-                txn.decision_logged = true;
-                for eb in &e.branches {
-                    let mut b = Branch::new(eb.key.clone());
-                    b.vote = eb.vote;
-                    b.outcome = eb.outcome;
-                    b.acked = true;
-                    txn.branches.push(b);
-                }
-                txn.end = Some(e);
-                if let Some(key) = &txn.idempotency_key {
-                    self.cx.idempotency.insert(key.clone(), txn.gtid);
-                }
-                self.txns.insert(txn.gtid, txn);
-            }
-        }
-    }
-
     /// Adds participants known from configuration (not logged: the config file is their record).
     pub fn add_configured_participant(&mut self, resource: ResourceId, endpoint: String) {
         self.cx.participants.insert(resource, endpoint);
-    }
-
-    /// The commands to run once after construction: connect to every participant, resume
-    /// phase 2 of every committed transaction that is not finished, and resend every one-phase
-    /// commit whose answer was not recorded (the participant answers from its own record).
-    pub fn start(&mut self, now: Millis, out: &mut Vec<Command>) {
-        let Engine { txns, cx } = self;
-        cx.now = now;
-        for (resource, endpoint) in &cx.participants {
-            cx.out.push(Command::Connect { resource: resource.clone(), endpoint: endpoint.clone() });
-        }
-        for txn in txns.values_mut() {
-            match txn.phase {
-                Phase::Committing => cx.send_phase2(txn, Phase2Op::Commit),
-                Phase::OnePhaseCommit => cx.send_one_phase(txn),
-                _ => {}
-            }
-        }
-        out.append(&mut cx.out);
     }
 
     /// The earliest time at which a [`Event::Tick`] has something to do.
@@ -536,7 +298,8 @@ impl Engine {
     /// Transactions not yet finished, by state, and the age of the oldest unfinished decision
     /// (one pass over the live transactions; the runtime samples it every few seconds).
     pub fn gauges(&self, now: Millis) -> Gauges {
-        let mut g = Gauges { retained: self.cx.retired.len(), heuristic: self.cx.kept_heuristic.len(), ..Gauges::default() };
+        let mut g =
+            Gauges { retained: self.cx.retired.len(), heuristic: self.cx.kept_heuristic.len(), ..Gauges::default() };
         let mut oldest_decision: Option<Millis> = None;
         for txn in self.txns.values().filter(|t| !t.retired) {
             match txn.phase.state() {
@@ -741,9 +504,11 @@ impl Engine {
             }
             Phase::Aborting | Phase::Aborted => cx.reply(req, Ok(Reply::Aborted)),
             // One-phase: the participant is deciding; the outcome is no longer ours to change.
-            Phase::OnePhasePending | Phase::OnePhaseCommit | Phase::CommitPending | Phase::Committing | Phase::Committed => {
-                cx.reply(req, Err(EngineError::CommitDecided { gtid, state: txn.phase.state() }))
-            }
+            Phase::OnePhasePending
+            | Phase::OnePhaseCommit
+            | Phase::CommitPending
+            | Phase::Committing
+            | Phase::Committed => cx.reply(req, Err(EngineError::CommitDecided { gtid, state: txn.phase.state() })),
         }
     }
 
@@ -847,6 +612,7 @@ impl Engine {
                 txn.phase = Phase::CommitPending;
                 txn.decided_ms = cx.now;
                 txn.decision_logged = true;
+                txn.decision_epoch = cx.cfg.epoch;
                 cx.append(LogRecord::Commit(txn.commit_record()), Some(SyncToken::Commit(gtid)));
             } else {
                 // All read-only: nothing to commit anywhere, nothing to log.
@@ -941,58 +707,6 @@ impl Engine {
         cx.finish_if_done(txn);
     }
 
-    fn in_doubt(&mut self, resource: ResourceId, branches: Vec<InDoubtBranch>, listed_ms: Millis) {
-        let Engine { txns, cx } = self;
-        for ib in branches {
-            if ib.branch.resource != resource {
-                continue; // a participant may only speak for its own resource
-            }
-            let Some(txn) = txns.get_mut(&ib.gtid) else {
-                if listed_ms <= cx.last_forgotten_at_ms && ib.gtid.unix_ms().unwrap_or(0) <= cx.forgotten_through_ms {
-                    // Maybe a transaction that finished (every branch acknowledged) and was
-                    // forgotten after this list was made: the list is stale, and presuming abort
-                    // would roll back a committed branch. A list made after the forgetting
-                    // cannot hold it, so the next scan settles the branch.
-                    continue;
-                }
-                // No record of it: presumed abort.
-                cx.out.push(Command::Abort { gtid: ib.gtid, branch: ib.branch, metadata: ib.metadata });
-                continue;
-            };
-            let op = match txn.phase {
-                // Still being decided: the prepare round (or the sync) will settle it.
-                Phase::Active
-                | Phase::Preparing
-                | Phase::OnePhasePending
-                | Phase::OnePhaseCommit
-                | Phase::CommitPending => continue,
-                Phase::Committing | Phase::Committed => Phase2Op::Commit,
-                Phase::Aborting | Phase::Aborted => Phase2Op::Abort,
-            };
-            let gtid = txn.gtid;
-            match txn.branch_mut(&ib.branch) {
-                Some(b) if b.in_flight => {}
-                Some(b) => {
-                    // Unacknowledged: due for a retry anyway, send it now rather than after the
-                    // backoff. Acknowledged, yet still listed (the participant lost it, or
-                    // answered before making it durable): repeat the outcome.
-                    if !b.acked {
-                        b.in_flight = true;
-                        b.next_retry_ms = 0;
-                    }
-                    if b.metadata.is_empty() {
-                        b.metadata = ib.metadata;
-                    }
-                    cx.out.push(phase2_command(op, gtid, b, false));
-                }
-                None => {
-                    // Not a branch of this transaction's decision: it was never part of a commit.
-                    cx.out.push(Command::Abort { gtid, branch: ib.branch, metadata: ib.metadata });
-                }
-            }
-        }
-    }
-
     fn fire_timers(&mut self) {
         let Engine { txns, cx } = self;
         while let Some(&(at, gtid, kind)) = cx.timers.first() {
@@ -1043,291 +757,6 @@ impl Engine {
             {
                 cx.idempotency.remove(&key);
             }
-        }
-    }
-
-    /// After `checkpoint_every_records` appends, snapshot what a restart needs: registered
-    /// participants, every committed transaction not yet finished, and the retained finished
-    /// ones (so Get and idempotent retries keep working across restarts).
-    fn maybe_checkpoint(&mut self) {
-        let Engine { txns, cx } = self;
-        if cx.records_since_checkpoint < cx.cfg.checkpoint_every_records {
-            return;
-        }
-        cx.records_since_checkpoint = 0;
-        let mut records: Vec<LogRecord> = cx
-            .participants
-            .iter()
-            .map(|(r, e)| LogRecord::Register { resource: r.clone(), endpoint: e.clone() })
-            .collect();
-        if cx.forgotten_through_ms > 0 {
-            records.push(LogRecord::Forgotten { through_ms: cx.forgotten_through_ms });
-        }
-        for txn in txns.values() {
-            match txn.phase {
-                // CommitPending is included: its commit record was submitted before this
-                // checkpoint, so if the checkpoint is durable, so is the decision.
-                Phase::CommitPending | Phase::Committing => records.push(LogRecord::Commit(txn.commit_record())),
-                // Likewise the one-phase intent.
-                Phase::OnePhasePending | Phase::OnePhaseCommit => {
-                    records.push(LogRecord::OnePhase(txn.one_phase_record()))
-                }
-                // A finished transaction whose End record is still being synced is kept too:
-                // the checkpoint is written after that record.
-                Phase::Committed | Phase::Aborted => records.push(LogRecord::End(txn.end())),
-                Phase::Active | Phase::Preparing | Phase::Aborting => {}
-            }
-        }
-        cx.out.push(Command::Checkpoint { records });
-    }
-}
-
-fn phase2_command(op: Phase2Op, gtid: Gtid, b: &Branch, one_phase: bool) -> Command {
-    let (branch, metadata) = (b.key.clone(), b.metadata.clone());
-    match op {
-        Phase2Op::Commit => Command::Commit { gtid, branch, one_phase, metadata, may_be_empty: b.may_be_empty },
-        Phase2Op::Abort => Command::Abort { gtid, branch, metadata },
-    }
-}
-
-impl Ctx {
-    /// The error for a GTID with no transaction here.
-    fn unknown(&self, gtid: Gtid) -> EngineError {
-        match gtid.unix_ms() {
-            Some(t) if t <= self.forgotten_through_ms => EngineError::OutcomeForgotten(gtid),
-            _ => EngineError::UnknownTransaction(gtid),
-        }
-    }
-
-    /// Adds a Commit call to the transaction's waiters, or refuses it when too many wait. Only a
-    /// call that must wait can be refused so: one that can be answered now always is.
-    fn add_waiter(&mut self, txn: &mut Txn, waiter: Waiter) {
-        if txn.waiters.len() >= MAX_WAITERS_PER_TXN {
-            let e = EngineError::TooManyWaiters { gtid: txn.gtid, max: MAX_WAITERS_PER_TXN };
-            return self.reply(waiter.req, Err(e));
-        }
-        txn.waiters.push(waiter);
-    }
-
-    fn reply(&mut self, req: ReqId, reply: Result<Reply, EngineError>) {
-        self.out.push(Command::Reply { req, reply });
-    }
-
-    fn append(&mut self, record: LogRecord, sync: Option<SyncToken>) {
-        self.records_since_checkpoint += 1;
-        self.out.push(Command::Append { record, sync });
-    }
-
-    fn add_branches(&mut self, txn: &mut Txn, branches: Vec<Enlisted>) -> Result<(), EngineError> {
-        // Validate everything first: a refused request changes nothing.
-        // Linear in the request: a client's list is never compared with itself pairwise.
-        let mut seen: std::collections::HashMap<&BranchKey, bool> =
-            txn.branches.iter().map(|b| (&b.key, b.may_be_empty)).collect();
-        for e in &branches {
-            if !self.participants.contains_key(&e.key.resource) {
-                return Err(EngineError::UnknownResource(e.key.resource.clone()));
-            }
-            match seen.insert(&e.key, e.may_be_empty) {
-                Some(was) if was != e.may_be_empty => {
-                    return Err(EngineError::EnlistConflict { branch: e.key.clone(), may_be_empty: was });
-                }
-                _ => {}
-            }
-        }
-        let count = seen.len();
-        if count > self.cfg.max_branches_per_transaction {
-            return Err(EngineError::TooManyBranches { count, max: self.cfg.max_branches_per_transaction });
-        }
-        for e in branches {
-            if !txn.branches.iter().any(|b| b.key == e.key) {
-                let mut branch = Branch::new(e.key);
-                branch.may_be_empty = e.may_be_empty;
-                txn.branches.push(branch);
-            }
-        }
-        Ok(())
-    }
-
-    fn start_commit(&mut self, txn: &mut Txn) {
-        match txn.branches.len() {
-            0 => {
-                txn.phase = Phase::Committed;
-                txn.decided_ms = self.now;
-            }
-            1 => {
-                // The decision to commit is forced before the participant hears it, like a
-                // commit record: after a crash, the coordinator asks again instead of presuming.
-                txn.phase = Phase::OnePhasePending;
-                txn.one_phase = true;
-                txn.decided_ms = self.now;
-                txn.decision_logged = true;
-                self.append(LogRecord::OnePhase(txn.one_phase_record()), Some(SyncToken::OnePhase(txn.gtid)));
-            }
-            _ => {
-                txn.phase = Phase::Preparing;
-                txn.prepare_deadline_ms = self.now + self.cfg.prepare_timeout_ms;
-                self.timers.insert((txn.prepare_deadline_ms, txn.gtid, TimerKind::PrepareTimeout));
-                for b in &txn.branches {
-                    self.out.push(Command::Prepare {
-                        gtid: txn.gtid,
-                        branch: b.key.clone(),
-                        may_be_empty: b.may_be_empty,
-                    });
-                }
-            }
-        }
-    }
-
-    /// Decides abort (presumed: nothing is forced to the log) and tells every branch that may
-    /// hold work or a prepared state to roll back.
-    fn decide_abort(&mut self, txn: &mut Txn, cause: AbortCause, reason: String) {
-        match txn.phase {
-            Phase::Active => {
-                self.timers.remove(&(txn.deadline_ms, txn.gtid, TimerKind::TxnTimeout));
-            }
-            Phase::Preparing => {
-                self.timers.remove(&(txn.prepare_deadline_ms, txn.gtid, TimerKind::PrepareTimeout));
-            }
-            _ => return,
-        }
-        txn.phase = Phase::Aborting;
-        txn.decided_ms = self.now;
-        txn.abort_reason = Some(reason);
-        metrics::aborted(cause);
-        for b in &mut txn.branches {
-            // Every branch but a read-only one is told to roll back: prepared ones, ones not yet
-            // asked or not yet answered (a Prepare still on its way then becomes a refused
-            // "dangling prepare"), and ones that voted no, since a participant may have
-            // prepared and then failed to say so.
-            b.acked = b.vote == Some(Vote::ReadOnly);
-        }
-        self.send_phase2(txn, Phase2Op::Abort);
-        let outcome = txn.commit_outcome();
-        self.reply_waiters(txn, |w| !w.wait_for_completion, &outcome);
-    }
-
-    /// Sends the one-phase commit of a transaction's only branch (its intent is durable).
-    fn send_one_phase(&mut self, txn: &mut Txn) {
-        let branch = &mut txn.branches[0];
-        branch.in_flight = true;
-        branch.next_retry_ms = 0;
-        self.out.push(phase2_command(Phase2Op::Commit, txn.gtid, branch, true));
-    }
-
-    /// Finished transactions kept (for retention, or until an operator acts).
-    fn retained(&self) -> usize {
-        self.retired.len() + self.kept_heuristic.len()
-    }
-
-    /// Starts keeping a finished transaction whose outcome is durable: for the retention, or
-    /// until an operator acts on it if it has a heuristic outcome.
-    fn retain(&mut self, txn: &mut Txn, since: Millis) {
-        txn.retired = true;
-        if txn.heuristic() {
-            self.kept_heuristic.insert(txn.gtid);
-        } else {
-            self.retired.push_back((since, txn.gtid));
-        }
-    }
-
-    fn send_phase2(&mut self, txn: &mut Txn, op: Phase2Op) {
-        for b in txn.branches.iter_mut().filter(|b| !b.acked && !b.in_flight) {
-            b.in_flight = true;
-            b.next_retry_ms = 0;
-            self.out.push(phase2_command(op, txn.gtid, b, false));
-        }
-    }
-
-    fn send_due_retries(&mut self, txn: &mut Txn) {
-        let (op, one_phase) = match txn.phase {
-            Phase::OnePhaseCommit => (Phase2Op::Commit, true),
-            Phase::Committing => (Phase2Op::Commit, false),
-            Phase::Aborting => (Phase2Op::Abort, false),
-            _ => return,
-        };
-        let mut next: Option<Millis> = None;
-        for b in txn.branches.iter_mut().filter(|b| !b.acked && !b.in_flight && b.next_retry_ms != 0) {
-            if b.next_retry_ms <= self.now {
-                b.in_flight = true;
-                b.next_retry_ms = 0;
-                self.out.push(phase2_command(op, txn.gtid, b, one_phase));
-            } else {
-                next = Some(next.map_or(b.next_retry_ms, |n| n.min(b.next_retry_ms)));
-            }
-        }
-        if let Some(at) = next {
-            self.arm_retry(txn, at);
-        }
-    }
-
-    fn arm_retry(&mut self, txn: &mut Txn, at: Millis) {
-        match txn.retry_timer_ms {
-            Some(armed) if armed <= at => {}
-            armed => {
-                if let Some(old) = armed {
-                    self.timers.remove(&(old, txn.gtid, TimerKind::Retry));
-                }
-                txn.retry_timer_ms = Some(at);
-                self.timers.insert((at, txn.gtid, TimerKind::Retry));
-            }
-        }
-    }
-
-    /// Exponential backoff with "equal jitter": half the delay is fixed, half random, so
-    /// retries against a recovering participant spread out but never fire back-to-back.
-    fn backoff_ms(&mut self, attempt: u32) -> u64 {
-        let exp = attempt.saturating_sub(1).min(32);
-        let delay = self.cfg.retry_initial_backoff_ms.saturating_mul(1u64 << exp).min(self.cfg.retry_max_backoff_ms);
-        let half = delay / 2;
-        half + self.rng.u64(0..=delay - half)
-    }
-
-    fn reply_waiters(&mut self, txn: &mut Txn, which: impl Fn(&Waiter) -> bool, outcome: &CommitOutcome) {
-        let out = &mut self.out;
-        txn.waiters.retain(|w| {
-            if which(w) {
-                out.push(Command::Reply { req: w.req, reply: Ok(Reply::CommitOutcome(outcome.clone())) });
-                false
-            } else {
-                true
-            }
-        });
-    }
-
-    /// Moves a transaction whose every branch has acknowledged to its final state: end record,
-    /// remaining waiters answered, retained for a while for Get and retries.
-    fn finish_if_done(&mut self, txn: &mut Txn) {
-        let finished = match txn.phase {
-            Phase::Committing if txn.all_acked() => Phase::Committed,
-            Phase::Aborting if txn.all_acked() => Phase::Aborted,
-            // Reached directly (empty, all read-only, one-phase) and not yet finished.
-            Phase::Committed | Phase::Aborted if txn.end.is_none() => txn.phase,
-            _ => return,
-        };
-        txn.phase = finished;
-        txn.completed_ms = self.now;
-        metrics::finished(finished == Phase::Committed);
-        if let Some(at) = txn.retry_timer_ms.take() {
-            self.timers.remove(&(at, txn.gtid, TimerKind::Retry));
-        }
-        let end = Arc::new(txn.end_record());
-        txn.end = Some(end.clone());
-        // A commit no other record holds (empty, all read-only: nothing was logged; one-phase:
-        // the participant's answer is news): the client hears it only once this record is
-        // durable, so the same answer is given after a crash. Retention starts then too.
-        let only_record = txn.one_phase || (finished == Phase::Committed && !txn.decision_logged);
-        if only_record {
-            txn.end_syncing = true;
-            self.append(LogRecord::End(end), Some(SyncToken::End(txn.gtid)));
-        } else {
-            // Lazy: losing it costs a repeated (idempotent) phase 2 after a crash, or an abort
-            // that presumed abort tells anyway; keeping it lets Get and retried Commit/Abort
-            // answer for finished transactions after a restart.
-            self.append(LogRecord::End(end), None);
-            let outcome = txn.commit_outcome();
-            self.reply_waiters(txn, |_| true, &outcome);
-            let now = self.now;
-            self.retain(txn, now);
         }
     }
 }

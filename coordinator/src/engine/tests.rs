@@ -173,6 +173,7 @@ fn abort_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
 
 fn commit_record(g: Gtid, created: Millis, decided: Millis, branches: Vec<(BranchKey, Vote, Bytes)>) -> LogRecord {
     LogRecord::Commit(CommitRecord {
+        epoch: 0,
         gtid: g,
         created_ms: created,
         decided_ms: decided,
@@ -1275,7 +1276,10 @@ fn finding2_retention_is_a_time_load_cannot_shrink_and_a_full_one_refuses_begin(
     // A third would exceed the bound: Begin is refused, and both answers are still there.
     let out = h.begin(gtid(3), vec![]);
     assert!(
-        matches!(&out[0], Command::Reply { reply: Err(EngineError::RetentionFull { max: 2, retention_ms: 10_000 }), .. }),
+        matches!(
+            &out[0],
+            Command::Reply { reply: Err(EngineError::RetentionFull { max: 2, retention_ms: 10_000 }), .. }
+        ),
         "{out:?}"
     );
     assert_eq!(h.get(gtid(1)).unwrap().state, TxnState::Committed);

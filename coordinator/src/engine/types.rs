@@ -372,6 +372,8 @@ pub enum LogRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommitRecord {
     pub gtid: Gtid,
+    /// The epoch of the log writer that made the decision (see `crate::store`).
+    pub epoch: u64,
     pub created_ms: Millis,
     pub decided_ms: Millis,
     pub idempotency_key: Option<String>,
@@ -383,6 +385,8 @@ pub struct CommitRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct OnePhaseRecord {
     pub gtid: Gtid,
+    /// The epoch of the log writer that made the decision (see `crate::store`).
+    pub epoch: u64,
     pub created_ms: Millis,
     pub decided_ms: Millis,
     pub idempotency_key: Option<String>,

@@ -1,0 +1,157 @@
+//! A transaction's own state: what Get and List show of it, and the records that carry it
+//! into the decision log.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pledge_proto::BranchKey;
+
+use super::*;
+
+impl Txn {
+    pub(super) fn new(gtid: Gtid, created_ms: Millis, deadline_ms: Millis, idempotency_key: Option<String>) -> Self {
+        Txn {
+            gtid,
+            phase: Phase::Active,
+            created_ms,
+            deadline_ms,
+            prepare_deadline_ms: 0,
+            decided_ms: 0,
+            completed_ms: 0,
+            one_phase: false,
+            commit_requested: false,
+            idempotency_key,
+            abort_reason: None,
+            branches: Vec::new(),
+            waiters: Vec::new(),
+            retry_timer_ms: None,
+            retired: false,
+            end_syncing: false,
+            decision_logged: false,
+            decision_epoch: 0,
+            end: None,
+        }
+    }
+
+    pub(super) fn branch_mut(&mut self, key: &BranchKey) -> Option<&mut Branch> {
+        self.branches.iter_mut().find(|b| &b.key == key)
+    }
+
+    pub(super) fn all_acked(&self) -> bool {
+        self.branches.iter().all(|b| b.acked)
+    }
+
+    pub(super) fn commit_outcome(&self) -> CommitOutcome {
+        CommitOutcome {
+            committed: matches!(self.phase, Phase::Committing | Phase::Committed),
+            reason: self.abort_reason.clone(),
+            completed: self.phase.is_finished(),
+            heuristic: self.heuristic(),
+        }
+    }
+
+    /// A participant reported a heuristic outcome for some branch.
+    pub(super) fn heuristic(&self) -> bool {
+        self.branches.iter().any(|b| b.outcome.is_some_and(BranchOutcome::is_heuristic))
+    }
+
+    /// What Get (`with_metadata`) and List show.
+    pub(super) fn view(&self, with_metadata: bool) -> TxnView {
+        TxnView {
+            gtid: self.gtid,
+            state: self.phase.state(),
+            abort_reason: self.abort_reason.clone(),
+            created_ms: self.created_ms,
+            deadline_ms: self.deadline_ms,
+            decided_ms: self.decided_ms,
+            completed_ms: self.completed_ms,
+            one_phase: self.one_phase,
+            heuristic: self.heuristic(),
+            idempotency_key: self.idempotency_key.clone(),
+            branches: self
+                .branches
+                .iter()
+                .map(|b| BranchView {
+                    key: b.key.clone(),
+                    may_be_empty: b.may_be_empty,
+                    vote: b.vote,
+                    metadata: if with_metadata { b.metadata.clone() } else { Bytes::new() },
+                    acknowledged: b.acked,
+                    outcome: b.outcome,
+                    attempts: b.attempts,
+                    last_error: b.last_error.clone(),
+                    next_retry_ms: b.next_retry_ms,
+                    prepared_ms: b.prepared_ms,
+                })
+                .collect(),
+        }
+    }
+
+    pub(super) fn commit_record(&self) -> CommitRecord {
+        CommitRecord {
+            gtid: self.gtid,
+            epoch: self.decision_epoch,
+            created_ms: self.created_ms,
+            decided_ms: self.decided_ms,
+            idempotency_key: self.idempotency_key.clone(),
+            branches: self
+                .branches
+                .iter()
+                .filter_map(|b| {
+                    b.vote.map(|vote| LoggedBranch {
+                        key: b.key.clone(),
+                        vote,
+                        metadata: b.metadata.clone(),
+                        prepared_ms: b.prepared_ms,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    pub(super) fn end_record(&self) -> EndRecord {
+        EndRecord {
+            gtid: self.gtid,
+            committed: self.phase == Phase::Committed,
+            reason: self.abort_reason.clone(),
+            created_ms: self.created_ms,
+            decided_ms: self.decided_ms,
+            completed_ms: self.completed_ms,
+            one_phase: self.one_phase,
+            idempotency_key: self.idempotency_key.clone(),
+            branches: self
+                .branches
+                .iter()
+                .map(|b| EndBranch { key: b.key.clone(), vote: b.vote, outcome: b.outcome })
+                .collect(),
+            encoded: EncodedOnce::default(),
+        }
+    }
+
+    pub(super) fn one_phase_record(&self) -> OnePhaseRecord {
+        let branch = &self.branches[0];
+        OnePhaseRecord {
+            gtid: self.gtid,
+            epoch: self.decision_epoch,
+            created_ms: self.created_ms,
+            decided_ms: self.decided_ms,
+            idempotency_key: self.idempotency_key.clone(),
+            branch: branch.key.clone(),
+            may_be_empty: branch.may_be_empty,
+        }
+    }
+
+    /// An upper bound of the commit record's size with a vote of `extra_metadata_bytes` more.
+    pub(super) fn commit_record_bytes(&self, extra_metadata_bytes: usize) -> usize {
+        let branches = self.branches.iter().map(|b| crate::records::branch_bytes_bound(&b.key, b.metadata.len()));
+        crate::records::commit_bytes_bound(self.idempotency_key.as_deref())
+            + branches.sum::<usize>()
+            + extra_metadata_bytes
+    }
+
+    /// The End record of a finished transaction: made once when it finishes (or replayed),
+    /// then shared by the log append and every checkpoint that retains it.
+    pub(super) fn end(&self) -> Arc<EndRecord> {
+        self.end.clone().unwrap_or_else(|| Arc::new(self.end_record()))
+    }
+}
