@@ -259,8 +259,24 @@ fn refs(branches: &[BranchKey], maybe_empty: &[BranchKey]) -> Vec<v1::BranchRef>
     [refs(branches, false), refs(maybe_empty, true)].concat()
 }
 
+/// A call the coordinator answered with an error status.
+#[derive(Debug, thiserror::Error)]
+#[error("{:?}: {}", .0.code(), .0.message())]
+pub struct CallFailed(pub tonic::Status);
+
 fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+    anyhow::Error::new(CallFailed(e))
+}
+
+/// The exit code for a failed command, so scripts can tell the answers apart: 2 an aborted
+/// commit (printed, not an error), 3 no record of the transaction (never committed here),
+/// 4 its outcome is older than the coordinator's retention, 1 anything else.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<CallFailed>().map(|c| c.0.code()) {
+        Some(tonic::Code::NotFound) => 3,
+        Some(tonic::Code::OutOfRange) => 4,
+        _ => 1,
+    }
 }
 
 pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> {

@@ -41,7 +41,7 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // Logged once, here, where it ends the process.
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(cli::exit_code(&e))
         }
     }
 }

@@ -237,7 +237,10 @@ impl<L: DecisionLog> Runtime<L> {
                     armed = None;
                     self.handle(Event::Tick);
                 }
-                _ = recovery.tick() => self.scan_in_doubt(),
+                _ = recovery.tick() => {
+                    let interval = self.config.recovery_interval;
+                    crate::recovery::scan_in_doubt(self.participants.values(), &self.events_tx, self.clock.now(), interval);
+                }
                 _ = sweep.tick() => self.sweep_gone_callers(),
                 _ = gauges.tick(), if self.config.publish_gauges => {
                     crate::metrics::publish(&self.engine.gauges(self.clock.now()));
@@ -385,32 +388,6 @@ impl<L: DecisionLog> Runtime<L> {
                     result: Phase2Result::Retry { error },
                 });
             }
-        }
-    }
-
-    /// Asks every participant for its in-doubt branches (skipping one whose previous scan is
-    /// still under way); each page of answers comes back as an event.
-    fn scan_in_doubt(&self) {
-        let listed_ms = self.clock.now();
-        for handle in self.participants.values() {
-            let resource = handle.resource.clone();
-            let events = self.events_tx.clone();
-            let page = {
-                let resource = resource.clone();
-                move |branches: Vec<crate::engine::InDoubtBranch>| {
-                    if !branches.is_empty() {
-                        tracing::info!(resource = %resource, count = branches.len(), "resolving in-doubt branches");
-                        let _ = events.send(Event::InDoubt { resource: resource.clone(), branches, listed_ms });
-                    }
-                }
-            };
-            let Some(scan) = handle.recover(page) else { continue };
-            let interval_ms = self.config.recovery_interval.as_millis() as u64;
-            tokio::spawn(async move {
-                if let Err(error) = scan.await {
-                    tracing::warn!(resource = %resource, error, retry_in_ms = interval_ms, "recovery scan failed");
-                }
-            });
         }
     }
 }

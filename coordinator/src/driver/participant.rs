@@ -1,4 +1,5 @@
-//! Talking to one participant: batched Prepare / Commit / Abort calls and the recovery scan.
+//! Talking to one participant: batched Prepare / Commit / Abort calls (its recovery scan is in
+//! `crate::recovery`).
 //!
 //! Each participant gets three batchers (prepare, commit, abort). A batcher takes whatever work
 //! is queued for its participant, up to `max_batch_branches`, and sends it as ONE call; at most
@@ -24,10 +25,8 @@ use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::engine::{BranchOutcome, Event, InDoubtBranch, Phase2Op, Phase2Result, VoteResult};
+use crate::engine::{BranchOutcome, Event, Phase2Op, Phase2Result, VoteResult};
 
-/// Most pages of one recovery scan (500 branches a page, see the SDK's `MAX_RECOVER_PAGE`).
-const MAX_RECOVER_PAGES: usize = 1_000;
 /// Largest response accepted from a participant, in bytes.
 const MAX_RESPONSE_BYTES: usize = 8 << 20;
 
@@ -66,19 +65,19 @@ pub struct Phase2Item {
 pub struct ParticipantHandle {
     pub resource: ResourceId,
     pub endpoint: String,
-    client: ParticipantClient<Channel>,
+    pub(crate) client: ParticipantClient<Channel>,
     prepare: mpsc::UnboundedSender<PrepareItem>,
     commit: mpsc::UnboundedSender<Phase2Item>,
     abort: mpsc::UnboundedSender<Phase2Item>,
-    config: Arc<CallConfig>,
+    pub(crate) config: Arc<CallConfig>,
     /// A recovery scan of this participant is under way (one at a time).
-    scanning: Arc<AtomicBool>,
+    pub(crate) scanning: Arc<AtomicBool>,
     /// Aborts queued or in flight. While more are than the calls in flight can carry at once,
     /// scans wait: a scan lists those branches again (they are still prepared) and would queue
     /// the same aborts once more, so a participant slow to abort would see its queue grow by a
     /// scan's worth every interval. (Below that, scans go on: a steady stream of ordinary
     /// aborts must not starve recovery.)
-    aborts_pending: Arc<AtomicUsize>,
+    pub(crate) aborts_pending: Arc<AtomicUsize>,
 }
 
 impl ParticipantHandle {
@@ -155,73 +154,9 @@ impl ParticipantHandle {
             }
         };
     }
-
-    /// Asks the participant, page by page, for the branches it holds prepared for this
-    /// coordinator; each page is handed to `page` as it arrives. `None` if a scan of this
-    /// participant is already under way (scans never overlap).
-    pub fn recover<F>(&self, mut page: F) -> Option<impl Future<Output = Result<usize, String>> + Send + 'static>
-    where
-        F: FnMut(Vec<InDoubtBranch>) + Send + 'static,
-    {
-        let backlog = self.aborts_pending.load(Ordering::Acquire);
-        if backlog > self.config.max_batch_branches * self.config.max_inflight_calls {
-            tracing::info!(resource = %self.resource, backlog, "aborts still queued; recovery scan skipped this time");
-            return None;
-        }
-        if self.scanning.swap(true, Ordering::AcqRel) {
-            return None;
-        }
-        let scanning = self.scanning.clone();
-        let mut client = self.client.clone();
-        let config = self.config.clone();
-        let resource = self.resource.clone();
-        Some(async move {
-            let scan = async {
-                let (mut after, mut total) = (None, 0);
-                for _ in 0..MAX_RECOVER_PAGES {
-                    let mut request = tonic::Request::new(v1::RecoverRequest {
-                        coordinator_id: config.coordinator_id.clone(),
-                        resource_ids: vec![resource.to_string()],
-                        after: after.take(),
-                        limit: 0,
-                    });
-                    request.set_timeout(config.rpc_timeout);
-                    let started = std::time::Instant::now();
-                    let response = client.recover(request).await;
-                    let (code, listed) = match &response {
-                        Ok(r) => (tonic::Code::Ok, r.get_ref().branches.len()),
-                        Err(status) => (status.code(), 0),
-                    };
-                    crate::metrics::participant_call(&resource, "Recover", listed, code, started.elapsed());
-                    let response = response.map_err(status_text)?.into_inner();
-                    let mut branches = Vec::with_capacity(response.branches.len());
-                    for b in response.branches {
-                        let xid = b.xid.ok_or("in-doubt branch without xid")?;
-                        let (gtid, branch) = parse_xid(&xid).map_err(|e| format!("in-doubt branch: {e}"))?;
-                        if branch.resource != resource {
-                            return Err(format!("listed a branch of resource {:?}", branch.resource.as_str()));
-                        }
-                        branches.push(InDoubtBranch { gtid, branch, metadata: b.metadata.into() });
-                        after = Some(xid);
-                    }
-                    total += branches.len();
-                    page(branches);
-                    if !response.truncated || after.is_none() {
-                        return Ok(total);
-                    }
-                }
-                Err(format!(
-                    "more than {MAX_RECOVER_PAGES} pages of in-doubt branches; the rest waits for the next scan"
-                ))
-            };
-            let result = scan.await;
-            scanning.store(false, Ordering::Release);
-            result
-        })
-    }
 }
 
-fn parse_xid(xid: &BranchXid) -> Result<(Gtid, BranchKey), pledge_proto::IdError> {
+pub(crate) fn parse_xid(xid: &BranchXid) -> Result<(Gtid, BranchKey), pledge_proto::IdError> {
     let x = pledge_proto::Xid::try_from(xid)?;
     Ok((x.gtid, BranchKey { resource: x.resource, branch: x.branch }))
 }
@@ -230,7 +165,7 @@ fn xid(gtid: &Gtid, branch: &BranchKey) -> BranchXid {
     BranchXid { resource_id: branch.resource.to_string(), gtid: gtid.to_string(), branch_id: branch.branch.to_string() }
 }
 
-fn status_text(status: tonic::Status) -> String {
+pub(crate) fn status_text(status: tonic::Status) -> String {
     bounded_reason(format!("{:?}: {}", status.code(), status.message()))
 }
 
