@@ -36,16 +36,6 @@ async fn append_n(writer: &pledge_log::LogWriter, from: u64, count: u64) {
     }
 }
 
-fn checkpoints(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "ckpt"))
-        .collect();
-    files.sort();
-    files
-}
-
 fn checkpoint_name(lsn: u64) -> String {
     format!("{lsn:020}.ckpt")
 }

@@ -280,17 +280,14 @@ impl Caller {
             .instrument(span)
             .await;
         let votes: Vec<VoteResult> = match result {
-            Ok(results) => {
-                let (matched, error) = match_results(&asked, results, |r| r.xid.as_ref());
-                let error = error.map(|e| self.protocol_error("Prepare", e));
-                matched
-                    .into_iter()
-                    .map(|r| match r {
-                        Some(r) => vote_result(r),
-                        None => VoteResult::Failed { error: error.clone().unwrap_or_default() },
-                    })
-                    .collect()
-            }
+            Ok(results) => self.settle(
+                "Prepare",
+                &asked,
+                results,
+                |r| r.xid.as_ref(),
+                vote_result,
+                |error| VoteResult::Failed { error },
+            ),
             Err(status) => {
                 // Handled here: every branch of the batch votes "failed", so its transaction aborts.
                 tracing::warn!(resource = %self.resource, branches = batch.len(), code = ?status.code(),
@@ -359,16 +356,9 @@ impl Caller {
                 if op == Phase2Op::Commit {
                     fail::fail_point!("coordinator::after_commit_call");
                 }
-                let (matched, error) = match_results(&asked, results, |r| r.xid.as_ref());
                 let name = if op == Phase2Op::Commit { "Commit" } else { "Abort" };
-                let error = error.map(|e| self.protocol_error(name, e));
-                matched
-                    .into_iter()
-                    .map(|r| match r {
-                        Some(r) => phase2_result(r),
-                        None => Phase2Result::Retry { error: error.clone().unwrap_or_default() },
-                    })
-                    .collect()
+                let retry = |error| Phase2Result::Retry { error };
+                self.settle(name, &asked, results, |r| r.xid.as_ref(), phase2_result, retry)
             }
             Err(status) => {
                 // Handled here: every branch of the batch is retried after its backoff.
@@ -385,12 +375,32 @@ impl Caller {
 }
 
 impl Caller {
-    /// Handled here: logged once per call and counted; the branches without a matching result
-    /// count as unanswered (a "no" vote, or a phase-2 retry). Returns the error they carry.
-    fn protocol_error(&self, call: &'static str, error: String) -> String {
-        tracing::warn!(resource = %self.resource, call, error, "participant broke the protocol; unmatched branches count as unanswered");
-        crate::metrics::protocol_error(&self.resource);
-        format!("protocol error in the participant's {call} answer: {error}")
+    /// One result per asked branch, matched by xid ([`match_results`]): `convert` for a matched
+    /// one, `unanswered` (with the error) for one without. A mismatch is handled here: logged
+    /// once per call and counted.
+    fn settle<R, T>(
+        &self,
+        call: &'static str,
+        asked: &[BranchXid],
+        results: Vec<R>,
+        xid_of: impl Fn(&R) -> Option<&BranchXid>,
+        convert: impl Fn(R) -> T,
+        unanswered: impl Fn(String) -> T,
+    ) -> Vec<T> {
+        let (matched, error) = match_results(asked, results, xid_of);
+        let error = error.map(|error| {
+            tracing::warn!(resource = %self.resource, call, error,
+                "participant broke the protocol; unmatched branches count as unanswered");
+            crate::metrics::protocol_error(&self.resource);
+            format!("protocol error in the participant's {call} answer: {error}")
+        });
+        matched
+            .into_iter()
+            .map(|r| match r {
+                Some(r) => convert(r),
+                None => unanswered(error.clone().unwrap_or_default()),
+            })
+            .collect()
     }
 }
 

@@ -24,6 +24,15 @@ impl Engine {
         engine
     }
 
+    /// A transaction rebuilt from a record replaces any earlier one of that GTID (a later
+    /// record tells more), and its idempotency key finds it again.
+    fn insert_replayed(&mut self, txn: Txn) {
+        if let Some(key) = &txn.idempotency_key {
+            self.cx.idempotency.insert(key.clone(), txn.gtid);
+        }
+        self.txns.insert(txn.gtid, txn);
+    }
+
     pub(super) fn apply_replayed(&mut self, record: LogRecord) {
         match record {
             LogRecord::Register { resource, endpoint } => {
@@ -43,10 +52,7 @@ impl Engine {
                 let mut b = Branch::new(o.branch);
                 b.may_be_empty = o.may_be_empty;
                 txn.branches.push(b);
-                if let Some(key) = &txn.idempotency_key {
-                    self.cx.idempotency.insert(key.clone(), txn.gtid);
-                }
-                self.txns.insert(txn.gtid, txn);
+                self.insert_replayed(txn);
             }
             LogRecord::Commit(c) => {
                 let mut txn = Txn::new(c.gtid, c.created_ms, c.created_ms, c.idempotency_key);
@@ -63,10 +69,7 @@ impl Engine {
                     b.prepared_ms = lb.prepared_ms;
                     txn.branches.push(b);
                 }
-                if let Some(key) = &txn.idempotency_key {
-                    self.cx.idempotency.insert(key.clone(), txn.gtid);
-                }
-                self.txns.insert(txn.gtid, txn);
+                self.insert_replayed(txn);
             }
             LogRecord::End(e) => {
                 let mut txn = Txn::new(e.gtid, e.created_ms, e.created_ms, e.idempotency_key.clone());
@@ -85,10 +88,7 @@ impl Engine {
                     txn.branches.push(b);
                 }
                 txn.end = Some(e);
-                if let Some(key) = &txn.idempotency_key {
-                    self.cx.idempotency.insert(key.clone(), txn.gtid);
-                }
-                self.txns.insert(txn.gtid, txn);
+                self.insert_replayed(txn);
             }
         }
     }

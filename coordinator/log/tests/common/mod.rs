@@ -48,10 +48,19 @@ pub fn open_err(config: &LogConfig) -> String {
 
 /// Segment files in the directory, oldest first.
 pub fn segments(dir: &Path) -> Vec<PathBuf> {
+    files_named(dir, "seg")
+}
+
+/// Checkpoint files in the directory, oldest first.
+pub fn checkpoints(dir: &Path) -> Vec<PathBuf> {
+    files_named(dir, "ckpt")
+}
+
+fn files_named(dir: &Path, extension: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .filter(|p| p.extension().is_some_and(|e| e == extension))
         .collect();
     files.sort();
     files
