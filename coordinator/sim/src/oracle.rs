@@ -52,13 +52,19 @@ pub struct Oracle {
     pub enlisted: BTreeMap<Gtid, Vec<BranchKey>>,
     /// Every answer heard, with when and from which call.
     heard: BTreeMap<Gtid, Vec<(u64, Heard, &'static str)>>,
-    /// When the first final answer (committed or aborted) was heard.
-    first_final_ms: BTreeMap<Gtid, u64>,
+    /// When each finished transaction completed, as its durable End record says: the
+    /// coordinator must answer for it until `completed + retention`.
+    completed_ms: BTreeMap<Gtid, u64>,
 }
 
 impl Oracle {
+    /// An End record reached the disk.
+    pub fn completed(&mut self, gtid: Gtid, completed_ms: u64) {
+        self.completed_ms.insert(gtid, completed_ms);
+    }
+
     /// Records an answer; a second answer that contradicts an earlier one, or an outcome
-    /// forgotten before `retention_ms` passed since it was first heard, is a violation.
+    /// forgotten before `retention_ms` passed since its transaction completed, is a violation.
     pub fn heard(
         &mut self,
         now: u64,
@@ -74,18 +80,14 @@ impl Oracle {
             return Err(format!("{gtid}: {call} answered {heard:?}, but {by} answered {earlier:?} at t={at} ms"));
         }
         if heard == Heard::Forgotten
-            && let Some(first) = self.first_final_ms.get(&gtid)
-            // The sim's disk and network delays are far below this slack; the coordinator
-            // counts retention from completion, which may come a little after an answer.
-            && now < first + retention_ms.saturating_sub(RETENTION_SLACK_MS)
+            && let Some(completed) = self.completed_ms.get(&gtid)
+            && now < completed + retention_ms
         {
             return Err(format!(
-                "{gtid}: {call} answered that the outcome is forgotten {} ms after it was first heard (retention {retention_ms} ms)",
-                now - first
+                "{gtid}: {call} answered that the outcome is forgotten {} ms after the transaction completed \
+                 (retention {retention_ms} ms)",
+                now - completed
             ));
-        }
-        if heard.committed().is_some() {
-            self.first_final_ms.entry(gtid).or_insert(now);
         }
         answers.push((now, heard, call));
         Ok(())
@@ -131,6 +133,3 @@ impl Oracle {
         Ok(())
     }
 }
-
-/// See [`Oracle::heard`].
-const RETENTION_SLACK_MS: u64 = 1_000;

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use bytes::Bytes;
 use pledge_coordinator::engine::{
-    BranchOutcome, Command, Engine, EngineConfig, EngineError, Enlisted, Event, Phase2Op, Phase2Result, Reply, ReqId,
-    SyncToken, TxnState, VoteResult,
+    BranchOutcome, Command, Engine, EngineConfig, EngineError, Enlisted, Event, LogRecord, Phase2Op, Phase2Result,
+    Reply, ReqId, SyncToken, TxnState, VoteResult,
 };
 use pledge_coordinator::records;
 use pledge_proto::{BranchKey, Gtid};
@@ -25,6 +25,8 @@ const CLIENT_TIMEOUT_MS: u64 = 2_000;
 const RECOVERY_INTERVAL_MS: u64 = 1_000;
 /// After the last transaction, faults stop and the system gets this long to settle.
 const SETTLE_MS: u64 = 30_000;
+/// How long a client waits before beginning again after RetentionFull.
+const RETENTION_FULL_RETRY_MS: u64 = 5_000;
 /// A run whose clients have not finished by then is stuck.
 const MAX_SIM_MS: u64 = 3_600_000;
 
@@ -305,12 +307,16 @@ pub fn run(seed: u64, opts: &Options) -> Result<Report, Violation> {
 /// configuration may reach (a short retention, a checkpoint after every few records).
 fn engine_config(rng: &mut fastrand::Rng) -> EngineConfig {
     let pick = |rng: &mut fastrand::Rng, choices: &[u64]| choices[rng.usize(..choices.len())];
+    let retention_ms = pick(rng, &[0, 1_000, 600_000]);
     EngineConfig {
         default_txn_timeout_ms: pick(rng, &[300, 5_000]),
         prepare_timeout_ms: pick(rng, &[150, 1_000]),
         retry_initial_backoff_ms: 10,
         retry_max_backoff_ms: pick(rng, &[50, 500]),
-        completed_retention_ms: pick(rng, &[0, 1_000, 600_000]),
+        completed_retention_ms: retention_ms,
+        // Small enough that Begin is refused while finished transactions are kept (with a
+        // short retention: a long one would only stretch the run).
+        max_retained_transactions: if retention_ms <= 1_000 { pick(rng, &[20, 2_000_000]) as usize } else { 2_000_000 },
         checkpoint_every_records: pick(rng, &[3, 50, 200_000]),
         rng_seed: rng.u64(..),
         ..EngineConfig::default()
@@ -482,9 +488,24 @@ impl World {
     }
 
     fn persist(&mut self, u: Unsynced) {
-        match u {
-            Unsynced::Record { rtype, payload, .. } => self.disk.push((rtype, payload)),
-            Unsynced::Checkpoint(records) => self.disk = records,
+        let written: Vec<(u8, Bytes)> = match u {
+            Unsynced::Record { rtype, payload, .. } => {
+                self.disk.push((rtype, payload.clone()));
+                vec![(rtype, payload)]
+            }
+            Unsynced::Checkpoint(records) => {
+                self.disk = records.clone();
+                records
+            }
+        };
+        // The oracle learns from the disk when each transaction completed (retention counts
+        // from there).
+        for (rtype, payload) in written {
+            if rtype == records::TYPE_END
+                && let Ok(LogRecord::End(e)) = records::decode(rtype, &payload)
+            {
+                self.oracle.completed(e.gtid, e.completed_ms);
+            }
         }
     }
 
@@ -786,6 +807,12 @@ impl World {
                 None
             }
             Err(EngineError::TooManyWaiters { .. }) => None,
+            Err(EngineError::RetentionFull { .. }) => {
+                // Nothing was begun; the client tries again once older answers may have expired.
+                self.clients[c].txn = Some(txn);
+                self.at(RETENTION_FULL_RETRY_MS, Ev::ClientStep(c));
+                return;
+            }
             Err(e) => {
                 txn.done = true;
                 if !matches!(e, EngineError::AlreadyAborted { .. }) {
