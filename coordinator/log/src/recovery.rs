@@ -171,7 +171,13 @@ pub(crate) fn recover<E>(
             // when the last process died): make it durable before anything vouches for it.
             file.sync_data().map_err(|e| OpenError::io(&last.path, e))?;
             let file_len = file.metadata().map_err(|e| OpenError::io(&last.path, e))?.len();
-            ActiveSegment { file, path: last.path.clone(), write_offset_bytes: end_offset, allocated_bytes: file_len }
+            ActiveSegment {
+                file,
+                path: last.path.clone(),
+                first_lsn: last.lsn,
+                write_offset_bytes: end_offset,
+                allocated_bytes: file_len,
+            }
         }
         None => new_segment(config, &dir, expected_lsn)?,
     };
@@ -251,6 +257,7 @@ fn new_segment<E>(config: &LogConfig, dir: &File, first_lsn: Lsn) -> Result<Acti
     Ok(ActiveSegment {
         file,
         path,
+        first_lsn,
         write_offset_bytes: header_end,
         allocated_bytes: header_end + config.preallocate_chunk_bytes,
     })

@@ -261,6 +261,8 @@ impl LogWriter {
 pub(crate) struct ActiveSegment {
     pub file: File,
     pub path: PathBuf,
+    /// The LSN of its first record (the next LSN when it was created).
+    pub first_lsn: Lsn,
     /// Where the next frame goes (end of valid data).
     pub write_offset_bytes: u64,
     /// File length: valid data plus preallocated zeros.
@@ -350,7 +352,8 @@ impl WriterThread {
                 // new segment starts at the barrier, so every segment before it is covered by
                 // the checkpoint. The snapshot itself is written by the checkpoint thread.
                 self.commit_batch();
-                if self.active.write_offset_bytes > SEGMENT_HEADER_BYTES as u64 {
+                // A segment holding no record (maybe a mark) already starts at the barrier.
+                if self.next_lsn > self.active.first_lsn {
                     self.rotate(self.next_lsn);
                 }
                 let job = Job { barrier_lsn: self.next_lsn, records, done };
@@ -445,10 +448,14 @@ impl WriterThread {
         let new = ActiveSegment {
             file,
             path,
+            first_lsn,
             write_offset_bytes: header_end,
             allocated_bytes: header_end + self.preallocate_chunk_bytes,
         };
         let old = std::mem::replace(&mut self.active, new);
+        // The sealed segment's last batch needs no mark: damage anywhere but in the last
+        // segment is corruption anyway. (A mark here would land in an empty segment.)
+        self.unvouched = false;
         debug!(sealed = %old.path.display(), new = %self.active.path.display(), "rotated log segment");
     }
 

@@ -212,3 +212,25 @@ async fn an_unfinished_checkpoint_file_is_removed() {
     assert!(!tmp.exists());
     log.shutdown().await.unwrap();
 }
+
+/// A checkpoint starts a new segment at its barrier; a clean shutdown right after it, then a
+/// reopen and another checkpoint with nothing appended in between, must not try to start a
+/// second segment of the same name.
+#[tokio::test]
+async fn checkpoints_across_a_restart_with_nothing_appended_between() {
+    let dir = TempDir::new().unwrap();
+    let config = config(dir.path());
+    let (log, _) = open(&config);
+    // Queued together: the checkpoint follows the last batch before any mark could.
+    for i in 0..5 {
+        log.writer().append_lazy(1, payload(i, 10)).await.unwrap();
+    }
+    assert_eq!(log.writer().checkpoint(snapshot()).await.unwrap(), 6);
+    log.shutdown().await.unwrap();
+    let (log, replayed) = open(&config);
+    assert_eq!(replayed, snapshot_records());
+    assert_eq!(log.writer().checkpoint(vec![(4, b"again".to_vec())]).await.unwrap(), 6);
+    assert_eq!(log.writer().append(1, b"next".to_vec()).await.unwrap(), 6);
+    log.shutdown().await.unwrap();
+    assert_eq!(replay(&config).await, vec![record(0, 4, b"again"), record(6, 1, b"next")]);
+}
