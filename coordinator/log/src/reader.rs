@@ -26,9 +26,10 @@ impl Limits {
         format::max_batch_body_bytes(self.max_batch_bytes, self.max_record_bytes)
     }
 
-    /// The most bytes one unsynced batch (header and body) can span: all a crash can tear.
+    /// The most bytes a crash can leave unsynced at the end of the log: a mark (written
+    /// without a sync of its own) and the batch written after it.
     pub(crate) fn max_torn_bytes(self) -> u64 {
-        (BATCH_HEADER_BYTES + self.max_body_bytes()) as u64
+        (2 * BATCH_HEADER_BYTES + self.max_body_bytes()) as u64
     }
 }
 
@@ -177,14 +178,16 @@ fn zeros_from(file: &File, from: u64, len: u64) -> io::Result<bool> {
 /// the final batch, which a crash cut short before its sync returned: never acknowledged, safe
 /// to cut off) or damage to something that may have been acknowledged.
 ///
-/// The writer writes a batch only after the previous one is synced, and after each sync that
-/// leaves it idle it writes a synced-through mark (an empty batch). So any valid batch header
-/// after the damage (a later batch, or the mark) proves the damaged batch was synced before it:
-/// that is corruption, never a torn write. It is a torn tail only if:
-/// - the bytes from `bad_offset` up to the last non-zero byte fit in one batch (header plus the
-///   largest body; trailing zeros are preallocated space and do not count), and
+/// Every batch header says through which LSN the log was synced before it was written (a
+/// later batch's, or the synced-through mark an idle writer leaves). So a valid header after
+/// the damage whose `synced_through` is above `last_good_lsn` proves the damaged records were
+/// synced, and may have been acknowledged: corruption, never a torn write. A header that
+/// vouches for nothing beyond `last_good_lsn` proves nothing (a lost unsynced mark followed by
+/// an unsynced batch is an ordinary crash). It is a torn tail only if:
+/// - the bytes from `bad_offset` up to the last non-zero byte fit in what a crash can leave
+///   unsynced (a mark and a batch; trailing zeros are preallocated space and do not count), and
 /// - no offset after the damaged batch (after its declared `extent` when its header is intact)
-///   starts a valid batch header with a first LSN above `last_good_lsn`.
+///   starts a valid batch header that vouches for a record above `last_good_lsn`.
 ///
 /// Reads at most one batch's worth of bytes plus the zero check.
 pub(crate) fn classify_damage(
@@ -207,12 +210,13 @@ pub(crate) fn classify_damage(
     }
     let start = extent.map_or(1, |end| end - bad_offset) as usize;
     let magic = format::BATCH_MAGIC.to_le_bytes();
-    for at in start..(span as usize).saturating_sub(BATCH_HEADER_BYTES - 1) {
+    // To the end of what was read, not of the non-zero bytes: a header may end in zeros.
+    for at in start..data.len().saturating_sub(BATCH_HEADER_BYTES - 1) {
         if data[at..at + 4] != magic {
             continue;
         }
         if let Ok(h) = format::decode_batch_header(&data[at..at + BATCH_HEADER_BYTES], limits.max_body_bytes())
-            && h.first_lsn > last_good_lsn
+            && h.synced_through > last_good_lsn
         {
             return Ok(Err(Corruption::SyncedBatchFollows {
                 cause: Box::new(cause),
@@ -319,6 +323,41 @@ mod tests {
         let s = steps(file.path());
         assert!(matches!(s.last().unwrap(), Step::Bad { reason: Corruption::BadBatchHeader(_), .. }));
         assert_eq!(classify(file.path(), s.last().unwrap(), 1), Ok(()));
+    }
+
+    /// Found in review: a mark lost in a power loss (written, never synced) followed by a
+    /// batch whose sync had not returned: the batch's header vouches only for what came before
+    /// the mark, so this is a torn tail, not corruption.
+    #[test]
+    fn a_lost_mark_followed_by_an_unsynced_batch_is_a_torn_tail() {
+        let (file, offsets) = segment(&[&[(1, b"one")], &[], &[(2, b"two")]]);
+        file.as_file().write_all_at(&[0u8; BATCH_HEADER_BYTES], offsets[1]).unwrap();
+        let s = steps(file.path());
+        assert!(matches!(s.last().unwrap(), Step::Bad { offset, .. } if *offset == offsets[1]));
+        assert_eq!(classify(file.path(), s.last().unwrap(), 1), Ok(()));
+    }
+
+    /// Found in review: a mark whose header ends in zero bytes (its CRC's high byte) must still
+    /// be seen, or damage to the batch it vouches for would be cut off as torn.
+    #[test]
+    fn a_mark_ending_in_zeros_still_vouches() {
+        // A mark's bytes depend only on its LSNs: try batch sizes until one ends in a zero.
+        let payloads: Vec<(Lsn, &[u8])> = (2..600).map(|lsn| (lsn, &b"r"[..])).collect();
+        for n in 1..payloads.len() {
+            let (file, offsets) = segment(&[&[(1, b"one")], &payloads[..n], &[]]);
+            let len = file.as_file().metadata().unwrap().len();
+            let mut last = [0u8];
+            file.as_file().read_exact_at(&mut last, len - 1).unwrap();
+            if last[0] != 0 {
+                continue;
+            }
+            damage(file.path(), offsets[1] + 40);
+            let s = steps(file.path());
+            let verdict = classify(file.path(), s.last().unwrap(), 1);
+            assert!(matches!(verdict, Err(Corruption::SyncedBatchFollows { .. })), "{verdict:?}");
+            return;
+        }
+        panic!("no mark ending in a zero byte among the tries");
     }
 
     #[test]

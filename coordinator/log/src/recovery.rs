@@ -56,18 +56,9 @@ pub(crate) fn recover<E>(
     let start = checkpoints.pop();
     let start_lsn = start.as_ref().map_or(1, |c| c.lsn);
     let mut segments = listing.segments;
+    // Deleted only once the newest checkpoint has been read whole (below): if it is damaged,
+    // what it superseded is still there for an operator.
     let dead: Vec<LogFile> = checkpoints.into_iter().chain(segments.extract_if(.., |s| s.lsn < start_lsn)).collect();
-    if !dead.is_empty() {
-        warn!(
-            count = dead.len(),
-            checkpoint_lsn = start_lsn,
-            "deleting files the newest checkpoint supersedes (cleanup was interrupted)"
-        );
-        for f in &dead {
-            remove(&f.path)?;
-        }
-        dir_changed = true;
-    }
 
     // A crash while a segment was being created can leave the last one with a torn header.
     // It was synced before anything was written into it, so it can hold no record.
@@ -86,13 +77,23 @@ pub(crate) fn recover<E>(
             segments.pop();
         }
     }
-    if dir_changed {
-        segment::sync_dir(&dir).map_err(|e| OpenError::io(dir_path, e))?;
-    }
-
     let mut records_replayed = 0u64;
     if let Some(checkpoint) = &start {
         records_replayed += replay_checkpoint(checkpoint, limits, replay)?;
+    }
+    if !dead.is_empty() {
+        warn!(
+            count = dead.len(),
+            checkpoint_lsn = start_lsn,
+            "deleting files the newest checkpoint supersedes (cleanup was interrupted)"
+        );
+        for f in &dead {
+            remove(&f.path)?;
+        }
+        dir_changed = true;
+    }
+    if dir_changed {
+        segment::sync_dir(&dir).map_err(|e| OpenError::io(dir_path, e))?;
     }
     if let Some(first) = segments.first()
         && first.lsn != start_lsn

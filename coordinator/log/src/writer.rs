@@ -135,6 +135,7 @@ impl Log {
             batch_first_lsn: 0,
             batch_records: 0,
             unvouched: false,
+            mark_unsynced: false,
             waiting: Vec::new(),
             shutdown_waiters: Vec::new(),
             zeros: vec![0u8; ZERO_BLOCK_BYTES].into_boxed_slice(),
@@ -290,6 +291,8 @@ struct WriterThread {
     batch_records: u64,
     /// The last thing written is a batch that no later batch or mark vouches for yet.
     unvouched: bool,
+    /// A mark was written since the last sync.
+    mark_unsynced: bool,
     /// Completions of the batch in `buf`, answered after its sync. Reused like `buf`.
     waiting: Vec<(oneshot::Sender<Lsn>, Lsn)>,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
@@ -320,6 +323,8 @@ impl WriterThread {
         // it), and checkpoints handed over are finished before shutdown answers.
         if self.unvouched {
             self.write_mark();
+        }
+        if self.mark_unsynced {
             or_abort(self.active.file.sync_data(), "fdatasync", &self.active.path);
         }
         if let Some(checkpointer) = self.checkpointer.take() {
@@ -386,6 +391,7 @@ impl WriterThread {
         or_abort(self.active.file.write_all_at(&self.buf, offset), "write", path);
         self.preallocate(end);
         or_abort(self.active.file.sync_data(), "fdatasync", &self.active.path);
+        self.mark_unsynced = false;
         crate::metrics::batch_synced(started.elapsed());
         self.active.write_offset_bytes = end;
 
@@ -416,6 +422,7 @@ impl WriterThread {
         self.preallocate(end);
         self.active.write_offset_bytes = end;
         self.unvouched = false;
+        self.mark_unsynced = true;
         self.count(0, 0, 0, mark.len() as u64);
     }
 
@@ -456,6 +463,7 @@ impl WriterThread {
         // The sealed segment's last batch needs no mark: damage anywhere but in the last
         // segment is corruption anyway. (A mark here would land in an empty segment.)
         self.unvouched = false;
+        self.mark_unsynced = false;
         debug!(sealed = %old.path.display(), new = %self.active.path.display(), "rotated log segment");
     }
 

@@ -166,8 +166,9 @@ async fn damage_followed_by_more_than_one_batch_is_refused() {
     config.max_record_bytes = 1024;
     let seg = write_records(&config, 20).await;
     let end = layout(&config, &seg).end;
-    // More non-zero bytes than one batch (header, body, one frame over) could ever leave unsynced.
-    write_at(&seg, end, &vec![0xA5; 32 + 4096 + 1024 + 17 + 1]);
+    // More non-zero bytes than a crash can leave unsynced: a mark, then one batch (header,
+    // body, one frame over).
+    write_at(&seg, end, &vec![0xA5; 32 + 32 + 4096 + 1024 + 17 + 1]);
     let message = open_err(&config);
     let expected = format!("corrupt record in {} at offset {end}: ", seg.display());
     assert!(message.starts_with(&expected), "{message}");

@@ -119,11 +119,17 @@ impl Engine {
                 continue; // a participant may only speak for its own resource
             }
             let Some(txn) = txns.get_mut(&ib.gtid) else {
-                if listed_ms <= cx.last_forgotten_at_ms && ib.gtid.unix_ms().unwrap_or(0) <= cx.forgotten_through_ms {
-                    // Maybe a transaction that finished (every branch acknowledged) and was
-                    // forgotten after this list was made: the list is stale, and presuming abort
-                    // would roll back a committed branch. A list made after the forgetting
-                    // cannot hold it, so the next scan settles the branch.
+                // Maybe a transaction that finished (every branch acknowledged) and was forgotten
+                // after this list was made: then the list is stale, and presuming abort would roll
+                // back a committed branch. That needs the list to be older than the retention
+                // (the branch was prepared when it was made, so its transaction completed later,
+                // and was kept at least the retention after that) and older than the last
+                // forgetting. Such a branch waits for the next scan, which settles it; a list
+                // handled promptly, as under any load, is trusted.
+                let stale = cx.now.saturating_sub(listed_ms) >= cx.cfg.completed_retention_ms
+                    && listed_ms <= cx.last_forgotten_at_ms
+                    && ib.gtid.unix_ms().unwrap_or(0) <= cx.forgotten_through_ms;
+                if stale {
                     continue;
                 }
                 // No record of it: presumed abort.

@@ -1365,3 +1365,26 @@ fn a_stale_in_doubt_list_never_aborts_a_transaction_forgotten_after_it_was_made(
     let out = h.ev(Event::InDoubt { resource: db1().resource.clone(), branches: vec![stale], listed_ms: h.now });
     assert_eq!(out, vec![abort_cmd(g, db1(), Bytes::new())]);
 }
+
+/// Found in review: with finished transactions forgotten every few milliseconds (steady load),
+/// "made before the last forgetting" is true of almost every list; a branch of a transaction
+/// never committed here must still be rolled back when its list is handled within the
+/// retention of being made.
+#[test]
+fn a_prompt_in_doubt_list_is_trusted_while_other_transactions_are_forgotten() {
+    let mut h = Harness::with_config(EngineConfig { completed_retention_ms: 1_000, ..EngineConfig::default() });
+    let never_committed = gtid(1);
+    // Something issued later finishes and is forgotten: the horizon passes never_committed.
+    let later = Gtid::from_parts(T0 + 5, 2);
+    h.begin(later, vec![]);
+    h.commit(later);
+    h.sync_all();
+    h.now += 1_000;
+    let listed_ms = h.now;
+    h.now += 10; // the scan's answer takes a while; meanwhile another forgetting happens
+    h.ev(Event::Tick);
+    assert_eq!(h.get(later), Err(EngineError::OutcomeForgotten(later)));
+    let branch = InDoubtBranch { gtid: never_committed, branch: db1(), metadata: Bytes::new() };
+    let out = h.ev(Event::InDoubt { resource: db1().resource.clone(), branches: vec![branch], listed_ms });
+    assert_eq!(out, vec![abort_cmd(never_committed, db1(), Bytes::new())]);
+}
