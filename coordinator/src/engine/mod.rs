@@ -426,8 +426,9 @@ impl Engine {
         }
         if cx.retained() >= cx.cfg.max_retained_transactions {
             let (max, retention_ms) = (cx.cfg.max_retained_transactions, cx.cfg.completed_retention_ms);
+            let heuristic = cx.kept_heuristic.len();
             metrics::retention_full();
-            return cx.reply(req, Err(EngineError::RetentionFull { max, retention_ms }));
+            return cx.reply(req, Err(EngineError::RetentionFull { max, retention_ms, heuristic }));
         }
         let mut txn = Txn::new(gtid, cx.now, cx.now + timeout, idempotency_key);
         if let Err(e) = cx.add_branches(&mut txn, branches) {

@@ -243,9 +243,10 @@ pub enum EngineError {
     OutcomeForgotten(Gtid),
     #[error(
         "the coordinator keeps {max} finished transactions for completed_retention_ms = {retention_ms} ms \
-         (max_retained_transactions) and forgets none early; retry once older ones expire, or raise the bound"
+         (max_retained_transactions) and forgets none early; {heuristic} of them have a heuristic outcome and \
+         are kept until an operator acts on them; retry once older ones expire, or raise the bound"
     )]
-    RetentionFull { max: usize, retention_ms: u64 },
+    RetentionFull { max: usize, retention_ms: u64, heuristic: usize },
     #[error("{max} Commit calls are already waiting on transaction {gtid}")]
     TooManyWaiters { gtid: Gtid, max: usize },
     #[error("{max} participants are registered already; no more can be")]
