@@ -1278,7 +1278,10 @@ fn finding2_retention_is_a_time_load_cannot_shrink_and_a_full_one_refuses_begin(
     assert!(
         matches!(
             &out[0],
-            Command::Reply { reply: Err(EngineError::RetentionFull { max: 2, retention_ms: 10_000, heuristic: 0 }), .. }
+            Command::Reply {
+                reply: Err(EngineError::RetentionFull { max: 2, retention_ms: 10_000, heuristic: 0 }),
+                ..
+            }
         ),
         "{out:?}"
     );
