@@ -96,8 +96,9 @@
 //!
 //! # Recovery ([`open`]), streaming
 //!
-//! Files are read a batch at a time, so memory stays bounded by one batch whatever the size of
-//! a segment or checkpoint.
+//! Files are read a batch at a time through a 1 MiB read-ahead (one read per megabyte, not two
+//! per batch), so memory stays bounded by that or one batch, whatever the size of a segment or
+//! checkpoint.
 //!
 //! - Replay starts with the newest checkpoint's records (delivered with LSN 0) and goes on with
 //!   the segments from its barrier; older checkpoints and the segments before the barrier are

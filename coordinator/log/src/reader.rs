@@ -1,4 +1,5 @@
-//! Reading a log file batch by batch, with memory bounded by one batch, and the rule that tells
+//! Reading a log file batch by batch, with memory bounded by one batch (or a 1 MiB read-ahead,
+//! whichever is larger), and the rule that tells
 //! a torn tail (safe to cut off) from damage to something that may have been acknowledged.
 //! Shared by recovery (which may repair a torn tail) and inspect (which never writes).
 
@@ -13,6 +14,9 @@ use crate::format::{self, BATCH_HEADER_BYTES, BatchHeader, SEGMENT_HEADER_BYTES,
 
 /// Bytes read at a time when checking that the rest of a file is zeros.
 const ZERO_CHECK_CHUNK_BYTES: usize = 64 * 1024;
+/// Bytes a reader fetches at a time: replaying a log of many small batches then costs a read
+/// per this many bytes, not two per batch.
+const READ_AHEAD_BYTES: usize = 1 << 20;
 
 /// The bounds that decide what a batch may look like and how much a crash can tear.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +67,9 @@ pub(crate) struct BatchReader {
     len: u64,
     offset: u64,
     limits: Limits,
+    /// The file's bytes from `buf_at` on (at most a read-ahead, or one batch if larger).
+    buf: Vec<u8>,
+    buf_at: u64,
 }
 
 impl BatchReader {
@@ -74,7 +81,22 @@ impl BatchReader {
         let mut header = vec![0u8; SEGMENT_HEADER_BYTES.min(len as usize)];
         file.read_exact_at(&mut header, 0)?;
         let decoded = format::decode_header(&header).map_err(Corruption::BadHeader);
-        Ok((BatchReader { file, len, offset: SEGMENT_HEADER_BYTES as u64, limits }, decoded))
+        let reader = BatchReader { file, len, offset: SEGMENT_HEADER_BYTES as u64, limits, buf: Vec::new(), buf_at: 0 };
+        Ok((reader, decoded))
+    }
+
+    /// `n` bytes of the file at `at` (the caller keeps `at + n` within the file), from the
+    /// read-ahead buffer, refilled when they are not all in it.
+    fn read(&mut self, at: u64, n: usize) -> io::Result<&[u8]> {
+        let buf_end = self.buf_at + self.buf.len() as u64;
+        if at < self.buf_at || at + n as u64 > buf_end {
+            let want = n.max(READ_AHEAD_BYTES).min((self.len - at) as usize);
+            self.buf.resize(want, 0);
+            self.file.read_exact_at(&mut self.buf, at)?;
+            self.buf_at = at;
+        }
+        let from = (at - self.buf_at) as usize;
+        Ok(&self.buf[from..from + n])
     }
 
     pub(crate) fn len(&self) -> u64 {
@@ -95,7 +117,7 @@ impl BatchReader {
         let bad = |reason, extent, maybe_torn| Ok(Step::Bad { offset, reason, extent, maybe_torn });
         let mut header = [0u8; BATCH_HEADER_BYTES];
         let n = (available as usize).min(BATCH_HEADER_BYTES);
-        self.file.read_exact_at(&mut header[..n], offset)?;
+        header[..n].copy_from_slice(self.read(offset, n)?);
         if header[..n].iter().all(|&b| b == 0) && zeros_from(&self.file, offset, self.len)? {
             // A batch never starts with zeros (its magic), so this is unwritten space.
             return Ok(Step::End { offset });
@@ -116,9 +138,9 @@ impl BatchReader {
             };
             return bad(reason, None, true);
         }
-        let mut body = vec![0u8; header.body_bytes as usize];
-        self.file.read_exact_at(&mut body, offset + BATCH_HEADER_BYTES as u64)?;
-        if crc32c::crc32c(&body) != header.body_crc {
+        let max_record_bytes = self.limits.max_record_bytes;
+        let body = self.read(offset + BATCH_HEADER_BYTES as u64, header.body_bytes as usize)?;
+        if crc32c::crc32c(body) != header.body_crc {
             return bad(Corruption::BatchCrcMismatch, Some(end), true);
         }
         if header.synced_through >= header.first_lsn {
@@ -130,7 +152,7 @@ impl BatchReader {
         let mut at = 0usize;
         while at < body.len() {
             let frame_offset = offset + (BATCH_HEADER_BYTES + at) as u64;
-            let frame = match format::decode_frame(&body[at..], self.limits.max_record_bytes) {
+            let frame = match format::decode_frame(&body[at..], max_record_bytes) {
                 Ok(f) => f,
                 Err(e) => {
                     return Ok(Step::Bad {

@@ -2,7 +2,8 @@
 //! batch, cut off a torn tail, refuse anything else (naming file and offset).
 //!
 //! Runs before the writer thread exists, on the caller's thread, with plain blocking I/O.
-//! Memory stays bounded by one batch: files are read a batch at a time, never whole.
+//! Memory stays bounded: files are read a batch at a time through a 1 MiB read-ahead, never
+//! whole.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;

@@ -210,13 +210,9 @@ struct Txn {
     waiters: Vec<Waiter>,
     /// The armed retry timer, if any (one per transaction: the earliest due branch).
     retry_timer_ms: Option<Millis>,
-    /// Finished and in the retention queue.
-    retired: bool,
     /// Finished, and its End record (the only record of its outcome) is being synced; the
     /// client hears the outcome, and retention starts, only after that.
     end_syncing: bool,
-    /// A Commit or OnePhase record holds the decision (so the End record may be lazy).
-    decision_logged: bool,
     /// The epoch of the writer that logged the decision.
     decision_epoch: u64,
     /// The End record, once finished.
@@ -301,7 +297,7 @@ impl Engine {
         let mut g =
             Gauges { retained: self.cx.retired.len(), heuristic: self.cx.kept_heuristic.len(), ..Gauges::default() };
         let mut oldest_decision: Option<Millis> = None;
-        for txn in self.txns.values().filter(|t| !t.retired) {
+        for txn in self.txns.values() {
             match txn.phase.state() {
                 TxnState::Active => g.active += 1,
                 TxnState::Preparing => g.preparing += 1,
@@ -612,7 +608,6 @@ impl Engine {
                 // Every vote is yes: force the decision to disk before anyone hears "commit".
                 txn.phase = Phase::CommitPending;
                 txn.decided_ms = cx.now;
-                txn.decision_logged = true;
                 txn.decision_epoch = cx.cfg.epoch;
                 cx.append(LogRecord::Commit(txn.commit_record()), Some(SyncToken::Commit(gtid)));
             } else {

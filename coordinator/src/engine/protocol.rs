@@ -86,7 +86,6 @@ impl Ctx {
                 txn.phase = Phase::OnePhasePending;
                 txn.one_phase = true;
                 txn.decided_ms = self.now;
-                txn.decision_logged = true;
                 txn.decision_epoch = self.cfg.epoch;
                 self.append(LogRecord::OnePhase(txn.one_phase_record()), Some(SyncToken::OnePhase(txn.gtid)));
             }
@@ -149,7 +148,6 @@ impl Ctx {
     /// Starts keeping a finished transaction whose outcome is durable: for the retention, or
     /// until an operator acts on it if it has a heuristic outcome.
     pub(super) fn retain(&mut self, txn: &mut Txn, since: Millis) {
-        txn.retired = true;
         if txn.heuristic() {
             self.kept_heuristic.insert(txn.gtid);
         } else {
@@ -242,7 +240,7 @@ impl Ctx {
         // A commit no other record holds (empty, all read-only: nothing was logged; one-phase:
         // the participant's answer is news): the client hears it only once this record is
         // durable, so the same answer is given after a crash. Retention starts then too.
-        let only_record = txn.one_phase || (finished == Phase::Committed && !txn.decision_logged);
+        let only_record = txn.one_phase || (finished == Phase::Committed && !txn.decision_logged());
         if only_record {
             txn.end_syncing = true;
             self.append(LogRecord::End(end), Some(SyncToken::End(txn.gtid)));

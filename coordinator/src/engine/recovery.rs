@@ -46,7 +46,6 @@ impl Engine {
                 txn.phase = Phase::OnePhaseCommit;
                 txn.one_phase = true;
                 txn.commit_requested = true;
-                txn.decision_logged = true;
                 txn.decision_epoch = o.epoch;
                 txn.decided_ms = o.decided_ms;
                 let mut b = Branch::new(o.branch);
@@ -58,7 +57,6 @@ impl Engine {
                 let mut txn = Txn::new(c.gtid, c.created_ms, c.created_ms, c.idempotency_key);
                 txn.phase = Phase::Committing;
                 txn.commit_requested = true;
-                txn.decision_logged = true;
                 txn.decision_epoch = c.epoch;
                 txn.decided_ms = c.decided_ms;
                 for lb in c.branches {
@@ -79,7 +77,6 @@ impl Engine {
                 txn.decided_ms = e.decided_ms;
                 txn.completed_ms = e.completed_ms;
                 txn.one_phase = e.one_phase;
-                txn.decision_logged = true;
                 for eb in &e.branches {
                     let mut b = Branch::new(eb.key.clone());
                     b.vote = eb.vote;

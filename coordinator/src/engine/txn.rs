@@ -25,9 +25,7 @@ impl Txn {
             branches: Vec::new(),
             waiters: Vec::new(),
             retry_timer_ms: None,
-            retired: false,
             end_syncing: false,
-            decision_logged: false,
             decision_epoch: 0,
             end: None,
         }
@@ -139,6 +137,12 @@ impl Txn {
             branch: branch.key.clone(),
             may_be_empty: branch.may_be_empty,
         }
+    }
+
+    /// A Commit or OnePhase record holds the decision (so the End record may be lazy): a
+    /// commit record is forced exactly when some branch voted PREPARED.
+    pub(super) fn decision_logged(&self) -> bool {
+        self.one_phase || self.branches.iter().any(|b| b.vote == Some(Vote::Prepared))
     }
 
     /// An upper bound of the commit record's size with a vote of `extra_metadata_bytes` more.
