@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use std::sync::Arc;
+
+use crate::cluster::router::{self, Route, Router};
 use crate::config::{MAX_BRANCHES_LIMIT, validate_endpoint};
 use crate::driver::{ApiRequest, CallError, RuntimeHandle};
 use crate::engine::{
@@ -37,11 +40,31 @@ pub struct CoordinatorService {
     /// Cancelled at shutdown: ends the pipeline streams, which a graceful shutdown would
     /// otherwise wait for forever.
     closing: CancellationToken,
+    /// In a cluster: sends calls about other instances' shards to their owners.
+    router: Option<Arc<Router>>,
 }
 
 impl CoordinatorService {
     pub fn new(runtime: RuntimeHandle, closing: CancellationToken) -> Self {
-        CoordinatorService { runtime, closing }
+        CoordinatorService { runtime, closing, router: None }
+    }
+
+    pub fn with_router(mut self, router: Arc<Router>) -> Self {
+        self.router = Some(router);
+        self
+    }
+
+    /// The router, unless this call was forwarded here (it is then answered here).
+    fn router_for<T>(&self, request: &Request<T>) -> Option<&Router> {
+        self.router.as_deref().filter(|_| !router::forwarded(request))
+    }
+
+    /// Where a call about `gtid` is answered.
+    fn route<T>(&self, request: &Request<T>, gtid: Gtid) -> Result<Route, Status> {
+        match self.router_for(request) {
+            Some(router) => router.route(router.state.shard_of(gtid)),
+            None => Ok(Route::Local),
+        }
     }
 
     /// One call from a pipeline stream, handled exactly as the unary call of its kind.
@@ -54,6 +77,60 @@ impl CoordinatorService {
             Call::Commit(r) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
             Call::Abort(r) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
         }
+    }
+
+    /// List across the cluster: this instance's shards and every peer's, merged in GTID (issue
+    /// time) order. A peer that cannot answer fails the call: a partial list would hide
+    /// transactions.
+    async fn list_cluster(
+        &self,
+        r: v1::ListRequest,
+        peers: Vec<(String, String)>,
+    ) -> Result<Response<v1::ListResponse>, Status> {
+        let router = self.router.as_ref().expect("listed across the cluster");
+        let limit = match r.limit as usize {
+            0 => DEFAULT_LIST_LIMIT,
+            n => n,
+        };
+        let mut local = Request::new(r.clone());
+        local.metadata_mut().insert(router::FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        let mut answers = vec![self.list(local).await?.into_inner()];
+        let asks = peers.into_iter().map(|(id, address)| {
+            let r = r.clone();
+            async move {
+                router
+                    .forward(address, r, |mut c, r| async move { c.list(r).await })
+                    .await
+                    .map(Response::into_inner)
+                    .map_err(|s| {
+                        Status::unavailable(format!("instance {id} could not list its shards: {}", s.message()))
+                    })
+            }
+        });
+        for answer in futures::future::join_all(asks).await {
+            answers.push(answer?);
+        }
+        let mut truncated = answers.iter().any(|a| a.truncated);
+        let mut transactions: Vec<v1::Transaction> = answers.into_iter().flat_map(|a| a.transactions).collect();
+        transactions.sort_by(|a, b| a.gtid.cmp(&b.gtid));
+        transactions.dedup_by(|a, b| a.gtid == b.gtid);
+        if transactions.len() > limit {
+            transactions.truncate(limit);
+            truncated = true;
+        }
+        let mut bytes = 0;
+        let keep = transactions
+            .iter()
+            .position(|t| {
+                bytes += prost::Message::encoded_len(t);
+                bytes > MAX_LIST_RESPONSE_BYTES
+            })
+            .map_or(transactions.len(), |i| i.max(1));
+        if keep < transactions.len() {
+            transactions.truncate(keep);
+            truncated = true;
+        }
+        Ok(Response::new(v1::ListResponse { transactions, truncated }))
     }
 
     async fn call(&self, request: ApiRequest) -> Result<Reply, Status> {
@@ -82,6 +159,10 @@ pub fn status_of(e: &EngineError) -> Status {
         | EngineError::TooManyWaiters { .. }
         | EngineError::TooManyParticipants { .. }
         | EngineError::RetentionFull { .. } => Status::resource_exhausted(message),
+        // Retriable: the shard's new owner answers (the router finds it on the next call).
+        EngineError::NotOwner { .. } | EngineError::NoShard | EngineError::StoreUnavailable(_) => {
+            Status::unavailable(message)
+        }
     }
 }
 
@@ -131,6 +212,16 @@ fn unexpected(reply: Reply) -> Status {
 impl Coordinator for CoordinatorService {
     async fn begin(&self, request: Request<v1::BeginRequest>) -> Result<Response<v1::BeginResponse>, Status> {
         observe("Begin", async {
+            if let Some(router) = self.router_for(&request) {
+                let key = &request.get_ref().idempotency_key;
+                let route = match key.is_empty() {
+                    true => router.route_begin()?,
+                    false => router.route(crate::cluster::key_shard(key, router.state.shard_count))?,
+                };
+                if let Route::Remote(to) = route {
+                    return router.forward(to, request.into_inner(), |mut c, r| async move { c.begin(r).await }).await;
+                }
+            }
             let r = request.into_inner();
             if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
                 return Err(Status::invalid_argument(format!(
@@ -161,8 +252,12 @@ impl Coordinator for CoordinatorService {
 
     async fn enlist(&self, request: Request<v1::EnlistRequest>) -> Result<Response<v1::EnlistResponse>, Status> {
         observe("Enlist", async {
+            let gtid = gtid(&request.get_ref().gtid)?;
+            if let Route::Remote(to) = self.route(&request, gtid)? {
+                let router = self.router.as_ref().expect("routed");
+                return router.forward(to, request.into_inner(), |mut c, r| async move { c.enlist(r).await }).await;
+            }
             let r = request.into_inner();
-            let gtid = gtid(&r.gtid)?;
             let request = ApiRequest::Enlist { gtid, branches: branches(&r.branches)? };
             match self.call(request).instrument(tracing::debug_span!("Enlist", %gtid)).await? {
                 Reply::Enlisted => Ok(Response::new(v1::EnlistResponse {})),
@@ -174,8 +269,12 @@ impl Coordinator for CoordinatorService {
 
     async fn commit(&self, request: Request<v1::CommitRequest>) -> Result<Response<v1::CommitResponse>, Status> {
         observe("Commit", async {
+            let gtid = gtid(&request.get_ref().gtid)?;
+            if let Route::Remote(to) = self.route(&request, gtid)? {
+                let router = self.router.as_ref().expect("routed");
+                return router.forward(to, request.into_inner(), |mut c, r| async move { c.commit(r).await }).await;
+            }
             let r = request.into_inner();
-            let gtid = gtid(&r.gtid)?;
             let request = ApiRequest::Commit {
                 gtid,
                 branches: branches(&r.branches)?,
@@ -191,7 +290,11 @@ impl Coordinator for CoordinatorService {
 
     async fn abort(&self, request: Request<v1::AbortRequest>) -> Result<Response<v1::AbortResponse>, Status> {
         observe("Abort", async {
-            let gtid = gtid(&request.into_inner().gtid)?;
+            let gtid = gtid(&request.get_ref().gtid)?;
+            if let Route::Remote(to) = self.route(&request, gtid)? {
+                let router = self.router.as_ref().expect("routed");
+                return router.forward(to, request.into_inner(), |mut c, r| async move { c.abort(r).await }).await;
+            }
             match self.call(ApiRequest::Abort { gtid }).instrument(tracing::debug_span!("Abort", %gtid)).await? {
                 Reply::Aborted => Ok(Response::new(v1::AbortResponse {})),
                 other => Err(unexpected(other)),
@@ -202,7 +305,11 @@ impl Coordinator for CoordinatorService {
 
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
         observe("Get", async {
-            let gtid = gtid(&request.into_inner().gtid)?;
+            let gtid = gtid(&request.get_ref().gtid)?;
+            if let Route::Remote(to) = self.route(&request, gtid)? {
+                let router = self.router.as_ref().expect("routed");
+                return router.forward(to, request.into_inner(), |mut c, r| async move { c.get(r).await }).await;
+            }
             match self.call(ApiRequest::Get { gtid }).instrument(tracing::debug_span!("Get", %gtid)).await? {
                 Reply::Transaction(view) => {
                     Ok(Response::new(v1::GetResponse { transaction: Some(transaction(&view)) }))
@@ -215,6 +322,13 @@ impl Coordinator for CoordinatorService {
 
     async fn list(&self, request: Request<v1::ListRequest>) -> Result<Response<v1::ListResponse>, Status> {
         observe("List", async {
+            let peers = match self.router_for(&request) {
+                Some(router) => router.state.peers(),
+                None => Vec::new(),
+            };
+            if !peers.is_empty() {
+                return self.list_cluster(request.into_inner(), peers).await;
+            }
             let r = request.into_inner();
             let states = r
                 .states

@@ -40,6 +40,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ParticipantCommand,
     },
+    /// A cluster of coordinators on a PostgreSQL store.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Read the decision log.
     Log {
         #[command(subcommand)]
@@ -68,6 +73,22 @@ pub struct ServeArgs {
     /// A participant, as RESOURCE=ENDPOINT (e.g. db1=http://127.0.0.1:7701). Repeatable.
     #[arg(long = "participant", env = "PLEDGE_PARTICIPANTS", value_delimiter = ',')]
     pub participants: Vec<String>,
+    /// Decision store: `local` (a log in the data directory) or postgres://user@host:port/db
+    /// for a cluster of coordinators sharing it [default: local].
+    #[arg(long, env = "PLEDGE_STORE")]
+    pub store: Option<String>,
+    /// Cluster: the address other instances forward calls to [default: http://<listen>].
+    #[arg(long, env = "PLEDGE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Cluster: shards of the GTID space, when this instance creates the cluster [default: 64].
+    #[arg(long, env = "PLEDGE_CLUSTER_SHARDS")]
+    pub cluster_shards: Option<u64>,
+    /// Cluster: how long a shard lease lasts without renewal, ms [default: 5000].
+    #[arg(long, env = "PLEDGE_LEASE_MS")]
+    pub lease_ms: Option<u64>,
+    /// Cluster: how often leases are renewed and shards balanced, ms [default: 1000].
+    #[arg(long, env = "PLEDGE_LEASE_RENEW_INTERVAL_MS")]
+    pub lease_renew_interval_ms: Option<u64>,
     /// Deadline of the prepare round, ms.
     #[arg(long, env = "PLEDGE_PREPARE_TIMEOUT_MS")]
     pub prepare_timeout_ms: Option<u64>,
@@ -110,6 +131,21 @@ impl ServeArgs {
                 p.split_once('=').with_context(|| format!("--participant {p:?}: expected RESOURCE=ENDPOINT"))?;
             config.participants.insert(resource.to_string(), endpoint.to_string());
         }
+        if let Some(v) = self.store {
+            config.store = v;
+        }
+        if let Some(v) = self.advertise {
+            config.advertise = Some(v);
+        }
+        if let Some(v) = self.cluster_shards {
+            config.cluster_shards = v;
+        }
+        if let Some(v) = self.lease_ms {
+            config.lease_ms = v;
+        }
+        if let Some(v) = self.lease_renew_interval_ms {
+            config.lease_renew_interval_ms = v;
+        }
         if let Some(v) = self.prepare_timeout_ms {
             config.prepare_timeout_ms = v;
         }
@@ -128,6 +164,45 @@ impl ServeArgs {
         config.validate()?;
         Ok(config)
     }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Instances, shards, owners, lease epochs and expiry, and unfinished decisions per shard,
+    /// read from the store.
+    Status {
+        /// The cluster's store: postgres://user@host:port/db.
+        #[arg(long, env = "PLEDGE_STORE")]
+        store: String,
+    },
+}
+
+/// `pledge cluster status`.
+pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    let ClusterCommand::Status { store } = command;
+    let status = crate::cluster::status::read(&store).await?;
+    println!("cluster {} (schema v{}, {} shards)", status.cluster_id, status.schema_version, status.shard_count);
+    println!("\ninstances ({} live):", status.instances.len());
+    for i in &status.instances {
+        let owned = status.shards.iter().filter(|s| s.holder.as_deref() == Some(i.id.as_str()) && s.live).count();
+        println!("  {}  {}  shards {}  lease expires in {} ms", i.id, i.address, owned, i.expires_in_ms);
+    }
+    println!("\nshard  owner                     epoch  expires_in_ms  undecided_records  finished_records");
+    for s in &status.shards {
+        let owner = match (&s.holder, s.live) {
+            (Some(h), true) => h.clone(),
+            (Some(h), false) => format!("({h}, expired)"),
+            (None, _) => "-".to_string(),
+        };
+        println!(
+            "{:>5}  {:<24}  {:>5}  {:>13}  {:>17}  {:>16}",
+            s.shard, owner, s.epoch, s.expires_in_ms, s.in_doubt, s.finished
+        );
+    }
+    let unowned = status.shards.iter().filter(|s| !s.live).count();
+    let in_doubt: i64 = status.shards.iter().map(|s| s.in_doubt).sum();
+    println!("\n{unowned} shard(s) without a live owner; {in_doubt} decision(s) not yet acknowledged by every branch");
+    Ok(())
 }
 
 #[derive(Args, Debug)]

@@ -15,6 +15,8 @@ use crate::engine::EngineConfig;
 pub use crate::limits::{MAX_BATCH_LIMIT, MAX_BRANCHES_LIMIT};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
+/// `store` value of the embedded decision log.
+pub const LOCAL_STORE: &str = "local";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -23,8 +25,32 @@ pub struct Config {
     /// on this host.
     #[serde(deserialize_with = "listen_addr")]
     pub listen: ListenAddr,
-    /// Where the decision log and the coordinator id live.
+    /// Where the decision log and the coordinator id live (local store).
     pub data_dir: PathBuf,
+    /// The decision store: `local` (the default: a log in `data_dir`, one coordinator), or
+    /// `postgres://user@host:port/db` for a cluster of coordinators sharing a PostgreSQL
+    /// database (see `crate::cluster`). The URL must reach the current primary (a managed
+    /// database's endpoint, or a proxy that follows failover).
+    pub store: String,
+    /// Cluster: the address other instances forward calls to (`http://host:port`); defaults
+    /// to `http://` + `listen` when that is not a wildcard address.
+    pub advertise: Option<String>,
+    /// Cluster: shards the GTID space is split into, fixed when the cluster is created (the
+    /// first instance to start on an empty store); later instances use the store's.
+    pub cluster_shards: u64,
+    /// Cluster: how long a shard lease lasts without renewal (database time). An instance
+    /// that dies is replaced as owner of its shards after at most this plus one renewal.
+    pub lease_ms: u64,
+    /// Cluster: how often leases are renewed, membership read and shards rebalanced.
+    pub lease_renew_interval_ms: u64,
+    /// Cluster: longest a shard being handed over (shutdown, rebalance) waits for its live
+    /// transactions to finish before it is released anyway (they are then presumed aborted).
+    pub handover_drain_ms: u64,
+    /// Cluster: most decision records in one store transaction (group commit).
+    pub store_max_batch_records: u64,
+    /// Cluster: longest a store round trip may take before its outcome is treated as unknown
+    /// (then re-read or retried, never assumed).
+    pub store_timeout_ms: u64,
     /// Serve Prometheus metrics (`GET /metrics`) on this `host:port` (port 0: any free port,
     /// printed as `metrics on <addr>`). Not set: no metrics endpoint, and nothing recorded.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -81,6 +107,14 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             data_dir: PathBuf::from("./data"),
+            store: LOCAL_STORE.to_string(),
+            advertise: None,
+            cluster_shards: 64,
+            lease_ms: 5_000,
+            lease_renew_interval_ms: 1_000,
+            handover_drain_ms: 5_000,
+            store_max_batch_records: 1_024,
+            store_timeout_ms: 5_000,
             metrics_listen: None,
             coordinator_id: None,
             participants: BTreeMap::new(),
@@ -119,11 +153,22 @@ impl Config {
     /// participants' ids and endpoints.
     pub fn validate(&self) -> anyhow::Result<()> {
         crate::limits::check(self).map_err(anyhow::Error::msg)?;
+        if !self.is_local_store() && !self.store.starts_with("postgres://") && !self.store.starts_with("postgresql://")
+        {
+            anyhow::bail!("store = {:?}: it must be \"local\" or a postgres:// URL", self.store);
+        }
+        if let Some(a) = &self.advertise {
+            validate_endpoint(a).map_err(|e| anyhow::anyhow!("advertise: {e}"))?;
+        }
         for (resource, endpoint) in &self.participants {
             pledge_proto::ResourceId::parse_field("participants", resource)?;
             validate_endpoint(endpoint).map_err(|e| anyhow::anyhow!("participant {resource}: {e}"))?;
         }
         Ok(())
+    }
+
+    pub fn is_local_store(&self) -> bool {
+        self.store == LOCAL_STORE
     }
 
     /// The engine's settings; `epoch` is the decision log writer's (see `crate::store`).
@@ -142,6 +187,7 @@ impl Config {
             checkpoint_every_records: self.checkpoint_every_records,
             rng_seed: fastrand::u64(..),
             epoch,
+            shard_count: 0,
         }
     }
 }

@@ -84,6 +84,12 @@ pub fn of(c: &Config) -> Vec<Limit> {
         ),
         limit("log_queue_capacity", c.log_queue_capacity as u64, 1, 1_000_000, "records waiting for the log writer"),
         limit("checkpoint_every_records", c.checkpoint_every_records, 1, 100_000_000, "replay length after a crash"),
+        limit("cluster_shards", c.cluster_shards, 1, 4_096, "each shard is a lease renewed every interval"),
+        limit("lease_ms", c.lease_ms, 500, 10 * 60 * SECOND_MS, "how long a dead instance's shards wait"),
+        limit("lease_renew_interval_ms", c.lease_renew_interval_ms, 100, 60 * SECOND_MS, "at most lease_ms / 2"),
+        limit("handover_drain_ms", c.handover_drain_ms, 1, 10 * 60 * SECOND_MS, "a shutdown waits this long"),
+        limit("store_max_batch_records", c.store_max_batch_records, 1, 100_000, "one store transaction"),
+        limit("store_timeout_ms", c.store_timeout_ms, 100, 10 * 60 * SECOND_MS, "one store round trip"),
     ]
 }
 
@@ -100,6 +106,7 @@ pub fn check(c: &Config) -> Result<(), String> {
     let relations = [
         ("default_txn_timeout_ms", c.default_txn_timeout_ms, "max_txn_timeout_ms", c.max_txn_timeout_ms),
         ("retry_initial_backoff_ms", c.retry_initial_backoff_ms, "retry_max_backoff_ms", c.retry_max_backoff_ms),
+        ("lease_renew_interval_ms", c.lease_renew_interval_ms * 2, "lease_ms", c.lease_ms),
     ];
     for (key, value, bound_key, bound) in relations {
         if value > bound {
@@ -151,6 +158,12 @@ mod tests {
             "log_max_batch_bytes" => c.log_max_batch_bytes = v as usize,
             "log_queue_capacity" => c.log_queue_capacity = v as usize,
             "checkpoint_every_records" => c.checkpoint_every_records = v,
+            "cluster_shards" => c.cluster_shards = v,
+            "lease_ms" => c.lease_ms = v,
+            "lease_renew_interval_ms" => c.lease_renew_interval_ms = v,
+            "handover_drain_ms" => c.handover_drain_ms = v,
+            "store_max_batch_records" => c.store_max_batch_records = v,
+            "store_timeout_ms" => c.store_timeout_ms = v,
             other => panic!("no setter for {other}"),
         }
     }

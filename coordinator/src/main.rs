@@ -33,6 +33,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Txn { client, command } => cli::txn(client, command).await,
             Command::Participant { client, command } => cli::participant(client, command).await,
+            Command::Cluster { command } => cli::cluster(command).await,
             Command::Log { command: LogCommand::Inspect { data_dir } } => cli::log_inspect(data_dir),
         }
     });

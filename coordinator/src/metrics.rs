@@ -28,6 +28,13 @@ pub const PROTOCOL_ERRORS: &str = "pledge_participant_protocol_errors_total";
 pub const PARTICIPANT_CALLS: &str = "pledge_participant_calls_total";
 pub const PARTICIPANT_BRANCHES: &str = "pledge_participant_call_branches_total";
 pub const PARTICIPANT_CALL_DURATION: &str = "pledge_participant_call_duration_seconds";
+pub const SHARDS_OWNED: &str = "pledge_cluster_shards_owned";
+pub const OWNERSHIP_CHANGES: &str = "pledge_cluster_ownership_changes_total";
+pub const TAKEOVERS: &str = "pledge_cluster_takeovers_total";
+pub const FENCED_WRITES: &str = "pledge_store_fenced_writes_total";
+pub const STORE_RETRIES: &str = "pledge_store_write_retries_total";
+pub const STORE_WRITE_DURATION: &str = "pledge_store_write_duration_seconds";
+pub const STORE_BATCH_RECORDS: &str = "pledge_store_batch_records";
 
 /// Why the engine decided to abort a transaction (the `cause` label of [`ABORTS`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,6 +107,48 @@ pub fn describe() {
         "branches carried by calls to participants (calls are batched; for Recover, the branches listed)"
     );
     describe_histogram!(PARTICIPANT_CALL_DURATION, Unit::Seconds, "participant call latency, by resource and call");
+    describe_gauge!(SHARDS_OWNED, "cluster: shards this instance owns");
+    describe_counter!(
+        OWNERSHIP_CHANGES,
+        "cluster: shards this instance started or stopped owning, by change (acquired, lost)"
+    );
+    describe_counter!(TAKEOVERS, "cluster: shards taken over from an instance whose lease expired");
+    describe_counter!(
+        FENCED_WRITES,
+        "cluster: decision writes refused because the shard has a new owner (this instance then drops the shard)"
+    );
+    describe_counter!(
+        STORE_RETRIES,
+        "cluster: decision store writes retried (lost connection, timeout, failover: the outcome was unknown)"
+    );
+    describe_histogram!(STORE_WRITE_DURATION, Unit::Seconds, "cluster: one decision store transaction (group commit)");
+    describe_histogram!(STORE_BATCH_RECORDS, "cluster: records in one decision store transaction");
+}
+
+pub fn store_write(took: Duration, records: usize) {
+    histogram!(STORE_WRITE_DURATION).record(took);
+    histogram!(STORE_BATCH_RECORDS).record(records as f64);
+}
+
+pub fn store_retry() {
+    counter!(STORE_RETRIES).increment(1);
+}
+
+pub fn fenced_write() {
+    counter!(FENCED_WRITES).increment(1);
+}
+
+pub fn shard_acquired(takeover: bool) {
+    counter!(OWNERSHIP_CHANGES, "change" => "acquired").increment(1);
+    gauge!(SHARDS_OWNED).increment(1.0);
+    if takeover {
+        counter!(TAKEOVERS).increment(1);
+    }
+}
+
+pub fn shard_lost() {
+    counter!(OWNERSHIP_CHANGES, "change" => "lost").increment(1);
+    gauge!(SHARDS_OWNED).decrement(1.0);
 }
 
 pub fn begun() {

@@ -6,11 +6,12 @@
 //! stop accepting calls, stop the engine, flush and sync the log, exit.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use pledge_proto::ResourceId;
-use pledge_proto::transport::Listener;
+use pledge_proto::transport::{ListenAddr, Listener};
 use pledge_proto::v1::coordinator_server::CoordinatorServer;
 use tokio_util::sync::CancellationToken;
 
@@ -29,10 +30,7 @@ pub const COORDINATOR_ID_FILE: &str = "coordinator.id";
 /// scripts and tests wait for.
 pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: bool) -> anyhow::Result<()> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let coordinator_id = coordinator_id(&config.data_dir, config.coordinator_id.as_deref())?;
-    // Before the log opens, so that replay and everything after it is recorded.
+    // Before the store opens, so that replay and everything after it is recorded.
     if let Some(listen) = config.metrics_listen {
         let addr = pledge_proto::metrics::serve(listen, crate::metrics::describe, shutdown.clone())
             .await
@@ -40,27 +38,17 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
         println!("metrics on {addr}");
         tracing::info!(%addr, "metrics served at http://{addr}/metrics");
     }
-
-    let log_config = log_config(&config);
-    let started = std::time::Instant::now();
-    let (log, records) = tokio::task::spawn_blocking(move || recovery::open_log(log_config)).await??;
-    let epoch = crate::store::next_local_epoch(&config.data_dir)?;
-    let mut engine = Engine::restore(config.engine(epoch), crate::driver::now_ms(), records);
-    for (resource, endpoint) in &config.participants {
-        engine.add_configured_participant(ResourceId::parse_field("participants", resource)?, endpoint.clone());
+    if config.is_local_store() {
+        serve_local(config, shutdown, handle_signals).await
+    } else {
+        serve_cluster(config, shutdown, handle_signals).await
     }
-    tracing::info!(
-        coordinator_id,
-        epoch,
-        data_dir = %config.data_dir.display(),
-        live_transactions = engine.live_transactions(),
-        replay_ms = started.elapsed().as_millis() as u64,
-        "decision log replayed"
-    );
+}
 
-    let runtime_config = RuntimeConfig {
+fn runtime_config(config: &Config, coordinator_id: String) -> RuntimeConfig {
+    RuntimeConfig {
         call: std::sync::Arc::new(CallConfig {
-            coordinator_id: coordinator_id.clone(),
+            coordinator_id,
             prepare_timeout: Duration::from_millis(config.prepare_timeout_ms),
             rpc_timeout: Duration::from_millis(config.participant_rpc_timeout_ms),
             max_batch_branches: config.participant_max_batch_branches,
@@ -71,40 +59,213 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
         api_queue_capacity: 4096,
         max_request_wait: Duration::from_millis(config.max_request_wait_ms),
         publish_gauges: config.metrics_listen.is_some(),
-    };
+    }
+}
+
+fn add_configured_participants(engine: &mut Engine, config: &Config) -> anyhow::Result<()> {
+    for (resource, endpoint) in &config.participants {
+        engine.add_configured_participant(ResourceId::parse_field("participants", resource)?, endpoint.clone());
+    }
+    Ok(())
+}
+
+/// The embedded store: one coordinator, its decision log in the data directory.
+async fn serve_local(config: Config, shutdown: CancellationToken, handle_signals: bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let coordinator_id = coordinator_id(&config.data_dir, config.coordinator_id.as_deref())?;
+    let log_config = log_config(&config);
+    let started = std::time::Instant::now();
+    let (log, records) = tokio::task::spawn_blocking(move || recovery::open_log(log_config)).await??;
+    let epoch = crate::store::next_local_epoch(&config.data_dir)?;
+    let mut engine = Engine::restore(config.engine(epoch), crate::driver::now_ms(), records);
+    add_configured_participants(&mut engine, &config)?;
+    tracing::info!(
+        coordinator_id,
+        epoch,
+        data_dir = %config.data_dir.display(),
+        live_transactions = engine.live_transactions(),
+        replay_ms = started.elapsed().as_millis() as u64,
+        "decision log replayed"
+    );
+    let runtime_config = runtime_config(&config, coordinator_id);
     let (runtime, handle) = Runtime::new(engine, LocalLog::new(log.writer(), epoch), runtime_config);
     let engine_stop = CancellationToken::new();
     let runtime_task = tokio::spawn(runtime.run(engine_stop.clone()));
 
+    // The log is replayed and the engine rebuilt before the port opens.
     let listener =
         Listener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr()?;
-
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pledge_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let service = CoordinatorServer::new(CoordinatorService::new(handle, shutdown.clone()))
-        .max_decoding_message_size(config.max_request_bytes);
-
-    println!("listening on {addr}");
-    tracing::info!(%addr, "coordinator serving");
-
-    let stop = shutdown.clone();
+    let service = CoordinatorService::new(handle, shutdown.clone());
     if handle_signals {
+        let stop = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
             tracing::info!("shutdown requested");
             stop.cancel();
         });
     }
+    serve_grpc(&config, listener, service, shutdown, runtime_task, &engine_stop).await?;
+    log.shutdown().await.context("flushing the decision log")?;
+    tracing::info!("coordinator stopped; decision log flushed");
+    Ok(())
+}
+
+/// An instance of a cluster on a PostgreSQL store (see `crate::cluster`).
+async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signals: bool) -> anyhow::Result<()> {
+    use crate::cluster::lease::{LeaseConfig, LeaseManager};
+    use crate::cluster::{ClusterState, router::Router, schema, store::PgLog};
+    use crate::driver::ClusterLink;
+
+    let store_timeout = Duration::from_millis(config.store_timeout_ms);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(store_timeout)
+        .connect(&config.store)
+        .await
+        .with_context(|| format!("cannot connect to the decision store {}", redact(&config.store)))?;
+    let wanted_id = match &config.coordinator_id {
+        Some(id) => {
+            ResourceId::parse_field("coordinator_id", id)?;
+            id.clone()
+        }
+        None => format!("c{:012x}", fastrand::u64(..) & 0xffff_ffff_ffff),
+    };
+    let shards = u16::try_from(config.cluster_shards).context("cluster_shards")?;
+    let info = schema::prepare(&pool, shards, &wanted_id).await.context("preparing the decision store")?;
+    if let Some(id) = &config.coordinator_id
+        && *id != info.cluster_id
+    {
+        anyhow::bail!(
+            "configured coordinator_id {id:?} differs from the cluster's {:?} kept in the store: every instance \
+             of a cluster uses the cluster's id",
+            info.cluster_id
+        );
+    }
+    if u64::from(info.shard_count) != config.cluster_shards {
+        tracing::info!(
+            configured = config.cluster_shards,
+            store = info.shard_count,
+            "the cluster's shard count is the store's"
+        );
+    }
+
+    // The port opens first (the advertised address may need it); no shard is owned, so calls
+    // are answered UNAVAILABLE, until the lease manager has adopted some.
+    let listener =
+        Listener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = match (&config.advertise, listener.local_addr()?) {
+        (Some(a), _) => a.clone(),
+        (None, ListenAddr::Tcp(a)) if !a.ip().is_unspecified() => format!("http://{a}"),
+        (None, other) => anyhow::bail!(
+            "advertise is not set and {other} cannot be reached by other instances: set advertise = \"http://host:port\""
+        ),
+    };
+    let instance_id = format!("{}-{:08x}", info.cluster_id, fastrand::u32(..));
+    let state = Arc::new(ClusterState::new(instance_id.clone(), address.clone(), info.shard_count));
+    let mut engine_config = config.engine(0);
+    engine_config.shard_count = info.shard_count;
+    let mut engine = Engine::new(engine_config);
+    add_configured_participants(&mut engine, &config)?;
+    let log = PgLog::start(pool.clone(), state.clone(), config.store_max_batch_records as usize, store_timeout);
+    let (commands_tx, commands) = tokio::sync::mpsc::channel(1024);
+    let (runtime, handle) = Runtime::new(engine, log, runtime_config(&config, info.cluster_id.clone()));
+    let runtime = runtime.with_cluster(ClusterLink { state: state.clone(), commands });
+    let engine_stop = CancellationToken::new();
+    let runtime_task = tokio::spawn(runtime.run(engine_stop.clone()));
+    let lease = LeaseManager::new(
+        pool.clone(),
+        state.clone(),
+        commands_tx,
+        LeaseConfig {
+            lease: Duration::from_millis(config.lease_ms),
+            renew_interval: Duration::from_millis(config.lease_renew_interval_ms),
+            drain: Duration::from_millis(config.handover_drain_ms),
+            completed_retention_ms: config.completed_retention_ms,
+        },
+    );
+    let lease_stop = CancellationToken::new();
+    let lease_task = tokio::spawn(lease.run(lease_stop.clone()));
+    let handed_over = CancellationToken::new();
+    {
+        let handed_over = handed_over.clone();
+        let lease_task = lease_task;
+        tokio::spawn(async move {
+            let _ = lease_task.await;
+            handed_over.cancel();
+        });
+    }
+    tracing::info!(
+        cluster_id = info.cluster_id,
+        instance_id,
+        address,
+        shards = info.shard_count,
+        store = %redact(&config.store),
+        "cluster instance started"
+    );
+
+    let router = Arc::new(Router::new(state, Duration::from_millis(config.max_request_wait_ms)));
+    let service = CoordinatorService::new(handle, shutdown.clone()).with_router(router);
+    if handle_signals {
+        // Hand the shards over while still serving (calls about them are answered here until
+        // each is released), then stop.
+        let (stop, lease_stop, handed_over) = (shutdown.clone(), lease_stop.clone(), handed_over.clone());
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested; handing shards over");
+            lease_stop.cancel();
+            handed_over.cancelled().await;
+            stop.cancel();
+        });
+    }
+    let served = serve_grpc(&config, listener, service, shutdown, runtime_task, &engine_stop);
+    let result = served.await;
+    lease_stop.cancel();
+    handed_over.cancelled().await;
+    tracing::info!("cluster instance stopped");
+    result
+}
+
+/// `url` without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Serves gRPC on `listener` until `shutdown`, then stops the engine. Prints `listening on
+/// <addr>` to stdout once the port serves, which scripts and tests wait for.
+async fn serve_grpc(
+    config: &Config,
+    listener: Listener,
+    service: CoordinatorService,
+    shutdown: CancellationToken,
+    runtime_task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
+    engine_stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pledge_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let service = CoordinatorServer::new(service).max_decoding_message_size(config.max_request_bytes);
+
+    println!("listening on {addr}");
+    tracing::info!(%addr, "coordinator serving");
     let router =
         pledge_proto::transport::server().add_service(health_service).add_service(reflection).add_service(service);
     let server = listener.serve(router, shutdown.cancelled_owned());
 
-    // The engine task ends only on a fatal log error or when told to stop.
+    // The engine task ends only on a fatal store error or when told to stop.
     let mut runtime_task = runtime_task;
     let served = tokio::select! {
         served = server => served.map_err(anyhow::Error::from),
@@ -118,8 +279,6 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
     };
     engine_stop.cancel();
     runtime_task.await?.context("engine")?;
-    log.shutdown().await.context("flushing the decision log")?;
-    tracing::info!("coordinator stopped; decision log flushed");
     served
 }
 

@@ -14,6 +14,8 @@
 //!
 //! A store failure is fatal to the runtime: it cannot tell a waiting caller the truth about a
 //! record it could not make durable, so it stops and the restart's recovery reads the store.
+//! The one exception is a fenced write in a cluster ([`StoreError::Fenced`]): the shard has a
+//! new owner, who reads the store; this instance drops the shard and goes on with the others.
 //!
 //! [`LocalLog`] is the embedded store: `pledge-log`, a directory on this machine.
 
@@ -30,10 +32,17 @@ use crate::records;
 /// Resolves once a record (or snapshot) is durable.
 pub type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
-/// A store failure: fatal to the runtime (see the module docs).
+/// A store failure.
 #[derive(Debug, thiserror::Error)]
-#[error("decision log: {0}")]
-pub struct StoreError(String);
+pub enum StoreError {
+    /// Fatal to the runtime (see the module docs).
+    #[error("decision log: {0}")]
+    Failed(String),
+    /// Cluster: the write was refused because `shard` is no longer this instance's at
+    /// `epoch` (another instance took it over). Not fatal: the runtime drops the shard.
+    #[error("decision store: shard {shard} is no longer ours at epoch {epoch}")]
+    Fenced { shard: u16, epoch: u64 },
+}
 
 /// See the module docs.
 pub trait DecisionLog: Send + 'static {
@@ -91,7 +100,7 @@ impl DecisionLog for LocalLog {
 }
 
 fn log_error(e: pledge_log::LogError) -> StoreError {
-    StoreError(e.to_string())
+    StoreError::Failed(e.to_string())
 }
 
 /// The file in the data directory that counts the coordinator's starts (the local epoch).

@@ -76,6 +76,25 @@ impl Gtid {
         Gtid(Uuid::from_bytes(bytes))
     }
 
+    /// A new GTID for the current time in `shard` of `shard_count` (see [`Gtid::shard`]): a
+    /// UUIDv7 whose last two bytes are chosen so; 58 random bits remain.
+    pub fn new_v7_in_shard(shard: u16, shard_count: u16) -> Self {
+        assert!(shard_count > 0 && shard < shard_count, "shard {shard} of {shard_count}");
+        let mut bytes = *Uuid::now_v7().as_bytes();
+        let slots = (u32::from(u16::MAX) + 1) / u32::from(shard_count);
+        let tail = u32::from(shard) + u32::from(shard_count) * fastrand::u32(..slots);
+        bytes[14..].copy_from_slice(&(tail as u16).to_be_bytes());
+        Gtid(Uuid::from_bytes(bytes))
+    }
+
+    /// The shard of a coordinator cluster this GTID belongs to: its last two bytes modulo
+    /// `shard_count`. Fixed for the GTID's life, so any instance can tell which shard owner
+    /// decides it.
+    pub fn shard(&self, shard_count: u16) -> u16 {
+        let b = self.0.as_bytes();
+        u16::from_be_bytes([b[14], b[15]]) % shard_count.max(1)
+    }
+
     pub fn as_uuid(&self) -> &Uuid {
         &self.0
     }
@@ -300,6 +319,26 @@ mod tests {
         assert_eq!(parsed, g);
         let now = Gtid::new_v7();
         assert!(now.unix_ms().unwrap() > 1_700_000_000_000);
+    }
+
+    #[test]
+    fn a_gtid_issued_in_a_shard_maps_back_to_it() {
+        for count in [1u16, 3, 64, 1000, u16::MAX] {
+            for shard in [0, count / 2, count - 1] {
+                for _ in 0..50 {
+                    let g = Gtid::new_v7_in_shard(shard, count);
+                    assert_eq!(g.shard(count), shard, "shard {shard} of {count}");
+                    assert_eq!(g.as_uuid().get_version_num(), 7);
+                    assert!(g.unix_ms().unwrap() > 1_700_000_000_000);
+                }
+            }
+        }
+        // Random GTIDs spread over every shard.
+        let mut seen = [false; 64];
+        for _ in 0..10_000 {
+            seen[Gtid::new_v7().shard(64) as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
     }
 
     #[test]

@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::ClusterState;
+use crate::cluster::lease::ShardCommand;
 use crate::engine::{
     Command, Engine, EngineError, Enlisted, Event, ListFilter, LogRecord, Phase2Op, Phase2Result, Reply, ReqId,
     SyncToken, VoteResult,
@@ -69,10 +71,11 @@ pub enum ApiRequest {
 }
 
 impl ApiRequest {
-    fn into_event(self, req: ReqId) -> Event {
+    /// `gtid`: what a Begin issues (see `Runtime::issue`).
+    fn into_event(self, req: ReqId, gtid: Gtid) -> Event {
         match self {
             ApiRequest::Begin { timeout_ms, idempotency_key, branches } => {
-                Event::Begin { req, gtid: Gtid::new_v7(), timeout_ms, idempotency_key, branches }
+                Event::Begin { req, gtid, timeout_ms, idempotency_key, branches }
             }
             ApiRequest::Enlist { gtid, branches } => Event::Enlist { req, gtid, branches },
             ApiRequest::Commit { gtid, branches, wait_for_completion } => {
@@ -155,8 +158,28 @@ const MAX_EVENTS_PER_TURN: usize = 256;
 /// A pending sync: of a record the engine waits for, or (`None`) of a checkpoint.
 type SyncFuture = Pin<Box<dyn Future<Output = (Option<SyncToken>, Result<(), StoreError>)> + Send>>;
 
+/// The runtime's part in a cluster (see `crate::cluster`).
+pub struct ClusterLink {
+    pub state: Arc<ClusterState>,
+    pub commands: mpsc::Receiver<ShardCommand>,
+}
+
+/// A shard being handed over: dropped once its live transactions finish or at `deadline`.
+struct Drain {
+    shard: u16,
+    epoch: u64,
+    deadline: Instant,
+    done: oneshot::Sender<()>,
+}
+
+/// How often shards being handed over are checked for live transactions (one pass over the
+/// engine's transactions each).
+const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(50);
+
 pub struct Runtime<L> {
     engine: Engine,
+    cluster: Option<ClusterLink>,
+    draining: Vec<Drain>,
     log: L,
     config: RuntimeConfig,
     clock: Clock,
@@ -181,6 +204,8 @@ impl<L: DecisionLog> Runtime<L> {
         let handle = RuntimeHandle { api: api_tx, max_wait: config.max_request_wait };
         let runtime = Runtime {
             engine,
+            cluster: None,
+            draining: Vec::new(),
             log,
             config,
             clock: Clock::start(),
@@ -195,6 +220,13 @@ impl<L: DecisionLog> Runtime<L> {
             commands: Vec::with_capacity(1024),
         };
         (runtime, handle)
+    }
+
+    /// Makes this runtime an instance of a cluster: it owns only the shards the lease manager
+    /// gives it (through `link.commands`).
+    pub fn with_cluster(mut self, link: ClusterLink) -> Self {
+        self.cluster = Some(link);
+        self
     }
 
     /// Runs until `shutdown` is cancelled. Returns an error only for a fatal store failure.
@@ -212,6 +244,9 @@ impl<L: DecisionLog> Runtime<L> {
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drain_check = tokio::time::interval(DRAIN_CHECK_INTERVAL);
+        drain_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let clustered = self.cluster.is_some();
         loop {
             let deadline = self.engine.next_deadline().map(|at| self.clock.instant_at(at));
             if deadline != armed {
@@ -224,7 +259,11 @@ impl<L: DecisionLog> Runtime<L> {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some((token, result)) = self.syncs.next(), if !self.syncs.is_empty() => {
-                    result?;
+                    if let Err(e) = result {
+                        self.store_failed(token, e)?;
+                        self.execute().await?;
+                        continue;
+                    }
                     // `None`: a checkpoint (the log writer says what it wrote and deleted).
                     if let Some(token) = token {
                         if matches!(token, SyncToken::Commit(_)) {
@@ -241,6 +280,10 @@ impl<L: DecisionLog> Runtime<L> {
                     let interval = self.config.recovery_interval;
                     crate::recovery::scan_in_doubt(self.participants.values(), &self.events_tx, self.clock.now(), interval);
                 }
+                Some(command) = async { self.cluster.as_mut()?.commands.recv().await }, if clustered => {
+                    self.shard_command(command);
+                }
+                _ = drain_check.tick(), if !self.draining.is_empty() => self.check_drains(),
                 _ = sweep.tick() => self.sweep_gone_callers(),
                 _ = gauges.tick(), if self.config.publish_gauges => {
                     crate::metrics::publish(&self.engine.gauges(self.clock.now()));
@@ -276,8 +319,111 @@ impl<L: DecisionLog> Runtime<L> {
             ApiRequest::Commit { gtid, .. } => Some(*gtid),
             _ => None,
         };
+        let gtid = match &request {
+            ApiRequest::Begin { idempotency_key, .. } => match self.issue(idempotency_key.as_deref()) {
+                Some(gtid) => gtid,
+                None => {
+                    let _ = reply.send(Err(EngineError::NoShard));
+                    return;
+                }
+            },
+            _ => Gtid::new_v7(), // unused
+        };
         self.replies.insert(req, (reply, commit_of));
-        self.handle(request.into_event(req));
+        self.handle(request.into_event(req, gtid));
+    }
+
+    /// The GTID a Begin issues: in a cluster, in the idempotency key's shard, or else in a
+    /// random shard this instance owns and is not handing over (`None`: it has none).
+    fn issue(&self, idempotency_key: Option<&str>) -> Option<Gtid> {
+        let Some(cluster) = &self.cluster else { return Some(Gtid::new_v7()) };
+        let count = cluster.state.shard_count;
+        if let Some(key) = idempotency_key {
+            // Refused by the engine if the shard is not ours (the router sends such a Begin
+            // to the key shard's owner).
+            return Some(Gtid::new_v7_in_shard(crate::cluster::key_shard(key, count), count));
+        }
+        let owned = self.engine.owned_shards();
+        let open = owned.len() - self.draining.iter().filter(|d| owned.contains_key(&d.shard)).count();
+        if open == 0 {
+            return None;
+        }
+        let pick = fastrand::usize(..open);
+        let shard = owned.keys().filter(|s| !self.draining.iter().any(|d| d.shard == **s)).nth(pick)?;
+        Some(Gtid::new_v7_in_shard(*shard, count))
+    }
+
+    fn shard_command(&mut self, command: ShardCommand) {
+        match command {
+            ShardCommand::Adopt { shard, epoch, forgotten_through_ms, records } => {
+                self.handle(Event::AdoptShard { shard, epoch, forgotten_through_ms, records });
+                // Resolve what participants hold in doubt for the shard now, not at the next
+                // scan (skipped for a participant whose scan is under way).
+                let interval = self.config.recovery_interval;
+                crate::recovery::scan_in_doubt(self.participants.values(), &self.events_tx, self.clock.now(), interval);
+            }
+            ShardCommand::Drop { shard, epoch } => {
+                if self.engine.owned_shards().get(&shard) == Some(&epoch) {
+                    self.handle(Event::DropShard { shard });
+                }
+            }
+            ShardCommand::Release { shard, epoch, drain, done } => {
+                self.draining.push(Drain { shard, epoch, deadline: Instant::now() + drain, done });
+                self.check_drains();
+            }
+            ShardCommand::Participant { resource, endpoint } => {
+                self.handle(Event::ParticipantKnown { resource, endpoint })
+            }
+        }
+    }
+
+    /// Drops every shard being handed over whose live transactions have finished (or whose
+    /// drain time is up: the rest are left to the next owner, as after a crash).
+    fn check_drains(&mut self) {
+        let now = Instant::now();
+        for d in std::mem::take(&mut self.draining) {
+            let held = self.engine.owned_shards().get(&d.shard) == Some(&d.epoch);
+            let live = if held { self.engine.live_in_shard(d.shard) } else { 0 };
+            if held && live > 0 && now < d.deadline {
+                self.draining.push(d);
+                continue;
+            }
+            if held {
+                if live > 0 {
+                    tracing::warn!(
+                        shard = d.shard,
+                        live,
+                        "handover drain time is up; the next owner finishes the rest"
+                    );
+                }
+                self.handle(Event::DropShard { shard: d.shard });
+            }
+            let _ = d.done.send(());
+        }
+    }
+
+    /// A record could not be made durable. Fenced: the shard has a new owner; drop it and go
+    /// on. A registration in a cluster: tell its caller. Anything else is fatal.
+    fn store_failed(&mut self, token: Option<SyncToken>, error: StoreError) -> Result<(), StoreError> {
+        match (&error, token, &self.cluster) {
+            (StoreError::Fenced { shard, epoch }, _, Some(cluster)) => {
+                let (shard, epoch) = (*shard, *epoch);
+                cluster.state.lose(shard, epoch);
+                if self.engine.owned_shards().get(&shard) == Some(&epoch) {
+                    tracing::warn!(shard, epoch, "fenced by the store: another instance owns the shard; dropping it");
+                    crate::metrics::shard_lost();
+                    self.handle(Event::DropShard { shard });
+                }
+                Ok(())
+            }
+            (StoreError::Failed(message), Some(SyncToken::Register(req)), Some(_)) => {
+                if let Some((tx, _)) = self.replies.remove(&req) {
+                    let _ = tx.send(Err(EngineError::StoreUnavailable(message.clone())));
+                }
+                Ok(())
+            }
+            _ => Err(error),
+        }
     }
 
     /// Forgets requests whose callers stopped waiting, and tells the engine of the Commit

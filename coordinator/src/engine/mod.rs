@@ -28,9 +28,12 @@
 
 mod protocol;
 mod recovery;
+mod shards;
 mod txn;
 mod types;
 
+#[cfg(test)]
+mod shard_tests;
 #[cfg(test)]
 mod tests;
 
@@ -72,8 +75,12 @@ pub struct EngineConfig {
     pub checkpoint_every_records: u64,
     /// Seed of the backoff jitter (fixed in tests, random in production).
     pub rng_seed: u64,
-    /// The decision log writer's epoch, stamped on every decision record.
+    /// The decision log writer's epoch, stamped on every decision record (local store).
     pub epoch: u64,
+    /// Cluster: the number of shards GTIDs are split into (see [`Gtid::shard`]). The engine
+    /// then owns only the shards it adopted ([`Event::AdoptShard`]), each with its lease
+    /// epoch, which it stamps on that shard's decisions. 0: not sharded; it owns every GTID.
+    pub shard_count: u16,
 }
 
 impl Default for EngineConfig {
@@ -92,6 +99,7 @@ impl Default for EngineConfig {
             checkpoint_every_records: 200_000,
             rng_seed: 0x5eed,
             epoch: 0,
+            shard_count: 0,
         }
     }
 }
@@ -239,6 +247,8 @@ struct Ctx {
     last_forgotten_at_ms: Millis,
     records_since_checkpoint: u64,
     rng: fastrand::Rng,
+    /// Cluster: the shards this engine owns, with their lease epochs (unused when not sharded).
+    owned: BTreeMap<u16, u64>,
 }
 
 /// The 2PC state machine. See the module documentation.
@@ -267,6 +277,7 @@ impl Engine {
                 last_forgotten_at_ms: 0,
                 records_since_checkpoint: 0,
                 rng,
+                owned: BTreeMap::new(),
             },
         }
     }
@@ -320,6 +331,13 @@ impl Engine {
         // Deadlines first: a transaction past its timeout must not be committed by an event
         // that happens to arrive before the tick.
         self.fire_timers();
+        if let Some((req, gtid)) = event.request_gtid()
+            && !self.cx.owns(gtid)
+        {
+            let shard = gtid.shard(self.cx.cfg.shard_count);
+            self.cx.reply(req, Err(EngineError::NotOwner { gtid, shard }));
+            return self.finish_turn(out);
+        }
         match event {
             Event::Begin { req, gtid, timeout_ms, idempotency_key, branches } => {
                 self.begin(req, gtid, timeout_ms, idempotency_key, branches)
@@ -374,6 +392,11 @@ impl Engine {
             }
             Event::Synced(SyncToken::Register(req)) => self.cx.reply(req, Ok(Reply::Registered)),
             Event::InDoubt { resource, branches, listed_ms } => self.in_doubt(resource, branches, listed_ms),
+            Event::AdoptShard { shard, epoch, forgotten_through_ms, records } => {
+                self.adopt_shard(shard, epoch, forgotten_through_ms, records)
+            }
+            Event::DropShard { shard } => self.drop_shard(shard),
+            Event::ParticipantKnown { resource, endpoint } => self.participant_known(resource, endpoint),
             Event::Tick => {}
             Event::CallersGone(gone) => {
                 for (req, gtid) in gone {
@@ -530,8 +553,11 @@ impl Engine {
         let Engine { txns, cx } = self;
         let Some(txn) = txns.get_mut(&gtid) else {
             // A vote for a transaction we no longer know: presumed abort. Roll the branch back
-            // so it does not stay in doubt.
-            if let VoteResult::Prepared { metadata } = vote {
+            // so it does not stay in doubt (unless its shard is another instance's now: its
+            // owner decides).
+            if let VoteResult::Prepared { metadata } = vote
+                && cx.owns(gtid)
+            {
                 cx.out.push(Command::Abort { gtid, branch: key, metadata });
             }
             return;
@@ -608,7 +634,7 @@ impl Engine {
                 // Every vote is yes: force the decision to disk before anyone hears "commit".
                 txn.phase = Phase::CommitPending;
                 txn.decided_ms = cx.now;
-                txn.decision_epoch = cx.cfg.epoch;
+                txn.decision_epoch = cx.epoch_of(txn.gtid);
                 cx.append(LogRecord::Commit(txn.commit_record()), Some(SyncToken::Commit(gtid)));
             } else {
                 // All read-only: nothing to commit anywhere, nothing to log.

@@ -86,7 +86,7 @@ impl Ctx {
                 txn.phase = Phase::OnePhasePending;
                 txn.one_phase = true;
                 txn.decided_ms = self.now;
-                txn.decision_epoch = self.cfg.epoch;
+                txn.decision_epoch = self.epoch_of(txn.gtid);
                 self.append(LogRecord::OnePhase(txn.one_phase_record()), Some(SyncToken::OnePhase(txn.gtid)));
             }
             _ => {

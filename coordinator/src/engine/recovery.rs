@@ -115,6 +115,9 @@ impl Engine {
             if ib.branch.resource != resource {
                 continue; // a participant may only speak for its own resource
             }
+            if !cx.owns(ib.gtid) {
+                continue; // another instance's shard: its owner resolves it
+            }
             let Some(txn) = txns.get_mut(&ib.gtid) else {
                 // Maybe a transaction that finished (every branch acknowledged) and was forgotten
                 // after this list was made: then the list is stale, and presuming abort would roll

@@ -79,11 +79,47 @@ pub enum Event {
         /// no older than this. A transaction forgotten before it cannot be on the list.
         listed_ms: Millis,
     },
+    /// Cluster: this coordinator now owns `shard` under lease `epoch` (a takeover, or a
+    /// shard handed over). `records` are every record the store holds for the shard, and
+    /// `forgotten_through_ms` the shard's horizon of forgotten transactions. The engine
+    /// rebuilds the shard's transactions from them and resumes them, as after a restart.
+    AdoptShard {
+        shard: u16,
+        epoch: u64,
+        forgotten_through_ms: Millis,
+        records: Vec<LogRecord>,
+    },
+    /// Cluster: this coordinator no longer owns `shard` (handed over, fenced, or its lease
+    /// lapsed): its transactions are dropped at once, their waiting callers told to retry
+    /// at the new owner, and nothing more is sent for them.
+    DropShard {
+        shard: u16,
+    },
+    /// Cluster: a participant registered at another instance (read from the shared store,
+    /// where it is already durable).
+    ParticipantKnown {
+        resource: ResourceId,
+        endpoint: String,
+    },
     /// Time passed: fire the deadlines that are due.
     Tick,
     /// The callers of these Commit requests stopped waiting (deadline, disconnect): their
     /// places among the transaction's waiters are free again.
     CallersGone(Vec<(ReqId, Gtid)>),
+}
+
+impl Event {
+    /// The request and GTID of a client call about one transaction.
+    pub(super) fn request_gtid(&self) -> Option<(ReqId, Gtid)> {
+        match self {
+            Event::Begin { req, gtid, .. }
+            | Event::Enlist { req, gtid, .. }
+            | Event::Commit { req, gtid, .. }
+            | Event::Abort { req, gtid }
+            | Event::Get { req, gtid } => Some((*req, *gtid)),
+            _ => None,
+        }
+    }
 }
 
 /// A branch as a client enlists it.
@@ -253,6 +289,18 @@ pub enum EngineError {
     TooManyParticipants { max: usize },
     #[error("branch {branch} is enlisted already with may_be_empty = {may_be_empty}; enlist it the same way")]
     EnlistConflict { branch: BranchKey, may_be_empty: bool },
+    #[error(
+        "transaction {gtid} belongs to shard {shard}, which this coordinator does not own (it moved or is \
+         moving to another instance); retry"
+    )]
+    NotOwner { gtid: Gtid, shard: u16 },
+    #[error(
+        "this coordinator owns no shard at the moment (starting, handing its shards over, or cut off from the \
+         store); retry"
+    )]
+    NoShard,
+    #[error("the decision store cannot be reached: {0}; retry")]
+    StoreUnavailable(String),
 }
 
 /// A transaction's state as the API shows it.

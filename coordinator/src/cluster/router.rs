@@ -1,0 +1,108 @@
+//! Any instance answers any call: a call about a GTID of a shard another instance owns is
+//! forwarded to that owner, and the reply names the owner in its `pledge-owner` metadata so a
+//! client can send its next call there directly. A forwarded call carries `pledge-forwarded`
+//! and is never forwarded again (an owner that lost the shard meanwhile answers UNAVAILABLE,
+//! and the client retries).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pledge_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::ClusterState;
+
+/// Request metadata of a forwarded call.
+pub const FORWARDED: &str = "pledge-forwarded";
+/// Response metadata naming the instance that owns the call's shard.
+pub const OWNER: &str = "pledge-owner";
+
+pub enum Route {
+    Local,
+    Remote(String),
+}
+
+pub struct Router {
+    pub state: Arc<ClusterState>,
+    clients: Mutex<HashMap<String, CoordinatorClient<Channel>>>,
+    timeout: Duration,
+}
+
+impl Router {
+    pub fn new(state: Arc<ClusterState>, timeout: Duration) -> Router {
+        Router { state, clients: Mutex::new(HashMap::new()), timeout }
+    }
+
+    /// Where a call about `shard` is answered.
+    pub fn route(&self, shard: u16) -> Result<Route, Status> {
+        if self.state.epoch_of(shard).is_some() {
+            return Ok(Route::Local);
+        }
+        match self.state.owner_of(shard) {
+            Some(owner) if owner.instance != self.state.instance_id => Ok(Route::Remote(owner.address)),
+            _ => Err(Status::unavailable(format!(
+                "shard {shard} has no live owner at the moment (an instance is taking it over); retry"
+            ))),
+        }
+    }
+
+    /// Where a Begin without an idempotency key goes: here if this instance owns a shard,
+    /// else to an instance that does.
+    pub fn route_begin(&self) -> Result<Route, Status> {
+        if !self.state.owned().is_empty() {
+            return Ok(Route::Local);
+        }
+        let me = &self.state.instance_id;
+        (0..self.state.shard_count)
+            .filter_map(|s| self.state.owner_of(s))
+            .find(|o| o.instance != *me)
+            .map(|o| Route::Remote(o.address))
+            .ok_or_else(|| Status::unavailable("no instance of the cluster owns a shard at the moment; retry"))
+    }
+
+    fn client(&self, address: &str) -> Result<CoordinatorClient<Channel>, Status> {
+        let mut clients = self.clients.lock().expect("router clients");
+        if let Some(c) = clients.get(address) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|e| Status::internal(format!("instance address {address:?} is invalid: {e}")))?
+            .connect_timeout(self.timeout)
+            .tcp_nodelay(true);
+        let client = CoordinatorClient::new(endpoint.connect_lazy());
+        clients.insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+
+    /// Sends `message` to the instance at `address` with `call`, marked as forwarded.
+    pub async fn forward<T, R, F, Fut>(&self, address: String, message: T, call: F) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(CoordinatorClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
+        let client = self.client(&address)?;
+        let mut request = Request::new(message);
+        request.metadata_mut().insert(FORWARDED, MetadataValue::from_static("1"));
+        request.set_timeout(self.timeout);
+        let mut response = call(client, request).await.map_err(|s| match s.code() {
+            // The owner could not be reached: the shard may be moving; retriable.
+            tonic::Code::Unknown | tonic::Code::Cancelled => {
+                Status::unavailable(format!("forwarding to the shard's owner at {address} failed: {}", s.message()))
+            }
+            _ => s,
+        })?;
+        if let Ok(v) = MetadataValue::try_from(address.as_str()) {
+            response.metadata_mut().insert(OWNER, v);
+        }
+        Ok(response)
+    }
+}
+
+/// Whether `request` was forwarded by another instance (it is then answered here, whatever).
+pub fn forwarded<T>(request: &Request<T>) -> bool {
+    request.metadata().contains_key(FORWARDED)
+}

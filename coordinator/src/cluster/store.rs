@@ -1,0 +1,358 @@
+//! The PostgreSQL decision store: [`PgLog`] carries out the engine's appends with the local
+//! log's group-commit shape, and fences every write with the shard's lease epoch.
+//!
+//! One writer task takes whatever appends are queued (up to `store_max_batch_records`) and
+//! writes them in one database transaction: it locks the lease rows of the shards involved
+//! (`SELECT ... FOR UPDATE`), keeps only the records whose shard is still this instance's at
+//! the epoch they were decided under, upserts them, and commits. Nothing is acknowledged before
+//! that commit returns. A takeover's lease update waits for the row lock, so it either comes
+//! first (and this write is refused: the shard is [`StoreError::Fenced`]) or after (and the new
+//! owner reads what this write left).
+//!
+//! A write whose answer is lost (timeout, reset connection, failover) has an unknown outcome:
+//! it is written again, which is idempotent (an upsert of the same rows), until it succeeds or
+//! its shard is no longer this instance's — never assumed either way.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pledge_proto::Gtid;
+use sqlx::postgres::PgPool;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::ClusterState;
+use crate::engine::LogRecord;
+use crate::records;
+use crate::store::{DecisionLog, Durable, StoreError};
+
+/// Appends queued for the writer before `append` waits (backpressure).
+const QUEUE_CAPACITY: usize = 65_536;
+/// Longest a write is retried while the store cannot be reached, for records of no shard
+/// (participant registrations; a shard's records are retried while the shard is owned).
+const MAX_UNSHARDED_RETRY: Duration = Duration::from_secs(30);
+const RETRY_INITIAL_BACKOFF: Duration = Duration::from_millis(20);
+const RETRY_MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+enum Row {
+    Decision {
+        gtid: Gtid,
+        shard: u16,
+        epoch: u64,
+        kind: u8,
+        finished: bool,
+        keep: bool,
+        completed_ms: u64,
+        record: Vec<u8>,
+    },
+    Participant {
+        resource: String,
+        endpoint: String,
+    },
+}
+
+struct Op {
+    row: Row,
+    done: Option<oneshot::Sender<Result<(), StoreError>>>,
+}
+
+/// The engine's side of the PostgreSQL store (see the module docs).
+pub struct PgLog {
+    ops: mpsc::Sender<Op>,
+    state: Arc<ClusterState>,
+}
+
+impl PgLog {
+    /// Starts the writer task on `pool`.
+    pub fn start(pool: PgPool, state: Arc<ClusterState>, max_batch_records: usize, timeout: Duration) -> PgLog {
+        let (ops, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let writer = Writer { pool, state: state.clone(), max_batch_records, timeout };
+        tokio::spawn(writer.run(rx));
+        PgLog { ops, state }
+    }
+
+    fn row(&self, record: &LogRecord) -> Option<Row> {
+        let count = self.state.shard_count;
+        let (rtype, payload) = records::encode(record);
+        let decision = |gtid: Gtid, epoch: Option<u64>, finished, keep, completed_ms| {
+            let shard = gtid.shard(count);
+            // A decision carries the epoch it was made under; an end record, the shard's now.
+            let epoch = epoch.or_else(|| self.state.epoch_of(shard))?;
+            Some(Row::Decision {
+                gtid,
+                shard,
+                epoch,
+                kind: rtype,
+                finished,
+                keep,
+                completed_ms,
+                record: payload.to_vec(),
+            })
+        };
+        match record {
+            LogRecord::Commit(c) => decision(c.gtid, Some(c.epoch), false, false, 0),
+            LogRecord::OnePhase(o) => decision(o.gtid, Some(o.epoch), false, false, 0),
+            LogRecord::End(e) => {
+                let keep = e.branches.iter().any(|b| b.outcome.is_some_and(|o| o.is_heuristic()));
+                decision(e.gtid, None, true, keep, e.completed_ms)
+            }
+            LogRecord::Register { resource, endpoint } => {
+                Some(Row::Participant { resource: resource.to_string(), endpoint: endpoint.clone() })
+            }
+            // Checkpoints only; the store keeps its own horizon per shard.
+            LogRecord::Forgotten { .. } => None,
+        }
+    }
+}
+
+impl DecisionLog for PgLog {
+    async fn append(&mut self, record: &LogRecord, durable: bool) -> Result<Option<Durable>, StoreError> {
+        let Some(row) = self.row(record) else {
+            // A record of a shard not owned (its end, after the shard moved): the new owner
+            // repeats what it stood for. Refused if the engine waits for it.
+            return Ok(
+                durable.then(|| -> Durable { Box::pin(async { Err(StoreError::Failed("shard not owned".into())) }) })
+            );
+        };
+        let (done, rx) = if durable {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.ops.send(Op { row, done }).await.map_err(|_| StoreError::Failed("the store writer stopped".into()))?;
+        Ok(rx.map(|rx| -> Durable {
+            Box::pin(
+                async move { rx.await.unwrap_or_else(|_| Err(StoreError::Failed("the store writer stopped".into()))) },
+            )
+        }))
+    }
+
+    async fn snapshot(&mut self, _records: &[LogRecord]) -> Result<Durable, StoreError> {
+        // The store keeps one row per transaction: nothing to compact.
+        Ok(Box::pin(async { Ok(()) }))
+    }
+
+    fn epoch(&self) -> u64 {
+        0
+    }
+}
+
+struct Writer {
+    pool: PgPool,
+    state: Arc<ClusterState>,
+    max_batch_records: usize,
+    timeout: Duration,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Op>) {
+        let mut batch = Vec::with_capacity(self.max_batch_records);
+        while let Some(op) = rx.recv().await {
+            batch.push(op);
+            while batch.len() < self.max_batch_records {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.write(&mut batch).await;
+        }
+    }
+
+    /// Writes `batch` and settles every op in it.
+    async fn write(&self, batch: &mut Vec<Op>) {
+        let started = Instant::now();
+        let mut backoff = RETRY_INITIAL_BACKOFF;
+        loop {
+            // Records of shards no longer this instance's (at their epoch) are not written.
+            batch.retain_mut(|op| match &op.row {
+                Row::Decision { shard, epoch, .. } if self.state.epoch_of(*shard) != Some(*epoch) => {
+                    settle(op, Err(StoreError::Fenced { shard: *shard, epoch: *epoch }));
+                    false
+                }
+                Row::Participant { .. } if started.elapsed() > MAX_UNSHARDED_RETRY => {
+                    settle(op, Err(StoreError::Failed("the store could not be reached".into())));
+                    false
+                }
+                _ => true,
+            });
+            if batch.is_empty() {
+                return;
+            }
+            let attempt = Instant::now();
+            let result = tokio::time::timeout(self.timeout, self.try_write(batch)).await;
+            crate::metrics::store_write(attempt.elapsed(), batch.len());
+            match result {
+                Ok(Ok(fenced)) => {
+                    for mut op in batch.drain(..) {
+                        let result = match &op.row {
+                            Row::Decision { shard, epoch, .. } if fenced.contains_key(shard) => {
+                                Err(StoreError::Fenced { shard: *shard, epoch: *epoch })
+                            }
+                            _ => Ok(()),
+                        };
+                        settle(&mut op, result);
+                    }
+                    for (shard, epoch) in fenced {
+                        crate::metrics::fenced_write();
+                        tracing::warn!(shard, epoch, "decision write refused: the shard has a new owner");
+                        self.state.lose(shard, epoch);
+                    }
+                    return;
+                }
+                Ok(Err(e)) if !transient(&e) => {
+                    tracing::error!(error = %e, "decision store write failed");
+                    for mut op in batch.drain(..) {
+                        settle(&mut op, Err(StoreError::Failed(e.to_string())));
+                    }
+                    return;
+                }
+                // Unknown outcome: written again (idempotent) until it succeeds or the shard
+                // is lost.
+                Ok(Err(e)) => {
+                    crate::metrics::store_retry();
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "decision store write failed; retrying");
+                }
+                Err(_) => {
+                    crate::metrics::store_retry();
+                    tracing::warn!(
+                        timeout_ms = self.timeout.as_millis() as u64,
+                        "decision store write timed out; retrying"
+                    );
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_MAX_BACKOFF);
+        }
+    }
+
+    /// One attempt: the shards whose lease (holder, epoch) no longer matches are returned and
+    /// their records left out.
+    async fn try_write(&self, batch: &[Op]) -> Result<BTreeMap<u16, u64>, sqlx::Error> {
+        let mut shards: Vec<i32> = batch
+            .iter()
+            .filter_map(|op| match op.row {
+                Row::Decision { shard, .. } => Some(i32::from(shard)),
+                Row::Participant { .. } => None,
+            })
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut tx = self.pool.begin().await?;
+        let leases: Vec<(i32, Option<String>, i64)> = sqlx::query_as(
+            "SELECT shard, holder, epoch FROM pledge_lease WHERE shard = ANY($1) ORDER BY shard FOR UPDATE",
+        )
+        .bind(&shards)
+        .fetch_all(&mut *tx)
+        .await?;
+        let held: HashMap<u16, u64> = leases
+            .into_iter()
+            .filter(|(_, holder, _)| holder.as_deref() == Some(self.state.instance_id.as_str()))
+            .map(|(shard, _, epoch)| (shard as u16, epoch as u64))
+            .collect();
+        let mut fenced = BTreeMap::new();
+        // The latest row of each GTID in the batch (one upsert may not touch a row twice).
+        let mut latest: HashMap<Gtid, usize> = HashMap::new();
+        let (mut resources, mut endpoints) = (Vec::new(), Vec::new());
+        for (i, op) in batch.iter().enumerate() {
+            match &op.row {
+                Row::Decision { gtid, shard, epoch, .. } => {
+                    if held.get(shard) == Some(epoch) {
+                        latest.insert(*gtid, i);
+                    } else {
+                        fenced.insert(*shard, *epoch);
+                    }
+                }
+                Row::Participant { resource, endpoint } => {
+                    resources.push(resource.clone());
+                    endpoints.push(endpoint.clone());
+                }
+            }
+        }
+        if !latest.is_empty() {
+            let n = latest.len();
+            let (mut gtids, mut shard_col, mut kinds, mut epochs) =
+                (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+            let (mut finished, mut keep, mut completed, mut bodies) =
+                (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+            for &i in latest.values() {
+                if let Row::Decision { gtid, shard, epoch, kind, finished: f, keep: k, completed_ms, record } =
+                    &batch[i].row
+                {
+                    gtids.push(*gtid.as_uuid());
+                    shard_col.push(i32::from(*shard));
+                    kinds.push(i16::from(*kind));
+                    epochs.push(*epoch as i64);
+                    finished.push(*f);
+                    keep.push(*k);
+                    completed.push(*completed_ms as i64);
+                    bodies.push(record.clone());
+                }
+            }
+            sqlx::query(
+                "INSERT INTO pledge_decision (gtid, shard, kind, epoch, finished, keep, completed_ms, record)
+                 SELECT * FROM unnest($1::uuid[], $2::integer[], $3::smallint[], $4::bigint[], $5::boolean[],
+                                      $6::boolean[], $7::bigint[], $8::bytea[])
+                 ON CONFLICT (gtid) DO UPDATE SET kind = excluded.kind, epoch = excluded.epoch,
+                     finished = excluded.finished, keep = excluded.keep, completed_ms = excluded.completed_ms,
+                     record = excluded.record
+                 WHERE NOT pledge_decision.finished",
+            )
+            .bind(gtids as Vec<Uuid>)
+            .bind(shard_col)
+            .bind(kinds)
+            .bind(epochs)
+            .bind(finished)
+            .bind(keep)
+            .bind(completed)
+            .bind(bodies)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !resources.is_empty() {
+            sqlx::query(
+                "INSERT INTO pledge_participant (resource, endpoint, updated_at)
+                 SELECT r, e, now() FROM unnest($1::text[], $2::text[]) AS p (r, e)
+                 ON CONFLICT (resource) DO UPDATE SET endpoint = excluded.endpoint, updated_at = excluded.updated_at",
+            )
+            .bind(resources)
+            .bind(endpoints)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(fenced)
+    }
+}
+
+fn settle(op: &mut Op, result: Result<(), StoreError>) {
+    if let Some(done) = op.done.take() {
+        let _ = done.send(result);
+    }
+}
+
+/// Whether a store error may be retried (the write's outcome is unknown, or it was refused for
+/// a reason that passes): lost connections, timeouts, serialization conflicts, a server
+/// starting, stopping or read-only (a standby not yet promoted).
+pub fn transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            code.starts_with("08")
+                || code.starts_with("40")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "25006"
+                || code == "55000"
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
