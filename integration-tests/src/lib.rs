@@ -9,6 +9,7 @@
 use std::future::Future;
 
 pub mod bench;
+pub mod cluster;
 pub mod kafka;
 pub mod pg;
 pub mod proxy;
@@ -166,6 +167,13 @@ impl Process {
             libc::kill(pid, libc::SIGTERM);
         }
         self.wait_exit().await
+    }
+
+    /// Sends `signal` (e.g. SIGSTOP / SIGCONT to pause and resume it).
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.id().expect("running process") as libc::pid_t;
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signalling {}", self.name);
     }
 
     /// Waits for the process to exit on its own (e.g. at a crash point).

@@ -96,7 +96,8 @@ impl ClusterState {
         self.owned.lock().expect("owned shards").clone()
     }
 
-    pub(crate) fn own(&self, shard: u16, epoch: u64) {
+    /// Records `shard` as owned at `epoch` (the lease manager, once the store granted it).
+    pub fn own(&self, shard: u16, epoch: u64) {
         self.owned.lock().expect("owned shards").insert(shard, epoch);
         self.set_owner(shard, Some(Owner { instance: self.instance_id.clone(), address: self.address.clone(), epoch }));
     }

@@ -1,0 +1,300 @@
+//! A cluster of coordinators on a PostgreSQL decision store, as real processes: the store's
+//! fence refusing a former owner's write, kill -9 of an instance under a bank workload over two
+//! PostgreSQL databases, and a paused owner that wakes up after its shard was taken over.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pledge_coordinator::cluster::{ClusterState, schema, store::PgLog};
+use pledge_coordinator::engine::{CommitRecord, LogRecord, LoggedBranch, Vote};
+use pledge_coordinator::store::{DecisionLog, StoreError};
+use pledge_integration_tests::cluster::*;
+use pledge_integration_tests::pg::*;
+use pledge_integration_tests::*;
+use pledge_proto::v1::coordinator_client::CoordinatorClient;
+use pledge_proto::v1::{self, postgres_branch_client::PostgresBranchClient};
+use pledge_proto::{BranchKey, Gtid};
+use sqlx::PgPool;
+use tokio::sync::Mutex;
+use tonic::Code;
+
+fn commit_record(gtid: Gtid, epoch: u64) -> LogRecord {
+    LogRecord::Commit(CommitRecord {
+        gtid,
+        epoch,
+        created_ms: 1,
+        decided_ms: 2,
+        idempotency_key: None,
+        branches: vec![LoggedBranch {
+            key: BranchKey::new("db1", "b1").unwrap(),
+            vote: Vote::Prepared,
+            metadata: Bytes::new(),
+            prepared_ms: 1,
+        }],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_refuses_a_former_owners_decision() {
+    let url = fresh_database("fence").await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    let info = schema::prepare(&pool, 4, "fence-test").await.unwrap();
+    assert_eq!(info.shard_count, 4);
+    let take = |holder: &'static str, epoch: i64| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query(
+                "UPDATE pledge_lease SET holder = $1, epoch = $2, expires_at = now() + interval '1 hour' WHERE shard = 1",
+            )
+            .bind(holder)
+            .bind(epoch)
+            .execute(&pool)
+            .await
+            .unwrap();
+        }
+    };
+    take("a", 1).await;
+    let a = Arc::new(ClusterState::new("a".into(), "http://a".into(), 4));
+    a.own(1, 1);
+    let mut log = PgLog::start(pool.clone(), a.clone(), 64, Duration::from_secs(5));
+    let store = StoreView { pool: pool.clone() };
+
+    let first = Gtid::new_v7_in_shard(1, 4);
+    let durable = log.append(&commit_record(first, 1), true).await.unwrap().expect("a durable append");
+    durable.await.expect("written while the lease is ours");
+    assert_eq!(store.record_kind(&first.to_string()).await, Some(2));
+
+    // Another instance takes the shard over; `a` has not noticed (paused, partitioned...).
+    take("b", 2).await;
+    let second = Gtid::new_v7_in_shard(1, 4);
+    let durable = log.append(&commit_record(second, 1), true).await.unwrap().expect("a durable append");
+    match durable.await {
+        Err(StoreError::Fenced { shard: 1, epoch: 1 }) => {}
+        other => panic!("a former owner's decision must be refused by the store, got {other:?}"),
+    }
+    assert_eq!(store.record_kind(&second.to_string()).await, None, "the refused decision was written");
+    assert_eq!(a.epoch_of(1), None, "the fenced instance still believes it owns the shard");
+}
+
+/// Three instances on one store; one PostgreSQL adapter for two databases.
+struct Bank3 {
+    dir: TestDir,
+    store_url: String,
+    cid: String,
+    adapter: Process,
+    instances: Vec<Process>,
+}
+
+impl Bank3 {
+    async fn start(test: &str, count: usize) -> Bank3 {
+        let dir = TestDir::new(test);
+        let store_url = fresh_database(test).await;
+        let cid = format!("{test}-{:06x}", fastrand::u32(..) & 0xffffff);
+        let adapter = dir
+            .postgres_adapter(
+                "pg",
+                0,
+                &[("db_a", pg_url('a')), ("db_b", pg_url('b'))],
+                &["--active-timeout-ms", "3000", "--statement-timeout-ms", "5000"],
+                &[],
+            )
+            .await;
+        let mut b = Bank3 { dir, store_url, cid, adapter, instances: Vec::new() };
+        for i in 0..count {
+            let p = b.instance(&format!("c{i}")).await;
+            b.instances.push(p);
+        }
+        b
+    }
+
+    async fn instance(&self, name: &str) -> Process {
+        let participants = [("db_a", self.adapter.endpoint()), ("db_b", self.adapter.endpoint())];
+        self.dir.cluster_instance(name, &self.store_url, &self.cid, &participants, &[]).await
+    }
+}
+
+/// One transfer through `c`: begin, a debit and a credit at the adapter, commit. `Ok(Some(gtid))`
+/// if the commit was acknowledged, `Ok(None)` if it aborted, `Err` if the coordinator failed.
+async fn transfer(
+    c: &mut CoordinatorClient<tonic::transport::Channel>,
+    pg: &mut PostgresBranchClient<tonic::transport::Channel>,
+    bank: &Bank,
+    accounts: i64,
+) -> Result<Option<String>, tonic::Status> {
+    let (from, to) = (fastrand::i64(1..=accounts), fastrand::i64(1..=accounts));
+    let amount = fastrand::i64(1..=50);
+    let branches = vec![branch("db_a", "d"), branch("db_b", "c")];
+    let gtid = c.begin(v1::BeginRequest { branches, ..Default::default() }).await?.into_inner().gtid;
+    let worked = async {
+        execute(pg, "db_a", &gtid, "d", &bank.update(), vec![int(-amount), int(from)]).await?;
+        execute(pg, "db_b", &gtid, "c", &bank.update(), vec![int(amount), int(to)]).await
+    }
+    .await;
+    if worked.is_err() {
+        let _ = c.abort(v1::AbortRequest { gtid }).await;
+        return Ok(None);
+    }
+    let r = commit(c, &gtid, false).await?;
+    Ok((r.outcome() == v1::Outcome::Committed).then_some(gtid))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_killed_mid_load_loses_no_commit_and_its_shards_move() {
+    const ACCOUNTS: i64 = 20;
+    const CLIENTS: usize = 12;
+    let mut b = Bank3::start("cl-kill", 3).await;
+    let store = StoreView::connect(&b.store_url).await;
+    let mut ids = Vec::new();
+    for p in &b.instances {
+        ids.push(store.instance_id(p).await);
+    }
+    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    let bank = Arc::new(Bank::new("clkill", ACCOUNTS, 1000).await);
+    let initial = bank.total().await;
+    let endpoints: Vec<String> = b.instances.iter().map(Process::endpoint).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for n in 0..CLIENTS {
+        let (bank, stop, acknowledged, endpoints) =
+            (bank.clone(), stop.clone(), acknowledged.clone(), endpoints.clone());
+        let adapter = b.adapter.endpoint();
+        clients.push(tokio::spawn(async move {
+            let mut pg = PostgresBranchClient::connect(adapter).await.unwrap();
+            let mut at = n % endpoints.len();
+            let (mut failures, mut other_codes) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut c) = CoordinatorClient::connect(endpoints[at].clone()).await else {
+                    at = (at + 1) % endpoints.len();
+                    continue;
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    match transfer(&mut c, &mut pg, &bank, ACCOUNTS).await {
+                        Ok(Some(gtid)) => acknowledged.lock().await.push(gtid),
+                        Ok(None) => {}
+                        Err(status) => {
+                            failures += 1;
+                            if !matches!(
+                                status.code(),
+                                Code::Unavailable | Code::NotFound | Code::Unknown | Code::Cancelled
+                            ) {
+                                other_codes.push(status.to_string());
+                            }
+                            // Another instance (this one may be dead).
+                            at = (at + 1) % endpoints.len();
+                            break;
+                        }
+                    }
+                }
+            }
+            (failures, other_codes)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let victim_shards = store.shards_of(&ids[0]).await;
+    assert!(!victim_shards.is_empty());
+    b.instances[0].kill9().await;
+    let moved = store.wait_all_owned_by(&ids[1..], Duration::from_secs(10)).await;
+    println!("the killed instance's {} shards were owned elsewhere after {moved:?}", victim_shards.len());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let (_, other_codes) = c.await.unwrap();
+        assert!(other_codes.is_empty(), "calls failed with non-retriable statuses: {other_codes:?}");
+    }
+    let acknowledged = acknowledged.lock().await.clone();
+    assert!(acknowledged.len() > 50, "only {} transfers committed", acknowledged.len());
+    // No acknowledged commit is lost: every one is committed in the store (asked at any instance).
+    let mut c = coordinator_client(&b.instances[2]).await;
+    for gtid in &acknowledged {
+        let t = get(&mut c, gtid).await.unwrap_or_else(|e| panic!("{gtid}: {e}"));
+        assert!(
+            matches!(t.state(), v1::TransactionState::Committed | v1::TransactionState::Committing),
+            "{gtid} was acknowledged as committed but is {:?}",
+            t.state()
+        );
+    }
+    eventually("no prepared transaction of the cluster left", || async {
+        prepared_of(&b.cid).await.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(bank.total().await, initial, "money was created or destroyed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_is_fenced_and_steps_down_without_contradicting_the_new_owner() {
+    let dir = TestDir::new("cl-pause");
+    let store_url = fresh_database("cl-pause").await;
+    let cid = format!("cl-pause-{:06x}", fastrand::u32(..) & 0xffffff);
+    let db1 = dir.participant("db1", 0, &[], &[]).await;
+    // db2 answers each Prepare only after this long: the owner is paused meanwhile.
+    let db2 = dir.participant("db2", 0, &["--stall-prepare-ms", "6000"], &[]).await;
+    let participants = [("db1", db1.endpoint()), ("db2", db2.endpoint())];
+    let args = ["--prepare-timeout-ms", "60000"];
+    let a = dir.cluster_instance("a", &store_url, &cid, &participants, &args).await;
+    let store = StoreView::connect(&store_url).await;
+    let a_id = store.instance_id(&a).await;
+    store.wait_all_owned_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
+    let b = dir.cluster_instance("b", &store_url, &cid, &participants, &args).await;
+    let b_id = store.instance_id(&b).await;
+    store.wait_all_owned_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
+    let count = store.shard_count().await;
+
+    // A transaction in one of a's shards, with work at both participants.
+    let mut ca = coordinator_client(&a).await;
+    let (gtid, shard) = loop {
+        let gtid = begin(&mut ca, &[("db1", "b1"), ("db2", "b1")]).await;
+        let shard = shard_of(&gtid, count);
+        if store.owner(shard).await.is_some_and(|(h, _)| h == a_id) {
+            break (gtid, shard);
+        }
+        let _ = ca.abort(v1::AbortRequest { gtid }).await;
+    };
+    let (_, epoch_a) = store.owner(shard).await.unwrap();
+    put(&mut store_client(&db1).await, &gtid, "b1", "k1", "v1").await;
+    put(&mut store_client(&db2).await, &gtid, "b1", "k2", "v2").await;
+    // a asks both to prepare: db1 votes at once, db2 in 6 s; a is about to commit.
+    let committing = {
+        let mut ca = ca.clone();
+        let gtid = gtid.clone();
+        tokio::spawn(async move { commit(&mut ca, &gtid, false).await })
+    };
+    wait_branch_state(&db1, &gtid, "b1", v1::BranchState::Prepared).await;
+    a.signal(libc::SIGSTOP);
+
+    // b takes the shard over once a's lease expires, and decides: no record, so abort.
+    let taken = eventually("b owns the paused instance's shard", || async {
+        store.owner(shard).await.filter(|(h, _)| *h == b_id)
+    })
+    .await;
+    assert!(taken.1 > epoch_a, "the takeover raised the epoch");
+    wait_branch_state(&db1, &gtid, "b1", v1::BranchState::Aborted).await;
+
+    // db2 votes yes (to the paused a) after its stall; then a wakes up.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    a.signal(libc::SIGCONT);
+    let answer = tokio::time::timeout(Duration::from_secs(30), committing).await.expect("a answers").unwrap();
+    match answer {
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status}"),
+        Ok(r) => assert_ne!(r.outcome(), v1::Outcome::Committed, "the paused owner committed after its takeover"),
+    }
+    // Its decision write was refused: the store holds no commit of the transaction.
+    assert_ne!(store.record_kind(&gtid).await, Some(2), "the former owner's commit reached the store");
+    // Neither participant ever commits it; the new owner's recovery rolls db2 back too.
+    wait_branch_state(&db2, &gtid, "b1", v1::BranchState::Aborted).await;
+    assert_eq!(branch_state(&mut store_client(&db1).await, &gtid, "b1").await, v1::BranchState::Aborted);
+    assert_eq!(read(&mut store_client(&db1).await, "k1").await, None);
+    assert_eq!(read(&mut store_client(&db2).await, "k2").await, None);
+    // a stepped down: the shard is b's, and a forwards calls about it there.
+    assert_eq!(store.owner(shard).await.map(|(h, _)| h), Some(b_id));
+    let owner_log = a.log();
+    assert!(
+        owner_log.contains("no longer ours") || owner_log.contains("lease lost") || owner_log.contains("fenced"),
+        "the paused instance did not report losing its shard:\n{}",
+        a.log_tail()
+    );
+    let metrics = a.metrics().await;
+    assert!(metrics.get("pledge_cluster_ownership_changes_total{change=\"lost\"}") >= 1.0);
+}
