@@ -60,9 +60,9 @@ impl CoordinatorService {
     }
 
     /// Where a call about `gtid` is answered.
-    fn route<T>(&self, request: &Request<T>, gtid: Gtid) -> Result<Route, Status> {
+    async fn route<T>(&self, request: &Request<T>, gtid: Gtid) -> Result<Route, Status> {
         match self.router_for(request) {
-            Some(router) => router.route(router.state.shard_of(gtid)),
+            Some(router) => router.route(router.state.shard_of(gtid)).await,
             None => Ok(Route::Local),
         }
     }
@@ -216,7 +216,7 @@ impl Coordinator for CoordinatorService {
                 let key = &request.get_ref().idempotency_key;
                 let route = match key.is_empty() {
                     true => router.route_begin()?,
-                    false => router.route(crate::cluster::key_shard(key, router.state.shard_count))?,
+                    false => router.route(crate::cluster::key_shard(key, router.state.shard_count)).await?,
                 };
                 if let Route::Remote(to) = route {
                     return router.forward(to, request.into_inner(), |mut c, r| async move { c.begin(r).await }).await;
@@ -253,7 +253,7 @@ impl Coordinator for CoordinatorService {
     async fn enlist(&self, request: Request<v1::EnlistRequest>) -> Result<Response<v1::EnlistResponse>, Status> {
         observe("Enlist", async {
             let gtid = gtid(&request.get_ref().gtid)?;
-            if let Route::Remote(to) = self.route(&request, gtid)? {
+            if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
                 return router.forward(to, request.into_inner(), |mut c, r| async move { c.enlist(r).await }).await;
             }
@@ -270,7 +270,7 @@ impl Coordinator for CoordinatorService {
     async fn commit(&self, request: Request<v1::CommitRequest>) -> Result<Response<v1::CommitResponse>, Status> {
         observe("Commit", async {
             let gtid = gtid(&request.get_ref().gtid)?;
-            if let Route::Remote(to) = self.route(&request, gtid)? {
+            if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
                 return router.forward(to, request.into_inner(), |mut c, r| async move { c.commit(r).await }).await;
             }
@@ -291,7 +291,7 @@ impl Coordinator for CoordinatorService {
     async fn abort(&self, request: Request<v1::AbortRequest>) -> Result<Response<v1::AbortResponse>, Status> {
         observe("Abort", async {
             let gtid = gtid(&request.get_ref().gtid)?;
-            if let Route::Remote(to) = self.route(&request, gtid)? {
+            if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
                 return router.forward(to, request.into_inner(), |mut c, r| async move { c.abort(r).await }).await;
             }
@@ -306,7 +306,7 @@ impl Coordinator for CoordinatorService {
     async fn get(&self, request: Request<v1::GetRequest>) -> Result<Response<v1::GetResponse>, Status> {
         observe("Get", async {
             let gtid = gtid(&request.get_ref().gtid)?;
-            if let Route::Remote(to) = self.route(&request, gtid)? {
+            if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
                 return router.forward(to, request.into_inner(), |mut c, r| async move { c.get(r).await }).await;
             }

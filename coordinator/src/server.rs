@@ -204,7 +204,7 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
         "cluster instance started"
     );
 
-    let router = Arc::new(Router::new(state, Duration::from_millis(config.max_request_wait_ms)));
+    let router = Arc::new(Router::new(state, pool, Duration::from_millis(config.max_request_wait_ms)));
     let service = CoordinatorService::new(handle, shutdown.clone()).with_router(router);
     if handle_signals {
         // Hand the shards over while still serving (calls about them are answered here until

@@ -298,3 +298,67 @@ async fn a_paused_owner_is_fenced_and_steps_down_without_contradicting_the_new_o
     let metrics = a.metrics().await;
     assert!(metrics.get("pledge_cluster_ownership_changes_total{change=\"lost\"}") >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_instance_answers_any_call_and_the_client_learns_the_owner() {
+    let dir = TestDir::new("cl-route");
+    let store_url = fresh_database("cl-route").await;
+    let cid = format!("cl-route-{:06x}", fastrand::u32(..) & 0xffffff);
+    let (db1, db2) = (dir.participant("db1", 0, &[], &[]).await, dir.participant("db2", 0, &[], &[]).await);
+    let a = dir.cluster_instance("a", &store_url, &cid, &[], &[]).await;
+    let b = dir.cluster_instance("b", &store_url, &cid, &[], &[]).await;
+    let store = StoreView::connect(&store_url).await;
+    let ids = [store.instance_id(&a).await, store.instance_id(&b).await];
+    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+
+    // Participants registered at one instance are known to every instance.
+    let mut ca = coordinator_client(&a).await;
+    for (resource, p) in [("db1", &db1), ("db2", &db2)] {
+        let r = v1::RegisterParticipantRequest { resource_id: resource.into(), endpoint: p.endpoint() };
+        ca.register_participant(r).await.unwrap();
+    }
+    let mut cb = coordinator_client(&b).await;
+    eventually("b knows the participants registered at a", || {
+        let mut cb = cb.clone();
+        async move {
+            let list = cb.list_participants(v1::ListParticipantsRequest {}).await.ok()?.into_inner().participants;
+            (list.len() == 2).then_some(())
+        }
+    })
+    .await;
+
+    // Transactions through the cluster client, begun at either instance, committed where
+    // their shard lives.
+    let client = pledge_proto::client::ClusterClient::new(vec![a.endpoint(), b.endpoint()]).unwrap();
+    let mut gtids = Vec::new();
+    for i in 0..6 {
+        let branches = vec![branch("db1", "b1"), branch("db2", "b1")];
+        let gtid = client.begin(v1::BeginRequest { branches, ..Default::default() }).await.unwrap().gtid;
+        let owner = client.owner_of(&gtid).expect("the owner is learned from Begin");
+        let shard = shard_of(&gtid, store.shard_count().await);
+        let (holder, _) = store.owner(shard).await.unwrap();
+        let owner_id = if owner == a.endpoint() { &ids[0] } else { &ids[1] };
+        assert_eq!(&holder, owner_id, "the learned owner is the shard's owner");
+        put(&mut store_client(&db1).await, &gtid, "b1", &format!("x{i}"), "1").await;
+        put(&mut store_client(&db2).await, &gtid, "b1", &format!("y{i}"), "1").await;
+        let r = client.commit(v1::CommitRequest { gtid: gtid.clone(), ..Default::default() }).await.unwrap();
+        assert_eq!(r.outcome(), v1::Outcome::Committed);
+        gtids.push(gtid);
+    }
+    // Get at either instance; List at either lists every instance's transactions.
+    for gtid in &gtids {
+        for c in [&mut ca, &mut cb] {
+            assert_eq!(get(c, gtid).await.unwrap().state(), v1::TransactionState::Committed);
+        }
+    }
+    for c in [&mut ca, &mut cb] {
+        let listed = c.list(v1::ListRequest::default()).await.unwrap().into_inner().transactions;
+        for gtid in &gtids {
+            assert!(listed.iter().any(|t| t.gtid == *gtid), "{gtid} missing from List");
+        }
+    }
+    // A call about a transaction of the other instance's shard is forwarded and says so.
+    let theirs = gtids.iter().find(|g| client.owner_of(g) == Some(b.endpoint())).expect("some at b");
+    let r = ca.get(v1::GetRequest { gtid: theirs.clone() }).await.unwrap();
+    assert_eq!(r.metadata().get("pledge-owner").and_then(|v| v.to_str().ok()), Some(b.endpoint().as_str()));
+}

@@ -4,8 +4,10 @@
 //! domain types (GTID, resource id, branch id); every server converts wire messages into them
 //! once, on receipt, and a malformed field becomes `Status::invalid_argument` naming the field.
 //! [`transport`] is how servers listen and clients dial (TCP or Unix sockets); [`pipeline`]
-//! multiplexes many calls over one stream, for callers that make many.
+//! multiplexes many calls over one stream, for callers that make many; [`client`] is a client
+//! of a coordinator cluster that sends each call to its transaction's owner.
 
+pub mod client;
 pub mod metrics;
 pub mod pipeline;
 pub mod transport;

@@ -19,7 +19,7 @@ use super::ClusterState;
 /// Request metadata of a forwarded call.
 pub const FORWARDED: &str = "pledge-forwarded";
 /// Response metadata naming the instance that owns the call's shard.
-pub const OWNER: &str = "pledge-owner";
+pub const OWNER: &str = pledge_proto::client::OWNER_METADATA;
 
 pub enum Route {
     Local,
@@ -28,22 +28,36 @@ pub enum Route {
 
 pub struct Router {
     pub state: Arc<ClusterState>,
+    pool: sqlx::PgPool,
     clients: Mutex<HashMap<String, CoordinatorClient<Channel>>>,
     timeout: Duration,
 }
 
 impl Router {
-    pub fn new(state: Arc<ClusterState>, timeout: Duration) -> Router {
-        Router { state, clients: Mutex::new(HashMap::new()), timeout }
+    pub fn new(state: Arc<ClusterState>, pool: sqlx::PgPool, timeout: Duration) -> Router {
+        Router { state, pool, clients: Mutex::new(HashMap::new()), timeout }
     }
 
-    /// Where a call about `shard` is answered.
-    pub fn route(&self, shard: u16) -> Result<Route, Status> {
+    /// Where a call about `shard` is answered. The owners are as of the last lease round; a
+    /// shard with none then is looked up in the store (it may have been taken since).
+    pub async fn route(&self, shard: u16) -> Result<Route, Status> {
         if self.state.epoch_of(shard).is_some() {
             return Ok(Route::Local);
         }
-        match self.state.owner_of(shard) {
-            Some(owner) if owner.instance != self.state.instance_id => Ok(Route::Remote(owner.address)),
+        if let Some(owner) = self.state.owner_of(shard)
+            && owner.instance != self.state.instance_id
+        {
+            return Ok(Route::Remote(owner.address));
+        }
+        let looked_up: Result<Option<(String, String)>, sqlx::Error> = sqlx::query_as(
+            "SELECT l.holder, i.address FROM pledge_lease l JOIN pledge_instance i ON i.id = l.holder
+             WHERE l.shard = $1 AND l.expires_at > now() AND i.expires_at > now()",
+        )
+        .bind(i32::from(shard))
+        .fetch_optional(&self.pool)
+        .await;
+        match looked_up {
+            Ok(Some((instance, address))) if instance != self.state.instance_id => Ok(Route::Remote(address)),
             _ => Err(Status::unavailable(format!(
                 "shard {shard} has no live owner at the moment (an instance is taking it over); retry"
             ))),
