@@ -362,3 +362,139 @@ async fn any_instance_answers_any_call_and_the_client_learns_the_owner() {
     let r = ca.get(v1::GetRequest { gtid: theirs.clone() }).await.unwrap();
     assert_eq!(r.metadata().get("pledge-owner").and_then(|v| v.to_str().ok()), Some(b.endpoint().as_str()));
 }
+
+/// A transfer through the cluster client, retrying calls that fail UNAVAILABLE (the only
+/// failure a rolling restart may cause). `Err` carries any other failure.
+async fn transfer_retrying(
+    client: &pledge_proto::client::ClusterClient,
+    pg: &mut PostgresBranchClient<tonic::transport::Channel>,
+    bank: &Bank,
+    accounts: i64,
+    unavailable: &mut u64,
+) -> Result<Option<String>, tonic::Status> {
+    async fn retry<T, F, Fut>(unavailable: &mut u64, mut call: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        for _ in 0..200 {
+            match call().await {
+                Err(s) if s.code() == Code::Unavailable => {
+                    *unavailable += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => return other,
+            }
+        }
+        Err(tonic::Status::deadline_exceeded("still unavailable after 200 tries"))
+    }
+    let (from, to) = (fastrand::i64(1..=accounts), fastrand::i64(1..=accounts));
+    let amount = fastrand::i64(1..=50);
+    let begun = retry(unavailable, || {
+        let branches = vec![branch("db_a", "d"), branch("db_b", "c")];
+        client.begin(v1::BeginRequest { branches, ..Default::default() })
+    })
+    .await?;
+    let gtid = begun.gtid;
+    let worked = async {
+        execute(pg, "db_a", &gtid, "d", &bank.update(), vec![int(-amount), int(from)]).await?;
+        execute(pg, "db_b", &gtid, "c", &bank.update(), vec![int(amount), int(to)]).await
+    }
+    .await;
+    if worked.is_err() {
+        retry(unavailable, || client.abort(v1::AbortRequest { gtid: gtid.clone() })).await?;
+        return Ok(None);
+    }
+    let r =
+        retry(unavailable, || client.commit(v1::CommitRequest { gtid: gtid.clone(), ..Default::default() })).await?;
+    Ok((r.outcome() == v1::Outcome::Committed).then_some(gtid))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_call_but_with_unavailable() {
+    const ACCOUNTS: i64 = 20;
+    const CLIENTS: usize = 8;
+    let mut b = Bank3::start("cl-roll", 3).await;
+    let store = StoreView::connect(&b.store_url).await;
+    let mut ids = Vec::new();
+    for p in &b.instances {
+        ids.push(store.instance_id(p).await);
+    }
+    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    let bank = Arc::new(Bank::new("clroll", ACCOUNTS, 1000).await);
+    let initial = bank.total().await;
+    // The clients know the instances by endpoint; restarted instances come back on new ports,
+    // so every endpoint any instance ever had is given up front (ports picked now).
+    let ports: Vec<u16> = (0..6).map(|_| free_port()).collect();
+    let endpoints: Vec<String> = b
+        .instances
+        .iter()
+        .map(Process::endpoint)
+        .chain(ports[3..].iter().map(|p| format!("http://127.0.0.1:{p}")))
+        .collect();
+    let client = Arc::new(pledge_proto::client::ClusterClient::new(endpoints).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (bank, stop, acknowledged, client) = (bank.clone(), stop.clone(), acknowledged.clone(), client.clone());
+        let adapter = b.adapter.endpoint();
+        clients.push(tokio::spawn(async move {
+            let mut pg = PostgresBranchClient::connect(adapter).await.unwrap();
+            let (mut unavailable, mut failures) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match transfer_retrying(&client, &mut pg, &bank, ACCOUNTS, &mut unavailable).await {
+                    Ok(Some(gtid)) => acknowledged.lock().await.push(gtid),
+                    Ok(None) => {}
+                    Err(status) => failures.push(status.to_string()),
+                }
+            }
+            (unavailable, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        let status = b.instances[i].terminate().await;
+        assert!(status.success(), "instance {i} exited with {status}:\n{}", b.instances[i].log_tail());
+        let name = format!("c{i}-restarted");
+        let participants = [("db_a", b.adapter.endpoint()), ("db_b", b.adapter.endpoint())];
+        let listen = format!("127.0.0.1:{}", ports[3 + i]);
+        let p = b.dir.cluster_instance(&name, &b.store_url, &b.cid, &participants, &["--listen", &listen]).await;
+        ids[i] = store.instance_id(&p).await;
+        b.instances[i] = p;
+        // Balanced again before the next one goes.
+        eventually("the restarted instance took its share", || async {
+            (store.shards_of(&ids[i]).await.len() >= 20).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut unavailable = 0;
+    for c in clients {
+        let (u, failures) = c.await.unwrap();
+        unavailable += u;
+        assert!(failures.is_empty(), "calls failed with other than UNAVAILABLE: {failures:?}");
+    }
+    let acknowledged = acknowledged.lock().await.clone();
+    println!("rolling restart: {} committed, {unavailable} calls answered UNAVAILABLE and retried", acknowledged.len());
+    assert!(acknowledged.len() > 50, "only {} transfers committed", acknowledged.len());
+    let mut c = coordinator_client(&b.instances[0]).await;
+    for gtid in &acknowledged {
+        let t = get(&mut c, gtid).await.unwrap_or_else(|e| panic!("{gtid}: {e}"));
+        assert!(
+            matches!(t.state(), v1::TransactionState::Committed | v1::TransactionState::Committing),
+            "{gtid} was acknowledged as committed but is {:?}",
+            t.state()
+        );
+    }
+    eventually("no prepared transaction of the cluster left", || async {
+        prepared_of(&b.cid).await.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(bank.total().await, initial, "money was created or destroyed");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}

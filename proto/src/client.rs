@@ -76,7 +76,7 @@ impl ClusterClient {
         R: HasGtid,
     {
         let endpoint = gtid.and_then(|g| self.owner_of(g)).unwrap_or_else(|| self.any_instance());
-        let result = call(self.client(&endpoint)?, Request::new(message)).await;
+        let result = call(self.client(&endpoint)?, Request::new(message)).await.map_err(retriable_transport);
         match &result {
             Ok(response) => {
                 let gtid = gtid.map(str::to_string).or_else(|| response.get_ref().gtid());
@@ -123,6 +123,29 @@ impl ClusterClient {
     pub async fn get(&self, request: v1::GetRequest) -> Result<v1::GetResponse, Status> {
         let gtid = request.gtid.clone();
         Ok(self.call(Some(&gtid), request, |mut c, r| async move { c.get(r).await }).await?.into_inner())
+    }
+}
+
+/// Whether `status` reports that the call never got a gRPC answer: the connection failed,
+/// was reset, or the server went away (an HTTP/2 GOAWAY as it shuts down). tonic reports some
+/// of these as INTERNAL or UNKNOWN; they are no answer from the service, so retriable.
+pub fn is_transport_failure(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// A transport failure as UNAVAILABLE (see [`is_transport_failure`]); other statuses as they are.
+pub fn retriable_transport(status: Status) -> Status {
+    if status.code() != tonic::Code::Unavailable && is_transport_failure(&status) {
+        Status::unavailable(format!("no answer from the instance ({}); retry", status.message()))
+    } else {
+        status
     }
 }
 

@@ -102,12 +102,14 @@ impl Router {
         let mut request = Request::new(message);
         request.metadata_mut().insert(FORWARDED, MetadataValue::from_static("1"));
         request.set_timeout(self.timeout);
-        let mut response = call(client, request).await.map_err(|s| match s.code() {
-            // The owner could not be reached: the shard may be moving; retriable.
-            tonic::Code::Unknown | tonic::Code::Cancelled => {
+        let mut response = call(client, request).await.map_err(|s| {
+            // The owner could not be reached or went away mid-call: the shard may be moving;
+            // retriable.
+            if s.code() == tonic::Code::Cancelled || pledge_proto::client::is_transport_failure(&s) {
                 Status::unavailable(format!("forwarding to the shard's owner at {address} failed: {}", s.message()))
+            } else {
+                s
             }
-            _ => s,
         })?;
         if let Ok(v) = MetadataValue::try_from(address.as_str()) {
             response.metadata_mut().insert(OWNER, v);
