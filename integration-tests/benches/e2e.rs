@@ -27,112 +27,13 @@
 //! (tcp or unix), BENCH_METRICS (0; 1: every process records and serves Prometheus metrics,
 //! to measure what they cost).
 
-use std::time::Duration;
 
-use futures::future::BoxFuture;
-use pledge_integration_tests::bench::{Load, Run, env_or, measure};
-use pledge_integration_tests::{Process, TestDir, branch};
-use pledge_proto::pipeline::CoordinatorPipeline;
-use pledge_proto::transport::Target;
-use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, reference_store_client::ReferenceStoreClient};
-use tonic::transport::Channel;
+use pledge_integration_tests::bench::e2e::{Api, api, load, print, run};
+use pledge_integration_tests::bench::env_or;
+use pledge_integration_tests::{Process, TestDir};
 
 /// The coordinator's own recovery interval, not the tests' 500 ms.
 const RECOVERY_DEFAULT: &[&str] = &["--recovery-interval-ms", "30000"];
-
-fn load() -> Load {
-    Load {
-        clients: env_or("BENCH_CLIENTS", 64),
-        warmup: Duration::from_secs(env_or("BENCH_WARMUP_SECONDS", 2)),
-        measure: Duration::from_secs(env_or("BENCH_SECONDS", 10)),
-        rate_per_second: env_or("BENCH_RATE", 0),
-    }
-}
-
-fn print(name: &str, r: &Run) {
-    println!(
-        "{name:<28} {:>10.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms   p99.9 {:>6.2} ms   CPU {:>4} µs/txn   ({} txns, {} errors)",
-        r.rate(),
-        r.ms(0.50),
-        r.ms(0.99),
-        r.ms(0.999),
-        r.cpu_us_per_txn().map(|c| format!("{c:.0}")).unwrap_or_else(|| "-".into()),
-        r.txns,
-        r.errors
-    );
-}
-
-/// How clients call the coordinator (BENCH_API).
-#[derive(Clone, Copy, PartialEq)]
-enum Api {
-    /// Begin and Commit on the coordinator's pipeline stream (one per channel).
-    Pipeline,
-    /// Begin and Commit as unary calls.
-    Unary,
-}
-
-fn api() -> Api {
-    match env_or("BENCH_API", "pipeline".to_string()).as_str() {
-        "pipeline" => Api::Pipeline,
-        "unary" => Api::Unary,
-        other => panic!("BENCH_API: pipeline or unary, not {other:?}"),
-    }
-}
-
-/// Begin (with `resources`' branches) and Commit, from each client, over shared channels.
-/// Each transaction: Begin with a branch at each participant, a Put in each branch (the
-/// reference store's work API, a unary call), Commit.
-async fn run(coordinator: &Process, participants: &[(&'static str, &Process)]) -> Run {
-    let mut channels: Vec<Channel> = Vec::new();
-    let api = api();
-    let default_channels = if api == Api::Pipeline { 2 } else { 8 };
-    for _ in 0..env_or("BENCH_CHANNELS", default_channels) {
-        let target = Target::parse(&coordinator.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
-        channels.push(target.connect().await.unwrap());
-    }
-    let pipelines: Vec<_> =
-        channels.iter().map(|c| CoordinatorPipeline::new(c.clone(), Duration::from_secs(30))).collect();
-    let mut stores = Vec::new();
-    for (resource, p) in participants {
-        let target = Target::parse(&p.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
-        stores.push((*resource, ReferenceStoreClient::new(target.connect().await.unwrap())));
-    }
-    measure(load(), |i| {
-        let c = CoordinatorClient::new(channels[i % channels.len()].clone());
-        let p = pipelines[i % pipelines.len()].clone();
-        let stores = stores.clone();
-        move || {
-            let (mut c, p, mut stores) = (c.clone(), p.clone(), stores.clone());
-            Box::pin(async move {
-                let branches = stores.iter().map(|(r, _)| branch(r, "b")).collect();
-                let begin = v1::BeginRequest { branches, ..Default::default() };
-                let begun = match api {
-                    Api::Pipeline => p.begin(begin).await,
-                    Api::Unary => c.begin(begin).await.map(tonic::Response::into_inner),
-                };
-                let Ok(begun) = begun else { return false };
-                for (_, store) in &mut stores {
-                    let put = v1::PutRequest {
-                        gtid: begun.gtid.clone(),
-                        branch_id: "b".into(),
-                        key: format!("k{}", fastrand::u16(..)),
-                        value: b"v".to_vec(),
-                    };
-                    if store.put(put).await.is_err() {
-                        return false;
-                    }
-                }
-                let commit = v1::CommitRequest { gtid: begun.gtid, ..Default::default() };
-                let committed = match api {
-                    Api::Pipeline => p.commit(commit).await,
-                    Api::Unary => c.commit(commit).await.map(tonic::Response::into_inner),
-                };
-                matches!(committed, Ok(r) if r.outcome() == v1::Outcome::Committed)
-            }) as BoxFuture<'static, bool>
-        }
-    })
-    .await
-}
 
 /// Extra arguments of every process: a metrics endpoint if BENCH_METRICS=1.
 fn metrics_args() -> &'static [&'static str] {
@@ -189,13 +90,13 @@ fn main() {
         let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), metrics_args(), &[]).await;
         let p2 = pdir.participant_on("db2", &listen(&pdir, "db2"), metrics_args(), &[]).await;
         let coordinator = start_coordinator(&dir, &[("db1", &p1), ("db2", &p2)]).await;
-        let two_phase = run(&coordinator, &[("db1", &p1), ("db2", &p2)]).await;
+        let two_phase = run(&[&coordinator], &[("db1", &p1), ("db2", &p2)]).await;
         drop((coordinator, p1, p2, dir, pdir));
 
         let (dir, pdir) = (TestDir::new("bench-1pc"), participants_dir());
         let p1 = pdir.participant_on("db1", &listen(&pdir, "db1"), metrics_args(), &[]).await;
         let coordinator = start_coordinator(&dir, &[("db1", &p1)]).await;
-        let one_phase = run(&coordinator, &[("db1", &p1)]).await;
+        let one_phase = run(&[&coordinator], &[("db1", &p1)]).await;
         drop((coordinator, p1, dir, pdir));
 
         print("2PC, 2 participants", &two_phase);

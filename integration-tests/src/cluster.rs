@@ -14,7 +14,8 @@ pub const RENEW_MS: u64 = 500;
 
 impl TestDir {
     /// A coordinator instance of the cluster on `store`, named `name` (its log is
-    /// `<dir>/<name>.log`), with `cluster_id` as the coordinator id participants see.
+    /// `<dir>/<name>.log`), with `cluster_id` as the coordinator id participants see, and
+    /// leases, renewals and recovery scans quicker than the defaults unless `args` set them.
     pub async fn cluster_instance(
         &self,
         name: &str,
@@ -34,14 +35,18 @@ impl TestDir {
             .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(self.path().join(name))
-            .arg("--lease-ms")
-            .arg(LEASE_MS.to_string())
-            .arg("--lease-renew-interval-ms")
-            .arg(RENEW_MS.to_string())
-            .arg("--recovery-interval-ms")
-            .arg("1000")
             .args(args)
             .env("RUST_LOG", "info,pledge_coordinator::cluster::lease=info");
+        let defaults = [
+            ("--lease-ms", LEASE_MS.to_string()),
+            ("--lease-renew-interval-ms", RENEW_MS.to_string()),
+            ("--recovery-interval-ms", "1000".to_string()),
+        ];
+        for (flag, value) in defaults {
+            if !args.contains(&flag) {
+                c.arg(flag).arg(value);
+            }
+        }
         for (resource, endpoint) in participants {
             c.arg("--participant").arg(format!("{resource}={endpoint}"));
         }

@@ -109,11 +109,14 @@ impl PgLog {
 impl DecisionLog for PgLog {
     async fn append(&mut self, record: &LogRecord, durable: bool) -> Result<Option<Durable>, StoreError> {
         let Some(row) = self.row(record) else {
-            // A record of a shard not owned (its end, after the shard moved): the new owner
-            // repeats what it stood for. Refused if the engine waits for it.
-            return Ok(
-                durable.then(|| -> Durable { Box::pin(async { Err(StoreError::Failed("shard not owned".into())) }) })
-            );
+            if let LogRecord::End(e) = record {
+                // The end of a transaction of a shard no longer owned (the engine has not
+                // heard yet): the new owner repeats what it stood for. One the engine waits
+                // for is refused as fenced; the shard's drop releases its waiters.
+                let shard = e.gtid.shard(self.state.shard_count);
+                return Ok(durable.then(|| -> Durable { Box::pin(async move { Err(StoreError::Fenced { shard, epoch: 0 }) }) }));
+            }
+            return Ok(None); // a checkpoint's horizon: the store keeps its own
         };
         let (done, rx) = if durable {
             let (tx, rx) = oneshot::channel();
