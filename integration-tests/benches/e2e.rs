@@ -27,7 +27,6 @@
 //! (tcp or unix), BENCH_METRICS (0; 1: every process records and serves Prometheus metrics,
 //! to measure what they cost).
 
-
 use pledge_integration_tests::bench::e2e::{Api, api, load, print, run};
 use pledge_integration_tests::bench::env_or;
 use pledge_integration_tests::{Process, TestDir};

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod kafka;
 pub mod pg;
 pub mod proxy;
+pub mod store;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};

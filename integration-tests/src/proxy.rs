@@ -20,6 +20,8 @@ pub enum Link {
 pub struct Proxy {
     pub addr: SocketAddr,
     link: watch::Sender<Link>,
+    /// Where new connections go; a change cuts the connections made before it.
+    target: watch::Sender<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -28,16 +30,31 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the proxy");
         let addr = listener.local_addr().expect("proxy address");
         let (link, watch) = watch::channel(Link::Open);
+        let (target, targets) = watch::channel(target);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                tokio::spawn(forward(client, target, watch.clone()));
+                let mut targets = targets.clone();
+                let to = *targets.borrow_and_update();
+                let link = watch.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = forward(client, to, link) => {}
+                        _ = targets.changed() => {} // retargeted: this connection is cut
+                    }
+                });
             }
         });
-        Proxy { addr, link, task }
+        Proxy { addr, link, target, task }
     }
 
     pub fn set(&self, link: Link) {
         self.link.send_replace(link);
+    }
+
+    /// Sends new connections to `target` and cuts the ones open now (a failover behind a
+    /// service address: clients reconnect and reach the new server).
+    pub fn retarget(&self, target: SocketAddr) {
+        self.target.send_replace(target);
     }
 }
 

@@ -12,6 +12,7 @@ use pledge_coordinator::engine::{CommitRecord, LogRecord, LoggedBranch, Vote};
 use pledge_coordinator::store::{DecisionLog, StoreError};
 use pledge_integration_tests::cluster::*;
 use pledge_integration_tests::pg::*;
+use pledge_integration_tests::store::StorePair;
 use pledge_integration_tests::*;
 use pledge_proto::v1::coordinator_client::CoordinatorClient;
 use pledge_proto::v1::{self, postgres_branch_client::PostgresBranchClient};
@@ -81,6 +82,8 @@ async fn the_store_refuses_a_former_owners_decision() {
 /// Three instances on one store; one PostgreSQL adapter for two databases.
 struct Bank3 {
     dir: TestDir,
+    /// A primary with a synchronous standby; `store_url` reaches the primary.
+    store: StorePair,
     store_url: String,
     cid: String,
     adapter: Process,
@@ -90,7 +93,8 @@ struct Bank3 {
 impl Bank3 {
     async fn start(test: &str, count: usize) -> Bank3 {
         let dir = TestDir::new(test);
-        let store_url = fresh_database(test).await;
+        let store = StorePair::start().await;
+        let store_url = store.url();
         let cid = format!("{test}-{:06x}", fastrand::u32(..) & 0xffffff);
         let adapter = dir
             .postgres_adapter(
@@ -101,7 +105,7 @@ impl Bank3 {
                 &[],
             )
             .await;
-        let mut b = Bank3 { dir, store_url, cid, adapter, instances: Vec::new() };
+        let mut b = Bank3 { dir, store, store_url, cid, adapter, instances: Vec::new() };
         for i in 0..count {
             let p = b.instance(&format!("c{i}")).await;
             b.instances.push(p);
@@ -226,7 +230,8 @@ async fn an_instance_killed_mid_load_loses_no_commit_and_its_shards_move() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_is_fenced_and_steps_down_without_contradicting_the_new_owner() {
     let dir = TestDir::new("cl-pause");
-    let store_url = fresh_database("cl-pause").await;
+    let pair = StorePair::start().await;
+    let store_url = pair.url();
     let cid = format!("cl-pause-{:06x}", fastrand::u32(..) & 0xffffff);
     let db1 = dir.participant("db1", 0, &[], &[]).await;
     // db2 answers each Prepare only after this long: the owner is paused meanwhile.
@@ -497,4 +502,86 @@ async fn a_rolling_restart_under_load_fails_no_call_but_with_unavailable() {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stores_primary_fails_over_and_no_acknowledged_decision_is_lost() {
+    const ACCOUNTS: i64 = 20;
+    const CLIENTS: usize = 8;
+    let b = Bank3::start("cl-failover", 2).await;
+    let store = StoreView::connect(&b.store_url).await;
+    let ids = [store.instance_id(&b.instances[0]).await, store.instance_id(&b.instances[1]).await];
+    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    drop(store);
+    let bank = Arc::new(Bank::new("clfail", ACCOUNTS, 1000).await);
+    let initial = bank.total().await;
+    let endpoints: Vec<String> = b.instances.iter().map(Process::endpoint).collect();
+    let client = Arc::new(pledge_proto::client::ClusterClient::new(endpoints).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (bank, stop, acknowledged, client) = (bank.clone(), stop.clone(), acknowledged.clone(), client.clone());
+        let adapter = b.adapter.endpoint();
+        clients.push(tokio::spawn(async move {
+            let mut pg = PostgresBranchClient::connect(adapter).await.unwrap();
+            let (mut retriable, mut lost, mut failures) = (0u64, 0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match transfer_retrying(&client, &mut pg, &bank, ACCOUNTS, &mut retriable).await {
+                    Ok(Some(gtid)) => acknowledged.lock().await.push(gtid),
+                    Ok(None) => {}
+                    // A transaction active when its shard's owner stopped driving it (the
+                    // store was gone for a lease) has no decision: not committed.
+                    Err(s) if s.code() == Code::NotFound => lost += 1,
+                    Err(s) if s.code() == Code::DeadlineExceeded => retriable += 1,
+                    Err(s) => failures.push(s.to_string()),
+                }
+            }
+            (retriable, lost, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = acknowledged.lock().await.len();
+    b.store.kill_primary();
+    // Longer than a lease: the instances stop driving their shards (a shorter gap is
+    // bridged: their writes are retried until the new primary answers).
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 1_000)).await;
+    b.store.promote_standby().await;
+    // The instances reconnect and take their shards back; the load goes on.
+    let store = StoreView::connect(&b.store_url).await;
+    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    eventually("transactions commit again after the failover", || {
+        let acknowledged = acknowledged.clone();
+        async move { (acknowledged.lock().await.len() > before + 50).then_some(()) }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut retriable, mut lost) = (0, 0);
+    for c in clients {
+        let (r, l, failures) = c.await.unwrap();
+        retriable += r;
+        lost += l;
+        assert!(failures.is_empty(), "calls failed with a status that is not retriable: {failures:?}");
+    }
+    let acknowledged = acknowledged.lock().await.clone();
+    println!(
+        "failover: {} committed ({before} before it), {retriable} calls answered with a retriable status, {lost} \
+         transactions lost undecided",
+        acknowledged.len()
+    );
+    assert!(retriable > 0, "no call saw the store's failover");
+    let mut c = coordinator_client(&b.instances[0]).await;
+    for gtid in &acknowledged {
+        let t = get(&mut c, gtid).await.unwrap_or_else(|e| panic!("{gtid}: {e}"));
+        assert!(
+            matches!(t.state(), v1::TransactionState::Committed | v1::TransactionState::Committing),
+            "{gtid} was acknowledged as committed but is {:?} after the failover",
+            t.state()
+        );
+    }
+    eventually("no prepared transaction of the cluster left", || async {
+        prepared_of(&b.cid).await.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(bank.total().await, initial, "money was created or destroyed");
 }

@@ -114,7 +114,8 @@ impl DecisionLog for PgLog {
                 // heard yet): the new owner repeats what it stood for. One the engine waits
                 // for is refused as fenced; the shard's drop releases its waiters.
                 let shard = e.gtid.shard(self.state.shard_count);
-                return Ok(durable.then(|| -> Durable { Box::pin(async move { Err(StoreError::Fenced { shard, epoch: 0 }) }) }));
+                return Ok(durable
+                    .then(|| -> Durable { Box::pin(async move { Err(StoreError::Fenced { shard, epoch: 0 }) }) }));
             }
             return Ok(None); // a checkpoint's horizon: the store keeps its own
         };
