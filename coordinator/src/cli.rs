@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the coordinator.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Begin, enlist, commit, abort and inspect transactions.
     Txn {
         #[command(flatten)]
