@@ -48,6 +48,9 @@ pub struct Config {
     pub handover_drain_ms: u64,
     /// Cluster: most decision records in one store transaction (group commit).
     pub store_max_batch_records: u64,
+    /// Cluster: store transactions written at once, each for its own subset of the shards
+    /// (one connection each).
+    pub store_writer_lanes: u64,
     /// Cluster: longest a store round trip may take before its outcome is treated as unknown
     /// (then re-read or retried, never assumed).
     pub store_timeout_ms: u64,
@@ -114,6 +117,7 @@ impl Default for Config {
             lease_renew_interval_ms: 1_000,
             handover_drain_ms: 5_000,
             store_max_batch_records: 1_024,
+            store_writer_lanes: 8,
             store_timeout_ms: 5_000,
             metrics_listen: None,
             coordinator_id: None,

@@ -89,6 +89,7 @@ pub fn of(c: &Config) -> Vec<Limit> {
         limit("lease_renew_interval_ms", c.lease_renew_interval_ms, 100, 60 * SECOND_MS, "at most lease_ms / 2"),
         limit("handover_drain_ms", c.handover_drain_ms, 1, 10 * 60 * SECOND_MS, "a shutdown waits this long"),
         limit("store_max_batch_records", c.store_max_batch_records, 1, 100_000, "one store transaction"),
+        limit("store_writer_lanes", c.store_writer_lanes, 1, 64, "a store connection each"),
         limit("store_timeout_ms", c.store_timeout_ms, 100, 10 * 60 * SECOND_MS, "one store round trip"),
     ]
 }
@@ -163,6 +164,7 @@ mod tests {
             "lease_renew_interval_ms" => c.lease_renew_interval_ms = v,
             "handover_drain_ms" => c.handover_drain_ms = v,
             "store_max_batch_records" => c.store_max_batch_records = v,
+            "store_writer_lanes" => c.store_writer_lanes = v,
             "store_timeout_ms" => c.store_timeout_ms = v,
             other => panic!("no setter for {other}"),
         }

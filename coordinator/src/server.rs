@@ -118,8 +118,9 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
     use crate::driver::ClusterLink;
 
     let store_timeout = Duration::from_millis(config.store_timeout_ms);
+    // A connection per writer lane, and a few for leases, routing lookups and cleanup.
     let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(8)
+        .max_connections(config.store_writer_lanes as u32 + 4)
         .acquire_timeout(store_timeout)
         .connect(&config.store)
         .await
@@ -167,7 +168,13 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
     engine_config.shard_count = info.shard_count;
     let mut engine = Engine::new(engine_config);
     add_configured_participants(&mut engine, &config)?;
-    let log = PgLog::start(pool.clone(), state.clone(), config.store_max_batch_records as usize, store_timeout);
+    let log = PgLog::start(
+        pool.clone(),
+        state.clone(),
+        config.store_writer_lanes as usize,
+        config.store_max_batch_records as usize,
+        store_timeout,
+    );
     let (commands_tx, commands) = tokio::sync::mpsc::channel(1024);
     let (runtime, handle) = Runtime::new(engine, log, runtime_config(&config, info.cluster_id.clone()));
     let runtime = runtime.with_cluster(ClusterLink { state: state.clone(), commands });

@@ -69,12 +69,16 @@ impl StoreView {
     pub async fn instance_id(&self, p: &Process) -> String {
         let address = p.endpoint();
         crate::eventually(&format!("{address} registered in the store"), || async {
-            sqlx::query_scalar::<_, String>("SELECT id FROM pledge_instance WHERE address = $1")
-                .bind(&address)
-                .fetch_optional(&self.pool)
-                .await
-                .ok()
-                .flatten()
+            // The newest live one: an instance killed at that address left its row behind.
+            sqlx::query_scalar::<_, String>(
+                "SELECT id FROM pledge_instance WHERE address = $1 AND expires_at > now()
+                 ORDER BY started_at DESC LIMIT 1",
+            )
+            .bind(&address)
+            .fetch_optional(&self.pool)
+            .await
+            .ok()
+            .flatten()
         })
         .await
     }

@@ -59,7 +59,7 @@ async fn the_store_refuses_a_former_owners_decision() {
     take("a", 1).await;
     let a = Arc::new(ClusterState::new("a".into(), "http://a".into(), 4));
     a.own(1, 1);
-    let mut log = PgLog::start(pool.clone(), a.clone(), 64, Duration::from_secs(5));
+    let mut log = PgLog::start(pool.clone(), a.clone(), 2, 64, Duration::from_secs(5));
     let store = StoreView { pool: pool.clone() };
 
     let first = Gtid::new_v7_in_shard(1, 4);
@@ -77,6 +77,19 @@ async fn the_store_refuses_a_former_owners_decision() {
     }
     assert_eq!(store.record_kind(&second.to_string()).await, None, "the refused decision was written");
     assert_eq!(a.epoch_of(1), None, "the fenced instance still believes it owns the shard");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_schema_newer_than_the_binary_is_refused() {
+    let url = fresh_database("schema").await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    schema::prepare(&pool, 8, "schema-test").await.unwrap();
+    // Preparing again is a no-op that keeps the cluster's settings.
+    let again = schema::prepare(&pool, 16, "other").await.unwrap();
+    assert_eq!((again.shard_count, again.cluster_id.as_str()), (8, "schema-test"));
+    sqlx::query("UPDATE pledge_schema SET version = $1").bind(schema::SCHEMA_VERSION + 1).execute(&pool).await.unwrap();
+    let e = schema::prepare(&pool, 8, "schema-test").await.unwrap_err().to_string();
+    assert!(e.contains("newer than this binary knows"), "{e}");
 }
 
 /// Three instances on one store; one PostgreSQL adapter for two databases.
@@ -294,9 +307,13 @@ async fn a_paused_owner_is_fenced_and_steps_down_without_contradicting_the_new_o
     assert_eq!(read(&mut store_client(&db2).await, "k2").await, None);
     // a stepped down: the shard is b's, and a forwards calls about it there.
     assert_eq!(store.owner(shard).await.map(|(h, _)| h), Some(b_id));
+    // Whichever it noticed first: its lease lapsed, the store refused its write, or a renewal
+    // found another holder.
     let owner_log = a.log();
     assert!(
-        owner_log.contains("no longer ours") || owner_log.contains("lease lost") || owner_log.contains("fenced"),
+        ["no longer driving the shard", "decision write refused", "shard lease lost"]
+            .iter()
+            .any(|m| owner_log.contains(m)),
         "the paused instance did not report losing its shard:\n{}",
         a.log_tail()
     );
@@ -362,6 +379,17 @@ async fn any_instance_answers_any_call_and_the_client_learns_the_owner() {
             assert!(listed.iter().any(|t| t.gtid == *gtid), "{gtid} missing from List");
         }
     }
+    // The operator's view, from the store.
+    let status = tokio::process::Command::new(bin("pledge"))
+        .args(["cluster", "status", "--store", &store_url])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
+    assert!(text.contains("instances (2 live)"), "{text}");
+    assert!(text.contains(&ids[0]) && text.contains(&ids[1]), "{text}");
+    assert!(text.contains("0 shard(s) without a live owner"), "{text}");
     // A call about a transaction of the other instance's shard is forwarded and says so.
     let theirs = gtids.iter().find(|g| client.owner_of(g) == Some(b.endpoint())).expect("some at b");
     let r = ca.get(v1::GetRequest { gtid: theirs.clone() }).await.unwrap();

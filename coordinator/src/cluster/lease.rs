@@ -48,6 +48,9 @@ pub struct LeaseConfig {
     pub completed_retention_ms: u64,
 }
 
+/// How long the membership row of an instance that stopped renewing is kept.
+const DEAD_INSTANCE_KEPT: Duration = Duration::from_secs(3600);
+
 /// shard, holder, epoch, unexpired, the holder's address if it is live.
 type LeaseRow = (i32, Option<String>, i64, bool, Option<String>);
 
@@ -188,6 +191,11 @@ impl LeaseManager {
 
         self.learn_participants().await?;
         self.forget_expired().await?;
+        // Instances gone for good (killed) leave their rows; they are shown as dead a while.
+        sqlx::query("DELETE FROM pledge_instance WHERE expires_at < now() - $1")
+            .bind(interval(DEAD_INSTANCE_KEPT))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

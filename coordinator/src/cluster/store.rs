@@ -9,6 +9,12 @@
 //! first (and this write is refused: the shard is [`StoreError::Fenced`]) or after (and the new
 //! owner reads what this write left).
 //!
+//! The shards are split among `store_writer_lanes` writers (shard modulo lanes), each with its
+//! own connection: a lane's transaction locks only its own shards' lease rows, so lanes commit
+//! concurrently (and the database flushes their commits together), while a takeover still
+//! waits for the one lane writing the shard. A transaction's records all go through one lane,
+//! in order.
+//!
 //! A write whose answer is lost (timeout, reset connection, failover) has an unknown outcome:
 //! it is written again, which is idempotent (an upsert of the same rows), until it succeeds or
 //! its shard is no longer this instance's — never assumed either way.
@@ -59,17 +65,28 @@ struct Op {
 
 /// The engine's side of the PostgreSQL store (see the module docs).
 pub struct PgLog {
-    ops: mpsc::Sender<Op>,
+    lanes: Vec<mpsc::Sender<Op>>,
     state: Arc<ClusterState>,
 }
 
 impl PgLog {
-    /// Starts the writer task on `pool`.
-    pub fn start(pool: PgPool, state: Arc<ClusterState>, max_batch_records: usize, timeout: Duration) -> PgLog {
-        let (ops, rx) = mpsc::channel(QUEUE_CAPACITY);
-        let writer = Writer { pool, state: state.clone(), max_batch_records, timeout };
-        tokio::spawn(writer.run(rx));
-        PgLog { ops, state }
+    /// Starts `lanes` writer tasks on `pool` (which needs a connection for each).
+    pub fn start(
+        pool: PgPool,
+        state: Arc<ClusterState>,
+        lanes: usize,
+        max_batch_records: usize,
+        timeout: Duration,
+    ) -> PgLog {
+        let lanes = (0..lanes.max(1))
+            .map(|_| {
+                let (ops, rx) = mpsc::channel(QUEUE_CAPACITY);
+                let writer = Writer { pool: pool.clone(), state: state.clone(), max_batch_records, timeout };
+                tokio::spawn(writer.run(rx));
+                ops
+            })
+            .collect();
+        PgLog { lanes, state }
     }
 
     fn row(&self, record: &LogRecord) -> Option<Row> {
@@ -125,7 +142,14 @@ impl DecisionLog for PgLog {
         } else {
             (None, None)
         };
-        self.ops.send(Op { row, done }).await.map_err(|_| StoreError::Failed("the store writer stopped".into()))?;
+        let lane = match &row {
+            Row::Decision { shard, .. } => usize::from(*shard) % self.lanes.len(),
+            Row::Participant { .. } => 0,
+        };
+        self.lanes[lane]
+            .send(Op { row, done })
+            .await
+            .map_err(|_| StoreError::Failed("the store writer stopped".into()))?;
         Ok(rx.map(|rx| -> Durable {
             Box::pin(
                 async move { rx.await.unwrap_or_else(|_| Err(StoreError::Failed("the store writer stopped".into()))) },
