@@ -93,7 +93,7 @@ fn main() {
         let one = instance(&dir, "c0", &url, &endpoints, "127.0.0.1:0").await;
         let view = StoreView::connect(&url).await;
         let id = view.instance_id(&one).await;
-        view.wait_all_owned_by(&[id], Duration::from_secs(60)).await;
+        view.wait_owned_evenly_by(&[id], Duration::from_secs(60)).await;
         let one_run = run(&[&one], &parts).await;
         drop(one);
         print("postgres store, 1 instance", &one_run);
@@ -105,7 +105,7 @@ fn main() {
             ids.push(view.instance_id(&p).await);
             three.push(p);
         }
-        view.wait_all_owned_by(&ids, Duration::from_secs(60)).await;
+        view.wait_owned_evenly_by(&ids, Duration::from_secs(60)).await;
         let refs: Vec<&Process> = three.iter().collect();
         let three_run = run(&refs, &parts).await;
         print("postgres store, 3 instances", &three_run);
@@ -174,7 +174,7 @@ fn main() {
                 .collect();
             let live: Vec<String> =
                 ids.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, id)| id.clone()).collect();
-            view.wait_all_owned_by(&live, Duration::from_secs(60)).await;
+            view.wait_owned_evenly_by(&live, Duration::from_secs(60)).await;
             owned_ms.push(killed.elapsed().as_secs_f64() * 1e3);
             loop {
                 let now = in_doubt(&participants).await;
@@ -198,7 +198,7 @@ fn main() {
             let p = instance(&dir, &format!("c{}-{k}", victim + 1), &url, &endpoints, &listen).await;
             ids[victim] = view.instance_id(&p).await;
             three[victim] = p;
-            view.wait_all_owned_by(&ids, Duration::from_secs(60)).await;
+            view.wait_owned_evenly_by(&ids, Duration::from_secs(60)).await;
         }
         stop.store(true, Ordering::Relaxed);
         for t in load_tasks {

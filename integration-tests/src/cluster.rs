@@ -104,18 +104,22 @@ impl StoreView {
         self.live_leases().await.into_iter().filter(|(_, h, _)| h == instance).map(|(s, _, _)| s).collect()
     }
 
-    /// Waits until every shard has a live owner among `instances`; returns how long it took.
-    pub async fn wait_all_owned_by(&self, instances: &[String], within: Duration) -> Duration {
+    /// Waits until every shard has a live owner among `instances`, none of which owns more than
+    /// its share (the shard count over theirs, rounded up: a joining instance has taken its
+    /// share); returns how long it took.
+    pub async fn wait_owned_evenly_by(&self, instances: &[String], within: Duration) -> Duration {
         let started = Instant::now();
         let count = self.shard_count().await;
         loop {
             let leases = self.live_leases().await;
-            if leases.len() == count && leases.iter().all(|(_, h, _)| instances.contains(h)) {
+            let share = count.div_ceil(instances.len());
+            let spread = instances.iter().all(|i| leases.iter().filter(|(_, h, _)| h == i).count() <= share);
+            if leases.len() == count && leases.iter().all(|(_, h, _)| instances.contains(h)) && spread {
                 return started.elapsed();
             }
             assert!(
                 started.elapsed() < within,
-                "shards not all owned by {instances:?} within {within:?}: {} of {count} live leases",
+                "shards not all owned evenly by {instances:?} within {within:?}: {} of {count} live leases",
                 leases.len()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -167,7 +167,7 @@ async fn an_instance_killed_mid_load_loses_no_commit_and_its_shards_move() {
     for p in &b.instances {
         ids.push(store.instance_id(p).await);
     }
-    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    store.wait_owned_evenly_by(&ids, Duration::from_secs(30)).await;
     let bank = Arc::new(Bank::new("clkill", ACCOUNTS, 1000).await);
     let initial = bank.total().await;
     let endpoints: Vec<String> = b.instances.iter().map(Process::endpoint).collect();
@@ -213,7 +213,7 @@ async fn an_instance_killed_mid_load_loses_no_commit_and_its_shards_move() {
     let victim_shards = store.shards_of(&ids[0]).await;
     assert!(!victim_shards.is_empty());
     b.instances[0].kill9().await;
-    let moved = store.wait_all_owned_by(&ids[1..], Duration::from_secs(10)).await;
+    let moved = store.wait_owned_evenly_by(&ids[1..], Duration::from_secs(10)).await;
     println!("the killed instance's {} shards were owned elsewhere after {moved:?}", victim_shards.len());
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
@@ -254,10 +254,10 @@ async fn a_paused_owner_is_fenced_and_steps_down_without_contradicting_the_new_o
     let a = dir.cluster_instance("a", &store_url, &cid, &participants, &args).await;
     let store = StoreView::connect(&store_url).await;
     let a_id = store.instance_id(&a).await;
-    store.wait_all_owned_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
+    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
     let b = dir.cluster_instance("b", &store_url, &cid, &participants, &args).await;
     let b_id = store.instance_id(&b).await;
-    store.wait_all_owned_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
+    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
     let count = store.shard_count().await;
 
     // A transaction in one of a's shards, with work at both participants.
@@ -331,7 +331,7 @@ async fn any_instance_answers_any_call_and_the_client_learns_the_owner() {
     let b = dir.cluster_instance("b", &store_url, &cid, &[], &[]).await;
     let store = StoreView::connect(&store_url).await;
     let ids = [store.instance_id(&a).await, store.instance_id(&b).await];
-    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    store.wait_owned_evenly_by(&ids, Duration::from_secs(30)).await;
 
     // Participants registered at one instance are known to every instance.
     let mut ca = coordinator_client(&a).await;
@@ -453,7 +453,7 @@ async fn a_rolling_restart_under_load_fails_no_call_but_with_unavailable() {
     for p in &b.instances {
         ids.push(store.instance_id(p).await);
     }
-    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    store.wait_owned_evenly_by(&ids, Duration::from_secs(30)).await;
     let bank = Arc::new(Bank::new("clroll", ACCOUNTS, 1000).await);
     let initial = bank.total().await;
     // The clients know the instances by endpoint; restarted instances come back on new ports,
@@ -539,7 +539,7 @@ async fn the_stores_primary_fails_over_and_no_acknowledged_decision_is_lost() {
     let b = Bank3::start("cl-failover", 2).await;
     let store = StoreView::connect(&b.store_url).await;
     let ids = [store.instance_id(&b.instances[0]).await, store.instance_id(&b.instances[1]).await];
-    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    store.wait_owned_evenly_by(&ids, Duration::from_secs(30)).await;
     drop(store);
     let bank = Arc::new(Bank::new("clfail", ACCOUNTS, 1000).await);
     let initial = bank.total().await;
@@ -577,7 +577,7 @@ async fn the_stores_primary_fails_over_and_no_acknowledged_decision_is_lost() {
     b.store.promote_standby().await;
     // The instances reconnect and take their shards back; the load goes on.
     let store = StoreView::connect(&b.store_url).await;
-    store.wait_all_owned_by(&ids, Duration::from_secs(30)).await;
+    store.wait_owned_evenly_by(&ids, Duration::from_secs(30)).await;
     eventually("transactions commit again after the failover", || {
         let acknowledged = acknowledged.clone();
         async move { (acknowledged.lock().await.len() > before + 50).then_some(()) }
