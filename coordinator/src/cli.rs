@@ -89,6 +89,9 @@ pub struct ServeArgs {
     /// Cluster: how often leases are renewed and shards balanced, ms [default: 1000].
     #[arg(long, env = "PLEDGE_LEASE_RENEW_INTERVAL_MS")]
     pub lease_renew_interval_ms: Option<u64>,
+    /// Cluster: store writes in flight at once, a connection each [default: 1].
+    #[arg(long, env = "PLEDGE_STORE_WRITER_LANES")]
+    pub store_writer_lanes: Option<u64>,
     /// Deadline of the prepare round, ms.
     #[arg(long, env = "PLEDGE_PREPARE_TIMEOUT_MS")]
     pub prepare_timeout_ms: Option<u64>,
@@ -145,6 +148,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.lease_renew_interval_ms {
             config.lease_renew_interval_ms = v;
+        }
+        if let Some(v) = self.store_writer_lanes {
+            config.store_writer_lanes = v;
         }
         if let Some(v) = self.prepare_timeout_ms {
             config.prepare_timeout_ms = v;

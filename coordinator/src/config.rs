@@ -48,8 +48,9 @@ pub struct Config {
     pub handover_drain_ms: u64,
     /// Cluster: most decision records in one store transaction (group commit).
     pub store_max_batch_records: u64,
-    /// Cluster: store transactions written at once, each for its own subset of the shards
-    /// (one connection each).
+    /// Cluster: store writes in flight at once, each for its own subset of the shards (one
+    /// connection each). One is fastest where the store is near (batches grow with the load);
+    /// more overlap round trips to a distant store.
     pub store_writer_lanes: u64,
     /// Cluster: longest a store round trip may take before its outcome is treated as unknown
     /// (then re-read or retried, never assumed).
@@ -117,7 +118,7 @@ impl Default for Config {
             lease_renew_interval_ms: 1_000,
             handover_drain_ms: 5_000,
             store_max_batch_records: 1_024,
-            store_writer_lanes: 8,
+            store_writer_lanes: 1,
             store_timeout_ms: 5_000,
             metrics_listen: None,
             coordinator_id: None,

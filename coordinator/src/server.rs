@@ -6,6 +6,7 @@
 //! stop accepting calls, stop the engine, flush and sync the log, exit.
 
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,10 +120,15 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
 
     let store_timeout = Duration::from_millis(config.store_timeout_ms);
     // A connection per writer lane, and a few for leases, routing lookups and cleanup.
+    let options = sqlx::postgres::PgConnectOptions::from_str(&config.store)
+        .with_context(|| format!("invalid store URL {}", redact(&config.store)))?
+        // A transaction left open by a paused or partitioned instance holds lease-row locks
+        // that a takeover waits for: the database ends its session after this long.
+        .options([("idle_in_transaction_session_timeout", config.store_timeout_ms.to_string())]);
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.store_writer_lanes as u32 + 4)
         .acquire_timeout(store_timeout)
-        .connect(&config.store)
+        .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to the decision store {}", redact(&config.store)))?;
     let wanted_id = match &config.coordinator_id {

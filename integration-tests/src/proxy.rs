@@ -71,6 +71,9 @@ async fn forward(mut client: TcpStream, target: SocketAddr, mut link: watch::Rec
         return;
     }
     let Ok(mut server) = TcpStream::connect(target).await else { return };
+    // Forward each chunk as it comes: Nagle's algorithm here would hold a small write back
+    // behind an unacknowledged one, a delay neither end would see without the proxy.
+    let _ = (client.set_nodelay(true), server.set_nodelay(true));
     if state == Link::Open {
         tokio::select! {
             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,

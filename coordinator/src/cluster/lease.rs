@@ -128,14 +128,7 @@ impl LeaseManager {
         // Only the shards this instance drives: one it holds in the table but not here (its
         // records could not be read) is left to expire.
         let owned: Vec<i32> = self.state.owned().keys().map(|&s| i32::from(s)).collect();
-        let renewed: Vec<(i32, i64)> = sqlx::query_as(
-            "UPDATE pledge_lease SET expires_at = now() + $2 WHERE holder = $1 AND shard = ANY($3) RETURNING shard, epoch",
-        )
-        .bind(&me)
-        .bind(lease)
-        .bind(&owned)
-        .fetch_all(&self.pool)
-        .await?;
+        let renewed = renew(&self.pool, &me, self.config.lease, &owned).await?;
         self.renewed_at = Some(sent);
         let renewed: BTreeMap<u16, u64> = renewed.into_iter().map(|(s, e)| (s as u16, e as u64)).collect();
         for (shard, epoch) in self.state.owned() {
@@ -203,7 +196,10 @@ impl LeaseManager {
         let candidates: Vec<i32> = shards.iter().map(|&s| i32::from(s)).collect();
         let taken: Vec<(i32, i64, i64)> = sqlx::query_as(
             "UPDATE pledge_lease SET holder = $1, epoch = epoch + 1, expires_at = now() + $2
-             WHERE shard = ANY($3) AND (holder IS NULL OR expires_at < now())
+             WHERE shard IN (SELECT shard FROM pledge_lease
+                             WHERE shard = ANY($3) AND (holder IS NULL OR expires_at < now())
+                             ORDER BY shard FOR UPDATE)
+               AND (holder IS NULL OR expires_at < now())
              RETURNING shard, epoch, forgotten_through_ms",
         )
         .bind(&self.state.instance_id)
@@ -302,12 +298,7 @@ impl LeaseManager {
             .execute(&self.pool)
             .await?;
         let owned: Vec<i32> = self.state.owned().keys().map(|&s| i32::from(s)).collect();
-        sqlx::query("UPDATE pledge_lease SET expires_at = now() + $2 WHERE holder = $1 AND shard = ANY($3)")
-            .bind(&self.state.instance_id)
-            .bind(interval(self.config.lease))
-            .bind(&owned)
-            .execute(&self.pool)
-            .await?;
+        renew(&self.pool, &self.state.instance_id, self.config.lease, &owned).await?;
         let drain = self.config.drain.min(self.config.lease / 2);
         let owned = self.state.owned();
         let releasing = self.releasing.lock().expect("releasing").clone();
@@ -425,4 +416,22 @@ async fn free_lease(pool: &PgPool, me: &str, shard: u16, epoch: u64) -> Result<(
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Extends `holder`'s leases of `shards` by `lease` from the database's now; returns the
+/// (shard, epoch) renewed. Rows are locked in shard order, as the store's writers lock them
+/// (see `cluster::store`), so a renewal and a write never deadlock.
+async fn renew(pool: &PgPool, holder: &str, lease: Duration, shards: &[i32]) -> Result<Vec<(i32, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE pledge_lease SET expires_at = now() + $2
+         WHERE shard IN (SELECT shard FROM pledge_lease WHERE holder = $1 AND shard = ANY($3)
+                         ORDER BY shard FOR UPDATE)
+           AND holder = $1
+         RETURNING shard, epoch",
+    )
+    .bind(holder)
+    .bind(interval(lease))
+    .bind(shards)
+    .fetch_all(pool)
+    .await
 }

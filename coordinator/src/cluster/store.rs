@@ -1,19 +1,18 @@
 //! The PostgreSQL decision store: [`PgLog`] carries out the engine's appends with the local
 //! log's group-commit shape, and fences every write with the shard's lease epoch.
 //!
-//! One writer task takes whatever appends are queued (up to `store_max_batch_records`) and
-//! writes them in one database transaction: it locks the lease rows of the shards involved
-//! (`SELECT ... FOR UPDATE`), keeps only the records whose shard is still this instance's at
-//! the epoch they were decided under, upserts them, and commits. Nothing is acknowledged before
-//! that commit returns. A takeover's lease update waits for the row lock, so it either comes
-//! first (and this write is refused: the shard is [`StoreError::Fenced`]) or after (and the new
-//! owner reads what this write left).
+//! A writer task takes whatever appends are queued (up to `store_max_batch_records`) and
+//! writes them in one statement, so one round trip and one database transaction: it
+//! share-locks the lease rows of the shards involved (`SELECT ... FOR SHARE`), keeps only the
+//! records whose shard is still this instance's at the epoch they were decided under, upserts
+//! them, and commits. Nothing is acknowledged before that commit returns. A takeover's lease
+//! update waits for the row lock, so it either comes first (and this write is refused: the
+//! shard is [`StoreError::Fenced`]) or after (and the new owner reads what this write left).
 //!
 //! The shards are split among `store_writer_lanes` writers (shard modulo lanes), each with its
-//! own connection: a lane's transaction locks only its own shards' lease rows, so lanes commit
-//! concurrently (and the database flushes their commits together), while a takeover still
-//! waits for the one lane writing the shard. A transaction's records all go through one lane,
-//! in order.
+//! own connection, so several batches are in flight at once (the database flushes their
+//! commits together); share locks do not wait for each other. A transaction's records all go
+//! through one lane, in order.
 //!
 //! A write whose answer is lost (timeout, reset connection, failover) has an unknown outcome:
 //! it is written again, which is idempotent (an upsert of the same rows), until it succeeds or
@@ -258,86 +257,26 @@ impl Writer {
 
     /// One attempt: the shards whose lease (holder, epoch) no longer matches are returned and
     /// their records left out.
+    ///
+    /// The decisions go in one statement, so one round trip and one commit: it share-locks the
+    /// lease rows of the batch's shards that this instance holds (a takeover's update of such a
+    /// row waits for this commit; writers do not wait for each other), upserts the records whose
+    /// epoch matches, and returns the held leases. Locks are taken in shard order, as every
+    /// lease update takes them, so the two never deadlock.
     async fn try_write(&self, batch: &[Op]) -> Result<BTreeMap<u16, u64>, sqlx::Error> {
-        let mut shards: Vec<i32> = batch
-            .iter()
-            .filter_map(|op| match op.row {
-                Row::Decision { shard, .. } => Some(i32::from(shard)),
-                Row::Participant { .. } => None,
-            })
-            .collect();
-        shards.sort_unstable();
-        shards.dedup();
-        let mut tx = self.pool.begin().await?;
-        let leases: Vec<(i32, Option<String>, i64)> = sqlx::query_as(
-            "SELECT shard, holder, epoch FROM pledge_lease WHERE shard = ANY($1) ORDER BY shard FOR UPDATE",
-        )
-        .bind(&shards)
-        .fetch_all(&mut *tx)
-        .await?;
-        let held: HashMap<u16, u64> = leases
-            .into_iter()
-            .filter(|(_, holder, _)| holder.as_deref() == Some(self.state.instance_id.as_str()))
-            .map(|(shard, _, epoch)| (shard as u16, epoch as u64))
-            .collect();
-        let mut fenced = BTreeMap::new();
         // The latest row of each GTID in the batch (one upsert may not touch a row twice).
         let mut latest: HashMap<Gtid, usize> = HashMap::new();
         let (mut resources, mut endpoints) = (Vec::new(), Vec::new());
         for (i, op) in batch.iter().enumerate() {
             match &op.row {
-                Row::Decision { gtid, shard, epoch, .. } => {
-                    if held.get(shard) == Some(epoch) {
-                        latest.insert(*gtid, i);
-                    } else {
-                        fenced.insert(*shard, *epoch);
-                    }
+                Row::Decision { gtid, .. } => {
+                    latest.insert(*gtid, i);
                 }
                 Row::Participant { resource, endpoint } => {
                     resources.push(resource.clone());
                     endpoints.push(endpoint.clone());
                 }
             }
-        }
-        if !latest.is_empty() {
-            let n = latest.len();
-            let (mut gtids, mut shard_col, mut kinds, mut epochs) =
-                (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-            let (mut finished, mut keep, mut completed, mut bodies) =
-                (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-            for &i in latest.values() {
-                if let Row::Decision { gtid, shard, epoch, kind, finished: f, keep: k, completed_ms, record } =
-                    &batch[i].row
-                {
-                    gtids.push(*gtid.as_uuid());
-                    shard_col.push(i32::from(*shard));
-                    kinds.push(i16::from(*kind));
-                    epochs.push(*epoch as i64);
-                    finished.push(*f);
-                    keep.push(*k);
-                    completed.push(*completed_ms as i64);
-                    bodies.push(record.clone());
-                }
-            }
-            sqlx::query(
-                "INSERT INTO pledge_decision (gtid, shard, kind, epoch, finished, keep, completed_ms, record)
-                 SELECT * FROM unnest($1::uuid[], $2::integer[], $3::smallint[], $4::bigint[], $5::boolean[],
-                                      $6::boolean[], $7::bigint[], $8::bytea[])
-                 ON CONFLICT (gtid) DO UPDATE SET kind = excluded.kind, epoch = excluded.epoch,
-                     finished = excluded.finished, keep = excluded.keep, completed_ms = excluded.completed_ms,
-                     record = excluded.record
-                 WHERE NOT pledge_decision.finished",
-            )
-            .bind(gtids as Vec<Uuid>)
-            .bind(shard_col)
-            .bind(kinds)
-            .bind(epochs)
-            .bind(finished)
-            .bind(keep)
-            .bind(completed)
-            .bind(bodies)
-            .execute(&mut *tx)
-            .await?;
         }
         if !resources.is_empty() {
             sqlx::query(
@@ -347,10 +286,72 @@ impl Writer {
             )
             .bind(resources)
             .bind(endpoints)
-            .execute(&mut *tx)
+            .execute(&self.pool)
             .await?;
         }
-        tx.commit().await?;
+        let mut fenced = BTreeMap::new();
+        if latest.is_empty() {
+            return Ok(fenced);
+        }
+        let n = latest.len();
+        let (mut gtids, mut shard_col, mut kinds, mut epochs) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut finished, mut keep, mut completed, mut bodies) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for &i in latest.values() {
+            if let Row::Decision { gtid, shard, epoch, kind, finished: f, keep: k, completed_ms, record } =
+                &batch[i].row
+            {
+                gtids.push(*gtid.as_uuid());
+                shard_col.push(i32::from(*shard));
+                kinds.push(i16::from(*kind));
+                epochs.push(*epoch as i64);
+                finished.push(*f);
+                keep.push(*k);
+                completed.push(*completed_ms as i64);
+                bodies.push(record.clone());
+            }
+        }
+        let mut shards = shard_col.clone();
+        shards.sort_unstable();
+        shards.dedup();
+        let held: Vec<(i32, i64)> = sqlx::query_as(
+            "WITH held AS (
+                 SELECT shard, epoch FROM pledge_lease WHERE shard = ANY($1) AND holder = $2
+                 ORDER BY shard FOR SHARE
+             ), written AS (
+                 INSERT INTO pledge_decision (gtid, shard, kind, epoch, finished, keep, completed_ms, record)
+                 SELECT r.gtid, r.shard, r.kind, r.epoch, r.finished, r.keep, r.completed_ms, r.record
+                 FROM unnest($3::uuid[], $4::integer[], $5::smallint[], $6::bigint[], $7::boolean[],
+                             $8::boolean[], $9::bigint[], $10::bytea[])
+                      AS r (gtid, shard, kind, epoch, finished, keep, completed_ms, record)
+                 JOIN held h ON h.shard = r.shard AND h.epoch = r.epoch
+                 ON CONFLICT (gtid) DO UPDATE SET kind = excluded.kind, epoch = excluded.epoch,
+                     finished = excluded.finished, keep = excluded.keep, completed_ms = excluded.completed_ms,
+                     record = excluded.record
+                 WHERE NOT pledge_decision.finished
+             )
+             SELECT shard, epoch FROM held",
+        )
+        .bind(&shards)
+        .bind(&self.state.instance_id)
+        .bind(gtids as Vec<Uuid>)
+        .bind(&shard_col)
+        .bind(kinds)
+        .bind(&epochs)
+        .bind(finished)
+        .bind(keep)
+        .bind(completed)
+        .bind(bodies)
+        .fetch_all(&self.pool)
+        .await?;
+        let held: HashMap<u16, u64> = held.into_iter().map(|(shard, epoch)| (shard as u16, epoch as u64)).collect();
+        for (shard, epoch) in shard_col.iter().zip(&epochs) {
+            let (shard, epoch) = (*shard as u16, *epoch as u64);
+            if held.get(&shard) != Some(&epoch) {
+                fenced.insert(shard, epoch);
+            }
+        }
         Ok(fenced)
     }
 }
