@@ -68,7 +68,12 @@ pub fn scan_in_doubt<'a>(
             move |branches: Vec<InDoubtBranch>| {
                 if !branches.is_empty() {
                     tracing::info!(resource = %resource, count = branches.len(), "resolving in-doubt branches");
-                    let _ = events.send(Event::InDoubt { resource: resource.clone(), branches, listed_ms });
+                    let _ = events.send(Event::InDoubt {
+                        resource: resource.clone(),
+                        branches,
+                        listed_ms,
+                        confirmed: None,
+                    });
                 }
             }
         };

@@ -115,7 +115,7 @@ async fn serve_local(config: Config, shutdown: CancellationToken, handle_signals
 /// An instance of a cluster on a PostgreSQL store (see `crate::cluster`).
 async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signals: bool) -> anyhow::Result<()> {
     use crate::cluster::lease::{LeaseConfig, LeaseManager};
-    use crate::cluster::{ClusterState, router::Router, schema, store::PgLog};
+    use crate::cluster::{ClusterState, router::Router, schema, store::PgLog, store::WriterConfig};
     use crate::driver::ClusterLink;
 
     let store_timeout = Duration::from_millis(config.store_timeout_ms);
@@ -174,16 +174,17 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
     engine_config.shard_count = info.shard_count;
     let mut engine = Engine::new(engine_config);
     add_configured_participants(&mut engine, &config)?;
-    let log = PgLog::start(
-        pool.clone(),
-        state.clone(),
-        config.store_writer_lanes as usize,
-        config.store_max_batch_records as usize,
-        store_timeout,
-    );
+    let writers = WriterConfig {
+        lanes: config.store_writer_lanes as usize,
+        max_batch_records: config.store_max_batch_records as usize,
+        timeout: store_timeout,
+        max_retry: Duration::from_millis(config.lease_ms) * 2,
+    };
+    let log = PgLog::start(pool.clone(), state.clone(), writers);
     let (commands_tx, commands) = tokio::sync::mpsc::channel(1024);
     let (runtime, handle) = Runtime::new(engine, log, runtime_config(&config, info.cluster_id.clone()));
-    let runtime = runtime.with_cluster(ClusterLink { state: state.clone(), commands });
+    let runtime =
+        runtime.with_cluster(ClusterLink { state: state.clone(), commands, pool: pool.clone(), store_timeout });
     let engine_stop = CancellationToken::new();
     let runtime_task = tokio::spawn(runtime.run(engine_stop.clone()));
     let lease = LeaseManager::new(

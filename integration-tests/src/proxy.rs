@@ -83,3 +83,16 @@ async fn forward(mut client: TcpStream, target: SocketAddr, mut link: watch::Rec
     // Frozen: hold both connections open, moving nothing, until cut.
     let _ = link.wait_for(|l| *l == Link::Cut).await;
 }
+
+/// The test PostgreSQL server's address (to put a proxy in front of it).
+pub fn pg_addr() -> SocketAddr {
+    let port: u16 = std::env::var("PLEDGE_PG_PORT").expect("PLEDGE_PG_PORT").parse().unwrap();
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// `url` with its host and port replaced by `addr` (to reach the database through a proxy).
+pub fn via(url: &str, addr: SocketAddr) -> String {
+    let (scheme_user, rest) = url.split_once('@').expect("postgres://user@host:port/db");
+    let (_, db) = rest.split_once('/').expect("a database in the url");
+    format!("{scheme_user}@{addr}/{db}")
+}

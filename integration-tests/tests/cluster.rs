@@ -7,11 +7,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pledge_coordinator::cluster::{ClusterState, schema, store::PgLog};
+use pledge_coordinator::cluster::{ClusterState, schema, store::PgLog, store::WriterConfig};
 use pledge_coordinator::engine::{CommitRecord, LogRecord, LoggedBranch, Vote};
 use pledge_coordinator::store::{DecisionLog, StoreError};
 use pledge_integration_tests::cluster::*;
 use pledge_integration_tests::pg::*;
+use pledge_integration_tests::proxy::{Link, Proxy, pg_addr, via};
 use pledge_integration_tests::store::StorePair;
 use pledge_integration_tests::*;
 use pledge_proto::v1::coordinator_client::CoordinatorClient;
@@ -59,7 +60,13 @@ async fn the_store_refuses_a_former_owners_decision() {
     take("a", 1).await;
     let a = Arc::new(ClusterState::new("a".into(), "http://a".into(), 4));
     a.own(1, 1);
-    let mut log = PgLog::start(pool.clone(), a.clone(), 2, 64, Duration::from_secs(5));
+    let config = WriterConfig {
+        lanes: 2,
+        max_batch_records: 64,
+        timeout: Duration::from_secs(5),
+        max_retry: Duration::from_secs(10),
+    };
+    let mut log = PgLog::start(pool.clone(), a.clone(), config);
     let store = StoreView { pool: pool.clone() };
 
     let first = Gtid::new_v7_in_shard(1, 4);
@@ -319,6 +326,121 @@ async fn a_paused_owner_is_fenced_and_steps_down_without_contradicting_the_new_o
     );
     let metrics = a.metrics().await;
     assert!(metrics.get("pledge_cluster_ownership_changes_total{change=\"lost\"}") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owner_never_rolls_back_a_branch_its_successor_committed() {
+    let dir = TestDir::new("cl-stale");
+    let store_url = fresh_database("cl-stale").await;
+    let cid = format!("cl-stale-{:06x}", fastrand::u32(..) & 0xffffff);
+    let db1 = dir.participant("db1", 0, &[], &[]).await;
+    // db2 takes its time over each Commit: the branch stays prepared (listed as in doubt)
+    // while the new owner's commit is on its way.
+    let db2 = dir.participant("db2", 0, &["--stall-commit-ms", "4000"], &[]).await;
+    let participants = [("db1", db1.endpoint()), ("db2", db2.endpoint())];
+    let a = dir.cluster_instance("a", &store_url, &cid, &participants, &[]).await;
+    let store = StoreView::connect(&store_url).await;
+    let a_id = store.instance_id(&a).await;
+    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
+    let b = dir.cluster_instance("b", &store_url, &cid, &participants, &[]).await;
+    let b_id = store.instance_id(&b).await;
+    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
+    let count = store.shard_count().await;
+    let shard = store.shards_of(&b_id).await[0];
+
+    // b stops; a takes its shards over once the lease expires.
+    b.signal(libc::SIGSTOP);
+    eventually("a owns the paused instance's shard", || async { store.owner(shard).await.filter(|(h, _)| *h == a_id) })
+        .await;
+
+    // a commits a transaction in that shard; db2's branch stays prepared while its commit
+    // stalls.
+    let mut ca = coordinator_client(&a).await;
+    let gtid = loop {
+        let gtid = begin(&mut ca, &[("db1", "b1"), ("db2", "b1")]).await;
+        if shard_of(&gtid, count) == shard {
+            break gtid;
+        }
+        let _ = ca.abort(v1::AbortRequest { gtid }).await;
+    };
+    put(&mut store_client(&db1).await, &gtid, "b1", "k1", "v1").await;
+    put(&mut store_client(&db2).await, &gtid, "b1", "k2", "v2").await;
+    let r = commit(&mut ca, &gtid, false).await.expect("committed");
+    assert_eq!(r.outcome(), v1::Outcome::Committed);
+    wait_branch_state(&db1, &gtid, "b1", v1::BranchState::Committed).await;
+    assert_eq!(branch_state(&mut store_client(&db2).await, &gtid, "b1").await, v1::BranchState::Prepared);
+
+    // b wakes believing it still owns the shard; its overdue recovery scan lists db2's
+    // branch, of a transaction it has no record of. It must not presume an abort: the store
+    // no longer confirms its lease.
+    b.signal(libc::SIGCONT);
+    eventually("b's recovery scan ran after it woke", || async {
+        b.log().contains("resolving in-doubt branches").then_some(())
+    })
+    .await;
+    wait_branch_state(&db2, &gtid, "b1", v1::BranchState::Committed).await;
+    assert_eq!(read(&mut store_client(&db2).await, "k2").await.as_deref(), Some("v2"));
+    let t = eventually("a hears db2's commit", || {
+        let (mut ca, gtid) = (ca.clone(), gtid.clone());
+        async move { get(&mut ca, &gtid).await.ok().filter(|t| t.state() == v1::TransactionState::Committed) }
+    })
+    .await;
+    assert!(!t.heuristic, "{t:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_off_from_the_store_past_its_lease_takes_its_shards_back() {
+    let dir = TestDir::new("cl-outage");
+    let direct = fresh_database("cl-outage").await;
+    let proxy = Proxy::start(pg_addr()).await;
+    let cid = format!("cl-outage-{:06x}", fastrand::u32(..) & 0xffffff);
+    let db1 = dir.participant("db1", 0, &[], &[]).await;
+    let participants = [("db1", db1.endpoint())];
+    let a = dir.cluster_instance("a", &via(&direct, proxy.addr), &cid, &participants, &[]).await;
+    let store = StoreView::connect(&direct).await;
+    let a_id = store.instance_id(&a).await;
+    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
+    let mut c = coordinator_client(&a).await;
+    let begin_at = |c: &CoordinatorClient<_>| {
+        let mut c = c.clone();
+        async move { c.begin(v1::BeginRequest { branches: vec![branch("db1", "b")], ..Default::default() }).await }
+    };
+    let serving = |c: &CoordinatorClient<_>| {
+        let c = c.clone();
+        async move {
+            // Every shard adopted: Begin issues GTIDs in any of them.
+            for _ in 0..32 {
+                begin_at(&c).await.ok()?;
+            }
+            Some(())
+        }
+    };
+    eventually("the instance serves", || serving(&c)).await;
+    let epochs = || async { store.live_leases().await.iter().map(|(s, _, e)| (*s, *e)).collect::<Vec<_>>() };
+    let before = epochs().await;
+    assert_eq!(before.len(), store.shard_count().await);
+
+    // The store goes away for longer than the lease: the instance stops driving every shard,
+    // and calls fail with a retriable status.
+    proxy.set(Link::Cut);
+    eventually("the instance stops issuing transactions", || async {
+        begin_at(&c).await.err().filter(|s| s.code() == Code::Unavailable).map(|_| ())
+    })
+    .await;
+
+    // It comes back: the lease rows still name the instance, and it takes every shard again
+    // at a new epoch (nobody else would: it is the only instance).
+    proxy.set(Link::Open);
+    eventually("every shard is taken again at a new epoch", || async {
+        let after = epochs().await;
+        (after.len() == before.len() && after.iter().zip(&before).all(|(a, b)| a.1 > b.1)).then_some(())
+    })
+    .await;
+    eventually("the instance serves again", || serving(&c)).await;
+    let gtid = begin_at(&c).await.expect("begin").into_inner().gtid;
+    put(&mut store_client(&db1).await, &gtid, "b", "k", "v").await;
+    let r = commit(&mut c, &gtid, true).await.expect("commit");
+    assert_eq!(r.outcome(), v1::Outcome::Committed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use pledge_integration_tests::kafka::*;
 use pledge_integration_tests::pg::*;
-use pledge_integration_tests::proxy::{Link, Proxy};
+use pledge_integration_tests::proxy::{Link, Proxy, pg_addr, via};
 use pledge_integration_tests::*;
 use pledge_proto::Gtid;
 use pledge_proto::v1::{self, participant_client::ParticipantClient};
@@ -43,18 +43,6 @@ fn cli(coordinator: &Process, args: &[&str]) -> String {
         .unwrap();
     assert!(out.status.success(), "pledge {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn pg_addr() -> std::net::SocketAddr {
-    let port: u16 = std::env::var("PLEDGE_PG_PORT").expect("PLEDGE_PG_PORT").parse().unwrap();
-    std::net::SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// `url` with its host and port replaced by `addr` (to reach the database through a proxy).
-fn via(url: &str, addr: std::net::SocketAddr) -> String {
-    let (scheme_user, rest) = url.split_once('@').expect("postgres://user@host:port/db");
-    let (_, db) = rest.split_once('/').expect("a database in the url");
-    format!("{scheme_user}@{addr}/{db}")
 }
 
 /// Finding 1 at PostgreSQL: the adapter runs the one-phase COMMIT and is killed before it

@@ -406,7 +406,8 @@ impl World {
                     }
                     let branches = self.participants[r].in_doubt();
                     let d = self.delay();
-                    let event = Event::InDoubt { resource: r.parse().unwrap(), branches, listed_ms: self.now };
+                    let event =
+                        Event::InDoubt { resource: r.parse().unwrap(), branches, listed_ms: self.now, confirmed: None };
                     self.at(d, Ev::InDoubt { incarnation, event });
                 }
                 self.at(RECOVERY_INTERVAL_MS, Ev::Recovery { incarnation });

@@ -48,6 +48,27 @@ pub struct LeaseConfig {
     pub completed_retention_ms: u64,
 }
 
+/// Longest a round of taking shards (raising their epochs and reading their rows) may take.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A shard owned in the [`ClusterState`] but not yet adopted by the runtime: forgotten again
+/// if dropped armed (the adoption failed or was cut short), so the state never claims a shard
+/// nobody drives. Its lease row stays this instance's and is taken again at a new epoch.
+struct Unadopted<'a> {
+    state: &'a ClusterState,
+    shard: u16,
+    epoch: u64,
+    armed: bool,
+}
+
+impl Drop for Unadopted<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.lose(self.shard, self.epoch);
+        }
+    }
+}
+
 /// How long the membership row of an instance that stopped renewing is kept.
 const DEAD_INSTANCE_KEPT: Duration = Duration::from_secs(3600);
 
@@ -99,20 +120,49 @@ impl LeaseManager {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let round = tokio::time::timeout(self.config.renew_interval.max(Duration::from_secs(1)) * 5, self.round());
-            match round.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "lease round failed"),
-                Err(_) => tracing::warn!("lease round timed out"),
-            }
+            // Renewal and the view, bounded so that a hung store is noticed by the lapse check
+            // about when the leases expire in the store.
+            let round_timeout =
+                self.config.lease.saturating_sub(self.config.renew_interval).max(self.config.renew_interval);
+            let wanted = match tokio::time::timeout(round_timeout, self.round()).await {
+                Ok(Ok(wanted)) => wanted,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "lease round failed");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!(timeout_ms = round_timeout.as_millis() as u64, "lease round timed out");
+                    None
+                }
+            };
             self.check_lapse().await;
+            // Taking shards reads their rows, which may take longer than a renewal: bounded on
+            // its own (a shard not adopted when it ends is let go, see `acquire`).
+            if let Some((free, expired_held)) = wanted {
+                let acquire = tokio::time::timeout(ACQUIRE_TIMEOUT, self.acquire(&free, &expired_held));
+                match acquire.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "taking shards failed"),
+                    Err(_) => {
+                        tracing::warn!(timeout_ms = ACQUIRE_TIMEOUT.as_millis() as u64, "taking shards timed out")
+                    }
+                }
+            }
+            match tokio::time::timeout(round_timeout, self.housekeeping()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "cluster housekeeping failed"),
+                Err(_) => tracing::warn!("cluster housekeeping timed out"),
+            }
         }
         if let Err(e) = self.hand_over_all().await {
             tracing::warn!(error = %e, "handing shards over at shutdown failed; they move when their leases expire");
         }
     }
 
-    async fn round(&mut self) -> Result<(), sqlx::Error> {
+    /// Renews this instance's leases, reads every lease and live instance, hands over what is
+    /// beyond its share; returns the shards to try to take (and which of them were held by
+    /// another instance whose lease expired), if it is below its share.
+    async fn round(&mut self) -> Result<Option<(Vec<u16>, BTreeSet<u16>)>, sqlx::Error> {
         let me = self.state.instance_id.clone();
         let lease = interval(self.config.lease);
         let sent = Instant::now();
@@ -153,9 +203,16 @@ impl LeaseManager {
         let mut owners = vec![None; usize::from(self.state.shard_count)];
         let mut free = Vec::new();
         let mut expired_held = BTreeSet::new();
+        // Read after the rows: a shard this instance is handing over is in `releasing` until
+        // its row is freed.
+        let (owned, releasing) = (self.state.owned(), self.releasing.lock().expect("releasing").clone());
         for (shard, holder, epoch, live, address) in rows {
             let Some(slot) = owners.get_mut(shard as usize) else { continue };
+            let orphan = |s: i32| !owned.contains_key(&(s as u16)) && !releasing.contains(&(s as u16));
             match (holder, live, address) {
+                // Held in the store by this instance but not driven by it (its lease lapsed
+                // unnoticed by the store, or taking it was cut short): take it again.
+                (Some(instance), _, _) if instance == me && orphan(shard) => free.push(shard as u16),
                 (Some(instance), true, Some(address)) => *slot = Some(Owner { instance, address, epoch: epoch as u64 }),
                 (Some(instance), _, _) if instance != me => {
                     free.push(shard as u16);
@@ -170,8 +227,7 @@ impl LeaseManager {
         // Balance.
         let live = instances.len().max(1);
         let share = usize::from(self.state.shard_count).div_ceil(live);
-        let releasing = self.releasing.lock().expect("releasing").clone();
-        let held: Vec<(u16, u64)> = self.state.owned().into_iter().filter(|(s, _)| !releasing.contains(s)).collect();
+        let held: Vec<(u16, u64)> = owned.into_iter().filter(|(s, _)| !releasing.contains(s)).collect();
         if held.len() > share {
             for &(shard, epoch) in held.iter().rev().take(held.len() - share) {
                 self.release(shard, epoch);
@@ -179,9 +235,14 @@ impl LeaseManager {
         } else if held.len() < share && !free.is_empty() {
             fastrand::shuffle(&mut free);
             free.truncate(share - held.len());
-            self.acquire(&free, &expired_held).await?;
+            return Ok(Some((free, expired_held)));
         }
+        Ok(None)
+    }
 
+    /// Learns participants registered elsewhere, forgets expired transactions of this
+    /// instance's shards, and prunes long-dead instances.
+    async fn housekeeping(&mut self) -> Result<(), sqlx::Error> {
         self.learn_participants().await?;
         self.forget_expired().await?;
         // Instances gone for good (killed) leave their rows; they are shown as dead a while.
@@ -197,9 +258,9 @@ impl LeaseManager {
         let taken: Vec<(i32, i64, i64)> = sqlx::query_as(
             "UPDATE pledge_lease SET holder = $1, epoch = epoch + 1, expires_at = now() + $2
              WHERE shard IN (SELECT shard FROM pledge_lease
-                             WHERE shard = ANY($3) AND (holder IS NULL OR expires_at < now())
+                             WHERE shard = ANY($3) AND (holder IS NULL OR expires_at < now() OR holder = $1)
                              ORDER BY shard FOR UPDATE)
-               AND (holder IS NULL OR expires_at < now())
+               AND (holder IS NULL OR expires_at < now() OR holder = $1)
              RETURNING shard, epoch, forgotten_through_ms",
         )
         .bind(&self.state.instance_id)
@@ -210,15 +271,17 @@ impl LeaseManager {
         for (shard, epoch, forgotten_through_ms) in taken {
             let (shard, epoch) = (shard as u16, epoch as u64);
             // Owned before any write of it can be made; read after the epoch is raised, so
-            // every write of the former owner that will ever be accepted is in the read.
+            // every write of the former owner that will ever be accepted is in the read. Let
+            // go again unless the runtime gets it (the load failed, or this was cut short).
             self.state.own(shard, epoch);
+            let mut unadopted = Unadopted { state: &self.state, shard, epoch, armed: true };
             let started = Instant::now();
             let records = match self.load(shard).await {
                 Ok(records) => records,
                 Err(e) => {
                     // Not adopted: give it back (or let it expire) rather than drive it blind.
                     tracing::error!(shard, error = %e, "cannot read the records of an acquired shard; releasing it");
-                    self.state.lose(shard, epoch);
+                    drop(unadopted);
                     let _ = self.release_row(shard, epoch).await;
                     continue;
                 }
@@ -238,6 +301,7 @@ impl LeaseManager {
             if self.commands.send(adopt).await.is_err() {
                 return Ok(()); // the runtime stopped
             }
+            unadopted.armed = false;
         }
         Ok(())
     }
@@ -338,6 +402,19 @@ impl LeaseManager {
         }
         let horizon = crate::driver::now_ms().saturating_sub(self.config.completed_retention_ms) as i64;
         let shards: Vec<i32> = owned.keys().map(|&s| i32::from(s)).collect();
+        // Most rounds have nothing to forget: then no lease row is locked (a lock holds up
+        // this instance's decision writes).
+        let due: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pledge_decision
+                            WHERE shard = ANY($1) AND finished AND NOT keep AND completed_ms < $2)",
+        )
+        .bind(&shards)
+        .bind(horizon)
+        .fetch_one(&self.pool)
+        .await?;
+        if !due {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
         let held: Vec<(i32, i64)> = sqlx::query_as(
             "SELECT shard, epoch FROM pledge_lease WHERE shard = ANY($1) AND holder = $2 ORDER BY shard FOR UPDATE",
@@ -434,4 +511,12 @@ async fn renew(pool: &PgPool, holder: &str, lease: Duration, shards: &[i32]) -> 
     .bind(shards)
     .fetch_all(pool)
     .await
+}
+
+/// The leases (shard, epoch) `holder` holds in the store now, expired or not: a lease that
+/// expired but was not taken still fences every other writer.
+pub async fn held_leases(pool: &PgPool, holder: &str) -> Result<BTreeMap<u16, u64>, sqlx::Error> {
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT shard, epoch FROM pledge_lease WHERE holder = $1").bind(holder).fetch_all(pool).await?;
+    Ok(rows.into_iter().map(|(shard, epoch)| (shard as u16, epoch as u64)).collect())
 }

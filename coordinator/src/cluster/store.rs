@@ -69,18 +69,12 @@ pub struct PgLog {
 }
 
 impl PgLog {
-    /// Starts `lanes` writer tasks on `pool` (which needs a connection for each).
-    pub fn start(
-        pool: PgPool,
-        state: Arc<ClusterState>,
-        lanes: usize,
-        max_batch_records: usize,
-        timeout: Duration,
-    ) -> PgLog {
-        let lanes = (0..lanes.max(1))
+    /// Starts `config.lanes` writer tasks on `pool` (which needs a connection for each).
+    pub fn start(pool: PgPool, state: Arc<ClusterState>, config: WriterConfig) -> PgLog {
+        let lanes = (0..config.lanes.max(1))
             .map(|_| {
                 let (ops, rx) = mpsc::channel(QUEUE_CAPACITY);
-                let writer = Writer { pool: pool.clone(), state: state.clone(), max_batch_records, timeout };
+                let writer = Writer { pool: pool.clone(), state: state.clone(), config: config.clone() };
                 tokio::spawn(writer.run(rx));
                 ops
             })
@@ -166,19 +160,33 @@ impl DecisionLog for PgLog {
     }
 }
 
+/// How the store's writers batch, time out and give up.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Writers, each with one write in flight, the shards split among them.
+    pub lanes: usize,
+    /// Most records in one write (group commit).
+    pub max_batch_records: usize,
+    /// One attempt's bound: past it the write's outcome is unknown, and it is written again.
+    pub timeout: Duration,
+    /// Longest a batch of decisions is retried while its shards are still owned. A store that
+    /// renews leases but refuses writes this long is failing in a way waiting does not fix:
+    /// the writes fail, the coordinator stops, and another instance takes its shards over.
+    pub max_retry: Duration,
+}
+
 struct Writer {
     pool: PgPool,
     state: Arc<ClusterState>,
-    max_batch_records: usize,
-    timeout: Duration,
+    config: WriterConfig,
 }
 
 impl Writer {
     async fn run(self, mut rx: mpsc::Receiver<Op>) {
-        let mut batch = Vec::with_capacity(self.max_batch_records);
+        let mut batch = Vec::with_capacity(self.config.max_batch_records);
         while let Some(op) = rx.recv().await {
             batch.push(op);
-            while batch.len() < self.max_batch_records {
+            while batch.len() < self.config.max_batch_records {
                 match rx.try_recv() {
                     Ok(op) => batch.push(op),
                     Err(_) => break,
@@ -208,8 +216,19 @@ impl Writer {
             if batch.is_empty() {
                 return;
             }
+            if started.elapsed() > self.config.max_retry {
+                tracing::error!(
+                    max_retry_ms = self.config.max_retry.as_millis() as u64,
+                    records = batch.len(),
+                    "decision store writes kept failing while the shards are still held; giving up"
+                );
+                for mut op in batch.drain(..) {
+                    settle(&mut op, Err(StoreError::Failed("the decision store kept refusing writes".into())));
+                }
+                return;
+            }
             let attempt = Instant::now();
-            let result = tokio::time::timeout(self.timeout, self.try_write(batch)).await;
+            let result = tokio::time::timeout(self.config.timeout, self.try_write(batch)).await;
             crate::metrics::store_write(attempt.elapsed(), batch.len());
             match result {
                 Ok(Ok(fenced)) => {
@@ -225,7 +244,10 @@ impl Writer {
                     for (shard, epoch) in fenced {
                         crate::metrics::fenced_write();
                         tracing::warn!(shard, epoch, "decision write refused: the shard has a new owner");
-                        self.state.lose(shard, epoch);
+                        // The runtime stops driving it at its next reconciliation.
+                        if self.state.lose(shard, epoch) {
+                            crate::metrics::shard_lost();
+                        }
                     }
                     return;
                 }
@@ -245,7 +267,7 @@ impl Writer {
                 Err(_) => {
                     crate::metrics::store_retry();
                     tracing::warn!(
-                        timeout_ms = self.timeout.as_millis() as u64,
+                        timeout_ms = self.config.timeout.as_millis() as u64,
                         "decision store write timed out; retrying"
                     );
                 }

@@ -162,6 +162,9 @@ type SyncFuture = Pin<Box<dyn Future<Output = (Option<SyncToken>, Result<(), Sto
 pub struct ClusterLink {
     pub state: Arc<ClusterState>,
     pub commands: mpsc::Receiver<ShardCommand>,
+    /// The store, to confirm leases before a presumed abort (see [`Event::InDoubt`]).
+    pub pool: sqlx::PgPool,
+    pub store_timeout: Duration,
 }
 
 /// A shard being handed over: dropped once its live transactions finish or at `deadline`.
@@ -173,7 +176,7 @@ struct Drain {
 }
 
 /// How often shards being handed over are checked for live transactions (one pass over the
-/// engine's transactions each).
+/// engine's transactions each), and the engine's shards compared with the cluster state's.
 const DRAIN_CHECK_INTERVAL: Duration = Duration::from_millis(50);
 
 pub struct Runtime<L> {
@@ -283,7 +286,10 @@ impl<L: DecisionLog> Runtime<L> {
                 Some(command) = async { self.cluster.as_mut()?.commands.recv().await }, if clustered => {
                     self.shard_command(command);
                 }
-                _ = drain_check.tick(), if !self.draining.is_empty() => self.check_drains(),
+                _ = drain_check.tick(), if clustered => {
+                    self.reconcile_shards();
+                    self.check_drains();
+                }
                 _ = sweep.tick() => self.sweep_gone_callers(),
                 _ = gauges.tick(), if self.config.publish_gauges => {
                     crate::metrics::publish(&self.engine.gauges(self.clock.now()));
@@ -377,6 +383,24 @@ impl<L: DecisionLog> Runtime<L> {
         }
     }
 
+    /// Drops every shard the engine drives that the cluster state no longer holds at the same
+    /// epoch: whoever noticed the loss (a fenced write nobody waited for, a lapsed lease), the
+    /// engine stops driving the shard within one check.
+    fn reconcile_shards(&mut self) {
+        let Some(cluster) = &self.cluster else { return };
+        let stale: Vec<(u16, u64)> = self
+            .engine
+            .owned_shards()
+            .iter()
+            .filter(|&(shard, epoch)| cluster.state.epoch_of(*shard) != Some(*epoch))
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (shard, epoch) in stale {
+            tracing::warn!(shard, epoch, "the shard is no longer this instance's; no longer driving it");
+            self.handle(Event::DropShard { shard });
+        }
+    }
+
     /// Drops every shard being handed over whose live transactions have finished (or whose
     /// drain time is up: the rest are left to the next owner, as after a crash).
     fn check_drains(&mut self) {
@@ -408,10 +432,12 @@ impl<L: DecisionLog> Runtime<L> {
         match (&error, token, &self.cluster) {
             (StoreError::Fenced { shard, epoch }, _, Some(cluster)) => {
                 let (shard, epoch) = (*shard, *epoch);
-                cluster.state.lose(shard, epoch);
+                // Counted by whoever noticed first (this, or the store writer).
+                if cluster.state.lose(shard, epoch) {
+                    crate::metrics::shard_lost();
+                }
                 if self.engine.owned_shards().get(&shard) == Some(&epoch) {
                     tracing::warn!(shard, epoch, "fenced by the store: another instance owns the shard; dropping it");
-                    crate::metrics::shard_lost();
                     self.handle(Event::DropShard { shard });
                 }
                 Ok(())
@@ -446,6 +472,34 @@ impl<L: DecisionLog> Runtime<L> {
     }
 
     fn handle(&mut self, event: Event) {
+        let event = match (event, &self.cluster) {
+            // A participant's in-doubt list: the store confirms which leases this instance
+            // still holds, after the list arrived, before the engine may presume an abort.
+            (Event::InDoubt { resource, branches, listed_ms, confirmed: None }, Some(cluster)) => {
+                let (pool, holder, events) =
+                    (cluster.pool.clone(), cluster.state.instance_id.clone(), self.events_tx.clone());
+                let timeout = cluster.store_timeout;
+                tokio::spawn(async move {
+                    match tokio::time::timeout(timeout, crate::cluster::lease::held_leases(&pool, &holder)).await {
+                        Ok(Ok(held)) => {
+                            let _ =
+                                events.send(Event::InDoubt { resource, branches, listed_ms, confirmed: Some(held) });
+                        }
+                        Ok(Err(e)) => tracing::warn!(
+                            resource = %resource,
+                            error = %e,
+                            "cannot confirm leases in the store; in-doubt branches wait for the next scan"
+                        ),
+                        Err(_) => tracing::warn!(
+                            resource = %resource,
+                            "confirming leases timed out; in-doubt branches wait for the next scan"
+                        ),
+                    }
+                });
+                return;
+            }
+            (event, _) => event,
+        };
         self.engine.handle(self.clock.now(), event, &mut self.commands);
     }
 

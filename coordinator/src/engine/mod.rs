@@ -391,7 +391,9 @@ impl Engine {
                 }
             }
             Event::Synced(SyncToken::Register(req)) => self.cx.reply(req, Ok(Reply::Registered)),
-            Event::InDoubt { resource, branches, listed_ms } => self.in_doubt(resource, branches, listed_ms),
+            Event::InDoubt { resource, branches, listed_ms, confirmed } => {
+                self.in_doubt(resource, branches, listed_ms, confirmed.as_ref())
+            }
             Event::AdoptShard { shard, epoch, forgotten_through_ms, records } => {
                 self.adopt_shard(shard, epoch, forgotten_through_ms, records)
             }

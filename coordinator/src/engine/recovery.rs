@@ -109,7 +109,13 @@ impl Engine {
         out.append(&mut cx.out);
     }
 
-    pub(super) fn in_doubt(&mut self, resource: ResourceId, branches: Vec<InDoubtBranch>, listed_ms: Millis) {
+    pub(super) fn in_doubt(
+        &mut self,
+        resource: ResourceId,
+        branches: Vec<InDoubtBranch>,
+        listed_ms: Millis,
+        confirmed: Option<&BTreeMap<u16, u64>>,
+    ) {
         let Engine { txns, cx } = self;
         for ib in branches {
             if ib.branch.resource != resource {
@@ -129,7 +135,7 @@ impl Engine {
                 let stale = cx.now.saturating_sub(listed_ms) >= cx.cfg.completed_retention_ms
                     && listed_ms <= cx.last_forgotten_at_ms
                     && ib.gtid.unix_ms().unwrap_or(0) <= cx.forgotten_through_ms;
-                if stale {
+                if stale || !cx.lease_confirmed(ib.gtid, confirmed) {
                     continue;
                 }
                 // No record of it: presumed abort.

@@ -163,8 +163,34 @@ fn in_doubt_branches_of_shards_owned_elsewhere_are_left_to_their_owner() {
         resource: "db1".parse().unwrap(),
         branches: vec![branch(mine), branch(theirs)],
         listed_ms: T0 + 10,
+        confirmed: Some(BTreeMap::from([(2, 1)])),
     });
     assert_eq!(out, vec![Command::Abort { gtid: mine, branch: key("db1"), metadata: Bytes::new() }]);
+}
+
+#[test]
+fn no_presumed_abort_without_the_store_confirming_the_lease_after_the_list() {
+    // An instance that believes it owns shard 2 at epoch 1 (its lease lapsed unnoticed while
+    // it was paused) lists a branch it has no record of: another owner may have committed it.
+    let mut n = Node::new();
+    n.adopt(2, 1, vec![]);
+    let g = gtid(2);
+    let listed = |n: &mut Node, confirmed: Option<BTreeMap<u16, u64>>| {
+        n.ev(Event::InDoubt {
+            resource: "db1".parse().unwrap(),
+            branches: vec![InDoubtBranch { gtid: g, branch: key("db1"), metadata: Bytes::new() }],
+            listed_ms: T0 + 10,
+            confirmed,
+        })
+    };
+    assert!(listed(&mut n, None).is_empty(), "unconfirmed");
+    assert!(listed(&mut n, Some(BTreeMap::new())).is_empty(), "the lease is no longer held");
+    assert!(listed(&mut n, Some(BTreeMap::from([(2, 2)]))).is_empty(), "held again at a newer epoch");
+    assert_eq!(
+        listed(&mut n, Some(BTreeMap::from([(2, 1)]))),
+        vec![Command::Abort { gtid: g, branch: key("db1"), metadata: Bytes::new() }],
+        "confirmed at the adopted epoch: nobody else owned the shard since"
+    );
 }
 
 #[test]

@@ -19,6 +19,17 @@ impl Ctx {
         self.cfg.shard_count == 0 || self.owned.contains_key(&gtid.shard(self.cfg.shard_count))
     }
 
+    /// Whether the store confirmed (see [`Event::InDoubt`]) that `gtid`'s shard is still this
+    /// engine's at the epoch it adopted it at. Always true when not sharded.
+    pub(super) fn lease_confirmed(&self, gtid: Gtid, confirmed: Option<&BTreeMap<u16, u64>>) -> bool {
+        if self.cfg.shard_count == 0 {
+            return true;
+        }
+        let shard = gtid.shard(self.cfg.shard_count);
+        let held = confirmed.and_then(|c| c.get(&shard));
+        held.is_some() && held == self.owned.get(&shard)
+    }
+
     /// The epoch stamped on a decision about `gtid`: its shard's lease epoch in a cluster.
     pub(super) fn epoch_of(&self, gtid: Gtid) -> u64 {
         if self.cfg.shard_count == 0 {

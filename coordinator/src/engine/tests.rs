@@ -747,6 +747,7 @@ fn crash_restart_at_every_step_ends_as_the_log_says() {
             for b in [db1(), db2()] {
                 let out = r.ev(Event::InDoubt {
                     listed_ms: u64::MAX,
+                    confirmed: None,
                     resource: b.resource.clone(),
                     branches: vec![InDoubtBranch { gtid: g, branch: b.clone(), metadata: Bytes::new() }],
                 });
@@ -788,6 +789,7 @@ fn unknown_in_doubt_branch_is_presumed_aborted_but_one_being_decided_is_left_alo
     // db1 lists its prepared branch while the vote round is still running.
     let out = h.ev(Event::InDoubt {
         listed_ms: u64::MAX,
+        confirmed: None,
         resource: "db1".parse().unwrap(),
         branches: vec![
             InDoubtBranch { gtid: g, branch: db1(), metadata: Bytes::new() },
@@ -980,6 +982,7 @@ fn in_doubt_reports_of_a_committing_transaction_resend_or_repeat_the_commit() {
     for b in [db1(), db2()] {
         let out = h.ev(Event::InDoubt {
             listed_ms: u64::MAX,
+            confirmed: None,
             resource: b.resource.clone(),
             branches: vec![InDoubtBranch { gtid: g, branch: b.clone(), metadata: Bytes::new() }],
         });
@@ -991,6 +994,7 @@ fn in_doubt_reports_of_a_committing_transaction_resend_or_repeat_the_commit() {
     // db2's commit is in flight now: a second listing sends nothing more.
     let out = h.ev(Event::InDoubt {
         listed_ms: u64::MAX,
+        confirmed: None,
         resource: db2().resource.clone(),
         branches: vec![InDoubtBranch { gtid: g, branch: db2(), metadata: Bytes::new() }],
     });
@@ -1360,12 +1364,22 @@ fn a_stale_in_doubt_list_never_aborts_a_transaction_forgotten_after_it_was_made(
     h.ev(Event::Tick);
     assert_eq!(h.get(g), Err(EngineError::OutcomeForgotten(g)));
     let stale = InDoubtBranch { gtid: g, branch: db1(), metadata: Bytes::new() };
-    let out = h.ev(Event::InDoubt { resource: db1().resource.clone(), branches: vec![stale.clone()], listed_ms });
+    let out = h.ev(Event::InDoubt {
+        resource: db1().resource.clone(),
+        branches: vec![stale.clone()],
+        listed_ms,
+        confirmed: None,
+    });
     assert_eq!(out, vec![], "a list older than the forgetting is not trusted for forgotten GTIDs");
     // A list made after the forgetting that still holds the branch is believed: no record,
     // presumed abort (as for any transaction never committed here).
     h.now += 1;
-    let out = h.ev(Event::InDoubt { resource: db1().resource.clone(), branches: vec![stale], listed_ms: h.now });
+    let out = h.ev(Event::InDoubt {
+        resource: db1().resource.clone(),
+        branches: vec![stale],
+        listed_ms: h.now,
+        confirmed: None,
+    });
     assert_eq!(out, vec![abort_cmd(g, db1(), Bytes::new())]);
 }
 
@@ -1388,6 +1402,7 @@ fn a_prompt_in_doubt_list_is_trusted_while_other_transactions_are_forgotten() {
     h.ev(Event::Tick);
     assert_eq!(h.get(later), Err(EngineError::OutcomeForgotten(later)));
     let branch = InDoubtBranch { gtid: never_committed, branch: db1(), metadata: Bytes::new() };
-    let out = h.ev(Event::InDoubt { resource: db1().resource.clone(), branches: vec![branch], listed_ms });
+    let out =
+        h.ev(Event::InDoubt { resource: db1().resource.clone(), branches: vec![branch], listed_ms, confirmed: None });
     assert_eq!(out, vec![abort_cmd(never_committed, db1(), Bytes::new())]);
 }

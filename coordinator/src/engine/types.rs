@@ -1,5 +1,6 @@
 //! The engine's vocabulary: events in, commands out, and the records it asks the log to keep.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
@@ -78,6 +79,14 @@ pub enum Event {
         /// When the scan that listed them was started (engine time): the participant's list is
         /// no older than this. A transaction forgotten before it cannot be on the list.
         listed_ms: Millis,
+        /// Cluster: the leases (shard, epoch) the store said this instance held, read after the
+        /// list arrived. A branch this engine has no record of is presumed aborted only in a
+        /// shard confirmed at the epoch the engine adopted it at: then no other instance owned
+        /// the shard since, so the branch's transaction was this engine's and undecided. An
+        /// instance whose lease lapsed unnoticed (paused, partitioned) must not roll back a
+        /// branch its successor committed. `None`: not confirmed (no presumed abort in a
+        /// cluster); ignored when not sharded.
+        confirmed: Option<BTreeMap<u16, u64>>,
     },
     /// Cluster: this coordinator now owns `shard` under lease `epoch` (a takeover, or a
     /// shard handed over). `records` are every record the store holds for the shard, and
