@@ -38,6 +38,22 @@ fn commit_record(gtid: Gtid, epoch: u64) -> LogRecord {
     })
 }
 
+/// Get, retried while it answers UNAVAILABLE (a shard moving between instances, as shards do
+/// for a moment after a failover or a restart: what a client does too); any other error fails.
+async fn get_retrying(c: &CoordinatorClient<tonic::transport::Channel>, gtid: &str) -> v1::Transaction {
+    eventually(&format!("{gtid} answered"), || {
+        let mut c = c.clone();
+        async move {
+            match get(&mut c, gtid).await {
+                Ok(t) => Some(t),
+                Err(e) if e.code() == Code::Unavailable => None,
+                Err(e) => panic!("{gtid}: {e}"),
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_refuses_a_former_owners_decision() {
     let url = fresh_database("fence").await;
@@ -231,9 +247,9 @@ async fn an_instance_killed_mid_load_loses_no_commit_and_its_shards_move() {
     let acknowledged = acknowledged.lock().await.clone();
     assert!(acknowledged.len() > 50, "only {} transfers committed", acknowledged.len());
     // No acknowledged commit is lost: every one is committed in the store (asked at any instance).
-    let mut c = coordinator_client(&b.instances[2]).await;
+    let c = coordinator_client(&b.instances[2]).await;
     for gtid in &acknowledged {
-        let t = get(&mut c, gtid).await.unwrap_or_else(|e| panic!("{gtid}: {e}"));
+        let t = get_retrying(&c, gtid).await;
         assert!(
             matches!(t.state(), v1::TransactionState::Committed | v1::TransactionState::Committing),
             "{gtid} was acknowledged as committed but is {:?}",
@@ -634,9 +650,9 @@ async fn a_rolling_restart_under_load_fails_no_call_but_with_unavailable() {
     let acknowledged = acknowledged.lock().await.clone();
     println!("rolling restart: {} committed, {unavailable} calls answered UNAVAILABLE and retried", acknowledged.len());
     assert!(acknowledged.len() > 50, "only {} transfers committed", acknowledged.len());
-    let mut c = coordinator_client(&b.instances[0]).await;
+    let c = coordinator_client(&b.instances[0]).await;
     for gtid in &acknowledged {
-        let t = get(&mut c, gtid).await.unwrap_or_else(|e| panic!("{gtid}: {e}"));
+        let t = get_retrying(&c, gtid).await;
         assert!(
             matches!(t.state(), v1::TransactionState::Committed | v1::TransactionState::Committing),
             "{gtid} was acknowledged as committed but is {:?}",
@@ -720,9 +736,9 @@ async fn the_stores_primary_fails_over_and_no_acknowledged_decision_is_lost() {
         acknowledged.len()
     );
     assert!(retriable > 0, "no call saw the store's failover");
-    let mut c = coordinator_client(&b.instances[0]).await;
+    let c = coordinator_client(&b.instances[0]).await;
     for gtid in &acknowledged {
-        let t = get(&mut c, gtid).await.unwrap_or_else(|e| panic!("{gtid}: {e}"));
+        let t = get_retrying(&c, gtid).await;
         assert!(
             matches!(t.state(), v1::TransactionState::Committed | v1::TransactionState::Committing),
             "{gtid} was acknowledged as committed but is {:?} after the failover",

@@ -232,6 +232,15 @@ impl Writer {
             crate::metrics::store_write(attempt.elapsed(), batch.len());
             match result {
                 Ok(Ok(fenced)) => {
+                    // The shard is lost before anyone hears of the refusal.
+                    for (&shard, &epoch) in &fenced {
+                        crate::metrics::fenced_write();
+                        tracing::warn!(shard, epoch, "decision write refused: the shard has a new owner");
+                        // The runtime stops driving it at its next reconciliation.
+                        if self.state.lose(shard, epoch) {
+                            crate::metrics::shard_lost();
+                        }
+                    }
                     for mut op in batch.drain(..) {
                         let result = match &op.row {
                             Row::Decision { shard, epoch, .. } if fenced.contains_key(shard) => {
@@ -240,14 +249,6 @@ impl Writer {
                             _ => Ok(()),
                         };
                         settle(&mut op, result);
-                    }
-                    for (shard, epoch) in fenced {
-                        crate::metrics::fenced_write();
-                        tracing::warn!(shard, epoch, "decision write refused: the shard has a new owner");
-                        // The runtime stops driving it at its next reconciliation.
-                        if self.state.lose(shard, epoch) {
-                            crate::metrics::shard_lost();
-                        }
                     }
                     return;
                 }
