@@ -283,7 +283,7 @@ async fn a_repeated_commit_after_a_restart_leaves_the_reused_producer_alone() {
     };
     let prepare = |gtid: &str, b: &str| v1::PrepareRequest {
         coordinator_id: "c".into(),
-        branches: vec![v1::PrepareBranch { xid: Some(xid(gtid, b)), may_be_empty: false }],
+        branches: vec![v1::PrepareBranch { xid: Some(xid(gtid, b)), may_be_empty: false, ..Default::default() }],
     };
 
     let x = pledge_proto::Gtid::new_v7().to_string();

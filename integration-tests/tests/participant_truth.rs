@@ -23,7 +23,7 @@ fn xid(resource: &str, gtid: &str, branch: &str) -> v1::BranchXid {
 }
 
 async fn prepare_one(p: &mut ParticipantClient<Channel>, x: v1::BranchXid) -> v1::PrepareResult {
-    let branches = vec![v1::PrepareBranch { xid: Some(x), may_be_empty: false }];
+    let branches = vec![v1::PrepareBranch { xid: Some(x), may_be_empty: false, ..Default::default() }];
     let r = p.prepare(v1::PrepareRequest { coordinator_id: "truth".into(), branches }).await;
     r.expect("prepare call").into_inner().results.remove(0)
 }
@@ -399,7 +399,11 @@ async fn postgres_calls_to_a_silent_database_are_bounded() {
     let mut p = participant_client(&adapter).await;
     let mut request = tonic::Request::new(v1::PrepareRequest {
         coordinator_id: "truth".into(),
-        branches: vec![v1::PrepareBranch { xid: Some(xid("db_a", &gtid, "b")), may_be_empty: false }],
+        branches: vec![v1::PrepareBranch {
+            xid: Some(xid("db_a", &gtid, "b")),
+            may_be_empty: false,
+            ..Default::default()
+        }],
     });
     request.set_timeout(Duration::from_secs(20));
     let vote = p.prepare(request).await.expect("prepare answered within the adapter's bound");

@@ -617,6 +617,7 @@ mod tests {
                 Call::Prepare(r) => self.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner())),
                 Call::Commit(r) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
                 Call::Abort(r) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+                Call::PreCommit(_) | Call::QueryState(_) => Err(Status::unimplemented("two-phase only")),
             }
         }
     }
@@ -659,6 +660,20 @@ mod tests {
 
         async fn recover(&self, _: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
             Ok(Response::new(v1::RecoverResponse::default()))
+        }
+
+        async fn pre_commit(
+            &self,
+            _: Request<v1::PreCommitRequest>,
+        ) -> Result<Response<v1::PreCommitResponse>, Status> {
+            Err(Status::unimplemented("two-phase only"))
+        }
+
+        async fn query_state(
+            &self,
+            _: Request<v1::QueryStateRequest>,
+        ) -> Result<Response<v1::QueryStateResponse>, Status> {
+            Err(Status::unimplemented("two-phase only"))
         }
 
         type PipelineStream = ReplyStream<v1::ParticipantReply>;
@@ -724,6 +739,7 @@ mod tests {
                     branch_id: delay_ms.to_string(),
                 }),
                 may_be_empty: false,
+                precommit_wait_ms: 0,
             }],
         }
     }

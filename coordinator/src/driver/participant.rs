@@ -264,7 +264,11 @@ impl Caller {
             branches: asked
                 .iter()
                 .zip(&batch)
-                .map(|(x, i)| v1::PrepareBranch { xid: Some(x.clone()), may_be_empty: i.may_be_empty })
+                .map(|(x, i)| v1::PrepareBranch {
+                    xid: Some(x.clone()),
+                    may_be_empty: i.may_be_empty,
+                    ..Default::default()
+                })
                 .collect(),
         };
         let timeout = self.config.prepare_timeout;

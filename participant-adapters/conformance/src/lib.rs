@@ -235,7 +235,7 @@ impl<T: Target> Suite<'_, T> {
     }
 
     async fn prepare_as(&mut self, b: &Branch, may_be_empty: bool) -> Result<v1::PrepareResult, String> {
-        let branches = vec![v1::PrepareBranch { xid: Some(self.xid(b)), may_be_empty }];
+        let branches = vec![v1::PrepareBranch { xid: Some(self.xid(b)), may_be_empty, ..Default::default() }];
         let request = v1::PrepareRequest { coordinator_id: self.coordinator(), branches };
         let timeout = self.options.call_timeout;
         let mut results = match self.pipelined() {
@@ -364,7 +364,7 @@ impl<T: Target> Suite<'_, T> {
         let (coordinator, timeout) = (self.options.coordinator_id.clone(), self.options.call_timeout);
         let prepare = |xid: v1::BranchXid| v1::PrepareRequest {
             coordinator_id: coordinator.clone(),
-            branches: vec![v1::PrepareBranch { xid: Some(xid), may_be_empty: false }],
+            branches: vec![v1::PrepareBranch { xid: Some(xid), may_be_empty: false, ..Default::default() }],
         };
         let prepares = xids.iter().map(|xid| pipeline.prepare(prepare(xid.clone()), timeout));
         let mut bad = xids[0].clone();
@@ -572,7 +572,7 @@ impl<T: Target> Suite<'_, T> {
     /// does not list it.
     async fn a_prepare_whose_call_gave_up_still_ends_cleanly(&mut self) -> Check {
         let b = self.branch_with_work("prepare-deadline").await?;
-        let branches = vec![v1::PrepareBranch { xid: Some(self.xid(&b)), may_be_empty: false }];
+        let branches = vec![v1::PrepareBranch { xid: Some(self.xid(&b)), may_be_empty: false, ..Default::default() }];
         let mut request = tonic::Request::new(v1::PrepareRequest { coordinator_id: self.coordinator(), branches });
         request.set_timeout(Duration::from_millis(1));
         let _ = self.client.prepare(request).await; // may or may not have finished
@@ -584,7 +584,7 @@ impl<T: Target> Suite<'_, T> {
 
         // The same over the pipeline, whose deadline is the caller's alone.
         let b = self.branch_with_work("prepare-deadline-pipelined").await?;
-        let branches = vec![v1::PrepareBranch { xid: Some(self.xid(&b)), may_be_empty: false }];
+        let branches = vec![v1::PrepareBranch { xid: Some(self.xid(&b)), may_be_empty: false, ..Default::default() }];
         let request = v1::PrepareRequest { coordinator_id: self.coordinator(), branches };
         let _ = self.pipeline.prepare(request, Duration::from_millis(1)).await;
         let r = self.abort(&b, &[]).await?;

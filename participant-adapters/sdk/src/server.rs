@@ -28,6 +28,10 @@ pub const MAX_RECOVER_PAGE: usize = 500;
 /// until one is answered. (The coordinator keeps a few calls of each kind in flight.)
 pub const MAX_PIPELINE_CALLS_IN_FLIGHT: usize = 256;
 
+/// Why PreCommit and QueryState answer UNIMPLEMENTED, and a three-phase Prepare votes no: the
+/// SDK does not keep three-phase self-deadlines yet (docs/three-phase.md, issue 14).
+const NO_THREE_PHASE: &str = "this participant does not support three-phase commit";
+
 /// gRPC health checking, server reflection and the Participant service for `participant`.
 /// Add a work API with `.add_service(...)` and serve with [`serve`], or with
 /// `tonic::transport::Server::builder().add_routes(routes.routes())`.
@@ -141,6 +145,8 @@ impl<P: Participant> ParticipantService<P> {
             Call::Prepare(r) => self.prepare(Request::new(r)).await.map(|r| Reply::Prepare(r.into_inner())),
             Call::Commit(r) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
             Call::Abort(r) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+            Call::PreCommit(r) => self.pre_commit(Request::new(r)).await.map(|r| Reply::PreCommit(r.into_inner())),
+            Call::QueryState(r) => self.query_state(Request::new(r)).await.map(|r| Reply::QueryState(r.into_inner())),
         }
     }
 }
@@ -207,7 +213,12 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     let (p, coordinator) = (&p, &coordinator);
                     join_all(xids.iter().zip(&branches).map(|(xid, b)| {
                         async move {
-                            let vote = p.prepare(coordinator, xid, b.may_be_empty).await;
+                            // A three-phase vote promises a self-deadline this participant
+                            // does not keep: no (never a two-phase yes in its place).
+                            let vote = match b.precommit_wait_ms {
+                                0 => p.prepare(coordinator, xid, b.may_be_empty).await,
+                                _ => Ok(Vote::Aborted { reason: NO_THREE_PHASE.into() }),
+                            };
                             match &vote {
                                 Err(e) => tracing::warn!(%xid, error = %e, "prepare failed; voting no"),
                                 _ => tracing::debug!(%xid, ?vote, "prepared"),
@@ -311,6 +322,20 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
             })
         });
         Ok(Response::new(replies))
+    }
+
+    async fn pre_commit(
+        &self,
+        _request: Request<v1::PreCommitRequest>,
+    ) -> Result<Response<v1::PreCommitResponse>, Status> {
+        observe("PreCommit", async { Err(Status::unimplemented(NO_THREE_PHASE)) }).await
+    }
+
+    async fn query_state(
+        &self,
+        _request: Request<v1::QueryStateRequest>,
+    ) -> Result<Response<v1::QueryStateResponse>, Status> {
+        observe("QueryState", async { Err(Status::unimplemented(NO_THREE_PHASE)) }).await
     }
 
     async fn recover(&self, request: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
@@ -434,5 +459,83 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use pledge_proto::v1::participant_server::Participant as _;
+
+    use super::*;
+    use crate::{Error, RecoverPage};
+
+    /// A two-phase participant that votes yes and counts the prepares it is asked for.
+    #[derive(Default)]
+    struct TwoPhaseOnly {
+        prepares: AtomicUsize,
+    }
+
+    #[tonic::async_trait]
+    impl Participant for TwoPhaseOnly {
+        async fn prepare(&self, _: &str, _: &Xid, _: bool) -> Result<Vote, Error> {
+            self.prepares.fetch_add(1, Ordering::SeqCst);
+            Ok(Vote::Prepared { metadata: Vec::new() })
+        }
+        async fn commit(&self, _: &str, _: &Xid, _: CommitKind, _: &[u8]) -> Result<Outcome, Error> {
+            Ok(Outcome::Committed)
+        }
+        async fn abort(&self, _: &str, _: &Xid, _: &[u8]) -> Result<Outcome, Error> {
+            Ok(Outcome::Aborted { reason: String::new() })
+        }
+        async fn recover(&self, _: &str, _: &RecoverQuery) -> Result<RecoverPage, Error> {
+            Ok(RecoverPage::default())
+        }
+    }
+
+    fn xid(branch: &str) -> v1::BranchXid {
+        v1::BranchXid {
+            resource_id: "db1".into(),
+            gtid: pledge_proto::Gtid::new_v7().to_string(),
+            branch_id: branch.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_participant_without_three_phase_commit_refuses_it_and_never_downgrades() {
+        let p = Arc::new(TwoPhaseOnly::default());
+        let service = ParticipantService::new(p.clone(), CancellationToken::new());
+        let (two, three) = (xid("two"), xid("three"));
+        let request = v1::PrepareRequest {
+            coordinator_id: "c1".into(),
+            branches: vec![
+                v1::PrepareBranch { xid: Some(two.clone()), ..Default::default() },
+                v1::PrepareBranch { xid: Some(three.clone()), precommit_wait_ms: 5_000, ..Default::default() },
+            ],
+        };
+        let votes = service.prepare(Request::new(request)).await.unwrap().into_inner().results;
+        assert_eq!(votes[0].vote(), v1::Vote::Prepared);
+        // The three-phase vote is a no, and the participant never prepared the branch.
+        assert_eq!((votes[1].vote(), votes[1].xid.as_ref()), (v1::Vote::Aborted, Some(&three)));
+        assert!(votes[1].reason.contains("three-phase"), "{}", votes[1].reason);
+        assert_eq!(p.prepares.load(Ordering::SeqCst), 1);
+
+        // PreCommit and QueryState (the capability probe included): UNIMPLEMENTED, unary and
+        // on the pipeline alike.
+        let pre_commit = v1::PreCommitRequest {
+            coordinator_id: "c1".into(),
+            epoch: 1,
+            branches: vec![v1::PreCommitBranch { xid: Some(two), docommit_wait_ms: 5_000, ..Default::default() }],
+        };
+        let probe = v1::QueryStateRequest { coordinator_id: "c1".into(), epoch: 1, branches: vec![] };
+        let e = service.pre_commit(Request::new(pre_commit.clone())).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+        let e = service.query_state(Request::new(probe.clone())).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+        for call in [v1::participant_call::Call::PreCommit(pre_commit), v1::participant_call::Call::QueryState(probe)] {
+            let e = service.clone().pipelined(call).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
+        }
     }
 }
