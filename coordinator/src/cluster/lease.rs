@@ -48,9 +48,6 @@ pub struct LeaseConfig {
     pub completed_retention_ms: u64,
 }
 
-/// Longest a round of taking shards (raising their epochs and reading their rows) may take.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// A shard owned in the [`ClusterState`] but not yet adopted by the runtime: forgotten again
 /// if dropped armed (the adoption failed or was cut short), so the state never claims a shard
 /// nobody drives. Its lease row stays this instance's and is taken again at a new epoch.
@@ -136,16 +133,15 @@ impl LeaseManager {
                 }
             };
             self.check_lapse().await;
-            // Taking shards reads their rows, which may take longer than a renewal: bounded on
-            // its own (a shard not adopted when it ends is let go, see `acquire`).
+            // Taking shards reads their rows: bounded like a round, so the next renewal is not
+            // held up past the lease. Shards taken but not read when it ends are let go and
+            // taken again next round (see `acquire`); those adopted stay, so each round makes
+            // progress.
             if let Some((free, expired_held)) = wanted {
-                let acquire = tokio::time::timeout(ACQUIRE_TIMEOUT, self.acquire(&free, &expired_held));
-                match acquire.await {
+                match tokio::time::timeout(round_timeout, self.acquire(&free, &expired_held)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "taking shards failed"),
-                    Err(_) => {
-                        tracing::warn!(timeout_ms = ACQUIRE_TIMEOUT.as_millis() as u64, "taking shards timed out")
-                    }
+                    Err(_) => tracing::warn!(timeout_ms = round_timeout.as_millis() as u64, "taking shards timed out"),
                 }
             }
             match tokio::time::timeout(round_timeout, self.housekeeping()).await {
