@@ -32,8 +32,6 @@ use crate::records;
 pub enum ShardCommand {
     /// Own `shard` from now on (see [`crate::engine::Event::AdoptShard`]).
     Adopt { shard: u16, epoch: u64, forgotten_through_ms: Millis, records: Vec<LogRecord> },
-    /// `shard` is lost: drop it at once if still held at `epoch`.
-    Drop { shard: u16, epoch: u64 },
     /// Hand `shard` over: issue no new GTIDs in it, let its live transactions finish for at
     /// most `drain`, drop it, then answer `done`.
     Release { shard: u16, epoch: u64, drain: Duration, done: oneshot::Sender<()> },
@@ -180,7 +178,7 @@ impl LeaseManager {
         for (shard, epoch) in self.state.owned() {
             if renewed.get(&shard) != Some(&epoch) {
                 tracing::warn!(shard, epoch, "shard lease lost to another instance; dropping the shard");
-                self.lose(shard, epoch).await;
+                self.lose(shard, epoch);
             }
         }
 
@@ -202,9 +200,9 @@ impl LeaseManager {
         // Read after the rows: a shard this instance is handing over is in `releasing` until
         // its row is freed.
         let (owned, releasing) = (self.state.owned(), self.releasing.lock().expect("releasing").clone());
+        let orphan = |s: i32| !owned.contains_key(&(s as u16)) && !releasing.contains(&(s as u16));
         for (shard, holder, epoch, live, address) in rows {
             let Some(slot) = owners.get_mut(shard as usize) else { continue };
-            let orphan = |s: i32| !owned.contains_key(&(s as u16)) && !releasing.contains(&(s as u16));
             match (holder, live, address) {
                 // Held in the store by this instance but not driven by it (its lease lapsed
                 // unnoticed by the store, or taking it was cut short): take it again.
@@ -315,10 +313,11 @@ impl LeaseManager {
             .collect()
     }
 
-    async fn lose(&self, shard: u16, epoch: u64) {
+    /// Forgets `shard` in the cluster state; the runtime stops driving it at its next
+    /// reconciliation (see `Runtime::reconcile_shards`).
+    fn lose(&self, shard: u16, epoch: u64) {
         if self.state.lose(shard, epoch) {
             crate::metrics::shard_lost();
-            let _ = self.commands.send(ShardCommand::Drop { shard, epoch }).await;
         }
     }
 
@@ -330,7 +329,7 @@ impl LeaseManager {
         }
         for (shard, epoch) in self.state.owned() {
             tracing::warn!(shard, epoch, "lease not renewed for lease_ms; no longer driving the shard");
-            self.lose(shard, epoch).await;
+            self.lose(shard, epoch);
         }
     }
 

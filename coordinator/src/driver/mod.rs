@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::ClusterState;
 use crate::cluster::lease::ShardCommand;
 use crate::engine::{
-    Command, Engine, EngineError, Enlisted, Event, ListFilter, LogRecord, Phase2Op, Phase2Result, Reply, ReqId,
-    SyncToken, VoteResult,
+    Command, Engine, EngineError, Enlisted, Event, InDoubtBranch, ListFilter, LogRecord, Millis, Phase2Op,
+    Phase2Result, Reply, ReqId, SyncToken, VoteResult,
 };
 use crate::store::{DecisionLog, StoreError};
 use participant::{CallConfig, ParticipantHandle, Phase2Item, PrepareItem};
@@ -368,11 +368,6 @@ impl<L: DecisionLog> Runtime<L> {
                 let interval = self.config.recovery_interval;
                 crate::recovery::scan_in_doubt(self.participants.values(), &self.events_tx, self.clock.now(), interval);
             }
-            ShardCommand::Drop { shard, epoch } => {
-                if self.engine.owned_shards().get(&shard) == Some(&epoch) {
-                    self.handle(Event::DropShard { shard });
-                }
-            }
             ShardCommand::Release { shard, epoch, drain, done } => {
                 self.draining.push(Drain { shard, epoch, deadline: Instant::now() + drain, done });
                 self.check_drains();
@@ -384,19 +379,21 @@ impl<L: DecisionLog> Runtime<L> {
     }
 
     /// Drops every shard the engine drives that the cluster state no longer holds at the same
-    /// epoch: whoever noticed the loss (a fenced write nobody waited for, a lapsed lease), the
-    /// engine stops driving the shard within one check.
+    /// epoch. The one way a lost shard leaves the engine, whoever noticed the loss (and logged
+    /// why): the lease manager (a lapsed lease, another holder) or the store writer (a fenced
+    /// write). Runs every `DRAIN_CHECK_INTERVAL`, and at once when a waited-for write is fenced.
     fn reconcile_shards(&mut self) {
         let Some(cluster) = &self.cluster else { return };
+        let held = cluster.state.owned();
         let stale: Vec<(u16, u64)> = self
             .engine
             .owned_shards()
             .iter()
-            .filter(|&(shard, epoch)| cluster.state.epoch_of(*shard) != Some(*epoch))
+            .filter(|&(shard, epoch)| held.get(shard) != Some(epoch))
             .map(|(s, e)| (*s, *e))
             .collect();
         for (shard, epoch) in stale {
-            tracing::warn!(shard, epoch, "the shard is no longer this instance's; no longer driving it");
+            tracing::debug!(shard, epoch, "no longer driving the shard");
             self.handle(Event::DropShard { shard });
         }
     }
@@ -426,20 +423,13 @@ impl<L: DecisionLog> Runtime<L> {
         }
     }
 
-    /// A record could not be made durable. Fenced: the shard has a new owner; drop it and go
-    /// on. A registration in a cluster: tell its caller. Anything else is fatal.
+    /// A record could not be made durable. Fenced: the shard has a new owner (the store writer
+    /// already took it out of the cluster state); drop it now and go on. A registration in a
+    /// cluster: tell its caller. Anything else is fatal.
     fn store_failed(&mut self, token: Option<SyncToken>, error: StoreError) -> Result<(), StoreError> {
         match (&error, token, &self.cluster) {
-            (StoreError::Fenced { shard, epoch }, _, Some(cluster)) => {
-                let (shard, epoch) = (*shard, *epoch);
-                // Counted by whoever noticed first (this, or the store writer).
-                if cluster.state.lose(shard, epoch) {
-                    crate::metrics::shard_lost();
-                }
-                if self.engine.owned_shards().get(&shard) == Some(&epoch) {
-                    tracing::warn!(shard, epoch, "fenced by the store: another instance owns the shard; dropping it");
-                    self.handle(Event::DropShard { shard });
-                }
+            (StoreError::Fenced { .. }, _, Some(_)) => {
+                self.reconcile_shards();
                 Ok(())
             }
             (StoreError::Failed(message), Some(SyncToken::Register(req)), Some(_)) => {
@@ -472,35 +462,12 @@ impl<L: DecisionLog> Runtime<L> {
     }
 
     fn handle(&mut self, event: Event) {
-        let event = match (event, &self.cluster) {
-            // A participant's in-doubt list: the store confirms which leases this instance
-            // still holds, after the list arrived, before the engine may presume an abort.
+        match (event, &self.cluster) {
             (Event::InDoubt { resource, branches, listed_ms, confirmed: None }, Some(cluster)) => {
-                let (pool, holder, events) =
-                    (cluster.pool.clone(), cluster.state.instance_id.clone(), self.events_tx.clone());
-                let timeout = cluster.store_timeout;
-                tokio::spawn(async move {
-                    match tokio::time::timeout(timeout, crate::cluster::lease::held_leases(&pool, &holder)).await {
-                        Ok(Ok(held)) => {
-                            let _ =
-                                events.send(Event::InDoubt { resource, branches, listed_ms, confirmed: Some(held) });
-                        }
-                        Ok(Err(e)) => tracing::warn!(
-                            resource = %resource,
-                            error = %e,
-                            "cannot confirm leases in the store; in-doubt branches wait for the next scan"
-                        ),
-                        Err(_) => tracing::warn!(
-                            resource = %resource,
-                            "confirming leases timed out; in-doubt branches wait for the next scan"
-                        ),
-                    }
-                });
-                return;
+                confirm_leases(cluster, &self.events_tx, resource, branches, listed_ms)
             }
-            (event, _) => event,
-        };
-        self.engine.handle(self.clock.now(), event, &mut self.commands);
+            (event, _) => self.engine.handle(self.clock.now(), event, &mut self.commands),
+        }
     }
 
     /// Carries out the engine's commands, and whatever commands the events they cause at once
@@ -590,4 +557,34 @@ impl<L: DecisionLog> Runtime<L> {
             }
         }
     }
+}
+
+/// A participant's in-doubt list, in a cluster: the store is asked which leases this instance
+/// still holds, after the list arrived, and the list goes to the engine with the answer (see
+/// [`Event::InDoubt`]: no presumed abort without it). If the store cannot answer, the branches
+/// wait for the next scan.
+fn confirm_leases(
+    cluster: &ClusterLink,
+    events: &mpsc::UnboundedSender<Event>,
+    resource: ResourceId,
+    branches: Vec<InDoubtBranch>,
+    listed_ms: Millis,
+) {
+    let (pool, holder, events, timeout) =
+        (cluster.pool.clone(), cluster.state.instance_id.clone(), events.clone(), cluster.store_timeout);
+    tokio::spawn(async move {
+        match tokio::time::timeout(timeout, crate::cluster::lease::held_leases(&pool, &holder)).await {
+            Ok(Ok(held)) => {
+                let _ = events.send(Event::InDoubt { resource, branches, listed_ms, confirmed: Some(held) });
+            }
+            Ok(Err(e)) => tracing::warn!(
+                resource = %resource,
+                error = %e,
+                "cannot confirm leases in the store; in-doubt branches wait for the next scan"
+            ),
+            Err(_) => {
+                tracing::warn!(resource = %resource, "confirming leases timed out; in-doubt branches wait for the next scan")
+            }
+        }
+    });
 }
