@@ -19,7 +19,8 @@ use crate::cluster::router::{self, Route, Router};
 use crate::config::{MAX_BRANCHES_LIMIT, validate_endpoint};
 use crate::driver::{ApiRequest, CallError, RuntimeHandle};
 use crate::engine::{
-    BranchOutcome, BranchView, CommitOutcome, EngineError, Enlisted, ListFilter, Reply, TxnState, TxnView, Vote,
+    BranchOutcome, BranchView, CommitOutcome, EngineError, Enlisted, ListFilter, ParticipantState, Protocol, Reply,
+    TxnState, TxnView, Vote,
 };
 
 /// Longest idempotency key, in bytes.
@@ -151,6 +152,7 @@ pub fn status_of(e: &EngineError) -> Status {
         EngineError::UnknownTransaction(_) | EngineError::UnknownResource(_) => Status::not_found(message),
         EngineError::OutcomeForgotten(_) => Status::out_of_range(message),
         EngineError::NotActive { .. }
+        | EngineError::NotThreePhase(_)
         | EngineError::AlreadyAborted { .. }
         | EngineError::CommitDecided { .. }
         | EngineError::EnlistConflict { .. } => Status::failed_precondition(message),
@@ -160,9 +162,10 @@ pub fn status_of(e: &EngineError) -> Status {
         | EngineError::TooManyParticipants { .. }
         | EngineError::RetentionFull { .. } => Status::resource_exhausted(message),
         // Retriable: the shard's new owner answers (the router finds it on the next call).
-        EngineError::NotOwner { .. } | EngineError::NoShard | EngineError::StoreUnavailable(_) => {
-            Status::unavailable(message)
-        }
+        EngineError::NotOwner { .. }
+        | EngineError::NoShard
+        | EngineError::StoreUnavailable(_)
+        | EngineError::CapabilityUnknown(_) => Status::unavailable(message),
     }
 }
 
@@ -233,6 +236,7 @@ impl Coordinator for CoordinatorService {
                 timeout_ms: r.timeout_ms,
                 idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
                 branches: branches(&r.branches)?,
+                protocol: protocol(r.protocol)?,
             };
             let span = tracing::debug_span!("Begin", gtid = tracing::field::Empty);
             match self.call(request).instrument(span.clone()).await? {
@@ -501,6 +505,33 @@ fn transaction(t: &TxnView) -> v1::Transaction {
         one_phase: t.one_phase,
         idempotency_key: t.idempotency_key.clone().unwrap_or_default(),
         heuristic: t.heuristic,
+        protocol: match t.protocol {
+            Protocol::TwoPhase => v1::Protocol::TwoPhase,
+            Protocol::ThreePhase => v1::Protocol::ThreePhase,
+        } as i32,
+        heuristic_mixed: t.heuristic_mixed,
+    }
+}
+
+fn protocol(value: i32) -> Result<Protocol, Status> {
+    match v1::Protocol::try_from(value) {
+        Ok(v1::Protocol::Unspecified | v1::Protocol::TwoPhase) => Ok(Protocol::TwoPhase),
+        Ok(v1::Protocol::ThreePhase) => Ok(Protocol::ThreePhase),
+        Err(_) => {
+            Err(Status::invalid_argument(format!("protocol: {value} is not a protocol (1: two-phase, 2: three-phase)")))
+        }
+    }
+}
+
+fn participant_state_to_wire(state: Option<ParticipantState>) -> v1::BranchState {
+    match state {
+        None => v1::BranchState::Unspecified,
+        Some(ParticipantState::Unknown) => v1::BranchState::Unknown,
+        Some(ParticipantState::Active) => v1::BranchState::Active,
+        Some(ParticipantState::Prepared) => v1::BranchState::Prepared,
+        Some(ParticipantState::PreCommitted) => v1::BranchState::Precommitted,
+        Some(ParticipantState::Committed) => v1::BranchState::Committed,
+        Some(ParticipantState::Aborted) => v1::BranchState::Aborted,
     }
 }
 
@@ -517,5 +548,6 @@ fn branch(b: &BranchView) -> v1::Branch {
         next_retry_unix_ms: b.next_retry_ms,
         prepared_unix_ms: b.prepared_ms,
         may_be_empty: b.may_be_empty,
+        participant_state: participant_state_to_wire(b.participant_state) as i32,
     }
 }

@@ -239,6 +239,9 @@ pub enum TxnCommand {
         /// read-only instead of no. Repeatable.
         #[arg(long = "branch-may-be-empty", value_parser = parse_branch)]
         maybe_empty: Vec<BranchKey>,
+        /// Run three-phase commit (docs/three-phase.md) instead of two-phase.
+        #[arg(long)]
+        three_phase: bool,
     },
     /// Enlist branches (RESOURCE/BRANCH ...).
     Enlist {
@@ -363,9 +366,11 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> {
     let mut c = connect(&client).await?;
     match command {
-        TxnCommand::Begin { timeout_ms, idempotency_key, branches, maybe_empty } => {
+        TxnCommand::Begin { timeout_ms, idempotency_key, branches, maybe_empty, three_phase } => {
+            let protocol = if three_phase { v1::Protocol::ThreePhase } else { v1::Protocol::TwoPhase } as i32;
+            let branches = refs(&branches, &maybe_empty);
             let r = c
-                .begin(v1::BeginRequest { timeout_ms, idempotency_key, branches: refs(&branches, &maybe_empty) })
+                .begin(v1::BeginRequest { timeout_ms, idempotency_key, branches, protocol })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -537,8 +542,15 @@ fn describe(record: &LogRecord) -> String {
     let branches = |list: Vec<String>| list.join(", ");
     match record {
         LogRecord::Register { resource, endpoint } => format!("REGISTER {resource} -> {endpoint}"),
-        LogRecord::Commit(c) => format!(
-            "COMMIT {} decided={} epoch={} branches=[{}]{}",
+        LogRecord::Commit(c) | LogRecord::PreCommit(c) => format!(
+            "{}{} {} decided={} epoch={} branches=[{}]{}",
+            if matches!(record, LogRecord::PreCommit(_)) { "PRE-COMMIT" } else { "COMMIT" },
+            c.three_phase
+                .map(|t| format!(
+                    " three-phase(precommit_wait_ms={} docommit_wait_ms={})",
+                    t.precommit_wait_ms, t.docommit_wait_ms
+                ))
+                .unwrap_or_default(),
             c.gtid,
             c.decided_ms,
             c.epoch,

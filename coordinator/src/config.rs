@@ -69,6 +69,13 @@ pub struct Config {
     pub default_txn_timeout_ms: u64,
     pub max_txn_timeout_ms: u64,
     pub prepare_timeout_ms: u64,
+    /// Three-phase commit: how long a branch that voted yes waits for PreCommit before it
+    /// aborts itself. At least prepare_timeout_ms + participant_rpc_timeout_ms (the votes, then
+    /// the PreCommit call), plus the forced write between them.
+    pub precommit_wait_ms: u64,
+    /// Three-phase commit: how long a pre-committed branch waits for the commit before it
+    /// commits itself; also how long the coordinator waits for PreCommit acknowledgements.
+    pub docommit_wait_ms: u64,
     /// Deadline of one phase-2 (commit/abort) or recover call to a participant.
     pub participant_rpc_timeout_ms: u64,
     pub retry_initial_backoff_ms: u64,
@@ -126,6 +133,8 @@ impl Default for Config {
             default_txn_timeout_ms: engine.default_txn_timeout_ms,
             max_txn_timeout_ms: engine.max_txn_timeout_ms,
             prepare_timeout_ms: engine.prepare_timeout_ms,
+            precommit_wait_ms: engine.precommit_wait_ms,
+            docommit_wait_ms: engine.docommit_wait_ms,
             participant_rpc_timeout_ms: 5_000,
             retry_initial_backoff_ms: engine.retry_initial_backoff_ms,
             retry_max_backoff_ms: engine.retry_max_backoff_ms,
@@ -193,6 +202,8 @@ impl Config {
             rng_seed: fastrand::u64(..),
             epoch,
             shard_count: 0,
+            precommit_wait_ms: self.precommit_wait_ms,
+            docommit_wait_ms: self.docommit_wait_ms,
         }
     }
 }

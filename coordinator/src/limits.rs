@@ -38,6 +38,8 @@ pub fn of(c: &Config) -> Vec<Limit> {
         limit("default_txn_timeout_ms", c.default_txn_timeout_ms, 1, 7 * DAY_MS, "at most max_txn_timeout_ms"),
         limit("max_txn_timeout_ms", c.max_txn_timeout_ms, 1, 7 * DAY_MS, "a transaction holds locks at its resources"),
         limit("prepare_timeout_ms", c.prepare_timeout_ms, 1, HOUR_MS, "prepared branches hold locks"),
+        limit("precommit_wait_ms", c.precommit_wait_ms, 1, HOUR_MS, "a prepared branch holds locks"),
+        limit("docommit_wait_ms", c.docommit_wait_ms, 1, HOUR_MS, "a pre-committed branch holds locks"),
         limit("participant_rpc_timeout_ms", c.participant_rpc_timeout_ms, 1, HOUR_MS, "one call to a participant"),
         limit("retry_initial_backoff_ms", c.retry_initial_backoff_ms, 1, HOUR_MS, "at most retry_max_backoff_ms"),
         limit("retry_max_backoff_ms", c.retry_max_backoff_ms, 1, HOUR_MS, "phase 2 is retried until acknowledged"),
@@ -108,6 +110,14 @@ pub fn check(c: &Config) -> Result<(), String> {
         ("default_txn_timeout_ms", c.default_txn_timeout_ms, "max_txn_timeout_ms", c.max_txn_timeout_ms),
         ("retry_initial_backoff_ms", c.retry_initial_backoff_ms, "retry_max_backoff_ms", c.retry_max_backoff_ms),
         ("lease_renew_interval_ms", c.lease_renew_interval_ms * 2, "lease_ms", c.lease_ms),
+        // A yes vote must outlive the rest of the prepare round and the PreCommit call, or
+        // branches abort themselves under a coordinator that is merely slow.
+        (
+            "prepare_timeout_ms + participant_rpc_timeout_ms",
+            c.prepare_timeout_ms + c.participant_rpc_timeout_ms,
+            "precommit_wait_ms",
+            c.precommit_wait_ms,
+        ),
     ];
     for (key, value, bound_key, bound) in relations {
         if value > bound {
@@ -143,6 +153,8 @@ mod tests {
             "default_txn_timeout_ms" => c.default_txn_timeout_ms = v,
             "max_txn_timeout_ms" => c.max_txn_timeout_ms = v,
             "prepare_timeout_ms" => c.prepare_timeout_ms = v,
+            "precommit_wait_ms" => c.precommit_wait_ms = v,
+            "docommit_wait_ms" => c.docommit_wait_ms = v,
             "participant_rpc_timeout_ms" => c.participant_rpc_timeout_ms = v,
             "retry_initial_backoff_ms" => c.retry_initial_backoff_ms = v,
             "retry_max_backoff_ms" => c.retry_max_backoff_ms = v,

@@ -19,6 +19,7 @@ pub const FINISHED: &str = "pledge_transactions_finished_total";
 pub const ABORTS: &str = "pledge_transaction_aborts_total";
 pub const PHASE2_RETRIES: &str = "pledge_phase2_retries_total";
 pub const HEURISTIC: &str = "pledge_heuristic_outcomes_total";
+pub const HEURISTIC_MIXED: &str = "pledge_heuristic_mixed_transactions_total";
 pub const LIVE: &str = "pledge_transactions";
 pub const OLDEST_IN_DOUBT: &str = "pledge_oldest_in_doubt_seconds";
 pub const RETAINED: &str = "pledge_transactions_retained";
@@ -52,6 +53,9 @@ pub enum AbortCause {
     /// The participant of a one-phase commit did not commit the branch (rolled it back, or
     /// reported a mixed or hazard heuristic outcome).
     OnePhase,
+    /// Three-phase: every branch answered PreCommit or the termination protocol's state query,
+    /// and none was pre-committed.
+    NotPreCommitted,
 }
 
 impl AbortCause {
@@ -63,6 +67,7 @@ impl AbortCause {
             AbortCause::Timeout => "timeout",
             AbortCause::PrepareTimeout => "prepare_timeout",
             AbortCause::OnePhase => "one_phase",
+            AbortCause::NotPreCommitted => "not_precommitted",
         }
     }
 }
@@ -75,6 +80,10 @@ pub fn describe() {
     describe_counter!(ABORTS, "abort decisions, by cause");
     describe_counter!(PHASE2_RETRIES, "commit or abort calls to a branch that must be retried (after backoff)");
     describe_counter!(HEURISTIC, "heuristic outcomes reported by participants (need an operator)");
+    describe_counter!(
+        HEURISTIC_MIXED,
+        "transactions whose branches ended differently, some committed and some rolled back (need an operator)"
+    );
     describe_gauge!(LIVE, "transactions not yet finished, by state");
     describe_gauge!(
         OLDEST_IN_DOUBT,
@@ -169,6 +178,10 @@ pub fn phase2_retry() {
 
 pub fn heuristic() {
     counter!(HEURISTIC).increment(1);
+}
+
+pub fn heuristic_mixed() {
+    counter!(HEURISTIC_MIXED).increment(1);
 }
 
 pub fn retention_full() {

@@ -12,7 +12,8 @@ use pledge_proto::{BranchKey, Gtid, IdError, ResourceId};
 use prost::Message;
 
 use crate::engine::{
-    BranchOutcome, CommitRecord, EncodedOnce, EndBranch, EndRecord, LogRecord, LoggedBranch, OnePhaseRecord, Vote,
+    BranchOutcome, CommitRecord, EncodedOnce, EndBranch, EndRecord, LogRecord, LoggedBranch, OnePhaseRecord,
+    ThreePhaseTimeouts, Vote,
 };
 
 pub const TYPE_REGISTER: u8 = 1;
@@ -20,6 +21,9 @@ pub const TYPE_COMMIT: u8 = 2;
 pub const TYPE_END: u8 = 3;
 pub const TYPE_FORGOTTEN: u8 = 4;
 pub const TYPE_ONE_PHASE: u8 = 5;
+/// Three-phase commit's pre-commit decision: a commit record's payload, read by the
+/// termination protocol.
+pub const TYPE_PRECOMMIT: u8 = 6;
 
 /// Bytes a protobuf field of `len` bytes of data takes at most: a tag (one byte for the field
 /// numbers used here) and a length varint (at most 5 bytes for lengths below 4 GiB).
@@ -28,9 +32,10 @@ const fn field_bound(len: usize) -> usize {
 }
 
 /// An upper bound of a commit record's size without its branches (gtid, two times, epoch, the
-/// idempotency key, and the branches field's own tags); see [`branch_bytes_bound`].
+/// idempotency key, three-phase timeouts, and the branches field's own tags); see
+/// [`branch_bytes_bound`].
 pub fn commit_bytes_bound(idempotency_key: Option<&str>) -> usize {
-    field_bound(16) + 3 * field_bound(10) + field_bound(idempotency_key.map_or(0, str::len))
+    field_bound(16) + 3 * field_bound(10) + field_bound(idempotency_key.map_or(0, str::len)) + field_bound(22)
 }
 
 /// An upper bound of one branch's share of a commit record with `metadata_bytes` of vote
@@ -104,6 +109,29 @@ struct CommitPb {
     branches: Vec<BranchPb>,
     #[prost(uint64, tag = "6")]
     epoch: u64,
+    /// Absent: two-phase.
+    #[prost(message, optional, tag = "7")]
+    three_phase: Option<ThreePhasePb>,
+}
+
+#[derive(Clone, Copy, PartialEq, Message)]
+struct ThreePhasePb {
+    #[prost(uint64, tag = "1")]
+    precommit_wait_ms: u64,
+    #[prost(uint64, tag = "2")]
+    docommit_wait_ms: u64,
+}
+
+impl From<ThreePhaseTimeouts> for ThreePhasePb {
+    fn from(t: ThreePhaseTimeouts) -> Self {
+        ThreePhasePb { precommit_wait_ms: t.precommit_wait_ms, docommit_wait_ms: t.docommit_wait_ms }
+    }
+}
+
+impl From<ThreePhasePb> for ThreePhaseTimeouts {
+    fn from(t: ThreePhasePb) -> Self {
+        ThreePhaseTimeouts { precommit_wait_ms: t.precommit_wait_ms, docommit_wait_ms: t.docommit_wait_ms }
+    }
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -146,6 +174,8 @@ struct EndPb {
     idempotency_key: Option<String>,
     #[prost(message, repeated, tag = "9")]
     branches: Vec<BranchPb>,
+    #[prost(message, optional, tag = "10")]
+    three_phase: Option<ThreePhasePb>,
 }
 
 fn vote_code(vote: Option<Vote>) -> i32 {
@@ -216,21 +246,8 @@ pub fn encode(record: &LogRecord) -> (u8, Bytes) {
             TYPE_REGISTER,
             RegisterPb { resource_id: resource.to_string(), endpoint: endpoint.clone() }.encode_to_vec().into(),
         ),
-        LogRecord::Commit(c) => {
-            let pb = CommitPb {
-                gtid: c.gtid.as_bytes().to_vec(),
-                created_ms: c.created_ms,
-                decided_ms: c.decided_ms,
-                idempotency_key: c.idempotency_key.clone(),
-                branches: c
-                    .branches
-                    .iter()
-                    .map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None, b.prepared_ms))
-                    .collect(),
-                epoch: c.epoch,
-            };
-            (TYPE_COMMIT, pb.encode_to_vec().into())
-        }
+        LogRecord::Commit(c) => (TYPE_COMMIT, commit_pb(c).encode_to_vec().into()),
+        LogRecord::PreCommit(c) => (TYPE_PRECOMMIT, commit_pb(c).encode_to_vec().into()),
         LogRecord::OnePhase(o) => {
             let pb = OnePhasePb {
                 gtid: o.gtid.as_bytes().to_vec(),
@@ -252,6 +269,45 @@ pub fn encode(record: &LogRecord) -> (u8, Bytes) {
     }
 }
 
+fn commit_pb(c: &CommitRecord) -> CommitPb {
+    CommitPb {
+        gtid: c.gtid.as_bytes().to_vec(),
+        created_ms: c.created_ms,
+        decided_ms: c.decided_ms,
+        idempotency_key: c.idempotency_key.clone(),
+        branches: c
+            .branches
+            .iter()
+            .map(|b| branch_pb(&b.key, Some(b.vote), b.metadata.clone(), None, b.prepared_ms))
+            .collect(),
+        epoch: c.epoch,
+        three_phase: c.three_phase.map(ThreePhasePb::from),
+    }
+}
+
+fn commit_from(payload: &[u8]) -> Result<CommitRecord, DecodeError> {
+    let pb = CommitPb::decode(payload)?;
+    let mut branches = Vec::with_capacity(pb.branches.len());
+    for b in &pb.branches {
+        let vote = vote_from(b.vote)?.ok_or(DecodeError::Enum { field: "vote", value: 0 })?;
+        branches.push(LoggedBranch {
+            key: BranchKey::new(&b.resource_id, &b.branch_id)?,
+            vote,
+            metadata: b.metadata.clone(),
+            prepared_ms: b.prepared_ms,
+        });
+    }
+    Ok(CommitRecord {
+        gtid: gtid_from(&pb.gtid)?,
+        epoch: pb.epoch,
+        created_ms: pb.created_ms,
+        decided_ms: pb.decided_ms,
+        idempotency_key: pb.idempotency_key,
+        branches,
+        three_phase: pb.three_phase.map(ThreePhaseTimeouts::from),
+    })
+}
+
 fn end_pb(e: &EndRecord) -> EndPb {
     EndPb {
         gtid: e.gtid.as_bytes().to_vec(),
@@ -263,6 +319,7 @@ fn end_pb(e: &EndRecord) -> EndPb {
         one_phase: e.one_phase,
         idempotency_key: e.idempotency_key.clone(),
         branches: e.branches.iter().map(|b| branch_pb(&b.key, b.vote, Bytes::new(), b.outcome, 0)).collect(),
+        three_phase: e.three_phase.map(ThreePhasePb::from),
     }
 }
 
@@ -276,27 +333,8 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
                 endpoint: pb.endpoint,
             }
         }
-        TYPE_COMMIT => {
-            let pb = CommitPb::decode(payload)?;
-            let mut branches = Vec::with_capacity(pb.branches.len());
-            for b in &pb.branches {
-                let vote = vote_from(b.vote)?.ok_or(DecodeError::Enum { field: "vote", value: 0 })?;
-                branches.push(LoggedBranch {
-                    key: key(b)?,
-                    vote,
-                    metadata: b.metadata.clone(),
-                    prepared_ms: b.prepared_ms,
-                });
-            }
-            LogRecord::Commit(CommitRecord {
-                gtid: gtid_from(&pb.gtid)?,
-                epoch: pb.epoch,
-                created_ms: pb.created_ms,
-                decided_ms: pb.decided_ms,
-                idempotency_key: pb.idempotency_key,
-                branches,
-            })
-        }
+        TYPE_COMMIT => LogRecord::Commit(commit_from(payload)?),
+        TYPE_PRECOMMIT => LogRecord::PreCommit(commit_from(payload)?),
         TYPE_END => {
             let pb = EndPb::decode(payload)?;
             let mut branches = Vec::with_capacity(pb.branches.len());
@@ -311,6 +349,7 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
                 decided_ms: pb.decided_ms,
                 completed_ms: pb.completed_ms,
                 one_phase: pb.one_phase,
+                three_phase: pb.three_phase.map(ThreePhaseTimeouts::from),
                 idempotency_key: pb.idempotency_key,
                 branches,
                 // Replayed records go into the next checkpoint as they are.
@@ -359,6 +398,21 @@ mod tests {
                     },
                     LoggedBranch { key: k2.clone(), vote: Vote::ReadOnly, metadata: Bytes::new(), prepared_ms: 0 },
                 ],
+                three_phase: None,
+            }),
+            LogRecord::PreCommit(CommitRecord {
+                gtid: Gtid::from_parts(1_700_000_000_000, 10),
+                epoch: 5,
+                created_ms: 1,
+                decided_ms: 2,
+                idempotency_key: None,
+                branches: vec![LoggedBranch {
+                    key: k1.clone(),
+                    vote: Vote::Prepared,
+                    metadata: Bytes::from_static(b"x"),
+                    prepared_ms: 3,
+                }],
+                three_phase: Some(ThreePhaseTimeouts { precommit_wait_ms: 15_000, docommit_wait_ms: 10_000 }),
             }),
             LogRecord::End(Arc::new(EndRecord {
                 gtid: Gtid::from_parts(1_700_000_000_000, 8),
@@ -368,6 +422,7 @@ mod tests {
                 decided_ms: 2,
                 completed_ms: 3,
                 one_phase: true,
+                three_phase: Some(ThreePhaseTimeouts { precommit_wait_ms: 1, docommit_wait_ms: 2 }),
                 idempotency_key: None,
                 branches: vec![EndBranch { key: k2, vote: None, outcome: Some(BranchOutcome::HeuristicHazard) }],
                 encoded: Default::default(),
@@ -423,6 +478,9 @@ mod tests {
                 decided_ms: rng.u64(..),
                 idempotency_key: key,
                 branches,
+                three_phase: rng
+                    .bool()
+                    .then(|| ThreePhaseTimeouts { precommit_wait_ms: rng.u64(..), docommit_wait_ms: rng.u64(..) }),
             });
             let (_, payload) = encode(&record);
             assert!(payload.len() <= bound, "{} bytes encoded, bound {bound}", payload.len());

@@ -462,6 +462,7 @@ pub async fn begin(c: &mut CoordinatorClient<Channel>, branches: &[(&str, &str)]
         timeout_ms: None,
         idempotency_key: String::new(),
         branches: branches.iter().map(|(r, b)| branch(r, b)).collect(),
+        protocol: v1::Protocol::TwoPhase as i32,
     })
     .await
     .expect("begin")

@@ -35,6 +35,7 @@ fn commit_record(gtid: Gtid, epoch: u64) -> LogRecord {
             metadata: Bytes::new(),
             prepared_ms: 1,
         }],
+        three_phase: None,
     })
 }
 

@@ -446,8 +446,8 @@ async fn run_stream<R: ReplyEnvelope>(
     }
 }
 
-/// The Participant service's pipeline, for the coordinator (and tests): Prepare, Commit and
-/// Abort as on the unary client.
+/// The Participant service's pipeline, for the coordinator (and tests): Prepare, Commit, Abort,
+/// PreCommit and QueryState as on the unary client.
 #[derive(Clone)]
 pub struct ParticipantPipeline {
     pipeline: Pipeline<v1::ParticipantCall, v1::ParticipantReply>,
@@ -496,6 +496,28 @@ impl ParticipantPipeline {
         match self.pipeline.call(v1::participant_call::Call::Abort(r), timeout).await? {
             v1::participant_reply::Reply::Abort(r) => Ok(r),
             _ => Err(mismatched("Abort")),
+        }
+    }
+
+    pub async fn pre_commit(
+        &self,
+        r: v1::PreCommitRequest,
+        timeout: Duration,
+    ) -> Result<v1::PreCommitResponse, Status> {
+        match self.pipeline.call(v1::participant_call::Call::PreCommit(r), timeout).await? {
+            v1::participant_reply::Reply::PreCommit(r) => Ok(r),
+            _ => Err(mismatched("PreCommit")),
+        }
+    }
+
+    pub async fn query_state(
+        &self,
+        r: v1::QueryStateRequest,
+        timeout: Duration,
+    ) -> Result<v1::QueryStateResponse, Status> {
+        match self.pipeline.call(v1::participant_call::Call::QueryState(r), timeout).await? {
+            v1::participant_reply::Reply::QueryState(r) => Ok(r),
+            _ => Err(mismatched("QueryState")),
         }
     }
 }

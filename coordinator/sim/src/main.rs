@@ -34,11 +34,23 @@ struct Args {
     /// Print every event of the run (use with --seed).
     #[arg(long)]
     trace: bool,
+    /// Share of transactions that run three-phase commit.
+    #[arg(long, default_value_t = 0.5)]
+    three_phase_share: f64,
+    /// Partition participants from the coordinator for longer than three-phase commit's timeouts.
+    #[arg(long)]
+    partitions: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let opts = Options { transactions: args.transactions, clients: args.clients, trace: args.trace };
+    let opts = Options {
+        transactions: args.transactions,
+        clients: args.clients,
+        trace: args.trace,
+        three_phase_share: args.three_phase_share,
+        partitions: args.partitions,
+    };
     let started = Instant::now();
     let mut ran = 0u64;
     let mut one = |seed: u64| -> bool {

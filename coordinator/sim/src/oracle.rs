@@ -3,7 +3,7 @@
 //! A call that got no answer tells nothing: only answers are recorded, and each is checked
 //! against what the participants did and against every other answer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use pledge_proto::{BranchKey, Gtid};
@@ -50,6 +50,9 @@ impl fmt::Display for Violation {
 pub struct Oracle {
     /// Branches each transaction enlisted.
     pub enlisted: BTreeMap<Gtid, Vec<BranchKey>>,
+    /// Transactions the coordinator reports heuristic mixed (branches ended differently): the
+    /// one case where branches may disagree, and only if reported.
+    pub reported_mixed: BTreeSet<Gtid>,
     /// Every answer heard, with when and from which call.
     heard: BTreeMap<Gtid, Vec<(u64, Heard, &'static str)>>,
     /// When each finished transaction completed, as its durable End record says: the
@@ -106,11 +109,19 @@ impl Oracle {
                 let p = &participants[key.resource.as_str()];
                 states.push((key, p.branches.get(&(*gtid, key.clone())).copied()));
             }
-            if let Some((key, _)) = states.iter().find(|(_, s)| *s == Some(State::Prepared)) {
+            if let Some((key, _)) =
+                states.iter().find(|(_, s)| matches!(s, Some(State::Prepared { .. } | State::PreCommitted { .. })))
+            {
                 return Err(format!("{gtid}: branch {key} is still prepared (in doubt) after the faults stopped"));
             }
             let committed = states.iter().any(|(_, s)| *s == Some(State::Committed));
             let aborted = states.iter().any(|(_, s)| *s == Some(State::Aborted));
+            if self.reported_mixed.contains(gtid) {
+                if !(committed && aborted) {
+                    return Err(format!("{gtid}: reported heuristic mixed, but the branches ended {states:?}"));
+                }
+                continue;
+            }
             if committed && aborted {
                 return Err(format!("{gtid}: committed at some branches and aborted at others: {states:?}"));
             }

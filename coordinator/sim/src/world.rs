@@ -2,18 +2,18 @@
 //! disk, network, participants and clients that its events move.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 
 use bytes::Bytes;
 use pledge_coordinator::engine::{
     BranchOutcome, Command, Engine, EngineConfig, EngineError, Enlisted, Event, LogRecord, Phase2Op, Phase2Result,
-    Reply, ReqId, SyncToken, TxnState, VoteResult,
+    Protocol, Reply, ReqId, StateResult, SyncToken, TxnState, VoteResult,
 };
 use pledge_coordinator::records;
 use pledge_proto::{BranchKey, Gtid};
 
 use crate::oracle::{Heard, Oracle, Violation};
-use crate::participant::Participant;
+use crate::participant::{Participant, state_result};
 
 /// Simulated time starts here (Unix ms), so GTIDs and times look real.
 const T0: u64 = 1_700_000_000_000;
@@ -37,11 +37,17 @@ pub struct Options {
     pub clients: usize,
     /// Print every event (to replay a failing seed).
     pub trace: bool,
+    /// The share of transactions that run three-phase commit (0.0..=1.0).
+    pub three_phase_share: f64,
+    /// Partitions between the coordinator and a participant that outlast three-phase commit's
+    /// timeouts: outside its assumption, so branches may end differently, and each such
+    /// transaction must then be reported heuristic mixed.
+    pub partitions: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { transactions: 60, clients: 4, trace: false }
+        Options { transactions: 60, clients: 4, trace: false, three_phase_share: 0.5, partitions: false }
     }
 }
 
@@ -54,6 +60,8 @@ pub struct Faults {
     pub participant_crash_per_ms: f64,
     pub fsync_failure: f64,
     pub vote_no: f64,
+    /// Partitions (coordinator <-> one participant) per ms; 0 unless `Options::partitions`.
+    pub partition_per_ms: f64,
 }
 
 impl Faults {
@@ -66,6 +74,7 @@ impl Faults {
             participant_crash_per_ms: pick(rng, &[0.0, 0.0005]),
             fsync_failure: pick(rng, &[0.0, 0.01]),
             vote_no: pick(rng, &[0.0, 0.1]),
+            partition_per_ms: 0.0,
         }
     }
 }
@@ -77,22 +86,40 @@ pub struct Report {
     pub committed: usize,
     pub coordinator_crashes: usize,
     pub participant_crashes: usize,
+    pub three_phase: usize,
+    /// Transactions whose branches ended differently (each reported heuristic mixed).
+    pub heuristic_mixed: usize,
+    pub partitions: usize,
     pub events: u64,
     pub sim_ms: u64,
 }
 
 #[derive(Debug, Clone)]
 enum Api {
-    Begin { key: String, branches: Vec<BranchKey> },
+    Begin { key: String, branches: Vec<BranchKey>, protocol: Protocol },
     Commit { gtid: Gtid, wait: bool },
     Abort { gtid: Gtid },
 }
 
 #[derive(Debug, Clone)]
 enum Msg {
-    Prepare { gtid: Gtid, branch: BranchKey },
+    Prepare { gtid: Gtid, branch: BranchKey, precommit_wait_ms: u64 },
     Commit { gtid: Gtid, branch: BranchKey, one_phase: bool },
     Abort { gtid: Gtid, branch: BranchKey },
+    PreCommit { gtid: Gtid, branch: BranchKey, epoch: u64, docommit_wait_ms: u64 },
+    QueryState { gtid: Gtid, branch: BranchKey, epoch: u64 },
+}
+
+impl Msg {
+    fn branch(&self) -> &BranchKey {
+        match self {
+            Msg::Prepare { branch, .. }
+            | Msg::Commit { branch, .. }
+            | Msg::Abort { branch, .. }
+            | Msg::PreCommit { branch, .. }
+            | Msg::QueryState { branch, .. } => branch,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -148,6 +175,14 @@ enum Ev {
     CoordinatorRestart,
     ParticipantCrash(String),
     ParticipantRestart(String),
+    /// A three-phase deadline of a branch at its participant.
+    ParticipantDeadline {
+        resource: String,
+        gtid: Gtid,
+        branch: BranchKey,
+    },
+    PartitionStart(String),
+    PartitionEnd(String),
     Settle,
 }
 
@@ -205,6 +240,7 @@ enum Plan {
 struct ClientTxn {
     key: String,
     branches: Vec<BranchKey>,
+    protocol: Protocol,
     plan: Plan,
     gtid: Option<Gtid>,
     worked: bool,
@@ -232,6 +268,8 @@ struct World {
     host: Option<Host>,
     incarnations: u64,
     participants: BTreeMap<String, Participant>,
+    /// Participants the coordinator cannot reach now (and that cannot reach it).
+    partitioned: BTreeSet<String>,
     clients: Vec<Client>,
     next_call: u64,
     next_gtid: u64,
@@ -245,7 +283,10 @@ struct World {
 /// Runs one seed. `Err` names the first rule broken.
 pub fn run(seed: u64, opts: &Options) -> Result<Report, Violation> {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let faults = Faults::draw(&mut rng);
+    let mut faults = Faults::draw(&mut rng);
+    if opts.partitions {
+        faults.partition_per_ms = 0.0002;
+    }
     let cfg = engine_config(&mut rng);
     if opts.trace {
         eprintln!("seed {seed}: {faults:?}\n{cfg:?}");
@@ -262,6 +303,7 @@ pub fn run(seed: u64, opts: &Options) -> Result<Report, Violation> {
         host: None,
         incarnations: 0,
         participants: RESOURCES.iter().map(|r| (r.to_string(), Participant::new())).collect(),
+        partitioned: BTreeSet::new(),
         clients: (0..opts.clients).map(|_| Client { txn: None, waiting: None }).collect(),
         next_call: 0,
         next_gtid: 0,
@@ -319,6 +361,10 @@ fn engine_config(rng: &mut fastrand::Rng) -> EngineConfig {
         max_retained_transactions: if retention_ms <= 1_000 { pick(rng, &[20, 2_000_000]) as usize } else { 2_000_000 },
         checkpoint_every_records: pick(rng, &[3, 50, 200_000]),
         rng_seed: rng.u64(..),
+        // Three-phase: well above the prepare round plus the retries a lossy network needs
+        // (the bounded delay the protocol assumes), short enough to be reached in a run.
+        precommit_wait_ms: 5_000,
+        docommit_wait_ms: pick(rng, &[1_000, 3_000]),
         ..EngineConfig::default()
     }
 }
@@ -349,6 +395,7 @@ impl World {
         self.crash_later(Ev::CoordinatorCrash, self.faults.coordinator_crash_per_ms);
         for r in RESOURCES {
             self.crash_later(Ev::ParticipantCrash(r.to_string()), self.faults.participant_crash_per_ms);
+            self.crash_later(Ev::PartitionStart(r.to_string()), self.faults.partition_per_ms);
         }
     }
 
@@ -401,7 +448,8 @@ impl World {
                     return;
                 }
                 for r in RESOURCES {
-                    if !self.participants[r].up || self.chance(self.faults.message_loss) {
+                    if !self.participants[r].up || self.partitioned.contains(r) || self.chance(self.faults.message_loss)
+                    {
                         continue;
                     }
                     let branches = self.participants[r].in_doubt();
@@ -441,8 +489,29 @@ impl World {
                 self.at(d, Ev::ParticipantRestart(r));
             }
             Ev::ParticipantRestart(r) => {
-                self.participants.get_mut(&r).unwrap().up = true;
+                self.participants.get_mut(&r).unwrap().restart(self.now);
                 self.crash_later(Ev::ParticipantCrash(r), self.faults.participant_crash_per_ms);
+            }
+            Ev::ParticipantDeadline { resource, gtid, branch } => {
+                let p = self.participants.get_mut(&resource).unwrap();
+                if p.up {
+                    p.deadline(gtid, &branch, self.now);
+                }
+            }
+            Ev::PartitionStart(r) => {
+                if self.settling {
+                    return;
+                }
+                self.report.partitions += 1;
+                self.partitioned.insert(r.clone());
+                // Longer than both of three-phase commit's timeouts: outside its assumption.
+                let wait = self.cfg.precommit_wait_ms + self.cfg.docommit_wait_ms;
+                let d = self.rng.u64(wait..3 * wait);
+                self.at(d, Ev::PartitionEnd(r));
+            }
+            Ev::PartitionEnd(r) => {
+                self.partitioned.remove(&r);
+                self.crash_later(Ev::PartitionStart(r), self.faults.partition_per_ms);
             }
             Ev::Settle => {}
         }
@@ -461,6 +530,11 @@ impl World {
         }
         let mut out = Vec::new();
         engine.start(self.now, &mut out);
+        // Every simulated participant supports three-phase commit (the driver's capability
+        // probe would say so).
+        for r in RESOURCES {
+            engine.handle(self.now, Event::Capability { resource: r.parse().unwrap(), three_phase: true }, &mut out);
+        }
         self.host = Some(Host {
             engine,
             incarnation,
@@ -555,13 +629,21 @@ impl World {
                     let encoded = records.iter().map(records::encode).collect();
                     self.unsynced(Unsynced::Checkpoint(encoded));
                 }
-                Command::Prepare { gtid, branch, .. } => {
+                Command::Prepare { gtid, branch, precommit_wait_ms, .. } => {
                     let failure = Event::Voted {
                         gtid,
                         branch: branch.clone(),
                         vote: VoteResult::Failed { error: "deadline exceeded".into() },
                     };
-                    self.call(incarnation, failure, Msg::Prepare { gtid, branch });
+                    self.call(incarnation, failure, Msg::Prepare { gtid, branch, precommit_wait_ms });
+                }
+                Command::PreCommit { gtid, branch, epoch, docommit_wait_ms, .. } => {
+                    let failure = state_failed(gtid, &branch);
+                    self.call(incarnation, failure, Msg::PreCommit { gtid, branch, epoch, docommit_wait_ms });
+                }
+                Command::QueryState { gtid, branch, epoch } => {
+                    let failure = state_failed(gtid, &branch);
+                    self.call(incarnation, failure, Msg::QueryState { gtid, branch, epoch });
                 }
                 Command::Commit { gtid, branch, one_phase, .. } => {
                     let failure = retry(gtid, &branch, Phase2Op::Commit);
@@ -607,14 +689,10 @@ impl World {
     fn call(&mut self, incarnation: u64, failure: Event, msg: Msg) {
         self.next_call += 1;
         let call = self.next_call;
-        let resource = match &msg {
-            Msg::Prepare { branch, .. } | Msg::Commit { branch, .. } | Msg::Abort { branch, .. } => {
-                branch.resource.to_string()
-            }
-        };
+        let resource = msg.branch().resource.to_string();
         self.host.as_mut().unwrap().pending.insert(call, failure);
         self.at(RPC_TIMEOUT_MS, Ev::CallDeadline { incarnation, call });
-        if self.chance(self.faults.message_loss) {
+        if self.partitioned.contains(&resource) || self.chance(self.faults.message_loss) {
             return;
         }
         let copies = if self.chance(self.faults.message_duplication) { 2 } else { 1 };
@@ -626,14 +704,28 @@ impl World {
 
     fn msg_arrives(&mut self, incarnation: u64, call: u64, resource: String, msg: Msg) {
         let refuse = self.chance(self.faults.vote_no);
+        let now = self.now;
         let p = self.participants.get_mut(&resource).unwrap();
-        if !p.up {
+        if !p.up || self.partitioned.contains(&resource) {
             return; // the call times out
         }
+        let mut deadline = None;
         let event = match msg {
-            Msg::Prepare { gtid, branch } => {
-                let vote = p.prepare(gtid, &branch, refuse);
+            Msg::Prepare { gtid, branch, precommit_wait_ms } => {
+                let vote = p.prepare(gtid, &branch, refuse, precommit_wait_ms, now);
+                if precommit_wait_ms > 0 {
+                    deadline = Some((precommit_wait_ms, gtid, branch.clone()));
+                }
                 Event::Voted { gtid, branch, vote }
+            }
+            Msg::PreCommit { gtid, branch, epoch, docommit_wait_ms } => {
+                let state = p.pre_commit(gtid, &branch, epoch, docommit_wait_ms, now);
+                deadline = Some((docommit_wait_ms, gtid, branch.clone()));
+                Event::BranchState { gtid, branch, result: state_result(state) }
+            }
+            Msg::QueryState { gtid, branch, epoch } => {
+                let state = p.query_state(gtid, &branch, epoch);
+                Event::BranchState { gtid, branch, result: state_result(Some(state)) }
             }
             Msg::Commit { gtid, branch, one_phase } => {
                 let outcome = p.commit(gtid, &branch, one_phase, refuse);
@@ -644,7 +736,10 @@ impl World {
                 Event::Phase2Done { gtid, branch, op: Phase2Op::Abort, result: outcome_result(outcome) }
             }
         };
-        if !self.chance(self.faults.message_loss) {
+        if let Some((after_ms, gtid, branch)) = deadline {
+            self.at(after_ms, Ev::ParticipantDeadline { resource: resource.clone(), gtid, branch });
+        }
+        if !self.chance(self.faults.message_loss) && !self.partitioned.contains(&resource) {
             let d = self.delay();
             self.at(d, Ev::Answer { incarnation, call, event });
         }
@@ -669,7 +764,7 @@ impl World {
         let req = host.next_req;
         host.calls.insert(req, (client, call));
         let event = match api {
-            Api::Begin { key, branches } => {
+            Api::Begin { key, branches, protocol } => {
                 self.next_gtid += 1;
                 Event::Begin {
                     req,
@@ -677,6 +772,7 @@ impl World {
                     timeout_ms: None,
                     idempotency_key: Some(key),
                     branches: branches.into_iter().map(Enlisted::from).collect(),
+                    protocol,
                 }
             }
             Api::Commit { gtid, wait } => Event::Commit { req, gtid, branches: vec![], wait_for_completion: wait },
@@ -709,9 +805,16 @@ impl World {
                     1 => Plan::Abandon,
                     _ => Plan::Commit,
                 };
+                let protocol = if self.rng.f64() < self.opts.three_phase_share {
+                    self.report.three_phase += 1;
+                    Protocol::ThreePhase
+                } else {
+                    Protocol::TwoPhase
+                };
                 ClientTxn {
                     key: format!("c{c}-t{}", self.started),
                     branches,
+                    protocol,
                     plan,
                     gtid: None,
                     worked: false,
@@ -722,7 +825,10 @@ impl World {
         };
         let mut txn = next;
         match txn.gtid {
-            None => self.client_call(c, Api::Begin { key: txn.key.clone(), branches: txn.branches.clone() }),
+            None => {
+                let (key, branches, protocol) = (txn.key.clone(), txn.branches.clone(), txn.protocol);
+                self.client_call(c, Api::Begin { key, branches, protocol })
+            }
             Some(gtid) if !txn.worked => {
                 // The client works at each participant directly (no coordinator involved).
                 for b in &txn.branches {
@@ -844,8 +950,11 @@ impl World {
             return;
         }
         self.settling = true;
+        self.partitioned.clear();
         for p in self.participants.values_mut() {
-            p.up = true;
+            if !p.up {
+                p.restart(self.now);
+            }
         }
         if self.host.is_none() {
             self.start_coordinator();
@@ -866,6 +975,12 @@ impl World {
             let mut out = Vec::new();
             host.engine.handle(self.now, Event::Get { req: u64::MAX, gtid }, &mut out);
             let heard = match out.pop() {
+                Some(Command::Reply { reply: Ok(Reply::Transaction(view)), .. }) if view.heuristic_mixed => {
+                    // Branches ended differently, and the coordinator says so.
+                    self.report.heuristic_mixed += 1;
+                    self.oracle.reported_mixed.insert(gtid);
+                    continue;
+                }
                 Some(Command::Reply { reply: Ok(Reply::Transaction(view)), .. }) => match view.state {
                     TxnState::Committed => Heard::Committed,
                     TxnState::Aborted => Heard::Aborted,
@@ -894,6 +1009,14 @@ fn retry(gtid: Gtid, branch: &BranchKey, op: Phase2Op) -> Event {
         branch: branch.clone(),
         op,
         result: Phase2Result::Retry { error: "deadline exceeded".into() },
+    }
+}
+
+fn state_failed(gtid: Gtid, branch: &BranchKey) -> Event {
+    Event::BranchState {
+        gtid,
+        branch: branch.clone(),
+        result: StateResult::Failed { error: "deadline exceeded".into() },
     }
 }
 

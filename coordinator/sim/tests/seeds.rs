@@ -1,6 +1,6 @@
 //! The simulation in every test run: a fixed range of seeds (`PLEDGE_SIM_SEEDS=START..END`
-//! changes it), split in two halves that run in parallel. A failure names its seed; replay it
-//! with `cargo run -p pledge-sim -- --seed N --trace`.
+//! changes it), split in two halves that run in parallel, half the transactions three-phase.
+//! A failure names its seed; replay it with `cargo run -p pledge-sim -- --seed N --trace`.
 
 use pledge_sim::{Options, run};
 
@@ -12,15 +12,45 @@ fn seeds() -> (u64, u64) {
 
 fn run_range(from: u64, to: u64) {
     let opts = Options::default();
-    let mut crashes = 0;
+    let (mut crashes, mut three_phase) = (0, 0);
     for seed in from..to {
         match run(seed, &opts) {
-            Ok(report) => crashes += report.coordinator_crashes,
+            // Within three-phase commit's assumption (crash-stop, bounded delay), branches
+            // never end differently, whatever crashes and message loss do.
+            Ok(report) if report.heuristic_mixed > 0 => {
+                panic!("seed {seed}: {} heuristic mixed transactions without a partition", report.heuristic_mixed)
+            }
+            Ok(report) => {
+                crashes += report.coordinator_crashes;
+                three_phase += report.three_phase;
+            }
             Err(v) => panic!("{v}\nreplay: cargo run -p pledge-sim -- --seed {} --trace", v.seed),
         }
     }
     // The faults are real: over a range this size the coordinator crashes many times.
     assert!(to - from < 100 || crashes > (to - from) as usize / 10, "only {crashes} coordinator crashes");
+    assert!(to - from < 100 || three_phase > (to - from) as usize, "only {three_phase} three-phase transactions");
+}
+
+/// Outside the assumption: partitions longer than the timeouts. Branches may then end
+/// differently, and every such transaction must be reported heuristic mixed (the oracle fails
+/// a run where branches disagree silently). Over the range, some do.
+#[test]
+fn partitions_past_the_timeouts_end_as_reported_heuristics_never_silently() {
+    let (a, b) = seeds();
+    let (from, to) = (a, a + (b - a) / 4);
+    let opts = Options { partitions: true, three_phase_share: 1.0, ..Options::default() };
+    let (mut partitions, mut mixed) = (0, 0);
+    for seed in from..to {
+        match run(seed, &opts) {
+            Ok(report) => {
+                partitions += report.partitions;
+                mixed += report.heuristic_mixed;
+            }
+            Err(v) => panic!("{v}\nreplay: cargo run -p pledge-sim -- --partitions --seed {} --trace", v.seed),
+        }
+    }
+    assert!(to - from < 100 || (partitions > 0 && mixed > 0), "{partitions} partitions, {mixed} heuristic mixed");
 }
 
 #[test]

@@ -101,7 +101,7 @@ impl PgLog {
             })
         };
         match record {
-            LogRecord::Commit(c) => decision(c.gtid, Some(c.epoch), false, false, 0),
+            LogRecord::Commit(c) | LogRecord::PreCommit(c) => decision(c.gtid, Some(c.epoch), false, false, 0),
             LogRecord::OnePhase(o) => decision(o.gtid, Some(o.epoch), false, false, 0),
             LogRecord::End(e) => {
                 let keep = e.branches.iter().any(|b| b.outcome.is_some_and(|o| o.is_heuristic()));

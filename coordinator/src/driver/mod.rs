@@ -24,10 +24,10 @@ use crate::cluster::ClusterState;
 use crate::cluster::lease::ShardCommand;
 use crate::engine::{
     Command, Engine, EngineError, Enlisted, Event, InDoubtBranch, ListFilter, LogRecord, Millis, Phase2Op,
-    Phase2Result, Reply, ReqId, SyncToken, VoteResult,
+    Phase2Result, Protocol, Reply, ReqId, StateResult, SyncToken, VoteResult,
 };
 use crate::store::{DecisionLog, StoreError};
-use participant::{CallConfig, ParticipantHandle, Phase2Item, PrepareItem};
+use participant::{CallConfig, ParticipantHandle, Phase2Item, PrepareItem, StateItem};
 
 /// Wall-clock time in Unix milliseconds.
 pub fn now_ms() -> u64 {
@@ -60,7 +60,7 @@ impl Clock {
 /// A client request, as the API layer hands it to the runtime.
 #[derive(Debug)]
 pub enum ApiRequest {
-    Begin { timeout_ms: Option<u64>, idempotency_key: Option<String>, branches: Vec<Enlisted> },
+    Begin { timeout_ms: Option<u64>, idempotency_key: Option<String>, branches: Vec<Enlisted>, protocol: Protocol },
     Enlist { gtid: Gtid, branches: Vec<Enlisted> },
     Commit { gtid: Gtid, branches: Vec<Enlisted>, wait_for_completion: bool },
     Abort { gtid: Gtid },
@@ -74,8 +74,8 @@ impl ApiRequest {
     /// `gtid`: what a Begin issues (see `Runtime::issue`).
     fn into_event(self, req: ReqId, gtid: Gtid) -> Event {
         match self {
-            ApiRequest::Begin { timeout_ms, idempotency_key, branches } => {
-                Event::Begin { req, gtid, timeout_ms, idempotency_key, branches }
+            ApiRequest::Begin { timeout_ms, idempotency_key, branches, protocol } => {
+                Event::Begin { req, gtid, timeout_ms, idempotency_key, branches, protocol }
             }
             ApiRequest::Enlist { gtid, branches } => Event::Enlist { req, gtid, branches },
             ApiRequest::Commit { gtid, branches, wait_for_completion } => {
@@ -488,8 +488,18 @@ impl<L: DecisionLog> Runtime<L> {
     async fn run_command(&mut self, command: Command) -> Result<(), StoreError> {
         match command {
             Command::Append { record, sync } => {
-                if matches!(record, LogRecord::Commit(_)) {
-                    fail::fail_point!("coordinator::before_commit_record", |_| Ok(()));
+                match &record {
+                    // Three-phase: every PreCommit acknowledged (or their wait over), the
+                    // commit decision not yet written.
+                    LogRecord::Commit(c) if c.three_phase.is_some() => {
+                        fail::fail_point!("coordinator::after_precommit_acked", |_| Ok(()));
+                    }
+                    LogRecord::Commit(_) => {
+                        fail::fail_point!("coordinator::before_commit_record", |_| Ok(()));
+                    }
+                    // Three-phase: every vote yes, the pre-commit decision not yet written.
+                    LogRecord::PreCommit(_) => fail::fail_point!("coordinator::after_cancommit_votes", |_| Ok(())),
+                    _ => {}
                 }
                 if let Some(durable) = self.log.append(&record, sync.is_some()).await?
                     && let Some(token) = sync
@@ -503,15 +513,23 @@ impl<L: DecisionLog> Runtime<L> {
                 let durable = self.log.snapshot(&records).await?;
                 self.syncs.push(Box::pin(async move { (None, durable.await) }));
             }
-            Command::Prepare { gtid, branch, may_be_empty } => match self.participants.get(&branch.resource) {
-                Some(p) => p.prepare(PrepareItem { gtid, branch, may_be_empty }),
-                None => {
-                    let error = format!("no endpoint for resource {:?}", branch.resource.as_str());
-                    self.local.push_back(Event::Voted { gtid, branch, vote: VoteResult::Failed { error } });
+            Command::Prepare { gtid, branch, may_be_empty, precommit_wait_ms } => {
+                match self.participants.get(&branch.resource) {
+                    Some(p) => p.prepare(PrepareItem { gtid, branch, may_be_empty, precommit_wait_ms }),
+                    None => {
+                        let error = format!("no endpoint for resource {:?}", branch.resource.as_str());
+                        self.local.push_back(Event::Voted { gtid, branch, vote: VoteResult::Failed { error } });
+                    }
                 }
-            },
+            }
             Command::Commit { gtid, branch, one_phase, metadata, may_be_empty } => {
                 self.phase2(Phase2Op::Commit, Phase2Item { gtid, branch, one_phase, metadata, may_be_empty })
+            }
+            Command::PreCommit { gtid, branch, metadata, docommit_wait_ms, epoch } => {
+                self.state_call(StateItem { gtid, branch, epoch, precommit: Some((metadata, docommit_wait_ms)) })
+            }
+            Command::QueryState { gtid, branch, epoch } => {
+                self.state_call(StateItem { gtid, branch, epoch, precommit: None })
             }
             Command::Abort { gtid, branch, metadata } => self
                 .phase2(Phase2Op::Abort, Phase2Item { gtid, branch, one_phase: false, metadata, may_be_empty: false }),
@@ -541,6 +559,17 @@ impl<L: DecisionLog> Runtime<L> {
             }
         }
         Ok(())
+    }
+
+    fn state_call(&mut self, item: StateItem) {
+        match self.participants.get(&item.branch.resource) {
+            Some(p) => p.state_call(item),
+            None => {
+                let error = format!("no endpoint for resource {:?}", item.branch.resource.as_str());
+                let result = StateResult::Failed { error };
+                self.local.push_back(Event::BranchState { gtid: item.gtid, branch: item.branch, result });
+            }
+        }
     }
 
     fn phase2(&mut self, op: Phase2Op, item: Phase2Item) {

@@ -1,7 +1,9 @@
-//! Talking to one participant: batched Prepare / Commit / Abort calls (its recovery scan is in
+//! Talking to one participant: batched Prepare / Commit / Abort calls, three-phase commit's
+//! PreCommit / QueryState calls and its capability probe (its recovery scan is in
 //! `crate::recovery`).
 //!
-//! Each participant gets three batchers (prepare, commit, abort). A batcher takes whatever work
+//! Each participant gets four batchers (prepare, commit, abort, and the three-phase state
+//! calls). A batcher takes whatever work
 //! is queued for its participant, up to `max_batch_branches`, and sends it as ONE call; at most
 //! `max_inflight_calls` calls of a kind are in flight, so under load work accumulates while
 //! calls are out and the batches grow on their own: the same idea as the log's group commit.
@@ -25,7 +27,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 use tracing::Instrument;
 
-use crate::engine::{BranchOutcome, Event, Phase2Op, Phase2Result, VoteResult};
+use crate::engine::{BranchOutcome, Event, ParticipantState, Phase2Op, Phase2Result, StateResult, VoteResult};
 
 /// Largest response accepted from a participant, in bytes.
 const MAX_RESPONSE_BYTES: usize = 8 << 20;
@@ -45,7 +47,23 @@ pub struct PrepareItem {
     pub gtid: Gtid,
     pub branch: BranchKey,
     pub may_be_empty: bool,
+    /// Three-phase (CanCommit): the wait for PreCommit; 0: two-phase.
+    pub precommit_wait_ms: u64,
 }
+
+/// A three-phase call about one branch: PreCommit, or the termination protocol's QueryState.
+pub struct StateItem {
+    pub gtid: Gtid,
+    pub branch: BranchKey,
+    /// The epoch the call is made at (one call carries one epoch: a batch is split by it).
+    pub epoch: u64,
+    /// `Some`: PreCommit with this metadata and do-commit wait; `None`: QueryState.
+    pub precommit: Option<(Bytes, u64)>,
+}
+
+/// First and largest pause between capability probes of a participant not reached yet.
+const PROBE_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+const PROBE_MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub struct Phase2Item {
     pub gtid: Gtid,
@@ -69,6 +87,9 @@ pub struct ParticipantHandle {
     prepare: mpsc::UnboundedSender<PrepareItem>,
     commit: mpsc::UnboundedSender<Phase2Item>,
     abort: mpsc::UnboundedSender<Phase2Item>,
+    state: mpsc::UnboundedSender<StateItem>,
+    /// Stops the capability probe when the handle goes (replaced by another endpoint's).
+    _probe: tokio_util::sync::DropGuard,
     pub(crate) config: Arc<CallConfig>,
     /// A recovery scan of this participant is under way (one at a time).
     pub(crate) scanning: Arc<AtomicBool>,
@@ -105,6 +126,7 @@ impl ParticipantHandle {
         let (prepare, prepare_rx) = mpsc::unbounded_channel();
         let (commit, commit_rx) = mpsc::unbounded_channel();
         let (abort, abort_rx) = mpsc::unbounded_channel();
+        let (state, state_rx) = mpsc::unbounded_channel();
         let call =
             Caller { resource: resource.clone(), client: client.clone(), pipeline, config: config.clone(), events };
         tokio::spawn(batcher(prepare_rx, config.clone(), {
@@ -115,6 +137,12 @@ impl ParticipantHandle {
             let call = call.clone();
             move |batch| call.clone().phase2(Phase2Op::Commit, batch)
         }));
+        tokio::spawn(batcher(state_rx, config.clone(), {
+            let call = call.clone();
+            move |batch| call.clone().state_calls(batch)
+        }));
+        let probe = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(call.clone().probe(probe.clone()));
         let aborts_pending = Arc::new(AtomicUsize::new(0));
         let pending = aborts_pending.clone();
         tokio::spawn(batcher(abort_rx, config.clone(), move |batch| {
@@ -132,6 +160,8 @@ impl ParticipantHandle {
             prepare,
             commit,
             abort,
+            state,
+            _probe: probe.drop_guard(),
             config,
             scanning: Arc::new(AtomicBool::new(false)),
             aborts_pending,
@@ -141,6 +171,10 @@ impl ParticipantHandle {
     pub fn prepare(&self, item: PrepareItem) {
         // A send fails only when the batcher is gone, i.e. during shutdown.
         let _ = self.prepare.send(item);
+    }
+
+    pub fn state_call(&self, item: StateItem) {
+        let _ = self.state.send(item);
     }
 
     pub fn phase2(&self, op: Phase2Op, item: Phase2Item) {
@@ -267,7 +301,7 @@ impl Caller {
                 .map(|(x, i)| v1::PrepareBranch {
                     xid: Some(x.clone()),
                     may_be_empty: i.may_be_empty,
-                    ..Default::default()
+                    precommit_wait_ms: i.precommit_wait_ms,
                 })
                 .collect(),
         };
@@ -379,6 +413,136 @@ impl Caller {
 }
 
 impl Caller {
+    /// Asks the participant whether it supports three-phase commit (a QueryState naming no
+    /// branch: OK yes, UNIMPLEMENTED no), again with backoff until it answers one or the
+    /// other, and tells the engine.
+    async fn probe(self, stop: tokio_util::sync::CancellationToken) {
+        let mut backoff = PROBE_INITIAL_BACKOFF;
+        loop {
+            let request = || v1::QueryStateRequest {
+                coordinator_id: self.config.coordinator_id.clone(),
+                epoch: 0,
+                branches: Vec::new(),
+            };
+            let timeout = self.config.rpc_timeout;
+            let call = self.call(
+                "QueryState",
+                0,
+                timeout,
+                request,
+                |p, r| async move { p.query_state(r, timeout).await },
+                |mut c, r| async move { c.query_state(r).await.map(|r| r.into_inner()) },
+            );
+            let answer = tokio::select! {
+                _ = stop.cancelled() => return,
+                answer = call => answer,
+            };
+            let three_phase = match answer {
+                Ok(_) => true,
+                Err(status) if status.code() == tonic::Code::Unimplemented => false,
+                Err(status) => {
+                    tracing::debug!(resource = %self.resource, code = ?status.code(), error = status.message(),
+                        "capability probe failed; asking again");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(PROBE_MAX_BACKOFF);
+                    continue;
+                }
+            };
+            tracing::info!(resource = %self.resource, three_phase, "participant capability");
+            let _ = self.events.send(Event::Capability { resource: self.resource.clone(), three_phase });
+            return;
+        }
+    }
+
+    /// PreCommit and QueryState calls, one per (kind, epoch) in the batch.
+    async fn state_calls(self, mut batch: Vec<StateItem>) {
+        batch.sort_by_key(|i| (i.precommit.is_some(), i.epoch));
+        while !batch.is_empty() {
+            let key = (batch[0].precommit.is_some(), batch[0].epoch);
+            let split = batch.iter().position(|i| (i.precommit.is_some(), i.epoch) != key).unwrap_or(batch.len());
+            let rest = batch.split_off(split);
+            self.state_call(std::mem::replace(&mut batch, rest)).await;
+        }
+    }
+
+    /// One PreCommit or QueryState call (every item of the same kind and epoch).
+    async fn state_call(&self, batch: Vec<StateItem>) {
+        let precommit = batch[0].precommit.is_some();
+        let epoch = batch[0].epoch;
+        let name = if precommit { "PreCommit" } else { "QueryState" };
+        let span = tracing::debug_span!("participant.state", resource = %self.resource, call = name, epoch,
+            branches = batch.len());
+        let coordinator_id = self.config.coordinator_id.clone();
+        let timeout = self.config.rpc_timeout;
+        let asked: Vec<BranchXid> = batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect();
+        let result = if precommit {
+            let request = || v1::PreCommitRequest {
+                coordinator_id: coordinator_id.clone(),
+                epoch,
+                branches: asked
+                    .iter()
+                    .zip(&batch)
+                    .map(|(x, i)| {
+                        let (metadata, docommit_wait_ms) = i.precommit.clone().unwrap_or_default();
+                        v1::PreCommitBranch { xid: Some(x.clone()), metadata: metadata.to_vec(), docommit_wait_ms }
+                    })
+                    .collect(),
+            };
+            self.call(
+                name,
+                batch.len(),
+                timeout,
+                request,
+                |p, r| async move { p.pre_commit(r, timeout).await.map(|r| r.results) },
+                |mut c, r| async move { c.pre_commit(r).await.map(|r| r.into_inner().results) },
+            )
+            .instrument(span)
+            .await
+        } else {
+            let request =
+                || v1::QueryStateRequest { coordinator_id: coordinator_id.clone(), epoch, branches: asked.clone() };
+            self.call(
+                name,
+                batch.len(),
+                timeout,
+                request,
+                |p, r| async move { p.query_state(r, timeout).await.map(|r| r.results) },
+                |mut c, r| async move { c.query_state(r).await.map(|r| r.into_inner().results) },
+            )
+            .instrument(span)
+            .await
+        };
+        let results: Vec<StateResult> = match result {
+            Ok(results) => {
+                if precommit {
+                    fail::fail_point!("coordinator::after_precommit_call");
+                }
+                self.settle(
+                    name,
+                    &asked,
+                    results,
+                    |r| r.xid.as_ref(),
+                    state_result,
+                    |error| StateResult::Failed { error },
+                )
+            }
+            Err(status) => {
+                // Handled here: each branch is asked again after its backoff.
+                tracing::warn!(resource = %self.resource, call = name, branches = batch.len(), code = ?status.code(),
+                    error = status.message(), "three-phase call failed; asking again with backoff");
+                vec![StateResult::Failed { error: status_text(status) }; batch.len()]
+            }
+        };
+        for (item, result) in batch.into_iter().zip(results) {
+            tracing::debug!(resource = %self.resource, gtid = %item.gtid, branch = %item.branch, call = name, ?result,
+                "branch state");
+            let _ = self.events.send(Event::BranchState { gtid: item.gtid, branch: item.branch, result });
+        }
+    }
+
     /// One result per asked branch, matched by xid ([`match_results`]): `convert` for a matched
     /// one, `unanswered` (with the error) for one without. A mismatch is handled here: logged
     /// once per call and counted.
@@ -470,6 +634,22 @@ fn vote_result(r: v1::PrepareResult) -> VoteResult {
         Ok(v1::Vote::Aborted) => VoteResult::Aborted { reason: bounded_reason(r.reason) },
         Ok(v1::Vote::Unspecified) | Err(_) => VoteResult::Failed { error: format!("invalid vote {}", r.vote) },
     }
+}
+
+fn state_result(r: v1::BranchStateResult) -> StateResult {
+    let reason = (!r.reason.is_empty()).then(|| bounded_reason(r.reason));
+    let state = match v1::BranchState::try_from(r.state) {
+        Ok(v1::BranchState::Unknown) => ParticipantState::Unknown,
+        Ok(v1::BranchState::Active) => ParticipantState::Active,
+        Ok(v1::BranchState::Prepared) => ParticipantState::Prepared,
+        Ok(v1::BranchState::Precommitted) => ParticipantState::PreCommitted,
+        Ok(v1::BranchState::Committed) => ParticipantState::Committed,
+        Ok(v1::BranchState::Aborted) => ParticipantState::Aborted,
+        Ok(v1::BranchState::Unspecified) | Err(_) => {
+            return StateResult::Failed { error: format!("invalid branch state {}", r.state) };
+        }
+    };
+    StateResult::State { state, reason }
 }
 
 fn phase2_result(r: v1::BranchResult) -> Phase2Result {

@@ -25,10 +25,15 @@
 //! * **Phase 2** is retried with exponential backoff and jitter until every prepared branch
 //!   acknowledges; there is no retry count limit, because a commit decision must reach every
 //!   branch, but the rate is bounded by `retry_max_backoff_ms`.
+//! * **Three-phase commit**, per transaction (`Protocol::ThreePhase`): the same prepare round
+//!   (CanCommit), then a forced `PreCommit` record, PreCommit to every prepared branch, and the
+//!   commit record once every branch acknowledged; after a crash the termination protocol asks
+//!   the branches' states. See `three_phase` and docs/three-phase.md.
 
 mod protocol;
 mod recovery;
 mod shards;
+mod three_phase;
 mod txn;
 mod types;
 
@@ -36,6 +41,8 @@ mod types;
 mod shard_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod three_phase_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -81,6 +88,13 @@ pub struct EngineConfig {
     /// then owns only the shards it adopted ([`Event::AdoptShard`]), each with its lease
     /// epoch, which it stamps on that shard's decisions. 0: not sharded; it owns every GTID.
     pub shard_count: u16,
+    /// Three-phase commit: how long a branch that voted yes waits for PreCommit before it
+    /// aborts itself. Must cover the prepare round, the forced pre-commit write and the
+    /// PreCommit's delivery, so it is above `prepare_timeout_ms`.
+    pub precommit_wait_ms: u64,
+    /// Three-phase commit: how long a pre-committed branch waits for the commit before it
+    /// commits itself (and how long the coordinator waits for PreCommit acknowledgements).
+    pub docommit_wait_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +114,8 @@ impl Default for EngineConfig {
             rng_seed: 0x5eed,
             epoch: 0,
             shard_count: 0,
+            precommit_wait_ms: 20_000,
+            docommit_wait_ms: 10_000,
         }
     }
 }
@@ -120,6 +136,14 @@ enum Phase {
     OnePhasePending,
     /// Single branch: one-phase commit sent; the participant decides.
     OnePhaseCommit,
+    /// Three-phase: every vote was yes; the pre-commit record is on its way to disk.
+    PreCommitPending,
+    /// Three-phase: the pre-commit record is durable; PreCommit sent, collecting the branches'
+    /// states.
+    PreCommitting,
+    /// Three-phase, after a restart or takeover with a pre-commit record and no decision: the
+    /// termination protocol is asking every branch its state.
+    Terminating,
     /// Every vote was yes; the commit record is on its way to disk.
     CommitPending,
     /// The commit record is durable; phase 2 in progress.
@@ -133,9 +157,13 @@ impl Phase {
     fn state(self) -> TxnState {
         match self {
             Phase::Active => TxnState::Active,
-            Phase::Preparing | Phase::OnePhasePending | Phase::OnePhaseCommit | Phase::CommitPending => {
-                TxnState::Preparing
-            }
+            Phase::Preparing
+            | Phase::OnePhasePending
+            | Phase::OnePhaseCommit
+            | Phase::PreCommitPending
+            | Phase::PreCommitting
+            | Phase::Terminating
+            | Phase::CommitPending => TxnState::Preparing,
             Phase::Committing => TxnState::Committing,
             Phase::Aborting => TxnState::Aborting,
             Phase::Committed => TxnState::Committed,
@@ -152,6 +180,8 @@ impl Phase {
 enum TimerKind {
     TxnTimeout,
     PrepareTimeout,
+    /// Three-phase: the wait for every PreCommit acknowledgement is over.
+    PreCommitAck,
     Retry,
 }
 
@@ -173,6 +203,8 @@ struct Branch {
     in_flight: bool,
     /// When the PREPARED vote arrived (0: not prepared).
     prepared_ms: Millis,
+    /// Three-phase: the state the participant answered PreCommit or QueryState with.
+    participant_state: Option<ParticipantState>,
 }
 
 impl Branch {
@@ -189,6 +221,7 @@ impl Branch {
             next_retry_ms: 0,
             in_flight: false,
             prepared_ms: 0,
+            participant_state: None,
         }
     }
 }
@@ -209,6 +242,10 @@ struct Txn {
     decided_ms: Millis,
     completed_ms: Millis,
     one_phase: bool,
+    /// Three-phase commit's timeouts; `None`: two-phase.
+    three_phase: Option<ThreePhaseTimeouts>,
+    /// Three-phase: when the wait for PreCommit acknowledgements ends (0: not waiting).
+    precommit_ack_deadline_ms: Millis,
     /// Commit was asked for (so a later Commit on an aborted transaction repeats the answer
     /// instead of reporting "aborted before commit").
     commit_requested: bool,
@@ -249,6 +286,8 @@ struct Ctx {
     rng: fastrand::Rng,
     /// Cluster: the shards this engine owns, with their lease epochs (unused when not sharded).
     owned: BTreeMap<u16, u64>,
+    /// Whether each participant supports three-phase commit (absent: not probed yet).
+    three_phase_capable: HashMap<ResourceId, bool>,
 }
 
 /// The 2PC state machine. See the module documentation.
@@ -278,6 +317,7 @@ impl Engine {
                 records_since_checkpoint: 0,
                 rng,
                 owned: BTreeMap::new(),
+                three_phase_capable: HashMap::new(),
             },
         }
     }
@@ -339,8 +379,8 @@ impl Engine {
             return self.finish_turn(out);
         }
         match event {
-            Event::Begin { req, gtid, timeout_ms, idempotency_key, branches } => {
-                self.begin(req, gtid, timeout_ms, idempotency_key, branches)
+            Event::Begin { req, gtid, timeout_ms, idempotency_key, branches, protocol } => {
+                self.begin(req, gtid, timeout_ms, idempotency_key, branches, protocol)
             }
             Event::Enlist { req, gtid, branches } => self.enlist(req, gtid, branches),
             Event::Commit { req, gtid, branches, wait_for_completion } => {
@@ -360,7 +400,10 @@ impl Engine {
                     self.cx.reply(req, Err(EngineError::TooManyParticipants { max: MAX_PARTICIPANTS }));
                     return self.finish_turn(out);
                 }
-                self.cx.participants.insert(resource.clone(), endpoint.clone());
+                if self.cx.participants.insert(resource.clone(), endpoint.clone()).as_ref() != Some(&endpoint) {
+                    // Another endpoint: whether it supports three-phase commit is probed anew.
+                    self.cx.three_phase_capable.remove(&resource);
+                }
                 self.cx.out.push(Command::Connect { resource: resource.clone(), endpoint: endpoint.clone() });
                 self.cx.append(LogRecord::Register { resource, endpoint }, Some(SyncToken::Register(req)));
             }
@@ -371,6 +414,11 @@ impl Engine {
             Event::Voted { gtid, branch, vote } => self.voted(gtid, branch, vote),
             Event::Phase2Done { gtid, branch, op, result } => self.phase2_done(gtid, branch, op, result),
             Event::Synced(SyncToken::Commit(gtid)) => self.commit_durable(gtid),
+            Event::Synced(SyncToken::PreCommit(gtid)) => self.precommit_durable(gtid),
+            Event::BranchState { gtid, branch, result } => self.state_answered(gtid, branch, result),
+            Event::Capability { resource, three_phase } => {
+                self.cx.three_phase_capable.insert(resource, three_phase);
+            }
             Event::Synced(SyncToken::OnePhase(gtid)) => {
                 if let Some(txn) = self.txns.get_mut(&gtid)
                     && txn.phase == Phase::OnePhasePending
@@ -426,6 +474,7 @@ impl Engine {
         timeout_ms: Option<u64>,
         idempotency_key: Option<String>,
         branches: Vec<Enlisted>,
+        protocol: Protocol,
     ) {
         let cx = &mut self.cx;
         if let Some(existing) = idempotency_key.as_ref().and_then(|k| cx.idempotency.get(k))
@@ -452,6 +501,10 @@ impl Engine {
             return cx.reply(req, Err(EngineError::RetentionFull { max, retention_ms, heuristic }));
         }
         let mut txn = Txn::new(gtid, cx.now, cx.now + timeout, idempotency_key);
+        if protocol == Protocol::ThreePhase {
+            let (precommit_wait_ms, docommit_wait_ms) = (cx.cfg.precommit_wait_ms, cx.cfg.docommit_wait_ms);
+            txn.three_phase = Some(ThreePhaseTimeouts { precommit_wait_ms, docommit_wait_ms });
+        }
         if let Err(e) = cx.add_branches(&mut txn, branches) {
             return cx.reply(req, Err(e));
         }
@@ -501,9 +554,13 @@ impl Engine {
                 let reason = txn.abort_reason.clone().unwrap_or_default();
                 cx.reply(req, Err(EngineError::AlreadyAborted { gtid, reason }));
             }
-            Phase::Preparing | Phase::OnePhasePending | Phase::OnePhaseCommit | Phase::CommitPending => {
-                cx.add_waiter(txn, waiter)
-            }
+            Phase::Preparing
+            | Phase::OnePhasePending
+            | Phase::OnePhaseCommit
+            | Phase::PreCommitPending
+            | Phase::PreCommitting
+            | Phase::Terminating
+            | Phase::CommitPending => cx.add_waiter(txn, waiter),
             _ if txn.end_syncing => cx.add_waiter(txn, waiter),
             Phase::Committing | Phase::Aborting if wait_for_completion => cx.add_waiter(txn, waiter),
             Phase::Committing | Phase::Aborting | Phase::Committed | Phase::Aborted => {
@@ -526,8 +583,13 @@ impl Engine {
             }
             Phase::Aborting | Phase::Aborted => cx.reply(req, Ok(Reply::Aborted)),
             // One-phase: the participant is deciding; the outcome is no longer ours to change.
+            // Three-phase past the votes: branches may be pre-committed (they commit on their
+            // own), so only the termination rules decide.
             Phase::OnePhasePending
             | Phase::OnePhaseCommit
+            | Phase::PreCommitPending
+            | Phase::PreCommitting
+            | Phase::Terminating
             | Phase::CommitPending
             | Phase::Committing
             | Phase::Committed => cx.reply(req, Err(EngineError::CommitDecided { gtid, state: txn.phase.state() })),
@@ -632,7 +694,9 @@ impl Engine {
         }
         if txn.branches.iter().all(|b| b.vote.is_some()) {
             cx.timers.remove(&(txn.prepare_deadline_ms, gtid, TimerKind::PrepareTimeout));
-            if txn.branches.iter().any(|b| b.vote == Some(Vote::Prepared)) {
+            if txn.three_phase.is_some() && txn.branches.iter().any(|b| b.vote == Some(Vote::Prepared)) {
+                cx.start_precommit(txn);
+            } else if txn.branches.iter().any(|b| b.vote == Some(Vote::Prepared)) {
                 // Every vote is yes: force the decision to disk before anyone hears "commit".
                 txn.phase = Phase::CommitPending;
                 txn.decided_ms = cx.now;
@@ -753,6 +817,9 @@ impl Engine {
                         missing.join(", ")
                     );
                     cx.decide_abort(txn, AbortCause::PrepareTimeout, reason);
+                }
+                TimerKind::PreCommitAck if txn.phase == Phase::PreCommitting && txn.precommit_ack_deadline_ms == at => {
+                    cx.precommit_ack_timeout(txn);
                 }
                 TimerKind::Retry if txn.retry_timer_ms == Some(at) => {
                     txn.retry_timer_ms = None;

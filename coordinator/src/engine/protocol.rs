@@ -53,6 +53,15 @@ impl Ctx {
             if !self.participants.contains_key(&e.key.resource) {
                 return Err(EngineError::UnknownResource(e.key.resource.clone()));
             }
+            if txn.three_phase.is_some() {
+                // Never downgraded: a participant that cannot keep three-phase commit's
+                // promises is refused, not enlisted under two-phase rules.
+                match self.three_phase_capable.get(&e.key.resource) {
+                    Some(true) => {}
+                    Some(false) => return Err(EngineError::NotThreePhase(e.key.resource.clone())),
+                    None => return Err(EngineError::CapabilityUnknown(e.key.resource.clone())),
+                }
+            }
             match seen.insert(&e.key, e.may_be_empty) {
                 Some(was) if was != e.may_be_empty => {
                     return Err(EngineError::EnlistConflict { branch: e.key.clone(), may_be_empty: was });
@@ -93,11 +102,13 @@ impl Ctx {
                 txn.phase = Phase::Preparing;
                 txn.prepare_deadline_ms = self.now + self.cfg.prepare_timeout_ms;
                 self.timers.insert((txn.prepare_deadline_ms, txn.gtid, TimerKind::PrepareTimeout));
+                let precommit_wait_ms = txn.three_phase.map_or(0, |t| t.precommit_wait_ms);
                 for b in &txn.branches {
                     self.out.push(Command::Prepare {
                         gtid: txn.gtid,
                         branch: b.key.clone(),
                         may_be_empty: b.may_be_empty,
+                        precommit_wait_ms,
                     });
                 }
             }
@@ -113,6 +124,11 @@ impl Ctx {
             }
             Phase::Preparing => {
                 self.timers.remove(&(txn.prepare_deadline_ms, txn.gtid, TimerKind::PrepareTimeout));
+            }
+            // Three-phase: the termination rules found no branch pre-committed.
+            Phase::PreCommitting | Phase::Terminating => {
+                self.timers.remove(&(txn.precommit_ack_deadline_ms, txn.gtid, TimerKind::PreCommitAck));
+                self.end_state_calls(txn);
             }
             _ => return,
         }
@@ -164,24 +180,40 @@ impl Ctx {
     }
 
     pub(super) fn send_due_retries(&mut self, txn: &mut Txn) {
-        let (op, one_phase) = match txn.phase {
-            Phase::OnePhaseCommit => (Phase2Op::Commit, true),
-            Phase::Committing => (Phase2Op::Commit, false),
-            Phase::Aborting => (Phase2Op::Abort, false),
-            _ => return,
-        };
+        if !matches!(
+            txn.phase,
+            Phase::OnePhaseCommit | Phase::Committing | Phase::Aborting | Phase::PreCommitting | Phase::Terminating
+        ) {
+            return;
+        }
         let mut next: Option<Millis> = None;
-        for b in txn.branches.iter_mut().filter(|b| !b.acked && !b.in_flight && b.next_retry_ms != 0) {
+        for i in 0..txn.branches.len() {
+            let b = &txn.branches[i];
+            if b.acked || b.in_flight || b.next_retry_ms == 0 {
+                continue;
+            }
             if b.next_retry_ms <= self.now {
+                let command = self.retry_command(txn, b);
+                self.out.push(command);
+                let b = &mut txn.branches[i];
                 b.in_flight = true;
                 b.next_retry_ms = 0;
-                self.out.push(phase2_command(op, txn.gtid, b, one_phase));
             } else {
                 next = Some(next.map_or(b.next_retry_ms, |n| n.min(b.next_retry_ms)));
             }
         }
         if let Some(at) = next {
             self.arm_retry(txn, at);
+        }
+    }
+
+    /// The call a branch is due to get again in the transaction's phase.
+    fn retry_command(&self, txn: &Txn, b: &Branch) -> Command {
+        match txn.phase {
+            Phase::OnePhaseCommit => phase2_command(Phase2Op::Commit, txn.gtid, b, true),
+            Phase::Committing => phase2_command(Phase2Op::Commit, txn.gtid, b, false),
+            Phase::Aborting => phase2_command(Phase2Op::Abort, txn.gtid, b, false),
+            _ => self.state_command(txn, b),
         }
     }
 
@@ -232,6 +264,15 @@ impl Ctx {
         txn.phase = finished;
         txn.completed_ms = self.now;
         metrics::finished(finished == Phase::Committed);
+        if txn.heuristic_mixed() {
+            // Never a clean outcome: counted, logged here once, kept for an operator and shown
+            // by Get and List.
+            metrics::heuristic_mixed();
+            let outcomes: Vec<String> =
+                txn.branches.iter().filter_map(|b| Some(format!("{}: {:?}", b.key, b.outcome?))).collect();
+            tracing::error!(gtid = %txn.gtid, protocol = ?txn.protocol(), outcomes = %outcomes.join(", "),
+                "heuristic mixed: branches of one transaction ended differently");
+        }
         if let Some(at) = txn.retry_timer_ms.take() {
             self.timers.remove(&(at, txn.gtid, TimerKind::Retry));
         }

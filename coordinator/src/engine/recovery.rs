@@ -7,6 +7,20 @@ use pledge_proto::ResourceId;
 use super::protocol::phase2_command;
 use super::*;
 
+impl Ctx {
+    /// Resumes a transaction rebuilt from records (a restart, a shard taken over): phase 2 of
+    /// a commit, the resend of a one-phase commit (the participant answers from its own
+    /// record), the termination protocol of a pre-committed three-phase transaction.
+    pub(super) fn resume(&mut self, txn: &mut Txn) {
+        match txn.phase {
+            Phase::Committing => self.send_phase2(txn, Phase2Op::Commit),
+            Phase::OnePhaseCommit => self.send_one_phase(txn),
+            Phase::Terminating => self.send_state_calls(txn),
+            _ => {}
+        }
+    }
+}
+
 impl Engine {
     /// Rebuilds the engine from the decision log after a restart. `now` is the restart time.
     /// Call [`Engine::start`] next to get the commands that finish what the crash interrupted.
@@ -33,6 +47,24 @@ impl Engine {
         self.txns.insert(txn.gtid, txn);
     }
 
+    fn replay_decision(&mut self, c: CommitRecord, phase: Phase) {
+        let mut txn = Txn::new(c.gtid, c.created_ms, c.created_ms, c.idempotency_key);
+        txn.phase = phase;
+        txn.three_phase = c.three_phase;
+        txn.commit_requested = true;
+        txn.decision_epoch = c.epoch;
+        txn.decided_ms = c.decided_ms;
+        for lb in c.branches {
+            let mut b = Branch::new(lb.key);
+            b.acked = lb.vote != Vote::Prepared;
+            b.vote = Some(lb.vote);
+            b.metadata = lb.metadata;
+            b.prepared_ms = lb.prepared_ms;
+            txn.branches.push(b);
+        }
+        self.insert_replayed(txn);
+    }
+
     pub(super) fn apply_replayed(&mut self, record: LogRecord) {
         match record {
             LogRecord::Register { resource, endpoint } => {
@@ -53,22 +85,10 @@ impl Engine {
                 txn.branches.push(b);
                 self.insert_replayed(txn);
             }
-            LogRecord::Commit(c) => {
-                let mut txn = Txn::new(c.gtid, c.created_ms, c.created_ms, c.idempotency_key);
-                txn.phase = Phase::Committing;
-                txn.commit_requested = true;
-                txn.decision_epoch = c.epoch;
-                txn.decided_ms = c.decided_ms;
-                for lb in c.branches {
-                    let mut b = Branch::new(lb.key);
-                    b.acked = lb.vote != Vote::Prepared;
-                    b.vote = Some(lb.vote);
-                    b.metadata = lb.metadata;
-                    b.prepared_ms = lb.prepared_ms;
-                    txn.branches.push(b);
-                }
-                self.insert_replayed(txn);
-            }
+            LogRecord::Commit(c) => self.replay_decision(c, Phase::Committing),
+            // Three-phase, with no decision after it (a later record would replace this
+            // transaction): the termination protocol decides.
+            LogRecord::PreCommit(c) => self.replay_decision(c, Phase::Terminating),
             LogRecord::End(e) => {
                 let mut txn = Txn::new(e.gtid, e.created_ms, e.created_ms, e.idempotency_key.clone());
                 txn.phase = if e.committed { Phase::Committed } else { Phase::Aborted };
@@ -77,6 +97,7 @@ impl Engine {
                 txn.decided_ms = e.decided_ms;
                 txn.completed_ms = e.completed_ms;
                 txn.one_phase = e.one_phase;
+                txn.three_phase = e.three_phase;
                 for eb in &e.branches {
                     let mut b = Branch::new(eb.key.clone());
                     b.vote = eb.vote;
@@ -100,11 +121,7 @@ impl Engine {
             cx.out.push(Command::Connect { resource: resource.clone(), endpoint: endpoint.clone() });
         }
         for txn in txns.values_mut() {
-            match txn.phase {
-                Phase::Committing => cx.send_phase2(txn, Phase2Op::Commit),
-                Phase::OnePhaseCommit => cx.send_one_phase(txn),
-                _ => {}
-            }
+            cx.resume(txn);
         }
         out.append(&mut cx.out);
     }
@@ -143,11 +160,15 @@ impl Engine {
                 continue;
             };
             let op = match txn.phase {
-                // Still being decided: the prepare round (or the sync) will settle it.
+                // Still being decided: the prepare round (or the sync, or the three-phase
+                // rounds) will settle it.
                 Phase::Active
                 | Phase::Preparing
                 | Phase::OnePhasePending
                 | Phase::OnePhaseCommit
+                | Phase::PreCommitPending
+                | Phase::PreCommitting
+                | Phase::Terminating
                 | Phase::CommitPending => continue,
                 Phase::Committing | Phase::Committed => Phase2Op::Commit,
                 Phase::Aborting | Phase::Aborted => Phase2Op::Abort,
@@ -198,6 +219,10 @@ impl Engine {
                 // CommitPending is included: its commit record was submitted before this
                 // checkpoint, so if the checkpoint is durable, so is the decision.
                 Phase::CommitPending | Phase::Committing => records.push(LogRecord::Commit(txn.commit_record())),
+                // Likewise the pre-commit decision.
+                Phase::PreCommitPending | Phase::PreCommitting | Phase::Terminating => {
+                    records.push(LogRecord::PreCommit(txn.commit_record()))
+                }
                 // Likewise the one-phase intent.
                 Phase::OnePhasePending | Phase::OnePhaseCommit => {
                     records.push(LogRecord::OnePhase(txn.one_phase_record()))

@@ -43,7 +43,14 @@ impl Node {
     fn begin(&mut self, g: Gtid) -> Result<Reply, EngineError> {
         let req = self.next();
         let branches = vec![key("db1").into(), key("db2").into()];
-        reply(self.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: None, branches }))
+        reply(self.ev(Event::Begin {
+            req,
+            gtid: g,
+            timeout_ms: None,
+            idempotency_key: None,
+            branches,
+            protocol: Protocol::TwoPhase,
+        }))
     }
 
     fn get(&mut self, g: Gtid) -> Result<Reply, EngineError> {
@@ -107,6 +114,7 @@ fn an_adopted_shard_resumes_its_committed_transactions_and_keeps_its_finished_on
                 LoggedBranch { key: key("db1"), vote: Vote::Prepared, metadata: Bytes::new(), prepared_ms: T0 },
                 LoggedBranch { key: key("db2"), vote: Vote::ReadOnly, metadata: Bytes::new(), prepared_ms: 0 },
             ],
+            three_phase: None,
         }),
         LogRecord::End(Arc::new(EndRecord {
             gtid: finished,
@@ -116,6 +124,7 @@ fn an_adopted_shard_resumes_its_committed_transactions_and_keeps_its_finished_on
             decided_ms: T0,
             completed_ms: T0 + 2,
             one_phase: false,
+            three_phase: None,
             idempotency_key: None,
             branches: vec![],
             encoded: Default::default(),

@@ -73,7 +73,7 @@ impl Engine {
         let mut adopted = Vec::with_capacity(records.len());
         for record in records {
             let gtid = match &record {
-                LogRecord::Commit(c) => c.gtid,
+                LogRecord::Commit(c) | LogRecord::PreCommit(c) => c.gtid,
                 LogRecord::OnePhase(o) => o.gtid,
                 LogRecord::End(e) => e.gtid,
                 LogRecord::Register { .. } | LogRecord::Forgotten { .. } => {
@@ -102,9 +102,7 @@ impl Engine {
                     cx.retain(txn, txn.completed_ms);
                 }
                 // Resumed exactly as after a restart (see `Engine::start`).
-                Phase::Committing => cx.send_phase2(txn, Phase2Op::Commit),
-                Phase::OnePhaseCommit => cx.send_one_phase(txn),
-                _ => {}
+                _ => cx.resume(txn),
             }
         }
         if retired {
@@ -145,6 +143,7 @@ impl Engine {
             return;
         }
         cx.participants.insert(resource.clone(), endpoint.clone());
+        cx.three_phase_capable.remove(&resource);
         cx.out.push(Command::Connect { resource, endpoint });
     }
 }

@@ -2,46 +2,46 @@
 
 use super::*;
 
-const T0: Millis = 1_700_000_000_000;
+pub(super) const T0: Millis = 1_700_000_000_000;
 
-fn key(resource: &str, branch: &str) -> BranchKey {
+pub(super) fn key(resource: &str, branch: &str) -> BranchKey {
     BranchKey::new(resource, branch).unwrap()
 }
 
-fn db1() -> BranchKey {
+pub(super) fn db1() -> BranchKey {
     key("db1", "b1")
 }
 
-fn db2() -> BranchKey {
+pub(super) fn db2() -> BranchKey {
     key("db2", "b1")
 }
 
-fn gtid(n: u64) -> Gtid {
+pub(super) fn gtid(n: u64) -> Gtid {
     Gtid::from_parts(T0, n)
 }
 
-fn meta(s: &str) -> Bytes {
+pub(super) fn meta(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
 /// An engine with two configured participants, a controllable clock and a record of every
 /// append (for crash-restart tests).
-struct Harness {
-    engine: Engine,
-    now: Millis,
-    next_req: ReqId,
+pub(super) struct Harness {
+    pub(super) engine: Engine,
+    pub(super) now: Millis,
+    pub(super) next_req: ReqId,
     /// Every record appended, with whether it has been reported synced.
-    appended: Vec<(LogRecord, bool)>,
+    pub(super) appended: Vec<(LogRecord, bool)>,
     /// Appended records waiting for a sync, by index into `appended`.
-    pending: Vec<(usize, SyncToken)>,
+    pub(super) pending: Vec<(usize, SyncToken)>,
 }
 
 impl Harness {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Harness::with_config(EngineConfig::default())
     }
 
-    fn with_config(cfg: EngineConfig) -> Self {
+    pub(super) fn with_config(cfg: EngineConfig) -> Self {
         let mut engine = Engine::new(cfg);
         for r in ["db1", "db2", "db3"] {
             engine.add_configured_participant(r.parse().unwrap(), format!("http://{r}"));
@@ -49,7 +49,7 @@ impl Harness {
         Harness { engine, now: T0, next_req: 1, appended: Vec::new(), pending: Vec::new() }
     }
 
-    fn restored(cfg: EngineConfig, now: Millis, records: Vec<LogRecord>) -> (Self, Vec<Command>) {
+    pub(super) fn restored(cfg: EngineConfig, now: Millis, records: Vec<LogRecord>) -> (Self, Vec<Command>) {
         let mut engine = Engine::restore(cfg, now, records);
         for r in ["db1", "db2", "db3"] {
             engine.add_configured_participant(r.parse().unwrap(), format!("http://{r}"));
@@ -59,7 +59,7 @@ impl Harness {
         (Harness { engine, now, next_req: 1000, appended: Vec::new(), pending: Vec::new() }, out)
     }
 
-    fn ev(&mut self, event: Event) -> Vec<Command> {
+    pub(super) fn ev(&mut self, event: Event) -> Vec<Command> {
         let mut out = Vec::new();
         self.engine.handle(self.now, event, &mut out);
         for c in &out {
@@ -75,7 +75,7 @@ impl Harness {
 
     /// Reports every record appended with a sync token as durable (a group commit), and
     /// returns what that produced.
-    fn sync_all(&mut self) -> Vec<Command> {
+    pub(super) fn sync_all(&mut self) -> Vec<Command> {
         let mut out = Vec::new();
         while !self.pending.is_empty() {
             for (index, token) in std::mem::take(&mut self.pending) {
@@ -86,27 +86,34 @@ impl Harness {
         out
     }
 
-    fn req(&mut self) -> ReqId {
+    pub(super) fn req(&mut self) -> ReqId {
         self.next_req += 1;
         self.next_req
     }
 
-    fn begin(&mut self, g: Gtid, branches: Vec<BranchKey>) -> Vec<Command> {
+    pub(super) fn begin(&mut self, g: Gtid, branches: Vec<BranchKey>) -> Vec<Command> {
         let req = self.req();
         let branches = branches.into_iter().map(Enlisted::from).collect();
-        self.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: None, branches })
+        self.ev(Event::Begin {
+            req,
+            gtid: g,
+            timeout_ms: None,
+            idempotency_key: None,
+            branches,
+            protocol: Protocol::TwoPhase,
+        })
     }
 
-    fn commit(&mut self, g: Gtid) -> (ReqId, Vec<Command>) {
+    pub(super) fn commit(&mut self, g: Gtid) -> (ReqId, Vec<Command>) {
         let req = self.req();
         (req, self.ev(Event::Commit { req, gtid: g, branches: vec![], wait_for_completion: false }))
     }
 
-    fn vote(&mut self, g: Gtid, b: BranchKey, vote: VoteResult) -> Vec<Command> {
+    pub(super) fn vote(&mut self, g: Gtid, b: BranchKey, vote: VoteResult) -> Vec<Command> {
         self.ev(Event::Voted { gtid: g, branch: b, vote })
     }
 
-    fn synced(&mut self, g: Gtid) -> Vec<Command> {
+    pub(super) fn synced(&mut self, g: Gtid) -> Vec<Command> {
         for (record, synced) in &mut self.appended {
             if matches!(record, LogRecord::Commit(c) if c.gtid == g) {
                 *synced = true;
@@ -116,11 +123,11 @@ impl Harness {
         self.ev(Event::Synced(SyncToken::Commit(g)))
     }
 
-    fn ack(&mut self, g: Gtid, b: BranchKey, op: Phase2Op, outcome: BranchOutcome) -> Vec<Command> {
+    pub(super) fn ack(&mut self, g: Gtid, b: BranchKey, op: Phase2Op, outcome: BranchOutcome) -> Vec<Command> {
         self.ev(Event::Phase2Done { gtid: g, branch: b, op, result: Phase2Result::Outcome { outcome, reason: None } })
     }
 
-    fn abort_req(&mut self, g: Gtid) -> Result<Reply, EngineError> {
+    pub(super) fn abort_req(&mut self, g: Gtid) -> Result<Reply, EngineError> {
         let req = self.req();
         match self.ev(Event::Abort { req, gtid: g }).pop() {
             Some(Command::Reply { reply, .. }) => reply,
@@ -128,7 +135,7 @@ impl Harness {
         }
     }
 
-    fn get(&mut self, g: Gtid) -> Result<TxnView, EngineError> {
+    pub(super) fn get(&mut self, g: Gtid) -> Result<TxnView, EngineError> {
         let req = self.req();
         match self.ev(Event::Get { req, gtid: g }).pop() {
             Some(Command::Reply { reply: Ok(Reply::Transaction(view)), .. }) => Ok(*view),
@@ -139,19 +146,19 @@ impl Harness {
 
     /// Records a crash would leave: what was synced, plus lazy records (which may or may not
     /// survive; tests choose).
-    fn synced_records(&self) -> Vec<LogRecord> {
+    pub(super) fn synced_records(&self) -> Vec<LogRecord> {
         self.appended.iter().filter(|(_, s)| *s).map(|(r, _)| r.clone()).collect()
     }
 }
 
-fn committed(req: ReqId, completed: bool) -> Command {
+pub(super) fn committed(req: ReqId, completed: bool) -> Command {
     Command::Reply {
         req,
         reply: Ok(Reply::CommitOutcome(CommitOutcome { committed: true, reason: None, completed, heuristic: false })),
     }
 }
 
-fn aborted(req: ReqId, reason: &str, completed: bool) -> Command {
+pub(super) fn aborted(req: ReqId, reason: &str, completed: bool) -> Command {
     Command::Reply {
         req,
         reply: Ok(Reply::CommitOutcome(CommitOutcome {
@@ -163,15 +170,20 @@ fn aborted(req: ReqId, reason: &str, completed: bool) -> Command {
     }
 }
 
-fn commit_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
+pub(super) fn commit_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
     Command::Commit { gtid: g, branch: b, one_phase: false, metadata: m, may_be_empty: false }
 }
 
-fn abort_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
+pub(super) fn abort_cmd(g: Gtid, b: BranchKey, m: Bytes) -> Command {
     Command::Abort { gtid: g, branch: b, metadata: m }
 }
 
-fn commit_record(g: Gtid, created: Millis, decided: Millis, branches: Vec<(BranchKey, Vote, Bytes)>) -> LogRecord {
+pub(super) fn commit_record(
+    g: Gtid,
+    created: Millis,
+    decided: Millis,
+    branches: Vec<(BranchKey, Vote, Bytes)>,
+) -> LogRecord {
     LogRecord::Commit(CommitRecord {
         epoch: 0,
         gtid: g,
@@ -186,6 +198,7 @@ fn commit_record(g: Gtid, created: Millis, decided: Millis, branches: Vec<(Branc
                 LoggedBranch { key, vote, metadata, prepared_ms }
             })
             .collect(),
+        three_phase: None,
     })
 }
 
@@ -214,8 +227,8 @@ fn all_yes_commits_forcing_the_decision_before_phase_two() {
     assert_eq!(
         out,
         vec![
-            Command::Prepare { gtid: g, branch: db1(), may_be_empty: false },
-            Command::Prepare { gtid: g, branch: db2(), may_be_empty: false }
+            Command::Prepare { gtid: g, branch: db1(), may_be_empty: false, precommit_wait_ms: 0 },
+            Command::Prepare { gtid: g, branch: db2(), may_be_empty: false, precommit_wait_ms: 0 }
         ]
     );
 
@@ -314,7 +327,14 @@ fn active_transaction_times_out_and_is_aborted() {
     let mut h = Harness::new();
     let g = gtid(1);
     let req = h.req();
-    h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(1_000), idempotency_key: None, branches: vec![db1().into()] });
+    h.ev(Event::Begin {
+        req,
+        gtid: g,
+        timeout_ms: Some(1_000),
+        idempotency_key: None,
+        branches: vec![db1().into()],
+        protocol: Protocol::TwoPhase,
+    });
     assert_eq!(h.engine.next_deadline(), Some(T0 + 1_000));
     h.now = T0 + 999;
     assert_eq!(h.ev(Event::Tick), vec![]);
@@ -547,7 +567,14 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(out, vec![Command::Reply { req, reply: Err(EngineError::UnknownTransaction(unknown)) }]);
 
     let req = h.req();
-    let out = h.ev(Event::Begin { req, gtid: g, timeout_ms: Some(3_600_001), idempotency_key: None, branches: vec![] });
+    let out = h.ev(Event::Begin {
+        req,
+        gtid: g,
+        timeout_ms: Some(3_600_001),
+        idempotency_key: None,
+        branches: vec![],
+        protocol: Protocol::TwoPhase,
+    });
     assert_eq!(
         out,
         vec![Command::Reply { req, reply: Err(EngineError::TimeoutTooLong { requested: 3_600_001, max: 3_600_000 }) }]
@@ -599,7 +626,14 @@ fn begin_with_the_same_idempotency_key_returns_the_same_gtid() {
     let mut h = Harness::new();
     let begin = |h: &mut Harness, g: Gtid| {
         let req = h.req();
-        h.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: Some("order-7".into()), branches: vec![] })
+        h.ev(Event::Begin {
+            req,
+            gtid: g,
+            timeout_ms: None,
+            idempotency_key: Some("order-7".into()),
+            branches: vec![],
+            protocol: Protocol::TwoPhase,
+        })
     };
     let out = begin(&mut h, gtid(1));
     assert!(matches!(&out[0], Command::Reply { reply: Ok(Reply::Begun { existing: false, .. }), .. }));
@@ -826,6 +860,7 @@ fn checkpoint_holds_participants_undecided_commits_and_retained_ends() {
             LogRecord::Commit(c) => format!("commit {}", c.gtid == g2),
             LogRecord::End(e) => format!("end {}", e.gtid == g1),
             LogRecord::OnePhase(o) => format!("one-phase {}", o.gtid),
+            LogRecord::PreCommit(c) => format!("pre-commit {}", c.gtid),
             LogRecord::Forgotten { .. } => "forgotten".into(),
         })
         .collect();
@@ -848,6 +883,7 @@ fn a_deadline_that_passed_wins_over_an_event_that_arrives_before_the_tick() {
         timeout_ms: Some(1_000),
         idempotency_key: None,
         branches: vec![db1().into(), db2().into()],
+        protocol: Protocol::TwoPhase,
     });
     // No tick was delivered at T0+1000; the Commit comes at T0+5000.
     h.now = T0 + 5_000;
@@ -1066,6 +1102,7 @@ fn counters_count_each_transaction_once_and_aborts_by_cause() {
             timeout_ms: Some(1_000),
             idempotency_key: key,
             branches: vec![db1().into()],
+            protocol: Protocol::TwoPhase,
         });
     }
     h.now += 1_000;
@@ -1153,6 +1190,7 @@ fn a_branch_declared_possibly_empty_says_so_to_its_participant() {
         timeout_ms: None,
         idempotency_key: None,
         branches: vec![maybe(db1()), db2().into()],
+        protocol: Protocol::TwoPhase,
     });
     let req = h.req();
     let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2().into(), db1().into()] });
@@ -1172,15 +1210,22 @@ fn a_branch_declared_possibly_empty_says_so_to_its_participant() {
     assert_eq!(
         out,
         vec![
-            Command::Prepare { gtid: g, branch: db1(), may_be_empty: true },
-            Command::Prepare { gtid: g, branch: db2(), may_be_empty: false },
+            Command::Prepare { gtid: g, branch: db1(), may_be_empty: true, precommit_wait_ms: 0 },
+            Command::Prepare { gtid: g, branch: db2(), may_be_empty: false, precommit_wait_ms: 0 },
         ]
     );
 
     // One phase: the commit, and its retry.
     let g = gtid(2);
     let req = h.req();
-    h.ev(Event::Begin { req, gtid: g, timeout_ms: None, idempotency_key: None, branches: vec![maybe(db1())] });
+    h.ev(Event::Begin {
+        req,
+        gtid: g,
+        timeout_ms: None,
+        idempotency_key: None,
+        branches: vec![maybe(db1())],
+        protocol: Protocol::TwoPhase,
+    });
     let one_phase =
         Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new(), may_be_empty: true };
     h.commit(g);

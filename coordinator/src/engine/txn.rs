@@ -19,6 +19,8 @@ impl Txn {
             decided_ms: 0,
             completed_ms: 0,
             one_phase: false,
+            three_phase: None,
+            precommit_ack_deadline_ms: 0,
             commit_requested: false,
             idempotency_key,
             abort_reason: None,
@@ -53,6 +55,15 @@ impl Txn {
         self.branches.iter().any(|b| b.outcome.is_some_and(BranchOutcome::is_heuristic))
     }
 
+    /// Branches ended differently: some committed, some rolled back.
+    pub(super) fn heuristic_mixed(&self) -> bool {
+        heuristic_mixed(self.branches.iter().filter_map(|b| b.outcome))
+    }
+
+    pub(super) fn protocol(&self) -> Protocol {
+        if self.three_phase.is_some() { Protocol::ThreePhase } else { Protocol::TwoPhase }
+    }
+
     /// What Get (`with_metadata`) and List show.
     pub(super) fn view(&self, with_metadata: bool) -> TxnView {
         TxnView {
@@ -64,7 +75,9 @@ impl Txn {
             decided_ms: self.decided_ms,
             completed_ms: self.completed_ms,
             one_phase: self.one_phase,
+            protocol: self.protocol(),
             heuristic: self.heuristic(),
+            heuristic_mixed: self.heuristic_mixed(),
             idempotency_key: self.idempotency_key.clone(),
             branches: self
                 .branches
@@ -80,6 +93,7 @@ impl Txn {
                     last_error: b.last_error.clone(),
                     next_retry_ms: b.next_retry_ms,
                     prepared_ms: b.prepared_ms,
+                    participant_state: b.participant_state,
                 })
                 .collect(),
         }
@@ -104,6 +118,7 @@ impl Txn {
                     })
                 })
                 .collect(),
+            three_phase: self.three_phase,
         }
     }
 
@@ -116,6 +131,7 @@ impl Txn {
             decided_ms: self.decided_ms,
             completed_ms: self.completed_ms,
             one_phase: self.one_phase,
+            three_phase: self.three_phase,
             idempotency_key: self.idempotency_key.clone(),
             branches: self
                 .branches

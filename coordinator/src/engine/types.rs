@@ -25,6 +25,7 @@ pub enum Event {
         timeout_ms: Option<u64>,
         idempotency_key: Option<String>,
         branches: Vec<Enlisted>,
+        protocol: Protocol,
     },
     Enlist {
         req: ReqId,
@@ -69,6 +70,19 @@ pub enum Event {
         branch: BranchKey,
         op: Phase2Op,
         result: Phase2Result,
+    },
+    /// Three-phase commit: a participant's answer to PreCommit or QueryState (or the failure to
+    /// get one).
+    BranchState {
+        gtid: Gtid,
+        branch: BranchKey,
+        result: StateResult,
+    },
+    /// Whether a participant supports three-phase commit (its answer to the capability probe
+    /// made when the coordinator connects to it).
+    Capability {
+        resource: ResourceId,
+        three_phase: bool,
     },
     /// A record appended with a sync token is durable.
     Synced(SyncToken),
@@ -129,6 +143,61 @@ impl Event {
             _ => None,
         }
     }
+}
+
+/// The atomic commitment protocol a transaction runs, chosen at Begin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    #[default]
+    TwoPhase,
+    /// Three-phase commit (docs/three-phase.md): participants finish on their own when the
+    /// coordinator is gone, under bounded message delay.
+    ThreePhase,
+}
+
+/// Three-phase commit's timeouts, chosen by the coordinator when the transaction begins,
+/// carried in the messages and logged with the decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThreePhaseTimeouts {
+    /// A branch that voted yes aborts itself if no PreCommit reaches it this long after its vote.
+    pub precommit_wait_ms: u64,
+    /// A pre-committed branch commits itself this long after the PreCommit, unless told to
+    /// before. Also how long the coordinator waits for every PreCommit acknowledgement before it
+    /// commits without the missing ones (the acknowledged branches commit then in any case).
+    pub docommit_wait_ms: u64,
+}
+
+/// Where a branch is at its participant, as PreCommit and QueryState answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParticipantState {
+    /// No record (never seen, or forgotten after the participant's retention).
+    Unknown,
+    Active,
+    Prepared,
+    PreCommitted,
+    Committed,
+    Aborted,
+}
+
+impl ParticipantState {
+    /// Pre-committed or committed: the branch commits whatever the coordinator does, so the
+    /// transaction can only commit (the termination protocol's rule).
+    pub fn is_committable(self) -> bool {
+        matches!(self, ParticipantState::PreCommitted | ParticipantState::Committed)
+    }
+}
+
+/// What a PreCommit or QueryState call came back with, for one branch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateResult {
+    State {
+        state: ParticipantState,
+        reason: Option<String>,
+    },
+    /// No answer: the call failed or timed out. Asked again after a backoff.
+    Failed {
+        error: String,
+    },
 }
 
 /// A branch as a client enlists it.
@@ -206,6 +275,8 @@ pub struct InDoubtBranch {
 pub enum SyncToken {
     /// The commit record of this transaction.
     Commit(Gtid),
+    /// Three-phase commit: the pre-commit record of this transaction.
+    PreCommit(Gtid),
     /// The registration answering this request.
     Register(ReqId),
     /// The one-phase intent record: synced before the participant is told to commit.
@@ -223,8 +294,17 @@ pub enum Command {
     Append { record: LogRecord, sync: Option<SyncToken> },
     /// Write a checkpoint of the live state (so older log segments can be deleted).
     Checkpoint { records: Vec<LogRecord> },
-    /// Ask a participant to prepare a branch; answer with [`Event::Voted`].
-    Prepare { gtid: Gtid, branch: BranchKey, may_be_empty: bool },
+    /// Ask a participant to prepare a branch; answer with [`Event::Voted`]. Three-phase commit
+    /// (CanCommit): a nonzero `precommit_wait_ms` asks a yes vote to abort itself if no
+    /// PreCommit follows within it.
+    Prepare { gtid: Gtid, branch: BranchKey, may_be_empty: bool, precommit_wait_ms: u64 },
+    /// Three-phase commit: move a prepared branch to pre-committed; it commits on its own
+    /// `docommit_wait_ms` later. `epoch` is the decision's (see docs/three-phase.md). Answer
+    /// with [`Event::BranchState`].
+    PreCommit { gtid: Gtid, branch: BranchKey, metadata: Bytes, docommit_wait_ms: u64, epoch: u64 },
+    /// Three-phase termination protocol: ask a branch's state, at the asking coordinator's
+    /// epoch. Answer with [`Event::BranchState`].
+    QueryState { gtid: Gtid, branch: BranchKey, epoch: u64 },
     /// Tell a participant to commit a branch (in one phase: the transaction's only branch, never
     /// prepared, and `may_be_empty` as enlisted); answer with [`Event::Phase2Done`].
     Commit { gtid: Gtid, branch: BranchKey, one_phase: bool, metadata: Bytes, may_be_empty: bool },
@@ -310,6 +390,16 @@ pub enum EngineError {
     NoShard,
     #[error("the decision store cannot be reached: {0}; retry")]
     StoreUnavailable(String),
+    #[error(
+        "participant {0:?} does not support three-phase commit (it answered UNIMPLEMENTED to the capability \
+         probe); a three-phase transaction cannot enlist it — use two-phase commit"
+    )]
+    NotThreePhase(ResourceId),
+    #[error(
+        "the coordinator has not reached participant {0:?} yet, so it does not know whether it supports \
+         three-phase commit; retry"
+    )]
+    CapabilityUnknown(ResourceId),
 }
 
 /// A transaction's state as the API shows it.
@@ -370,10 +460,30 @@ pub struct TxnView {
     pub decided_ms: Millis,
     pub completed_ms: Millis,
     pub one_phase: bool,
+    pub protocol: Protocol,
     /// Some participant reported a heuristic outcome.
     pub heuristic: bool,
+    /// Branches ended differently: some committed, some rolled back (see
+    /// [`heuristic_mixed`]).
+    pub heuristic_mixed: bool,
     pub idempotency_key: Option<String>,
     pub branches: Vec<BranchView>,
+}
+
+/// Branches of one transaction ended differently: some committed, some rolled back. The
+/// outcome of three-phase commit under a partition longer than its timeouts, or of
+/// participants that decided heuristically against the coordinator's decision.
+pub fn heuristic_mixed(outcomes: impl IntoIterator<Item = BranchOutcome>) -> bool {
+    let (mut committed, mut rolled_back) = (false, false);
+    for o in outcomes {
+        match o {
+            BranchOutcome::Committed | BranchOutcome::HeuristicCommit => committed = true,
+            BranchOutcome::Aborted | BranchOutcome::HeuristicRollback => rolled_back = true,
+            BranchOutcome::HeuristicMixed => return true,
+            BranchOutcome::HeuristicHazard => {}
+        }
+    }
+    committed && rolled_back
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -389,6 +499,9 @@ pub struct BranchView {
     pub next_retry_ms: Millis,
     /// When the PREPARED vote arrived (0: not prepared).
     pub prepared_ms: Millis,
+    /// Three-phase commit: the branch's state as its participant last answered PreCommit or
+    /// QueryState.
+    pub participant_state: Option<ParticipantState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -418,6 +531,10 @@ pub enum LogRecord {
     Register { resource: ResourceId, endpoint: String },
     /// The commit decision, with every branch that must be told.
     Commit(CommitRecord),
+    /// Three-phase commit: every branch voted yes and PreCommit is about to be sent (the
+    /// termination protocol decides after a crash: see docs/three-phase.md). Its
+    /// `three_phase` is set.
+    PreCommit(CommitRecord),
     /// A one-phase commit is about to be sent to the transaction's only branch.
     OnePhase(OnePhaseRecord),
     /// Every branch acknowledged the outcome; the transaction is finished. Shared: the same
@@ -436,6 +553,8 @@ pub struct CommitRecord {
     pub decided_ms: Millis,
     pub idempotency_key: Option<String>,
     pub branches: Vec<LoggedBranch>,
+    /// Three-phase commit's timeouts; `None`: two-phase.
+    pub three_phase: Option<ThreePhaseTimeouts>,
 }
 
 /// The decision to commit a single-branch transaction in one phase. After a crash it is resent
@@ -469,6 +588,7 @@ pub struct EndRecord {
     pub decided_ms: Millis,
     pub completed_ms: Millis,
     pub one_phase: bool,
+    pub three_phase: Option<ThreePhaseTimeouts>,
     pub idempotency_key: Option<String>,
     pub branches: Vec<EndBranch>,
     /// The record's encoding, made once (see `records::encode`).

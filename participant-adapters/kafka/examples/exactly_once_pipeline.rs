@@ -89,6 +89,7 @@ async fn process(args: &Args, c: &mut Clients, batch: &[(i64, String, String)]) 
         .begin(v1::BeginRequest {
             timeout_ms: Some(args.txn_timeout_ms),
             idempotency_key: String::new(),
+            protocol: v1::Protocol::TwoPhase as i32,
             branches: vec![
                 v1::BranchRef { resource_id: db.into(), branch_id: "rows".into(), may_be_empty: false },
                 v1::BranchRef { resource_id: kafka.into(), branch_id: "out".into(), may_be_empty: false },
