@@ -95,6 +95,17 @@ pub struct ServeArgs {
     /// Deadline of the prepare round, ms.
     #[arg(long, env = "PLEDGE_PREPARE_TIMEOUT_MS")]
     pub prepare_timeout_ms: Option<u64>,
+    /// Deadline of one commit, abort, PreCommit or state call to a participant, ms.
+    #[arg(long, env = "PLEDGE_PARTICIPANT_RPC_TIMEOUT_MS")]
+    pub participant_rpc_timeout_ms: Option<u64>,
+    /// Three-phase commit: how long a branch that voted yes waits for PreCommit before it
+    /// aborts itself, ms [default: 20000].
+    #[arg(long, env = "PLEDGE_PRECOMMIT_WAIT_MS")]
+    pub precommit_wait_ms: Option<u64>,
+    /// Three-phase commit: how long a pre-committed branch waits for the commit before it
+    /// commits itself, ms [default: 10000].
+    #[arg(long, env = "PLEDGE_DOCOMMIT_WAIT_MS")]
+    pub docommit_wait_ms: Option<u64>,
     /// How often participants are asked for in-doubt branches, ms.
     #[arg(long, env = "PLEDGE_RECOVERY_INTERVAL_MS")]
     pub recovery_interval_ms: Option<u64>,
@@ -154,6 +165,15 @@ impl ServeArgs {
         }
         if let Some(v) = self.prepare_timeout_ms {
             config.prepare_timeout_ms = v;
+        }
+        if let Some(v) = self.participant_rpc_timeout_ms {
+            config.participant_rpc_timeout_ms = v;
+        }
+        if let Some(v) = self.precommit_wait_ms {
+            config.precommit_wait_ms = v;
+        }
+        if let Some(v) = self.docommit_wait_ms {
+            config.docommit_wait_ms = v;
         }
         if let Some(v) = self.recovery_interval_ms {
             config.recovery_interval_ms = v;

@@ -206,6 +206,28 @@ pub mod e2e {
     /// a cluster), each gets its share of the channels and a client keeps to one: a Begin issues
     /// its GTID in a shard of the instance asked, so the Commit is answered there too.
     pub async fn run(coordinators: &[&Process], participants: &[(&'static str, &Process)]) -> Run {
+        run_with(coordinators, participants, v1::Protocol::TwoPhase).await
+    }
+
+    /// [`run`] with transactions of `protocol`. A three-phase run first waits until the
+    /// coordinator knows its participants support it (a Begin answers UNAVAILABLE until then).
+    pub async fn run_with(
+        coordinators: &[&Process],
+        participants: &[(&'static str, &Process)],
+        protocol: v1::Protocol,
+    ) -> Run {
+        for coordinator in coordinators {
+            let mut c = CoordinatorClient::new(coordinator.channel().await);
+            let branches: Vec<v1::BranchRef> = participants.iter().map(|(r, _)| branch(r, "probe")).collect();
+            let probe = v1::BeginRequest { branches, protocol: protocol as i32, ..Default::default() };
+            let begun = crate::eventually("the coordinator to accept a Begin of the protocol", || {
+                let (mut c, probe) = (c.clone(), probe.clone());
+                async move { c.begin(probe).await.ok() }
+            })
+            .await
+            .into_inner();
+            c.abort(v1::AbortRequest { gtid: begun.gtid }).await.expect("aborting the probe");
+        }
         let mut channels: Vec<Channel> = Vec::new();
         let api = api();
         let default_channels = if api == Api::Pipeline { 2 } else { 8 };
@@ -230,7 +252,7 @@ pub mod e2e {
                 let (mut c, p, mut stores) = (c.clone(), p.clone(), stores.clone());
                 Box::pin(async move {
                     let branches = stores.iter().map(|(r, _)| branch(r, "b")).collect();
-                    let begin = v1::BeginRequest { branches, ..Default::default() };
+                    let begin = v1::BeginRequest { branches, protocol: protocol as i32, ..Default::default() };
                     let begun = match api {
                         Api::Pipeline => p.begin(begin).await,
                         Api::Unary => c.begin(begin).await.map(tonic::Response::into_inner),

@@ -317,3 +317,28 @@ fn a_checkpoint_keeps_the_precommit_decision_and_a_commit_record_replaces_it() {
     assert_eq!(start.iter().filter(|c| matches!(c, Command::Commit { .. })).count(), 2, "{start:?}");
     assert_eq!(r.get(g).unwrap().protocol, Protocol::ThreePhase);
 }
+
+/// A cluster instance that takes a shard over runs the termination protocol for the shard's
+/// pre-committed transactions, asking at the shard's new lease epoch (so every branch refuses
+/// the former owner's PreCommit from then on), and the commit it writes carries that epoch.
+#[test]
+fn a_takeover_runs_the_termination_protocol_at_the_new_epoch() {
+    let cfg = EngineConfig { shard_count: 4, ..EngineConfig::default() };
+    let mut h = harness(cfg);
+    let g = gtid(2); // shard 2 of 4
+    let votes = vec![(db1(), meta("m1"), T0 + 1), (db2(), Bytes::new(), T0 + 1)];
+    let records = vec![LogRecord::PreCommit(record(g, T0 + 1, 6, votes.clone()))];
+    let out = h.ev(Event::AdoptShard { shard: g.shard(4), epoch: 7, forgotten_through_ms: 0, records });
+    assert_eq!(
+        out,
+        vec![
+            Command::QueryState { gtid: g, branch: db1(), epoch: 7 },
+            Command::QueryState { gtid: g, branch: db2(), epoch: 7 },
+        ]
+    );
+    let out = state(&mut h, g, db2(), ParticipantState::Committed);
+    assert_eq!(
+        out,
+        vec![Command::Append { record: LogRecord::Commit(record(g, T0, 7, votes)), sync: Some(SyncToken::Commit(g)) }]
+    );
+}

@@ -3,6 +3,11 @@
 //! `fail::fail_point!(name)` of that name. A real kill -9, at an exact place in the code: from
 //! that hit on, no thread gets past the point.
 //!
+//! `PLEDGE_PAUSE_AT=name=ms[,name=ms...]` makes the first pass through the named point stop the
+//! thread there for `ms` milliseconds, after printing `pause point <name> reached` to stderr (a
+//! test waits for that line, then changes the world, e.g. cuts a link, before the process goes
+//! on).
+//!
 //! `PLEDGE_FAIL_AT=name[,name...]` makes every pass through the named point take the point's
 //! error path instead (a fault the real resource cannot be made to produce on demand, e.g. a
 //! producer whose commit keeps failing). Only points written with an error path honour it.
@@ -12,8 +17,28 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Reads `PLEDGE_FAIL_AT` and `PLEDGE_CRASH_AT` and arms the named points. Exits with status 2 on a malformed value.
+/// Reads `PLEDGE_FAIL_AT`, `PLEDGE_PAUSE_AT` and `PLEDGE_CRASH_AT` and arms the named points.
+/// Exits with status 2 on a malformed value.
 pub fn install() {
+    if let Ok(spec) = std::env::var("PLEDGE_PAUSE_AT") {
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let Some((name, ms)) = item.split_once('=').and_then(|(n, ms)| Some((n.to_string(), ms.parse().ok()?)))
+            else {
+                fail_setup(&format!("PLEDGE_PAUSE_AT: {item:?}: expected name=MILLISECONDS"));
+            };
+            let once = std::sync::atomic::AtomicBool::new(false);
+            let point = name.clone();
+            let armed = fail::cfg_callback(&name, move || {
+                if !once.swap(true, Ordering::SeqCst) {
+                    eprintln!("pause point {point} reached: pausing {ms} ms");
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
+            });
+            if let Err(e) = armed {
+                fail_setup(&format!("PLEDGE_PAUSE_AT: {name}: {e}"));
+            }
+        }
+    }
     if let Ok(spec) = std::env::var("PLEDGE_FAIL_AT") {
         for name in spec.split(',').filter(|s| !s.is_empty()) {
             if let Err(e) = fail::cfg(name, "return") {
