@@ -170,7 +170,7 @@ impl ServeArgs {
             config.participant_rpc_timeout_ms = v;
         }
         if let Some(v) = self.precommit_wait_ms {
-            config.precommit_wait_ms = v;
+            config.precommit_wait_ms = Some(v);
         }
         if let Some(v) = self.docommit_wait_ms {
             config.docommit_wait_ms = v;

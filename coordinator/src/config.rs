@@ -17,6 +17,9 @@ pub use crate::limits::{MAX_BATCH_LIMIT, MAX_BRANCHES_LIMIT};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7600";
 /// `store` value of the embedded decision log.
 pub const LOCAL_STORE: &str = "local";
+/// What a derived `precommit_wait_ms` adds to the prepare round and the PreCommit call: the
+/// forced pre-commit write, and room for a coordinator that is slow, not dead.
+pub const PRECOMMIT_WAIT_MARGIN_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -71,8 +74,9 @@ pub struct Config {
     pub prepare_timeout_ms: u64,
     /// Three-phase commit: how long a branch that voted yes waits for PreCommit before it
     /// aborts itself. At least prepare_timeout_ms + participant_rpc_timeout_ms (the votes, then
-    /// the PreCommit call), plus the forced write between them.
-    pub precommit_wait_ms: u64,
+    /// the PreCommit call), plus the forced write between them. Not set: that sum plus
+    /// [`PRECOMMIT_WAIT_MARGIN_MS`] (see [`Config::precommit_wait_ms`]).
+    pub precommit_wait_ms: Option<u64>,
     /// Three-phase commit: how long a pre-committed branch waits for the commit before it
     /// commits itself; also how long the coordinator waits for PreCommit acknowledgements.
     pub docommit_wait_ms: u64,
@@ -133,7 +137,7 @@ impl Default for Config {
             default_txn_timeout_ms: engine.default_txn_timeout_ms,
             max_txn_timeout_ms: engine.max_txn_timeout_ms,
             prepare_timeout_ms: engine.prepare_timeout_ms,
-            precommit_wait_ms: engine.precommit_wait_ms,
+            precommit_wait_ms: None,
             docommit_wait_ms: engine.docommit_wait_ms,
             participant_rpc_timeout_ms: 5_000,
             retry_initial_backoff_ms: engine.retry_initial_backoff_ms,
@@ -181,6 +185,16 @@ impl Config {
         Ok(())
     }
 
+    /// Three-phase commit's wait for PreCommit: as configured, or derived from the prepare and
+    /// participant call timeouts (so raising those never makes a configuration invalid).
+    pub fn precommit_wait_ms(&self) -> u64 {
+        self.precommit_wait_ms.unwrap_or_else(|| {
+            self.prepare_timeout_ms
+                .saturating_add(self.participant_rpc_timeout_ms)
+                .saturating_add(PRECOMMIT_WAIT_MARGIN_MS)
+        })
+    }
+
     pub fn is_local_store(&self) -> bool {
         self.store == LOCAL_STORE
     }
@@ -202,7 +216,7 @@ impl Config {
             rng_seed: fastrand::u64(..),
             epoch,
             shard_count: 0,
-            precommit_wait_ms: self.precommit_wait_ms,
+            precommit_wait_ms: self.precommit_wait_ms(),
             docommit_wait_ms: self.docommit_wait_ms,
         }
     }

@@ -38,8 +38,20 @@ pub fn of(c: &Config) -> Vec<Limit> {
         limit("default_txn_timeout_ms", c.default_txn_timeout_ms, 1, 7 * DAY_MS, "at most max_txn_timeout_ms"),
         limit("max_txn_timeout_ms", c.max_txn_timeout_ms, 1, 7 * DAY_MS, "a transaction holds locks at its resources"),
         limit("prepare_timeout_ms", c.prepare_timeout_ms, 1, HOUR_MS, "prepared branches hold locks"),
-        limit("precommit_wait_ms", c.precommit_wait_ms, 1, HOUR_MS, "a prepared branch holds locks"),
-        limit("docommit_wait_ms", c.docommit_wait_ms, 1, HOUR_MS, "a pre-committed branch holds locks"),
+        limit(
+            "precommit_wait_ms",
+            c.precommit_wait_ms(),
+            1,
+            HOUR_MS,
+            "a prepared branch holds locks; participants take at most 1 h",
+        ),
+        limit(
+            "docommit_wait_ms",
+            c.docommit_wait_ms,
+            1,
+            HOUR_MS,
+            "a pre-committed branch holds locks; participants take at most 1 h",
+        ),
         limit("participant_rpc_timeout_ms", c.participant_rpc_timeout_ms, 1, HOUR_MS, "one call to a participant"),
         limit("retry_initial_backoff_ms", c.retry_initial_backoff_ms, 1, HOUR_MS, "at most retry_max_backoff_ms"),
         limit("retry_max_backoff_ms", c.retry_max_backoff_ms, 1, HOUR_MS, "phase 2 is retried until acknowledged"),
@@ -116,7 +128,7 @@ pub fn check(c: &Config) -> Result<(), String> {
             "prepare_timeout_ms + participant_rpc_timeout_ms",
             c.prepare_timeout_ms + c.participant_rpc_timeout_ms,
             "precommit_wait_ms",
-            c.precommit_wait_ms,
+            c.precommit_wait_ms(),
         ),
     ];
     for (key, value, bound_key, bound) in relations {
@@ -148,12 +160,27 @@ mod tests {
         assert_eq!(check(&c).unwrap_err(), "default_txn_timeout_ms = 10 exceeds max_txn_timeout_ms = 5");
     }
 
+    /// Three-phase commit's wait for PreCommit must outlast the prepare round and the PreCommit
+    /// call. Unset, it follows them, so raising the prepare timeout never invalidates a
+    /// configuration that does not use three-phase settings; set, it is checked.
+    #[test]
+    fn the_precommit_wait_follows_the_prepare_round_unless_set() {
+        let c = Config { prepare_timeout_ms: 60_000, ..Config::default() };
+        check(&c).unwrap();
+        assert_eq!(c.precommit_wait_ms(), 60_000 + 5_000 + crate::config::PRECOMMIT_WAIT_MARGIN_MS);
+        let c = Config { prepare_timeout_ms: 60_000, precommit_wait_ms: Some(20_000), ..Config::default() };
+        assert_eq!(
+            check(&c).unwrap_err(),
+            "prepare_timeout_ms + participant_rpc_timeout_ms = 65000 exceeds precommit_wait_ms = 20000"
+        );
+    }
+
     fn set(c: &mut Config, key: &str, v: u64) {
         match key {
             "default_txn_timeout_ms" => c.default_txn_timeout_ms = v,
             "max_txn_timeout_ms" => c.max_txn_timeout_ms = v,
             "prepare_timeout_ms" => c.prepare_timeout_ms = v,
-            "precommit_wait_ms" => c.precommit_wait_ms = v,
+            "precommit_wait_ms" => c.precommit_wait_ms = Some(v),
             "docommit_wait_ms" => c.docommit_wait_ms = v,
             "participant_rpc_timeout_ms" => c.participant_rpc_timeout_ms = v,
             "retry_initial_backoff_ms" => c.retry_initial_backoff_ms = v,

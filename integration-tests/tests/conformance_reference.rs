@@ -48,6 +48,9 @@ async fn reference_participant_conforms() {
     let report = pledge_conformance::run(&mut Reference { dir, process }, &Options::default()).await;
     assert!(report.ok(), "{report}");
     assert!(report.skipped.is_empty(), "{report}");
+    // Three-phase commit is offered and checked, self-deadlines included.
+    assert!(report.passed.contains(&"a_pre_committed_branch_commits_itself_at_its_do_commit_deadline"), "{report}");
+    assert!(report.passed.contains(&"three_phase_deadlines_and_epochs_survive_a_restart"), "{report}");
 }
 
 /// The binary, as someone with a participant of their own runs it: given the endpoint and a
@@ -77,5 +80,6 @@ async fn the_conformance_binary_checks_a_participant_it_restarts_itself() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("ok       answers_survive_a_restart"), "{stdout}");
+    assert!(stdout.contains("ok       three_phase_deadlines_and_epochs_survive_a_restart"), "{stdout}");
     assert!(stdout.contains("0 failed, 0 skipped"), "{stdout}");
 }

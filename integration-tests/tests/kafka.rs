@@ -348,6 +348,14 @@ async fn kafka_adapter_conforms() {
     let mut adapter = Adapter { dir, process, prefix, topic: unique("conformance") };
     let report = pledge_conformance::run(&mut adapter, &Options::default()).await;
     assert!(report.ok() && report.skipped.is_empty(), "{report}");
+    // Three-phase commit is offered and checked: PreCommit, QueryState, both self-deadlines.
+    for check in [
+        "a_yes_vote_with_no_pre_commit_aborts_itself_at_its_wait_deadline",
+        "a_pre_committed_branch_commits_itself_at_its_do_commit_deadline",
+        "three_phase_deadlines_and_epochs_survive_a_restart",
+    ] {
+        assert!(report.passed.contains(&check), "{check} did not run: {report}");
+    }
 }
 
 /// The adapter caches one consumer handle per consumer group, at most 64: a 65th group is

@@ -459,6 +459,14 @@ async fn conformance_run(test: &str, args: Vec<&'static str>) {
     let process = dir.postgres_adapter("pg", 0, &[("db_a", pg_url('a'))], &args, &[]).await;
     let report = pledge_conformance::run(&mut Adapter { dir, process, table, args }, &Options::default()).await;
     assert!(report.ok() && report.skipped.is_empty(), "{report}");
+    // Three-phase commit is offered and checked: PreCommit, QueryState, both self-deadlines.
+    for check in [
+        "a_yes_vote_with_no_pre_commit_aborts_itself_at_its_wait_deadline",
+        "a_pre_committed_branch_commits_itself_at_its_do_commit_deadline",
+        "three_phase_deadlines_and_epochs_survive_a_restart",
+    ] {
+        assert!(report.passed.contains(&check), "{check} did not run: {report}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

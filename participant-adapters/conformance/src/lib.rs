@@ -10,6 +10,13 @@
 //! and Abort alternate between unary calls and the pipeline stream, so every check covers both
 //! and a repeated call crosses from one to the other.
 //!
+//! Three-phase commit ([`three_phase`]): a participant that answers the capability probe (a
+//! QueryState naming no branches) is checked for PreCommit (idempotent, refused from a stale
+//! epoch, UNKNOWN for a branch it never saw), QueryState (every state), both self-deadlines
+//! (with waits of [`Options::self_deadline_wait`]) and, given a restart, that its deadlines
+//! and epochs survive a kill -9. One that answers UNIMPLEMENTED must vote no to a three-phase
+//! Prepare; the other three-phase checks are then skipped.
+//!
 //! Use it as a library (implement [`Target`] and call [`run`]) or as the `pledge-conformance`
 //! binary, which drives the in-tree adapters' work APIs or any participant through shell
 //! commands.
@@ -19,7 +26,7 @@ pub mod drivers;
 use std::time::Duration;
 
 use pledge_proto::Gtid;
-use pledge_proto::pipeline::ParticipantPipeline;
+use pledge_proto::pipeline::{ParticipantPipeline, Pipeline};
 use pledge_proto::v1::participant_client::ParticipantClient;
 use pledge_proto::v1::{self, BranchOutcome, Vote};
 use tonic::transport::Channel;
@@ -53,6 +60,9 @@ pub struct Options {
     /// How long committed work may take to become visible (a Kafka read_committed reader sees a
     /// transaction once the broker has written its markers, after it answered the commit).
     pub visibility_timeout: Duration,
+    /// The wait and do-commit timeouts of the three-phase self-deadline checks (long enough
+    /// for a Prepare to finish within it).
+    pub self_deadline_wait: Duration,
 }
 
 impl Default for Options {
@@ -61,6 +71,7 @@ impl Default for Options {
             coordinator_id: "conformance".into(),
             call_timeout: Duration::from_secs(30),
             visibility_timeout: Duration::from_secs(30),
+            self_deadline_wait: Duration::from_millis(800),
         }
     }
 }
@@ -115,10 +126,13 @@ macro_rules! ensure_eq {
     }};
 }
 
+// After the macros, which it uses.
+pub mod three_phase;
+
 /// Runs every check against `target`, one after the other, and reports each.
 pub async fn run<T: Target>(target: &mut T, options: &Options) -> Report {
     let mut report = Report::default();
-    let (client, pipeline) = match connect(&target.endpoint()).await {
+    let (client, pipeline, calls) = match connect(&target.endpoint()).await {
         Ok(c) => c,
         Err(e) => {
             report.failed.push(("connect", e));
@@ -126,7 +140,7 @@ pub async fn run<T: Target>(target: &mut T, options: &Options) -> Report {
         }
     };
     let restartable = target.can_restart();
-    let mut suite = Suite { target, options: options.clone(), client, pipeline, calls: 0, n: 0 };
+    let mut suite = Suite { target, options: options.clone(), client, pipeline, any_call: calls, calls: 0, n: 0 };
     macro_rules! checks {
         ($($name:ident),* ; restart: $($restart:ident),*) => {
             $(
@@ -164,6 +178,41 @@ pub async fn run<T: Target>(target: &mut T, options: &Options) -> Report {
         answers_survive_a_restart,
         work_lost_in_a_restart_is_never_prepared
     );
+    // Three-phase commit: checked if offered (or its refusal checked if not).
+    let offered = match suite.three_phase_is_offered_or_refused_cleanly().await {
+        Ok(offered) => {
+            report.passed.push("three_phase_is_offered_or_refused_cleanly");
+            offered
+        }
+        Err(e) => {
+            report.failed.push(("three_phase_is_offered_or_refused_cleanly", e));
+            false
+        }
+    };
+    if offered {
+        checks!(
+            query_state_tells_every_state,
+            pre_commit_is_idempotent_and_commit_finishes_it,
+            pre_commit_never_creates_a_branch_nor_pre_commits_a_two_phase_one,
+            pre_commit_from_an_epoch_lower_than_one_answered_is_refused,
+            a_yes_vote_with_no_pre_commit_aborts_itself_at_its_wait_deadline,
+            a_pre_committed_branch_commits_itself_at_its_do_commit_deadline;
+            restart:
+            three_phase_deadlines_and_epochs_survive_a_restart
+        );
+    } else {
+        for name in [
+            "query_state_tells_every_state",
+            "pre_commit_is_idempotent_and_commit_finishes_it",
+            "pre_commit_never_creates_a_branch_nor_pre_commits_a_two_phase_one",
+            "pre_commit_from_an_epoch_lower_than_one_answered_is_refused",
+            "a_yes_vote_with_no_pre_commit_aborts_itself_at_its_wait_deadline",
+            "a_pre_committed_branch_commits_itself_at_its_do_commit_deadline",
+            "three_phase_deadlines_and_epochs_survive_a_restart",
+        ] {
+            report.skipped.push((name, "the participant does not offer three-phase commit".into()));
+        }
+    }
     report
 }
 
@@ -172,18 +221,28 @@ struct Suite<'a, T: Target> {
     options: Options,
     client: ParticipantClient<Channel>,
     pipeline: ParticipantPipeline,
+    /// The same pipeline stream's client for any call (PreCommit and QueryState).
+    any_call: Pipeline<v1::ParticipantCall, v1::ParticipantReply>,
     /// Calls made so far: odd ones go over the pipeline.
     calls: u32,
     n: u32,
 }
 
-async fn connect(endpoint: &str) -> Result<(ParticipantClient<Channel>, ParticipantPipeline), String> {
+type Clients = (ParticipantClient<Channel>, ParticipantPipeline, Pipeline<v1::ParticipantCall, v1::ParticipantReply>);
+
+async fn connect(endpoint: &str) -> Result<Clients, String> {
     let channel = pledge_proto::transport::Target::parse(endpoint)
         .map_err(|e| format!("participant endpoint {endpoint:?}: {e}"))?
         .connect()
         .await
         .map_err(|e| format!("connecting to the participant at {endpoint}: {e}"))?;
-    Ok((ParticipantClient::new(channel.clone()), ParticipantPipeline::new(channel, 8 << 20)))
+    let client = ParticipantClient::new(channel.clone());
+    let any = client.clone().max_decoding_message_size(8 << 20);
+    let any_call = Pipeline::new(move |calls| {
+        let mut client = any.clone();
+        async move { client.pipeline(calls).await }
+    });
+    Ok((client, ParticipantPipeline::new(channel, 8 << 20), any_call))
 }
 
 struct Branch {
@@ -224,7 +283,7 @@ impl<T: Target> Suite<'_, T> {
 
     async fn restart(&mut self) -> Check {
         self.target.restart().await.map_err(|e| format!("restarting the participant: {e}"))?;
-        (self.client, self.pipeline) = connect(&self.target.endpoint()).await?;
+        (self.client, self.pipeline, self.any_call) = connect(&self.target.endpoint()).await?;
         Ok(())
     }
 

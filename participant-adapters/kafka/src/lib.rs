@@ -14,11 +14,17 @@
 //! The participant contract (durable answers, unknown branches voting no, work lost in a
 //! restart refused, one-phase commits resolved after a crash, outcomes never presumed) is
 //! kept by `pledge_sdk::journaled`, with the branch journal in the adapter's data directory.
+//! So is three-phase commit (docs/three-phase.md): a branch pre-committed and not told to
+//! commit ends its transaction with a commit at its own do-commit deadline (on its producer,
+//! or EndTxn after a restart), and one that voted yes and heard no PreCommit aborts it at its
+//! wait deadline. A pre-committed branch keeps its producer (and transactional id) out of use
+//! until then, like a prepared one.
 //!
 //! **Timeouts.** The broker aborts a transaction open longer than `transaction.timeout.ms`
 //! (configurable here, capped by the broker's `transaction.max.timeout.ms`, 15 min by
 //! default). A prepared branch that outlives it is lost: its commit then reports a heuristic
-//! rollback, never success.
+//! rollback, never success. The same holds for a three-phase branch whose wait and do-commit
+//! timeouts together outlast it: its self-commit records a heuristic rollback.
 //!
 //! **Exactly-once.** A Produce may carry a request id: a retry in the same branch gets the first
 //! call's positions without sending again, and an id taken by a committed (or undecided) branch
@@ -159,7 +165,12 @@ impl KafkaParticipant {
         let (journal, log) = Journal::open(config.journal.clone()).await?;
         let mut quarantined = HashMap::new();
         for (xid, state) in journal.in_flight_branches().await {
-            let (State::Prepared { metadata, .. } | State::Committing { metadata, .. }) = state else { continue };
+            let (State::Prepared { metadata, .. }
+            | State::PreCommitted { metadata, .. }
+            | State::Committing { metadata, .. }) = state
+            else {
+                continue;
+            };
             match TxnRef::from_metadata(&metadata) {
                 Some(txn) => drop(quarantined.insert(xid, txn.transactional_id)),
                 None => anyhow::bail!("branch {xid} in the journal has metadata that does not parse: {metadata:?}"),

@@ -10,6 +10,10 @@
 //! restart refused, one-phase commits resolved after a crash, heuristic outcomes never
 //! presumed) is kept by `pledge_sdk::journaled` around [`resource::Databases`], with the branch
 //! journal in the adapter's data directory; [`resource`] says what happens in PostgreSQL.
+//! Three-phase commit comes with it (docs/three-phase.md): the yes vote is the same PREPARE
+//! TRANSACTION; a pre-committed branch runs COMMIT PREPARED at DoCommit or at its own do-commit
+//! deadline, and one that heard no PreCommit runs ROLLBACK PREPARED at its wait deadline (both
+//! retried until PostgreSQL answers, also after a restart of the adapter).
 //!
 //! Use it as a library (open a branch with [`PostgresParticipant::branch`], run your own sqlx
 //! statements on [`BranchGuard::conn`], and serve [`PostgresParticipant::participant`] with

@@ -45,6 +45,41 @@
 //!   only its own listing.
 //! * Transient trouble (database unreachable, lock timeout) is an [`Error`]; the coordinator
 //!   retries phase 2 until it gets an answer.
+//!
+//! # Three-phase commit (optional)
+//! A participant opts in by returning its [`ThreePhase`] from [`Participant::three_phase`]
+//! ([`journaled::Journaled`] and [`reference`] do); one that does not answers PreCommit and
+//! QueryState with UNIMPLEMENTED and votes no to a three-phase Prepare (never a two-phase yes
+//! in its place). docs/three-phase.md is the design; an implementation keeps these rules:
+//!
+//! * **CanCommit** (a Prepare with `precommit_wait_ms`): a yes vote is recorded as PREPARED
+//!   with its *wait deadline* (the participant's wall-clock now + `precommit_wait_ms`), synced
+//!   before the vote. With no PreCommit (nor Commit) by then, the branch rolls itself back and
+//!   is recorded aborted ("no PreCommit within N ms").
+//! * **PreCommit** moves such a branch to PRECOMMITTED with its *do-commit deadline* (now +
+//!   `docommit_wait_ms`), synced before the answer; at that deadline it commits itself.
+//!   Repeated, it answers the same (the deadline is not extended); a branch that committed
+//!   answers COMMITTED, one that aborted (its wait deadline passed first) ABORTED with the
+//!   reason, one with no record UNKNOWN (it is never created). A branch prepared under
+//!   two-phase commit, or not prepared at all, is refused ([`ThreePhaseError::NotThreePhase`]:
+//!   the call fails with FAILED_PRECONDITION).
+//! * **Epochs**: a participant records, per three-phase branch, the highest epoch it has
+//!   answered a PreCommit or QueryState of, before answering, and refuses a PreCommit from a
+//!   lower epoch ([`ThreePhaseError::StaleEpoch`], FAILED_PRECONDITION): a paused former
+//!   coordinator cannot pre-commit a branch its successor is terminating. A PreCommit naming
+//!   several branches is handled per branch: one refused fails the call (the first refusal in
+//!   request order is its status), and the others are still handled as asked.
+//! * **QueryState** answers each branch's [`BranchState`] and deadline from the record as it
+//!   stands (a deadline in the past: the branch is acting on it right now). A QueryState
+//!   naming no branches is the capability probe.
+//! * **Deadlines survive restarts**: at start, past ones are acted on at once, later ones
+//!   armed. A self-commit or self-abort that fails at the resource is retried (capped backoff)
+//!   until it succeeds. Any request that would change a branch whose deadline has passed acts
+//!   on the deadline first, so no answer depends on how late a timer ran.
+//! * **Commit** (DoCommit) of a PREPARED or PRECOMMITTED branch commits it. **Abort** of a
+//!   PREPARED one rolls it back; of a PRECOMMITTED one commits it (its only way forward) and
+//!   answers COMMITTED, which the coordinator records as a heuristic commit.
+//! * **Recover** lists three-phase PREPARED and PRECOMMITTED branches like two-phase ones.
 
 pub mod journal;
 pub mod journaled;
@@ -142,6 +177,97 @@ impl Error {
     }
 }
 
+/// Longest `precommit_wait_ms` a three-phase Prepare may ask for (longer: INVALID_ARGUMENT).
+pub const MAX_PRECOMMIT_WAIT_MS: u64 = 3_600_000;
+/// Longest `docommit_wait_ms` a PreCommit may ask for (longer, or 0: INVALID_ARGUMENT).
+pub const MAX_DOCOMMIT_WAIT_MS: u64 = 3_600_000;
+
+/// Where a branch is at its participant (three-phase commit's QueryState and PreCommit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BranchState {
+    /// No record: never seen here, or forgotten after its retention (the reason says which).
+    Unknown,
+    /// Taking work, not prepared.
+    Active,
+    /// Voted yes; in three-phase commit, waiting for PreCommit until its wait deadline.
+    Prepared,
+    /// Pre-committed: commits itself at its do-commit deadline unless Commit comes first.
+    PreCommitted,
+    /// Committed (or voted read-only: nothing to commit).
+    Committed,
+    Aborted,
+}
+
+/// A branch's state and deadline: the answer to PreCommit and QueryState.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BranchStatus {
+    pub state: BranchState,
+    /// [`BranchState::Prepared`] under three-phase commit: its wait deadline;
+    /// [`BranchState::PreCommitted`]: its do-commit deadline. Unix ms on this participant's
+    /// clock; 0 when the state has none.
+    pub deadline_unix_ms: u64,
+    pub reason: String,
+}
+
+impl BranchStatus {
+    pub fn new(state: BranchState, deadline_unix_ms: u64, reason: impl Into<String>) -> Self {
+        BranchStatus { state, deadline_unix_ms, reason: reason.into() }
+    }
+}
+
+/// Why a three-phase call about one branch was not answered with a state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ThreePhaseError {
+    /// A coordinator of a later epoch has been answered about this branch (FAILED_PRECONDITION).
+    #[error("a PreCommit at epoch {asked} is stale: epoch {answered} has been answered for this branch")]
+    StaleEpoch { asked: u64, answered: u64 },
+    /// PreCommit of a branch that did not vote yes in a three-phase Prepare: prepared under
+    /// two-phase commit, or not prepared at all (FAILED_PRECONDITION).
+    #[error("the branch is {state}: only a branch that voted yes in a three-phase Prepare can be pre-committed")]
+    NotThreePhase { state: &'static str },
+    /// Transient trouble (the journal, the resource): nothing changed; ask again (UNAVAILABLE).
+    #[error("{0}")]
+    Failed(Error),
+}
+
+impl From<Error> for ThreePhaseError {
+    fn from(e: Error) -> Self {
+        ThreePhaseError::Failed(e)
+    }
+}
+
+/// Three-phase commit, for a participant that keeps the rules in the crate docs. Offered by
+/// [`Participant::three_phase`]. The server validates every request before calling it
+/// (`precommit_wait_ms` in 1..=[`MAX_PRECOMMIT_WAIT_MS`], `docommit_wait_ms` in
+/// 1..=[`MAX_DOCOMMIT_WAIT_MS`], a PreCommit's `epoch` above 0; a QueryState at epoch 0 asks
+/// as an observer and records nothing).
+#[tonic::async_trait]
+pub trait ThreePhase: Send + Sync {
+    /// CanCommit: [`Participant::prepare`] whose yes vote waits at most `precommit_wait_ms`
+    /// for PreCommit (the wait deadline is recorded with the vote), then aborts itself.
+    async fn can_commit(
+        &self,
+        coordinator_id: &str,
+        xid: &Xid,
+        may_be_empty: bool,
+        precommit_wait_ms: u64,
+    ) -> Result<Vote, Error>;
+
+    /// PreCommit of one branch from a coordinator at `epoch`; the state it is in afterwards.
+    async fn pre_commit(
+        &self,
+        coordinator_id: &str,
+        epoch: u64,
+        xid: &Xid,
+        metadata: &[u8],
+        docommit_wait_ms: u64,
+    ) -> Result<BranchStatus, ThreePhaseError>;
+
+    /// The state of one branch, for a coordinator at `epoch` (recorded first, for a
+    /// three-phase branch that is still undecided, when it is higher than the one recorded).
+    async fn query_state(&self, coordinator_id: &str, epoch: u64, xid: &Xid) -> Result<BranchStatus, ThreePhaseError>;
+}
+
 /// One resource's side of the participant protocol. See the crate docs for the contract.
 #[tonic::async_trait]
 pub trait Participant: Send + Sync + 'static {
@@ -161,8 +287,15 @@ pub trait Participant: Send + Sync + 'static {
     /// late Prepare is refused).
     async fn abort(&self, coordinator_id: &str, xid: &Xid, metadata: &[u8]) -> Result<Outcome, Error>;
 
-    /// A page of the branches prepared for `coordinator_id` and not yet committed or aborted.
+    /// A page of the branches prepared (or pre-committed) for `coordinator_id` and not yet
+    /// committed or aborted.
     async fn recover(&self, coordinator_id: &str, query: &RecoverQuery) -> Result<RecoverPage, Error>;
+
+    /// Three-phase commit, if this participant keeps it (see the crate docs). `None` (the
+    /// default): PreCommit and QueryState answer UNIMPLEMENTED, a three-phase Prepare votes no.
+    fn three_phase(&self) -> Option<&dyn ThreePhase> {
+        None
+    }
 }
 
 /// Why work in a branch (a participant's own work API: run SQL, produce records) was refused

@@ -15,7 +15,10 @@ use tonic::service::RoutesBuilder;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{CommitKind, Outcome, Participant, RecoverQuery, Vote};
+use crate::{
+    BranchState, BranchStatus, CommitKind, MAX_DOCOMMIT_WAIT_MS, MAX_PRECOMMIT_WAIT_MS, Outcome, Participant,
+    RecoverQuery, ThreePhaseError, Vote,
+};
 
 /// Most branches accepted in one call (the coordinator sends at most 512 by default).
 pub const MAX_BRANCHES_PER_CALL: usize = 4096;
@@ -29,7 +32,7 @@ pub const MAX_RECOVER_PAGE: usize = 500;
 pub const MAX_PIPELINE_CALLS_IN_FLIGHT: usize = 256;
 
 /// Why PreCommit and QueryState answer UNIMPLEMENTED, and a three-phase Prepare votes no: the
-/// SDK does not keep three-phase self-deadlines yet (docs/three-phase.md, issue 14).
+/// participant does not offer [`crate::ThreePhase`] (see [`Participant::three_phase`]).
 const NO_THREE_PHASE: &str = "this participant does not support three-phase commit";
 
 /// gRPC health checking, server reflection and the Participant service for `participant`.
@@ -171,6 +174,72 @@ fn xids<'a>(items: impl Iterator<Item = Option<&'a v1::BranchXid>>) -> Result<Ve
     Ok(out)
 }
 
+/// A three-phase call's epoch: 0 is not one (the coordinator's epochs start at 1).
+fn epoch(value: u64) -> Result<u64, Status> {
+    match value {
+        0 => Err(Status::invalid_argument("epoch: is required (a coordinator's epochs start at 1)")),
+        epoch => Ok(epoch),
+    }
+}
+
+/// A branch's state on the wire, naming its branch (`xid`, as the request did).
+fn state_result(xid: Option<v1::BranchXid>, status: BranchStatus) -> v1::BranchStateResult {
+    use v1::BranchState as S;
+    let state = match status.state {
+        BranchState::Unknown => S::Unknown,
+        BranchState::Active => S::Active,
+        BranchState::Prepared => S::Prepared,
+        BranchState::PreCommitted => S::Precommitted,
+        BranchState::Committed => S::Committed,
+        BranchState::Aborted => S::Aborted,
+    };
+    v1::BranchStateResult {
+        xid,
+        state: state as i32,
+        deadline_unix_ms: status.deadline_unix_ms,
+        reason: bounded_reason(status.reason),
+    }
+}
+
+/// The one place where a three-phase refusal or failure becomes the call's status.
+fn three_phase_status(i: usize, xid: &Xid, e: &ThreePhaseError) -> Status {
+    let message = format!("branches[{i}] ({xid}): {e}");
+    match e {
+        ThreePhaseError::StaleEpoch { .. } | ThreePhaseError::NotThreePhase { .. } => {
+            Status::failed_precondition(message)
+        }
+        ThreePhaseError::Failed(_) => Status::unavailable(message),
+    }
+}
+
+/// The results of a PreCommit or QueryState in request order; if a branch was refused, the
+/// call fails with the first refusal (FAILED_PRECONDITION), else with the first failure
+/// (UNAVAILABLE: the caller asks again; every branch's answer is idempotent).
+fn state_results(
+    xids: &[Xid],
+    wire: Vec<Option<v1::BranchXid>>,
+    results: Vec<Result<BranchStatus, ThreePhaseError>>,
+) -> Result<Vec<v1::BranchStateResult>, Status> {
+    let refused = |e: &&ThreePhaseError| !matches!(e, ThreePhaseError::Failed(_));
+    let errors = || results.iter().enumerate().filter_map(|(i, r)| r.as_ref().err().map(|e| (i, e)));
+    if let Some((i, e)) = errors().find(|(_, e)| refused(e)).or_else(|| errors().next()) {
+        return Err(three_phase_status(i, &xids[i], e));
+    }
+    Ok(wire.into_iter().zip(results).map(|(xid, r)| state_result(xid, r.expect("no errors"))).collect())
+}
+
+/// Logs (where it is handled) and counts one branch's three-phase answer.
+fn three_phase_answered(operation: &'static str, xid: &Xid, result: &Result<BranchStatus, ThreePhaseError>) {
+    match result {
+        Ok(status) => tracing::debug!(operation, %xid, ?status, "answered"),
+        Err(e @ ThreePhaseError::Failed(_)) => {
+            tracing::warn!(operation, %xid, error = %e, "failed; the coordinator asks again")
+        }
+        Err(e) => tracing::warn!(operation, %xid, error = %e, "refused"),
+    }
+    crate::metrics::three_phase(operation, result);
+}
+
 /// A branch's phase-2 result on the wire, naming its branch (`xid`, as the request did);
 /// `operation` (commit, one_phase_commit, abort) names it in the log and the metrics. Runs in
 /// the branch's span. A failure (the coordinator retries) and a heuristic outcome are logged
@@ -206,6 +275,14 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
             let r = request.into_inner();
             coordinator_id(&r.coordinator_id)?;
             let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
+            if let Some((i, b)) =
+                r.branches.iter().enumerate().find(|(_, b)| b.precommit_wait_ms > MAX_PRECOMMIT_WAIT_MS)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "branches[{i}].precommit_wait_ms: {} ms exceeds the limit of {MAX_PRECOMMIT_WAIT_MS} ms",
+                    b.precommit_wait_ms
+                )));
+            }
             let span = tracing::debug_span!("prepare", coordinator = r.coordinator_id, branches = xids.len());
             let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
             let votes = detached(
@@ -213,17 +290,20 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
                     let (p, coordinator) = (&p, &coordinator);
                     join_all(xids.iter().zip(&branches).map(|(xid, b)| {
                         async move {
-                            // A three-phase vote promises a self-deadline this participant
-                            // does not keep: no (never a two-phase yes in its place).
-                            let vote = match b.precommit_wait_ms {
-                                0 => p.prepare(coordinator, xid, b.may_be_empty).await,
-                                _ => Ok(Vote::Aborted { reason: NO_THREE_PHASE.into() }),
+                            let (operation, vote) = match (b.precommit_wait_ms, p.three_phase()) {
+                                (0, _) => ("prepare", p.prepare(coordinator, xid, b.may_be_empty).await),
+                                (wait, Some(three)) => {
+                                    ("can_commit", three.can_commit(coordinator, xid, b.may_be_empty, wait).await)
+                                }
+                                // A three-phase vote promises a self-deadline this participant
+                                // does not keep: no (never a two-phase yes in its place).
+                                (_, None) => ("can_commit", Ok(Vote::Aborted { reason: NO_THREE_PHASE.into() })),
                             };
                             match &vote {
-                                Err(e) => tracing::warn!(%xid, error = %e, "prepare failed; voting no"),
-                                _ => tracing::debug!(%xid, ?vote, "prepared"),
+                                Err(e) => tracing::warn!(%xid, operation, error = %e, "prepare failed; voting no"),
+                                _ => tracing::debug!(%xid, operation, ?vote, "prepared"),
                             }
-                            crate::metrics::prepared(&vote);
+                            crate::metrics::prepared(operation, &vote);
                             prepare_result(b.xid.clone(), vote)
                         }
                         .instrument(tracing::debug_span!("branch", %xid))
@@ -326,16 +406,88 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
 
     async fn pre_commit(
         &self,
-        _request: Request<v1::PreCommitRequest>,
+        request: Request<v1::PreCommitRequest>,
     ) -> Result<Response<v1::PreCommitResponse>, Status> {
-        observe("PreCommit", async { Err(Status::unimplemented(NO_THREE_PHASE)) }).await
+        observe("PreCommit", async {
+            if self.participant.three_phase().is_none() {
+                return Err(Status::unimplemented(NO_THREE_PHASE));
+            }
+            let r = request.into_inner();
+            coordinator_id(&r.coordinator_id)?;
+            let epoch = epoch(r.epoch)?;
+            let xids = xids(r.branches.iter().map(|b| b.xid.as_ref()))?;
+            let bad_wait = |b: &&v1::PreCommitBranch| !(1..=MAX_DOCOMMIT_WAIT_MS).contains(&b.docommit_wait_ms);
+            if let Some((i, b)) = r.branches.iter().enumerate().find(|(_, b)| bad_wait(b)) {
+                return Err(Status::invalid_argument(format!(
+                    "branches[{i}].docommit_wait_ms: {} ms; it must be 1 to {MAX_DOCOMMIT_WAIT_MS} ms",
+                    b.docommit_wait_ms
+                )));
+            }
+            let span = tracing::debug_span!("pre_commit", coordinator = r.coordinator_id, epoch, branches = xids.len());
+            let (p, coordinator, branches) = (self.participant.clone(), r.coordinator_id, r.branches);
+            let (xids, results, wire) = detached(
+                async move {
+                    let (three, coordinator) = (p.three_phase().expect("checked above"), &coordinator);
+                    let results = join_all(xids.iter().zip(&branches).map(|(xid, b)| {
+                        async move {
+                            let r = three.pre_commit(coordinator, epoch, xid, &b.metadata, b.docommit_wait_ms).await;
+                            three_phase_answered("pre_commit", xid, &r);
+                            r
+                        }
+                        .instrument(tracing::debug_span!("branch", %xid))
+                    }))
+                    .await;
+                    (xids, results, branches.into_iter().map(|b| b.xid).collect())
+                }
+                .instrument(span),
+            )
+            .await?;
+            Ok(Response::new(v1::PreCommitResponse { results: state_results(&xids, wire, results)? }))
+        })
+        .await
     }
 
     async fn query_state(
         &self,
-        _request: Request<v1::QueryStateRequest>,
+        request: Request<v1::QueryStateRequest>,
     ) -> Result<Response<v1::QueryStateResponse>, Status> {
-        observe("QueryState", async { Err(Status::unimplemented(NO_THREE_PHASE)) }).await
+        observe("QueryState", async {
+            if self.participant.three_phase().is_none() {
+                return Err(Status::unimplemented(NO_THREE_PHASE));
+            }
+            let r = request.into_inner();
+            coordinator_id(&r.coordinator_id)?;
+            let xids = xids(r.branches.iter().map(Some))?;
+            if xids.is_empty() {
+                // The capability probe: three-phase commit is supported.
+                return Ok(Response::new(v1::QueryStateResponse { results: Vec::new() }));
+            }
+            // Epoch 0 (below every coordinator's) asks as an observer: nothing is recorded.
+            let epoch = r.epoch;
+            let span =
+                tracing::debug_span!("query_state", coordinator = r.coordinator_id, epoch, branches = xids.len());
+            let (p, coordinator) = (self.participant.clone(), r.coordinator_id);
+            let (xids, results) = detached(
+                async move {
+                    let (three, coordinator) = (p.three_phase().expect("checked above"), &coordinator);
+                    let results = join_all(xids.iter().map(|xid| {
+                        async move {
+                            let r = three.query_state(coordinator, epoch, xid).await;
+                            three_phase_answered("query_state", xid, &r);
+                            r
+                        }
+                        .instrument(tracing::debug_span!("branch", %xid))
+                    }))
+                    .await;
+                    (xids, results)
+                }
+                .instrument(span),
+            )
+            .await?;
+            let wire = r.branches.into_iter().map(Some).collect();
+            Ok(Response::new(v1::QueryStateResponse { results: state_results(&xids, wire, results)? }))
+        })
+        .await
     }
 
     async fn recover(&self, request: Request<v1::RecoverRequest>) -> Result<Response<v1::RecoverResponse>, Status> {
@@ -537,5 +689,114 @@ mod tests {
             let e = service.clone().pipelined(call).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
         }
+    }
+
+    /// Opted in (the reference participant): every three-phase call is validated once, on
+    /// receipt; results come in request order, naming their branches; a branch that cannot be
+    /// pre-committed fails the call with FAILED_PRECONDITION naming it; unary and pipelined
+    /// calls mean the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_phase_calls_are_validated_on_receipt_and_answered_in_request_order() {
+        use crate::reference::{ReferenceConfig, ReferenceParticipant};
+        use v1::participant_call::Call;
+        let dir = tempfile::tempdir().unwrap();
+        let config = ReferenceConfig::new("db1".parse().unwrap(), dir.path());
+        let (p, handle) = tokio::task::block_in_place(|| ReferenceParticipant::open(config)).unwrap();
+        let service = ParticipantService::new(Arc::new(p.clone()), CancellationToken::new());
+        fn code<T>(r: Result<T, Status>) -> tonic::Code {
+            r.map(drop).unwrap_err().code()
+        }
+        let probe = v1::QueryStateRequest { coordinator_id: "c1".into(), epoch: 0, branches: vec![] };
+        assert!(service.query_state(Request::new(probe)).await.unwrap().into_inner().results.is_empty());
+
+        let (two, three, other, unknown) = (xid("two"), xid("three"), xid("other"), xid("unknown"));
+        for x in [&two, &three, &other] {
+            let (gtid, branch) = (x.gtid.parse().unwrap(), x.branch_id.parse().unwrap());
+            p.put(gtid, branch, format!("k-{}", x.branch_id), bytes::Bytes::new()).await.unwrap();
+        }
+        let prepare = |branches: Vec<(&v1::BranchXid, u64)>| v1::PrepareRequest {
+            coordinator_id: "c1".into(),
+            branches: branches
+                .into_iter()
+                .map(|(x, w)| v1::PrepareBranch { xid: Some(x.clone()), precommit_wait_ms: w, ..Default::default() })
+                .collect(),
+        };
+        let e = service.prepare(Request::new(prepare(vec![(&three, MAX_PRECOMMIT_WAIT_MS + 1)]))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("branches[0].precommit_wait_ms"), "{e}");
+        let votes = service
+            .prepare(Request::new(prepare(vec![(&two, 0), (&three, 60_000), (&other, 60_000)])))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert!(votes.iter().all(|v| v.vote() == v1::Vote::Prepared), "{votes:?}");
+
+        let pre_commit = |epoch, branches: Vec<(&v1::BranchXid, u64)>| v1::PreCommitRequest {
+            coordinator_id: "c1".into(),
+            epoch,
+            branches: branches
+                .into_iter()
+                .map(|(x, w)| v1::PreCommitBranch { xid: Some(x.clone()), docommit_wait_ms: w, ..Default::default() })
+                .collect(),
+        };
+        let query = |epoch, branches: Vec<&v1::BranchXid>| v1::QueryStateRequest {
+            coordinator_id: "c1".into(),
+            epoch,
+            branches: branches.into_iter().cloned().collect(),
+        };
+        // Refused on receipt, before anything happens: epoch 0, bounds, malformed ids.
+        let invalid = tonic::Code::InvalidArgument;
+        assert_eq!(code(service.pre_commit(Request::new(pre_commit(0, vec![(&three, 1_000)]))).await), invalid);
+        assert_eq!(code(service.pre_commit(Request::new(pre_commit(1, vec![(&three, 0)]))).await), invalid);
+        let too_long = pre_commit(1, vec![(&three, 1_000), (&other, MAX_DOCOMMIT_WAIT_MS + 1)]);
+        let e = service.pre_commit(Request::new(too_long)).await.unwrap_err();
+        assert!(e.code() == invalid && e.message().contains("branches[1].docommit_wait_ms"), "{e}");
+        let mut bad = three.clone();
+        bad.gtid = "not-a-gtid".into();
+        assert_eq!(code(service.pre_commit(Request::new(pre_commit(1, vec![(&bad, 1_000)]))).await), invalid);
+        assert_eq!(code(service.query_state(Request::new(query(1, vec![&bad]))).await), invalid);
+        // Epoch 0 asks as an observer.
+        let r = service.query_state(Request::new(query(0, vec![&three]))).await.unwrap().into_inner().results;
+        assert_eq!(r[0].state(), v1::BranchState::Prepared, "nothing happened to it");
+
+        // States in request order, each naming its branch.
+        let states = service
+            .query_state(Request::new(query(1, vec![&unknown, &three, &two])))
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        let got: Vec<_> = states.iter().map(|r| (r.xid.clone().unwrap(), r.state(), r.deadline_unix_ms > 0)).collect();
+        assert_eq!(
+            got,
+            [
+                (unknown.clone(), v1::BranchState::Unknown, false),
+                (three.clone(), v1::BranchState::Prepared, true),
+                (two.clone(), v1::BranchState::Prepared, false)
+            ]
+        );
+        // A two-phase yes is never pre-committed: the call fails naming it (the other branch
+        // of the call is handled as asked: pre-committed).
+        let e = service.pre_commit(Request::new(pre_commit(1, vec![(&three, 60_000), (&two, 60_000)]))).await;
+        let e = e.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("branches[1]") && e.message().contains("two-phase"), "{e}");
+        let r = service.query_state(Request::new(query(1, vec![&two]))).await.unwrap().into_inner().results;
+        assert_eq!(r[0].state(), v1::BranchState::Prepared, "still prepared, under two-phase commit");
+        // Pipelined and unary alike.
+        let reply = service.clone().pipelined(Call::PreCommit(pre_commit(1, vec![(&other, 60_000)]))).await.unwrap();
+        let v1::participant_reply::Reply::PreCommit(r) = reply else { panic!("{reply:?}") };
+        assert_eq!((r.results[0].xid.as_ref(), r.results[0].state()), (Some(&other), v1::BranchState::Precommitted));
+        let reply = service.clone().pipelined(Call::QueryState(query(9, vec![&other, &three]))).await.unwrap();
+        let v1::participant_reply::Reply::QueryState(r) = reply else { panic!("{reply:?}") };
+        let got: Vec<_> = r.results.iter().map(|r| r.state()).collect();
+        assert_eq!(got, [v1::BranchState::Precommitted, v1::BranchState::Precommitted]);
+        // Epoch 9 was answered: a PreCommit from 8 is stale, and says which epochs.
+        let e = service.pre_commit(Request::new(pre_commit(8, vec![(&other, 60_000)]))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.message().contains("epoch 8") && e.message().contains("epoch 9"), "{e}");
+        drop((service, p));
+        handle.shutdown().await.unwrap();
     }
 }

@@ -71,6 +71,10 @@ struct Args {
     /// How long committed work may take to become visible, ms.
     #[arg(long, default_value_t = 30_000)]
     visibility_timeout_ms: u64,
+    /// The wait and do-commit timeouts of the three-phase self-deadline checks, ms (long
+    /// enough for a Prepare to finish within it).
+    #[arg(long, default_value_t = 800)]
+    self_deadline_wait_ms: u64,
 }
 
 fn main() {
@@ -113,6 +117,7 @@ async fn check(args: Args) -> anyhow::Result<bool> {
         coordinator_id: args.coordinator_id,
         call_timeout: Duration::from_millis(args.call_timeout_ms),
         visibility_timeout: Duration::from_millis(args.visibility_timeout_ms),
+        self_deadline_wait: Duration::from_millis(args.self_deadline_wait_ms),
     };
     let report = run(&mut target, &options).await;
     println!("{report}");

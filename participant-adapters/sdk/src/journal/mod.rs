@@ -4,7 +4,9 @@
 //! | record | written | synced before | so that after kill -9 |
 //! |---|---|---|---|
 //! | Opened | first work in a branch | that work is acknowledged | the branch is known to have lost its work: more work and its Prepare are refused |
-//! | Prepared (+ vote metadata) | the resource prepared the branch | the vote | the branch is listed by Recover and can be finished |
+//! | Prepared (+ vote metadata; three-phase: + wait deadline) | the resource prepared the branch | the vote | the branch is listed by Recover and can be finished; a three-phase one aborts itself at its wait deadline |
+//! | PreCommitted (+ do-commit deadline, epoch) | three-phase PreCommit | its answer | the branch commits itself at its deadline, also after a restart |
+//! | Epoch | a higher coordinator epoch asks about an undecided three-phase branch | the answer | a PreCommit from a lower epoch is refused |
 //! | Committing (+ metadata) | before a one-phase commit is sent to the resource | it is sent | a repeated Commit asks the resource how it ended instead of guessing |
 //! | Finished (the answer) | a branch ended | the answer | a repeated request gets the same answer |
 //!
@@ -71,13 +73,24 @@ impl JournalConfig {
     }
 }
 
+/// A three-phase branch's deadline, and the highest coordinator epoch answered about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// Unix ms, on this participant's clock.
+    pub at_ms: u64,
+    pub epoch: u64,
+}
+
 /// What the journal holds of one branch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
     /// Work began in this process; nothing of it is durable at the resource yet.
     Open,
-    /// Prepared at the resource, waiting for the decision.
-    Prepared { coordinator_id: String, metadata: Bytes, prepared_ms: u64 },
+    /// Prepared at the resource, waiting for the decision. `wait`: prepared under three-phase
+    /// commit, it aborts itself at this deadline unless pre-committed (or committed) first.
+    Prepared { coordinator_id: String, metadata: Bytes, prepared_ms: u64, wait: Option<Deadline> },
+    /// Three-phase commit: pre-committed; it commits itself at `docommit` unless told first.
+    PreCommitted { coordinator_id: String, metadata: Bytes, prepared_ms: u64, docommit: Deadline },
     /// A one-phase commit was sent (or was about to be): only the resource knows how it ended.
     Committing { coordinator_id: String, metadata: Bytes },
     /// Ended; the answer every later request gets.
@@ -88,7 +101,9 @@ impl State {
     pub fn name(&self) -> &'static str {
         match self {
             State::Open => "active",
-            State::Prepared { .. } => "prepared",
+            State::Prepared { wait: None, .. } => "prepared (two-phase)",
+            State::Prepared { wait: Some(_), .. } => "prepared (three-phase)",
+            State::PreCommitted { .. } => "pre-committed",
             State::Committing { .. } => "committing in one phase",
             State::Finished(end) => end.name(),
         }
@@ -137,7 +152,7 @@ struct Entry {
 #[derive(Default)]
 struct Inner {
     entries: HashMap<Xid, Entry>,
-    /// Prepared branches, in Recover's order.
+    /// Prepared (and pre-committed) branches, in Recover's order.
     prepared: BTreeSet<Xid>,
     /// Branches committing in one phase.
     committing: HashSet<Xid>,
@@ -160,7 +175,7 @@ pub struct Journal {
     config: JournalConfig,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
@@ -243,7 +258,82 @@ impl Journal {
 
     /// Records that `xid` is prepared at its resource; returns once that is durable.
     pub async fn prepared(&self, xid: &Xid, coordinator_id: &str, metadata: &[u8]) -> Result<(), Error> {
-        self.in_flight(xid, TYPE_PREPARED, coordinator_id, metadata).await
+        self.in_flight(xid, TYPE_PREPARED, coordinator_id, metadata, 0).await.map(drop)
+    }
+
+    /// Records that `xid` is prepared at its resource under three-phase commit, waiting at most
+    /// `precommit_wait_ms` (> 0) for PreCommit; returns its wait deadline once that is durable.
+    pub async fn prepared_three_phase(
+        &self,
+        xid: &Xid,
+        coordinator_id: &str,
+        metadata: &[u8],
+        precommit_wait_ms: u64,
+    ) -> Result<Deadline, Error> {
+        assert!(precommit_wait_ms > 0, "a three-phase prepare waits for some time");
+        let deadline = self.in_flight(xid, TYPE_PREPARED, coordinator_id, metadata, precommit_wait_ms).await?;
+        Ok(deadline.expect("a three-phase prepare has a deadline"))
+    }
+
+    /// Records that the three-phase prepared branch `xid` is pre-committed by a coordinator at
+    /// `epoch`, to commit itself `docommit_wait_ms` from now; returns its do-commit deadline
+    /// once that is durable. The caller has checked the branch (under its slot): prepared under
+    /// three-phase commit, its wait deadline not passed, `epoch` not stale.
+    pub async fn pre_committed(&self, xid: &Xid, epoch: u64, docommit_wait_ms: u64) -> Result<Deadline, Error> {
+        let (durable, docommit) = {
+            let mut inner = self.inner.lock().await;
+            let Some(Entry {
+                state: State::Prepared { coordinator_id, metadata, prepared_ms, wait: Some(wait) }, ..
+            }) = inner.entries.get(xid)
+            else {
+                return Err(Error::new(format!(
+                    "participant bug: pre-commit of {xid}, which is not prepared under three-phase commit"
+                )));
+            };
+            let at_ms = now_ms();
+            let docommit = Deadline { at_ms: at_ms + docommit_wait_ms, epoch: epoch.max(wait.epoch) };
+            let state = State::PreCommitted {
+                coordinator_id: coordinator_id.clone(),
+                metadata: metadata.clone(),
+                prepared_ms: *prepared_ms,
+                docommit,
+            };
+            let record =
+                PreCommittedPb { xid: Some(xid_pb(xid)), deadline_ms: docommit.at_ms, epoch: docommit.epoch, at_ms }
+                    .encode_to_vec();
+            let durable = self.log.submit(TYPE_PRECOMMITTED, record).await.map_err(journal_error)?;
+            inner.entries.get_mut(xid).expect("just seen").state = state;
+            self.maybe_checkpoint(&mut inner).await?;
+            (durable, docommit)
+        };
+        durable.await.map_err(journal_error)?;
+        Ok(docommit)
+    }
+
+    /// Records that a coordinator at `epoch` is answered about `xid`, if the branch is an
+    /// undecided three-phase one and `epoch` is higher than the one recorded; returns once that
+    /// is durable (at once if there is nothing to record).
+    pub async fn raise_epoch(&self, xid: &Xid, epoch: u64) -> Result<(), Error> {
+        let durable = {
+            let mut inner = self.inner.lock().await;
+            let recorded = match inner.entries.get(xid).map(|e| &e.state) {
+                Some(State::Prepared { wait: Some(d), .. } | State::PreCommitted { docommit: d, .. }) => d.epoch,
+                _ => return Ok(()),
+            };
+            if recorded >= epoch {
+                return Ok(());
+            }
+            let record = EpochPb { xid: Some(xid_pb(xid)), epoch }.encode_to_vec();
+            let durable = self.log.submit(TYPE_EPOCH, record).await.map_err(journal_error)?;
+            if let Some(State::Prepared { wait: Some(d), .. } | State::PreCommitted { docommit: d, .. }) =
+                inner.entries.get_mut(xid).map(|e| &mut e.state)
+            {
+                d.epoch = epoch;
+            }
+            self.maybe_checkpoint(&mut inner).await?;
+            durable
+        };
+        durable.await.map(drop).map_err(journal_error)
     }
 
     /// Forgets the open entry of a branch whose opening failed at its resource, so that it may
@@ -262,13 +352,23 @@ impl Journal {
     /// Records that a one-phase commit of `xid` is about to reach its resource; returns once
     /// that is durable: send it only then.
     pub async fn committing(&self, xid: &Xid, coordinator_id: &str, metadata: &[u8]) -> Result<(), Error> {
-        self.in_flight(xid, TYPE_COMMITTING, coordinator_id, metadata).await
+        self.in_flight(xid, TYPE_COMMITTING, coordinator_id, metadata, 0).await.map(drop)
     }
 
-    async fn in_flight(&self, xid: &Xid, rtype: u8, coordinator_id: &str, metadata: &[u8]) -> Result<(), Error> {
-        let durable = {
+    /// Records a Prepared (with `wait_ms` > 0: three-phase, returning its wait deadline) or
+    /// Committing branch; returns once that is durable.
+    async fn in_flight(
+        &self,
+        xid: &Xid,
+        rtype: u8,
+        coordinator_id: &str,
+        metadata: &[u8],
+        wait_ms: u64,
+    ) -> Result<Option<Deadline>, Error> {
+        let (durable, wait) = {
             let mut inner = self.inner.lock().await;
             let at_ms = now_ms();
+            let wait = (wait_ms > 0).then_some(Deadline { at_ms: at_ms + wait_ms, epoch: 0 });
             let claims = inner.entries.get(xid).map(|e| e.claims.clone()).unwrap_or_default();
             let metadata = Bytes::copy_from_slice(metadata);
             let record = InFlightPb {
@@ -277,22 +377,25 @@ impl Journal {
                 metadata: metadata.clone(),
                 at_ms,
                 claims: claims.clone(),
+                wait_deadline_ms: wait.map_or(0, |w| w.at_ms),
+                epoch: 0,
             }
             .encode_to_vec();
             let durable = self.log.submit(rtype, record).await.map_err(journal_error)?;
             let coordinator_id = coordinator_id.to_string();
             let state = if rtype == TYPE_PREPARED {
                 inner.prepared.insert(xid.clone());
-                State::Prepared { coordinator_id, metadata, prepared_ms: at_ms }
+                State::Prepared { coordinator_id, metadata, prepared_ms: at_ms, wait }
             } else {
                 inner.committing.insert(xid.clone());
                 State::Committing { coordinator_id, metadata }
             };
             inner.entries.insert(xid.clone(), Entry { state, at_ms, claims });
             self.maybe_checkpoint(&mut inner).await?;
-            durable
+            (durable, wait)
         };
-        durable.await.map(drop).map_err(journal_error)
+        durable.await.map_err(journal_error)?;
+        Ok(wait)
     }
 
     /// Records how `xid` ended (creating its entry if it has none); returns once that is
@@ -345,8 +448,8 @@ impl Journal {
         Ok(true)
     }
 
-    /// The prepared branches of `coordinator_id` at `resource` after `after`, in order, at most
-    /// `limit`.
+    /// The prepared (and pre-committed) branches of `coordinator_id` at `resource` after
+    /// `after`, in order, at most `limit`.
     pub async fn in_doubt(
         &self,
         coordinator_id: &str,
@@ -371,7 +474,10 @@ impl Journal {
             .range((from, std::ops::Bound::Unbounded))
             .take_while(|x| x.resource == *resource)
             .filter_map(|x| match &inner.entries.get(x)?.state {
-                State::Prepared { coordinator_id: c, metadata, prepared_ms } if c == coordinator_id => {
+                State::Prepared { coordinator_id: c, metadata, prepared_ms, .. }
+                | State::PreCommitted { coordinator_id: c, metadata, prepared_ms, .. }
+                    if c == coordinator_id =>
+                {
                     Some(InDoubt { xid: x.clone(), metadata: metadata.to_vec(), prepared_unix_ms: *prepared_ms })
                 }
                 _ => None,
@@ -380,12 +486,26 @@ impl Journal {
             .collect()
     }
 
-    /// Every branch prepared or committing in one phase, with its metadata: what an adapter must
-    /// keep for them at its resource when it starts (e.g. producers it must not restart).
+    /// Every branch prepared (pre-committed included) or committing in one phase, with its
+    /// metadata: what an adapter must keep for them at its resource when it starts (e.g.
+    /// producers it must not restart).
     pub async fn in_flight_branches(&self) -> Vec<(Xid, State)> {
         let inner = self.inner.lock().await;
         let in_flight = inner.prepared.iter().chain(&inner.committing);
         in_flight.filter_map(|x| Some((x.clone(), inner.entries.get(x)?.state.clone()))).collect()
+    }
+
+    /// The undecided three-phase branches (prepared with a wait deadline, or pre-committed):
+    /// the deadlines a participant arms when it starts.
+    pub async fn three_phase_branches(&self) -> Vec<Xid> {
+        let inner = self.inner.lock().await;
+        let undecided = |x: &&Xid| {
+            matches!(
+                inner.entries.get(*x).map(|e| &e.state),
+                Some(State::Prepared { wait: Some(_), .. } | State::PreCommitted { .. })
+            )
+        };
+        inner.prepared.iter().filter(undecided).cloned().collect()
     }
 
     /// Forgets answers past their retention (or beyond `max_answers`), and publishes the
@@ -470,7 +590,14 @@ impl Inner {
                 let xid = xid_of(r.xid)?;
                 let state = if rtype == TYPE_PREPARED {
                     self.prepared.insert(xid.clone());
-                    State::Prepared { coordinator_id: r.coordinator_id, metadata: r.metadata, prepared_ms: r.at_ms }
+                    let wait =
+                        (r.wait_deadline_ms > 0).then_some(Deadline { at_ms: r.wait_deadline_ms, epoch: r.epoch });
+                    State::Prepared {
+                        coordinator_id: r.coordinator_id,
+                        metadata: r.metadata,
+                        prepared_ms: r.at_ms,
+                        wait,
+                    }
                 } else {
                     self.committing.insert(xid.clone());
                     State::Committing { coordinator_id: r.coordinator_id, metadata: r.metadata }
@@ -479,6 +606,32 @@ impl Inner {
                     self.claims.insert(claim.clone(), xid.clone());
                 }
                 self.entries.insert(xid, Entry { state, at_ms: r.at_ms, claims: r.claims });
+            }
+            TYPE_PRECOMMITTED => {
+                let r = PreCommittedPb::decode(payload).map_err(decode)?;
+                let xid = xid_of(r.xid)?;
+                let entry = self.entries.get_mut(&xid);
+                let Some(Entry { state: State::Prepared { coordinator_id, metadata, prepared_ms, wait }, .. }) = entry
+                else {
+                    let state = entry.map(|e| e.state.name());
+                    return Err(format!("a PreCommitted record of branch {xid}, which is {state:?}, not prepared"));
+                };
+                let epoch = r.epoch.max(wait.map_or(0, |w| w.epoch));
+                let docommit = Deadline { at_ms: r.deadline_ms, epoch };
+                let (coordinator_id, metadata, prepared_ms) =
+                    (std::mem::take(coordinator_id), std::mem::take(metadata), *prepared_ms);
+                self.entries.get_mut(&xid).expect("just seen").state =
+                    State::PreCommitted { coordinator_id, metadata, prepared_ms, docommit };
+            }
+            TYPE_EPOCH => {
+                let r = EpochPb::decode(payload).map_err(decode)?;
+                let xid = xid_of(r.xid)?;
+                // Only undecided three-phase branches keep an epoch; a finished one needs none.
+                if let Some(State::Prepared { wait: Some(d), .. } | State::PreCommitted { docommit: d, .. }) =
+                    self.entries.get_mut(&xid).map(|e| &mut e.state)
+                {
+                    d.epoch = d.epoch.max(r.epoch);
+                }
             }
             TYPE_FINISHED => {
                 let r = FinishedPb::decode(payload).map_err(decode)?;
@@ -532,16 +685,34 @@ impl Inner {
         for (xid, e) in &self.entries {
             let record = match &e.state {
                 State::Open => (TYPE_OPENED, OpenedPb { xid: Some(xid_pb(xid)), at_ms: e.at_ms }.encode_to_vec()),
-                State::Prepared { coordinator_id, metadata, .. } | State::Committing { coordinator_id, metadata } => {
-                    let rtype = if matches!(e.state, State::Prepared { .. }) { TYPE_PREPARED } else { TYPE_COMMITTING };
+                State::Prepared { coordinator_id, metadata, .. }
+                | State::PreCommitted { coordinator_id, metadata, .. }
+                | State::Committing { coordinator_id, metadata } => {
+                    let rtype =
+                        if matches!(e.state, State::Committing { .. }) { TYPE_COMMITTING } else { TYPE_PREPARED };
+                    let wait = match &e.state {
+                        State::Prepared { wait: Some(d), .. } => *d,
+                        _ => Deadline { at_ms: 0, epoch: 0 },
+                    };
                     let pb = InFlightPb {
                         xid: Some(xid_pb(xid)),
                         coordinator_id: coordinator_id.clone(),
                         metadata: metadata.clone(),
                         at_ms: e.at_ms,
                         claims: e.claims.clone(),
+                        wait_deadline_ms: wait.at_ms,
+                        epoch: wait.epoch,
                     };
-                    (rtype, pb.encode_to_vec())
+                    records.push((rtype, pb.encode_to_vec()));
+                    // A pre-committed branch: its Prepared record, then what became of it.
+                    let State::PreCommitted { docommit, .. } = &e.state else { continue };
+                    let pb = PreCommittedPb {
+                        xid: Some(xid_pb(xid)),
+                        deadline_ms: docommit.at_ms,
+                        epoch: docommit.epoch,
+                        at_ms: e.at_ms,
+                    };
+                    (TYPE_PRECOMMITTED, pb.encode_to_vec())
                 }
                 State::Finished(_) => continue, // below, in finishing order
             };

@@ -19,6 +19,13 @@ pub const TYPE_PREPARED: u8 = 3;
 pub const TYPE_COMMITTING: u8 = 4;
 /// A branch ended; the answer given (synced before it is given).
 pub const TYPE_FINISHED: u8 = 5;
+/// Three-phase commit: a prepared branch is pre-committed, with its do-commit deadline
+/// (synced before the PreCommit is answered). Follows the branch's Prepared record, in the log
+/// and in checkpoints.
+pub const TYPE_PRECOMMITTED: u8 = 6;
+/// Three-phase commit: a coordinator at a higher epoch was answered about an undecided branch
+/// (synced before the answer).
+pub const TYPE_EPOCH: u8 = 7;
 
 #[derive(Clone, PartialEq, Message)]
 pub struct MetaPb {
@@ -61,6 +68,35 @@ pub struct InFlightPb {
     /// Request ids the branch took (exactly-once), held until it ends.
     #[prost(string, repeated, tag = "5")]
     pub claims: Vec<String>,
+    /// Prepared under three-phase commit: when it aborts itself without a PreCommit (Unix ms).
+    /// 0 (absent in journals written before three-phase commit): two-phase.
+    #[prost(uint64, tag = "6")]
+    pub wait_deadline_ms: u64,
+    /// Three-phase: the highest coordinator epoch answered about the branch.
+    #[prost(uint64, tag = "7")]
+    pub epoch: u64,
+}
+
+/// A prepared branch pre-committed: it commits itself at `deadline_ms` (Unix ms).
+#[derive(Clone, PartialEq, Message)]
+pub struct PreCommittedPb {
+    #[prost(message, optional, tag = "1")]
+    pub xid: Option<XidPb>,
+    #[prost(uint64, tag = "2")]
+    pub deadline_ms: u64,
+    #[prost(uint64, tag = "3")]
+    pub epoch: u64,
+    #[prost(uint64, tag = "4")]
+    pub at_ms: u64,
+}
+
+/// The highest coordinator epoch answered about an undecided three-phase branch.
+#[derive(Clone, PartialEq, Message)]
+pub struct EpochPb {
+    #[prost(message, optional, tag = "1")]
+    pub xid: Option<XidPb>,
+    #[prost(uint64, tag = "2")]
+    pub epoch: u64,
 }
 
 /// How a branch ended, on disk.

@@ -47,11 +47,9 @@ async fn every_state_and_answer_survives_a_reopen() {
     journal.open_branch(&open).await.unwrap().await.unwrap();
 
     let (journal, log) = reopen(dir.path(), config(dir.path()), log, journal).await;
-    let prepared_state = State::Prepared { coordinator_id: "coord".into(), metadata: "txid=7".into(), prepared_ms: 0 };
     match journal.state(&prepared).await {
-        Some(State::Prepared { coordinator_id, metadata, .. }) => {
-            let State::Prepared { coordinator_id: c, metadata: m, .. } = prepared_state else { unreachable!() };
-            assert_eq!((coordinator_id, metadata), (c, m));
+        Some(State::Prepared { coordinator_id, metadata, wait, .. }) => {
+            assert_eq!((coordinator_id.as_str(), &metadata[..], wait), ("coord", &b"txid=7"[..], None), "two-phase");
         }
         other => panic!("prepared: {other:?}"),
     }
@@ -216,4 +214,80 @@ async fn in_doubt_pages_per_resource_and_coordinator_in_order() {
     drop(journal);
     log.shutdown().await.unwrap();
     let _ = Duration::ZERO;
+}
+
+/// Three-phase states, deadlines and epochs are given back as recorded after a reopen, also
+/// from a checkpoint (which wrote a pre-committed branch as its Prepared record and what became
+/// of it), and journals of two-phase prepared branches read as before (no wait deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_phase_states_deadlines_and_epochs_survive_reopens_and_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    let (journal, log) = Journal::open(cfg.clone()).await.unwrap();
+    let [waiting, pre_committed, two_phase] = ["w", "p", "two"].map(|b| xid("db", Gtid::new_v7(), b));
+    let wait = journal.prepared_three_phase(&waiting, "coord", b"m-w", 60_000).await.unwrap();
+    assert!(wait.at_ms >= now_ms() + 59_000 && wait.epoch == 0, "{wait:?}");
+    journal.prepared_three_phase(&pre_committed, "coord", b"m-p", 60_000).await.unwrap();
+    journal.raise_epoch(&pre_committed, 3).await.unwrap();
+    // A PreCommit from a lower epoch than the one answered keeps the higher one.
+    let docommit = journal.pre_committed(&pre_committed, 2, 30_000).await.unwrap();
+    assert_eq!(docommit.epoch, 3);
+    journal.raise_epoch(&waiting, 7).await.unwrap();
+    journal.raise_epoch(&waiting, 5).await.unwrap(); // lower: nothing to record
+    journal.prepared(&two_phase, "coord", b"m-two").await.unwrap();
+    journal.raise_epoch(&two_phase, 9).await.unwrap(); // two-phase: keeps no epoch
+    assert!(journal.pre_committed(&two_phase, 9, 1_000).await.is_err(), "a two-phase branch is never pre-committed");
+
+    let expect = |prepared_ms: u64| {
+        (
+            State::Prepared {
+                coordinator_id: "coord".into(),
+                metadata: "m-w".into(),
+                prepared_ms,
+                wait: Some(Deadline { at_ms: wait.at_ms, epoch: 7 }),
+            },
+            State::PreCommitted {
+                coordinator_id: "coord".into(),
+                metadata: "m-p".into(),
+                prepared_ms,
+                docommit: Deadline { at_ms: docommit.at_ms, epoch: 3 },
+            },
+        )
+    };
+    let check = |journal: Journal, log: pledge_log::Log| async {
+        let prepared_ms = |s: &Option<State>| match s {
+            Some(State::Prepared { prepared_ms, .. } | State::PreCommitted { prepared_ms, .. }) => *prepared_ms,
+            other => panic!("{other:?}"),
+        };
+        let (w, p) = (journal.state(&waiting).await, journal.state(&pre_committed).await);
+        assert_eq!(w, Some(expect(prepared_ms(&w)).0));
+        assert_eq!(p, Some(expect(prepared_ms(&p)).1));
+        assert!(matches!(journal.state(&two_phase).await, Some(State::Prepared { wait: None, .. })));
+        let mut armed = journal.three_phase_branches().await;
+        armed.sort();
+        let mut want = vec![waiting.clone(), pre_committed.clone()];
+        want.sort();
+        assert_eq!(armed, want, "the undecided three-phase branches, whose deadlines are armed at start");
+        let db = "db".parse().unwrap();
+        assert_eq!(journal.in_doubt("coord", &db, None, 10).await.len(), 3, "all three are in doubt");
+        (journal, log)
+    };
+    let (journal, log) = check(journal, log).await;
+    let (journal, log) = reopen(dir.path(), cfg.clone(), log, journal).await;
+    let (journal, log) = check(journal, log).await;
+    // Through a checkpoint: every record from here on writes one.
+    cfg.checkpoint_every_records = 1;
+    let (journal, log) = reopen(dir.path(), cfg.clone(), log, journal).await;
+    journal.finish(&xid("db", Gtid::new_v7(), "other"), End::ReadOnly).await.unwrap();
+    journal.finish(&xid("db", Gtid::new_v7(), "other2"), End::ReadOnly).await.unwrap();
+    let (journal, log) = reopen(dir.path(), cfg.clone(), log, journal).await;
+    let (journal, log) = check(journal, log).await;
+    // Decided: no longer armed, no longer in doubt.
+    journal.finish(&pre_committed, End::Outcome(Outcome::Committed)).await.unwrap();
+    journal.finish(&waiting, aborted("no PreCommit within 60000 ms")).await.unwrap();
+    let (journal, log) = reopen(dir.path(), cfg, log, journal).await;
+    assert!(journal.three_phase_branches().await.is_empty());
+    assert_eq!(journal.state(&waiting).await, Some(State::Finished(aborted("no PreCommit within 60000 ms"))));
+    drop(journal);
+    log.shutdown().await.unwrap();
 }

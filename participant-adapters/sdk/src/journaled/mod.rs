@@ -11,10 +11,20 @@
 //! |---|---|---|---|---|
 //! | open (this process) | [`Resource::seal`], then [`Resource::prepare`] while the journal writes Prepared | roll back: never prepared | [`Resource::seal`], journal Committing, then [`Resource::commit_one_phase`] | roll back |
 //! | prepared | same vote | [`Resource::finish`] | same as 2PC | [`Resource::finish`] |
+//! | pre-committed (three-phase) | yes | [`Resource::finish`] (commit) | same as 2PC | [`Resource::finish`] (commit), answered committed |
 //! | committing | — (error) | [`Resource::resolve`] | [`Resource::resolve`] | [`Resource::resolve`] |
 //! | finished | same answer | same answer | same answer | same answer (and the resource is told to roll back again, harmlessly: a prepare whose vote was lost may have left the branch prepared there) |
 //! | nothing, never seen | ABORTED, or READ_ONLY if may be empty | [`Resource::finish`] with the coordinator's metadata | ABORTED, or committed if may be empty | aborted (recorded: a late Prepare is refused) |
 //! | nothing, maybe forgotten | ABORTED | [`Resource::finish`] with the coordinator's metadata | heuristic hazard | aborted |
+//!
+//! Three-phase commit ([`ThreePhase`], in `three_phase.rs`): a CanCommit yes vote records the
+//! wait deadline with the Prepared record; PreCommit records the do-commit deadline. A task per
+//! undecided three-phase branch (armed at the vote, and for every such branch in the journal
+//! when the participant starts) acts on its deadline: [`Resource::finish`] (roll back at the
+//! wait deadline, commit at the do-commit deadline), retried with capped backoff until the
+//! resource answers, then the end is recorded. Commit, Abort and PreCommit of a branch whose
+//! deadline has passed act on the deadline first (the same way), so no answer depends on how
+//! late that task runs.
 
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -23,7 +33,11 @@ use pledge_proto::{ResourceId, Xid};
 
 use crate::journal::{End, Journal, NotOpened, State, Unrecorded};
 use crate::table::{SlotGuard, Slots};
-use crate::{BranchError, CommitKind, Error, InDoubt, Outcome, Participant, RecoverPage, RecoverQuery, Vote};
+use crate::{
+    BranchError, CommitKind, Error, InDoubt, Outcome, Participant, RecoverPage, RecoverQuery, ThreePhase, Vote,
+};
+
+mod three_phase;
 
 /// What [`Resource::seal`] found of an open branch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +171,9 @@ impl<R: Resource> Journaled<R> {
     pub fn new(resource: R, journal: Journal, active_timeout: Duration) -> Self {
         let shared = Arc::new(Shared { resource, journal, slots: Slots::default(), active_timeout });
         let weak = Arc::downgrade(&shared);
-        tokio::spawn(housekeeping(weak));
+        tokio::spawn(housekeeping(weak.clone()));
+        // The three-phase deadlines the journal holds: past ones acted on at once.
+        tokio::spawn(three_phase::arm(weak));
         Journaled { shared }
     }
 
@@ -242,11 +258,13 @@ impl<R: Resource> Journaled<R> {
         Ok(outcome)
     }
 
+    /// Prepare (`precommit_wait_ms` 0) or CanCommit of a branch whose slot is held.
     async fn prepare_locked(
         &self,
         coordinator_id: &str,
         xid: &Xid,
         may_be_empty: bool,
+        precommit_wait_ms: u64,
         slot: &mut SlotGuard<R::Open>,
     ) -> Result<Vote, Error> {
         let s = &self.shared;
@@ -254,14 +272,29 @@ impl<R: Resource> Journaled<R> {
             return match s.resource.seal(coordinator_id, xid, &mut open).await {
                 Sealed::Ready { metadata } => {
                     // The record and the resource's prepare overlap: the vote waits for both.
-                    let (recorded, prepared) = futures::join!(
-                        s.journal.prepared(xid, coordinator_id, &metadata),
-                        s.resource.prepare(coordinator_id, xid, open, &metadata)
-                    );
+                    let record = async {
+                        match precommit_wait_ms {
+                            0 => s.journal.prepared(xid, coordinator_id, &metadata).await,
+                            wait => {
+                                let recorded =
+                                    s.journal.prepared_three_phase(xid, coordinator_id, &metadata, wait).await;
+                                // Recorded with a deadline: someone must keep it.
+                                recorded.map(|_| self.watch(xid.clone()))
+                            }
+                        }
+                    };
+                    let (recorded, prepared) =
+                        futures::join!(record, s.resource.prepare(coordinator_id, xid, open, &metadata));
                     match (recorded, prepared) {
                         (Ok(()), Ok(())) => {
                             // Prepared and recorded; the vote not yet given.
                             fail::fail_point!("journaled::after_prepare");
+                            if precommit_wait_ms > 0 && self.settle_locked(xid).await? {
+                                // The resource took longer than the wait: rolled back already.
+                                let reason =
+                                    format!("preparing took longer than precommit_wait_ms ({precommit_wait_ms} ms)");
+                                return Ok(Vote::Aborted { reason });
+                            }
                             Ok(Vote::Prepared { metadata })
                         }
                         (_, Err(reason)) => {
@@ -287,7 +320,22 @@ impl<R: Resource> Journaled<R> {
             };
         }
         Ok(match s.journal.state(xid).await {
-            Some(State::Prepared { metadata, .. }) => Vote::Prepared { metadata: metadata.to_vec() },
+            Some(State::Prepared { wait, metadata, prepared_ms, .. }) => match (wait, precommit_wait_ms) {
+                (None, 0) => Vote::Prepared { metadata: metadata.to_vec() },
+                (Some(w), 1..) if three_phase::now_ms() >= w.at_ms => {
+                    Vote::Aborted { reason: three_phase::no_pre_commit(w, prepared_ms) }
+                }
+                (Some(_), 1..) => Vote::Prepared { metadata: metadata.to_vec() },
+                (None, _) | (Some(_), 0) => {
+                    return Err(Error::new(format!(
+                        "the branch was prepared under {}-phase commit; a {}-phase Prepare of it is a coordinator bug",
+                        if wait.is_none() { "two" } else { "three" },
+                        if precommit_wait_ms == 0 { "two" } else { "three" },
+                    )));
+                }
+            },
+            // Voted yes and pre-committed since.
+            Some(State::PreCommitted { metadata, .. }) => Vote::Prepared { metadata: metadata.to_vec() },
             Some(State::Committing { .. }) => {
                 return Err(Error::new("prepare of a branch being committed in one phase"));
             }
@@ -355,8 +403,8 @@ impl<R: Resource> Journaled<R> {
                 },
             };
         }
-        match s.journal.state(xid).await {
-            Some(State::Prepared { metadata, .. }) => {
+        match self.settled_state(xid).await? {
+            Some(State::Prepared { metadata, .. } | State::PreCommitted { metadata, .. }) => {
                 let outcome = s.resource.finish(coordinator_id, xid, &metadata, true, true).await?;
                 self.answer(xid, outcome).await
             }
@@ -408,9 +456,16 @@ impl<R: Resource> Journaled<R> {
             self.roll_back_open(xid, open, "aborted by the coordinator".into()).await?;
             return Ok(Outcome::Aborted { reason: String::new() });
         }
-        match s.journal.state(xid).await {
+        match self.settled_state(xid).await? {
             Some(State::Prepared { metadata, .. }) => {
                 let outcome = s.resource.finish(coordinator_id, xid, &metadata, false, true).await?;
+                self.answer(xid, outcome).await
+            }
+            // Pre-committed: its only way forward is commit (every other branch may be
+            // committing on its own by now). The coordinator records it as a heuristic commit.
+            Some(State::PreCommitted { metadata, .. }) => {
+                tracing::warn!(%xid, "abort of a pre-committed branch: committing it, its only way forward");
+                let outcome = s.resource.finish(coordinator_id, xid, &metadata, true, true).await?;
                 self.answer(xid, outcome).await
             }
             Some(State::Committing { metadata, .. }) => self.resolved(xid, &metadata).await,
@@ -530,7 +585,7 @@ impl<R: Resource> Participant for Journaled<R> {
             return Ok(Vote::Aborted { reason: format!("this participant does not serve resource {}", xid.resource) });
         }
         let mut slot = s.slots.lock(xid).await;
-        let vote = self.prepare_locked(coordinator_id, xid, may_be_empty, &mut slot).await;
+        let vote = self.prepare_locked(coordinator_id, xid, may_be_empty, 0, &mut slot).await;
         s.slots.release(xid, &mut slot);
         vote
     }
@@ -590,6 +645,10 @@ impl<R: Resource> Participant for Journaled<R> {
         page.truncated = page.branches.len() > query.limit;
         page.branches.truncate(query.limit);
         Ok(page)
+    }
+
+    fn three_phase(&self) -> Option<&dyn ThreePhase> {
+        Some(self)
     }
 }
 

@@ -270,3 +270,188 @@ async fn recover_merges_the_journal_and_the_resource_per_resource_in_order() {
     let elsewhere = RecoverQuery { resources: vec!["nope".parse().unwrap()], after: None, limit: 2 };
     assert!(rig.participant.recover("coord", &elsewhere).await.is_err(), "a resource not served is refused");
 }
+
+// Three-phase commit.
+
+use crate::{BranchState, BranchStatus, ThreePhase, ThreePhaseError};
+
+/// Polls QueryState until `xid` is `want` (bounded), and returns what it said.
+async fn becomes(p: &Journaled<Arc<Fake>>, x: &Xid, want: BranchState) -> BranchStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = p.query_state("coord", 1, x).await.unwrap();
+        if status.state == want {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{x} is still {status:?}, not {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A yes vote and its wait deadline: prepared (listed by Recover) until the deadline, then
+/// rolled back at the resource and recorded aborted with the reason; a PreCommit or Commit
+/// after that hears ABORTED, never pre-commits or commits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_yes_vote_with_no_pre_commit_aborts_itself_at_its_wait_deadline() {
+    let rig = Rig::new().await;
+    let (p, x) = (&rig.participant, xid("w"));
+    rig.work(&x).await.unwrap();
+    let before = crate::journal::now_ms();
+    let vote = p.can_commit("coord", &x, false, 400).await.unwrap();
+    assert_eq!(vote, Vote::Prepared { metadata: b"meta-w".to_vec() });
+    let status = p.query_state("coord", 1, &x).await.unwrap();
+    assert_eq!(status.state, BranchState::Prepared);
+    assert!((before + 400..before + 1_000).contains(&status.deadline_unix_ms), "{status:?}");
+    let query = RecoverQuery { resources: vec![], after: None, limit: 10 };
+    assert_eq!(p.recover("coord", &query).await.unwrap().branches.len(), 1, "in doubt while it waits");
+    let aborted = becomes(p, &x, BranchState::Aborted).await;
+    assert!(crate::journal::now_ms() >= status.deadline_unix_ms, "not before its deadline");
+    assert_eq!(aborted.reason, "no PreCommit within 400 ms");
+    assert!(p.recover("coord", &query).await.unwrap().branches.is_empty());
+    let r = p.pre_commit("coord", 1, &x, b"meta-w", 5_000).await.unwrap();
+    assert_eq!((r.state, r.reason.as_str()), (BranchState::Aborted, "no PreCommit within 400 ms"));
+    let r = p.commit("coord", &x, CommitKind::TwoPhase, b"meta-w").await.unwrap();
+    assert!(matches!(r, Outcome::Aborted { .. }), "{r:?}");
+    assert_eq!(
+        rig.fake.calls(),
+        ["open w", "seal w", "prepare w meta-w", "finish w commit=false recorded=true meta-w", "finished w"],
+        "rolled back at the resource once, with the branch's own record"
+    );
+}
+
+/// PreCommit: PRECOMMITTED with a do-commit deadline; repeated, the same deadline (not
+/// extended). Killed before the deadline and started again after it, the participant commits
+/// the branch at once; a DoCommit then hears COMMITTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_committed_branch_commits_itself_and_its_deadline_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, p, log) = Rig::start(dir.path()).await;
+    let (x, waiting) = (xid("p"), xid("w"));
+    for b in [&x, &waiting] {
+        p.branch(b).await.unwrap();
+        assert!(matches!(p.can_commit("coord", b, false, 300).await.unwrap(), Vote::Prepared { .. }));
+    }
+    let before = crate::journal::now_ms();
+    let first = p.pre_commit("coord", 1, &x, b"meta-p", 600).await.unwrap();
+    assert_eq!(first.state, BranchState::PreCommitted);
+    assert!((before + 600..before + 1_200).contains(&first.deadline_unix_ms), "{first:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let again = p.pre_commit("coord", 1, &x, b"meta-p", 600).await.unwrap();
+    assert_eq!(again, first, "a repeated PreCommit: the same answer, the deadline not extended");
+    let query = RecoverQuery { resources: vec![], after: None, limit: 10 };
+    let listed: Vec<Xid> = p.recover("coord", &query).await.unwrap().branches.into_iter().map(|b| b.xid).collect();
+    assert!(listed.contains(&x) && listed.contains(&waiting), "pre-committed and prepared are in doubt: {listed:?}");
+    // kill -9, and down past both deadlines.
+    drop(p);
+    log.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(fake.calls().iter().all(|c| !c.starts_with("finish ")), "{:?}", fake.calls());
+    let (fake, p, log) = Rig::start(dir.path()).await;
+    becomes(&p, &x, BranchState::Committed).await;
+    let aborted = becomes(&p, &waiting, BranchState::Aborted).await;
+    assert_eq!(aborted.reason, "no PreCommit within 300 ms");
+    let mut calls = fake.calls();
+    calls.sort();
+    assert_eq!(
+        calls,
+        [
+            "finish p commit=true recorded=true meta-p",
+            "finish w commit=false recorded=true meta-w",
+            "finished p",
+            "finished w"
+        ]
+    );
+    assert_eq!(p.commit("coord", &x, CommitKind::TwoPhase, b"meta-p").await.unwrap(), Outcome::Committed);
+    let r = p.pre_commit("coord", 1, &x, b"meta-p", 600).await.unwrap();
+    assert_eq!(r.state, BranchState::Committed);
+    drop(p);
+    log.shutdown().await.unwrap();
+}
+
+/// A do-commit deadline sooner than the wait deadline is kept too (by a live participant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_do_commit_deadline_before_the_wait_deadline_is_kept() {
+    let rig = Rig::new().await;
+    let (p, x) = (&rig.participant, xid("soon"));
+    rig.work(&x).await.unwrap();
+    p.can_commit("coord", &x, false, 60_000).await.unwrap();
+    let r = p.pre_commit("coord", 1, &x, b"meta-soon", 300).await.unwrap();
+    assert_eq!(r.state, BranchState::PreCommitted);
+    becomes(p, &x, BranchState::Committed).await;
+    assert!(crate::journal::now_ms() >= r.deadline_unix_ms);
+    assert!(rig.fake.calls().contains(&"finish soon commit=true recorded=true meta-soon".to_string()));
+}
+
+/// The highest epoch answered is recorded before the answer, survives a restart, and fences
+/// PreCommits from lower epochs; an equal epoch (a retry) is fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_commit_from_an_epoch_lower_than_one_answered_is_refused() {
+    let mut rig = Rig::new().await;
+    let x = xid("e");
+    rig.work(&x).await.unwrap();
+    rig.participant.can_commit("coord", &x, false, 60_000).await.unwrap();
+    assert_eq!(rig.participant.query_state("coord", 5, &x).await.unwrap().state, BranchState::Prepared);
+    let stale = rig.participant.pre_commit("coord", 4, &x, b"", 60_000).await;
+    assert_eq!(stale, Err(ThreePhaseError::StaleEpoch { asked: 4, answered: 5 }));
+    rig.restart().await;
+    let p = &rig.participant;
+    let stale = p.pre_commit("coord", 4, &x, b"", 60_000).await;
+    assert_eq!(stale, Err(ThreePhaseError::StaleEpoch { asked: 4, answered: 5 }), "after a restart too");
+    assert_eq!(p.query_state("coord", 1, &x).await.unwrap().state, BranchState::Prepared, "refused: unchanged");
+    let r = p.pre_commit("coord", 5, &x, b"", 60_000).await.unwrap();
+    assert_eq!(r.state, BranchState::PreCommitted);
+    assert_eq!(p.pre_commit("coord", 5, &x, b"", 60_000).await.unwrap(), r, "the same epoch again: a retry");
+    p.query_state("coord", 8, &x).await.unwrap();
+    let stale = p.pre_commit("coord", 7, &x, b"", 60_000).await;
+    assert_eq!(stale, Err(ThreePhaseError::StaleEpoch { asked: 7, answered: 8 }), "a pre-committed branch too");
+}
+
+/// Abort of a pre-committed branch commits it (its only way forward) and says so; Abort of a
+/// three-phase prepared one rolls it back as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_of_a_pre_committed_branch_commits_it() {
+    let rig = Rig::new().await;
+    let (p, pc, w) = (&rig.participant, xid("pc"), xid("w"));
+    for x in [&pc, &w] {
+        rig.work(x).await.unwrap();
+        p.can_commit("coord", x, false, 60_000).await.unwrap();
+    }
+    p.pre_commit("coord", 1, &pc, b"meta-pc", 60_000).await.unwrap();
+    assert_eq!(p.abort("coord", &pc, b"meta-pc").await.unwrap(), Outcome::Committed);
+    assert_eq!(p.abort("coord", &pc, b"meta-pc").await.unwrap(), Outcome::Committed, "repeated");
+    assert_eq!(p.query_state("coord", 1, &pc).await.unwrap().state, BranchState::Committed);
+    assert!(matches!(p.abort("coord", &w, b"meta-w").await.unwrap(), Outcome::Aborted { .. }));
+    let calls: Vec<String> = rig.fake.calls().into_iter().filter(|c| c.starts_with("finish ")).collect();
+    assert_eq!(calls, ["finish pc commit=true recorded=true meta-pc", "finish w commit=false recorded=true meta-w"]);
+}
+
+/// PreCommit never creates a branch (UNKNOWN), and refuses a branch prepared under two-phase
+/// commit or not prepared; QueryState tells every state; a two-phase and a three-phase Prepare
+/// of the same branch do not mix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pre_commit_refuses_what_did_not_vote_yes_in_three_phase_and_creates_nothing() {
+    let rig = Rig::new().await;
+    let p = &rig.participant;
+    let unknown = xid("unknown");
+    let r = p.pre_commit("coord", 1, &unknown, b"", 1_000).await.unwrap();
+    assert_eq!(r.state, BranchState::Unknown);
+    assert_eq!(p.journal().state(&unknown).await, None, "nothing recorded");
+    let (two, active, three) = (xid("two"), xid("active"), xid("three"));
+    for x in [&two, &active, &three] {
+        rig.work(x).await.unwrap();
+    }
+    assert_eq!(p.query_state("coord", 1, &active).await.unwrap().state, BranchState::Active);
+    p.prepare("coord", &two, false).await.unwrap();
+    let r = p.query_state("coord", 1, &two).await.unwrap();
+    assert_eq!((r.state, r.deadline_unix_ms), (BranchState::Prepared, 0), "two-phase: no deadline");
+    for x in [&two, &active] {
+        let r = p.pre_commit("coord", 1, x, b"", 1_000).await;
+        assert!(matches!(r, Err(ThreePhaseError::NotThreePhase { .. })), "{x}: {r:?}");
+    }
+    assert!(p.can_commit("coord", &two, false, 1_000).await.is_err(), "a three-phase Prepare of a two-phase yes");
+    p.can_commit("coord", &three, false, 60_000).await.unwrap();
+    assert!(p.prepare("coord", &three, false).await.is_err(), "a two-phase Prepare of a three-phase yes");
+    assert!(matches!(p.can_commit("coord", &three, false, 60_000).await.unwrap(), Vote::Prepared { .. }));
+    assert_eq!(p.commit("coord", &three, CommitKind::TwoPhase, b"").await.unwrap(), Outcome::Committed, "DoCommit");
+    assert_eq!(p.query_state("coord", 1, &three).await.unwrap().state, BranchState::Committed);
+}

@@ -23,27 +23,37 @@
 //!   `max_tombstones`); forgetting one raises the watermark to its GTID's time, and a branch of
 //!   a GTID that old or older with no record is refused (its answer may have been forgotten):
 //!   a Commit of it is answered as a heuristic hazard, never guessed.
+//! * Three-phase commit (`three_phase.rs`): the wait deadline rides in the Prepared record, a
+//!   PreCommitted record carries the do-commit deadline, an Epoch record the highest
+//!   coordinator epoch answered; the actor fires due deadlines before every operation and on a
+//!   timer set to the next one.
 
 mod records;
+mod store;
+mod three_phase;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tracing::Instrument;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use pledge_log::{Durable, LogError, LogWriter};
-use pledge_proto::v1::{self, reference_store_server::ReferenceStore};
 use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
-use crate::{CommitKind, Error, InDoubt, Outcome, Participant, RecoverPage, RecoverQuery, Vote};
+pub use crate::BranchState;
+use crate::journal::Deadline;
+use crate::{
+    BranchStatus, CommitKind, Error, InDoubt, Outcome, Participant, RecoverPage, RecoverQuery, ThreePhase,
+    ThreePhaseError, Vote,
+};
 use records::*;
+pub use store::StoreService;
 
 #[derive(Debug, Clone)]
 pub struct ReferenceConfig {
@@ -93,16 +103,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A branch's state at this participant, as `BranchStatus` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BranchState {
-    Unknown,
-    Active,
-    Prepared,
-    Committed,
-    Aborted,
-}
-
 type Write = (String, Bytes);
 
 /// A finished branch remembered for retention, with the record checkpoints keep of it.
@@ -122,11 +122,21 @@ enum Entry {
         since_ms: u64,
     },
     /// `seq`: the actor's number of the record that made it so (see `Actor::synced_seq`).
+    /// `wait`: prepared under three-phase commit; aborts itself at this deadline.
     Prepared {
         writes: Vec<Write>,
         coordinator_id: String,
         prepared_ms: u64,
         seq: u64,
+        wait: Option<Deadline>,
+    },
+    /// Three-phase commit: commits itself at `docommit` unless told first.
+    PreCommitted {
+        writes: Vec<Write>,
+        coordinator_id: String,
+        prepared_ms: u64,
+        seq: u64,
+        docommit: Deadline,
     },
     Committed {
         seq: u64,
@@ -135,8 +145,10 @@ enum Entry {
     ReadOnly {
         seq: u64,
     },
+    /// `reason`: why, when the participant decided it itself (a wait deadline passed).
     Aborted {
         seq: u64,
+        reason: String,
     },
 }
 
@@ -149,13 +161,55 @@ enum Ended {
 }
 
 enum Op {
-    Prepare { coordinator_id: String, xid: Xid, may_be_empty: bool, reply: oneshot::Sender<Result<Vote, Error>> },
-    Commit { xid: Xid, kind: CommitKind, reply: oneshot::Sender<Result<Outcome, Error>> },
-    Abort { xid: Xid, reply: oneshot::Sender<Result<Outcome, Error>> },
-    Recover { coordinator_id: String, query: RecoverQuery, reply: oneshot::Sender<RecoverPage> },
-    Put { gtid: Gtid, branch: BranchId, key: String, value: Bytes, reply: oneshot::Sender<Result<(), Status>> },
-    Read { key: String, reply: oneshot::Sender<Option<Bytes>> },
-    Status { gtid: Gtid, branch: BranchId, reply: oneshot::Sender<BranchState> },
+    /// `precommit_wait_ms` > 0: CanCommit (three-phase).
+    Prepare {
+        coordinator_id: String,
+        xid: Xid,
+        may_be_empty: bool,
+        precommit_wait_ms: u64,
+        reply: oneshot::Sender<Result<Vote, Error>>,
+    },
+    PreCommit {
+        epoch: u64,
+        xid: Xid,
+        docommit_wait_ms: u64,
+        reply: oneshot::Sender<Result<BranchStatus, ThreePhaseError>>,
+    },
+    QueryState {
+        epoch: u64,
+        xid: Xid,
+        reply: oneshot::Sender<Result<BranchStatus, ThreePhaseError>>,
+    },
+    Commit {
+        xid: Xid,
+        kind: CommitKind,
+        reply: oneshot::Sender<Result<Outcome, Error>>,
+    },
+    Abort {
+        xid: Xid,
+        reply: oneshot::Sender<Result<Outcome, Error>>,
+    },
+    Recover {
+        coordinator_id: String,
+        query: RecoverQuery,
+        reply: oneshot::Sender<RecoverPage>,
+    },
+    Put {
+        gtid: Gtid,
+        branch: BranchId,
+        key: String,
+        value: Bytes,
+        reply: oneshot::Sender<Result<(), Status>>,
+    },
+    Read {
+        key: String,
+        reply: oneshot::Sender<Option<Bytes>>,
+    },
+    Status {
+        gtid: Gtid,
+        branch: BranchId,
+        reply: oneshot::Sender<BranchState>,
+    },
 }
 
 /// An answer held back until the record it depends on is synced.
@@ -195,7 +249,8 @@ impl ReferenceParticipant {
         actor.lose_unfinished_work(now_ms());
         // Checkpoints list finished branches in no particular order; retention expects them by age.
         actor.finished.make_contiguous().sort_by_key(|f| f.at_ms);
-        let prepared = actor.branches.values().filter(|e| matches!(e, Entry::Prepared { .. })).count();
+        actor.index_deadlines();
+        let prepared = actor.prepared.len();
         tracing::info!(resource = %config.resource, prepared, keys = actor.data.len(), "participant state replayed");
         let (ops, rx) = mpsc::channel(4096);
         let writer = log.writer();
@@ -239,7 +294,7 @@ impl Participant for ReferenceParticipant {
             tokio::time::sleep(self.config.stall_prepare).await;
         }
         let (coordinator_id, xid) = (coordinator_id.to_string(), xid.clone());
-        self.ask(|reply| Op::Prepare { coordinator_id, xid, may_be_empty, reply }).await?
+        self.ask(|reply| Op::Prepare { coordinator_id, xid, may_be_empty, precommit_wait_ms: 0, reply }).await?
     }
 
     async fn commit(
@@ -266,6 +321,10 @@ impl Participant for ReferenceParticipant {
         let (coordinator_id, query) = (coordinator_id.to_string(), query.clone());
         self.ask(|reply| Op::Recover { coordinator_id, query, reply }).await
     }
+
+    fn three_phase(&self) -> Option<&dyn ThreePhase> {
+        Some(self)
+    }
 }
 
 struct Actor {
@@ -290,6 +349,9 @@ struct Actor {
     records_since_checkpoint: u64,
     /// Records in the last checkpoint.
     last_checkpoint_records: u64,
+    /// Three-phase deadlines (Unix ms) of undecided branches, soonest first. An entry whose
+    /// branch moved on (decided, or pre-committed to a later deadline) is dropped when due.
+    deadlines: BTreeSet<(u64, Gtid, BranchId)>,
 }
 
 impl Actor {
@@ -308,6 +370,7 @@ impl Actor {
             deferred: BTreeMap::new(),
             records_since_checkpoint: 0,
             last_checkpoint_records: 0,
+            deadlines: BTreeSet::new(),
         }
     }
 
@@ -317,11 +380,13 @@ impl Actor {
             TYPE_PREPARED => {
                 let r = PreparedPb::decode(payload).map_err(|e| e.to_string())?;
                 let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
+                let wait = (r.wait_deadline_ms > 0).then_some(Deadline { at_ms: r.wait_deadline_ms, epoch: r.epoch });
                 let entry = Entry::Prepared {
                     writes: writes_of(r.writes),
                     coordinator_id: r.coordinator_id,
                     prepared_ms: r.prepared_ms,
                     seq: 0,
+                    wait,
                 };
                 self.prepared.insert(key.clone());
                 self.branches.insert(key, entry);
@@ -329,7 +394,9 @@ impl Actor {
             TYPE_COMMITTED => {
                 let r = CommittedPb::decode(payload).map_err(|e| e.to_string())?;
                 let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
-                if let Some(Entry::Prepared { writes, .. }) = self.branches.remove(&key) {
+                if let Some(Entry::Prepared { writes, .. } | Entry::PreCommitted { writes, .. }) =
+                    self.branches.remove(&key)
+                {
                     self.data.extend(writes);
                 }
                 self.data.extend(writes_of(r.writes));
@@ -339,7 +406,24 @@ impl Actor {
             TYPE_ABORTED => {
                 let r = AbortedPb::decode(payload).map_err(|e| e.to_string())?;
                 let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
-                self.finish(key, Ended::Aborted, 0, r.at_ms);
+                match r.reason.is_empty() {
+                    true => self.finish(key, Ended::Aborted, 0, r.at_ms),
+                    false => self.remember_aborted(key, r.reason, 0, r.at_ms),
+                }
+            }
+            TYPE_PRECOMMITTED => {
+                let r = PreCommittedPb::decode(payload).map_err(|e| e.to_string())?;
+                let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
+                self.replay_pre_committed(key, r.deadline_ms, r.epoch)?;
+            }
+            TYPE_EPOCH => {
+                let r = EpochPb::decode(payload).map_err(|e| e.to_string())?;
+                let key = (gtid_of(&r.gtid)?, branch_of(&r.branch_id)?);
+                if let Some(Entry::Prepared { wait: Some(d), .. } | Entry::PreCommitted { docommit: d, .. }) =
+                    self.branches.get_mut(&key)
+                {
+                    d.epoch = d.epoch.max(r.epoch);
+                }
             }
             TYPE_OPENED => {
                 let r = OpenedPb::decode(payload).map_err(|e| e.to_string())?;
@@ -358,16 +442,29 @@ impl Actor {
     async fn run(mut self, log: LogWriter, mut ops: mpsc::Receiver<Op>) -> Result<(), LogError> {
         let mut syncs: FuturesUnordered<SeqDurable> = FuturesUnordered::new();
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+        // Set to the soonest three-phase deadline (`timer_at`, Unix ms), if any.
+        let mut timer = Box::pin(tokio::time::sleep(Duration::ZERO));
+        let mut timer_at = None;
         enum Wake {
             Synced(u64, Result<u64, LogError>),
             Op(Option<Op>),
             Housekeeping,
+            Deadline,
         }
         loop {
+            let next = self.deadlines.first().map(|(at, _, _)| *at);
+            if next != timer_at {
+                timer_at = next;
+                if let Some(at) = next {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                    timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                }
+            }
             let wake = tokio::select! {
                 biased;
                 Some((seq, result)) = syncs.next(), if !syncs.is_empty() => Wake::Synced(seq, result),
                 op = ops.recv() => Wake::Op(op),
+                () = &mut timer, if timer_at.is_some() => Wake::Deadline,
                 _ = housekeeping.tick() => Wake::Housekeeping,
             };
             match wake {
@@ -388,6 +485,18 @@ impl Actor {
                 }
                 Wake::Op(None) => break,
                 Wake::Housekeeping => self.expire(now_ms()),
+                Wake::Deadline => {
+                    // The timer runs on tokio's clock: woken early (by the wall clock), it is
+                    // set again for what is left.
+                    timer_at = None;
+                    let mut out = Vec::new();
+                    self.fire_due(now_ms(), &mut out);
+                    self.maybe_checkpoint(&mut out);
+                    for (seq, submission) in out {
+                        let durable = submit(&log, seq, submission).await?;
+                        syncs.push(durable);
+                    }
+                }
             }
         }
         // Answer what is still waiting for its sync before stopping.
@@ -450,8 +559,14 @@ impl Actor {
 
     fn handle(&mut self, op: Op, out: &mut Vec<(u64, Submission)>) {
         let now = now_ms();
+        // A three-phase deadline that has passed decides before anything asks.
+        self.fire_due(now, out);
         match op {
-            Op::Prepare { coordinator_id, xid, may_be_empty, reply } => {
+            Op::PreCommit { epoch, xid, docommit_wait_ms, reply } => {
+                self.pre_commit(out, epoch, &xid, docommit_wait_ms, now, reply)
+            }
+            Op::QueryState { epoch, xid, reply } => self.query_state(out, epoch, &xid, reply),
+            Op::Prepare { coordinator_id, xid, may_be_empty, precommit_wait_ms, reply } => {
                 if xid.resource != self.config.resource {
                     let reason = format!("this participant serves resource {:?}", self.config.resource.as_str());
                     let _ = reply.send(Ok(Vote::Aborted { reason }));
@@ -460,7 +575,16 @@ impl Actor {
                 let key = (xid.gtid, xid.branch.clone());
                 let forgotten = self.maybe_forgotten(&xid.gtid);
                 let writes = match self.branches.get_mut(&key) {
-                    Some(Entry::Prepared { seq, .. }) | Some(Entry::Committed { seq }) => {
+                    Some(Entry::Prepared { wait, .. }) if wait.is_some() != (precommit_wait_ms > 0) => {
+                        let _ = reply.send(Err(Error::new(format!(
+                            "the branch was prepared under {}-phase commit; a {}-phase Prepare of it is a coordinator \
+                             bug",
+                            if wait.is_none() { "two" } else { "three" },
+                            if precommit_wait_ms == 0 { "two" } else { "three" },
+                        ))));
+                        return;
+                    }
+                    Some(Entry::Prepared { seq, .. } | Entry::PreCommitted { seq, .. } | Entry::Committed { seq }) => {
                         // Repeated prepare: same answer, once the first one's record is durable.
                         let seq = *seq;
                         return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(prepared())))));
@@ -469,9 +593,12 @@ impl Actor {
                         let seq = *seq;
                         return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Vote::ReadOnly)))));
                     }
-                    Some(Entry::Aborted { seq }) => {
+                    Some(Entry::Aborted { seq, reason }) => {
                         let seq = *seq;
-                        let reason = "branch was aborted (a dangling prepare, or its work was lost)".to_string();
+                        let reason = match reason.is_empty() {
+                            true => "branch was aborted (a dangling prepare, or its work was lost)".to_string(),
+                            false => reason.clone(),
+                        };
                         return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Vote::Aborted { reason })))));
                     }
                     Some(Entry::Active { writes, .. }) => {
@@ -494,17 +621,23 @@ impl Actor {
                     let reason = "configured to vote no".to_string();
                     return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Vote::Aborted { reason })))));
                 }
+                let wait = (precommit_wait_ms > 0).then_some(Deadline { at_ms: now + precommit_wait_ms, epoch: 0 });
                 let payload = PreparedPb {
                     gtid: xid.gtid.as_bytes().to_vec(),
                     branch_id: xid.branch.to_string(),
                     coordinator_id: coordinator_id.clone(),
                     prepared_ms: now,
                     writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
+                    wait_deadline_ms: wait.map_or(0, |w| w.at_ms),
+                    epoch: 0,
                 }
                 .encode_to_vec();
                 let seq = self.record(out, TYPE_PREPARED, payload.into());
                 self.prepared.insert(key.clone());
-                self.branches.insert(key, Entry::Prepared { writes, coordinator_id, prepared_ms: now, seq });
+                if let Some(w) = wait {
+                    self.deadlines.insert((w.at_ms, key.0, key.1.clone()));
+                }
+                self.branches.insert(key, Entry::Prepared { writes, coordinator_id, prepared_ms: now, seq, wait });
                 self.when_synced(seq, Box::new(move || drop(reply.send(Ok(prepared())))));
             }
             Op::Commit { xid, kind, reply } => {
@@ -524,13 +657,18 @@ impl Actor {
                         let seq = *seq;
                         return self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
                     }
-                    Some(Entry::Aborted { seq }) => {
+                    Some(Entry::Aborted { seq, reason }) => {
                         let seq = *seq;
-                        let reason = "branch was rolled back".to_string();
+                        let reason = match reason.is_empty() {
+                            true => "branch was rolled back".to_string(),
+                            false => reason.clone(),
+                        };
                         return self
                             .when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
                     }
-                    Some(Entry::Prepared { writes, .. }) => (std::mem::take(writes), false),
+                    Some(Entry::Prepared { writes, .. } | Entry::PreCommitted { writes, .. }) => {
+                        (std::mem::take(writes), false)
+                    }
                     Some(Entry::Active { writes, .. }) if one_phase && !self.config.vote_no => {
                         self.active_count -= 1;
                         (std::mem::take(writes), true)
@@ -591,11 +729,24 @@ impl Actor {
             }
             Op::Abort { xid, reply } => {
                 let key = (xid.gtid, xid.branch.clone());
-                match self.branches.get(&key) {
-                    Some(Entry::Aborted { seq } | Entry::ReadOnly { seq }) => {
+                match self.branches.get_mut(&key) {
+                    Some(Entry::Aborted { seq, reason }) => {
+                        let (seq, reason) = (*seq, reason.clone());
+                        self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
+                    }
+                    Some(Entry::ReadOnly { seq }) => {
                         let seq = *seq;
                         let reason = String::new();
                         self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Aborted { reason })))));
+                    }
+                    // Pre-committed: its only way forward is commit (the coordinator records the
+                    // answer as a heuristic commit).
+                    Some(Entry::PreCommitted { writes, .. }) => {
+                        tracing::warn!(%xid, "abort of a pre-committed branch: committing it, its only way forward");
+                        let writes = std::mem::take(writes);
+                        let seq = self.finish_logged(out, key, Ended::Committed, now);
+                        self.data.extend(writes);
+                        self.when_synced(seq, Box::new(move || drop(reply.send(Ok(Outcome::Committed)))));
                     }
                     Some(Entry::Committed { seq }) => {
                         let seq = *seq;
@@ -625,8 +776,10 @@ impl Actor {
                         None => std::ops::Bound::Unbounded,
                     };
                     for (gtid, branch) in self.prepared.range((from, std::ops::Bound::Unbounded)) {
-                        let Some(Entry::Prepared { coordinator_id: c, prepared_ms, seq, .. }) =
-                            self.branches.get(&(*gtid, branch.clone()))
+                        let Some(
+                            Entry::Prepared { coordinator_id: c, prepared_ms, seq, .. }
+                            | Entry::PreCommitted { coordinator_id: c, prepared_ms, seq, .. },
+                        ) = self.branches.get(&(*gtid, branch.clone()))
                         else {
                             continue;
                         };
@@ -659,6 +812,7 @@ impl Actor {
                     None => BranchState::Unknown,
                     Some(Entry::Active { .. }) => BranchState::Active,
                     Some(Entry::Prepared { .. }) => BranchState::Prepared,
+                    Some(Entry::PreCommitted { .. }) => BranchState::PreCommitted,
                     Some(Entry::Committed { .. } | Entry::ReadOnly { .. }) => BranchState::Committed,
                     Some(Entry::Aborted { .. }) => BranchState::Aborted,
                 };
@@ -712,6 +866,7 @@ impl Actor {
                 "branch is {}; writes are only accepted while it is active",
                 match other {
                     Entry::Prepared { .. } => "prepared",
+                    Entry::PreCommitted { .. } => "pre-committed",
                     Entry::Committed { .. } | Entry::ReadOnly { .. } => "committed",
                     _ => "aborted (or its work was lost in a restart)",
                 }
@@ -776,7 +931,7 @@ impl Actor {
         let entry = match ended {
             Ended::Committed => Entry::Committed { seq },
             Ended::ReadOnly => Entry::ReadOnly { seq },
-            Ended::Aborted => Entry::Aborted { seq },
+            Ended::Aborted => Entry::Aborted { seq, reason: String::new() },
         };
         self.branches.insert(key, entry);
     }
@@ -803,7 +958,7 @@ impl Actor {
             let key = (gtid, branch.clone());
             match self.branches.get(&key) {
                 // Its record is still on its way to disk: forget it next time.
-                Some(Entry::Aborted { seq } | Entry::Committed { seq } | Entry::ReadOnly { seq })
+                Some(Entry::Aborted { seq, .. } | Entry::Committed { seq } | Entry::ReadOnly { seq })
                     if *seq > self.synced_seq =>
                 {
                     break;
@@ -843,15 +998,34 @@ impl Actor {
                     OpenedPb { gtid: gtid.as_bytes().to_vec(), branch_id: branch.to_string(), at_ms: *since_ms };
                 records.push((TYPE_OPENED, opened.encode_to_vec().into()));
             }
-            if let Entry::Prepared { writes, coordinator_id, prepared_ms, .. } = entry {
+            if let Entry::Prepared { writes, coordinator_id, prepared_ms, .. }
+            | Entry::PreCommitted { writes, coordinator_id, prepared_ms, .. } = entry
+            {
+                let wait = match entry {
+                    Entry::Prepared { wait: Some(d), .. } => *d,
+                    _ => Deadline { at_ms: 0, epoch: 0 },
+                };
                 let prepared = PreparedPb {
                     gtid: gtid.as_bytes().to_vec(),
                     branch_id: branch.to_string(),
                     coordinator_id: coordinator_id.clone(),
                     prepared_ms: *prepared_ms,
                     writes: writes.iter().map(|(k, v)| WritePb { key: k.clone(), value: v.to_vec() }).collect(),
+                    wait_deadline_ms: wait.at_ms,
+                    epoch: wait.epoch,
                 };
                 records.push((TYPE_PREPARED, prepared.encode_to_vec().into()));
+            }
+            // A pre-committed branch: its Prepared record, then what became of it.
+            if let Entry::PreCommitted { docommit, .. } = entry {
+                let pre_committed = PreCommittedPb {
+                    gtid: gtid.as_bytes().to_vec(),
+                    branch_id: branch.to_string(),
+                    deadline_ms: docommit.at_ms,
+                    epoch: docommit.epoch,
+                    at_ms: 0,
+                };
+                records.push((TYPE_PRECOMMITTED, pre_committed.encode_to_vec().into()));
             }
         }
         // Every finished branch is in `finished` until `expire` forgets both.
@@ -872,7 +1046,9 @@ fn tombstone(key: &(Gtid, BranchId), ended: Ended, at_ms: u64) -> (u8, Bytes) {
             let record = CommittedPb { gtid, branch_id, at_ms, writes: Vec::new(), read_only };
             (TYPE_COMMITTED, record.encode_to_vec().into())
         }
-        Ended::Aborted => (TYPE_ABORTED, AbortedPb { gtid, branch_id, at_ms }.encode_to_vec().into()),
+        Ended::Aborted => {
+            (TYPE_ABORTED, AbortedPb { gtid, branch_id, at_ms, reason: String::new() }.encode_to_vec().into())
+        }
     }
 }
 
@@ -893,84 +1069,6 @@ async fn submit(log: &LogWriter, seq: u64, submission: Submission) -> Result<Seq
         Submission::Checkpoint(records) => log.submit_checkpoint(records).await?,
     };
     Ok(Box::pin(async move { (seq, durable.await) }))
-}
-
-/// The reference participant's work API (`pledge.v1.ReferenceStore`).
-pub struct StoreService {
-    participant: ReferenceParticipant,
-}
-
-impl StoreService {
-    pub fn new(participant: ReferenceParticipant) -> Self {
-        StoreService { participant }
-    }
-}
-
-fn ids(gtid: &str, branch: &str) -> Result<(Gtid, BranchId), Status> {
-    let g = Gtid::parse_field("gtid", gtid).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let b = BranchId::parse_field("branch_id", branch).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok((g, b))
-}
-
-#[tonic::async_trait]
-impl ReferenceStore for StoreService {
-    async fn put(&self, request: Request<v1::PutRequest>) -> Result<Response<v1::PutResponse>, Status> {
-        let span = tracing::debug_span!("Put", gtid = request.get_ref().gtid, branch = request.get_ref().branch_id);
-        pledge_proto::metrics::observe(
-            "Put",
-            async {
-                let r = request.into_inner();
-                let (gtid, branch) = ids(&r.gtid, &r.branch_id)?;
-                self.participant.put(gtid, branch, r.key, r.value.into()).await?;
-                Ok(Response::new(v1::PutResponse {}))
-            }
-            .instrument(span),
-        )
-        .await
-    }
-
-    async fn read(&self, request: Request<v1::ReadRequest>) -> Result<Response<v1::ReadResponse>, Status> {
-        let span = tracing::debug_span!("Read", key = request.get_ref().key);
-        pledge_proto::metrics::observe(
-            "Read",
-            async {
-                let value =
-                    self.participant.read(request.into_inner().key).await.map_err(|e| Status::unavailable(e.0))?;
-                Ok(Response::new(v1::ReadResponse {
-                    found: value.is_some(),
-                    value: value.map(|v| v.to_vec()).unwrap_or_default(),
-                }))
-            }
-            .instrument(span),
-        )
-        .await
-    }
-
-    async fn branch_status(
-        &self,
-        request: Request<v1::BranchStatusRequest>,
-    ) -> Result<Response<v1::BranchStatusResponse>, Status> {
-        let span =
-            tracing::debug_span!("BranchStatus", gtid = request.get_ref().gtid, branch = request.get_ref().branch_id);
-        pledge_proto::metrics::observe(
-            "BranchStatus",
-            async {
-                let r = request.into_inner();
-                let (gtid, branch) = ids(&r.gtid, &r.branch_id)?;
-                let state = self.participant.status(gtid, branch).await.map_err(|e| Status::unavailable(e.0))?;
-                let state = match state {
-                    BranchState::Unknown => v1::BranchState::Unknown,
-                    BranchState::Active => v1::BranchState::Active,
-                    BranchState::Prepared => v1::BranchState::Prepared,
-                    BranchState::Committed => v1::BranchState::Committed,
-                    BranchState::Aborted => v1::BranchState::Aborted,
-                };
-                Ok(Response::new(v1::BranchStatusResponse { state: state as i32 }))
-            }
-            .instrument(span),
-        )
-        .await
-    }
 }
 
 #[cfg(test)]
