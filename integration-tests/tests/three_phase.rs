@@ -317,3 +317,89 @@ async fn a_partition_past_both_timeouts_is_reported_as_heuristic_mixed() {
     assert_eq!(coordinator.metrics().await.get("pledge_heuristic_mixed_transactions_total"), 1.0);
     assert!(coordinator.log().contains("heuristic mixed: branches of one transaction ended differently"));
 }
+
+/// A participant built on the SDK that does not offer three-phase commit (it keeps
+/// `Participant::three_phase`'s default): its branches never change, and it says so to the
+/// capability probe with UNIMPLEMENTED.
+struct TwoPhaseOnly;
+
+#[tonic::async_trait]
+impl pledge_sdk::Participant for TwoPhaseOnly {
+    async fn prepare(&self, _: &str, _: &pledge_proto::Xid, _: bool) -> Result<pledge_sdk::Vote, pledge_sdk::Error> {
+        Ok(pledge_sdk::Vote::ReadOnly)
+    }
+
+    async fn commit(
+        &self,
+        _: &str,
+        _: &pledge_proto::Xid,
+        _: pledge_sdk::CommitKind,
+        _: &[u8],
+    ) -> Result<pledge_sdk::Outcome, pledge_sdk::Error> {
+        Ok(pledge_sdk::Outcome::Committed)
+    }
+
+    async fn abort(&self, _: &str, _: &pledge_proto::Xid, _: &[u8]) -> Result<pledge_sdk::Outcome, pledge_sdk::Error> {
+        Ok(pledge_sdk::Outcome::Aborted { reason: "aborted".into() })
+    }
+
+    async fn recover(
+        &self,
+        _: &str,
+        _: &pledge_sdk::RecoverQuery,
+    ) -> Result<pledge_sdk::RecoverPage, pledge_sdk::Error> {
+        Ok(pledge_sdk::RecoverPage::default())
+    }
+}
+
+/// A three-phase transaction that names a participant without three-phase commit is refused,
+/// at Begin and at Enlist, with FAILED_PRECONDITION naming it — never run as two-phase — and
+/// changes nothing; a two-phase transaction takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_without_three_phase_commit_is_refused_by_name() {
+    let closing = tokio_util::sync::CancellationToken::new();
+    let routes = pledge_sdk::routes(std::sync::Arc::new(TwoPhaseOnly), closing.clone()).await;
+    let listener = pledge_proto::transport::Listener::bind(&"127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let router = pledge_proto::transport::server().add_routes(routes.routes());
+    let served = tokio::spawn(listener.serve(router, closing.clone().cancelled_owned()));
+
+    let dir = TestDir::new("3pc-refused");
+    let reference = dir.participant("ref", 0, &[], &[]).await;
+    let participants = [("ref", reference.endpoint()), ("legacy", endpoint)];
+    let coordinator = dir.coordinator_for(&participants, &[], &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let three_phase = |branches: Vec<v1::BranchRef>| v1::BeginRequest {
+        branches,
+        protocol: v1::Protocol::ThreePhase as i32,
+        ..Default::default()
+    };
+    // Until the coordinator has heard the probe's answer: UNAVAILABLE, not a guess.
+    let e = eventually("the capability probe's answer", || {
+        let mut c = c.clone();
+        async move {
+            match c.begin(three_phase(vec![branch("ref", "a"), branch("legacy", "b")])).await {
+                Err(e) if e.code() == Code::Unavailable => None,
+                other => Some(other.expect_err("refused")),
+            }
+        }
+    })
+    .await;
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("participant \"legacy\" does not support three-phase commit"), "{}", e.message());
+
+    let gtid = c.begin(three_phase(vec![branch("ref", "a")])).await.unwrap().into_inner().gtid;
+    let e =
+        c.enlist(v1::EnlistRequest { gtid: gtid.clone(), branches: vec![branch("legacy", "b")] }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("\"legacy\""), "{}", e.message());
+    let t = get(&mut c, &gtid).await.unwrap();
+    assert_eq!(t.branches.len(), 1, "the refused Enlist changed nothing: {t:?}");
+    c.abort(v1::AbortRequest { gtid }).await.unwrap();
+
+    let two = begin(&mut c, &[("ref", "a"), ("legacy", "b")]).await;
+    put(&mut store_client(&reference).await, &two, "a", "k", "v").await;
+    assert_eq!(commit(&mut c, &two, true).await.unwrap().outcome(), v1::Outcome::Committed);
+    closing.cancel();
+    served.await.unwrap().unwrap();
+}
