@@ -218,6 +218,7 @@ impl Config {
             shard_count: 0,
             precommit_wait_ms: self.precommit_wait_ms(),
             docommit_wait_ms: self.docommit_wait_ms,
+            precommit_delivery_ms: self.participant_rpc_timeout_ms,
         }
     }
 }

@@ -16,6 +16,8 @@ pub const MAX_BRANCHES_LIMIT: usize = 200;
 pub const MAX_BATCH_LIMIT: usize = 500;
 
 const SECOND_MS: u64 = 1_000;
+/// What an explicit `precommit_wait_ms` must leave for the forced pre-commit write at least.
+const PRECOMMIT_WRITE_MS: u64 = SECOND_MS;
 const HOUR_MS: u64 = 3_600 * SECOND_MS;
 const DAY_MS: u64 = 24 * HOUR_MS;
 const KIB: u64 = 1 << 10;
@@ -125,8 +127,8 @@ pub fn check(c: &Config) -> Result<(), String> {
         // A yes vote must outlive the rest of the prepare round and the PreCommit call, or
         // branches abort themselves under a coordinator that is merely slow.
         (
-            "prepare_timeout_ms + participant_rpc_timeout_ms",
-            c.prepare_timeout_ms + c.participant_rpc_timeout_ms,
+            "prepare_timeout_ms + participant_rpc_timeout_ms + 1000 (the forced pre-commit write)",
+            c.prepare_timeout_ms + c.participant_rpc_timeout_ms + PRECOMMIT_WRITE_MS,
             "precommit_wait_ms",
             c.precommit_wait_ms(),
         ),
@@ -171,7 +173,8 @@ mod tests {
         let c = Config { prepare_timeout_ms: 60_000, precommit_wait_ms: Some(20_000), ..Config::default() };
         assert_eq!(
             check(&c).unwrap_err(),
-            "prepare_timeout_ms + participant_rpc_timeout_ms = 65000 exceeds precommit_wait_ms = 20000"
+            "prepare_timeout_ms + participant_rpc_timeout_ms + 1000 (the forced pre-commit write) = 66000 exceeds \
+             precommit_wait_ms = 20000"
         );
     }
 

@@ -56,6 +56,9 @@ pub enum AbortCause {
     /// Three-phase: every branch answered PreCommit or the termination protocol's state query,
     /// and none was pre-committed.
     NotPreCommitted,
+    /// Three-phase: the pre-commit decision became durable too late for PreCommit to reach every
+    /// branch before its wait deadline (a slow decision log or store).
+    PreCommitLate,
 }
 
 impl AbortCause {
@@ -68,6 +71,7 @@ impl AbortCause {
             AbortCause::PrepareTimeout => "prepare_timeout",
             AbortCause::OnePhase => "one_phase",
             AbortCause::NotPreCommitted => "not_precommitted",
+            AbortCause::PreCommitLate => "precommit_late",
         }
     }
 }

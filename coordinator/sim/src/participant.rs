@@ -154,6 +154,8 @@ impl Participant {
         docommit_wait_ms: u64,
         now: u64,
     ) -> Option<ParticipantState> {
+        // A deadline that passed decides first, as in the SDK.
+        self.deadline(gtid, key, now);
         let slot = (gtid, key.clone());
         if self.epochs.get(&slot).is_some_and(|e| *e > epoch) {
             return None;

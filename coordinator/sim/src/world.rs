@@ -59,6 +59,9 @@ pub struct Faults {
     pub coordinator_crash_per_ms: f64,
     pub participant_crash_per_ms: f64,
     pub fsync_failure: f64,
+    /// A group commit that takes seconds (a stalled disk): a three-phase decision can become
+    /// durable after the branches' wait deadlines.
+    pub slow_sync: f64,
     pub vote_no: f64,
     /// Partitions (coordinator <-> one participant) per ms; 0 unless `Options::partitions`.
     pub partition_per_ms: f64,
@@ -73,6 +76,7 @@ impl Faults {
             coordinator_crash_per_ms: pick(rng, &[0.0, 0.0005, 0.003]),
             participant_crash_per_ms: pick(rng, &[0.0, 0.0005]),
             fsync_failure: pick(rng, &[0.0, 0.01]),
+            slow_sync: pick(rng, &[0.0, 0.01]),
             vote_no: pick(rng, &[0.0, 0.1]),
             partition_per_ms: 0.0,
         }
@@ -87,6 +91,8 @@ pub struct Report {
     pub coordinator_crashes: usize,
     pub participant_crashes: usize,
     pub three_phase: usize,
+    /// Three-phase transactions the coordinator reports committed at the end.
+    pub three_phase_committed: usize,
     /// Transactions whose branches ended differently (each reported heuristic mixed).
     pub heuristic_mixed: usize,
     pub partitions: usize,
@@ -365,6 +371,7 @@ fn engine_config(rng: &mut fastrand::Rng) -> EngineConfig {
         // (the bounded delay the protocol assumes), short enough to be reached in a run.
         precommit_wait_ms: 5_000,
         docommit_wait_ms: pick(rng, &[1_000, 3_000]),
+        precommit_delivery_ms: RPC_TIMEOUT_MS,
         ..EngineConfig::default()
     }
 }
@@ -533,7 +540,8 @@ impl World {
         // Every simulated participant supports three-phase commit (the driver's capability
         // probe would say so).
         for r in RESOURCES {
-            engine.handle(self.now, Event::Capability { resource: r.parse().unwrap(), three_phase: true }, &mut out);
+            let (resource, endpoint) = (r.parse().unwrap(), format!("http://{r}"));
+            engine.handle(self.now, Event::Capability { resource, endpoint, three_phase: true }, &mut out);
         }
         self.host = Some(Host {
             engine,
@@ -681,7 +689,7 @@ impl World {
         if !host.sync_scheduled {
             host.sync_scheduled = true;
             let incarnation = host.incarnation;
-            let d = self.rng.u64(1..=5);
+            let d = if self.chance(self.faults.slow_sync) { self.rng.u64(2_000..8_000) } else { self.rng.u64(1..=5) };
             self.at(d, Ev::DiskSync { incarnation });
         }
     }
@@ -982,6 +990,10 @@ impl World {
                     continue;
                 }
                 Some(Command::Reply { reply: Ok(Reply::Transaction(view)), .. }) => match view.state {
+                    TxnState::Committed if view.protocol == Protocol::ThreePhase && !view.one_phase => {
+                        self.report.three_phase_committed += 1;
+                        Heard::Committed
+                    }
                     TxnState::Committed => Heard::Committed,
                     TxnState::Aborted => Heard::Aborted,
                     other => {

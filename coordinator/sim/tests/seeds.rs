@@ -13,6 +13,7 @@ fn seeds() -> (u64, u64) {
 fn run_range(from: u64, to: u64) {
     let opts = Options::default();
     let (mut crashes, mut three_phase) = (0, 0);
+    let mut three_phase_committed = 0;
     for seed in from..to {
         match run(seed, &opts) {
             // Within three-phase commit's assumption (crash-stop, bounded delay), branches
@@ -23,6 +24,7 @@ fn run_range(from: u64, to: u64) {
             Ok(report) => {
                 crashes += report.coordinator_crashes;
                 three_phase += report.three_phase;
+                three_phase_committed += report.three_phase_committed;
             }
             Err(v) => panic!("{v}\nreplay: cargo run -p pledge-sim -- --seed {} --trace", v.seed),
         }
@@ -30,6 +32,11 @@ fn run_range(from: u64, to: u64) {
     // The faults are real: over a range this size the coordinator crashes many times.
     assert!(to - from < 100 || crashes > (to - from) as usize / 10, "only {crashes} coordinator crashes");
     assert!(to - from < 100 || three_phase > (to - from) as usize, "only {three_phase} three-phase transactions");
+    // ... and they commit through the PreCommit round, not only abort.
+    assert!(
+        to - from < 100 || three_phase_committed > three_phase / 20,
+        "{three_phase_committed} of {three_phase} three-phase transactions committed with a prepare round"
+    );
 }
 
 /// Outside the assumption: partitions longer than the timeouts. Branches may then end

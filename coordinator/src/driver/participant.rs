@@ -64,6 +64,10 @@ pub struct StateItem {
 /// First and largest pause between capability probes of a participant not reached yet.
 const PROBE_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const PROBE_MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often a participant's answer to the capability probe is asked again.
+const PROBE_REFRESH: Duration = Duration::from_secs(60);
+/// Failed probes in a row before a warning (and every ten times as many after).
+const PROBE_WARN_AFTER_FAILURES: u32 = 10;
 
 pub struct Phase2Item {
     pub gtid: Gtid,
@@ -142,7 +146,7 @@ impl ParticipantHandle {
             move |batch| call.clone().state_calls(batch)
         }));
         let probe = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(call.clone().probe(probe.clone()));
+        tokio::spawn(call.clone().probe(endpoint.clone(), probe.clone()));
         let aborts_pending = Arc::new(AtomicUsize::new(0));
         let pending = aborts_pending.clone();
         tokio::spawn(batcher(abort_rx, config.clone(), move |batch| {
@@ -413,11 +417,14 @@ impl Caller {
 }
 
 impl Caller {
-    /// Asks the participant whether it supports three-phase commit (a QueryState naming no
-    /// branch: OK yes, UNIMPLEMENTED no), again with backoff until it answers one or the
-    /// other, and tells the engine.
-    async fn probe(self, stop: tokio_util::sync::CancellationToken) {
+    /// Asks the participant at `endpoint` whether it supports three-phase commit (a QueryState
+    /// naming no branch: OK yes, UNIMPLEMENTED no), again with backoff until it answers one or
+    /// the other, and tells the engine; then again every [`PROBE_REFRESH`], so an upgraded (or
+    /// downgraded) participant is noticed without a restart.
+    async fn probe(self, endpoint: String, stop: tokio_util::sync::CancellationToken) {
         let mut backoff = PROBE_INITIAL_BACKOFF;
+        let mut failures = 0u32;
+        let mut known: Option<bool> = None;
         loop {
             let request = || v1::QueryStateRequest {
                 coordinator_id: self.config.coordinator_id.clone(),
@@ -441,8 +448,17 @@ impl Caller {
                 Ok(_) => true,
                 Err(status) if status.code() == tonic::Code::Unimplemented => false,
                 Err(status) => {
-                    tracing::debug!(resource = %self.resource, code = ?status.code(), error = status.message(),
-                        "capability probe failed; asking again");
+                    // Unreachable for a while is ordinary (logged at debug); an answer that
+                    // stays wrong is not: three-phase Begins naming it are UNAVAILABLE meanwhile.
+                    failures += 1;
+                    if failures == PROBE_WARN_AFTER_FAILURES || failures.is_multiple_of(10 * PROBE_WARN_AFTER_FAILURES)
+                    {
+                        tracing::warn!(resource = %self.resource, failures, code = ?status.code(),
+                            error = status.message(), "the participant does not answer the capability probe");
+                    } else {
+                        tracing::debug!(resource = %self.resource, code = ?status.code(), error = status.message(),
+                            "capability probe failed; asking again");
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -451,9 +467,17 @@ impl Caller {
                     continue;
                 }
             };
-            tracing::info!(resource = %self.resource, three_phase, "participant capability");
-            let _ = self.events.send(Event::Capability { resource: self.resource.clone(), three_phase });
-            return;
+            if known != Some(three_phase) {
+                tracing::info!(resource = %self.resource, three_phase, "participant capability");
+                known = Some(three_phase);
+                let (resource, endpoint) = (self.resource.clone(), endpoint.clone());
+                let _ = self.events.send(Event::Capability { resource, endpoint, three_phase });
+            }
+            (backoff, failures) = (PROBE_INITIAL_BACKOFF, 0);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_REFRESH) => {}
+            }
         }
     }
 
@@ -464,12 +488,42 @@ impl Caller {
             let key = (batch[0].precommit.is_some(), batch[0].epoch);
             let split = batch.iter().position(|i| (i.precommit.is_some(), i.epoch) != key).unwrap_or(batch.len());
             let rest = batch.split_off(split);
-            self.state_call(std::mem::replace(&mut batch, rest)).await;
+            let group = std::mem::replace(&mut batch, rest);
+            match self.state_call(&group).await {
+                // One branch refused (a stale epoch, a branch not prepared for three-phase
+                // commit) fails the whole call: ask branch by branch, so that the others get
+                // their answers now instead of after a backoff behind it.
+                Err(status) if status.code() == tonic::Code::FailedPrecondition && group.len() > 1 => {
+                    for item in group {
+                        let result = self.state_call(std::slice::from_ref(&item)).await;
+                        self.report_states(vec![item], result);
+                    }
+                }
+                result => self.report_states(group, result),
+            }
         }
     }
 
-    /// One PreCommit or QueryState call (every item of the same kind and epoch).
-    async fn state_call(&self, batch: Vec<StateItem>) {
+    /// Tells the engine how a state call went for each of its branches.
+    fn report_states(&self, batch: Vec<StateItem>, result: Result<Vec<StateResult>, tonic::Status>) {
+        let results = match result {
+            Ok(results) => results,
+            Err(status) => {
+                // Handled here: each branch is asked again after its backoff.
+                tracing::warn!(resource = %self.resource, branches = batch.len(), code = ?status.code(),
+                    error = status.message(), "three-phase call failed; asking again with backoff");
+                vec![StateResult::Failed { error: status_text(status) }; batch.len()]
+            }
+        };
+        for (item, result) in batch.into_iter().zip(results) {
+            tracing::debug!(resource = %self.resource, gtid = %item.gtid, branch = %item.branch, ?result, "branch state");
+            let _ = self.events.send(Event::BranchState { gtid: item.gtid, branch: item.branch, result });
+        }
+    }
+
+    /// One PreCommit or QueryState call (every item of the same kind and epoch): a result per
+    /// branch, or the call's failure.
+    async fn state_call(&self, batch: &[StateItem]) -> Result<Vec<StateResult>, tonic::Status> {
         let precommit = batch[0].precommit.is_some();
         let epoch = batch[0].epoch;
         let name = if precommit { "PreCommit" } else { "QueryState" };
@@ -484,7 +538,7 @@ impl Caller {
                 epoch,
                 branches: asked
                     .iter()
-                    .zip(&batch)
+                    .zip(batch)
                     .map(|(x, i)| {
                         let (metadata, docommit_wait_ms) = i.precommit.clone().unwrap_or_default();
                         v1::PreCommitBranch { xid: Some(x.clone()), metadata: metadata.to_vec(), docommit_wait_ms }
@@ -515,32 +569,8 @@ impl Caller {
             .instrument(span)
             .await
         };
-        let results: Vec<StateResult> = match result {
-            Ok(results) => {
-                if precommit {
-                    fail::fail_point!("coordinator::after_precommit_call");
-                }
-                self.settle(
-                    name,
-                    &asked,
-                    results,
-                    |r| r.xid.as_ref(),
-                    state_result,
-                    |error| StateResult::Failed { error },
-                )
-            }
-            Err(status) => {
-                // Handled here: each branch is asked again after its backoff.
-                tracing::warn!(resource = %self.resource, call = name, branches = batch.len(), code = ?status.code(),
-                    error = status.message(), "three-phase call failed; asking again with backoff");
-                vec![StateResult::Failed { error: status_text(status) }; batch.len()]
-            }
-        };
-        for (item, result) in batch.into_iter().zip(results) {
-            tracing::debug!(resource = %self.resource, gtid = %item.gtid, branch = %item.branch, call = name, ?result,
-                "branch state");
-            let _ = self.events.send(Event::BranchState { gtid: item.gtid, branch: item.branch, result });
-        }
+        let results = result?;
+        Ok(self.settle(name, &asked, results, |r| r.xid.as_ref(), state_result, |error| StateResult::Failed { error }))
     }
 
     /// One result per asked branch, matched by xid ([`match_results`]): `convert` for a matched

@@ -95,6 +95,10 @@ pub struct EngineConfig {
     /// Three-phase commit: how long a pre-committed branch waits for the commit before it
     /// commits itself (and how long the coordinator waits for PreCommit acknowledgements).
     pub docommit_wait_ms: u64,
+    /// Three-phase commit: the longest a PreCommit call may take to reach a participant (the
+    /// participant call timeout). A pre-commit decision that becomes durable too late for its
+    /// PreCommits to arrive before the earliest wait deadline aborts instead.
+    pub precommit_delivery_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -116,6 +120,7 @@ impl Default for EngineConfig {
             shard_count: 0,
             precommit_wait_ms: 20_000,
             docommit_wait_ms: 10_000,
+            precommit_delivery_ms: 5_000,
         }
     }
 }
@@ -356,7 +361,7 @@ impl Engine {
                 TxnState::Aborting => g.aborting += 1,
                 TxnState::Committed | TxnState::Aborted => continue,
             }
-            if matches!(txn.phase, Phase::Committing | Phase::Aborting) {
+            if matches!(txn.phase, Phase::Committing | Phase::Aborting | Phase::PreCommitting | Phase::Terminating) {
                 oldest_decision = Some(oldest_decision.map_or(txn.decided_ms, |o| o.min(txn.decided_ms)));
             }
         }
@@ -416,8 +421,10 @@ impl Engine {
             Event::Synced(SyncToken::Commit(gtid)) => self.commit_durable(gtid),
             Event::Synced(SyncToken::PreCommit(gtid)) => self.precommit_durable(gtid),
             Event::BranchState { gtid, branch, result } => self.state_answered(gtid, branch, result),
-            Event::Capability { resource, three_phase } => {
-                self.cx.three_phase_capable.insert(resource, three_phase);
+            Event::Capability { resource, endpoint, three_phase } => {
+                if self.cx.participants.get(&resource) == Some(&endpoint) {
+                    self.cx.three_phase_capable.insert(resource, three_phase);
+                }
             }
             Event::Synced(SyncToken::OnePhase(gtid)) => {
                 if let Some(txn) = self.txns.get_mut(&gtid)
@@ -603,7 +610,11 @@ impl Engine {
         let mut matching = self.txns.values().filter(|t| {
             let state = t.phase.state();
             (filter.states.is_empty() || filter.states.contains(&state))
-                && (!filter.in_doubt || matches!(t.phase, Phase::Committing | Phase::Aborting))
+                && (!filter.in_doubt
+                    || matches!(
+                        t.phase,
+                        Phase::Committing | Phase::Aborting | Phase::PreCommitting | Phase::Terminating
+                    ))
                 && (!filter.heuristic || t.heuristic())
                 && (filter.older_than_ms == 0 || t.created_ms <= cutoff)
         });

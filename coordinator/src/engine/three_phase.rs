@@ -33,6 +33,21 @@ impl Engine {
         }
         let timeouts = txn.three_phase.expect("only a three-phase transaction writes a pre-commit record");
         txn.phase = Phase::PreCommitting;
+        // Each branch's wait deadline runs from its yes vote: at the earliest, from when the
+        // Prepares went out. PreCommits that may arrive after it could pre-commit some branches
+        // while others abort themselves. Nothing is pre-committed yet, so abort instead.
+        let prepares_sent_ms = txn.prepare_deadline_ms.saturating_sub(cx.cfg.prepare_timeout_ms);
+        let earliest_wait_deadline_ms = prepares_sent_ms + timeouts.precommit_wait_ms;
+        if cx.now + cx.cfg.precommit_delivery_ms >= earliest_wait_deadline_ms {
+            let reason = format!(
+                "three-phase: the pre-commit decision was durable {} ms after the prepare round began, too late for \
+                 PreCommit to reach every branch within its {} ms wait (a slow decision log or store)",
+                cx.now - prepares_sent_ms,
+                timeouts.precommit_wait_ms
+            );
+            cx.decide_abort(txn, AbortCause::PreCommitLate, reason);
+            return cx.finish_if_done(txn);
+        }
         txn.precommit_ack_deadline_ms = cx.now + timeouts.docommit_wait_ms;
         cx.timers.insert((txn.precommit_ack_deadline_ms, gtid, TimerKind::PreCommitAck));
         cx.send_state_calls(txn);
@@ -136,16 +151,40 @@ impl Ctx {
         let committable = self.any_committable(txn);
         let all_answered =
             txn.branches.iter().filter(|b| b.vote == Some(Vote::Prepared)).all(|b| b.participant_state.is_some());
+        // Past the do-commit wait, a pre-committed branch is committing on its own.
+        let waited = self.now >= txn.precommit_ack_deadline_ms;
         match txn.phase {
-            Phase::PreCommitting if all_answered && committable => self.decide_three_phase_commit(txn),
+            Phase::PreCommitting if committable && (all_answered || waited) => self.decide_three_phase_commit(txn),
             Phase::Terminating if committable => self.decide_three_phase_commit(txn),
             Phase::PreCommitting | Phase::Terminating if all_answered => {
                 let states: Vec<String> =
                     txn.branches.iter().filter_map(|b| Some(format!("{} {:?}", b.key, b.participant_state?))).collect();
                 let reason = format!("three-phase: no branch was pre-committed ({})", states.join(", "));
                 self.decide_abort(txn, AbortCause::NotPreCommitted, reason);
+                self.unknown_branches_are_hazards(txn);
             }
             _ => {}
+        }
+    }
+
+    /// Aborting, some branch that voted yes answered that it has no record of the branch (it
+    /// lost it, or forgot it after its retention). It may have been pre-committed and have
+    /// committed on its own before it forgot: nothing proves how it ended. A heuristic hazard,
+    /// recorded, counted and kept for an operator — never taken for an abort.
+    fn unknown_branches_are_hazards(&mut self, txn: &mut Txn) {
+        let gtid = txn.gtid;
+        for b in txn.branches.iter_mut().filter(|b| b.participant_state == Some(ParticipantState::Unknown)) {
+            b.acked = true;
+            b.in_flight = false;
+            b.outcome = Some(BranchOutcome::HeuristicHazard);
+            let why = "it voted yes, then answered the three-phase state query with no record of the branch (lost, \
+                       or forgotten after its retention): whether it committed on its own is not known";
+            b.last_error = Some(match b.last_error.take() {
+                Some(said) => format!("{why}; the participant said: {said}"),
+                None => why.to_string(),
+            });
+            crate::metrics::heuristic();
+            tracing::warn!(%gtid, branch = %b.key, "heuristic hazard: {why}");
         }
     }
 

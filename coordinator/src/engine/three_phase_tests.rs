@@ -11,7 +11,7 @@ const TIMEOUTS: ThreePhaseTimeouts = ThreePhaseTimeouts { precommit_wait_ms: 20_
 fn harness(cfg: EngineConfig) -> Harness {
     let mut h = Harness::with_config(cfg);
     for (r, three_phase) in [("db1", true), ("db2", true), ("db3", false)] {
-        h.ev(Event::Capability { resource: r.parse().unwrap(), three_phase });
+        h.ev(Event::Capability { resource: r.parse().unwrap(), endpoint: format!("http://{r}"), three_phase });
     }
     h
 }
@@ -71,21 +71,22 @@ fn voted_yes(h: &mut Harness, g: Gtid) -> (ReqId, Vec<Command>) {
 
 #[test]
 fn commit_forces_the_precommit_decision_then_commits_once_every_branch_is_precommitted() {
-    let mut h = harness(EngineConfig::default());
+    // A real epoch (the log writer's: the count of starts), carried by every PreCommit.
+    let mut h = harness(EngineConfig { epoch: 3, ..EngineConfig::default() });
     let g = gtid(1);
     let (req, out) = voted_yes(&mut h, g);
     let votes = vec![(db1(), meta("m1"), T0 + 1), (db2(), Bytes::new(), T0 + 1)];
     assert_eq!(
         out,
         vec![Command::Append {
-            record: LogRecord::PreCommit(record(g, T0 + 1, 0, votes.clone())),
+            record: LogRecord::PreCommit(record(g, T0 + 1, 3, votes.clone())),
             sync: Some(SyncToken::PreCommit(g)),
         }]
     );
     // Nobody hears PreCommit before the decision is durable.
     h.now += 1;
     let out = h.sync_all();
-    assert_eq!(out, vec![precommit_cmd(g, db1(), meta("m1"), 0), precommit_cmd(g, db2(), Bytes::new(), 0)]);
+    assert_eq!(out, vec![precommit_cmd(g, db1(), meta("m1"), 3), precommit_cmd(g, db2(), Bytes::new(), 3)]);
     assert_eq!(h.abort_req(g), Err(EngineError::CommitDecided { gtid: g, state: TxnState::Preparing }));
 
     // One acknowledgement is not enough: the other branch may still be waiting for its
@@ -96,7 +97,7 @@ fn commit_forces_the_precommit_decision_then_commits_once_every_branch_is_precom
     assert_eq!(
         out,
         vec![Command::Append {
-            record: LogRecord::Commit(record(g, T0 + 3, 0, votes)),
+            record: LogRecord::Commit(record(g, T0 + 3, 3, votes)),
             sync: Some(SyncToken::Commit(g))
         }]
     );
@@ -341,4 +342,78 @@ fn a_takeover_runs_the_termination_protocol_at_the_new_epoch() {
         out,
         vec![Command::Append { record: LogRecord::Commit(record(g, T0, 7, votes)), sync: Some(SyncToken::Commit(g)) }]
     );
+}
+
+/// The pre-commit record became durable so late (a slow log or store) that PreCommit might
+/// reach a branch after its wait deadline, which runs from its vote: some branches would be
+/// pre-committed while others abort themselves. Nothing is pre-committed yet, so it aborts.
+#[test]
+fn a_precommit_decision_durable_too_late_for_the_wait_deadlines_aborts() {
+    // Prepares went out at T0; the earliest wait deadline is T0 + 20 s, and a PreCommit may take
+    // 5 s to arrive: from T0 + 15 s on, too late.
+    let mut h = harness(EngineConfig::default());
+    let g = gtid(1);
+    let (req, _) = voted_yes(&mut h, g);
+    h.now = T0 + 15_000;
+    let out = h.sync_all();
+    let reason = "three-phase: the pre-commit decision was durable 15000 ms after the prepare round began, too late \
+                  for PreCommit to reach every branch within its 20000 ms wait (a slow decision log or store)";
+    assert_eq!(
+        out,
+        vec![abort_cmd(g, db1(), meta("m1")), abort_cmd(g, db2(), Bytes::new()), aborted(req, reason, false)]
+    );
+
+    // A moment earlier, PreCommit goes out.
+    let g = gtid(2);
+    h.now = T0 + 100_000;
+    voted_yes(&mut h, g);
+    h.now += 14_998;
+    let out = h.sync_all();
+    assert!(out.iter().all(|c| matches!(c, Command::PreCommit { .. })) && out.len() == 2, "{out:?}");
+}
+
+/// A branch that voted yes and then answers the termination protocol's query with no record
+/// (it lost the branch, or forgot it after its retention) may have pre-committed and committed
+/// on its own: its outcome is a heuristic hazard, kept for an operator, never an abort.
+#[test]
+fn a_branch_with_no_record_at_termination_is_a_hazard_not_an_abort() {
+    let g = gtid(1);
+    let votes = vec![(db1(), meta("m1"), T0 + 1), (db2(), Bytes::new(), T0 + 1)];
+    let cfg = EngineConfig { epoch: 4, ..EngineConfig::default() };
+    let (mut h, _) = Harness::restored(cfg, T0 + 100, vec![LogRecord::PreCommit(record(g, T0 + 1, 3, votes))]);
+    state(&mut h, g, db1(), ParticipantState::Unknown);
+    let out = state(&mut h, g, db2(), ParticipantState::Prepared);
+    assert!(out.contains(&abort_cmd(g, db2(), Bytes::new())), "{out:?}");
+    h.ack(g, db2(), Phase2Op::Abort, BranchOutcome::Aborted);
+    let view = h.get(g).unwrap();
+    assert_eq!((view.state, view.heuristic, view.heuristic_mixed), (TxnState::Aborted, true, false));
+    assert_eq!(view.branches[0].outcome, Some(BranchOutcome::HeuristicHazard));
+    assert!(view.branches[0].last_error.as_deref().unwrap().contains("whether it committed on its own is not known"));
+    // Its late Abort answer changes nothing.
+    h.ack(g, db1(), Phase2Op::Abort, BranchOutcome::Aborted);
+    assert_eq!(h.get(g).unwrap().branches[0].outcome, Some(BranchOutcome::HeuristicHazard));
+    // Kept for an operator past the retention.
+    h.now += EngineConfig::default().completed_retention_ms + 1;
+    h.ev(Event::Tick);
+    assert!(h.get(g).unwrap().heuristic);
+}
+
+/// The do-commit wait passed with no pre-committed answer yet; one comes later: it decides at
+/// once (that branch is committing on its own), without waiting for a silent branch.
+#[test]
+fn a_precommitted_answer_after_the_do_commit_wait_commits_without_the_silent_branch() {
+    let mut h = harness(EngineConfig::default());
+    let g = gtid(1);
+    voted_yes(&mut h, g);
+    h.sync_all();
+    let start = h.now;
+    let failed = StateResult::Failed { error: "unavailable".into() };
+    for b in [db1(), db2()] {
+        h.ev(Event::BranchState { gtid: g, branch: b, result: failed.clone() });
+    }
+    h.now = start + TIMEOUTS.docommit_wait_ms + 1;
+    h.ev(Event::Tick);
+    assert_eq!(h.get(g).unwrap().state, TxnState::Preparing, "nothing decides without a committable answer");
+    let out = state(&mut h, g, db1(), ParticipantState::PreCommitted);
+    assert!(matches!(&out[..], [Command::Append { record: LogRecord::Commit(_), .. }]), "{out:?}");
 }

@@ -78,10 +78,12 @@ pub enum Event {
         branch: BranchKey,
         result: StateResult,
     },
-    /// Whether a participant supports three-phase commit (its answer to the capability probe
-    /// made when the coordinator connects to it).
+    /// Whether the participant at `endpoint` supports three-phase commit (its answer to the
+    /// capability probe made when the coordinator connects to it, and again now and then).
+    /// Ignored if the resource has moved to another endpoint since.
     Capability {
         resource: ResourceId,
+        endpoint: String,
         three_phase: bool,
     },
     /// A record appended with a sync token is durable.
