@@ -444,11 +444,16 @@ pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> 
                 .into_inner();
             for t in &r.transactions {
                 println!(
-                    "{}  {:<10}  branches={}  created={}{}",
+                    "{}  {:<10}  branches={}  created={}{}{}",
                     t.gtid,
                     state_name(t.state),
                     t.branches.len(),
                     t.created_unix_ms,
+                    match (t.heuristic_mixed, t.heuristic) {
+                        (true, _) => "  HEURISTIC MIXED",
+                        (false, true) => "  HEURISTIC",
+                        _ => "",
+                    },
                     if t.abort_reason.is_empty() { String::new() } else { format!("  reason={}", t.abort_reason) }
                 );
             }
@@ -482,7 +487,12 @@ fn print_transaction(t: &v1::Transaction) {
     if t.one_phase {
         println!("one-phase:  yes");
     }
-    if t.heuristic {
+    if t.protocol() == v1::Protocol::ThreePhase {
+        println!("protocol:   three-phase");
+    }
+    if t.heuristic_mixed {
+        println!("HEURISTIC MIXED: some branches committed and some rolled back; see the branch outcomes");
+    } else if t.heuristic {
         println!("HEURISTIC:  a participant decided on its own; see the branch outcomes");
     }
     for b in &t.branches {
@@ -496,6 +506,11 @@ fn print_transaction(t: &v1::Transaction) {
         );
         if b.may_be_empty {
             print!("  may_be_empty");
+        }
+        if let Ok(state) = v1::BranchState::try_from(b.participant_state)
+            && state != v1::BranchState::Unspecified
+        {
+            print!("  participant_state={}", state.as_str_name().trim_start_matches("BRANCH_STATE_"));
         }
         if b.prepared_unix_ms != 0 && !b.acknowledged {
             let age_ms = crate::driver::now_ms().saturating_sub(b.prepared_unix_ms);

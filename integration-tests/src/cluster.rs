@@ -24,7 +24,23 @@ impl TestDir {
         participants: &[(&str, String)],
         args: &[&str],
     ) -> Process {
+        self.cluster_instance_with_env(name, store, cluster_id, participants, args, &[]).await
+    }
+
+    /// [`TestDir::cluster_instance`] with extra environment variables (crash points).
+    pub async fn cluster_instance_with_env(
+        &self,
+        name: &str,
+        store: &str,
+        cluster_id: &str,
+        participants: &[(&str, String)],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Process {
         let mut c = Command::new(bin("pledge"));
+        for (k, v) in env {
+            c.env(k, v);
+        }
         c.arg("serve")
             .arg("--store")
             .arg(store)
@@ -131,7 +147,8 @@ impl StoreView {
         self.live_leases().await.into_iter().find(|(s, _, _)| *s == shard).map(|(_, h, e)| (h, e))
     }
 
-    /// The kind of the record the store holds for `gtid` (2: commit, 3: end, 5: one-phase).
+    /// The kind of the record the store holds for `gtid` (2: commit, 3: end, 5: one-phase, 6:
+    /// three-phase pre-commit).
     pub async fn record_kind(&self, gtid: &str) -> Option<i16> {
         let uuid: uuid::Uuid = gtid.parse().expect("a GTID");
         sqlx::query_scalar("SELECT kind FROM pledge_decision WHERE gtid = $1")

@@ -444,6 +444,18 @@ pub async fn read_committed(topic: &str) -> Vec<(String, String)> {
     .expect("reader thread")
 }
 
+/// Runs the `pledge` CLI against `coordinator` (`--coordinator` added) and returns what it
+/// printed; fails the test if it exits non-zero.
+pub fn cli(coordinator: &Process, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("pledge"))
+        .args(args)
+        .args(["--coordinator", &coordinator.endpoint()])
+        .output()
+        .expect("running pledge");
+    assert!(out.status.success(), "pledge {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("pledge prints UTF-8")
+}
+
 pub async fn coordinator_client(p: &Process) -> CoordinatorClient<Channel> {
     CoordinatorClient::new(p.channel().await)
 }

@@ -752,3 +752,87 @@ async fn the_stores_primary_fails_over_and_no_acknowledged_decision_is_lost() {
     .await;
     assert_eq!(bank.total().await, initial, "money was created or destroyed");
 }
+
+/// Three-phase commit in a cluster: the owner of a transaction's shard dies once every branch
+/// acknowledged PreCommit (its pre-commit record is in the store, its commit is not). The
+/// instance that takes the shard over runs the termination protocol at its new epoch: it finds
+/// the branches pre-committed and commits them — long before their own do-commit deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_terminates_a_pre_committed_three_phase_transaction() {
+    let dir = TestDir::new("cl-3pc");
+    let pair = StorePair::start().await;
+    let store_url = pair.url();
+    let cid = format!("cl-3pc-{:06x}", fastrand::u32(..) & 0xffffff);
+    let db1 = dir.participant("db1", 0, &[], &[]).await;
+    let db2 = dir.participant("db2", 0, &[], &[]).await;
+    let participants = [("db1", db1.endpoint()), ("db2", db2.endpoint())];
+    // The branches would commit on their own only after 120 s: a commit within the tests'
+    // patience (30 s) is the new owner's.
+    let args = [
+        "--prepare-timeout-ms",
+        "1000",
+        "--participant-rpc-timeout-ms",
+        "1000",
+        "--precommit-wait-ms",
+        "5000",
+        "--docommit-wait-ms",
+        "120000",
+    ];
+    let crash = [("PLEDGE_CRASH_AT", "coordinator::after_precommit_acked")];
+    let mut a = dir.cluster_instance_with_env("a", &store_url, &cid, &participants, &args, &crash).await;
+    let store = StoreView::connect(&store_url).await;
+    let a_id = store.instance_id(&a).await;
+    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
+    let b = dir.cluster_instance("b", &store_url, &cid, &participants, &args).await;
+    let b_id = store.instance_id(&b).await;
+    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
+    let count = store.shard_count().await;
+
+    // A three-phase transaction in one of a's shards (a Begin is UNAVAILABLE until a has
+    // heard both participants' capability).
+    let ca = coordinator_client(&a).await;
+    let (gtid, shard) = loop {
+        let r = eventually("a three-phase Begin at a", || {
+            let mut ca = ca.clone();
+            async move {
+                let begin = v1::BeginRequest {
+                    branches: vec![branch("db1", "b1"), branch("db2", "b1")],
+                    protocol: v1::Protocol::ThreePhase as i32,
+                    ..Default::default()
+                };
+                ca.begin(begin).await.ok().map(|r| r.into_inner().gtid)
+            }
+        })
+        .await;
+        let shard = shard_of(&r, count);
+        if store.owner(shard).await.is_some_and(|(h, _)| h == a_id) {
+            break (r, shard);
+        }
+        let _ = ca.clone().abort(v1::AbortRequest { gtid: r }).await;
+    };
+    let (_, epoch_a) = store.owner(shard).await.unwrap();
+    put(&mut store_client(&db1).await, &gtid, "b1", "k1", "v1").await;
+    put(&mut store_client(&db2).await, &gtid, "b1", "k2", "v2").await;
+    assert!(commit(&mut ca.clone(), &gtid, false).await.is_err());
+    a.wait_crashed().await;
+    assert_eq!(store.record_kind(&gtid).await, Some(6), "the pre-commit record is in the store, no commit");
+    wait_branch_state(&db1, &gtid, "b1", v1::BranchState::Precommitted).await;
+
+    // b takes the shard over, asks the branches at its epoch, and commits.
+    let (_, epoch_b) = eventually("b owns the dead instance's shard", || async {
+        store.owner(shard).await.filter(|(h, _)| *h == b_id)
+    })
+    .await;
+    assert!(epoch_b > epoch_a, "the takeover raised the epoch");
+    wait_branch_state(&db1, &gtid, "b1", v1::BranchState::Committed).await;
+    wait_branch_state(&db2, &gtid, "b1", v1::BranchState::Committed).await;
+    let mut cb = coordinator_client(&b).await;
+    let t = get_retrying(&cb, &gtid).await;
+    assert_eq!(
+        (t.state(), t.protocol(), t.heuristic),
+        (v1::TransactionState::Committed, v1::Protocol::ThreePhase, false)
+    );
+    let r = commit(&mut cb, &gtid, true).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Committed);
+    assert_eq!(read(&mut store_client(&db2).await, "k2").await.as_deref(), Some("v2"));
+}

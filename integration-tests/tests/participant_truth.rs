@@ -35,16 +35,6 @@ async fn commit_one(p: &mut ParticipantClient<Channel>, x: v1::BranchXid, metada
 }
 
 /// Runs the `pledge` CLI against `coordinator`; its standard output.
-fn cli(coordinator: &Process, args: &[&str]) -> String {
-    let out = std::process::Command::new(bin("pledge"))
-        .args(args)
-        .args(["--coordinator", &coordinator.endpoint()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "pledge {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// Finding 1 at PostgreSQL: the adapter runs the one-phase COMMIT and is killed before it
 /// answers. The coordinator asks again after the restart: the answer must be "committed".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -315,6 +315,12 @@ async fn a_partition_past_both_timeouts_is_reported_as_heuristic_mixed() {
         c.list(v1::ListRequest { heuristic: true, ..Default::default() }).await.unwrap().into_inner().transactions;
     assert!(listed.iter().any(|l| l.gtid == gtid && l.heuristic_mixed), "{listed:?}");
     assert_eq!(coordinator.metrics().await.get("pledge_heuristic_mixed_transactions_total"), 1.0);
+    // The operator's view.
+    let shown = cli(&coordinator, &["txn", "get", &gtid]);
+    assert!(shown.contains("protocol:   three-phase") && shown.contains("HEURISTIC MIXED"), "{shown}");
+    assert!(shown.contains("far/b  vote=PREPARED  outcome=HEURISTIC_ROLLBACK"), "{shown}");
+    let listed = cli(&coordinator, &["txn", "list", "--heuristic"]);
+    assert!(listed.contains(&gtid) && listed.contains("HEURISTIC MIXED"), "{listed}");
     assert!(coordinator.log().contains("heuristic mixed: branches of one transaction ended differently"));
 }
 
