@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # Build prerequisites from Debian (cmake and headers for the bundled librdkafka) when absent.
 bash integration-tests/scripts/build-deps.sh
 
-# The real services (PostgreSQL and Kafka; installed when absent) start in the background
+# The real services (PostgreSQL, Kafka and MariaDB; installed when absent) start in the background
 # while everything compiles.
 services_log=$(mktemp)
 bash integration-tests/scripts/services.sh start >"$services_log" 2>&1 &

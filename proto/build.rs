@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "pledge/v1/reference.proto",
     "pledge/v1/postgres.proto",
     "pledge/v1/kafka.proto",
+    "pledge/v1/mysql.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -8,7 +8,7 @@ PLEDGE_STATE_DIR="${PLEDGE_STATE_DIR:-/tmp/pledge-it}"
 PLEDGE_CACHE_DIR="${PLEDGE_CACHE_DIR:-${HOME:-/root}/.cache/pledge}"
 
 # Each script sets LOG_TAG before sourcing, so interleaved output from
-# services.sh (which runs both in parallel) stays readable.
+# services.sh (which runs them all in parallel) stays readable.
 log() { printf '[%s] %s\n' "${LOG_TAG:-pledge}" "$*" >&2; }
 die() { printf '[%s] ERROR: %s\n' "${LOG_TAG:-pledge}" "$*" >&2; exit 1; }
 
@@ -23,8 +23,8 @@ port_open() {
 }
 
 # Install Debian packages non-interactively.
-# - A lock serialises our own callers: services.sh starts postgres.sh and
-#   kafka.sh in parallel, and both may need apt on a fresh machine.
+# - A lock serialises our own callers: services.sh starts postgres.sh,
+#   kafka.sh and mariadb.sh in parallel, and they may need apt on a fresh machine.
 # - DPkg::Lock::Timeout makes apt wait for any *other* dpkg user instead of
 #   failing at once.
 # - `apt-get update` runs only when the package lists are absent, or when the

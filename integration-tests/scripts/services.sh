@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Start/stop every real service the integration tests need (PostgreSQL and
-# Kafka), as set up by postgres.sh and kafka.sh beside this file.
+# Start/stop every real service the integration tests need (PostgreSQL, Kafka
+# and MariaDB), as set up by postgres.sh, kafka.sh and mariadb.sh beside this file.
 #
-#   services.sh start    start both IN PARALLEL (saves wall time); fails if either fails
-#   services.sh stop     stop both
-#   services.sh status   exit 0 only if both are up
-#   services.sh env      print exports for both; use: eval "$(services.sh env)"
+#   services.sh start    start all IN PARALLEL (saves wall time); fails if any fails
+#   services.sh stop     stop all
+#   services.sh status   exit 0 only if all are up
+#   services.sh env      print exports for all; use: eval "$(services.sh env)"
 #
-# The environment variables of postgres.sh and kafka.sh apply (PLEDGE_STATE_DIR,
-# PLEDGE_CACHE_DIR, PLEDGE_PG_PORT, PLEDGE_KAFKA_PORT, ...).
+# The environment variables of postgres.sh, kafka.sh and mariadb.sh apply
+# (PLEDGE_STATE_DIR, PLEDGE_CACHE_DIR, PLEDGE_PG_PORT, PLEDGE_KAFKA_PORT,
+# PLEDGE_MARIADB_PORT, ...).
 set -euo pipefail
 
 LOG_TAG=services
@@ -16,10 +17,10 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$HERE/lib.sh"
 
-SERVICES=(postgres kafka)
+SERVICES=(postgres kafka mariadb)
 
 # Run "<service>.sh <cmd>" for every service at once and wait for all of
-# them. Each one's output is already tagged [postgres] / [kafka] by lib.sh's
+# them. Each one's output is already tagged [postgres] / [kafka] / [mariadb] by lib.sh's
 # log(), and goes to stderr, so the interleaving stays readable.
 run_all_parallel() {
   local cmd="$1" svc failed=() t0

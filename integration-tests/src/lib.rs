@@ -11,6 +11,8 @@ use std::future::Future;
 pub mod bench;
 pub mod cluster;
 pub mod kafka;
+pub mod mariadb;
+pub mod mysql;
 pub mod pg;
 pub mod proxy;
 pub mod store;

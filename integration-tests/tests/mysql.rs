@@ -1,0 +1,283 @@
+//! The MySQL/MariaDB participant against the real MariaDB the project's scripts start: the
+//! participant conformance suite (two-phase and three-phase); transfers across MariaDB and
+//! PostgreSQL through a coordinator, committed together or, when a branch fails, aborted
+//! together; kill -9 of the adapter after XA PREPARE, of `mariadbd` itself with a branch
+//! prepared and of the coordinator between its decision and phase 2; a one-phase commit cut
+//! short.
+//!
+//! The test that kills the server takes [`SERVER`] for writing; every other test of this file
+//! holds it for reading, so none of them runs while the server is down.
+
+use pledge_conformance::{Options, Target};
+use pledge_integration_tests::mariadb::{kill9_server, mariadb_url, restart_server};
+use pledge_integration_tests::mysql::*;
+use pledge_integration_tests::pg::{self, int, text};
+use pledge_integration_tests::*;
+use pledge_proto::v1;
+
+/// The conformance suite's own coordinator id: the adapter serves that coordinator.
+const CONFORMANCE: &str = "conformance";
+
+/// Held for reading by every test of this file, for writing by the one that kills the server.
+static SERVER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+struct Adapter {
+    dir: TestDir,
+    process: Process,
+    table: String,
+}
+
+impl Target for Adapter {
+    fn endpoint(&self) -> String {
+        self.process.endpoint()
+    }
+
+    fn resource(&self) -> String {
+        "my_a".into()
+    }
+
+    async fn work(&mut self, gtid: &str, branch: &str, key: &str) -> Result<(), String> {
+        let mut c = mysql_client(&self.process).await;
+        let sql = format!("INSERT INTO {} (k) VALUES (?)", self.table);
+        mysql_execute(&mut c, "my_a", gtid, branch, &sql, vec![text(key)]).await.map(drop).map_err(|e| e.to_string())
+    }
+
+    async fn visible(&mut self, key: &str) -> Result<bool, String> {
+        let sql = format!("SELECT count(*) FROM {} WHERE k = ?", self.table);
+        let n: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(key).fetch_one(&mysql_pool('a').await).await.unwrap();
+        Ok(n == 1)
+    }
+
+    async fn restart(&mut self) -> Result<(), String> {
+        self.process.kill9().await;
+        let port = self.process.port();
+        let resources = [("my_a", mariadb_url('a'))];
+        self.process = self.dir.mysql_adapter("mysql", port, CONFORMANCE, &resources, &[], &[]).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_adapter_conforms() {
+    let _server = SERVER.read().await;
+    let dir = TestDir::new("mysql-conformance");
+    let table = format!("conf_{}", fastrand::u32(..));
+    let ddl = format!("CREATE TABLE {table} (k VARCHAR(255) PRIMARY KEY)");
+    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&mysql_pool('a').await).await.unwrap();
+    let resources = [("my_a", mariadb_url('a'))];
+    let process = dir.mysql_adapter("mysql", 0, CONFORMANCE, &resources, &[], &[]).await;
+    let report = pledge_conformance::run(&mut Adapter { dir, process, table }, &Options::default()).await;
+    assert!(report.ok() && report.skipped.is_empty(), "{report}");
+    for check in [
+        "a_yes_vote_with_no_pre_commit_aborts_itself_at_its_wait_deadline",
+        "a_pre_committed_branch_commits_itself_at_its_do_commit_deadline",
+        "three_phase_deadlines_and_epochs_survive_a_restart",
+    ] {
+        assert!(report.passed.contains(&check), "{check} did not run: {report}");
+    }
+}
+
+/// Accounts in MariaDB (database a) and PostgreSQL (database a), one adapter each, one
+/// coordinator: a transfer commits at both or at neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_across_mariadb_and_postgres_commit_atomically_and_a_failing_branch_aborts_both() {
+    let _server = SERVER.read().await;
+    let dir = TestDir::new("mysql-transfer");
+    let cid = format!("mysql-transfer-{:06x}", fastrand::u32(..) & 0xffffff);
+    let table = format!("acct_{}", fastrand::u32(..));
+    let my = mysql_pool('a').await;
+    let ddl = format!("CREATE TABLE {table} (id INT PRIMARY KEY, balance INT NOT NULL CHECK (balance >= 0))");
+    sqlx::query(sqlx::AssertSqlSafe(ddl.clone())).execute(&my).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} VALUES (1, 100)"))).execute(&my).await.unwrap();
+    let pgp = pg::pool('a').await;
+    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&pgp).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} VALUES (1, 100)"))).execute(&pgp).await.unwrap();
+
+    let mysql = dir.mysql_adapter("mysql", 0, &cid, &[("my_a", mariadb_url('a'))], &[], &[]).await;
+    let pga = dir.postgres_adapter("pg", 0, &[("db_a", pg_url('a'))], &[], &[]).await;
+    let coordinator = dir.coordinator_with(&[("my_a", &mysql), ("db_a", &pga)], &["--coordinator-id", &cid], &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let (mut myc, mut pgc) = (mysql_client(&mysql).await, pg::branch_client(&pga).await);
+    let my_update = format!("UPDATE {table} SET balance = balance + ? WHERE id = ?");
+    let pg_update = format!("UPDATE {table} SET balance = balance + $1 WHERE id = $2");
+    let balances = || async {
+        let sql = format!("SELECT balance FROM {table} WHERE id = 1");
+        let m: i32 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone())).fetch_one(&my).await.unwrap();
+        let p: i32 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&pgp).await.unwrap();
+        (m, p)
+    };
+
+    // 30 from MariaDB to PostgreSQL.
+    let gtid = begin(&mut c, &[("my_a", "debit"), ("db_a", "credit")]).await;
+    let r = mysql_execute(&mut myc, "my_a", &gtid, "debit", &my_update, vec![int(-30), int(1)]).await.unwrap();
+    assert_eq!(r.results[0].rows_affected, 1);
+    pg::execute(&mut pgc, "db_a", &gtid, "credit", &pg_update, vec![int(30), int(1)]).await.unwrap();
+    let t = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((t.outcome(), t.completed), (v1::Outcome::Committed, true), "{}", t.reason);
+    assert_eq!(balances().await, (70, 130));
+    let got = get(&mut c, &gtid).await.unwrap();
+    let debit = got.branches.iter().find(|b| b.resource_id == "my_a").unwrap();
+    let metadata = String::from_utf8(debit.metadata.clone()).unwrap();
+    assert!(metadata.starts_with("xid=1347175495:"), "the vote metadata names the XA XID: {metadata}");
+
+    // 100 more would overdraw the MariaDB account: its statement fails, the branch votes no,
+    // and the PostgreSQL credit is rolled back with it.
+    let gtid = begin(&mut c, &[("my_a", "debit"), ("db_a", "credit")]).await;
+    pg::execute(&mut pgc, "db_a", &gtid, "credit", &pg_update, vec![int(100), int(1)]).await.unwrap();
+    let e = mysql_execute(&mut myc, "my_a", &gtid, "debit", &my_update, vec![int(-100), int(1)]).await.unwrap_err();
+    assert!(e.message().contains("SQL error 4025"), "a CHECK constraint failure: {}", e.message());
+    let t = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!(t.outcome(), v1::Outcome::Aborted, "{}", t.reason);
+    assert_eq!(balances().await, (70, 130));
+    assert!(pg::prepared_of(&cid).await.is_empty());
+    assert!(prepared_of(&cid).await.is_empty(), "no XA transaction of coordinator {cid} is left prepared");
+}
+
+/// The XA transactions of coordinator `cid` the server holds prepared (as hex of gtrid+bqual).
+async fn prepared_of(cid: &str) -> Vec<String> {
+    use sqlx::Row;
+    let prefix: String = format!("{cid}:").bytes().map(|b| format!("{b:02x}")).collect();
+    let rows = sqlx::raw_sql("XA RECOVER").fetch_all(&mysql_pool('a').await).await.unwrap();
+    rows.iter()
+        .filter(|r| {
+            r.try_get::<i64, _>(0).or_else(|_| r.try_get::<u64, _>(0).map(|n| n as i64)).ok() == Some(1347175495)
+        })
+        .map(|r| r.get::<Vec<u8>, _>(3).iter().map(|b| format!("{b:02x}")).collect::<String>())
+        .filter(|data| data.starts_with(&prefix))
+        .collect()
+}
+
+/// A MySQL adapter (resource `my_a`), a reference participant (`ref`) and a coordinator, all
+/// for coordinator id `cid`, and a table of keys in MariaDB.
+struct Setup {
+    dir: TestDir,
+    cid: String,
+    mysql: Process,
+    reference: Process,
+    coordinator: Process,
+    table: String,
+}
+
+impl Setup {
+    async fn new(test: &str, mysql_env: &[(&str, &str)], coordinator_env: &[(&str, &str)]) -> Setup {
+        let dir = TestDir::new(test);
+        let cid = format!("{test}-{:06x}", fastrand::u32(..) & 0xffffff);
+        let table = format!("keys_{}", fastrand::u32(..));
+        let ddl = format!("CREATE TABLE {table} (k VARCHAR(255) PRIMARY KEY)");
+        sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&mysql_pool('a').await).await.unwrap();
+        let mysql = dir.mysql_adapter("mysql", 0, &cid, &[("my_a", mariadb_url('a'))], &[], mysql_env).await;
+        let reference = dir.participant("ref", 0, &[], &[]).await;
+        let coordinator = start_coordinator(&dir, &cid, &mysql, &reference, coordinator_env).await;
+        Setup { dir, cid, mysql, reference, coordinator, table }
+    }
+
+    async fn restart_coordinator(&mut self) {
+        self.coordinator = start_coordinator(&self.dir, &self.cid, &self.mysql, &self.reference, &[]).await;
+    }
+
+    async fn restart_mysql(&mut self) {
+        let port = self.mysql.port();
+        self.mysql = self.dir.mysql_adapter("mysql", port, &self.cid, &[("my_a", mariadb_url('a'))], &[], &[]).await;
+    }
+
+    /// A transaction inserting `key` in MariaDB (and, with `reference`, writing it at the
+    /// reference participant too).
+    async fn work(&self, key: &str, reference: bool) -> String {
+        let mut c = coordinator_client(&self.coordinator).await;
+        let branches: &[(&str, &str)] = if reference { &[("my_a", "rows"), ("ref", "r")] } else { &[("my_a", "rows")] };
+        let gtid = begin(&mut c, branches).await;
+        let sql = format!("INSERT INTO {} (k) VALUES (?)", self.table);
+        mysql_execute(&mut mysql_client(&self.mysql).await, "my_a", &gtid, "rows", &sql, vec![text(key)])
+            .await
+            .unwrap();
+        if reference {
+            put(&mut store_client(&self.reference).await, &gtid, "r", key, "v").await;
+        }
+        gtid
+    }
+
+    async fn visible(&self, key: &str) -> bool {
+        let sql = format!("SELECT count(*) FROM {} WHERE k = ?", self.table);
+        let n: i64 =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(key).fetch_one(&mysql_pool('a').await).await.unwrap();
+        n == 1
+    }
+}
+
+async fn start_coordinator(
+    dir: &TestDir,
+    cid: &str,
+    mysql: &Process,
+    reference: &Process,
+    env: &[(&str, &str)],
+) -> Process {
+    dir.coordinator_with(&[("my_a", mysql), ("ref", reference)], &["--coordinator-id", cid], env).await
+}
+
+/// Killed right after its XA PREPARE, before answering: the coordinator gets no vote and
+/// aborts; the prepared branch waits at the server (detached from the dead session) until the
+/// restarted adapter rolls it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_killed_after_xa_prepare_is_rolled_back_after_its_restart() {
+    let _server = SERVER.read().await;
+    let mut s = Setup::new("my-kill-prepare", &[("PLEDGE_CRASH_AT", "mysql::after_prepare")], &[]).await;
+    let gtid = s.work("k1", true).await;
+    let r = commit(&mut coordinator_client(&s.coordinator).await, &gtid, false).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Aborted, "no vote from the dead adapter: {}", r.reason);
+    s.mysql.wait_crashed().await;
+    assert_eq!(prepared_of(&s.cid).await.len(), 1, "the adapter died after XA PREPARE");
+    s.restart_mysql().await;
+    let r = commit(&mut coordinator_client(&s.coordinator).await, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Aborted, true));
+    eventually("no prepared XA transaction of ours left", || async {
+        prepared_of(&s.cid).await.is_empty().then_some(())
+    })
+    .await;
+    assert!(!s.visible("k1").await);
+}
+
+/// The coordinator dies once its commit decision is durable, before phase 2; then `mariadbd`
+/// itself is killed with the branch prepared and started again: the branch is still prepared
+/// (XA RECOVER lists it), and the restarted coordinator commits it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_branch_survives_mariadb_killed_and_is_committed_after_the_coordinator_restarts() {
+    let _server = SERVER.write().await;
+    let mut s = Setup::new("my-kill-server", &[], &[("PLEDGE_CRASH_AT", "coordinator::after_commit_synced")]).await;
+    let gtid = s.work("k1", true).await;
+    assert!(commit(&mut coordinator_client(&s.coordinator).await, &gtid, false).await.is_err());
+    s.coordinator.wait_crashed().await;
+    eventually("the branch prepared at the server", || async { (prepared_of(&s.cid).await.len() == 1).then_some(()) })
+        .await;
+
+    kill9_server().await;
+    restart_server().await;
+    assert_eq!(prepared_of(&s.cid).await.len(), 1, "the prepared branch survived kill -9 of mariadbd");
+    assert!(!s.visible("k1").await);
+
+    s.restart_coordinator().await;
+    let r = commit(&mut coordinator_client(&s.coordinator).await, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true), "{}", r.reason);
+    assert!(s.visible("k1").await);
+    assert!(prepared_of(&s.cid).await.is_empty());
+}
+
+/// The adapter runs `XA COMMIT … ONE PHASE` and dies before answering. After its restart the
+/// coordinator asks again; the answer is how the commit really ended (the fence row says it
+/// committed), never a guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_phase_commit_cut_short_is_answered_with_its_real_outcome() {
+    let _server = SERVER.read().await;
+    let mut s = Setup::new("my-kill-1pc", &[("PLEDGE_CRASH_AT", "mysql::after_one_phase_commit")], &[]).await;
+    let gtid = s.work("k1", false).await;
+    // The client's Commit waits while the coordinator asks again (the adapter is down).
+    let committing = {
+        let (mut c, gtid) = (coordinator_client(&s.coordinator).await, gtid.clone());
+        tokio::spawn(async move { commit(&mut c, &gtid, true).await })
+    };
+    s.mysql.wait_crashed().await;
+    s.restart_mysql().await;
+    let r = committing.await.unwrap().unwrap();
+    assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Committed, true, false), "{}", r.reason);
+    assert!(s.visible("k1").await);
+}
