@@ -43,11 +43,13 @@ pub struct CoordinatorService {
     closing: CancellationToken,
     /// In a cluster: sends calls about other instances' shards to their owners.
     router: Option<Arc<Router>>,
+    /// This coordinator's id: part of every branch's XA XID shown by Get and List.
+    coordinator_id: Arc<str>,
 }
 
 impl CoordinatorService {
-    pub fn new(runtime: RuntimeHandle, closing: CancellationToken) -> Self {
-        CoordinatorService { runtime, closing, router: None }
+    pub fn new(runtime: RuntimeHandle, closing: CancellationToken, coordinator_id: &str) -> Self {
+        CoordinatorService { runtime, closing, router: None, coordinator_id: coordinator_id.into() }
     }
 
     pub fn with_router(mut self, router: Arc<Router>) -> Self {
@@ -316,7 +318,7 @@ impl Coordinator for CoordinatorService {
             }
             match self.call(ApiRequest::Get { gtid }).instrument(tracing::debug_span!("Get", %gtid)).await? {
                 Reply::Transaction(view) => {
-                    Ok(Response::new(v1::GetResponse { transaction: Some(transaction(&view)) }))
+                    Ok(Response::new(v1::GetResponse { transaction: Some(transaction(&view, &self.coordinator_id)) }))
                 }
                 other => Err(unexpected(other)),
             }
@@ -367,7 +369,7 @@ impl Coordinator for CoordinatorService {
                     let mut listed = Vec::with_capacity(transactions.len());
                     let mut bytes = 0;
                     for t in &transactions {
-                        let t = transaction(t);
+                        let t = transaction(t, &self.coordinator_id);
                         bytes += prost::Message::encoded_len(&t);
                         if bytes > MAX_LIST_RESPONSE_BYTES && !listed.is_empty() {
                             truncated = true;
@@ -492,7 +494,7 @@ fn outcome_to_wire(o: Option<BranchOutcome>) -> v1::BranchOutcome {
     }
 }
 
-fn transaction(t: &TxnView) -> v1::Transaction {
+fn transaction(t: &TxnView, coordinator_id: &str) -> v1::Transaction {
     v1::Transaction {
         gtid: t.gtid.to_string(),
         state: state_to_wire(t.state) as i32,
@@ -501,7 +503,7 @@ fn transaction(t: &TxnView) -> v1::Transaction {
         deadline_unix_ms: t.deadline_ms,
         decided_unix_ms: t.decided_ms,
         completed_unix_ms: t.completed_ms,
-        branches: t.branches.iter().map(branch).collect(),
+        branches: t.branches.iter().map(|b| branch(b, t.gtid, coordinator_id)).collect(),
         one_phase: t.one_phase,
         idempotency_key: t.idempotency_key.clone().unwrap_or_default(),
         heuristic: t.heuristic,
@@ -535,8 +537,15 @@ fn participant_state_to_wire(state: Option<ParticipantState>) -> v1::BranchState
     }
 }
 
-fn branch(b: &BranchView) -> v1::Branch {
+fn branch(b: &BranchView, gtid: Gtid, coordinator_id: &str) -> v1::Branch {
+    let xid = pledge_proto::Xid { resource: b.key.resource.clone(), gtid, branch: b.key.branch.clone() };
+    let xid = pledge_proto::xa::XaXid::new(coordinator_id, &xid).ok().map(|x| v1::XaXid {
+        format_id: pledge_proto::xa::FORMAT_ID,
+        gtrid: x.gtrid,
+        bqual: x.bqual,
+    });
     v1::Branch {
+        xid,
         resource_id: b.key.resource.to_string(),
         branch_id: b.key.branch.to_string(),
         vote: vote_to_wire(b.vote) as i32,

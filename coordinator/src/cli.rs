@@ -516,6 +516,9 @@ fn print_transaction(t: &v1::Transaction) {
             let age_ms = crate::driver::now_ms().saturating_sub(b.prepared_unix_ms);
             print!("  prepared_for={age_ms}ms");
         }
+        if let Some(x) = &b.xid {
+            print!("  xid={}:{}:{}", x.format_id, pledge_proto::xa::hex(&x.gtrid), pledge_proto::xa::hex(&x.bqual));
+        }
         if !b.last_error.is_empty() {
             print!("  last_error={:?}", b.last_error);
         }

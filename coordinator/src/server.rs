@@ -89,7 +89,7 @@ async fn serve_local(config: Config, shutdown: CancellationToken, handle_signals
         replay_ms = started.elapsed().as_millis() as u64,
         "decision log replayed"
     );
-    let runtime_config = runtime_config(&config, coordinator_id);
+    let runtime_config = runtime_config(&config, coordinator_id.clone());
     let (runtime, handle) = Runtime::new(engine, LocalLog::new(log.writer(), epoch), runtime_config);
     let engine_stop = CancellationToken::new();
     let runtime_task = tokio::spawn(runtime.run(engine_stop.clone()));
@@ -97,7 +97,7 @@ async fn serve_local(config: Config, shutdown: CancellationToken, handle_signals
     // The log is replayed and the engine rebuilt before the port opens.
     let listener =
         Listener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    let service = CoordinatorService::new(handle, shutdown.clone());
+    let service = CoordinatorService::new(handle, shutdown.clone(), &coordinator_id);
     if handle_signals {
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -219,7 +219,7 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
     );
 
     let router = Arc::new(Router::new(state, pool, Duration::from_millis(config.max_request_wait_ms)));
-    let service = CoordinatorService::new(handle, shutdown.clone()).with_router(router);
+    let service = CoordinatorService::new(handle, shutdown.clone(), &info.cluster_id).with_router(router);
     if handle_signals {
         // Hand the shards over while still serving (calls about them are answered here until
         // each is released), then stop.

@@ -252,14 +252,23 @@ async fn a_prepared_branch_survives_mariadb_killed_and_is_committed_after_the_co
 
     kill9_server().await;
     restart_server().await;
-    assert_eq!(prepared_of(&s.cid).await.len(), 1, "the prepared branch survived kill -9 of mariadbd");
+    let listed = prepared_of(&s.cid).await;
+    assert_eq!(listed.len(), 1, "the prepared branch survived kill -9 of mariadbd");
     assert!(!s.visible("k1").await);
 
     s.restart_coordinator().await;
-    let r = commit(&mut coordinator_client(&s.coordinator).await, &gtid, true).await.unwrap();
+    let mut c = coordinator_client(&s.coordinator).await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
     assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true), "{}", r.reason);
     assert!(s.visible("k1").await);
     assert!(prepared_of(&s.cid).await.is_empty());
+    // Get shows the branch's XID: the one XA RECOVER listed.
+    let t = get(&mut c, &gtid).await.unwrap();
+    let xid = t.branches.iter().find(|b| b.resource_id == "my_a").unwrap().xid.clone().expect("an XID");
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!((xid.format_id, format!("{}{}", hex(&xid.gtrid), hex(&xid.bqual))), (1347175495, listed[0].clone()));
+    let shown = cli(&s.coordinator, &["txn", "get", &gtid]);
+    assert!(shown.contains(&format!("xid=1347175495:{}:{}", hex(&xid.gtrid), hex(&xid.bqual))), "{shown}");
 }
 
 /// The adapter runs `XA COMMIT … ONE PHASE` and dies before answering. After its restart the

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod transport;
 pub mod types;
+pub mod xa;
 
 /// Generated code for package `pledge.v1`.
 pub mod v1 {

@@ -31,7 +31,6 @@
 
 pub mod resource;
 pub mod service;
-pub mod xid;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -45,8 +44,10 @@ use pledge_sdk::journal::{Journal, JournalConfig};
 use pledge_sdk::journaled::{self, Journaled};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 
+/// The XID mapping lives with the gRPC contract, which shows every branch's XID.
+pub use pledge_proto::xa as xid;
+pub use pledge_proto::xa::XaXid;
 use resource::{Database, Databases};
-pub use xid::XaXid;
 
 /// The table of fence rows (see the crate docs), created in every database at start.
 pub const FENCE_TABLE: &str = "pledge_xa_fence";

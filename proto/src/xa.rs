@@ -1,4 +1,6 @@
-//! XA transaction identifiers of Pledge branches at MySQL and MariaDB.
+//! The XA transaction identifier of every Pledge branch: what the MySQL/MariaDB participant
+//! gives the server, and what Get, List and the CLI show for every branch (at any resource), so
+//! an operator can match a branch with what a resource manager lists.
 //!
 //! An XA XID is (format id, gtrid, bqual), gtrid and bqual at most 64 bytes each. Pledge's:
 //!
@@ -16,7 +18,7 @@
 
 use std::fmt;
 
-use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
+use crate::{BranchId, Gtid, ResourceId, Xid};
 
 /// Pledge's XA format id: `"PLDG"`.
 pub const FORMAT_ID: u32 = u32::from_be_bytes(*b"PLDG");
