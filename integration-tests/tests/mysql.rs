@@ -290,3 +290,67 @@ async fn a_one_phase_commit_cut_short_is_answered_with_its_real_outcome() {
     assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Committed, true, false), "{}", r.reason);
     assert!(s.visible("k1").await);
 }
+
+/// Runs an XA statement by hand, as an operator or another application would: `verb` (XA
+/// COMMIT or XA ROLLBACK) on the XID of branch `rows` of `gtid` at `my_a`.
+async fn by_hand(verb: &str, cid: &str, gtid: &str) {
+    let xid = pledge_proto::Xid {
+        resource: "my_a".parse().unwrap(),
+        gtid: gtid.parse().unwrap(),
+        branch: pledge_proto::BranchId::parse_field("b", "rows").unwrap(),
+    };
+    let xa = pledge_proto::xa::XaXid::new(cid, &xid).unwrap();
+    let sql = format!("{verb} {}", xa.sql());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mysql_pool('a').await).await.unwrap();
+}
+
+/// Each way a branch can end against the decision, produced for real at MariaDB: rolled back
+/// by hand before the coordinator's commit reached it (a heuristic rollback; with the other
+/// branch committed, the transaction is heuristic mixed), and committed by hand after the
+/// coordinator decided abort (a heuristic commit). Both reported, shown by Get and List, never
+/// as plain success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn branches_ended_by_hand_against_the_decision_are_reported_as_heuristic() {
+    let _server = SERVER.read().await;
+    // Committed by the coordinator, rolled back by hand first.
+    let mut s = Setup::new("my-heur-rb", &[], &[("PLEDGE_CRASH_AT", "coordinator::after_commit_synced")]).await;
+    let gtid = s.work("k1", true).await;
+    assert!(commit(&mut coordinator_client(&s.coordinator).await, &gtid, false).await.is_err());
+    s.coordinator.wait_crashed().await;
+    // The adapter keeps a prepared branch on its session until phase 2; gone with the adapter,
+    // the branch is the server's alone, and anyone can end it.
+    s.mysql.kill9().await;
+    eventually("the branch prepared at the server", || async { (prepared_of(&s.cid).await.len() == 1).then_some(()) })
+        .await;
+    by_hand("XA ROLLBACK", &s.cid, &gtid).await;
+    s.restart_mysql().await;
+    s.restart_coordinator().await;
+    let mut c = coordinator_client(&s.coordinator).await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Committed, true, true), "{}", r.reason);
+    let t = get(&mut c, &gtid).await.unwrap();
+    let outcome = |t: &v1::Transaction, r: &str| t.branches.iter().find(|b| b.resource_id == r).unwrap().outcome();
+    assert_eq!(outcome(&t, "my_a"), v1::BranchOutcome::HeuristicRollback);
+    assert_eq!(outcome(&t, "ref"), v1::BranchOutcome::Committed);
+    assert!(t.heuristic_mixed, "{t:?}");
+    assert!(!s.visible("k1").await);
+    let listed = c.list(v1::ListRequest { heuristic: true, ..Default::default() }).await.unwrap().into_inner();
+    assert!(listed.transactions.iter().any(|l| l.gtid == gtid));
+
+    // Aborted by the coordinator (the adapter died after XA PREPARE, so no vote came),
+    // committed by hand before the adapter came back.
+    let mut s = Setup::new("my-heur-commit", &[("PLEDGE_CRASH_AT", "mysql::after_prepare")], &[]).await;
+    let gtid = s.work("k2", true).await;
+    let r = commit(&mut coordinator_client(&s.coordinator).await, &gtid, false).await.unwrap();
+    assert_eq!(r.outcome(), v1::Outcome::Aborted);
+    s.mysql.wait_crashed().await;
+    by_hand("XA COMMIT", &s.cid, &gtid).await;
+    s.restart_mysql().await;
+    let mut c = coordinator_client(&s.coordinator).await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Aborted, true, true), "{}", r.reason);
+    let t = get(&mut c, &gtid).await.unwrap();
+    assert_eq!(outcome(&t, "my_a"), v1::BranchOutcome::HeuristicCommit);
+    assert!(s.visible("k2").await, "committed by hand");
+    assert!(cli(&s.coordinator, &["txn", "list", "--heuristic"]).contains(&gtid));
+}

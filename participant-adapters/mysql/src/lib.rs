@@ -2,10 +2,12 @@
 //!
 //! A branch is an XA transaction on a connection the adapter pins to it from `XA START` to
 //! `XA PREPARE` (see [`resource`]); XA statements go over the text protocol (they cannot be
-//! prepared statements), with the XID as hex literals ([`xid::XaXid::sql`]). After the prepare
-//! the connection is closed, which detaches the prepared transaction from it: MariaDB ≥ 10.5
-//! and MySQL ≥ 8.0 keep prepared XA transactions across disconnects and crashes (older servers
-//! are refused at start), and `XA COMMIT` / `XA ROLLBACK` finish it from any connection.
+//! prepared statements), with the XID as hex literals ([`xid::XaXid::sql`]). The prepared
+//! branch stays on its session until phase 2 runs there (MariaDB 10.11 lost track of prepared
+//! transactions detached from their sessions under load: see `resource::Database`). MariaDB ≥
+//! 10.5 and MySQL ≥ 8.0 keep prepared XA transactions across disconnects and crashes (older
+//! servers are refused at start), so when the adapter dies its prepared branches are the
+//! server's, and `XA COMMIT` / `XA ROLLBACK` finish them from any session.
 //!
 //! * XA START needs the XID, and the XID names the coordinator (the gtrid prefix `XA RECOVER`
 //!   is filtered by) before any coordinator has spoken to the branch: the adapter is configured
@@ -181,7 +183,10 @@ impl MysqlParticipant {
                 .await
                 .map_err(|e| anyhow::anyhow!("resource {id}: creating {FENCE_TABLE}: {e}"))?;
             tracing::info!(resource = %id, server, "database ready");
-            databases.insert(id.clone(), Arc::new(Database::new(id, pool, config.max_active_branches)));
+            // Prepared branches keep their session until phase 2 (see `resource::Database`): what
+            // the pool has beside active branches and one connection for control statements.
+            let max_pinned = size - config.max_active_branches - 1;
+            databases.insert(id.clone(), Arc::new(Database::new(id, pool, config.max_active_branches, max_pinned)));
         }
         let (journal, log) = Journal::open(config.journal.clone()).await?;
         let active_timeout = config.active_timeout;

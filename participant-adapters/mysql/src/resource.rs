@@ -4,11 +4,13 @@
 //!
 //! * **open** → a connection, `XA START <xid>`, the branch's fence row (see the crate docs),
 //!   `SELECT CONNECTION_ID()`: the session's id goes into the vote metadata.
-//! * **prepare** → `XA END` + `XA PREPARE` in one message; then the connection is closed, which
-//!   detaches the prepared transaction from it (it stays prepared at the server).
+//! * **prepare** → `XA END` + `XA PREPARE` in one message; the session is kept for phase 2
+//!   (see [`Database`]); past the bound it is closed, which detaches the prepared transaction
+//!   (it stays prepared at the server).
 //! * **one-phase commit** → `XA END` + `XA COMMIT … ONE PHASE`; its answer lost, the fence row
 //!   tells how it ended once the session that ran it is gone from the server.
-//! * **finish** → `XA COMMIT` / `XA ROLLBACK` on a connection of the adapter's own; an XID the
+//! * **finish** → `XA COMMIT` / `XA ROLLBACK` on the branch's own session when this process
+//!   still has it, else on a connection of the adapter's own; an XID the
 //!   server does not hold (1397, XAER_NOTA) is settled by the fence row: committed, or rolled
 //!   back outside Pledge (a heuristic outcome) — never presumed.
 //! * **in doubt** → `XA RECOVER`, filtered by format id, the coordinator's gtrid prefix and the
@@ -45,11 +47,38 @@ pub(crate) struct Database {
     pub pool: MySqlPool,
     /// Permits for active branches (`max_active_branches`), each holding a connection.
     active: Arc<Semaphore>,
+    /// Prepared branches still on the session that prepared them, for their XA COMMIT or XA
+    /// ROLLBACK (at most `max_pinned`). MariaDB 10.11 was seen to lose track of prepared XA
+    /// transactions whose session ended under load (XA COMMIT from another session answered
+    /// "unknown XID" and XA RECOVER did not list them until the server restarted), so the normal
+    /// path never detaches one: phase 2 runs on the session that prepared the branch.
+    pinned: std::sync::Mutex<HashMap<XaXid, PoolConnection<MySql>>>,
+    max_pinned: usize,
 }
 
 impl Database {
-    pub fn new(id: ResourceId, pool: MySqlPool, max_active_branches: usize) -> Database {
-        Database { id, pool, active: Arc::new(Semaphore::new(max_active_branches)) }
+    pub fn new(id: ResourceId, pool: MySqlPool, max_active_branches: usize, max_pinned: usize) -> Database {
+        Database {
+            id,
+            pool,
+            active: Arc::new(Semaphore::new(max_active_branches)),
+            pinned: std::sync::Mutex::new(HashMap::new()),
+            max_pinned,
+        }
+    }
+
+    /// Keeps the session of a branch just prepared, if there is room.
+    fn pin(&self, xa: XaXid, conn: PoolConnection<MySql>) -> Result<(), PoolConnection<MySql>> {
+        let mut pinned = self.pinned.lock().expect("pinned sessions lock");
+        if pinned.len() >= self.max_pinned {
+            return Err(conn);
+        }
+        pinned.insert(xa, conn);
+        Ok(())
+    }
+
+    fn unpin(&self, xa: &XaXid) -> Option<PoolConnection<MySql>> {
+        self.pinned.lock().expect("pinned sessions lock").remove(xa)
     }
 }
 
@@ -299,12 +328,26 @@ impl Resource for Databases {
         }
     }
 
-    async fn prepare(&self, _coordinator_id: &str, _xid: &Xid, mut open: BranchConn, _: &[u8]) -> Result<(), String> {
+    async fn prepare(&self, _coordinator_id: &str, xid: &Xid, mut open: BranchConn, _: &[u8]) -> Result<(), String> {
         let sql = format!("XA END {xa}; XA PREPARE {xa}", xa = open.xa.sql());
         let prepared = self.bounded(sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **open.get())).await;
         fail::fail_point!("mysql::after_prepare");
-        // Closed either way: a prepared XA transaction stays at the server, detached from the
-        // session; an active one is rolled back with it.
+        if prepared.is_ok()
+            && let Some(db) = self.db(&xid.resource)
+        {
+            // Kept for phase 2 on this very session (see `Database::pinned`).
+            let conn = open.conn.take().expect("a branch connection is present until its transaction ends");
+            match db.pin(open.xa.clone(), conn) {
+                Ok(()) => return Ok(()),
+                Err(conn) => {
+                    tracing::warn!(resource = %db.id, max_pinned = db.max_pinned,
+                        "too many prepared branches kept on their sessions; this one is detached");
+                    open.conn = Some(conn);
+                }
+            }
+        }
+        // Closed: a prepared XA transaction stays at the server, detached from the session; an
+        // active one is rolled back with it.
         open.close(self.bound()).await;
         prepared.map(drop).map_err(|e| match e {
             sqlx::Error::PoolTimedOut => format!(
@@ -350,6 +393,21 @@ impl Resource for Databases {
         let db = self.db_or_error(&xid.resource)?;
         let xa = XaXid::new(coordinator_id, xid).map_err(Error)?;
         let verb = if commit { "XA COMMIT" } else { "XA ROLLBACK" };
+        // On the session that prepared it, when this process still has it.
+        if let Some(mut conn) = db.unpin(&xa) {
+            let done =
+                self.bounded(sqlx::raw_sql(AssertSqlSafe(format!("{verb} {}", xa.sql()))).execute(&mut *conn)).await;
+            match done {
+                // The session is clean again: back to the pool.
+                Ok(_) if commit => return Ok(Outcome::Committed),
+                Ok(_) => return Ok(Outcome::Aborted { reason: String::new() }),
+                Err(e) => {
+                    tracing::info!(%xa, error = %e, "{verb} on the preparing session failed; asking from another");
+                    use sqlx::Connection;
+                    let _ = tokio::time::timeout(self.bound(), conn.detach().close()).await;
+                }
+            }
+        }
         // "Unknown XID" is also the answer while the session that prepared it has not quite
         // ended (its goodbye is handled by the server on its own time): the server still lists
         // it then. Asked again within a bound; only a transaction the server no longer holds
