@@ -83,7 +83,10 @@ pub fn describe() {
     describe_counter!(FINISHED, "transactions finished (every branch acknowledged), by outcome");
     describe_counter!(ABORTS, "abort decisions, by cause");
     describe_counter!(PHASE2_RETRIES, "commit or abort calls to a branch that must be retried (after backoff)");
-    describe_counter!(HEURISTIC, "heuristic outcomes reported by participants (need an operator)");
+    describe_counter!(
+        HEURISTIC,
+        "heuristic outcomes of branches (need an operator), by kind: commit, rollback, mixed, hazard"
+    );
     describe_counter!(
         HEURISTIC_MIXED,
         "transactions whose branches ended differently, some committed and some rolled back (need an operator)"
@@ -180,8 +183,17 @@ pub fn phase2_retry() {
     counter!(PHASE2_RETRIES).increment(1);
 }
 
-pub fn heuristic() {
-    counter!(HEURISTIC).increment(1);
+/// A branch's heuristic outcome, by kind: `commit`, `rollback`, `mixed` or `hazard`.
+pub fn heuristic(outcome: crate::engine::BranchOutcome) {
+    use crate::engine::BranchOutcome as O;
+    let kind = match outcome {
+        O::HeuristicCommit => "commit",
+        O::HeuristicRollback => "rollback",
+        O::HeuristicMixed => "mixed",
+        O::HeuristicHazard => "hazard",
+        O::Committed | O::Aborted => return,
+    };
+    counter!(HEURISTIC, "kind" => kind).increment(1);
 }
 
 pub fn heuristic_mixed() {

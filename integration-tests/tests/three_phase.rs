@@ -314,7 +314,9 @@ async fn a_partition_past_both_timeouts_is_reported_as_heuristic_mixed() {
     let listed =
         c.list(v1::ListRequest { heuristic: true, ..Default::default() }).await.unwrap().into_inner().transactions;
     assert!(listed.iter().any(|l| l.gtid == gtid && l.heuristic_mixed), "{listed:?}");
-    assert_eq!(coordinator.metrics().await.get("pledge_heuristic_mixed_transactions_total"), 1.0);
+    let metrics = coordinator.metrics().await;
+    assert_eq!(metrics.get("pledge_heuristic_mixed_transactions_total"), 1.0);
+    assert_eq!(metrics.get(r#"pledge_heuristic_outcomes_total{kind="rollback"}"#), 1.0);
     // The operator's view.
     let shown = cli(&coordinator, &["txn", "get", &gtid]);
     assert!(shown.contains("protocol:   three-phase") && shown.contains("HEURISTIC MIXED"), "{shown}");

@@ -773,7 +773,7 @@ impl Engine {
                     branch.outcome = Some(outcome);
                     txn.decided_ms = now;
                     if outcome.is_heuristic() {
-                        metrics::heuristic();
+                        metrics::heuristic(outcome);
                         tracing::warn!(%gtid, branch = %key, ?outcome, "heuristic outcome reported by participant");
                     }
                     // Committed, or heuristically so; anything else did not commit (a mixed or
@@ -795,7 +795,7 @@ impl Engine {
                         (_, o) => o,
                     };
                     if outcome.is_heuristic() {
-                        metrics::heuristic();
+                        metrics::heuristic(outcome);
                         branch.last_error = reason;
                         tracing::warn!(%gtid, branch = %key, ?outcome, "heuristic outcome reported by participant");
                     }

@@ -183,7 +183,7 @@ impl Ctx {
                 Some(said) => format!("{why}; the participant said: {said}"),
                 None => why.to_string(),
             });
-            crate::metrics::heuristic();
+            crate::metrics::heuristic(BranchOutcome::HeuristicHazard);
             tracing::warn!(%gtid, branch = %b.key, "heuristic hazard: {why}");
         }
     }
