@@ -162,7 +162,7 @@ fn main() {
         let dir = TestDir::new("bench-mysql");
         let max_clients = clients.iter().max().copied().unwrap_or(1);
         // Prepared branches keep their session until phase 2: room for them beside the active ones.
-        let (connections, active) = ((2 * max_clients + 16).to_string(), (max_clients + 8).to_string());
+        let (connections, active) = ((2 * max_clients + 16).to_string(), (max_clients + 4).to_string());
         let adapter_args = ["--max-connections", &connections, "--max-active-branches", &active];
         let resources = [("my_a", mariadb_url('a')), ("my_b", mariadb_url('b'))];
         let adapter =

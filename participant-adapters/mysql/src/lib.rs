@@ -17,8 +17,8 @@
 //!   ([`FENCE_TABLE`], keyed by the XID) inside the XA transaction, so the row exists iff the
 //!   branch committed. An `XA COMMIT` answered "unknown XID" (1397) is settled by it
 //!   (committed, or rolled back outside Pledge: a heuristic rollback), and so is a one-phase
-//!   commit whose answer was lost, once the session that ran it (its id is in the vote
-//!   metadata) is gone from the server. Fence rows older than [`MysqlConfig::fence_retention`]
+//!   commit whose answer was lost — always under a lock, never by a plain read (see
+//!   `resource::Databases::fate`). Fence rows older than [`MysqlConfig::fence_retention`]
 //!   are deleted; a branch that old with no row is a heuristic hazard.
 //! * Checked at start, refusing clearly: the server version, the privilege `XA RECOVER`
 //!   needs, and the settings that make a prepared XA transaction durable
@@ -91,7 +91,7 @@ impl MysqlConfig {
             active_timeout: Duration::from_secs(60),
             statement_timeout: Duration::from_secs(30),
             acquire_timeout: Duration::from_secs(10),
-            max_active_branches: 48,
+            max_active_branches: 24,
             fence_retention: Duration::from_secs(7 * 24 * 3600),
             journal: JournalConfig::new(data_dir.into().join("journal")),
         }
@@ -184,8 +184,15 @@ impl MysqlParticipant {
                 .map_err(|e| anyhow::anyhow!("resource {id}: creating {FENCE_TABLE}: {e}"))?;
             tracing::info!(resource = %id, server, "database ready");
             // Prepared branches keep their session until phase 2 (see `resource::Database`): what
-            // the pool has beside active branches and one connection for control statements.
+            // the pool has beside active branches and one connection for control statements, at
+            // least as many as active branches.
             let max_pinned = size - config.max_active_branches - 1;
+            anyhow::ensure!(
+                max_pinned >= config.max_active_branches,
+                "resource {id}: the pool's max_connections ({size}) must leave room for the prepared branches waiting \
+                 for phase 2 on their own sessions: at least 2 × max_active_branches ({}) + 1",
+                config.max_active_branches
+            );
             databases.insert(id.clone(), Arc::new(Database::new(id, pool, config.max_active_branches, max_pinned)));
         }
         let (journal, log) = Journal::open(config.journal.clone()).await?;
@@ -231,19 +238,32 @@ impl MysqlParticipant {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     tick.tick().await;
-                    let deleted = sqlx::query(
-                        "DELETE FROM pledge_xa_fence WHERE created_at < NOW(3) - INTERVAL ? SECOND LIMIT 10000",
-                    )
-                    .bind(p.config().fence_retention.as_secs())
-                    .execute(&db.pool)
-                    .await;
-                    if let Err(e) = deleted {
+                    if let Err(e) = expire_fences(&db.pool, p.config().fence_retention).await {
                         tracing::warn!(resource = %db.id, error = %e, "cannot expire old fence rows");
                     }
                 }
             });
         }
     }
+}
+
+/// Deletes fence rows older than `retention`, on a session of its own (closed afterwards): READ
+/// COMMITTED, so the range delete takes no gap locks, and a short lock wait, so a row still
+/// held by an undecided branch is skipped this time rather than holding the cleanup up.
+async fn expire_fences(pool: &MySqlPool, retention: Duration) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = pool.acquire().await?.detach();
+    let sql = format!(
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED; SET SESSION innodb_lock_wait_timeout = 1; \
+         DELETE FROM pledge_xa_fence WHERE created_at < NOW(3) - INTERVAL {} SECOND LIMIT 10000",
+        retention.as_secs()
+    );
+    let deleted =
+        tokio::time::timeout(Duration::from_secs(30), sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn))
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close()).await;
+    deleted.map(drop)
 }
 
 /// Checks what the server must offer, and says what to change if it does not: a version that
@@ -293,16 +313,31 @@ fn check_durability(flush: i64, log_bin: i64, sync_binlog: i64) -> anyhow::Resul
 }
 
 async fn create_fence_table(pool: &MySqlPool) -> Result<(), sqlx::Error> {
+    // kind: `work`, written in the branch's own XA transaction; `abort`, written by the fence
+    // check once nothing holds the branch's row (see `resource::Databases::fate`).
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS pledge_xa_fence (\
            gtrid VARBINARY(64) NOT NULL, \
            bqual VARBINARY(64) NOT NULL, \
+           kind VARCHAR(5) NOT NULL DEFAULT 'work', \
            created_at TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3), \
            PRIMARY KEY (gtrid, bqual), \
            KEY pledge_xa_fence_created_at (created_at)) ENGINE=InnoDB",
     )
     .execute(pool)
     .await?;
+    // A table made before `kind` existed.
+    let has_kind: Option<i64> = sqlx::query_scalar(
+        "SELECT 1 FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'pledge_xa_fence' \
+         AND COLUMN_NAME = 'kind'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    if has_kind.is_none() {
+        sqlx::raw_sql("ALTER TABLE pledge_xa_fence ADD COLUMN kind VARCHAR(5) NOT NULL DEFAULT 'work'")
+            .execute(pool)
+            .await?;
+    }
     Ok(())
 }
 

@@ -8,7 +8,7 @@
 //!   (see [`Database`]); past the bound it is closed, which detaches the prepared transaction
 //!   (it stays prepared at the server).
 //! * **one-phase commit** → `XA END` + `XA COMMIT … ONE PHASE`; its answer lost, the fence row
-//!   tells how it ended once the session that ran it is gone from the server.
+//!   tells how it ended, once no transaction holds it any more.
 //! * **finish** → `XA COMMIT` / `XA ROLLBACK` on the branch's own session when this process
 //!   still has it, else on a connection of the adapter's own; an XID the
 //!   server does not hold (1397, XAER_NOTA) is settled by the fence row: committed, or rolled
@@ -88,8 +88,8 @@ impl Database {
 pub struct BranchConn {
     conn: Option<PoolConnection<MySql>>,
     xa: XaXid,
-    /// `CONNECTION_ID()`: while a session with this id lives, a one-phase commit it ran may
-    /// still be under way.
+    /// `CONNECTION_ID()`, in the vote metadata (for an operator matching the branch with the
+    /// server's process list).
     session: u64,
     _active: OwnedSemaphorePermit,
 }
@@ -151,6 +151,26 @@ pub fn metadata(xa: &XaXid, session: u64) -> Vec<u8> {
 pub fn session_of(metadata: &[u8]) -> Option<u64> {
     std::str::from_utf8(metadata).ok()?.split_whitespace().find_map(|p| p.strip_prefix("session=")?.parse().ok())
 }
+
+/// The XID in vote metadata written by [`metadata`].
+pub fn xa_of(metadata: &[u8]) -> Option<XaXid> {
+    let text = std::str::from_utf8(metadata).ok()?;
+    let value = text.split_whitespace().find_map(|p| p.strip_prefix("xid="))?;
+    let mut parts = value.split(':');
+    let (format, gtrid, bqual) = (parts.next()?, parts.next()?, parts.next()?);
+    if format.parse::<u32>().ok()? != xid::FORMAT_ID || parts.next().is_some() {
+        return None;
+    }
+    let unhex = |h: &str| -> Option<Vec<u8>> {
+        h.len()
+            .is_multiple_of(2)
+            .then(|| (0..h.len()).step_by(2).map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok()).collect())?
+    };
+    Some(XaXid { gtrid: unhex(gtrid)?, bqual: unhex(bqual)? })
+}
+
+/// How long the fence check waits for the branch's own fence row's lock, seconds.
+const FENCE_LOCK_WAIT_S: u64 = 1;
 
 /// An integer column, signed or not (servers differ on XA RECOVER's column types).
 fn int_at(row: &sqlx::mysql::MySqlRow, i: usize) -> Result<i64, sqlx::Error> {
@@ -227,37 +247,64 @@ impl Databases {
         done.map(drop)
     }
 
-    /// Whether the branch's XA transaction committed, by its fence row.
+    /// Whether the branch's XA transaction committed, by its fence row, proven under a lock:
+    /// an `abort` fence is inserted with a short lock wait. It goes in only if no transaction
+    /// holds the branch's own fence row — so the branch did not commit, and can no longer: its
+    /// row would collide. A duplicate is read back (`work`: committed; `abort`: an earlier
+    /// check). A lock wait means the branch's XA transaction still holds its row somewhere
+    /// (prepared but detached, or committing): `Err`, asked again later. Never a plain read,
+    /// which cannot see a transaction that is still prepared.
     async fn fate(&self, db: &Database, xid: &Xid, xa: &XaXid) -> Result<Fate, Error> {
-        let found: Option<i64> = self
-            .bounded(
-                sqlx::query_scalar("SELECT 1 FROM pledge_xa_fence WHERE gtrid = ? AND bqual = ?")
-                    .bind(&xa.gtrid)
-                    .bind(&xa.bqual)
-                    .fetch_optional(&db.pool),
-            )
-            .await
-            .map_err(|e| Error::new(format!("resource {}: reading the fence of {xa}: {e}", db.id)))?;
+        let fail = |e: String| Error::new(format!("resource {}: the fence of {xa}: {e}", db.id));
+        // A session of its own, closed afterwards: its lock wait setting must not reach others.
+        let mut conn = self.bounded(db.pool.acquire()).await.map_err(|e| fail(e.to_string()))?.detach();
+        let sql = format!(
+            "SET SESSION innodb_lock_wait_timeout = {FENCE_LOCK_WAIT_S}; \
+             INSERT INTO pledge_xa_fence (gtrid, bqual, kind) VALUES (X'{}', X'{}', 'abort')",
+            xid::hex(&xa.gtrid),
+            xid::hex(&xa.bqual)
+        );
+        let inserted = self.bounded(sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn)).await;
+        let kind: Option<String> = match &inserted {
+            Err(e) if error_number(e) == Some(1062) => self
+                .bounded(
+                    sqlx::query_scalar("SELECT kind FROM pledge_xa_fence WHERE gtrid = ? AND bqual = ?")
+                        .bind(&xa.gtrid)
+                        .bind(&xa.bqual)
+                        .fetch_optional(&mut conn),
+                )
+                .await
+                .map_err(|e| fail(e.to_string()))?,
+            _ => None,
+        };
+        {
+            use sqlx::Connection;
+            let _ = tokio::time::timeout(self.bound(), conn.close()).await;
+        }
         let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
         let retained_since_ms = now_ms.saturating_sub(self.config.fence_retention.as_millis()) as u64;
-        Ok(match found {
-            Some(_) => Fate::Committed,
-            None if xid.gtid.unix_ms().is_none_or(|t| t < retained_since_ms) => Fate::Unknown,
-            None => Fate::NotCommitted,
-        })
+        match inserted {
+            // Past the retention its `work` row may have been deleted: nothing proves it.
+            Ok(_) if xid.gtid.unix_ms().is_none_or(|t| t < retained_since_ms) => Ok(Fate::Unknown),
+            Ok(_) => Ok(Fate::NotCommitted),
+            Err(_) if kind.as_deref() == Some("work") => Ok(Fate::Committed),
+            Err(_) if kind.is_some() => Ok(Fate::NotCommitted),
+            Err(e) if error_number(&e) == Some(1205) => Err(fail(
+                "its XA transaction still holds it (prepared in a session that has not ended, or committing); asking \
+                 again"
+                    .into(),
+            )),
+            Err(e) => Err(fail(e.to_string())),
+        }
     }
 
-    /// Whether a session with this id still lives at the server.
-    async fn session_alive(&self, db: &Database, session: u64) -> Result<bool, Error> {
-        let found: Option<i64> = self
-            .bounded(
-                sqlx::query_scalar("SELECT 1 FROM information_schema.PROCESSLIST WHERE ID = ?")
-                    .bind(session)
-                    .fetch_optional(&db.pool),
-            )
-            .await
-            .map_err(|e| Error::new(format!("resource {}: reading the process list: {e}", db.id)))?;
-        Ok(found.is_some())
+    /// The XID the branch was prepared under: from its vote metadata when there is one (so a
+    /// coordinator id changed since cannot make another), else this adapter's.
+    fn recorded_xa(&self, xid: &Xid, metadata: &[u8]) -> Result<XaXid, Error> {
+        if let Some(xa) = xa_of(metadata) {
+            return Ok(xa);
+        }
+        XaXid::new(&self.config.coordinator_id, xid).map_err(Error)
     }
 
     /// The prepared XA transactions of the server, as (format id, gtrid, bqual).
@@ -365,8 +412,9 @@ impl Resource for Databases {
         drop(open);
         match result {
             Ok(_) => OnePhase::Committed,
-            // The server refused (a rolled-back XA transaction, a deadlock): nothing committed.
-            Err(e @ sqlx::Error::Database(_)) => {
+            // The server refused and rolled back (XA_RB*, a deadlock, a lock wait): nothing
+            // committed. Any other error may have come after the commit began: the fence tells.
+            Err(e) if matches!(error_number(&e), Some(1402 | 1613 | 1614 | 1213 | 1205)) => {
                 OnePhase::Aborted { reason: format!("commit failed: {}", branch_error(&e)) }
             }
             // The connection failed or stopped answering: the commit may or may not have happened.
@@ -386,25 +434,31 @@ impl Resource for Databases {
         &self,
         coordinator_id: &str,
         xid: &Xid,
-        _metadata: &[u8],
+        metadata: &[u8],
         commit: bool,
         recorded: bool,
     ) -> Result<Outcome, Error> {
         let db = self.db_or_error(&xid.resource)?;
-        let xa = XaXid::new(coordinator_id, xid).map_err(Error)?;
+        let xa = self.recorded_xa(xid, metadata)?;
+        let _ = coordinator_id;
         let verb = if commit { "XA COMMIT" } else { "XA ROLLBACK" };
         // On the session that prepared it, when this process still has it.
         if let Some(mut conn) = db.unpin(&xa) {
             let done =
                 self.bounded(sqlx::raw_sql(AssertSqlSafe(format!("{verb} {}", xa.sql()))).execute(&mut *conn)).await;
+            // Closed, never pooled: whatever the branch's work set on the session (variables,
+            // settings, locks) must not reach anyone else.
+            {
+                use sqlx::Connection;
+                let _ = tokio::time::timeout(self.bound(), conn.detach().close()).await;
+            }
             match done {
-                // The session is clean again: back to the pool.
                 Ok(_) if commit => return Ok(Outcome::Committed),
                 Ok(_) => return Ok(Outcome::Aborted { reason: String::new() }),
+                // From another session below; the fence check waits while this one's commit
+                // may still be under way.
                 Err(e) => {
-                    tracing::info!(%xa, error = %e, "{verb} on the preparing session failed; asking from another");
-                    use sqlx::Connection;
-                    let _ = tokio::time::timeout(self.bound(), conn.detach().close()).await;
+                    tracing::info!(%xa, error = %e, "{verb} on the preparing session failed; asking from another")
                 }
             }
         }
@@ -465,17 +519,16 @@ impl Resource for Databases {
 
     async fn resolve(&self, xid: &Xid, metadata: &[u8]) -> Result<Option<Outcome>, Error> {
         let db = self.db_or_error(&xid.resource)?;
-        let xa = XaXid::new(&self.config.coordinator_id, xid).map_err(Error)?;
-        let Some(session) = session_of(metadata) else {
-            return Ok(Some(Outcome::HeuristicHazard {
-                reason: "the answer to the one-phase commit was lost and its session is not known".into(),
-            }));
+        let xa = self.recorded_xa(xid, metadata)?;
+        // While the commit may be under way its fence row is locked: asked again later.
+        let fate = match self.fate(db, xid, &xa).await {
+            Ok(fate) => fate,
+            Err(e) => {
+                tracing::info!(%xa, error = %e, "the one-phase commit's outcome is not known yet");
+                return Ok(None);
+            }
         };
-        // While the session that ran XA COMMIT ONE PHASE lives, the commit may be under way.
-        if self.session_alive(db, session).await? {
-            return Ok(None);
-        }
-        Ok(Some(match self.fate(db, xid, &xa).await? {
+        Ok(Some(match fate {
             Fate::Committed => Outcome::Committed,
             Fate::NotCommitted => Outcome::Aborted { reason: "the one-phase XA COMMIT did not take effect".into() },
             Fate::Unknown => Outcome::HeuristicHazard {
@@ -513,9 +566,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vote_metadata_carries_the_session() {
-        let xa = XaXid { gtrid: b"c:g".to_vec(), bqual: b"b".to_vec() };
-        assert_eq!(session_of(&metadata(&xa, 4_294_967_301)), Some(4_294_967_301));
-        assert_eq!(session_of(b"garbage"), None);
+    fn vote_metadata_carries_the_xid_and_the_session() {
+        let xa = XaXid { gtrid: b"c:g\x00\xff".to_vec(), bqual: b"b".to_vec() };
+        let m = metadata(&xa, 4_294_967_301);
+        assert_eq!(session_of(&m), Some(4_294_967_301));
+        assert_eq!(xa_of(&m), Some(xa));
+        assert_eq!((session_of(b"garbage"), xa_of(b"garbage")), (None, None));
+        assert_eq!(xa_of(b"xid=1:00:00"), None, "another format id");
+        assert_eq!(xa_of(b"xid=1347175495:0:00"), None, "odd hex");
     }
 }

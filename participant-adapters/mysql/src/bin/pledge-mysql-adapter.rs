@@ -41,8 +41,9 @@ struct Args {
     /// Connections per database (each active branch holds one until it is prepared).
     #[arg(long, default_value_t = 64)]
     max_connections: u32,
-    /// Most active (not yet prepared) branches per database.
-    #[arg(long, default_value_t = 48)]
+    /// Most active (not yet prepared) branches per database (at most (max-connections - 1) / 2:
+    /// prepared branches keep their sessions until phase 2).
+    #[arg(long, default_value_t = 24)]
     max_active_branches: usize,
     /// Roll back a branch not prepared within this many ms.
     #[arg(long, default_value_t = 60_000)]
