@@ -2,8 +2,9 @@
 //! (integration-tests/scripts/mariadb.sh): its URLs, SQL through the `mariadb` client binary,
 //! and kill -9 / restart of the server itself.
 //!
-//! The workspace's sqlx has no MySQL driver here, so SQL goes through the client binary
-//! (installed with the server by mariadb.sh), over TCP as the tests' `pledge` account.
+//! SQL here goes through the client binary (installed with the server by mariadb.sh), over TCP
+//! as the tests' `pledge` account, so these checks of the server itself depend on nothing of
+//! Pledge's; tests of the adapter use sqlx's MySQL pool (`crate::mysql`).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
