@@ -147,11 +147,6 @@ pub fn metadata(xa: &XaXid, session: u64) -> Vec<u8> {
     format!("xid={xa} session={session}").into_bytes()
 }
 
-/// The session id in vote metadata written by [`metadata`].
-pub fn session_of(metadata: &[u8]) -> Option<u64> {
-    std::str::from_utf8(metadata).ok()?.split_whitespace().find_map(|p| p.strip_prefix("session=")?.parse().ok())
-}
-
 /// The XID in vote metadata written by [`metadata`].
 pub fn xa_of(metadata: &[u8]) -> Option<XaXid> {
     let text = std::str::from_utf8(metadata).ok()?;
@@ -430,9 +425,11 @@ impl Resource for Databases {
         }
     }
 
+    /// The XID comes from the vote metadata (see [`Databases::recorded_xa`]), not from the
+    /// asking coordinator's id.
     async fn finish(
         &self,
-        coordinator_id: &str,
+        _coordinator_id: &str,
         xid: &Xid,
         metadata: &[u8],
         commit: bool,
@@ -440,7 +437,6 @@ impl Resource for Databases {
     ) -> Result<Outcome, Error> {
         let db = self.db_or_error(&xid.resource)?;
         let xa = self.recorded_xa(xid, metadata)?;
-        let _ = coordinator_id;
         let verb = if commit { "XA COMMIT" } else { "XA ROLLBACK" };
         // On the session that prepared it, when this process still has it.
         if let Some(mut conn) = db.unpin(&xa) {
@@ -569,9 +565,9 @@ mod tests {
     fn vote_metadata_carries_the_xid_and_the_session() {
         let xa = XaXid { gtrid: b"c:g\x00\xff".to_vec(), bqual: b"b".to_vec() };
         let m = metadata(&xa, 4_294_967_301);
-        assert_eq!(session_of(&m), Some(4_294_967_301));
+        assert!(std::str::from_utf8(&m).unwrap().ends_with(" session=4294967301"));
         assert_eq!(xa_of(&m), Some(xa));
-        assert_eq!((session_of(b"garbage"), xa_of(b"garbage")), (None, None));
+        assert_eq!(xa_of(b"garbage"), None);
         assert_eq!(xa_of(b"xid=1:00:00"), None, "another format id");
         assert_eq!(xa_of(b"xid=1347175495:0:00"), None, "odd hex");
     }
