@@ -20,7 +20,7 @@ use crate::config::{MAX_BRANCHES_LIMIT, validate_endpoint};
 use crate::driver::{ApiRequest, CallError, RuntimeHandle};
 use crate::engine::{
     BranchOutcome, BranchView, CommitOutcome, EngineError, Enlisted, ListFilter, ParticipantState, Protocol, Reply,
-    TxnState, TxnView, Vote,
+    ResolveAction, ResolveEffect, ResolveRecord, ResolveRequest, TxnState, TxnView, Vote,
 };
 
 /// Longest idempotency key, in bytes.
@@ -31,6 +31,10 @@ pub const MAX_LIST_LIMIT: usize = 1_000;
 /// or a smaller `limit`).
 pub const MAX_LIST_RESPONSE_BYTES: usize = 3 << 20;
 const DEFAULT_LIST_LIMIT: usize = 100;
+/// Longest reason a Resolve may give, in bytes (it is logged, and shown by Get).
+pub const MAX_RESOLVE_REASON_BYTES: usize = 1_024;
+/// Longest operator name a Resolve may give, in bytes.
+pub const MAX_OPERATOR_BYTES: usize = 128;
 /// Most calls of one pipeline stream handled at a time; the coordinator reads no more of the
 /// stream until one is answered (HTTP/2 flow control then holds the client back).
 pub const MAX_PIPELINE_CALLS_IN_FLIGHT: usize = 1024;
@@ -157,11 +161,14 @@ pub fn status_of(e: &EngineError) -> Status {
         | EngineError::NotThreePhase(_)
         | EngineError::AlreadyAborted { .. }
         | EngineError::CommitDecided { .. }
-        | EngineError::EnlistConflict { .. } => Status::failed_precondition(message),
+        | EngineError::EnlistConflict { .. }
+        | EngineError::ResolveRefused(_) => Status::failed_precondition(message),
+        EngineError::NoSuchBranch { .. } => Status::not_found(message),
         EngineError::TimeoutTooLong { .. } | EngineError::TooManyBranches { .. } => Status::invalid_argument(message),
         EngineError::TooManyTransactions { .. }
         | EngineError::TooManyWaiters { .. }
         | EngineError::TooManyParticipants { .. }
+        | EngineError::TooManyResolutions { .. }
         | EngineError::RetentionFull { .. } => Status::resource_exhausted(message),
         // Retriable: the shard's new owner answers (the router finds it on the next call).
         EngineError::NotOwner { .. }
@@ -205,6 +212,45 @@ fn branches(refs: &[v1::BranchRef]) -> Result<Vec<Enlisted>, Status> {
             Err(e) => Err(Status::invalid_argument(format!("branches[{i}].{e}"))),
         })
         .collect()
+}
+
+/// Checks a Resolve request: a refused one changes nothing.
+fn resolve_request(gtid: Gtid, r: v1::ResolveRequest, peer: String) -> Result<ResolveRequest, Status> {
+    let action = match v1::ResolveAction::try_from(r.action) {
+        Ok(v1::ResolveAction::Commit) => ResolveAction::Commit,
+        Ok(v1::ResolveAction::Rollback) => ResolveAction::Rollback,
+        Ok(v1::ResolveAction::Forget) => ResolveAction::Forget,
+        Ok(v1::ResolveAction::Unspecified) | Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "action: {} is not a resolution (1: commit, 2: rollback, 3: forget)",
+                r.action
+            )));
+        }
+    };
+    let branch = match &r.branch {
+        Some(b) => Some(BranchKey::try_from(b).map_err(|e| Status::invalid_argument(format!("branch.{e}")))?),
+        None => None,
+    };
+    let text = |field: &str, value: String, max: usize| -> Result<String, Status> {
+        if value.trim().is_empty() {
+            return Err(Status::invalid_argument(format!("{field}: required (it is logged with the resolution)")));
+        }
+        if value.len() > max {
+            return Err(Status::invalid_argument(format!(
+                "{field}: {} bytes is longer than the limit of {max} bytes",
+                value.len()
+            )));
+        }
+        Ok(value)
+    };
+    Ok(ResolveRequest {
+        gtid,
+        branch,
+        action,
+        reason: text("reason", r.reason, MAX_RESOLVE_REASON_BYTES)?,
+        operator: text("operator", r.operator, MAX_OPERATOR_BYTES)?,
+        peer,
+    })
 }
 
 fn unexpected(reply: Reply) -> Status {
@@ -403,6 +449,32 @@ impl Coordinator for CoordinatorService {
         .await
     }
 
+    async fn resolve(&self, request: Request<v1::ResolveRequest>) -> Result<Response<v1::ResolveResponse>, Status> {
+        observe("Resolve", async {
+            let gtid = gtid(&request.get_ref().gtid)?;
+            // Forwarded within a cluster: the instance that took the call names its caller.
+            let peer = router::forwarded_peer(&request)
+                .or_else(|| request.remote_addr().map(|a| a.to_string()))
+                .unwrap_or_else(|| "unknown".into());
+            if let Route::Remote(to) = self.route(&request, gtid).await? {
+                let router = self.router.as_ref().expect("routed");
+                let r = request.into_inner();
+                return router.forward_for(Some(peer), to, r, |mut c, r| async move { c.resolve(r).await }).await;
+            }
+            let request = resolve_request(gtid, request.into_inner(), peer)?;
+            let span = tracing::info_span!("Resolve", %gtid, action = %request.action, operator = %request.operator);
+            match self.call(ApiRequest::Resolve(request)).instrument(span).await? {
+                Reply::Resolved { changed, detail, transaction: t } => Ok(Response::new(v1::ResolveResponse {
+                    changed,
+                    detail,
+                    transaction: Some(transaction(&t, &self.coordinator_id)),
+                })),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
     type PipelineStream = pipeline::ReplyStream<v1::CoordinatorReply>;
 
     async fn pipeline(
@@ -512,6 +584,32 @@ fn transaction(t: &TxnView, coordinator_id: &str) -> v1::Transaction {
             Protocol::ThreePhase => v1::Protocol::ThreePhase,
         } as i32,
         heuristic_mixed: t.heuristic_mixed,
+        resolutions: t.resolutions.iter().map(|r| resolution(r)).collect(),
+        heuristic_resolved: t.heuristic_resolved,
+    }
+}
+
+fn resolution(r: &ResolveRecord) -> v1::Resolution {
+    let (resource_id, branch_id) =
+        r.branch.as_ref().map(|b| (b.resource.to_string(), b.branch.to_string())).unwrap_or_default();
+    v1::Resolution {
+        at_unix_ms: r.at_ms,
+        action: match r.action {
+            ResolveAction::Commit => v1::ResolveAction::Commit,
+            ResolveAction::Rollback => v1::ResolveAction::Rollback,
+            ResolveAction::Forget => v1::ResolveAction::Forget,
+        } as i32,
+        resource_id,
+        branch_id,
+        operator: r.operator.clone(),
+        peer: r.peer.clone(),
+        reason: r.reason.clone(),
+        effect: match r.effect {
+            ResolveEffect::Retried => v1::ResolveEffect::Retried,
+            ResolveEffect::BranchSettled => v1::ResolveEffect::BranchSettled,
+            ResolveEffect::Decided => v1::ResolveEffect::Decided,
+            ResolveEffect::Forgotten => v1::ResolveEffect::Forgotten,
+        } as i32,
     }
 }
 
@@ -558,5 +656,6 @@ fn branch(b: &BranchView, gtid: Gtid, coordinator_id: &str) -> v1::Branch {
         prepared_unix_ms: b.prepared_ms,
         may_be_empty: b.may_be_empty,
         participant_state: participant_state_to_wire(b.participant_state) as i32,
+        resolved: b.resolved,
     }
 }

@@ -296,11 +296,34 @@ pub enum TxnCommand {
         in_doubt: bool,
         #[arg(long, default_value_t = 0)]
         older_than_ms: u64,
-        /// Only transactions with a heuristic outcome.
+        /// Only transactions with a heuristic outcome no operator has resolved yet.
         #[arg(long)]
         heuristic: bool,
         #[arg(long, default_value_t = 100)]
         limit: u32,
+    },
+    /// Act on a decided transaction (docs/heuristics.md): retry phase 2 now (no branch), settle
+    /// a branch its participant cannot finish or a heuristic outcome repaired by hand (a
+    /// branch), decide a three-phase transaction stuck undecided, or forget repaired heuristic
+    /// outcomes. Never against the durable decision; logged with --operator and --reason.
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["commit", "rollback", "forget"])))]
+    Resolve {
+        gtid: String,
+        /// RESOURCE/BRANCH to act on; without it, the whole transaction.
+        #[arg(value_parser = parse_branch)]
+        branch: Option<BranchKey>,
+        #[arg(long)]
+        commit: bool,
+        #[arg(long)]
+        rollback: bool,
+        #[arg(long)]
+        forget: bool,
+        /// Why (logged, shown by `txn get` and `log inspect`).
+        #[arg(long)]
+        reason: String,
+        /// Who acts (logged); defaults to the login name.
+        #[arg(long, env = "USER")]
+        operator: String,
     },
 }
 
@@ -461,6 +484,23 @@ pub async fn txn(client: ClientArgs, command: TxnCommand) -> anyhow::Result<()> 
                 println!("(more transactions match; raise --limit)");
             }
         }
+        TxnCommand::Resolve { gtid, branch, commit, rollback, forget: _, reason, operator } => {
+            let action = match (commit, rollback) {
+                (true, _) => v1::ResolveAction::Commit,
+                (_, true) => v1::ResolveAction::Rollback,
+                _ => v1::ResolveAction::Forget,
+            } as i32;
+            let branch = branch.as_ref().map(v1::BranchRef::from);
+            let r = c
+                .resolve(v1::ResolveRequest { gtid, branch, action, reason, operator })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}: {}", if r.changed { "resolved" } else { "unchanged" }, r.detail);
+            if let Some(t) = r.transaction {
+                print_transaction(&t);
+            }
+        }
     }
     Ok(())
 }
@@ -490,10 +530,11 @@ fn print_transaction(t: &v1::Transaction) {
     if t.protocol() == v1::Protocol::ThreePhase {
         println!("protocol:   three-phase");
     }
+    let resolved = if t.heuristic_resolved { " (resolved by an operator)" } else { "" };
     if t.heuristic_mixed {
-        println!("HEURISTIC MIXED: some branches committed and some rolled back; see the branch outcomes");
+        println!("HEURISTIC MIXED: some branches committed and some rolled back; see the branch outcomes{resolved}");
     } else if t.heuristic {
-        println!("HEURISTIC:  a participant decided on its own; see the branch outcomes");
+        println!("HEURISTIC:  a participant decided on its own; see the branch outcomes{resolved}");
     }
     for b in &t.branches {
         let vote = v1::Vote::try_from(b.vote).map(|v| v.as_str_name().trim_start_matches("VOTE_")).unwrap_or("?");
@@ -519,10 +560,27 @@ fn print_transaction(t: &v1::Transaction) {
         if let Some(x) = &b.xid {
             print!("  xid={}:{}:{}", x.format_id, pledge_proto::xa::hex(&x.gtrid), pledge_proto::xa::hex(&x.bqual));
         }
+        if b.resolved {
+            print!("  resolved");
+        }
         if !b.last_error.is_empty() {
             print!("  last_error={:?}", b.last_error);
         }
         println!();
+    }
+    for r in &t.resolutions {
+        let action = v1::ResolveAction::try_from(r.action)
+            .map(|a| a.as_str_name().trim_start_matches("RESOLVE_ACTION_"))
+            .unwrap_or("?");
+        let effect = v1::ResolveEffect::try_from(r.effect)
+            .map(|e| e.as_str_name().trim_start_matches("RESOLVE_EFFECT_"))
+            .unwrap_or("?");
+        let target =
+            if r.resource_id.is_empty() { "*".to_string() } else { format!("{}/{}", r.resource_id, r.branch_id) };
+        println!(
+            "resolution: at={} {action} {target} effect={effect} by {} from {}  reason={:?}",
+            r.at_unix_ms, r.operator, r.peer, r.reason
+        );
     }
 }
 
@@ -615,6 +673,19 @@ fn describe(record: &LogRecord) -> String {
             e.reason.as_ref().map(|r| format!(" reason={r:?}")).unwrap_or_default()
         ),
         LogRecord::Forgotten { through_ms } => format!("FORGOTTEN finished transactions through {through_ms}"),
+        LogRecord::Resolve(r) => format!(
+            "RESOLVE {} {} {} effect={} at={} epoch={} by {:?} from {} reason={:?}{}",
+            r.gtid,
+            r.action,
+            r.branch.as_ref().map_or_else(|| "*".to_string(), ToString::to_string),
+            r.effect,
+            r.at_ms,
+            r.epoch,
+            r.operator,
+            r.peer,
+            r.reason,
+            if r.releases { " releases" } else { "" }
+        ),
     }
 }
 

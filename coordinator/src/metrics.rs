@@ -24,6 +24,7 @@ pub const LIVE: &str = "pledge_transactions";
 pub const OLDEST_IN_DOUBT: &str = "pledge_oldest_in_doubt_seconds";
 pub const RETAINED: &str = "pledge_transactions_retained";
 pub const HEURISTIC_KEPT: &str = "pledge_heuristic_transactions";
+pub const RESOLUTIONS: &str = "pledge_operator_resolutions_total";
 pub const RETENTION_FULL: &str = "pledge_retention_full_refusals_total";
 pub const PROTOCOL_ERRORS: &str = "pledge_participant_protocol_errors_total";
 pub const PARTICIPANT_CALLS: &str = "pledge_participant_calls_total";
@@ -59,6 +60,8 @@ pub enum AbortCause {
     /// Three-phase: the pre-commit decision became durable too late for PreCommit to reach every
     /// branch before its wait deadline (a slow decision log or store).
     PreCommitLate,
+    /// An operator resolved the transaction to roll back (`pledge txn resolve`).
+    Operator,
 }
 
 impl AbortCause {
@@ -72,6 +75,7 @@ impl AbortCause {
             AbortCause::OnePhase => "one_phase",
             AbortCause::NotPreCommitted => "not_precommitted",
             AbortCause::PreCommitLate => "precommit_late",
+            AbortCause::Operator => "operator",
         }
     }
 }
@@ -104,6 +108,11 @@ pub fn describe() {
          max_retained_transactions Begin is refused"
     );
     describe_gauge!(HEURISTIC_KEPT, "finished transactions with a heuristic outcome, kept until an operator acts");
+    describe_counter!(
+        RESOLUTIONS,
+        "operator resolutions that changed something (pledge txn resolve), by action (commit, rollback, forget) and \
+         effect (retried, branch-settled, decided, forgotten)"
+    );
     describe_counter!(
         RETENTION_FULL,
         "Begin calls refused because max_retained_transactions finished transactions are kept (none is forgotten \
@@ -194,6 +203,11 @@ pub fn heuristic(outcome: crate::engine::BranchOutcome) {
         O::Committed | O::Aborted => return,
     };
     counter!(HEURISTIC, "kind" => kind).increment(1);
+}
+
+/// An operator's resolution that took effect.
+pub fn resolution(action: crate::engine::ResolveAction, effect: crate::engine::ResolveEffect) {
+    counter!(RESOLUTIONS, "action" => action.to_string(), "effect" => effect.to_string()).increment(1);
 }
 
 pub fn heuristic_mixed() {

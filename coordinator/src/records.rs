@@ -13,7 +13,7 @@ use prost::Message;
 
 use crate::engine::{
     BranchOutcome, CommitRecord, EncodedOnce, EndBranch, EndRecord, LogRecord, LoggedBranch, OnePhaseRecord,
-    ThreePhaseTimeouts, Vote,
+    ResolveAction, ResolveEffect, ResolveRecord, ThreePhaseTimeouts, Vote,
 };
 
 pub const TYPE_REGISTER: u8 = 1;
@@ -24,6 +24,8 @@ pub const TYPE_ONE_PHASE: u8 = 5;
 /// Three-phase commit's pre-commit decision: a commit record's payload, read by the
 /// termination protocol.
 pub const TYPE_PRECOMMIT: u8 = 6;
+/// An operator's resolution of a transaction (who, why, what it did).
+pub const TYPE_RESOLVE: u8 = 7;
 
 /// Bytes a protobuf field of `len` bytes of data takes at most: a tag (one byte for the field
 /// numbers used here) and a length varint (at most 5 bytes for lengths below 4 GiB).
@@ -176,6 +178,93 @@ struct EndPb {
     branches: Vec<BranchPb>,
     #[prost(message, optional, tag = "10")]
     three_phase: Option<ThreePhasePb>,
+    /// Absent in records written before resolutions existed: then any heuristic outcome.
+    #[prost(bool, optional, tag = "11")]
+    kept_for_operator: Option<bool>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ResolvePb {
+    #[prost(bytes = "vec", tag = "1")]
+    gtid: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    epoch: u64,
+    #[prost(uint64, tag = "3")]
+    at_ms: u64,
+    /// 1 commit, 2 rollback, 3 forget.
+    #[prost(int32, tag = "4")]
+    action: i32,
+    /// Both empty: the whole transaction.
+    #[prost(string, tag = "5")]
+    resource_id: String,
+    #[prost(string, tag = "6")]
+    branch_id: String,
+    #[prost(string, tag = "7")]
+    operator: String,
+    #[prost(string, tag = "8")]
+    peer: String,
+    #[prost(string, tag = "9")]
+    reason: String,
+    /// 1 retried, 2 branch settled, 3 decided, 4 forgotten.
+    #[prost(int32, tag = "10")]
+    effect: i32,
+    #[prost(bool, tag = "11")]
+    releases: bool,
+}
+
+const ACTIONS: [ResolveAction; 3] = [ResolveAction::Commit, ResolveAction::Rollback, ResolveAction::Forget];
+const EFFECTS: [ResolveEffect; 4] =
+    [ResolveEffect::Retried, ResolveEffect::BranchSettled, ResolveEffect::Decided, ResolveEffect::Forgotten];
+
+/// The 1-based code of `value` in `table` (0 is never written: it is a missing field).
+fn code_of<T: PartialEq>(table: &[T], value: &T) -> i32 {
+    table.iter().position(|x| x == value).expect("every value is in its table") as i32 + 1
+}
+
+fn from_code<T: Copy>(table: &[T], field: &'static str, value: i32) -> Result<T, DecodeError> {
+    usize::try_from(value)
+        .ok()
+        .and_then(|c| c.checked_sub(1))
+        .and_then(|i| table.get(i).copied())
+        .ok_or(DecodeError::Enum { field, value })
+}
+
+fn resolve_pb(r: &ResolveRecord) -> ResolvePb {
+    let (resource_id, branch_id) =
+        r.branch.as_ref().map(|b| (b.resource.to_string(), b.branch.to_string())).unwrap_or_default();
+    ResolvePb {
+        gtid: r.gtid.as_bytes().to_vec(),
+        epoch: r.epoch,
+        at_ms: r.at_ms,
+        action: code_of(&ACTIONS, &r.action),
+        resource_id,
+        branch_id,
+        operator: r.operator.clone(),
+        peer: r.peer.clone(),
+        reason: r.reason.clone(),
+        effect: code_of(&EFFECTS, &r.effect),
+        releases: r.releases,
+    }
+}
+
+fn resolve_from(payload: &[u8]) -> Result<ResolveRecord, DecodeError> {
+    let pb = ResolvePb::decode(payload)?;
+    let branch = match pb.resource_id.is_empty() && pb.branch_id.is_empty() {
+        true => None,
+        false => Some(BranchKey::new(&pb.resource_id, &pb.branch_id)?),
+    };
+    Ok(ResolveRecord {
+        gtid: gtid_from(&pb.gtid)?,
+        epoch: pb.epoch,
+        at_ms: pb.at_ms,
+        action: from_code(&ACTIONS, "action", pb.action)?,
+        branch,
+        operator: pb.operator,
+        peer: pb.peer,
+        reason: pb.reason,
+        effect: from_code(&EFFECTS, "effect", pb.effect)?,
+        releases: pb.releases,
+    })
 }
 
 fn vote_code(vote: Option<Vote>) -> i32 {
@@ -266,6 +355,7 @@ pub fn encode(record: &LogRecord) -> (u8, Bytes) {
         LogRecord::Forgotten { through_ms } => {
             (TYPE_FORGOTTEN, ForgottenPb { through_ms: *through_ms }.encode_to_vec().into())
         }
+        LogRecord::Resolve(r) => (TYPE_RESOLVE, resolve_pb(r).encode_to_vec().into()),
     }
 }
 
@@ -320,6 +410,7 @@ fn end_pb(e: &EndRecord) -> EndPb {
         idempotency_key: e.idempotency_key.clone(),
         branches: e.branches.iter().map(|b| branch_pb(&b.key, b.vote, Bytes::new(), b.outcome, 0)).collect(),
         three_phase: e.three_phase.map(ThreePhasePb::from),
+        kept_for_operator: Some(e.kept_for_operator),
     }
 }
 
@@ -341,7 +432,11 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
             for b in &pb.branches {
                 branches.push(EndBranch { key: key(b)?, vote: vote_from(b.vote)?, outcome: outcome_from(b.outcome)? });
             }
+            let kept_for_operator = pb
+                .kept_for_operator
+                .unwrap_or_else(|| branches.iter().any(|b| b.outcome.is_some_and(BranchOutcome::is_heuristic)));
             LogRecord::End(Arc::new(EndRecord {
+                kept_for_operator,
                 gtid: gtid_from(&pb.gtid)?,
                 committed: pb.committed,
                 reason: pb.reason,
@@ -369,6 +464,7 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
             })
         }
         TYPE_FORGOTTEN => LogRecord::Forgotten { through_ms: ForgottenPb::decode(payload)?.through_ms },
+        TYPE_RESOLVE => LogRecord::Resolve(Arc::new(resolve_from(payload)?)),
         other => return Err(DecodeError::UnknownType(other)),
     })
 }
@@ -424,8 +520,37 @@ mod tests {
                 one_phase: true,
                 three_phase: Some(ThreePhaseTimeouts { precommit_wait_ms: 1, docommit_wait_ms: 2 }),
                 idempotency_key: None,
-                branches: vec![EndBranch { key: k2, vote: None, outcome: Some(BranchOutcome::HeuristicHazard) }],
+                branches: vec![EndBranch {
+                    key: k2.clone(),
+                    vote: None,
+                    outcome: Some(BranchOutcome::HeuristicHazard),
+                }],
+                kept_for_operator: true,
                 encoded: Default::default(),
+            })),
+            LogRecord::Resolve(Arc::new(ResolveRecord {
+                gtid: Gtid::from_parts(1_700_000_000_000, 8),
+                epoch: 2,
+                at_ms: 1_700_000_001_000,
+                action: ResolveAction::Rollback,
+                branch: Some(k2),
+                operator: "alice".into(),
+                peer: "127.0.0.1:4000".into(),
+                reason: "restored the row by hand".into(),
+                effect: ResolveEffect::BranchSettled,
+                releases: true,
+            })),
+            LogRecord::Resolve(Arc::new(ResolveRecord {
+                gtid: Gtid::from_parts(1_700_000_000_000, 11),
+                epoch: 0,
+                at_ms: 5,
+                action: ResolveAction::Forget,
+                branch: None,
+                operator: String::new(),
+                peer: String::new(),
+                reason: "x".into(),
+                effect: ResolveEffect::Forgotten,
+                releases: false,
             })),
             LogRecord::Forgotten { through_ms: 1_800_000_000_000 },
             LogRecord::OnePhase(OnePhaseRecord {

@@ -301,10 +301,17 @@ impl LeaseManager {
     }
 
     async fn load(&self, shard: u16) -> anyhow::Result<Vec<LogRecord>> {
-        let rows: Vec<(i16, Vec<u8>)> = sqlx::query_as("SELECT kind, record FROM pledge_decision WHERE shard = $1")
+        let mut rows: Vec<(i16, Vec<u8>)> = sqlx::query_as("SELECT kind, record FROM pledge_decision WHERE shard = $1")
             .bind(i32::from(shard))
             .fetch_all(&self.pool)
             .await?;
+        // Resolutions after every transaction's record, each transaction's in the order made.
+        let resolutions: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT record FROM pledge_resolution WHERE shard = $1 ORDER BY gtid, at_ms, id")
+                .bind(i32::from(shard))
+                .fetch_all(&self.pool)
+                .await?;
+        rows.extend(resolutions.into_iter().map(|r| (i16::from(records::TYPE_RESOLVE), r)));
         rows.into_iter()
             .map(|(kind, record)| {
                 records::decode(kind as u8, &record)
@@ -431,6 +438,8 @@ impl LeaseManager {
         .bind(MAX_FORGET_PER_ROUND)
         .fetch_all(&mut *tx)
         .await?;
+        let gone_gtids: Vec<uuid::Uuid> = gone.iter().map(|(_, g)| *g).collect();
+        sqlx::query("DELETE FROM pledge_resolution WHERE gtid = ANY($1)").bind(&gone_gtids).execute(&mut *tx).await?;
         let mut through: BTreeMap<i32, i64> = BTreeMap::new();
         for (shard, gtid) in &gone {
             let ms = Gtid::from_uuid(*gtid).unix_ms().unwrap_or(0) as i64;

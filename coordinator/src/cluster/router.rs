@@ -18,6 +18,8 @@ use super::ClusterState;
 
 /// Request metadata of a forwarded call.
 pub const FORWARDED: &str = "pledge-forwarded";
+/// The address of the caller of a forwarded call (logged where the call is answered).
+pub const FORWARDED_FOR: &str = "pledge-forwarded-for";
 /// Response metadata naming the instance that owns the call's shard.
 pub const OWNER: &str = pledge_proto::client::OWNER_METADATA;
 
@@ -98,9 +100,27 @@ impl Router {
         F: FnOnce(CoordinatorClient<Channel>, Request<T>) -> Fut,
         Fut: Future<Output = Result<Response<R>, Status>>,
     {
+        self.forward_for(None, address, message, call).await
+    }
+
+    /// [`Router::forward`], naming the original caller's address (`peer`) for the owner to log.
+    pub async fn forward_for<T, R, F, Fut>(
+        &self,
+        peer: Option<String>,
+        address: String,
+        message: T,
+        call: F,
+    ) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(CoordinatorClient<Channel>, Request<T>) -> Fut,
+        Fut: Future<Output = Result<Response<R>, Status>>,
+    {
         let client = self.client(&address)?;
         let mut request = Request::new(message);
         request.metadata_mut().insert(FORWARDED, MetadataValue::from_static("1"));
+        if let Some(v) = peer.and_then(|p| MetadataValue::try_from(p).ok()) {
+            request.metadata_mut().insert(FORWARDED_FOR, v);
+        }
         request.set_timeout(self.timeout);
         let mut response = call(client, request).await.map_err(|s| {
             // The owner could not be reached or went away mid-call: the shard may be moving;
@@ -121,4 +141,12 @@ impl Router {
 /// Whether `request` was forwarded by another instance (it is then answered here, whatever).
 pub fn forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED)
+}
+
+/// The original caller's address of a forwarded call, when the forwarding instance named it.
+pub fn forwarded_peer<T>(request: &Request<T>) -> Option<String> {
+    if !forwarded(request) {
+        return None;
+    }
+    request.metadata().get(FORWARDED_FOR)?.to_str().ok().map(str::to_string)
 }

@@ -10,7 +10,7 @@ use sqlx::postgres::PgPool;
 use sqlx::{Postgres, Transaction};
 
 /// The schema version this binary writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// What every instance of one cluster shares.
 #[derive(Debug, Clone)]
@@ -21,26 +21,27 @@ pub struct ClusterInfo {
 }
 
 /// Steps from version N-1 to N, in order; index 0 makes version 1.
-const MIGRATIONS: &[&[&str]] = &[&[
-    // One lease per shard: `holder` owns it until `expires_at` (database time); `epoch` grows
-    // with every new owner and is the fence every decision write checks.
-    "CREATE TABLE pledge_lease (
+const MIGRATIONS: &[&[&str]] = &[
+    &[
+        // One lease per shard: `holder` owns it until `expires_at` (database time); `epoch` grows
+        // with every new owner and is the fence every decision write checks.
+        "CREATE TABLE pledge_lease (
         shard integer PRIMARY KEY,
         holder text,
         epoch bigint NOT NULL,
         expires_at timestamptz NOT NULL,
         forgotten_through_ms bigint NOT NULL DEFAULT 0
     )",
-    // Instances alive (renewed with their leases) and where they take forwarded calls.
-    "CREATE TABLE pledge_instance (
+        // Instances alive (renewed with their leases) and where they take forwarded calls.
+        "CREATE TABLE pledge_instance (
         id text PRIMARY KEY,
         address text NOT NULL,
         started_at timestamptz NOT NULL,
         expires_at timestamptz NOT NULL
     )",
-    // The latest record of each transaction (a later record tells more: commit or one-phase
-    // intent, then end), encoded as in the local log (`crate::records`).
-    "CREATE TABLE pledge_decision (
+        // The latest record of each transaction (a later record tells more: commit or one-phase
+        // intent, then end), encoded as in the local log (`crate::records`).
+        "CREATE TABLE pledge_decision (
         gtid uuid PRIMARY KEY,
         shard integer NOT NULL,
         kind smallint NOT NULL,
@@ -50,13 +51,29 @@ const MIGRATIONS: &[&[&str]] = &[&[
         completed_ms bigint NOT NULL,
         record bytea NOT NULL
     )",
-    "CREATE INDEX pledge_decision_shard ON pledge_decision (shard, finished, completed_ms)",
-    "CREATE TABLE pledge_participant (
+        "CREATE INDEX pledge_decision_shard ON pledge_decision (shard, finished, completed_ms)",
+        "CREATE TABLE pledge_participant (
         resource text PRIMARY KEY,
         endpoint text NOT NULL,
         updated_at timestamptz NOT NULL
     )",
-]];
+    ],
+    &[
+        // Operators' resolutions (`Resolve`): every one of a transaction, in order, beside its
+        // latest record; forgotten with it. Written again after an unknown outcome: the digest
+        // makes that a no-op.
+        "CREATE TABLE pledge_resolution (
+        id bigserial PRIMARY KEY,
+        gtid uuid NOT NULL,
+        shard integer NOT NULL,
+        at_ms bigint NOT NULL,
+        digest bytea NOT NULL,
+        record bytea NOT NULL,
+        UNIQUE (gtid, digest)
+    )",
+        "CREATE INDEX pledge_resolution_shard ON pledge_resolution (shard, gtid, at_ms, id)",
+    ],
+];
 
 /// Creates or migrates the schema and returns the cluster's settings. `shards` and
 /// `cluster_id` are used only when this call creates the cluster.

@@ -55,6 +55,16 @@ enum Row {
         resource: String,
         endpoint: String,
     },
+    /// An operator's resolution; `releases`: the transaction's row is kept no longer (from
+    /// `at_ms`, for the retention).
+    Resolution {
+        gtid: Gtid,
+        shard: u16,
+        epoch: u64,
+        at_ms: u64,
+        releases: bool,
+        record: Vec<u8>,
+    },
 }
 
 struct Op {
@@ -103,10 +113,15 @@ impl PgLog {
         match record {
             LogRecord::Commit(c) | LogRecord::PreCommit(c) => decision(c.gtid, Some(c.epoch), false, false, 0),
             LogRecord::OnePhase(o) => decision(o.gtid, Some(o.epoch), false, false, 0),
-            LogRecord::End(e) => {
-                let keep = e.branches.iter().any(|b| b.outcome.is_some_and(|o| o.is_heuristic()));
-                decision(e.gtid, None, true, keep, e.completed_ms)
-            }
+            LogRecord::End(e) => decision(e.gtid, None, true, e.kept_for_operator, e.completed_ms),
+            LogRecord::Resolve(r) => Some(Row::Resolution {
+                gtid: r.gtid,
+                shard: r.gtid.shard(count),
+                epoch: r.epoch,
+                at_ms: r.at_ms,
+                releases: r.releases,
+                record: payload.to_vec(),
+            }),
             LogRecord::Register { resource, endpoint } => {
                 Some(Row::Participant { resource: resource.to_string(), endpoint: endpoint.clone() })
             }
@@ -136,7 +151,7 @@ impl DecisionLog for PgLog {
             (None, None)
         };
         let lane = match &row {
-            Row::Decision { shard, .. } => usize::from(*shard) % self.lanes.len(),
+            Row::Decision { shard, .. } | Row::Resolution { shard, .. } => usize::from(*shard) % self.lanes.len(),
             Row::Participant { .. } => 0,
         };
         self.lanes[lane]
@@ -203,7 +218,9 @@ impl Writer {
         loop {
             // Records of shards no longer this instance's (at their epoch) are not written.
             batch.retain_mut(|op| match &op.row {
-                Row::Decision { shard, epoch, .. } if self.state.epoch_of(*shard) != Some(*epoch) => {
+                Row::Decision { shard, epoch, .. } | Row::Resolution { shard, epoch, .. }
+                    if self.state.epoch_of(*shard) != Some(*epoch) =>
+                {
                     settle(op, Err(StoreError::Fenced { shard: *shard, epoch: *epoch }));
                     false
                 }
@@ -243,7 +260,9 @@ impl Writer {
                     }
                     for mut op in batch.drain(..) {
                         let result = match &op.row {
-                            Row::Decision { shard, epoch, .. } if fenced.contains_key(shard) => {
+                            Row::Decision { shard, epoch, .. } | Row::Resolution { shard, epoch, .. }
+                                if fenced.contains_key(shard) =>
+                            {
                                 Err(StoreError::Fenced { shard: *shard, epoch: *epoch })
                             }
                             _ => Ok(()),
@@ -290,6 +309,7 @@ impl Writer {
         // The latest row of each GTID in the batch (one upsert may not touch a row twice).
         let mut latest: HashMap<Gtid, usize> = HashMap::new();
         let (mut resources, mut endpoints) = (Vec::new(), Vec::new());
+        let mut resolutions = Vec::new();
         for (i, op) in batch.iter().enumerate() {
             match &op.row {
                 Row::Decision { gtid, .. } => {
@@ -299,6 +319,7 @@ impl Writer {
                     resources.push(resource.clone());
                     endpoints.push(endpoint.clone());
                 }
+                Row::Resolution { .. } => resolutions.push(i),
             }
         }
         if !resources.is_empty() {
@@ -313,9 +334,22 @@ impl Writer {
             .await?;
         }
         let mut fenced = BTreeMap::new();
-        if latest.is_empty() {
-            return Ok(fenced);
+        if !latest.is_empty() {
+            self.write_decisions(batch, &latest, &mut fenced).await?;
         }
+        // After the decisions: a resolution's release applies to the End record written above.
+        if !resolutions.is_empty() {
+            self.write_resolutions(batch, &resolutions, &mut fenced).await?;
+        }
+        Ok(fenced)
+    }
+
+    async fn write_decisions(
+        &self,
+        batch: &[Op],
+        latest: &HashMap<Gtid, usize>,
+        fenced: &mut BTreeMap<u16, u64>,
+    ) -> Result<(), sqlx::Error> {
         let n = latest.len();
         let (mut gtids, mut shard_col, mut kinds, mut epochs) =
             (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
@@ -368,14 +402,79 @@ impl Writer {
         .bind(bodies)
         .fetch_all(&self.pool)
         .await?;
-        let held: HashMap<u16, u64> = held.into_iter().map(|(shard, epoch)| (shard as u16, epoch as u64)).collect();
-        for (shard, epoch) in shard_col.iter().zip(&epochs) {
-            let (shard, epoch) = (*shard as u16, *epoch as u64);
-            if held.get(&shard) != Some(&epoch) {
-                fenced.insert(shard, epoch);
+        note_fenced(held, &shard_col, &epochs, fenced);
+        Ok(())
+    }
+
+    /// The resolutions of `batch` at `indexes`, fenced like the decisions: inserted (a repeat
+    /// of one already written is a no-op), and each that releases its transaction marks the
+    /// transaction's row as no longer kept.
+    async fn write_resolutions(
+        &self,
+        batch: &[Op],
+        indexes: &[usize],
+        fenced: &mut BTreeMap<u16, u64>,
+    ) -> Result<(), sqlx::Error> {
+        let n = indexes.len();
+        let (mut gtids, mut shard_col, mut epochs) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut at, mut releases, mut bodies) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for &i in indexes {
+            if let Row::Resolution { gtid, shard, epoch, at_ms, releases: r, record } = &batch[i].row {
+                gtids.push(*gtid.as_uuid());
+                shard_col.push(i32::from(*shard));
+                epochs.push(*epoch as i64);
+                at.push(*at_ms as i64);
+                releases.push(*r);
+                bodies.push(record.clone());
             }
         }
-        Ok(fenced)
+        let mut shards = shard_col.clone();
+        shards.sort_unstable();
+        shards.dedup();
+        let held: Vec<(i32, i64)> = sqlx::query_as(
+            "WITH held AS (
+                 SELECT shard, epoch FROM pledge_lease WHERE shard = ANY($1) AND holder = $2
+                 ORDER BY shard FOR SHARE
+             ), r AS (
+                 SELECT r.* FROM unnest($3::uuid[], $4::integer[], $5::bigint[], $6::bigint[], $7::boolean[],
+                                        $8::bytea[]) WITH ORDINALITY
+                          AS r (gtid, shard, epoch, at_ms, releases, record, n)
+                 JOIN held h ON h.shard = r.shard AND h.epoch = r.epoch
+             ), written AS (
+                 INSERT INTO pledge_resolution (gtid, shard, at_ms, digest, record)
+                 SELECT gtid, shard, at_ms, sha256(record), record FROM r ORDER BY n
+                 ON CONFLICT (gtid, digest) DO NOTHING
+             ), released AS (
+                 UPDATE pledge_decision d SET keep = false, completed_ms = r.at_ms
+                 FROM r WHERE r.releases AND d.gtid = r.gtid
+             )
+             SELECT shard, epoch FROM held",
+        )
+        .bind(&shards)
+        .bind(&self.state.instance_id)
+        .bind(gtids as Vec<Uuid>)
+        .bind(&shard_col)
+        .bind(&epochs)
+        .bind(at)
+        .bind(releases)
+        .bind(bodies)
+        .fetch_all(&self.pool)
+        .await?;
+        note_fenced(held, &shard_col, &epochs, fenced);
+        Ok(())
+    }
+}
+
+/// Adds to `fenced` every shard of a write whose lease this instance no longer held at the
+/// write's epoch (`held`: what the write's lease query returned).
+fn note_fenced(held: Vec<(i32, i64)>, shards: &[i32], epochs: &[i64], fenced: &mut BTreeMap<u16, u64>) {
+    let held: HashMap<u16, u64> = held.into_iter().map(|(shard, epoch)| (shard as u16, epoch as u64)).collect();
+    for (shard, epoch) in shards.iter().zip(epochs) {
+        let (shard, epoch) = (*shard as u16, *epoch as u64);
+        if held.get(&shard) != Some(&epoch) {
+            fenced.insert(shard, epoch);
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use crate::cluster::ClusterState;
 use crate::cluster::lease::ShardCommand;
 use crate::engine::{
     Command, Engine, EngineError, Enlisted, Event, InDoubtBranch, ListFilter, LogRecord, Millis, Phase2Op,
-    Phase2Result, Protocol, Reply, ReqId, StateResult, SyncToken, VoteResult,
+    Phase2Result, Protocol, Reply, ReqId, ResolveRequest, StateResult, SyncToken, VoteResult,
 };
 use crate::store::{DecisionLog, StoreError};
 use participant::{CallConfig, ParticipantHandle, Phase2Item, PrepareItem, StateItem};
@@ -68,6 +68,7 @@ pub enum ApiRequest {
     List { filter: ListFilter },
     RegisterParticipant { resource: ResourceId, endpoint: String },
     ListParticipants,
+    Resolve(ResolveRequest),
 }
 
 impl ApiRequest {
@@ -88,6 +89,7 @@ impl ApiRequest {
                 Event::RegisterParticipant { req, resource, endpoint }
             }
             ApiRequest::ListParticipants => Event::ListParticipants { req },
+            ApiRequest::Resolve(request) => Event::Resolve { req, request },
         }
     }
 }
@@ -428,6 +430,15 @@ impl<L: DecisionLog> Runtime<L> {
     /// cluster: tell its caller. Anything else is fatal.
     fn store_failed(&mut self, token: Option<SyncToken>, error: StoreError) -> Result<(), StoreError> {
         match (&error, token, &self.cluster) {
+            // A resolution whose record the store refused: its caller hears so (Get tells
+            // whether it took effect at the shard's new owner: it did not).
+            (StoreError::Fenced { .. }, Some(SyncToken::Resolve { req, .. }), Some(_)) => {
+                if let Some((tx, _)) = self.replies.remove(&req) {
+                    let _ = tx.send(Err(EngineError::StoreUnavailable(error.to_string())));
+                }
+                self.reconcile_shards();
+                Ok(())
+            }
             (StoreError::Fenced { .. }, _, Some(_)) => {
                 self.reconcile_shards();
                 Ok(())

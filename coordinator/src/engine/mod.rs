@@ -32,11 +32,14 @@
 
 mod protocol;
 mod recovery;
+mod resolve;
 mod shards;
 mod three_phase;
 mod txn;
 mod types;
 
+#[cfg(test)]
+mod resolve_tests;
 #[cfg(test)]
 mod shard_tests;
 #[cfg(test)]
@@ -130,6 +133,8 @@ pub const MAX_WAITERS_PER_TXN: usize = 16;
 /// Most participants (resource ids) a coordinator knows: each has its connection, batchers,
 /// a place in every checkpoint and a recovery scan every interval.
 pub const MAX_PARTICIPANTS: usize = 1_024;
+/// Most operator resolutions one transaction keeps (each is in its records and every checkpoint).
+pub const MAX_RESOLUTIONS_PER_TXN: usize = 32;
 
 /// Where a transaction is in its life. Finer than [`TxnState`], which is what clients see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,6 +272,8 @@ struct Txn {
     decision_epoch: u64,
     /// The End record, once finished.
     end: Option<Arc<EndRecord>>,
+    /// What operators did to it, oldest first (at most [`MAX_RESOLUTIONS_PER_TXN`]).
+    resolutions: Vec<Arc<ResolveRecord>>,
 }
 
 /// Everything but the transaction table, so handlers can hold `&mut Txn` and `&mut Ctx` at once.
@@ -412,6 +419,7 @@ impl Engine {
                 self.cx.out.push(Command::Connect { resource: resource.clone(), endpoint: endpoint.clone() });
                 self.cx.append(LogRecord::Register { resource, endpoint }, Some(SyncToken::Register(req)));
             }
+            Event::Resolve { req, request } => self.resolve(req, request),
             Event::ListParticipants { req } => {
                 let list = self.cx.participants.iter().map(|(r, e)| (r.clone(), e.clone())).collect();
                 self.cx.reply(req, Ok(Reply::Participants(list)));
@@ -446,6 +454,7 @@ impl Engine {
                 }
             }
             Event::Synced(SyncToken::Register(req)) => self.cx.reply(req, Ok(Reply::Registered)),
+            Event::Synced(SyncToken::Resolve { req, gtid }) => self.resolve_durable(req, gtid),
             Event::InDoubt { resource, branches, listed_ms, confirmed } => {
                 self.in_doubt(resource, branches, listed_ms, confirmed.as_ref())
             }
@@ -615,7 +624,7 @@ impl Engine {
                         t.phase,
                         Phase::Committing | Phase::Aborting | Phase::PreCommitting | Phase::Terminating
                     ))
-                && (!filter.heuristic || t.heuristic())
+                && (!filter.heuristic || t.needs_operator())
                 && (filter.older_than_ms == 0 || t.created_ms <= cutoff)
         });
         // Without vote metadata (up to 4 KiB a branch): Get has it.

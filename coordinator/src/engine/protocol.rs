@@ -164,7 +164,7 @@ impl Ctx {
     /// Starts keeping a finished transaction whose outcome is durable: for the retention, or
     /// until an operator acts on it if it has a heuristic outcome.
     pub(super) fn retain(&mut self, txn: &mut Txn, since: Millis) {
-        if txn.heuristic() {
+        if txn.needs_operator() {
             self.kept_heuristic.insert(txn.gtid);
         } else {
             self.retired.push_back((since, txn.gtid));

@@ -13,7 +13,11 @@ impl Ctx {
     /// record), the termination protocol of a pre-committed three-phase transaction.
     pub(super) fn resume(&mut self, txn: &mut Txn) {
         match txn.phase {
+            // Every branch settled by an operator, the End record lost.
+            Phase::Committing | Phase::Aborting if txn.all_acked() => self.finish_if_done(txn),
             Phase::Committing => self.send_phase2(txn, Phase2Op::Commit),
+            // Only an operator's decision (a `Resolve` record) replays to an abort under way.
+            Phase::Aborting => self.send_phase2(txn, Phase2Op::Abort),
             Phase::OnePhaseCommit => self.send_one_phase(txn),
             Phase::Terminating => self.send_state_calls(txn),
             _ => {}
@@ -32,7 +36,8 @@ impl Engine {
         }
         let Engine { txns, cx } = &mut engine;
         for txn in txns.values_mut().filter(|t| t.phase.is_finished()) {
-            cx.retain(txn, txn.completed_ms);
+            let since = txn.retained_since();
+            cx.retain(txn, since);
         }
         cx.retired.make_contiguous().sort();
         engine
@@ -40,7 +45,11 @@ impl Engine {
 
     /// A transaction rebuilt from a record replaces any earlier one of that GTID (a later
     /// record tells more), and its idempotency key finds it again.
-    fn insert_replayed(&mut self, txn: Txn) {
+    /// Operators' resolutions stay with it (they are applied on top of its records).
+    fn insert_replayed(&mut self, mut txn: Txn) {
+        if let Some(old) = self.txns.get_mut(&txn.gtid) {
+            txn.resolutions = std::mem::take(&mut old.resolutions);
+        }
         if let Some(key) = &txn.idempotency_key {
             self.cx.idempotency.insert(key.clone(), txn.gtid);
         }
@@ -108,6 +117,7 @@ impl Engine {
                 txn.end = Some(e);
                 self.insert_replayed(txn);
             }
+            LogRecord::Resolve(r) => self.replay_resolution(r),
         }
     }
 
@@ -215,6 +225,7 @@ impl Engine {
             records.push(LogRecord::Forgotten { through_ms: cx.forgotten_through_ms });
         }
         for txn in txns.values() {
+            let before = records.len();
             match txn.phase {
                 // CommitPending is included: its commit record was submitted before this
                 // checkpoint, so if the checkpoint is durable, so is the decision.
@@ -231,6 +242,11 @@ impl Engine {
                 // the checkpoint is written after that record.
                 Phase::Committed | Phase::Aborted => records.push(LogRecord::End(txn.end())),
                 Phase::Active | Phase::Preparing | Phase::Aborting => {}
+            }
+            // Its resolutions after its record, as in the log (none for an abort under way:
+            // presumed abort needs no record of it).
+            if records.len() > before {
+                records.extend(txn.resolutions.iter().cloned().map(LogRecord::Resolve));
             }
         }
         cx.out.push(Command::Checkpoint { records });

@@ -127,6 +127,7 @@ fn an_adopted_shard_resumes_its_committed_transactions_and_keeps_its_finished_on
             three_phase: None,
             idempotency_key: None,
             branches: vec![],
+            kept_for_operator: false,
             encoded: Default::default(),
         })),
     ];

@@ -76,6 +76,7 @@ impl Engine {
                 LogRecord::Commit(c) | LogRecord::PreCommit(c) => c.gtid,
                 LogRecord::OnePhase(o) => o.gtid,
                 LogRecord::End(e) => e.gtid,
+                LogRecord::Resolve(r) => r.gtid,
                 LogRecord::Register { .. } | LogRecord::Forgotten { .. } => {
                     self.apply_replayed(record);
                     continue;
@@ -99,7 +100,8 @@ impl Engine {
             match txn.phase {
                 Phase::Committed | Phase::Aborted => {
                     retired = true;
-                    cx.retain(txn, txn.completed_ms);
+                    let since = txn.retained_since();
+                    cx.retain(txn, since);
                 }
                 // Resumed exactly as after a restart (see `Engine::start`).
                 _ => cx.resume(txn),

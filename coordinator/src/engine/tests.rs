@@ -204,7 +204,7 @@ pub(super) fn commit_record(
 
 /// Runs a 2-branch transaction up to the point where both votes are in and the commit record
 /// is appended, returning the commit request id.
-fn prepared_two(h: &mut Harness, g: Gtid) -> ReqId {
+pub(super) fn prepared_two(h: &mut Harness, g: Gtid) -> ReqId {
     h.begin(g, vec![db1(), db2()]);
     let (req, _) = h.commit(g);
     h.vote(g, db1(), VoteResult::Prepared { metadata: meta("m1") });
@@ -862,6 +862,7 @@ fn checkpoint_holds_participants_undecided_commits_and_retained_ends() {
             LogRecord::OnePhase(o) => format!("one-phase {}", o.gtid),
             LogRecord::PreCommit(c) => format!("pre-commit {}", c.gtid),
             LogRecord::Forgotten { .. } => "forgotten".into(),
+            LogRecord::Resolve(r) => format!("resolve {}", r.gtid),
         })
         .collect();
     assert_eq!(kinds, vec!["register db1", "register db2", "register db3", "end true", "commit true"]);

@@ -189,7 +189,7 @@ impl Ctx {
     }
 
     /// Commits: the commit record (forced), then phase 2 as in two-phase commit.
-    fn decide_three_phase_commit(&mut self, txn: &mut Txn) {
+    pub(super) fn decide_three_phase_commit(&mut self, txn: &mut Txn) {
         self.timers.remove(&(txn.precommit_ack_deadline_ms, txn.gtid, TimerKind::PreCommitAck));
         self.end_state_calls(txn);
         txn.phase = Phase::CommitPending;

@@ -5,7 +5,8 @@
 use super::tests::*;
 use super::*;
 
-const TIMEOUTS: ThreePhaseTimeouts = ThreePhaseTimeouts { precommit_wait_ms: 20_000, docommit_wait_ms: 10_000 };
+pub(super) const TIMEOUTS: ThreePhaseTimeouts =
+    ThreePhaseTimeouts { precommit_wait_ms: 20_000, docommit_wait_ms: 10_000 };
 
 /// A harness whose db1 and db2 support three-phase commit and db3 does not.
 fn harness(cfg: EngineConfig) -> Harness {
@@ -29,7 +30,7 @@ fn begin3(h: &mut Harness, g: Gtid, branches: Vec<BranchKey>) -> Vec<Command> {
     })
 }
 
-fn state(h: &mut Harness, g: Gtid, b: BranchKey, state: ParticipantState) -> Vec<Command> {
+pub(super) fn state(h: &mut Harness, g: Gtid, b: BranchKey, state: ParticipantState) -> Vec<Command> {
     h.ev(Event::BranchState { gtid: g, branch: b, result: StateResult::State { state, reason: None } })
 }
 
@@ -37,7 +38,7 @@ fn precommit_cmd(g: Gtid, b: BranchKey, m: Bytes, epoch: u64) -> Command {
     Command::PreCommit { gtid: g, branch: b, metadata: m, docommit_wait_ms: TIMEOUTS.docommit_wait_ms, epoch }
 }
 
-fn record(g: Gtid, decided: Millis, epoch: u64, votes: Vec<(BranchKey, Bytes, Millis)>) -> CommitRecord {
+pub(super) fn record(g: Gtid, decided: Millis, epoch: u64, votes: Vec<(BranchKey, Bytes, Millis)>) -> CommitRecord {
     CommitRecord {
         gtid: g,
         epoch,

@@ -30,6 +30,7 @@ impl Txn {
             end_syncing: false,
             decision_epoch: 0,
             end: None,
+            resolutions: Vec::new(),
         }
     }
 
@@ -53,6 +54,27 @@ impl Txn {
     /// A participant reported a heuristic outcome for some branch.
     pub(super) fn heuristic(&self) -> bool {
         self.branches.iter().any(|b| b.outcome.is_some_and(BranchOutcome::is_heuristic))
+    }
+
+    /// Since when a finished transaction is retained: its completion, or the resolution that
+    /// repaired its last heuristic outcome.
+    pub(super) fn retained_since(&self) -> Millis {
+        self.resolutions.iter().filter(|r| r.releases).map(|r| r.at_ms).fold(self.completed_ms, Millis::max)
+    }
+
+    /// An operator settled this branch, or forgot its heuristic outcome.
+    pub(super) fn resolved(&self, key: &BranchKey) -> bool {
+        self.resolutions.iter().any(|r| match r.effect {
+            ResolveEffect::BranchSettled => r.branch.as_ref() == Some(key),
+            ResolveEffect::Forgotten => r.branch.as_ref().is_none_or(|b| b == key),
+            ResolveEffect::Retried | ResolveEffect::Decided => false,
+        })
+    }
+
+    /// Some branch has a heuristic outcome that no operator has resolved: the transaction is
+    /// kept, and listed by `List --heuristic`, until one does.
+    pub(super) fn needs_operator(&self) -> bool {
+        self.branches.iter().any(|b| b.outcome.is_some_and(BranchOutcome::is_heuristic) && !self.resolved(&b.key))
     }
 
     /// Branches ended differently: some committed, some rolled back.
@@ -79,6 +101,8 @@ impl Txn {
             heuristic: self.heuristic(),
             heuristic_mixed: self.heuristic_mixed(),
             idempotency_key: self.idempotency_key.clone(),
+            resolutions: self.resolutions.clone(),
+            heuristic_resolved: self.heuristic() && !self.needs_operator(),
             branches: self
                 .branches
                 .iter()
@@ -94,6 +118,7 @@ impl Txn {
                     next_retry_ms: b.next_retry_ms,
                     prepared_ms: b.prepared_ms,
                     participant_state: b.participant_state,
+                    resolved: self.resolved(&b.key),
                 })
                 .collect(),
         }
@@ -138,6 +163,7 @@ impl Txn {
                 .iter()
                 .map(|b| EndBranch { key: b.key.clone(), vote: b.vote, outcome: b.outcome })
                 .collect(),
+            kept_for_operator: self.needs_operator(),
             encoded: EncodedOnce::default(),
         }
     }

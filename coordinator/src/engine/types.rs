@@ -58,6 +58,13 @@ pub enum Event {
     ListParticipants {
         req: ReqId,
     },
+    /// An operator acts on a decided transaction (see [`ResolveAction`]): retry phase 2 now,
+    /// settle a branch its participant cannot finish, decide a three-phase transaction nothing
+    /// else can, or forget repaired heuristic outcomes.
+    Resolve {
+        req: ReqId,
+        request: ResolveRequest,
+    },
     /// A participant's answer to Prepare (or the failure to get one).
     Voted {
         gtid: Gtid,
@@ -142,6 +149,7 @@ impl Event {
             | Event::Commit { req, gtid, .. }
             | Event::Abort { req, gtid }
             | Event::Get { req, gtid } => Some((*req, *gtid)),
+            Event::Resolve { req, request } => Some((*req, request.gtid)),
             _ => None,
         }
     }
@@ -286,6 +294,8 @@ pub enum SyncToken {
     /// The end record of a transaction whose outcome no other record holds (one-phase, empty,
     /// all read-only): synced before the client hears the outcome.
     End(Gtid),
+    /// An operator's resolution of this transaction, answering this request once durable.
+    Resolve { req: ReqId, gtid: Gtid },
 }
 
 /// Something the runtime must do.
@@ -321,14 +331,28 @@ pub enum Command {
 /// The answer to an API request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
-    Begun { gtid: Gtid, existing: bool, deadline_ms: Millis },
+    Begun {
+        gtid: Gtid,
+        existing: bool,
+        deadline_ms: Millis,
+    },
     Enlisted,
     CommitOutcome(CommitOutcome),
     Aborted,
     Transaction(Box<TxnView>),
-    List { transactions: Vec<TxnView>, truncated: bool },
+    List {
+        transactions: Vec<TxnView>,
+        truncated: bool,
+    },
     Registered,
     Participants(Vec<(ResourceId, String)>),
+    /// The answer to Resolve: whether it changed anything (a repeated resolution does not),
+    /// what it did or why nothing was needed, and the transaction as it is now.
+    Resolved {
+        changed: bool,
+        detail: String,
+        transaction: Box<TxnView>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,6 +426,15 @@ pub enum EngineError {
          three-phase commit; retry"
     )]
     CapabilityUnknown(ResourceId),
+    #[error("transaction {gtid} has no branch {branch}")]
+    NoSuchBranch { gtid: Gtid, branch: BranchKey },
+    #[error("{0}")]
+    ResolveRefused(String),
+    #[error(
+        "transaction {gtid} has been resolved {max} times already (the most one transaction keeps); nothing more \
+         can be recorded for it"
+    )]
+    TooManyResolutions { gtid: Gtid, max: usize },
 }
 
 /// A transaction's state as the API shows it.
@@ -470,6 +503,10 @@ pub struct TxnView {
     pub heuristic_mixed: bool,
     pub idempotency_key: Option<String>,
     pub branches: Vec<BranchView>,
+    /// What operators did to it, oldest first.
+    pub resolutions: Vec<Arc<ResolveRecord>>,
+    /// Every heuristic outcome has been resolved by an operator: it is kept no longer.
+    pub heuristic_resolved: bool,
 }
 
 /// Branches of one transaction ended differently: some committed, some rolled back. The
@@ -504,6 +541,9 @@ pub struct BranchView {
     /// Three-phase commit: the branch's state as its participant last answered PreCommit or
     /// QueryState.
     pub participant_state: Option<ParticipantState>,
+    /// An operator settled this branch or forgot its heuristic outcome (see
+    /// [`TxnView::resolutions`]).
+    pub resolved: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -512,7 +552,7 @@ pub struct ListFilter {
     pub states: Vec<TxnState>,
     /// Decided, but not yet acknowledged by every branch.
     pub in_doubt: bool,
-    /// With a heuristic outcome at some branch.
+    /// With a heuristic outcome at some branch that no operator has resolved yet.
     pub heuristic: bool,
     /// Created at least this many milliseconds ago.
     pub older_than_ms: u64,
@@ -544,6 +584,9 @@ pub enum LogRecord {
     End(Arc<EndRecord>),
     /// Finished transactions with GTIDs up to this time were forgotten (checkpoints only).
     Forgotten { through_ms: Millis },
+    /// An operator's action on a transaction: who, why, and what it did. Applied on replay
+    /// after the transaction's other records; a checkpoint repeats it after them.
+    Resolve(Arc<ResolveRecord>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -593,6 +636,9 @@ pub struct EndRecord {
     pub three_phase: Option<ThreePhaseTimeouts>,
     pub idempotency_key: Option<String>,
     pub branches: Vec<EndBranch>,
+    /// Kept until an operator acts: some branch has a heuristic outcome no resolution covers
+    /// (the store keeps such a row past the retention).
+    pub kept_for_operator: bool,
     /// The record's encoding, made once (see `records::encode`).
     pub encoded: EncodedOnce,
 }
@@ -641,4 +687,81 @@ pub struct EndBranch {
     pub key: BranchKey,
     pub vote: Option<Vote>,
     pub outcome: Option<BranchOutcome>,
+}
+
+/// What an operator asks for (`pledge txn resolve`; docs in coordinator.proto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResolveAction {
+    Commit,
+    Rollback,
+    Forget,
+}
+
+impl fmt::Display for ResolveAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResolveAction::Commit => "commit",
+            ResolveAction::Rollback => "rollback",
+            ResolveAction::Forget => "forget",
+        })
+    }
+}
+
+/// What a resolution did, as the engine decided it from the transaction's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResolveEffect {
+    /// Phase 2 (or the one-phase commit) sent again at once to every unacknowledged branch
+    /// with no call on its way, instead of after the backoff.
+    Retried,
+    /// The named branch is taken as ended the way the action says: its participant cannot
+    /// finish it (phase 2 to it stops), or a person repaired its heuristic outcome by hand.
+    BranchSettled,
+    /// A three-phase transaction the termination protocol could not decide (a branch
+    /// unreachable or without a record) was decided by the operator.
+    Decided,
+    /// Heuristic outcomes repaired by hand: the transaction is kept no longer than any other.
+    Forgotten,
+}
+
+impl fmt::Display for ResolveEffect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ResolveEffect::Retried => "retried",
+            ResolveEffect::BranchSettled => "branch-settled",
+            ResolveEffect::Decided => "decided",
+            ResolveEffect::Forgotten => "forgotten",
+        })
+    }
+}
+
+/// An operator's request, validated by the API layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolveRequest {
+    pub gtid: Gtid,
+    /// `None`: the whole transaction.
+    pub branch: Option<BranchKey>,
+    pub action: ResolveAction,
+    /// Who asks, as the caller names itself (later: its authenticated identity).
+    pub operator: String,
+    /// Where the call came from.
+    pub peer: String,
+    pub reason: String,
+}
+
+/// One resolution, as the decision log keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolveRecord {
+    pub gtid: Gtid,
+    /// The shard's epoch when it was written (the store's fence).
+    pub epoch: u64,
+    pub at_ms: Millis,
+    pub action: ResolveAction,
+    pub branch: Option<BranchKey>,
+    pub operator: String,
+    pub peer: String,
+    pub reason: String,
+    pub effect: ResolveEffect,
+    /// The transaction is finished and this resolution covered its last unresolved heuristic
+    /// outcome: from `at_ms` it is kept for the retention only.
+    pub releases: bool,
 }
