@@ -458,6 +458,31 @@ pub fn cli(coordinator: &Process, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("pledge prints UTF-8")
 }
 
+/// Runs the `pledge` CLI against `coordinator` expecting it to fail; returns what it printed
+/// on stderr (the refusal).
+pub fn cli_refused(coordinator: &Process, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("pledge"))
+        .args(args)
+        .args(["--coordinator", &coordinator.endpoint()])
+        .output()
+        .expect("running pledge");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "pledge {args:?} succeeded: {}", String::from_utf8_lossy(&out.stdout));
+    stderr
+}
+
+/// `pledge log inspect` of the coordinator data directory `data_dir`: every record, readably.
+pub fn log_inspect(data_dir: &Path) -> String {
+    let out = std::process::Command::new(bin("pledge"))
+        .args(["log", "inspect", "--data-dir"])
+        .arg(data_dir)
+        .output()
+        .expect("running pledge");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "pledge log inspect: {text}{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
 pub async fn coordinator_client(p: &Process) -> CoordinatorClient<Channel> {
     CoordinatorClient::new(p.channel().await)
 }

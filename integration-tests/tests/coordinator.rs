@@ -600,13 +600,8 @@ async fn checkpoints_keep_the_log_bounded_and_restarts_read_them() {
     // (Counted after the stop: a checkpoint thread deletes what it covers, and a stop waits
     // for it.)
     assert!(segments() <= 2, "old segments were not deleted: {} left", segments());
-    let inspect = std::process::Command::new(bin("pledge"))
-        .args(["log", "inspect", "--data-dir"])
-        .arg(dir.path().join("coordinator"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&inspect.stdout);
-    assert!(inspect.status.success() && text.contains("CHECKPOINT END"), "{text}");
+    let text = log_inspect(&dir.path().join("coordinator"));
+    assert!(text.contains("CHECKPOINT END"), "{text}");
     // Decision records name the epoch (the start) that made them.
     assert!(text.contains("COMMIT ") && text.contains("epoch=1 "), "{text}");
 

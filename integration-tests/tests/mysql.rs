@@ -304,24 +304,67 @@ async fn by_hand(verb: &str, cid: &str, gtid: &str) {
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mysql_pool('a').await).await.unwrap();
 }
 
-/// Each way a branch can end against the decision, produced for real at MariaDB: rolled back
-/// by hand before the coordinator's commit reached it (a heuristic rollback; with the other
-/// branch committed, the transaction is heuristic mixed), and committed by hand after the
-/// coordinator decided abort (a heuristic commit). Both reported, shown by Get and List, never
-/// as plain success.
+/// `pledge txn resolve` as the tests' operator ("tester") runs it.
+fn resolve(coordinator: &Process, gtid: &str, branch: Option<&str>, action: &str, reason: &str) -> String {
+    let mut args = vec!["txn", "resolve", gtid];
+    args.extend(branch);
+    args.extend([action, "--reason", reason, "--operator", "tester"]);
+    cli(coordinator, &args)
+}
+
+fn resolve_refused(coordinator: &Process, gtid: &str, branch: Option<&str>, action: &str) -> String {
+    let mut args = vec!["txn", "resolve", gtid];
+    args.extend(branch);
+    args.extend([action, "--reason", "trying", "--operator", "tester"]);
+    cli_refused(coordinator, &args)
+}
+
+fn outcome(t: &v1::Transaction, resource: &str) -> v1::BranchOutcome {
+    t.branches.iter().find(|b| b.resource_id == resource).unwrap().outcome()
+}
+
+impl Setup {
+    async fn insert_by_hand(&self, key: &str) {
+        let sql = format!("INSERT INTO {} (k) VALUES (?)", self.table);
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key).execute(&mysql_pool('a').await).await.unwrap();
+    }
+
+    async fn delete_by_hand(&self, key: &str) {
+        let sql = format!("DELETE FROM {} WHERE k = ?", self.table);
+        sqlx::query(sqlx::AssertSqlSafe(sql)).bind(key).execute(&mysql_pool('a').await).await.unwrap();
+    }
+
+    /// Whether `txn list --heuristic` (the operator's work list) shows `gtid`.
+    fn on_the_work_list(&self, gtid: &str) -> bool {
+        cli(&self.coordinator, &["txn", "list", "--heuristic"]).contains(gtid)
+    }
+
+    /// Commits `gtid` with a coordinator set to die once its decision is durable, then kills
+    /// the adapter too: the prepared branch is the server's alone, and anyone can end it.
+    async fn decided_then_both_down(&mut self, gtid: &str) {
+        assert!(commit(&mut coordinator_client(&self.coordinator).await, gtid, false).await.is_err());
+        self.coordinator.wait_crashed().await;
+        self.mysql.kill9().await;
+        eventually("the branch prepared at the server", || async {
+            (prepared_of(&self.cid).await.len() == 1).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Each way a branch can end against the decision, produced for real at MariaDB, reported,
+/// then resolved with the CLI once repaired by hand: rolled back by hand before the
+/// coordinator's commit reached it (a heuristic rollback; with the other branch committed, the
+/// transaction is heuristic mixed), committed by hand after the coordinator decided abort (a
+/// heuristic commit). A resolution against the decision is refused; one repeated changes
+/// nothing; each is in the decision log and survives a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn branches_ended_by_hand_against_the_decision_are_reported_as_heuristic() {
+async fn branches_ended_by_hand_against_the_decision_are_reported_then_resolved_by_an_operator() {
     let _server = SERVER.read().await;
     // Committed by the coordinator, rolled back by hand first.
     let mut s = Setup::new("my-heur-rb", &[], &[("PLEDGE_CRASH_AT", "coordinator::after_commit_synced")]).await;
     let gtid = s.work("k1", true).await;
-    assert!(commit(&mut coordinator_client(&s.coordinator).await, &gtid, false).await.is_err());
-    s.coordinator.wait_crashed().await;
-    // The adapter keeps a prepared branch on its session until phase 2; gone with the adapter,
-    // the branch is the server's alone, and anyone can end it.
-    s.mysql.kill9().await;
-    eventually("the branch prepared at the server", || async { (prepared_of(&s.cid).await.len() == 1).then_some(()) })
-        .await;
+    s.decided_then_both_down(&gtid).await;
     by_hand("XA ROLLBACK", &s.cid, &gtid).await;
     s.restart_mysql().await;
     s.restart_coordinator().await;
@@ -329,13 +372,37 @@ async fn branches_ended_by_hand_against_the_decision_are_reported_as_heuristic()
     let r = commit(&mut c, &gtid, true).await.unwrap();
     assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Committed, true, true), "{}", r.reason);
     let t = get(&mut c, &gtid).await.unwrap();
-    let outcome = |t: &v1::Transaction, r: &str| t.branches.iter().find(|b| b.resource_id == r).unwrap().outcome();
     assert_eq!(outcome(&t, "my_a"), v1::BranchOutcome::HeuristicRollback);
     assert_eq!(outcome(&t, "ref"), v1::BranchOutcome::Committed);
-    assert!(t.heuristic_mixed, "{t:?}");
+    assert!(t.heuristic_mixed && !t.heuristic_resolved, "{t:?}");
     assert!(!s.visible("k1").await);
-    let listed = c.list(v1::ListRequest { heuristic: true, ..Default::default() }).await.unwrap().into_inner();
-    assert!(listed.transactions.iter().any(|l| l.gtid == gtid));
+    assert!(s.on_the_work_list(&gtid));
+    assert!(cli(&s.coordinator, &["txn", "get", &gtid]).contains("HEURISTIC MIXED"));
+
+    // Rolling the transaction back would contradict its commit: refused.
+    let refused = resolve_refused(&s.coordinator, &gtid, Some("my_a/rows"), "--rollback");
+    assert!(refused.contains("FailedPrecondition") && refused.contains("would contradict"), "{refused}");
+    assert!(s.on_the_work_list(&gtid));
+    // A person re-applies the branch's work, then says so.
+    s.insert_by_hand("k1").await;
+    let out = resolve(&s.coordinator, &gtid, Some("my_a/rows"), "--commit", "re-inserted k1 by hand");
+    assert!(out.starts_with("resolved: branch my_a/rows recorded as committed"), "{out}");
+    assert!(out.contains("resolved by an operator") && out.contains("by tester from 127.0.0.1:"), "{out}");
+    assert!(!s.on_the_work_list(&gtid));
+    let out = resolve(&s.coordinator, &gtid, Some("my_a/rows"), "--commit", "re-inserted k1 by hand");
+    assert!(out.starts_with("unchanged:"), "a repeat changes nothing: {out}");
+    let log = log_inspect(&s.dir.path().join("coordinator"));
+    let line = log.lines().find(|l| l.contains("RESOLVE ")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains(&format!("RESOLVE {gtid} commit my_a/rows effect=branch-settled")), "{line}");
+    assert!(line.contains("by \"tester\"") && line.contains("reason=\"re-inserted k1 by hand\" releases"), "{line}");
+    assert_eq!(log.matches("RESOLVE ").count(), 1, "the repeat is not logged: {log}");
+    // Durable: a restarted coordinator knows.
+    s.coordinator.kill9().await;
+    s.restart_coordinator().await;
+    let t = get(&mut coordinator_client(&s.coordinator).await, &gtid).await.unwrap();
+    assert!(t.heuristic_mixed && t.heuristic_resolved, "what happened stays, and that it was repaired: {t:?}");
+    assert_eq!(t.resolutions.len(), 1);
+    assert!(!s.on_the_work_list(&gtid));
 
     // Aborted by the coordinator (the adapter died after XA PREPARE, so no vote came),
     // committed by hand before the adapter came back.
@@ -352,5 +419,51 @@ async fn branches_ended_by_hand_against_the_decision_are_reported_as_heuristic()
     let t = get(&mut c, &gtid).await.unwrap();
     assert_eq!(outcome(&t, "my_a"), v1::BranchOutcome::HeuristicCommit);
     assert!(s.visible("k2").await, "committed by hand");
-    assert!(cli(&s.coordinator, &["txn", "list", "--heuristic"]).contains(&gtid));
+    assert!(s.on_the_work_list(&gtid));
+    // Committing the aborted transaction would contradict it: refused.
+    let refused = resolve_refused(&s.coordinator, &gtid, None, "--commit");
+    assert!(refused.contains("the decision to abort it is durable"), "{refused}");
+    // The stray row removed by hand; the transaction is forgotten.
+    s.delete_by_hand("k2").await;
+    let out = resolve(&s.coordinator, &gtid, None, "--forget", "deleted k2 by hand");
+    assert!(out.starts_with("resolved: heuristic outcome of every branch recorded as repaired"), "{out}");
+    assert!(!s.on_the_work_list(&gtid));
+    let out = resolve(&s.coordinator, &gtid, None, "--forget", "deleted k2 by hand");
+    assert!(out.starts_with("unchanged:"), "{out}");
+}
+
+/// A branch nothing can prove the outcome of: the coordinator decided commit, the branch was
+/// rolled back by hand while the adapter was down, and the adapter lost its journal (its disk
+/// replaced). The adapter has no record and the server no transaction: committed or never
+/// prepared, nothing says which. A heuristic hazard, reported, never a guess; the operator
+/// finds the row missing, restores it and resolves the branch to commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_nothing_can_prove_is_a_heuristic_hazard_until_an_operator_resolves_it() {
+    let _server = SERVER.read().await;
+    let mut s = Setup::new("my-hazard", &[], &[("PLEDGE_CRASH_AT", "coordinator::after_commit_synced")]).await;
+    let gtid = s.work("k3", true).await;
+    s.decided_then_both_down(&gtid).await;
+    by_hand("XA ROLLBACK", &s.cid, &gtid).await;
+    std::fs::remove_dir_all(s.dir.path().join("mysql")).unwrap();
+    s.restart_mysql().await;
+    s.restart_coordinator().await;
+    let mut c = coordinator_client(&s.coordinator).await;
+    let r = commit(&mut c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed, r.heuristic), (v1::Outcome::Committed, true, true), "{}", r.reason);
+    let t = get(&mut c, &gtid).await.unwrap();
+    assert_eq!(outcome(&t, "my_a"), v1::BranchOutcome::HeuristicHazard, "{t:?}");
+    let b = t.branches.iter().find(|b| b.resource_id == "my_a").unwrap();
+    assert!(b.last_error.contains("has no record"), "{}", b.last_error);
+    assert!(!s.visible("k3").await);
+    assert!(s.on_the_work_list(&gtid));
+
+    let refused = resolve_refused(&s.coordinator, &gtid, Some("my_a/rows"), "--rollback");
+    assert!(refused.contains("would contradict"), "{refused}");
+    s.insert_by_hand("k3").await;
+    let out = resolve(&s.coordinator, &gtid, Some("my_a/rows"), "--commit", "k3 was missing; restored it");
+    assert!(out.starts_with("resolved: branch my_a/rows recorded as committed"), "{out}");
+    assert!(!s.on_the_work_list(&gtid));
+    let t = get(&mut c, &gtid).await.unwrap();
+    assert_eq!(outcome(&t, "my_a"), v1::BranchOutcome::HeuristicHazard, "what happened stays");
+    assert!(t.heuristic_resolved && t.branches.iter().find(|b| b.resource_id == "my_a").unwrap().resolved);
 }
