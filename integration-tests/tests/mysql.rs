@@ -1,14 +1,16 @@
 //! The MySQL/MariaDB participant against the real MariaDB the project's scripts start: the
-//! participant conformance suite (two-phase and three-phase); transfers across MariaDB and
-//! PostgreSQL through a coordinator, committed together or, when a branch fails, aborted
-//! together; kill -9 of the adapter after XA PREPARE, of `mariadbd` itself with a branch
+//! participant conformance suite (two-phase and three-phase); transfers across MariaDB,
+//! PostgreSQL and Kafka through a coordinator, committed together or, when a branch fails,
+//! aborted together; kill -9 of the adapter after XA PREPARE, of `mariadbd` itself with a branch
 //! prepared and of the coordinator between its decision and phase 2; a one-phase commit cut
-//! short.
+//! short; every heuristic outcome produced for real (branches ended by hand, an adapter's lost
+//! journal), reported, and resolved by an operator with `pledge txn resolve`.
 //!
 //! The test that kills the server takes [`SERVER`] for writing; every other test of this file
 //! holds it for reading, so none of them runs while the server is down.
 
 use pledge_conformance::{Options, Target};
+use pledge_integration_tests::kafka::{committed_keys, kafka_client, produce, unique};
 use pledge_integration_tests::mariadb::{kill9_server, mariadb_url, restart_server};
 use pledge_integration_tests::mysql::*;
 use pledge_integration_tests::pg::{self, int, text};
@@ -81,7 +83,7 @@ async fn mysql_adapter_conforms() {
 /// Accounts in MariaDB (database a) and PostgreSQL (database a), one adapter each, one
 /// coordinator: a transfer commits at both or at neither.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transfers_across_mariadb_and_postgres_commit_atomically_and_a_failing_branch_aborts_both() {
+async fn transfers_across_mariadb_postgres_and_kafka_commit_atomically_and_a_failing_branch_aborts_all() {
     let _server = SERVER.read().await;
     let dir = TestDir::new("mysql-transfer");
     let cid = format!("mysql-transfer-{:06x}", fastrand::u32(..) & 0xffffff);
@@ -96,7 +98,10 @@ async fn transfers_across_mariadb_and_postgres_commit_atomically_and_a_failing_b
 
     let mysql = dir.mysql_adapter("mysql", 0, &cid, &[("my_a", mariadb_url('a'))], &[], &[]).await;
     let pga = dir.postgres_adapter("pg", 0, &[("db_a", pg_url('a'))], &[], &[]).await;
-    let coordinator = dir.coordinator_with(&[("my_a", &mysql), ("db_a", &pga)], &["--coordinator-id", &cid], &[]).await;
+    let kafka = dir.kafka_adapter("kafka", 0, &unique("mysql-transfer"), &[], &[]).await;
+    let participants = [("my_a", &mysql), ("db_a", &pga), ("kafka", &kafka)];
+    let coordinator = dir.coordinator_with(&participants, &["--coordinator-id", &cid], &[]).await;
+    let topic = unique("transfers");
     let mut c = coordinator_client(&coordinator).await;
     let (mut myc, mut pgc) = (mysql_client(&mysql).await, pg::branch_client(&pga).await);
     let my_update = format!("UPDATE {table} SET balance = balance + ? WHERE id = ?");
@@ -108,28 +113,36 @@ async fn transfers_across_mariadb_and_postgres_commit_atomically_and_a_failing_b
         (m, p)
     };
 
-    // 30 from MariaDB to PostgreSQL.
-    let gtid = begin(&mut c, &[("my_a", "debit"), ("db_a", "credit")]).await;
+    // 30 from MariaDB to PostgreSQL, announced on Kafka.
+    let gtid = begin(&mut c, &[("my_a", "debit"), ("db_a", "credit"), ("kafka", "event")]).await;
     let r = mysql_execute(&mut myc, "my_a", &gtid, "debit", &my_update, vec![int(-30), int(1)]).await.unwrap();
     assert_eq!(r.results[0].rows_affected, 1);
     pg::execute(&mut pgc, "db_a", &gtid, "credit", &pg_update, vec![int(30), int(1)]).await.unwrap();
+    produce(&mut kafka_client(&kafka).await, &gtid, "event", &topic, &[("transfer-1", "30")]).await.unwrap();
     let t = commit(&mut c, &gtid, true).await.unwrap();
     assert_eq!((t.outcome(), t.completed), (v1::Outcome::Committed, true), "{}", t.reason);
     assert_eq!(balances().await, (70, 130));
+    assert_eq!(committed_keys(&topic, &["transfer-1"]).await, vec!["transfer-1"]);
     let got = get(&mut c, &gtid).await.unwrap();
     let debit = got.branches.iter().find(|b| b.resource_id == "my_a").unwrap();
     let metadata = String::from_utf8(debit.metadata.clone()).unwrap();
     assert!(metadata.starts_with("xid=1347175495:"), "the vote metadata names the XA XID: {metadata}");
 
     // 100 more would overdraw the MariaDB account: its statement fails, the branch votes no,
-    // and the PostgreSQL credit is rolled back with it.
-    let gtid = begin(&mut c, &[("my_a", "debit"), ("db_a", "credit")]).await;
+    // and the PostgreSQL credit and the Kafka event are rolled back with it.
+    let gtid = begin(&mut c, &[("my_a", "debit"), ("db_a", "credit"), ("kafka", "event")]).await;
     pg::execute(&mut pgc, "db_a", &gtid, "credit", &pg_update, vec![int(100), int(1)]).await.unwrap();
+    produce(&mut kafka_client(&kafka).await, &gtid, "event", &topic, &[("transfer-2", "100")]).await.unwrap();
     let e = mysql_execute(&mut myc, "my_a", &gtid, "debit", &my_update, vec![int(-100), int(1)]).await.unwrap_err();
     assert!(e.message().contains("SQL error 4025"), "a CHECK constraint failure: {}", e.message());
     let t = commit(&mut c, &gtid, true).await.unwrap();
     assert_eq!(t.outcome(), v1::Outcome::Aborted, "{}", t.reason);
     assert_eq!(balances().await, (70, 130));
+    // A later committed event proves the reader got past where the aborted one was.
+    let gtid = begin(&mut c, &[("kafka", "event")]).await;
+    produce(&mut kafka_client(&kafka).await, &gtid, "event", &topic, &[("marker", "")]).await.unwrap();
+    assert_eq!(commit(&mut c, &gtid, true).await.unwrap().outcome(), v1::Outcome::Committed);
+    assert_eq!(committed_keys(&topic, &["transfer-1", "marker"]).await, vec!["transfer-1", "marker"]);
     assert!(pg::prepared_of(&cid).await.is_empty());
     assert!(prepared_of(&cid).await.is_empty(), "no XA transaction of coordinator {cid} is left prepared");
 }
