@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pledge_coordinator::cluster::{ClusterState, schema, store::PgLog, store::WriterConfig};
-use pledge_coordinator::engine::{CommitRecord, LogRecord, LoggedBranch, Vote};
+use pledge_coordinator::engine::{
+    BranchOutcome, CommitRecord, EndBranch, EndRecord, LogRecord, LoggedBranch, ResolveAction, ResolveEffect,
+    ResolveRecord, Vote,
+};
 use pledge_coordinator::store::{DecisionLog, StoreError};
 use pledge_integration_tests::cluster::*;
 use pledge_integration_tests::pg::*;
@@ -101,6 +104,153 @@ async fn the_store_refuses_a_former_owners_decision() {
     }
     assert_eq!(store.record_kind(&second.to_string()).await, None, "the refused decision was written");
     assert_eq!(a.epoch_of(1), None, "the fenced instance still believes it owns the shard");
+}
+
+/// Resolutions go to their own table, fenced like decisions, written again after an unknown
+/// outcome without a second row; one that repairs a kept transaction's last heuristic outcome
+/// lets its row expire from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_keeps_resolutions_fenced_and_releases_a_repaired_transaction() {
+    let url = fresh_database("resolutions").await;
+    let pool = PgPool::connect(&url).await.unwrap();
+    schema::prepare(&pool, 4, "resolutions-test").await.unwrap();
+    let take = |holder: &'static str, epoch: i64| {
+        sqlx::query(
+            "UPDATE pledge_lease SET holder = $1, epoch = $2, expires_at = now() + interval '1 hour' WHERE shard = 1",
+        )
+        .bind(holder)
+        .bind(epoch)
+        .execute(&pool)
+    };
+    take("a", 1).await.unwrap();
+    let a = Arc::new(ClusterState::new("a".into(), "http://a".into(), 4));
+    a.own(1, 1);
+    let config = WriterConfig {
+        lanes: 1,
+        max_batch_records: 64,
+        timeout: Duration::from_secs(5),
+        max_retry: Duration::from_secs(10),
+    };
+    let mut log = PgLog::start(pool.clone(), a.clone(), config);
+    let gtid = Gtid::new_v7_in_shard(1, 4);
+    let key = BranchKey::new("db1", "b1").unwrap();
+    let end = LogRecord::End(Arc::new(EndRecord {
+        gtid,
+        committed: true,
+        reason: None,
+        created_ms: 1,
+        decided_ms: 2,
+        completed_ms: 3,
+        one_phase: false,
+        three_phase: None,
+        idempotency_key: None,
+        branches: vec![EndBranch {
+            key: key.clone(),
+            vote: Some(Vote::Prepared),
+            outcome: Some(BranchOutcome::HeuristicRollback),
+        }],
+        kept_for_operator: true,
+        encoded: Default::default(),
+    }));
+    let resolution = |releases: bool, epoch: u64| {
+        LogRecord::Resolve(Arc::new(ResolveRecord {
+            gtid,
+            epoch,
+            at_ms: 12_345,
+            action: ResolveAction::Commit,
+            branch: Some(key.clone()),
+            operator: "tester".into(),
+            peer: "127.0.0.1:1".into(),
+            reason: "re-applied by hand".into(),
+            effect: ResolveEffect::BranchSettled,
+            releases,
+        }))
+    };
+    let row = || async {
+        let (keep, completed): (bool, i64) =
+            sqlx::query_as("SELECT keep, completed_ms FROM pledge_decision WHERE gtid = $1")
+                .bind(gtid.as_uuid())
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let resolutions: i64 = sqlx::query_scalar("SELECT count(*) FROM pledge_resolution WHERE gtid = $1")
+            .bind(gtid.as_uuid())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (keep, completed, resolutions)
+    };
+    log.append(&end, true).await.unwrap().unwrap().await.unwrap();
+    assert_eq!(row().await, (true, 3, 0), "kept for an operator");
+    for _ in 0..2 {
+        log.append(&resolution(true, 1), true).await.unwrap().unwrap().await.unwrap();
+    }
+    assert_eq!(row().await, (false, 12_345, 1), "released from the resolution on, written once");
+
+    // Another instance took the shard: a resolution at the old epoch is refused.
+    take("b", 2).await.unwrap();
+    match log.append(&resolution(false, 1), true).await.unwrap().unwrap().await {
+        Err(StoreError::Fenced { shard: 1, epoch: 1 }) => {}
+        other => panic!("a former owner's resolution must be refused by the store, got {other:?}"),
+    }
+    assert_eq!(row().await, (false, 12_345, 1));
+}
+
+/// An operator's resolution sent to any instance is carried out by the owner of the
+/// transaction's shard, kept in the store, and known to the instance that takes the shard
+/// over when the owner dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_is_forwarded_to_the_owner_and_survives_a_takeover() {
+    let dir = TestDir::new("cl-resolve");
+    let store_url = fresh_database("cl-resolve").await;
+    let cid = format!("cl-resolve-{:06x}", fastrand::u32(..) & 0xffffff);
+    let db1 = dir.participant("db1", 0, &[], &[]).await;
+    let mut db2 = dir.participant("db2", 0, &[], &[("PLEDGE_CRASH_AT", "participant::before_commit")]).await;
+    let participants = [("db1", db1.endpoint()), ("db2", db2.endpoint())];
+    let mut a = dir.cluster_instance("a", &store_url, &cid, &participants, &[]).await;
+    let store = StoreView::connect(&store_url).await;
+    let a_id = store.instance_id(&a).await;
+    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
+    let b = dir.cluster_instance("b", &store_url, &cid, &participants, &[]).await;
+    let b_id = store.instance_id(&b).await;
+    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
+    let count = store.shard_count().await;
+
+    // A transaction in one of a's shards, committed; db2 dies as its commit reaches it.
+    let mut ca = coordinator_client(&a).await;
+    let (gtid, shard) = loop {
+        let gtid = begin(&mut ca, &[("db1", "b1"), ("db2", "b1")]).await;
+        let shard = shard_of(&gtid, count);
+        if store.owner(shard).await.is_some_and(|(h, _)| h == a_id) {
+            break (gtid, shard);
+        }
+        ca.abort(v1::AbortRequest { gtid }).await.unwrap();
+    };
+    put(&mut store_client(&db1).await, &gtid, "b1", "k1", "v1").await;
+    put(&mut store_client(&db2).await, &gtid, "b1", "k1", "v1").await;
+    assert_eq!(commit(&mut ca, &gtid, false).await.unwrap().outcome(), v1::Outcome::Committed);
+    db2.wait_crashed().await;
+
+    // Asked at b, done by a.
+    let args = ["txn", "resolve", &gtid, "db2/b1", "--commit", "--reason", "db2 retired", "--operator", "tester"];
+    let out = cli(&b, &args);
+    assert!(out.starts_with("resolved: branch db2/b1 recorded as committed"), "{out}");
+    let in_store: i64 = sqlx::query_scalar("SELECT count(*) FROM pledge_resolution WHERE gtid = $1::uuid")
+        .bind(&gtid)
+        .fetch_one(&PgPool::connect(&store_url).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(in_store, 1);
+
+    // a dies; b takes the shard over and knows the transaction finished by the operator.
+    a.kill9().await;
+    eventually("b owns the dead instance's shard", || async { store.owner(shard).await.filter(|(h, _)| *h == b_id) })
+        .await;
+    let t = get_retrying(&coordinator_client(&b).await, &gtid).await;
+    assert_eq!(t.state(), v1::TransactionState::Committed, "{t:?}");
+    assert_eq!(t.resolutions.len(), 1);
+    assert_eq!((t.resolutions[0].operator.as_str(), t.resolutions[0].reason.as_str()), ("tester", "db2 retired"));
+    assert!(t.branches.iter().find(|b| b.resource_id == "db2").unwrap().resolved);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
