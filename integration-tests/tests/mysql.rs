@@ -480,3 +480,57 @@ async fn a_branch_nothing_can_prove_is_a_heuristic_hazard_until_an_operator_reso
     assert_eq!(outcome(&t, "my_a"), v1::BranchOutcome::HeuristicHazard, "what happened stays");
     assert!(t.heuristic_resolved && t.branches.iter().find(|b| b.resource_id == "my_a").unwrap().resolved);
 }
+
+/// More prepared branches waiting for phase 2 than the adapter keeps sessions for: the one past
+/// the bound is detached from its session (with a warning) and stays prepared at the server,
+/// and phase 2 finishes it from another session like the ones kept. Driven as a coordinator
+/// would, through the Participant API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_branch_past_the_kept_sessions_is_detached_and_still_committed() {
+    use pledge_proto::v1::participant_client::ParticipantClient;
+    let _server = SERVER.read().await;
+    let dir = TestDir::new("my-detach");
+    let cid = format!("my-detach-{:06x}", fastrand::u32(..) & 0xffffff);
+    let table = format!("keys_{}", fastrand::u32(..));
+    let my = mysql_pool('a').await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE TABLE {table} (k VARCHAR(255) PRIMARY KEY)")))
+        .execute(&my)
+        .await
+        .unwrap();
+    // 5 connections, 2 active branches: 2 prepared ones keep their sessions.
+    let args = ["--max-connections", "5", "--max-active-branches", "2"];
+    let mysql = dir.mysql_adapter("mysql", 0, &cid, &[("my_a", mariadb_url('a'))], &args, &[]).await;
+    let mut work = mysql_client(&mysql).await;
+    let mut p = ParticipantClient::new(mysql.channel().await);
+    let sql = format!("INSERT INTO {table} (k) VALUES (?)");
+    let mut prepared = Vec::new();
+    for i in 0..3 {
+        let gtid = pledge_proto::Gtid::new_v7().to_string();
+        mysql_execute(&mut work, "my_a", &gtid, "rows", &sql, vec![text(&format!("k{i}"))]).await.unwrap();
+        let xid = v1::BranchXid { resource_id: "my_a".into(), gtid, branch_id: "rows".into() };
+        let branches = vec![v1::PrepareBranch { xid: Some(xid.clone()), ..Default::default() }];
+        let r = p.prepare(v1::PrepareRequest { coordinator_id: cid.clone(), branches }).await.unwrap().into_inner();
+        assert_eq!(r.results[0].vote(), v1::Vote::Prepared, "{}", r.results[0].reason);
+        prepared.push((xid, r.results[0].metadata.clone()));
+    }
+    assert_eq!(prepared_of(&cid).await.len(), 3, "every branch is prepared at the server");
+    assert_eq!(mysql.log().matches("this one is detached").count(), 1, "{}", mysql.log_tail());
+
+    let branches = prepared
+        .iter()
+        .map(|(xid, metadata)| v1::CommitBranch {
+            xid: Some(xid.clone()),
+            metadata: metadata.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let r = p.commit(v1::CommitBranchesRequest { coordinator_id: cid.clone(), branches }).await.unwrap().into_inner();
+    for result in &r.results {
+        assert_eq!(result.outcome(), v1::BranchOutcome::Committed, "{}", result.reason);
+    }
+    assert_eq!(r.results.len(), 3);
+    let n: i64 =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(&my).await.unwrap();
+    assert_eq!(n, 3);
+    assert!(prepared_of(&cid).await.is_empty());
+}
