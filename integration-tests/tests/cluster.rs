@@ -58,6 +58,53 @@ async fn get_retrying(c: &CoordinatorClient<tonic::transport::Channel>, gtid: &s
     .await
 }
 
+/// Instances `a` then `b` of one cluster on `store_url`, returned once they own the shards
+/// evenly; `a_env` arms crash points at `a`.
+struct Two {
+    a: Process,
+    b: Process,
+    a_id: String,
+    b_id: String,
+    store: StoreView,
+    /// The cluster's shard count.
+    count: usize,
+}
+
+async fn two_instances(
+    dir: &TestDir,
+    store_url: &str,
+    cid: &str,
+    participants: &[(&str, String)],
+    args: &[&str],
+    a_env: &[(&str, &str)],
+) -> Two {
+    let a = dir.cluster_instance_with_env("a", store_url, cid, participants, args, a_env).await;
+    let store = StoreView::connect(store_url).await;
+    let a_id = store.instance_id(&a).await;
+    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
+    let b = dir.cluster_instance("b", store_url, cid, participants, args).await;
+    let b_id = store.instance_id(&b).await;
+    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
+    let count = store.shard_count().await;
+    Two { a, b, a_id, b_id, store, count }
+}
+
+impl Two {
+    /// Begins transactions over db1/b1 and db2/b1 at `a` until one lands in a shard `a` owns
+    /// (the others are aborted); its GTID and shard.
+    async fn begin_at_a(&self) -> (String, i32) {
+        let mut ca = coordinator_client(&self.a).await;
+        loop {
+            let gtid = begin(&mut ca, &[("db1", "b1"), ("db2", "b1")]).await;
+            let shard = shard_of(&gtid, self.count);
+            if self.store.owner(shard).await.is_some_and(|(h, _)| h == self.a_id) {
+                return (gtid, shard);
+            }
+            let _ = ca.abort(v1::AbortRequest { gtid }).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_refuses_a_former_owners_decision() {
     let url = fresh_database("fence").await;
@@ -207,25 +254,11 @@ async fn a_resolution_is_forwarded_to_the_owner_and_survives_a_takeover() {
     let db1 = dir.participant("db1", 0, &[], &[]).await;
     let mut db2 = dir.participant("db2", 0, &[], &[("PLEDGE_CRASH_AT", "participant::before_commit")]).await;
     let participants = [("db1", db1.endpoint()), ("db2", db2.endpoint())];
-    let mut a = dir.cluster_instance("a", &store_url, &cid, &participants, &[]).await;
-    let store = StoreView::connect(&store_url).await;
-    let a_id = store.instance_id(&a).await;
-    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
-    let b = dir.cluster_instance("b", &store_url, &cid, &participants, &[]).await;
-    let b_id = store.instance_id(&b).await;
-    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
-    let count = store.shard_count().await;
+    let mut two = two_instances(&dir, &store_url, &cid, &participants, &[], &[]).await;
 
     // A transaction in one of a's shards, committed; db2 dies as its commit reaches it.
-    let mut ca = coordinator_client(&a).await;
-    let (gtid, shard) = loop {
-        let gtid = begin(&mut ca, &[("db1", "b1"), ("db2", "b1")]).await;
-        let shard = shard_of(&gtid, count);
-        if store.owner(shard).await.is_some_and(|(h, _)| h == a_id) {
-            break (gtid, shard);
-        }
-        ca.abort(v1::AbortRequest { gtid }).await.unwrap();
-    };
+    let (gtid, shard) = two.begin_at_a().await;
+    let mut ca = coordinator_client(&two.a).await;
     put(&mut store_client(&db1).await, &gtid, "b1", "k1", "v1").await;
     put(&mut store_client(&db2).await, &gtid, "b1", "k1", "v1").await;
     assert_eq!(commit(&mut ca, &gtid, false).await.unwrap().outcome(), v1::Outcome::Committed);
@@ -233,7 +266,7 @@ async fn a_resolution_is_forwarded_to_the_owner_and_survives_a_takeover() {
 
     // Asked at b, done by a.
     let args = ["txn", "resolve", &gtid, "db2/b1", "--commit", "--reason", "db2 retired", "--operator", "tester"];
-    let out = cli(&b, &args);
+    let out = cli(&two.b, &args);
     assert!(out.starts_with("resolved: branch db2/b1 recorded as committed"), "{out}");
     let in_store: i64 = sqlx::query_scalar("SELECT count(*) FROM pledge_resolution WHERE gtid = $1::uuid")
         .bind(&gtid)
@@ -243,10 +276,11 @@ async fn a_resolution_is_forwarded_to_the_owner_and_survives_a_takeover() {
     assert_eq!(in_store, 1);
 
     // a dies; b takes the shard over and knows the transaction finished by the operator.
-    a.kill9().await;
-    eventually("b owns the dead instance's shard", || async { store.owner(shard).await.filter(|(h, _)| *h == b_id) })
+    two.a.kill9().await;
+    let (store, b_id) = (&two.store, &two.b_id);
+    eventually("b owns the dead instance's shard", || async { store.owner(shard).await.filter(|(h, _)| h == b_id) })
         .await;
-    let t = get_retrying(&coordinator_client(&b).await, &gtid).await;
+    let t = get_retrying(&coordinator_client(&two.b).await, &gtid).await;
     assert_eq!(t.state(), v1::TransactionState::Committed, "{t:?}");
     assert_eq!(t.resolutions.len(), 1);
     assert_eq!((t.resolutions[0].operator.as_str(), t.resolutions[0].reason.as_str()), ("tester", "db2 retired"));
@@ -425,25 +459,12 @@ async fn a_paused_owner_is_fenced_and_steps_down_without_contradicting_the_new_o
     let db2 = dir.participant("db2", 0, &["--stall-prepare-ms", "6000"], &[]).await;
     let participants = [("db1", db1.endpoint()), ("db2", db2.endpoint())];
     let args = ["--prepare-timeout-ms", "60000"];
-    let a = dir.cluster_instance("a", &store_url, &cid, &participants, &args).await;
-    let store = StoreView::connect(&store_url).await;
-    let a_id = store.instance_id(&a).await;
-    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
-    let b = dir.cluster_instance("b", &store_url, &cid, &participants, &args).await;
-    let b_id = store.instance_id(&b).await;
-    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
-    let count = store.shard_count().await;
+    let two = two_instances(&dir, &store_url, &cid, &participants, &args, &[]).await;
 
     // A transaction in one of a's shards, with work at both participants.
-    let mut ca = coordinator_client(&a).await;
-    let (gtid, shard) = loop {
-        let gtid = begin(&mut ca, &[("db1", "b1"), ("db2", "b1")]).await;
-        let shard = shard_of(&gtid, count);
-        if store.owner(shard).await.is_some_and(|(h, _)| h == a_id) {
-            break (gtid, shard);
-        }
-        let _ = ca.abort(v1::AbortRequest { gtid }).await;
-    };
+    let (gtid, shard) = two.begin_at_a().await;
+    let Two { a, b_id, store, .. } = two;
+    let ca = coordinator_client(&a).await;
     let (_, epoch_a) = store.owner(shard).await.unwrap();
     put(&mut store_client(&db1).await, &gtid, "b1", "k1", "v1").await;
     put(&mut store_client(&db2).await, &gtid, "b1", "k2", "v2").await;
@@ -505,14 +526,7 @@ async fn a_stale_owner_never_rolls_back_a_branch_its_successor_committed() {
     // while the new owner's commit is on its way.
     let db2 = dir.participant("db2", 0, &["--stall-commit-ms", "4000"], &[]).await;
     let participants = [("db1", db1.endpoint()), ("db2", db2.endpoint())];
-    let a = dir.cluster_instance("a", &store_url, &cid, &participants, &[]).await;
-    let store = StoreView::connect(&store_url).await;
-    let a_id = store.instance_id(&a).await;
-    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
-    let b = dir.cluster_instance("b", &store_url, &cid, &participants, &[]).await;
-    let b_id = store.instance_id(&b).await;
-    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
-    let count = store.shard_count().await;
+    let Two { a, b, a_id, b_id, store, count } = two_instances(&dir, &store_url, &cid, &participants, &[], &[]).await;
     let shard = store.shards_of(&b_id).await[0];
 
     // b stops; a takes its shards over once the lease expires.
@@ -929,14 +943,8 @@ async fn a_takeover_terminates_a_pre_committed_three_phase_transaction() {
         "120000",
     ];
     let crash = [("PLEDGE_CRASH_AT", "coordinator::after_precommit_acked")];
-    let mut a = dir.cluster_instance_with_env("a", &store_url, &cid, &participants, &args, &crash).await;
-    let store = StoreView::connect(&store_url).await;
-    let a_id = store.instance_id(&a).await;
-    store.wait_owned_evenly_by(std::slice::from_ref(&a_id), Duration::from_secs(30)).await;
-    let b = dir.cluster_instance("b", &store_url, &cid, &participants, &args).await;
-    let b_id = store.instance_id(&b).await;
-    store.wait_owned_evenly_by(&[a_id.clone(), b_id.clone()], Duration::from_secs(30)).await;
-    let count = store.shard_count().await;
+    let Two { mut a, b, a_id, b_id, store, count } =
+        two_instances(&dir, &store_url, &cid, &participants, &args, &crash).await;
 
     // A three-phase transaction in one of a's shards (a Begin is UNAVAILABLE until a has
     // heard both participants' capability).

@@ -369,14 +369,10 @@ impl Writer {
                 bodies.push(record.clone());
             }
         }
-        let mut shards = shard_col.clone();
-        shards.sort_unstable();
-        shards.dedup();
-        let held: Vec<(i32, i64)> = sqlx::query_as(
-            "WITH held AS (
-                 SELECT shard, epoch FROM pledge_lease WHERE shard = ANY($1) AND holder = $2
-                 ORDER BY shard FOR SHARE
-             ), written AS (
+        let shards = distinct(&shard_col);
+        let held: Vec<(i32, i64)> = sqlx::query_as(concat!(
+            held_leases!(),
+            ", written AS (
                  INSERT INTO pledge_decision (gtid, shard, kind, epoch, finished, keep, completed_ms, record)
                  SELECT r.gtid, r.shard, r.kind, r.epoch, r.finished, r.keep, r.completed_ms, r.record
                  FROM unnest($3::uuid[], $4::integer[], $5::smallint[], $6::bigint[], $7::boolean[],
@@ -389,7 +385,7 @@ impl Writer {
                  WHERE NOT pledge_decision.finished
              )
              SELECT shard, epoch FROM held",
-        )
+        ))
         .bind(&shards)
         .bind(&self.state.instance_id)
         .bind(gtids as Vec<Uuid>)
@@ -429,14 +425,10 @@ impl Writer {
                 bodies.push(record.clone());
             }
         }
-        let mut shards = shard_col.clone();
-        shards.sort_unstable();
-        shards.dedup();
-        let held: Vec<(i32, i64)> = sqlx::query_as(
-            "WITH held AS (
-                 SELECT shard, epoch FROM pledge_lease WHERE shard = ANY($1) AND holder = $2
-                 ORDER BY shard FOR SHARE
-             ), r AS (
+        let shards = distinct(&shard_col);
+        let held: Vec<(i32, i64)> = sqlx::query_as(concat!(
+            held_leases!(),
+            ", r AS (
                  SELECT r.* FROM unnest($3::uuid[], $4::integer[], $5::bigint[], $6::bigint[], $7::boolean[],
                                         $8::bytea[]) WITH ORDINALITY
                           AS r (gtid, shard, epoch, at_ms, releases, record, n)
@@ -450,7 +442,7 @@ impl Writer {
                  FROM r WHERE r.releases AND d.gtid = r.gtid
              )
              SELECT shard, epoch FROM held",
-        )
+        ))
         .bind(&shards)
         .bind(&self.state.instance_id)
         .bind(gtids as Vec<Uuid>)
@@ -464,6 +456,27 @@ impl Writer {
         note_fenced(held, &shard_col, &epochs, fenced);
         Ok(())
     }
+}
+
+/// The start of every fenced write: a CTE `held` that share-locks the lease rows of the write's
+/// shards (`$1`) this instance (`$2`) holds, in shard order (as every lease update takes them,
+/// so the two never deadlock). A takeover's update of such a row waits for the write's commit.
+macro_rules! held_leases {
+    () => {
+        "WITH held AS (
+             SELECT shard, epoch FROM pledge_lease WHERE shard = ANY($1) AND holder = $2
+             ORDER BY shard FOR SHARE
+         )"
+    };
+}
+use held_leases;
+
+/// The shards of a write, each once, in order.
+fn distinct(shards: &[i32]) -> Vec<i32> {
+    let mut shards = shards.to_vec();
+    shards.sort_unstable();
+    shards.dedup();
+    shards
 }
 
 /// Adds to `fenced` every shard of a write whose lease this instance no longer held at the
