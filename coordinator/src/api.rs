@@ -168,7 +168,6 @@ pub fn status_of(e: &EngineError) -> Status {
         EngineError::TooManyTransactions { .. }
         | EngineError::TooManyWaiters { .. }
         | EngineError::TooManyParticipants { .. }
-        | EngineError::TooManyResolutions { .. }
         | EngineError::RetentionFull { .. } => Status::resource_exhausted(message),
         // Retriable: the shard's new owner answers (the router finds it on the next call).
         EngineError::NotOwner { .. }
@@ -452,10 +451,14 @@ impl Coordinator for CoordinatorService {
     async fn resolve(&self, request: Request<v1::ResolveRequest>) -> Result<Response<v1::ResolveResponse>, Status> {
         observe("Resolve", async {
             let gtid = gtid(&request.get_ref().gtid)?;
-            // Forwarded within a cluster: the instance that took the call names its caller.
-            let peer = router::forwarded_peer(&request)
-                .or_else(|| request.remote_addr().map(|a| a.to_string()))
-                .unwrap_or_else(|| "unknown".into());
+            // The transport's address, always. Forwarded within a cluster, the address the
+            // forwarding instance names comes first: a claim no one checks until calls are
+            // authenticated, so the address it came from stays beside it.
+            let transport = request.remote_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string());
+            let peer = match router::forwarded_peer(&request).filter(|_| self.router.is_some()) {
+                Some(claimed) => format!("{claimed} (forwarded by {transport})"),
+                None => transport,
+            };
             if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
                 let r = request.into_inner();

@@ -210,6 +210,19 @@ struct ResolvePb {
     effect: i32,
     #[prost(bool, tag = "11")]
     releases: bool,
+    /// 0 none, else [`BranchOutcome`] + 1.
+    #[prost(int32, tag = "12")]
+    branch_outcome: i32,
+    #[prost(message, repeated, tag = "13")]
+    hazards: Vec<BranchKeyPb>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct BranchKeyPb {
+    #[prost(string, tag = "1")]
+    resource_id: String,
+    #[prost(string, tag = "2")]
+    branch_id: String,
 }
 
 const ACTIONS: [ResolveAction; 3] = [ResolveAction::Commit, ResolveAction::Rollback, ResolveAction::Forget];
@@ -244,6 +257,12 @@ fn resolve_pb(r: &ResolveRecord) -> ResolvePb {
         reason: r.reason.clone(),
         effect: code_of(&EFFECTS, &r.effect),
         releases: r.releases,
+        branch_outcome: outcome_code(r.branch_outcome),
+        hazards: r
+            .hazards
+            .iter()
+            .map(|k| BranchKeyPb { resource_id: k.resource.to_string(), branch_id: k.branch.to_string() })
+            .collect(),
     }
 }
 
@@ -263,6 +282,8 @@ fn resolve_from(payload: &[u8]) -> Result<ResolveRecord, DecodeError> {
         peer: pb.peer,
         reason: pb.reason,
         effect: from_code(&EFFECTS, "effect", pb.effect)?,
+        branch_outcome: outcome_from(pb.branch_outcome)?,
+        hazards: pb.hazards.iter().map(|k| BranchKey::new(&k.resource_id, &k.branch_id)).collect::<Result<_, _>>()?,
         releases: pb.releases,
     })
 }
@@ -538,18 +559,22 @@ mod tests {
                 peer: "127.0.0.1:4000".into(),
                 reason: "restored the row by hand".into(),
                 effect: ResolveEffect::BranchSettled,
+                branch_outcome: Some(BranchOutcome::HeuristicRollback),
+                hazards: vec![],
                 releases: true,
             })),
             LogRecord::Resolve(Arc::new(ResolveRecord {
                 gtid: Gtid::from_parts(1_700_000_000_000, 11),
                 epoch: 0,
                 at_ms: 5,
-                action: ResolveAction::Forget,
+                action: ResolveAction::Rollback,
                 branch: None,
                 operator: String::new(),
                 peer: String::new(),
                 reason: "x".into(),
-                effect: ResolveEffect::Forgotten,
+                effect: ResolveEffect::Decided,
+                branch_outcome: None,
+                hazards: vec![k1.clone(), BranchKey::new("db2", "x").unwrap()],
                 releases: false,
             })),
             LogRecord::Forgotten { through_ms: 1_800_000_000_000 },

@@ -210,6 +210,8 @@ async fn the_store_keeps_resolutions_fenced_and_releases_a_repaired_transaction(
             peer: "127.0.0.1:1".into(),
             reason: "re-applied by hand".into(),
             effect: ResolveEffect::BranchSettled,
+            branch_outcome: Some(BranchOutcome::HeuristicRollback),
+            hazards: vec![],
             releases,
         }))
     };

@@ -307,7 +307,7 @@ impl LeaseManager {
             .await?;
         // Resolutions after every transaction's record, each transaction's in the order made.
         let resolutions: Vec<Vec<u8>> =
-            sqlx::query_scalar("SELECT record FROM pledge_resolution WHERE shard = $1 ORDER BY gtid, at_ms, id")
+            sqlx::query_scalar("SELECT record FROM pledge_resolution WHERE shard = $1 ORDER BY gtid, id")
                 .bind(i32::from(shard))
                 .fetch_all(&self.pool)
                 .await?;
@@ -440,6 +440,20 @@ impl LeaseManager {
         .await?;
         let gone_gtids: Vec<uuid::Uuid> = gone.iter().map(|(_, g)| *g).collect();
         sqlx::query("DELETE FROM pledge_resolution WHERE gtid = ANY($1)").bind(&gone_gtids).execute(&mut *tx).await?;
+        // Resolutions of transactions with no record left, older than the retention (a retried
+        // abort, under presumed abort, has none): nothing replays them any more.
+        sqlx::query(
+            "DELETE FROM pledge_resolution WHERE id IN (
+                 SELECT r.id FROM pledge_resolution r
+                 WHERE r.shard = ANY($1) AND r.at_ms < $2
+                   AND NOT EXISTS (SELECT 1 FROM pledge_decision d WHERE d.gtid = r.gtid)
+                 LIMIT $3)",
+        )
+        .bind(&mine)
+        .bind(horizon)
+        .bind(MAX_FORGET_PER_ROUND)
+        .execute(&mut *tx)
+        .await?;
         let mut through: BTreeMap<i32, i64> = BTreeMap::new();
         for (shard, gtid) in &gone {
             let ms = Gtid::from_uuid(*gtid).unix_ms().unwrap_or(0) as i64;

@@ -334,18 +334,29 @@ impl Writer {
             .await?;
         }
         let mut fenced = BTreeMap::new();
+        if resolutions.is_empty() {
+            if !latest.is_empty() {
+                let mut conn = self.pool.acquire().await?;
+                self.write_decisions(&mut conn, batch, &latest, &mut fenced).await?;
+            }
+            return Ok(fenced);
+        }
+        // Resolutions are rare: then one database transaction for the decisions and the
+        // resolutions, so that both or neither are written (an effect is never in the store
+        // without the resolution that explains it), under the same lease locks. The
+        // resolutions after the decisions: a release applies to an End record written here.
+        let mut tx = self.pool.begin().await?;
         if !latest.is_empty() {
-            self.write_decisions(batch, &latest, &mut fenced).await?;
+            self.write_decisions(&mut tx, batch, &latest, &mut fenced).await?;
         }
-        // After the decisions: a resolution's release applies to the End record written above.
-        if !resolutions.is_empty() {
-            self.write_resolutions(batch, &resolutions, &mut fenced).await?;
-        }
+        self.write_resolutions(&mut tx, batch, &resolutions, &mut fenced).await?;
+        tx.commit().await?;
         Ok(fenced)
     }
 
     async fn write_decisions(
         &self,
+        conn: &mut sqlx::PgConnection,
         batch: &[Op],
         latest: &HashMap<Gtid, usize>,
         fenced: &mut BTreeMap<u16, u64>,
@@ -396,7 +407,7 @@ impl Writer {
         .bind(keep)
         .bind(completed)
         .bind(bodies)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         note_fenced(held, &shard_col, &epochs, fenced);
         Ok(())
@@ -407,6 +418,7 @@ impl Writer {
     /// transaction's row as no longer kept.
     async fn write_resolutions(
         &self,
+        conn: &mut sqlx::PgConnection,
         batch: &[Op],
         indexes: &[usize],
         fenced: &mut BTreeMap<u16, u64>,
@@ -451,7 +463,7 @@ impl Writer {
         .bind(at)
         .bind(releases)
         .bind(bodies)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
         note_fenced(held, &shard_col, &epochs, fenced);
         Ok(())

@@ -430,8 +430,9 @@ impl<L: DecisionLog> Runtime<L> {
     /// cluster: tell its caller. Anything else is fatal.
     fn store_failed(&mut self, token: Option<SyncToken>, error: StoreError) -> Result<(), StoreError> {
         match (&error, token, &self.cluster) {
-            // A resolution whose record the store refused: its caller hears so (Get tells
-            // whether it took effect at the shard's new owner: it did not).
+            // A resolution whose record the store refused: its caller hears so, and the shard's
+            // new owner knows nothing of it (a write carrying a resolution is one database
+            // transaction, its effects included).
             (StoreError::Fenced { .. }, Some(SyncToken::Resolve { req, .. }), Some(_)) => {
                 if let Some((tx, _)) = self.replies.remove(&req) {
                     let _ = tx.send(Err(EngineError::StoreUnavailable(error.to_string())));

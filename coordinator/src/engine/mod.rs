@@ -133,8 +133,6 @@ pub const MAX_WAITERS_PER_TXN: usize = 16;
 /// Most participants (resource ids) a coordinator knows: each has its connection, batchers,
 /// a place in every checkpoint and a recovery scan every interval.
 pub const MAX_PARTICIPANTS: usize = 1_024;
-/// Most operator resolutions one transaction keeps (each is in its records and every checkpoint).
-pub const MAX_RESOLUTIONS_PER_TXN: usize = 32;
 
 /// Where a transaction is in its life. Finer than [`TxnState`], which is what clients see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,8 +270,13 @@ struct Txn {
     decision_epoch: u64,
     /// The End record, once finished.
     end: Option<Arc<EndRecord>>,
-    /// What operators did to it, oldest first (at most [`MAX_RESOLUTIONS_PER_TXN`]).
+    /// What operators did to it, oldest first. Bounded by what can be resolved: each branch is
+    /// settled or forgotten once, a transaction decided once, and only the latest retry is kept
+    /// (an earlier one changes nothing a replay needs).
     resolutions: Vec<Arc<ResolveRecord>>,
+    /// An operator settled its last unacknowledged branch: the End record is synced before
+    /// anyone hears that it finished (the log then holds the resolution before it).
+    end_sync: bool,
 }
 
 /// Everything but the transaction table, so handlers can hold `&mut Txn` and `&mut Ctx` at once.

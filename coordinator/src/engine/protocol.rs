@@ -281,7 +281,7 @@ impl Ctx {
         // A commit no other record holds (empty, all read-only: nothing was logged; one-phase:
         // the participant's answer is news): the client hears it only once this record is
         // durable, so the same answer is given after a crash. Retention starts then too.
-        let only_record = txn.one_phase || (finished == Phase::Committed && !txn.decision_logged());
+        let only_record = txn.one_phase || (finished == Phase::Committed && !txn.decision_logged()) || txn.end_sync;
         if only_record {
             txn.end_syncing = true;
             self.append(LogRecord::End(end), Some(SyncToken::End(txn.gtid)));

@@ -241,10 +241,15 @@ impl Engine {
                 // A finished transaction whose End record is still being synced is kept too:
                 // the checkpoint is written after that record.
                 Phase::Committed | Phase::Aborted => records.push(LogRecord::End(txn.end())),
+                // An abort an operator decided for a three-phase transaction: its pre-commit
+                // record, then the decision (below), as the log holds them. Any other abort
+                // under way needs no record (presumed abort).
+                Phase::Aborting if txn.resolutions.iter().any(|r| r.effect == ResolveEffect::Decided) => {
+                    records.push(LogRecord::PreCommit(txn.commit_record()))
+                }
                 Phase::Active | Phase::Preparing | Phase::Aborting => {}
             }
-            // Its resolutions after its record, as in the log (none for an abort under way:
-            // presumed abort needs no record of it).
+            // Its resolutions after its record, as in the log.
             if records.len() > before {
                 records.extend(txn.resolutions.iter().cloned().map(LogRecord::Resolve));
             }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use pledge_proto::BranchKey;
 
+use super::three_phase::mark_hazard;
 use super::*;
 use crate::metrics::{self, AbortCause};
 
@@ -50,10 +51,27 @@ impl Engine {
             }
             Ok(Plan::Apply(effect)) => effect,
         };
-        if txn.resolutions.len() >= MAX_RESOLUTIONS_PER_TXN {
-            return cx.reply(req, Err(EngineError::TooManyResolutions { gtid, max: MAX_RESOLUTIONS_PER_TXN }));
-        }
-        let was_kept = cx.kept_heuristic.contains(&gtid);
+        let commit = r.action == ResolveAction::Commit;
+        let branch_outcome = match (effect, &r.branch) {
+            (ResolveEffect::BranchSettled, Some(key)) => {
+                let b = txn.branches.iter().find(|b| &b.key == key).expect("checked above");
+                Some(match b.outcome {
+                    Some(o) if o.is_heuristic() => o,
+                    _ if commit => BranchOutcome::Committed,
+                    _ => BranchOutcome::Aborted,
+                })
+            }
+            _ => None,
+        };
+        let hazards = match effect {
+            ResolveEffect::Decided if !commit => txn
+                .branches
+                .iter()
+                .filter(|b| b.participant_state == Some(ParticipantState::Unknown))
+                .map(|b| b.key.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
         let mut record = ResolveRecord {
             gtid,
             epoch: cx.epoch_of(gtid),
@@ -64,15 +82,15 @@ impl Engine {
             peer: r.peer,
             reason: r.reason,
             effect,
+            branch_outcome,
+            hazards,
             releases: false,
         };
-        // In the list before it takes effect: a transaction it finishes is retained by it.
-        txn.resolutions.push(Arc::new(record.clone()));
-        cx.apply_resolution(txn, &record);
-        if was_kept && !txn.needs_operator() {
-            // Repaired: from now on kept for the retention, like any finished transaction.
-            cx.kept_heuristic.remove(&gtid);
-            cx.retired.push_back((cx.now, gtid));
+        // Among its resolutions before anything else: a transaction it finishes is retained by
+        // it, and whether it repairs the last heuristic outcome counts it.
+        txn.push_resolution(Arc::new(record.clone()));
+        let kept_for_operator = txn.end.as_ref().is_some_and(|e| e.kept_for_operator);
+        if txn.phase.is_finished() && kept_for_operator && !txn.needs_operator() {
             record.releases = true;
             *txn.resolutions.last_mut().expect("pushed above") = Arc::new(record.clone());
         }
@@ -80,7 +98,14 @@ impl Engine {
         tracing::warn!(%gtid, branch = ?record.branch.as_ref().map(ToString::to_string), action = %record.action,
             effect = %record.effect, operator = %record.operator, peer = %record.peer, reason = %record.reason,
             "operator resolution");
-        cx.append(LogRecord::Resolve(Arc::new(record)), Some(SyncToken::Resolve { req, gtid }));
+        // The record first, then what it causes (an End or Commit record, calls): the log never
+        // holds an effect without the resolution that explains it.
+        cx.append(LogRecord::Resolve(Arc::new(record.clone())), Some(SyncToken::Resolve { req, gtid }));
+        cx.apply_resolution(txn, &record);
+        if record.releases && cx.kept_heuristic.remove(&gtid) {
+            // Repaired: from now on kept for the retention, like any finished transaction.
+            cx.retired.push_back((cx.now, gtid));
+        }
     }
 
     /// The resolution's record is durable: its caller hears what the transaction is now.
@@ -100,7 +125,7 @@ impl Engine {
     /// answered). A transaction no longer known ended under presumed abort: nothing to apply.
     pub(super) fn replay_resolution(&mut self, r: Arc<ResolveRecord>) {
         let Some(txn) = self.txns.get_mut(&r.gtid) else { return };
-        txn.resolutions.push(r.clone());
+        txn.push_resolution(r.clone());
         let commit = r.action == ResolveAction::Commit;
         match r.effect {
             ResolveEffect::Retried | ResolveEffect::Forgotten => {}
@@ -110,7 +135,7 @@ impl Engine {
                 if b.acked {
                     return; // a later record (End) already holds its outcome
                 }
-                settle_branch(b, commit);
+                settle_branch(b, &r);
                 if phase == Phase::OnePhaseCommit {
                     finish_one_phase(txn, &r, commit);
                     txn.completed_ms = r.at_ms;
@@ -125,6 +150,9 @@ impl Engine {
                     txn.abort_reason = Some(operator_reason(&r, "decided abort"));
                     for b in &mut txn.branches {
                         b.acked = b.vote == Some(Vote::ReadOnly);
+                        if r.hazards.contains(&b.key) {
+                            mark_hazard(b);
+                        }
                     }
                 }
             }
@@ -134,7 +162,7 @@ impl Engine {
 }
 
 impl Ctx {
-    /// Carries out a resolution just planned (see the module documentation).
+    /// Carries out a resolution just logged (see the module documentation).
     fn apply_resolution(&mut self, txn: &mut Txn, r: &ResolveRecord) {
         let commit = r.action == ResolveAction::Commit;
         match r.effect {
@@ -147,19 +175,25 @@ impl Ctx {
                 let phase = txn.phase;
                 let b = txn.branch_mut(r.branch.as_ref().expect("planned for a branch")).expect("checked");
                 if !b.acked {
-                    settle_branch(b, commit);
+                    settle_branch(b, r);
                     if phase == Phase::OnePhaseCommit {
                         finish_one_phase(txn, r, commit);
                         if !commit {
                             metrics::aborted(AbortCause::Operator);
                         }
                     }
+                    // Finished by the operator: nobody hears it before its End record (after
+                    // this resolution in the log) is durable.
+                    txn.end_sync = true;
                 }
                 self.finish_if_done(txn);
             }
             ResolveEffect::Decided if commit => self.decide_three_phase_commit(txn),
             ResolveEffect::Decided => {
                 self.decide_abort(txn, AbortCause::Operator, operator_reason(r, "decided abort"));
+                // A branch with no record may have committed on its own: a hazard, as when the
+                // termination protocol decides abort itself.
+                self.unknown_branches_are_hazards(txn);
                 self.finish_if_done(txn);
             }
             ResolveEffect::Forgotten => {}
@@ -167,15 +201,14 @@ impl Ctx {
     }
 }
 
-/// An unacknowledged branch taken as ended the way the operator says. A heuristic outcome
-/// it reported stays as it was (what happened); the resolution says how it was repaired.
-fn settle_branch(b: &mut Branch, commit: bool) {
+/// An unacknowledged branch taken as ended the way the operator says, with the outcome the
+/// record holds: a heuristic outcome it reported stays as it was (what happened); the
+/// resolution says how it was repaired.
+fn settle_branch(b: &mut Branch, r: &ResolveRecord) {
     b.acked = true;
     b.in_flight = false;
     b.next_retry_ms = 0;
-    if !b.outcome.is_some_and(BranchOutcome::is_heuristic) {
-        b.outcome = Some(if commit { BranchOutcome::Committed } else { BranchOutcome::Aborted });
-    }
+    b.outcome = r.branch_outcome.or(b.outcome);
 }
 
 /// A one-phase commit whose only branch an operator settled: the transaction ended so.

@@ -184,7 +184,7 @@ fn a_branch_its_participant_cannot_finish_is_settled_and_the_transaction_finishe
             _ => None,
         })
         .collect();
-    assert_eq!(kinds, ["end", "resolve"], "{out:?}");
+    assert_eq!(kinds, ["resolve", "end"], "{out:?}");
     assert!(changed(reply_to(&h.sync_all(), req)));
     let view = h.get(g).unwrap();
     assert_eq!(view.state, TxnState::Committed);
@@ -329,34 +329,142 @@ fn an_undecided_three_phase_transaction_is_decided_by_the_operator_never_against
 }
 
 #[test]
-fn resolutions_are_bounded_per_transaction_and_survive_a_checkpoint() {
+fn only_the_latest_retry_is_kept_and_settling_works_after_any_number_of_them() {
     let cfg = EngineConfig { checkpoint_every_records: 1_000_000, ..EngineConfig::default() };
     let mut h = Harness::with_config(cfg.clone());
     let g = gtid(1);
     prepared_two(&mut h, g);
     h.synced(g);
-    for n in 0..MAX_RESOLUTIONS_PER_TXN {
+    h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Committed);
+    for n in 0..40 {
         let error = format!("down {n}");
         h.ev(Event::Phase2Done { gtid: g, branch: db1(), op: Phase2Op::Commit, result: Phase2Result::Retry { error } });
+        h.now += 1;
         let (req, _) = resolve(&mut h, g, None, ResolveAction::Commit);
         assert!(changed(reply_to(&h.sync_all(), req)));
     }
+    assert_eq!(h.get(g).unwrap().resolutions.len(), 1);
     let error = "down".to_string();
     h.ev(Event::Phase2Done { gtid: g, branch: db1(), op: Phase2Op::Commit, result: Phase2Result::Retry { error } });
-    let (req, out) = resolve(&mut h, g, None, ResolveAction::Commit);
-    assert!(matches!(reply_to(&out, req), Some(Err(EngineError::TooManyResolutions { .. }))));
+    let (req, _) = resolve(&mut h, g, Some(db1()), ResolveAction::Commit);
+    assert!(changed(reply_to(&h.sync_all(), req)));
+    let view = h.get(g).unwrap();
+    assert_eq!((view.state, view.resolutions.len()), (TxnState::Committed, 2));
 
-    // A checkpoint holds the commit record and, after it, every resolution.
+    // The log holds all 41; a replay keeps what the live engine kept.
+    let records: Vec<LogRecord> = h.appended.iter().map(|(r, _)| r.clone()).collect();
+    assert_eq!(records.iter().filter(|r| matches!(r, LogRecord::Resolve(_))).count(), 41);
+    let (mut r, _) = Harness::restored(cfg.clone(), h.now, records);
+    assert_eq!(r.get(g).unwrap().resolutions, view.resolutions);
+    // So does a checkpoint: the End record, then the resolutions after it.
     h.engine.cx.records_since_checkpoint = u64::MAX;
     let out = h.ev(Event::Tick);
     let Some(Command::Checkpoint { records }) = out.last() else { panic!("{out:?}") };
-    let resolves = records.iter().filter(|r| matches!(r, LogRecord::Resolve(_))).count();
-    assert_eq!(resolves, MAX_RESOLUTIONS_PER_TXN);
-    assert!(
-        matches!(records.iter().rposition(|r| matches!(r, LogRecord::Commit(_))), Some(i) if i < records.len() - resolves)
-    );
+    let kinds: Vec<&str> = records
+        .iter()
+        .filter_map(|r| match r {
+            LogRecord::End(_) => Some("end"),
+            LogRecord::Resolve(_) => Some("resolve"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["end", "resolve", "resolve"]);
     let (mut r, _) = Harness::restored(cfg, h.now, records.clone());
-    assert_eq!(r.get(g).unwrap().resolutions.len(), MAX_RESOLUTIONS_PER_TXN);
+    assert_eq!(r.get(g).unwrap().resolutions, view.resolutions);
+}
+
+#[test]
+fn a_heuristic_outcome_resolved_before_the_transaction_finished_survives_a_replay() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    prepared_two(&mut h, g);
+    h.synced(g);
+    // db2 rolled back on its own (its answer is not logged: the transaction goes on).
+    h.ack(g, db2(), Phase2Op::Commit, BranchOutcome::Aborted);
+    let (req, out) = resolve(&mut h, g, Some(db2()), ResolveAction::Commit);
+    assert_eq!(resolve_records(&out)[0].branch_outcome, Some(BranchOutcome::HeuristicRollback));
+    assert!(changed(reply_to(&h.sync_all(), req)));
+    let (mut r, _) = Harness::restored(EngineConfig::default(), h.now, h.synced_records());
+    let view = r.get(g).unwrap();
+    assert_eq!(view.branches[1].outcome, Some(BranchOutcome::HeuristicRollback), "what happened stays");
+    assert!(view.heuristic && view.branches[1].resolved);
+}
+
+#[test]
+fn a_transaction_finished_by_a_resolution_is_answered_only_once_its_end_is_durable() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1(), db2()]);
+    let client = h.req();
+    h.ev(Event::Commit { req: client, gtid: g, branches: vec![], wait_for_completion: true });
+    h.vote(g, db1(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.vote(g, db2(), VoteResult::Prepared { metadata: Bytes::new() });
+    h.synced(g);
+    h.ack(g, db1(), Phase2Op::Commit, BranchOutcome::Committed);
+    let (req, out) = resolve(&mut h, g, Some(db2()), ResolveAction::Commit);
+    // The resolution first, then the End record it causes, both to be synced; no answer yet.
+    let appended: Vec<(&str, bool)> = out
+        .iter()
+        .filter_map(|c| match c {
+            Command::Append { record: LogRecord::Resolve(_), sync } => Some(("resolve", sync.is_some())),
+            Command::Append { record: LogRecord::End(_), sync } => Some(("end", sync.is_some())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appended, [("resolve", true), ("end", true)]);
+    assert!(reply_to(&out, client).is_none() && reply_to(&out, req).is_none(), "{out:?}");
+    let out = h.sync_all();
+    assert!(changed(reply_to(&out, req)));
+    assert!(matches!(reply_to(&out, client), Some(Ok(Reply::CommitOutcome(o))) if o.committed && o.completed));
+}
+
+#[test]
+fn an_operators_three_phase_abort_survives_a_checkpoint_and_keeps_a_branch_without_record_a_hazard() {
+    let cfg = EngineConfig { epoch: 4, ..EngineConfig::default() };
+    let g = gtid(1);
+    let db3 = key("db3", "b1");
+    let votes = vec![(db1(), meta("m1"), T0 + 1), (db2(), Bytes::new(), T0 + 1), (db3.clone(), Bytes::new(), T0 + 1)];
+    let precommit = LogRecord::PreCommit(record(g, T0 + 1, 3, votes));
+    let (mut h, _) = Harness::restored(cfg.clone(), T0 + 100, vec![precommit.clone()]);
+    // db1 has no record of the branch, db2 is prepared, db3 never answers.
+    state(&mut h, g, db1(), ParticipantState::Unknown);
+    state(&mut h, g, db2(), ParticipantState::Prepared);
+    let (req, out) = resolve(&mut h, g, None, ResolveAction::Rollback);
+    assert_eq!(resolve_records(&out)[0].hazards, vec![db1()]);
+    assert!(changed(reply_to(&h.sync_all(), req)));
+    let hazard =
+        |v: &TxnView| v.branches[0].outcome == Some(BranchOutcome::HeuristicHazard) && v.branches[0].acknowledged;
+    assert!(hazard(&h.get(g).unwrap()));
+
+    // From the log, and from a checkpoint: the same abort under way, the same hazard.
+    let (mut r, start) = Harness::restored(cfg.clone(), T0 + 200, h.synced_records_with(&precommit));
+    assert!(hazard(&r.get(g).unwrap()) && start.contains(&abort_cmd(g, db3.clone(), Bytes::new())), "{start:?}");
+    h.engine.cx.records_since_checkpoint = u64::MAX;
+    let out = h.ev(Event::Tick);
+    let Some(Command::Checkpoint { records }) = out.last() else { panic!("{out:?}") };
+    let (mut r2, start) = Harness::restored(cfg, T0 + 200, records.clone());
+    let view = r2.get(g).unwrap();
+    assert_eq!(view.state, TxnState::Aborting);
+    assert!(hazard(&view) && start.contains(&abort_cmd(g, db3, Bytes::new())), "{start:?}");
+    assert_eq!(view.resolutions, r.get(g).unwrap().resolutions);
+}
+
+#[test]
+fn a_one_phase_heuristic_forgotten_while_its_end_is_syncing_is_released() {
+    let mut h = Harness::new();
+    let g = gtid(1);
+    h.begin(g, vec![db1()]);
+    h.commit(g);
+    h.sync_all();
+    let hazard = Phase2Result::Outcome { outcome: BranchOutcome::HeuristicHazard, reason: None };
+    let out = h.ev(Event::Phase2Done { gtid: g, branch: db1(), op: Phase2Op::Commit, result: hazard });
+    assert!(out.iter().any(|c| matches!(c, Command::Append { record: LogRecord::End(e), .. } if e.kept_for_operator)));
+    // Before the End record is durable:
+    let (_, out) = resolve(&mut h, g, None, ResolveAction::Forget);
+    assert!(resolve_records(&out)[0].releases, "the store keeps the row until a release: {out:?}");
+    h.sync_all();
+    let gauges = h.engine.gauges(h.now);
+    assert_eq!((gauges.heuristic, gauges.retained), (0, 1));
 }
 
 impl Harness {

@@ -88,6 +88,26 @@ impl Engine {
     }
 }
 
+/// Why a branch that answered the termination protocol with no record is a hazard.
+const UNKNOWN_AT_TERMINATION: &str = "it voted yes, then answered the three-phase state query with no record of the \
+                                      branch (lost, or forgotten after its retention): whether it committed on its \
+                                      own is not known";
+
+/// An aborting branch that answered it has no record: finished as a heuristic hazard (the
+/// state only; replay uses it as is).
+pub(super) fn mark_hazard(b: &mut Branch) {
+    b.acked = true;
+    b.in_flight = false;
+    b.outcome = Some(BranchOutcome::HeuristicHazard);
+    b.last_error = Some(match b.last_error.take() {
+        Some(said) if !said.starts_with(UNKNOWN_AT_TERMINATION) => {
+            format!("{UNKNOWN_AT_TERMINATION}; the participant said: {said}")
+        }
+        Some(said) => said,
+        None => UNKNOWN_AT_TERMINATION.to_string(),
+    });
+}
+
 impl Ctx {
     /// Every vote is in and some branch prepared: force the pre-commit decision before any
     /// participant hears PreCommit.
@@ -171,20 +191,12 @@ impl Ctx {
     /// lost it, or forgot it after its retention). It may have been pre-committed and have
     /// committed on its own before it forgot: nothing proves how it ended. A heuristic hazard,
     /// recorded, counted and kept for an operator — never taken for an abort.
-    fn unknown_branches_are_hazards(&mut self, txn: &mut Txn) {
+    pub(super) fn unknown_branches_are_hazards(&mut self, txn: &mut Txn) {
         let gtid = txn.gtid;
         for b in txn.branches.iter_mut().filter(|b| b.participant_state == Some(ParticipantState::Unknown)) {
-            b.acked = true;
-            b.in_flight = false;
-            b.outcome = Some(BranchOutcome::HeuristicHazard);
-            let why = "it voted yes, then answered the three-phase state query with no record of the branch (lost, \
-                       or forgotten after its retention): whether it committed on its own is not known";
-            b.last_error = Some(match b.last_error.take() {
-                Some(said) => format!("{why}; the participant said: {said}"),
-                None => why.to_string(),
-            });
+            mark_hazard(b);
             crate::metrics::heuristic(BranchOutcome::HeuristicHazard);
-            tracing::warn!(%gtid, branch = %b.key, "heuristic hazard: {why}");
+            tracing::warn!(%gtid, branch = %b.key, "heuristic hazard: {UNKNOWN_AT_TERMINATION}");
         }
     }
 

@@ -31,6 +31,7 @@ impl Txn {
             decision_epoch: 0,
             end: None,
             resolutions: Vec::new(),
+            end_sync: false,
         }
     }
 
@@ -54,6 +55,15 @@ impl Txn {
     /// A participant reported a heuristic outcome for some branch.
     pub(super) fn heuristic(&self) -> bool {
         self.branches.iter().any(|b| b.outcome.is_some_and(BranchOutcome::is_heuristic))
+    }
+
+    /// Adds a resolution, keeping only the latest retry (retries change nothing a replay
+    /// rebuilds, and an operator may retry as often as a participant stays away).
+    pub(super) fn push_resolution(&mut self, r: Arc<ResolveRecord>) {
+        if r.effect == ResolveEffect::Retried {
+            self.resolutions.retain(|x| x.effect != ResolveEffect::Retried);
+        }
+        self.resolutions.push(r);
     }
 
     /// Since when a finished transaction is retained: its completion, or the resolution that

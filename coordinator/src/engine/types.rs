@@ -430,11 +430,6 @@ pub enum EngineError {
     NoSuchBranch { gtid: Gtid, branch: BranchKey },
     #[error("{0}")]
     ResolveRefused(String),
-    #[error(
-        "transaction {gtid} has been resolved {max} times already (the most one transaction keeps); nothing more \
-         can be recorded for it"
-    )]
-    TooManyResolutions { gtid: Gtid, max: usize },
 }
 
 /// A transaction's state as the API shows it.
@@ -761,6 +756,13 @@ pub struct ResolveRecord {
     pub peer: String,
     pub reason: String,
     pub effect: ResolveEffect,
+    /// [`ResolveEffect::BranchSettled`]: the outcome the branch is left with (the heuristic one
+    /// it reported, which stays, or the one the operator gave it), so that a replay rebuilds it
+    /// even when the participant's answer before the resolution was never logged.
+    pub branch_outcome: Option<BranchOutcome>,
+    /// [`ResolveEffect::Decided`] abort: the branches that had answered with no record of the
+    /// branch (each a heuristic hazard: it may have committed on its own before it forgot).
+    pub hazards: Vec<BranchKey>,
     /// The transaction is finished and this resolution covered its last unresolved heuristic
     /// outcome: from `at_ms` it is kept for the retention only.
     pub releases: bool,

@@ -44,24 +44,16 @@ use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
 use pledge_sdk::BranchError;
 use pledge_sdk::journal::{Journal, JournalConfig};
 use pledge_sdk::journaled::{self, Journaled};
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
 
 /// The XID mapping lives with the gRPC contract, which shows every branch's XID.
 pub use pledge_proto::xa as xid;
 pub use pledge_proto::xa::XaXid;
+pub use pledge_sql::ResourceConfig;
 use resource::{Database, Databases};
 
 /// The table of fence rows (see the crate docs), created in every database at start.
 pub const FENCE_TABLE: &str = "pledge_xa_fence";
-
-#[derive(Debug, Clone)]
-pub struct ResourceConfig {
-    pub id: ResourceId,
-    /// mysql://user:password@host:port/database
-    pub url: String,
-    /// Connections to this database: active branches hold one each until prepared.
-    pub max_connections: u32,
-}
 
 #[derive(Debug, Clone)]
 pub struct MysqlConfig {
@@ -145,11 +137,7 @@ impl MysqlParticipant {
         for rc in &config.resources {
             let options = MySqlConnectOptions::from_str(&rc.url)
                 .map_err(|e| anyhow::anyhow!("resource {}: invalid url: {e}", rc.id))?;
-            let pool = MySqlPoolOptions::new()
-                .max_connections(rc.max_connections)
-                .acquire_timeout(config.acquire_timeout)
-                .test_before_acquire(false)
-                .connect_with(options)
+            let pool = pledge_sql::connect_pool(options, rc.max_connections, config.acquire_timeout)
                 .await
                 .map_err(|e| anyhow::anyhow!("resource {}: cannot connect: {e}", rc.id))?;
             pools.push((rc.id.clone(), pool));
@@ -175,7 +163,8 @@ impl MysqlParticipant {
             let size = pool.options().get_max_connections() as usize;
             anyhow::ensure!(
                 config.max_active_branches < size,
-                "resource {id}: max_active_branches ({}) must be below the pool's max_connections ({size}),                  leaving connections for XA COMMIT/ROLLBACK",
+                "resource {id}: max_active_branches ({}) must be below the pool's max_connections ({size}), \
+                 leaving connections for XA COMMIT/ROLLBACK",
                 config.max_active_branches
             );
             let server = check_server(&pool).await.map_err(|e| anyhow::anyhow!("resource {id}: {e}"))?;
@@ -259,9 +248,7 @@ async fn expire_fences(pool: &MySqlPool, retention: Duration) -> Result<(), sqlx
         retention.as_secs()
     );
     let deleted =
-        tokio::time::timeout(Duration::from_secs(30), sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn))
-            .await
-            .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+        pledge_sql::bounded(Duration::from_secs(30), sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn)).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close()).await;
     deleted.map(drop)
 }
@@ -281,7 +268,8 @@ async fn check_server(pool: &MySqlPool) -> anyhow::Result<String> {
     check_durability(flush, log_bin, sync_binlog)?;
     if let Err(e) = sqlx::raw_sql("XA RECOVER").fetch_all(pool).await {
         anyhow::bail!(
-            "XA RECOVER failed ({e}): the adapter's user needs the privilege to list prepared XA transactions              (MariaDB: SUPER, or BINLOG ADMIN from 10.5.2 on; MySQL 8: XA_RECOVER_ADMIN)"
+            "XA RECOVER failed ({e}): the adapter's user needs the privilege to list prepared XA transactions \
+             (MariaDB: SUPER, or BINLOG ADMIN from 10.5.2 on; MySQL 8: XA_RECOVER_ADMIN)"
         );
     }
     Ok(version)
@@ -295,7 +283,8 @@ fn check_version(version: &str) -> anyhow::Result<()> {
     let ok = if mariadb { (major, minor) >= (10, 5) } else { major >= 8 };
     anyhow::ensure!(
         ok,
-        "server version {version}: prepared XA transactions survive disconnects and crashes from MariaDB 10.5 and          MySQL 8.0 on; this server would lose them"
+        "server version {version}: prepared XA transactions survive disconnects and crashes from MariaDB 10.5 and \
+         MySQL 8.0 on; this server would lose them"
     );
     Ok(())
 }
@@ -303,7 +292,8 @@ fn check_version(version: &str) -> anyhow::Result<()> {
 fn check_durability(flush: i64, log_bin: i64, sync_binlog: i64) -> anyhow::Result<()> {
     anyhow::ensure!(
         flush == 1,
-        "innodb_flush_log_at_trx_commit is {flush}: a prepared XA transaction is durable only with 1 (set it in the          server's configuration)"
+        "innodb_flush_log_at_trx_commit is {flush}: a prepared XA transaction is durable only with 1 (set it in the \
+         server's configuration)"
     );
     anyhow::ensure!(
         log_bin == 0 || sync_binlog == 1,

@@ -25,10 +25,11 @@ use std::time::Duration;
 use pledge_proto::{ResourceId, Xid};
 use pledge_sdk::journaled::{OnePhase, Resource, Sealed};
 use pledge_sdk::{BranchError, Error, InDoubt, Outcome};
+use pledge_sql::resource::{ActiveBranches, DatabaseSet};
 use sqlx::mysql::{MySqlDatabaseError, MySqlPool};
 use sqlx::pool::PoolConnection;
 use sqlx::{AssertSqlSafe, MySql, Row};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::MysqlConfig;
 use crate::xid::{self, XaXid};
@@ -45,8 +46,8 @@ const SESSION_END_POLL: Duration = Duration::from_millis(20);
 pub(crate) struct Database {
     pub id: ResourceId,
     pub pool: MySqlPool,
-    /// Permits for active branches (`max_active_branches`), each holding a connection.
-    active: Arc<Semaphore>,
+    /// Slots for active branches (`max_active_branches`), each holding a connection.
+    active: ActiveBranches,
     /// Prepared branches still on the session that prepared them, for their XA COMMIT or XA
     /// ROLLBACK (at most `max_pinned`). MariaDB 10.11 was seen to lose track of prepared XA
     /// transactions whose session ended under load (XA COMMIT from another session answered
@@ -61,7 +62,7 @@ impl Database {
         Database {
             id,
             pool,
-            active: Arc::new(Semaphore::new(max_active_branches)),
+            active: ActiveBranches::new(max_active_branches),
             pinned: std::sync::Mutex::new(HashMap::new()),
             max_pinned,
         }
@@ -128,8 +129,7 @@ impl Drop for BranchConn {
 /// Every database of the adapter, as one [`Resource`].
 pub struct Databases {
     pub(crate) config: MysqlConfig,
-    pub(crate) databases: HashMap<ResourceId, Arc<Database>>,
-    ids: Vec<ResourceId>,
+    pub(crate) databases: DatabaseSet<Database>,
 }
 
 /// How an XA transaction the server no longer holds ended, as far as the fence row tells.
@@ -196,17 +196,7 @@ pub fn branch_error(e: &sqlx::Error) -> BranchError {
 
 impl Databases {
     pub(crate) fn new(config: MysqlConfig, databases: HashMap<ResourceId, Arc<Database>>) -> Databases {
-        let mut ids: Vec<ResourceId> = databases.keys().cloned().collect();
-        ids.sort();
-        Databases { config, databases, ids }
-    }
-
-    fn db(&self, id: &ResourceId) -> Option<&Arc<Database>> {
-        self.databases.get(id)
-    }
-
-    fn db_or_error(&self, id: &ResourceId) -> Result<&Arc<Database>, Error> {
-        self.db(id).ok_or_else(|| Error::new(format!("this adapter does not serve resource {id}")))
+        Databases { config, databases: DatabaseSet::new(databases) }
     }
 
     /// Bound of every statement, client side: the server's lock wait timeout covers a server
@@ -217,7 +207,7 @@ impl Databases {
 
     /// `fut` within [`Databases::bound`]; a timeout is an error like a broken connection.
     pub(crate) async fn bounded<T>(&self, fut: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
-        tokio::time::timeout(self.bound(), fut).await.unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        pledge_sql::bounded(self.bound(), fut).await
     }
 
     /// The XID of `xid`, for the configured coordinator.
@@ -322,22 +312,17 @@ impl Resource for Databases {
     type Open = BranchConn;
 
     fn serves(&self, resource: &ResourceId) -> bool {
-        self.databases.contains_key(resource)
+        self.databases.contains(resource)
     }
 
     fn resources(&self) -> Vec<ResourceId> {
-        self.ids.clone()
+        self.databases.ids().to_vec()
     }
 
     async fn open(&self, xid: &Xid) -> Result<BranchConn, BranchError> {
-        let db = self.db(&xid.resource).ok_or_else(|| BranchError::UnknownResource(xid.resource.to_string()))?;
+        let db = self.databases.get_for_branch(&xid.resource)?;
         let xa = self.xa(&self.config.coordinator_id, xid).map_err(BranchError::Invalid)?;
-        let permit = db.active.clone().try_acquire_owned().map_err(|_| {
-            BranchError::Busy(format!(
-                "{} branches are already active at this database (max_active_branches)",
-                self.config.max_active_branches
-            ))
-        })?;
+        let permit = db.active.take()?;
         let conn = self.bounded(db.pool.acquire()).await.map_err(|e| BranchError::Unavailable(e.to_string()))?;
         let mut open = BranchConn { conn: Some(conn), xa, session: 0, _active: permit };
         // One message: start the XA transaction, insert its fence (committed with the branch,
@@ -375,7 +360,7 @@ impl Resource for Databases {
         let prepared = self.bounded(sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut **open.get())).await;
         fail::fail_point!("mysql::after_prepare");
         if prepared.is_ok()
-            && let Some(db) = self.db(&xid.resource)
+            && let Some(db) = self.databases.get(&xid.resource)
         {
             // Kept for phase 2 on this very session (see `Database::pinned`).
             let conn = open.conn.take().expect("a branch connection is present until its transaction ends");
@@ -435,7 +420,7 @@ impl Resource for Databases {
         commit: bool,
         recorded: bool,
     ) -> Result<Outcome, Error> {
-        let db = self.db_or_error(&xid.resource)?;
+        let db = self.databases.get_or_error(&xid.resource)?;
         let xa = self.recorded_xa(xid, metadata)?;
         let verb = if commit { "XA COMMIT" } else { "XA ROLLBACK" };
         // On the session that prepared it, when this process still has it.
@@ -514,7 +499,7 @@ impl Resource for Databases {
     }
 
     async fn resolve(&self, xid: &Xid, metadata: &[u8]) -> Result<Option<Outcome>, Error> {
-        let db = self.db_or_error(&xid.resource)?;
+        let db = self.databases.get_or_error(&xid.resource)?;
         let xa = self.recorded_xa(xid, metadata)?;
         // While the commit may be under way its fence row is locked: asked again later.
         let fate = match self.fate(db, xid, &xa).await {
@@ -540,7 +525,7 @@ impl Resource for Databases {
         after: Option<&Xid>,
         limit: usize,
     ) -> Result<Vec<InDoubt>, Error> {
-        let db = self.db_or_error(resource)?;
+        let db = self.databases.get_or_error(resource)?;
         let listed = self
             .xa_recover(db)
             .await

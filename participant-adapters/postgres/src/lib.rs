@@ -54,22 +54,14 @@ use pledge_proto::{BranchId, Gtid, ResourceId, Xid};
 use pledge_sdk::BranchError;
 use pledge_sdk::journal::{Journal, JournalConfig};
 use pledge_sdk::journaled::{self, Journaled};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 
 pub use gid::Gid;
+pub use pledge_sql::ResourceConfig;
 use resource::{Database, Databases, branch_error, sqlstate};
 
 /// The dedup table's name.
 pub const DEDUP_TABLE: &str = "pledge_dedup";
-
-#[derive(Debug, Clone)]
-pub struct ResourceConfig {
-    pub id: ResourceId,
-    /// postgres://user@host:port/database
-    pub url: String,
-    /// Connections to this database: active branches hold one each until prepared.
-    pub max_connections: u32,
-}
 
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
@@ -161,7 +153,7 @@ impl BranchGuard {
         }
         let xid = self.branch.xid().clone();
         let bound = self.participant.inner.resource().bound();
-        let inserted = tokio::time::timeout(
+        let inserted = pledge_sql::bounded(
             bound,
             sqlx::query(
                 "INSERT INTO pledge_dedup (key, kind, gtid, branch_id) VALUES ($1, 'request', $2, $3) \
@@ -172,8 +164,7 @@ impl BranchGuard {
             .bind(xid.branch.to_string())
             .execute(self.conn()),
         )
-        .await
-        .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+        .await;
         match inserted {
             Ok(r) if r.rows_affected() == 1 => Ok(()),
             Ok(_) => Err(BranchError::Duplicate(format!("request id {request_id:?} was already processed"))),
@@ -224,13 +215,7 @@ impl PostgresParticipant {
                     ("statement_timeout", format!("{}", config.statement_timeout.as_millis())),
                     ("idle_in_transaction_session_timeout", format!("{idle_ms}")),
                 ]);
-            let pool = PgPoolOptions::new()
-                .max_connections(rc.max_connections)
-                .acquire_timeout(config.acquire_timeout)
-                // No ping on every acquire: a broken connection fails its statement, and every
-                // failure path here closes the connection instead of returning it.
-                .test_before_acquire(false)
-                .connect_with(options)
+            let pool = pledge_sql::connect_pool(options, rc.max_connections, config.acquire_timeout)
                 .await
                 .map_err(|e| anyhow::anyhow!("resource {}: cannot connect to {}: {e}", rc.id, rc.url))?;
             pools.push((rc.id.clone(), pool));

@@ -32,10 +32,11 @@ use std::time::Duration;
 use pledge_proto::{ResourceId, Xid};
 use pledge_sdk::journaled::{OnePhase, Resource, Sealed};
 use pledge_sdk::{BranchError, Error, InDoubt, Outcome};
+use pledge_sql::resource::{ActiveBranches, DatabaseSet};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Postgres, Row};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::PostgresConfig;
 use crate::gid::{self, Gid};
@@ -82,8 +83,8 @@ pub const RESET_AFTER_ROLLBACK: &str = "SELECT pg_advisory_unlock_all(); DISCARD
 pub(crate) struct Database {
     pub id: ResourceId,
     pub pool: PgPool,
-    /// Permits for active branches (`max_active_branches`), each holding a connection.
-    active: Arc<Semaphore>,
+    /// Slots for active branches (`max_active_branches`), each holding a connection.
+    active: ActiveBranches,
     /// Idle connections kept out of the pool, most recently used last (`warm_connections`).
     warm: Mutex<Vec<PoolConnection<Postgres>>>,
     max_warm: usize,
@@ -97,7 +98,7 @@ impl Database {
         Database {
             id,
             pool,
-            active: Arc::new(Semaphore::new(max_active_branches)),
+            active: ActiveBranches::new(max_active_branches),
             warm: Mutex::new(Vec::new()),
             max_warm,
             tag,
@@ -172,8 +173,7 @@ impl Drop for BranchConn {
 /// Every database of the adapter, as one [`Resource`].
 pub struct Databases {
     pub(crate) config: PostgresConfig,
-    pub(crate) databases: HashMap<ResourceId, Arc<Database>>,
-    ids: Vec<ResourceId>,
+    pub(crate) databases: DatabaseSet<Database>,
 }
 
 /// How a transaction that PostgreSQL no longer holds prepared ended, as far as anything tells.
@@ -225,17 +225,7 @@ pub fn branch_error(e: &sqlx::Error) -> BranchError {
 
 impl Databases {
     pub(crate) fn new(config: PostgresConfig, databases: HashMap<ResourceId, Arc<Database>>) -> Databases {
-        let mut ids: Vec<ResourceId> = databases.keys().cloned().collect();
-        ids.sort();
-        Databases { config, databases, ids }
-    }
-
-    fn db(&self, id: &ResourceId) -> Option<&Arc<Database>> {
-        self.databases.get(id)
-    }
-
-    fn db_or_error(&self, id: &ResourceId) -> Result<&Arc<Database>, Error> {
-        self.db(id).ok_or_else(|| Error::new(format!("this adapter does not serve resource {id}")))
+        Databases { config, databases: DatabaseSet::new(databases) }
     }
 
     /// Bound of every statement, client side: `statement_timeout` covers a server that works
@@ -246,7 +236,7 @@ impl Databases {
 
     /// `fut` within [`Databases::bound`]; a timeout is an error like a broken connection.
     async fn bounded<T>(&self, fut: impl Future<Output = Result<T, sqlx::Error>>) -> Result<T, sqlx::Error> {
-        tokio::time::timeout(self.bound(), fut).await.unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        pledge_sql::bounded(self.bound(), fut).await
     }
 
     /// Runs one control statement (COMMIT/ROLLBACK PREPARED) on a connection of the database's
@@ -336,21 +326,16 @@ impl Resource for Databases {
     type Open = BranchConn;
 
     fn serves(&self, resource: &ResourceId) -> bool {
-        self.databases.contains_key(resource)
+        self.databases.contains(resource)
     }
 
     fn resources(&self) -> Vec<ResourceId> {
-        self.ids.clone()
+        self.databases.ids().to_vec()
     }
 
     async fn open(&self, xid: &Xid) -> Result<BranchConn, BranchError> {
-        let db = self.db(&xid.resource).ok_or_else(|| BranchError::UnknownResource(xid.resource.to_string()))?;
-        let permit = db.active.clone().try_acquire_owned().map_err(|_| {
-            BranchError::Busy(format!(
-                "{} branches are already active at this database (max_active_branches)",
-                self.config.max_active_branches
-            ))
-        })?;
+        let db = self.databases.get_for_branch(&xid.resource)?;
+        let permit = db.active.take()?;
         let conn = self.bounded(db.acquire()).await.map_err(|e| BranchError::Unavailable(e.to_string()))?;
         let mut open = BranchConn { conn: Some(conn), txid: 0, db: db.clone(), _active: permit };
         // On any error below `open` is dropped: closed, with its transaction.
@@ -466,7 +451,7 @@ impl Resource for Databases {
         commit: bool,
         recorded: bool,
     ) -> Result<Outcome, Error> {
-        let db = self.db_or_error(&xid.resource)?;
+        let db = self.databases.get_or_error(&xid.resource)?;
         let gid = Gid::new(coordinator_id, &xid.resource, xid.gtid, xid.branch.clone()).map_err(Error)?;
         let verb = if commit { "COMMIT PREPARED" } else { "ROLLBACK PREPARED" };
         match self.control(db, format!("{verb} {}", gid.literal())).await {
@@ -508,7 +493,7 @@ impl Resource for Databases {
     }
 
     async fn resolve(&self, xid: &Xid, metadata: &[u8]) -> Result<Option<Outcome>, Error> {
-        let db = self.db_or_error(&xid.resource)?;
+        let db = self.databases.get_or_error(&xid.resource)?;
         Ok(match self.fate(db, xid, metadata).await? {
             Fate::Committed => Some(Outcome::Committed),
             Fate::Aborted => {
@@ -530,7 +515,7 @@ impl Resource for Databases {
         after: Option<&Xid>,
         limit: usize,
     ) -> Result<Vec<InDoubt>, Error> {
-        let db = self.db_or_error(resource)?;
+        let db = self.databases.get_or_error(resource)?;
         let cid = ResourceId::parse_field("coordinator_id", coordinator_id).map_err(|e| Error(e.to_string()))?;
         let prefix = Gid::coordinator_prefix(&cid);
         // GIDs of one resource sort (bytewise) as their branches do: by GTID, then branch id.

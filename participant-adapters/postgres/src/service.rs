@@ -1,10 +1,13 @@
 //! `pledge.v1.PostgresBranch`: run SQL inside a branch, for services in any language.
+//!
+//! The request checks, the statement loop and its bounds are `pledge_sql::execute`'s; this module
+//! says what the database decides (its `Dialect`).
 
 use pledge_proto::v1::{self, postgres_branch_server::PostgresBranch, value::Kind};
 use pledge_proto::{BranchId, Gtid, ResourceId};
-use sqlx::postgres::{PgArguments, PgRow, PgTypeInfo};
-use sqlx::query::Query;
-use sqlx::{AssertSqlSafe, Column, Postgres, Row, TypeInfo};
+use pledge_sql::execute::{self, SqlQuery};
+use sqlx::postgres::{PgQueryResult, PgRow, PgTypeInfo};
+use sqlx::{Column, Postgres, Row, TypeInfo};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -13,14 +16,10 @@ use pledge_sdk::{BranchError, status_of};
 use crate::PostgresParticipant;
 use crate::resource::branch_error;
 
+pub use pledge_sql::execute::{MAX_RESULT_BYTES, MAX_ROWS_PER_STATEMENT, MAX_STATEMENTS_PER_CALL};
+
 /// Longest request id (the dedup table's key).
 pub const MAX_REQUEST_ID_BYTES: usize = 200;
-/// Most statements in one Execute call.
-pub const MAX_STATEMENTS_PER_CALL: usize = 100;
-/// Most rows returned per statement (a branch API, not a bulk export).
-pub const MAX_ROWS_PER_STATEMENT: usize = 10_000;
-/// Largest answer of one Execute call, in bytes (values counted by their encoded size).
-pub const MAX_RESULT_BYTES: usize = 4 << 20;
 
 /// Why a statement may not run in a branch, if it may not: the command it starts with, and the
 /// reason. Checked on the statement's first words (after comments), which is what decides its
@@ -35,21 +34,10 @@ pub const MAX_RESULT_BYTES: usize = 4 << 20;
 /// * `PREPARE name AS`, `DEALLOCATE`, `DISCARD`: they outlive the branch, or tear down the
 ///   adapter's own session state; pass parameters instead.
 pub fn refused_statement(sql: &str) -> Option<(String, &'static str)> {
-    let mut rest = sql.trim_start();
-    // Skip leading comments.
-    loop {
-        if let Some(after) = rest.strip_prefix("--") {
-            rest = after.split_once('\n').map_or("", |(_, r)| r).trim_start();
-        } else if let Some(after) = rest.strip_prefix("/*") {
-            rest = after.split_once("*/").map_or("", |(_, r)| r).trim_start();
-        } else {
-            break;
-        }
-    }
-    let mut words = rest.split(|c: char| !c.is_ascii_alphanumeric() && c != '_').filter(|w| !w.is_empty());
-    let first = words.next()?.to_ascii_uppercase();
-    let second = words.next().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
-    let third = words.next().map(|w| w.to_ascii_uppercase()).unwrap_or_default();
+    let mut words = execute::leading_words(sql, &["--"]);
+    let first = words.next()?;
+    let second = words.next().unwrap_or_default();
+    let third = words.next().unwrap_or_default();
     const ENDS: &str = "the coordinator decides how the transaction ends";
     let why = match (first.as_str(), second.as_str()) {
         ("BEGIN" | "START" | "COMMIT" | "END" | "ABORT", _) => ENDS,
@@ -102,44 +90,59 @@ impl sqlx::Encode<'_, Postgres> for UntypedNull {
     }
 }
 
-fn bind<'q>(
-    query: Query<'q, Postgres, PgArguments>,
-    i: usize,
-    value: v1::Value,
-) -> Result<Query<'q, Postgres, PgArguments>, Status> {
-    Ok(match value.kind {
-        None => return Err(Status::invalid_argument(format!("params[{i}]: a value needs a kind"))),
-        Some(Kind::Null(_)) => query.bind(UntypedNull),
-        Some(Kind::Bool(b)) => query.bind(b),
-        Some(Kind::Int(n)) => query.bind(n),
-        Some(Kind::Float(x)) => query.bind(x),
-        Some(Kind::Text(s)) => query.bind(s),
-        Some(Kind::Bytes(b)) => query.bind(b),
-    })
-}
+/// PostgreSQL's side of Execute (see `pledge_sql::execute`).
+struct PgDialect;
 
-fn column_value(row: &PgRow, i: usize) -> Result<v1::Value, String> {
-    let column = &row.columns()[i];
-    let type_name = column.type_info().name().to_string();
-    let get = |e: sqlx::Error| format!("column {:?}: {e}", column.name());
-    let kind = match type_name.as_str() {
-        "BOOL" => row.try_get::<Option<bool>, _>(i).map_err(get)?.map(Kind::Bool),
-        "INT2" => row.try_get::<Option<i16>, _>(i).map_err(get)?.map(|n| Kind::Int(n.into())),
-        "INT4" => row.try_get::<Option<i32>, _>(i).map_err(get)?.map(|n| Kind::Int(n.into())),
-        "INT8" => row.try_get::<Option<i64>, _>(i).map_err(get)?.map(Kind::Int),
-        "FLOAT4" => row.try_get::<Option<f32>, _>(i).map_err(get)?.map(|x| Kind::Float(x.into())),
-        "FLOAT8" => row.try_get::<Option<f64>, _>(i).map_err(get)?.map(Kind::Float),
-        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => row.try_get::<Option<String>, _>(i).map_err(get)?.map(Kind::Text),
-        "BYTEA" => row.try_get::<Option<Vec<u8>>, _>(i).map_err(get)?.map(Kind::Bytes),
-        "UUID" => row.try_get::<Option<uuid::Uuid>, _>(i).map_err(get)?.map(|u| Kind::Text(u.to_string())),
-        other => {
-            return Err(format!(
-                "column {:?} has type {other}, which Execute does not return; cast it in the query (e.g. ::text)",
-                column.name()
-            ));
-        }
-    };
-    Ok(v1::Value { kind: Some(kind.unwrap_or(Kind::Null(true))) })
+impl execute::Dialect for PgDialect {
+    type Db = Postgres;
+
+    fn refused_statement(sql: &str) -> Option<(String, &'static str)> {
+        refused_statement(sql)
+    }
+
+    fn bind<'q>(query: SqlQuery<'q, Postgres>, i: usize, value: v1::Value) -> Result<SqlQuery<'q, Postgres>, Status> {
+        Ok(match value.kind {
+            None => return Err(Status::invalid_argument(format!("params[{i}]: a value needs a kind"))),
+            Some(Kind::Null(_)) => query.bind(UntypedNull),
+            Some(Kind::Bool(b)) => query.bind(b),
+            Some(Kind::Int(n)) => query.bind(n),
+            Some(Kind::Float(x)) => query.bind(x),
+            Some(Kind::Text(s)) => query.bind(s),
+            Some(Kind::Bytes(b)) => query.bind(b),
+        })
+    }
+
+    fn column_value(row: &PgRow, i: usize) -> Result<v1::Value, String> {
+        let column = &row.columns()[i];
+        let type_name = column.type_info().name().to_string();
+        let get = |e: sqlx::Error| format!("column {:?}: {e}", column.name());
+        let kind = match type_name.as_str() {
+            "BOOL" => row.try_get::<Option<bool>, _>(i).map_err(get)?.map(Kind::Bool),
+            "INT2" => row.try_get::<Option<i16>, _>(i).map_err(get)?.map(|n| Kind::Int(n.into())),
+            "INT4" => row.try_get::<Option<i32>, _>(i).map_err(get)?.map(|n| Kind::Int(n.into())),
+            "INT8" => row.try_get::<Option<i64>, _>(i).map_err(get)?.map(Kind::Int),
+            "FLOAT4" => row.try_get::<Option<f32>, _>(i).map_err(get)?.map(|x| Kind::Float(x.into())),
+            "FLOAT8" => row.try_get::<Option<f64>, _>(i).map_err(get)?.map(Kind::Float),
+            "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" => row.try_get::<Option<String>, _>(i).map_err(get)?.map(Kind::Text),
+            "BYTEA" => row.try_get::<Option<Vec<u8>>, _>(i).map_err(get)?.map(Kind::Bytes),
+            "UUID" => row.try_get::<Option<uuid::Uuid>, _>(i).map_err(get)?.map(|u| Kind::Text(u.to_string())),
+            other => {
+                return Err(format!(
+                    "column {:?} has type {other}, which Execute does not return; cast it in the query (e.g. ::text)",
+                    column.name()
+                ));
+            }
+        };
+        Ok(v1::Value { kind: Some(kind.unwrap_or(Kind::Null(true))) })
+    }
+
+    fn branch_error(e: &sqlx::Error) -> BranchError {
+        branch_error(e)
+    }
+
+    fn rows_affected(done: &PgQueryResult) -> u64 {
+        done.rows_affected()
+    }
 }
 
 #[tonic::async_trait]
@@ -147,13 +150,7 @@ impl PostgresBranch for BranchService {
     async fn execute(&self, request: Request<v1::ExecuteRequest>) -> Result<Response<v1::ExecuteResponse>, Status> {
         pledge_proto::metrics::observe("Execute", async {
             let r = request.into_inner();
-            let invalid = |e: pledge_proto::IdError| Status::invalid_argument(e.to_string());
-            let resource = ResourceId::parse_field("resource_id", &r.resource_id).map_err(invalid)?;
-            let gtid = Gtid::parse_field("gtid", &r.gtid).map_err(invalid)?;
-            let branch = BranchId::parse_field("branch_id", &r.branch_id).map_err(invalid)?;
-            if r.statements.is_empty() || r.statements.len() > MAX_STATEMENTS_PER_CALL {
-                return Err(Status::invalid_argument(format!("statements: 1 to {MAX_STATEMENTS_PER_CALL} per call")));
-            }
+            let (resource, gtid, branch) = execute::branch_of(&r)?;
             let span = tracing::debug_span!("execute", resource = %resource, %gtid, branch = %branch);
             // Detached, like every branch operation (see `pledge_sdk::server::detached`): a
             // deadline must not stop it between taking the branch's connection and putting it back.
@@ -179,102 +176,20 @@ async fn execute_in_branch(
     if request_id.len() > MAX_REQUEST_ID_BYTES {
         return Err(Status::invalid_argument(format!("request_id: must be at most {MAX_REQUEST_ID_BYTES} bytes")));
     }
-    if let Some((n, (command, why))) =
-        statements.iter().enumerate().find_map(|(n, st)| refused_statement(&st.sql).map(|c| (n, c)))
-    {
-        return Err(Status::invalid_argument(format!("statements[{n}]: {command} is not allowed in a branch: {why}")));
-    }
-    let mut queries = Vec::with_capacity(statements.len());
-    for (n, statement) in statements.into_iter().enumerate() {
-        let mut query = sqlx::query(AssertSqlSafe(statement.sql));
-        for (i, param) in statement.params.into_iter().enumerate() {
-            query = bind(query, i, param)
-                .map_err(|s| Status::invalid_argument(format!("statements[{n}].{}", s.message())))?;
-        }
-        queries.push(query);
-    }
+    let queries = execute::queries::<PgDialect>(statements)?;
     let mut guard = participant.branch(&resource, gtid, branch).await.map_err(|e| status_of(&e))?;
     if !request_id.is_empty() {
         guard.claim_request(&request_id).await.map_err(|e| status_of(&e))?;
     }
-    let mut results = Vec::with_capacity(queries.len());
-    let mut result_bytes = 0usize;
-    let bound = participant.statement_bound();
-    for (n, query) in queries.into_iter().enumerate() {
-        let ran = tokio::time::timeout(bound, run(query, guard.conn(), &mut result_bytes)).await;
-        let e = match ran {
-            Ok(Ok(result)) => {
-                results.push(result);
-                continue;
-            }
-            Ok(Err(e)) => e,
-            Err(_) => RunError::Sql(BranchError::Unavailable(format!(
-                "the database did not answer within {} ms",
-                bound.as_millis()
-            ))),
-        };
-        // PostgreSQL has aborted the transaction (or the connection is in doubt): the branch
-        // is over.
-        guard.fail(format!("statements[{n}]: {e}")).await;
-        let error = match e {
-            RunError::Sql(e) => e,
-            RunError::Result(message) => BranchError::Refused(message),
-        };
-        let status = status_of(&error);
-        return Err(Status::new(status.code(), format!("statements[{n}]: {}", status.message())));
-    }
-    Ok(Response::new(v1::ExecuteResponse { results }))
-}
-
-enum RunError {
-    Sql(BranchError),
-    Result(String),
-}
-
-impl std::fmt::Display for RunError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunError::Sql(e) => write!(f, "{e}"),
-            RunError::Result(m) => f.write_str(m),
+    match execute::run_all::<PgDialect>(queries, guard.conn(), participant.statement_bound()).await {
+        Ok(results) => Ok(Response::new(v1::ExecuteResponse { results })),
+        Err(failed) => {
+            // PostgreSQL has aborted the transaction (or the connection is in doubt): the branch
+            // is over.
+            guard.fail(failed.reason()).await;
+            Err(failed.status())
         }
     }
-}
-
-async fn run(
-    query: Query<'_, Postgres, PgArguments>,
-    conn: &mut sqlx::PgConnection,
-    result_bytes: &mut usize,
-) -> Result<v1::StatementResult, RunError> {
-    use futures::TryStreamExt;
-    // `fetch_many` is deprecated for running several statements in one prepared statement;
-    // here it runs exactly one, and is the only call that yields both rows and the
-    // affected-row count of a statement whose kind we do not know in advance.
-    #[allow(deprecated)]
-    let mut stream = query.fetch_many(conn);
-    let mut result = v1::StatementResult::default();
-    while let Some(item) = stream.try_next().await.map_err(|e| RunError::Sql(branch_error(&e)))? {
-        match item {
-            sqlx::Either::Left(done) => result.rows_affected += done.rows_affected(),
-            sqlx::Either::Right(row) => {
-                if result.columns.is_empty() {
-                    result.columns = row.columns().iter().map(|c| c.name().to_string()).collect();
-                }
-                if result.rows.len() >= MAX_ROWS_PER_STATEMENT {
-                    return Err(RunError::Result(format!("more than {MAX_ROWS_PER_STATEMENT} rows; add a LIMIT")));
-                }
-                let values = (0..row.len())
-                    .map(|i| column_value(&row, i))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(RunError::Result)?;
-                *result_bytes += values.iter().map(prost::Message::encoded_len).sum::<usize>();
-                if *result_bytes > MAX_RESULT_BYTES {
-                    return Err(RunError::Result(format!("the answer would exceed {MAX_RESULT_BYTES} bytes")));
-                }
-                result.rows.push(v1::Row { values });
-            }
-        }
-    }
-    Ok(result)
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ use std::time::Duration;
 use clap::Parser;
 use pledge_mysql::service::BranchService;
 use pledge_mysql::{MysqlConfig, MysqlParticipant, ResourceConfig};
-use pledge_proto::ResourceId;
 use pledge_proto::transport::ListenAddr;
 use pledge_proto::v1::mysql_branch_server::MysqlBranchServer;
 
@@ -72,16 +71,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(listen) = args.metrics_listen {
         pledge_sdk::server::serve_metrics(listen, || {}, shutdown.clone()).await?;
     }
-    let mut resources = Vec::new();
-    for spec in &args.resources {
-        let (id, url) =
-            spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--resource {spec:?}: expected RESOURCE=URL"))?;
-        resources.push(ResourceConfig {
-            id: ResourceId::parse_field("resource", id)?,
-            url: url.to_string(),
-            max_connections: args.max_connections,
-        });
-    }
+    let resources = args
+        .resources
+        .iter()
+        .map(|spec| ResourceConfig::parse(spec, args.max_connections))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut config = MysqlConfig::new(resources, args.coordinator_id, &args.data_dir);
     config.journal.answer_retention = Duration::from_millis(args.answer_retention_ms);
     config.max_active_branches = args.max_active_branches;

@@ -8,7 +8,6 @@ use std::time::Duration;
 use clap::Parser;
 use pledge_postgres::service::BranchService;
 use pledge_postgres::{PostgresConfig, PostgresParticipant, ResourceConfig};
-use pledge_proto::ResourceId;
 use pledge_proto::transport::ListenAddr;
 use pledge_proto::v1::postgres_branch_server::PostgresBranchServer;
 
@@ -84,16 +83,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(listen) = args.metrics_listen {
         pledge_sdk::server::serve_metrics(listen, pledge_postgres::describe_metrics, shutdown.clone()).await?;
     }
-    let mut resources = Vec::new();
-    for spec in &args.resources {
-        let (id, url) =
-            spec.split_once('=').ok_or_else(|| anyhow::anyhow!("--resource {spec:?}: expected RESOURCE=URL"))?;
-        resources.push(ResourceConfig {
-            id: ResourceId::parse_field("resource", id)?,
-            url: url.to_string(),
-            max_connections: args.max_connections,
-        });
-    }
+    let resources = args
+        .resources
+        .iter()
+        .map(|spec| ResourceConfig::parse(spec, args.max_connections))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut config = PostgresConfig::new(resources, &args.data_dir);
     config.journal.answer_retention = Duration::from_millis(args.answer_retention_ms);
     config.max_active_branches = args.max_active_branches;
