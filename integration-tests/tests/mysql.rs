@@ -252,7 +252,8 @@ async fn adapter_killed_after_xa_prepare_is_rolled_back_after_its_restart() {
 
 /// The coordinator dies once its commit decision is durable, before phase 2; then `mariadbd`
 /// itself is killed with the branch prepared and started again: the branch is still prepared
-/// (XA RECOVER lists it), and the restarted coordinator commits it.
+/// (XA RECOVER lists it, and so does the adapter's Recover, which the coordinator's recovery
+/// scan calls), and the restarted coordinator commits it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prepared_branch_survives_mariadb_killed_and_is_committed_after_the_coordinator_restarts() {
     let _server = SERVER.write().await;
@@ -268,6 +269,18 @@ async fn a_prepared_branch_survives_mariadb_killed_and_is_committed_after_the_co
     let listed = prepared_of(&s.cid).await;
     assert_eq!(listed.len(), 1, "the prepared branch survived kill -9 of mariadbd");
     assert!(!s.visible("k1").await);
+    // What the restarted coordinator's recovery scan asks: the adapter finds the branch with
+    // XA RECOVER (its session died with the server).
+    let p = pledge_proto::v1::participant_client::ParticipantClient::new(s.mysql.channel().await);
+    let recover = v1::RecoverRequest { coordinator_id: s.cid.clone(), ..Default::default() };
+    let in_doubt = eventually("the adapter lists the branch in doubt", || {
+        let (mut p, recover) = (p.clone(), recover.clone());
+        async move { p.recover(recover).await.ok().map(|r| r.into_inner().branches).filter(|b| !b.is_empty()) }
+    })
+    .await;
+    let xids: Vec<(String, String)> =
+        in_doubt.iter().filter_map(|b| b.xid.as_ref().map(|x| (x.gtid.clone(), x.branch_id.clone()))).collect();
+    assert_eq!(xids, [(gtid.clone(), "rows".to_string())]);
 
     s.restart_coordinator().await;
     let mut c = coordinator_client(&s.coordinator).await;
