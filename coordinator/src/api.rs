@@ -49,11 +49,13 @@ pub struct CoordinatorService {
     router: Option<Arc<Router>>,
     /// This coordinator's id: part of every branch's XA XID shown by Get and List.
     coordinator_id: Arc<str>,
+    /// Participants are called with TLS: a registered endpoint must be https://.
+    client_tls: bool,
 }
 
 impl CoordinatorService {
-    pub fn new(runtime: RuntimeHandle, closing: CancellationToken, coordinator_id: &str) -> Self {
-        CoordinatorService { runtime, closing, router: None, coordinator_id: coordinator_id.into() }
+    pub fn new(runtime: RuntimeHandle, closing: CancellationToken, coordinator_id: &str, client_tls: bool) -> Self {
+        CoordinatorService { runtime, closing, router: None, coordinator_id: coordinator_id.into(), client_tls }
     }
 
     pub fn with_router(mut self, router: Arc<Router>) -> Self {
@@ -437,7 +439,7 @@ impl Coordinator for CoordinatorService {
         observe("RegisterParticipant", async {
             let r = request.into_inner();
             let resource = ResourceId::parse_field("resource_id", &r.resource_id).map_err(invalid)?;
-            validate_endpoint(&r.endpoint).map_err(Status::invalid_argument)?;
+            validate_endpoint(&r.endpoint, self.client_tls).map_err(Status::invalid_argument)?;
             let span = tracing::info_span!("RegisterParticipant", resource = %resource, endpoint = r.endpoint);
             match self.call(ApiRequest::RegisterParticipant { resource, endpoint: r.endpoint }).instrument(span).await?
             {
@@ -454,7 +456,8 @@ impl Coordinator for CoordinatorService {
             // The transport's address, always. Forwarded within a cluster, the address the
             // forwarding instance names comes first: a claim no one checks until calls are
             // authenticated, so the address it came from stays beside it.
-            let transport = request.remote_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string());
+            let transport =
+                pledge_proto::tls::remote_addr(&request).map_or_else(|| "unknown".to_string(), |a| a.to_string());
             let peer = match router::forwarded_peer(&request).filter(|_| self.router.is_some()) {
                 Some(claimed) => format!("{claimed} (forwarded by {transport})"),
                 None => transport,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pledge_proto::BranchKey;
+use pledge_proto::tls::{ClientTls, ClientTlsFiles};
 use pledge_proto::transport::{ListenAddr, Target};
 use pledge_proto::v1::coordinator_client::CoordinatorClient;
 use pledge_proto::v1::{self};
@@ -119,6 +120,24 @@ pub struct ServeArgs {
     /// [default: true].
     #[arg(long, env = "PLEDGE_PARTICIPANT_PIPELINE")]
     pub participant_pipeline: Option<bool>,
+    /// Serve TLS with this certificate chain (PEM), with --tls-key; reloaded on SIGHUP.
+    #[arg(long, env = "PLEDGE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "PLEDGE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients with a certificate from this CA (PEM).
+    #[arg(long, env = "PLEDGE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Call participants (and other instances) with TLS, trusting this CA (PEM); their
+    /// endpoints are then https://.
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_CA")]
+    pub client_tls_ca: Option<PathBuf>,
+    /// The certificate (PEM) this coordinator presents to servers that require mutual TLS,
+    /// with --client-tls-key; reloaded on SIGHUP.
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_CERT")]
+    pub client_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_KEY")]
+    pub client_tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -187,6 +206,18 @@ impl ServeArgs {
         if let Some(v) = self.participant_pipeline {
             config.participant_pipeline = v;
         }
+        for (from, to) in [
+            (self.tls_cert, &mut config.tls_cert),
+            (self.tls_key, &mut config.tls_key),
+            (self.tls_client_ca, &mut config.tls_client_ca),
+            (self.client_tls_ca, &mut config.client_tls_ca),
+            (self.client_tls_cert, &mut config.client_tls_cert),
+            (self.client_tls_key, &mut config.client_tls_key),
+        ] {
+            if from.is_some() {
+                *to = from;
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -233,9 +264,18 @@ pub async fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
 
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// Coordinator endpoint: http://host:port, or unix:<path> for a Unix socket.
+    /// Coordinator endpoint: http://host:port, https://host:port (with --tls-ca), or
+    /// unix:<path> for a Unix socket.
     #[arg(long, env = "PLEDGE_COORDINATOR", default_value = "http://127.0.0.1:7600", global = true)]
     pub coordinator: String,
+    /// The CA (PEM) the coordinator's certificate chains to: the call is made with TLS.
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a coordinator that requires mutual TLS, with --tls-key.
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A branch on the command line: RESOURCE/BRANCH, e.g. `db1/transfer-out`.
@@ -371,7 +411,9 @@ pub enum LogCommand {
 }
 
 async fn connect(client: &ClientArgs) -> anyhow::Result<CoordinatorClient<Channel>> {
-    Target::parse(&client.coordinator)?
+    let files = ClientTlsFiles::from_options(client.tls_ca.clone(), client.tls_cert.clone(), client.tls_key.clone())?;
+    let tls = files.map(ClientTls::load).transpose()?;
+    Target::parse_with(&client.coordinator, tls.as_ref())?
         .connect()
         .await
         .map(CoordinatorClient::new)

@@ -4,6 +4,7 @@
 //! The embedded default needs nothing else: data in `./data`, listening on 127.0.0.1:7600.
 //! Every limit carries its unit in its name.
 
+use pledge_proto::tls::{ClientTlsFiles, ServerTlsFiles};
 use pledge_proto::transport::{AddressError, ListenAddr, Target};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -114,6 +115,19 @@ pub struct Config {
     pub log_max_batch_bytes: usize,
     pub log_queue_capacity: usize,
     pub checkpoint_every_records: u64,
+
+    /// Serve TLS with this certificate chain (PEM), with `tls_key`; reloaded on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: accept only clients with a certificate from this CA (PEM).
+    pub tls_client_ca: Option<PathBuf>,
+    /// TLS for the calls this coordinator makes (to participants and, in a cluster, to other
+    /// instances): the CA their certificates chain to. With it every such endpoint is
+    /// `https://`, without it none is.
+    pub client_tls_ca: Option<PathBuf>,
+    /// This coordinator's client certificate and key (PEM) for servers that require mutual TLS.
+    pub client_tls_cert: Option<PathBuf>,
+    pub client_tls_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -156,6 +170,12 @@ impl Default for Config {
             log_max_batch_bytes: 1 << 20,
             log_queue_capacity: 16_384,
             checkpoint_every_records: engine.checkpoint_every_records,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            client_tls_ca: None,
+            client_tls_cert: None,
+            client_tls_key: None,
         }
     }
 }
@@ -175,14 +195,31 @@ impl Config {
         {
             anyhow::bail!("store = {:?}: it must be \"local\" or a postgres:// URL", self.store);
         }
+        let server_tls = self.server_tls_files()?;
+        let client_tls = self.client_tls_files()?.is_some();
         if let Some(a) = &self.advertise {
-            validate_endpoint(a).map_err(|e| anyhow::anyhow!("advertise: {e}"))?;
+            // Other instances reach this one with their client TLS, so it serves TLS.
+            validate_endpoint(a, server_tls.is_some()).map_err(|e| anyhow::anyhow!("advertise: {e}"))?;
         }
         for (resource, endpoint) in &self.participants {
             pledge_proto::ResourceId::parse_field("participants", resource)?;
-            validate_endpoint(endpoint).map_err(|e| anyhow::anyhow!("participant {resource}: {e}"))?;
+            validate_endpoint(endpoint, client_tls).map_err(|e| anyhow::anyhow!("participant {resource}: {e}"))?;
         }
         Ok(())
+    }
+
+    /// The server TLS files, when configured.
+    pub fn server_tls_files(&self) -> anyhow::Result<Option<ServerTlsFiles>> {
+        Ok(ServerTlsFiles::from_options(self.tls_cert.clone(), self.tls_key.clone(), self.tls_client_ca.clone())?)
+    }
+
+    /// The TLS files of the calls this coordinator makes, when configured.
+    pub fn client_tls_files(&self) -> anyhow::Result<Option<ClientTlsFiles>> {
+        Ok(ClientTlsFiles::from_options(
+            self.client_tls_ca.clone(),
+            self.client_tls_cert.clone(),
+            self.client_tls_key.clone(),
+        )?)
     }
 
     /// Three-phase commit's wait for PreCommit: as configured, or derived from the prepare and
@@ -228,14 +265,26 @@ fn listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ListenAddr, D::
     s.parse().map_err(serde::de::Error::custom)
 }
 
-/// A participant endpoint is an http(s) URI with a host and port, or `unix:<path>` for a
-/// participant on this host.
-pub fn validate_endpoint(endpoint: &str) -> Result<(), String> {
-    let shape = || format!("endpoint {endpoint:?} must look like http://host:port or unix:/path/to.sock");
+/// A participant endpoint is an http URI with a host and port, or `unix:<path>` for a
+/// participant on this host; with `tls` (the calls to it are made with TLS), an https URI.
+pub fn validate_endpoint(endpoint: &str, tls: bool) -> Result<(), String> {
+    let shape = || match tls {
+        false => format!("endpoint {endpoint:?} must look like http://host:port or unix:/path/to.sock"),
+        true => format!("endpoint {endpoint:?} must look like https://host:port (calls are made with TLS)"),
+    };
     let target = Target::parse(endpoint).map_err(|e| match e {
         AddressError::PathTooLong { .. } => format!("endpoint {endpoint:?}: {e}"),
         _ => shape(),
     })?;
+    // A Unix socket is plaintext whatever the TLS settings (its file's permissions protect it).
+    let https = endpoint.starts_with("https://");
+    if target.unix_path().is_none() && https != tls {
+        return Err(if https {
+            format!("endpoint {endpoint:?} is https://, but no client_tls_ca is configured for calls with TLS")
+        } else {
+            shape()
+        });
+    }
     match (target.unix_path(), target.port()) {
         (None, None) => Err(shape()),
         _ => Ok(()),
@@ -279,10 +328,10 @@ mod tests {
         c.participants.insert("db1".into(), "127.0.0.1:7701".into());
         assert!(c.validate().unwrap_err().to_string().contains("must look like http://host:port or unix:"));
         for good in ["http://127.0.0.1:7701", "https://db1.internal:7701", "unix:/run/pledge/db1.sock"] {
-            assert_eq!(validate_endpoint(good), Ok(()), "{good}");
+            assert_eq!(validate_endpoint(good, good.starts_with("https")), Ok(()), "{good}");
         }
         for bad in ["http://127.0.0.1", "unix:", "db1.internal:7701"] {
-            assert!(validate_endpoint(bad).is_err(), "{bad}");
+            assert!(validate_endpoint(bad, false).is_err(), "{bad}");
         }
     }
 }

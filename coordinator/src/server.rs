@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pledge_proto::ResourceId;
+use pledge_proto::tls::{ClientTls, ServerTls};
 use pledge_proto::transport::{ListenAddr, Listener};
 use pledge_proto::v1::coordinator_server::CoordinatorServer;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +47,7 @@ pub async fn serve(config: Config, shutdown: CancellationToken, handle_signals: 
     }
 }
 
-fn runtime_config(config: &Config, coordinator_id: String) -> RuntimeConfig {
+fn runtime_config(config: &Config, coordinator_id: String, tls: &Tls) -> RuntimeConfig {
     RuntimeConfig {
         call: std::sync::Arc::new(CallConfig {
             coordinator_id,
@@ -55,6 +56,7 @@ fn runtime_config(config: &Config, coordinator_id: String) -> RuntimeConfig {
             max_batch_branches: config.participant_max_batch_branches,
             max_inflight_calls: config.participant_max_inflight_calls,
             pipeline: config.participant_pipeline,
+            tls: tls.client.clone(),
         }),
         recovery_interval: Duration::from_millis(config.recovery_interval_ms),
         api_queue_capacity: 4096,
@@ -89,7 +91,8 @@ async fn serve_local(config: Config, shutdown: CancellationToken, handle_signals
         replay_ms = started.elapsed().as_millis() as u64,
         "decision log replayed"
     );
-    let runtime_config = runtime_config(&config, coordinator_id.clone());
+    let tls = Tls::load(&config)?;
+    let runtime_config = runtime_config(&config, coordinator_id.clone(), &tls);
     let (runtime, handle) = Runtime::new(engine, LocalLog::new(log.writer(), epoch), runtime_config);
     let engine_stop = CancellationToken::new();
     let runtime_task = tokio::spawn(runtime.run(engine_stop.clone()));
@@ -97,7 +100,7 @@ async fn serve_local(config: Config, shutdown: CancellationToken, handle_signals
     // The log is replayed and the engine rebuilt before the port opens.
     let listener =
         Listener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    let service = CoordinatorService::new(handle, shutdown.clone(), &coordinator_id);
+    let service = CoordinatorService::new(handle, shutdown.clone(), &coordinator_id, tls.client.is_some());
     if handle_signals {
         let stop = shutdown.clone();
         tokio::spawn(async move {
@@ -106,7 +109,7 @@ async fn serve_local(config: Config, shutdown: CancellationToken, handle_signals
             stop.cancel();
         });
     }
-    serve_grpc(&config, listener, service, shutdown, runtime_task, &engine_stop).await?;
+    serve_grpc(&config, listener, service, shutdown, runtime_task, &engine_stop, tls).await?;
     log.shutdown().await.context("flushing the decision log")?;
     tracing::info!("coordinator stopped; decision log flushed");
     Ok(())
@@ -182,7 +185,8 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
     };
     let log = PgLog::start(pool.clone(), state.clone(), writers);
     let (commands_tx, commands) = tokio::sync::mpsc::channel(1024);
-    let (runtime, handle) = Runtime::new(engine, log, runtime_config(&config, info.cluster_id.clone()));
+    let tls = Tls::load(&config)?;
+    let (runtime, handle) = Runtime::new(engine, log, runtime_config(&config, info.cluster_id.clone(), &tls));
     let runtime =
         runtime.with_cluster(ClusterLink { state: state.clone(), commands, pool: pool.clone(), store_timeout });
     let engine_stop = CancellationToken::new();
@@ -218,8 +222,10 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
         "cluster instance started"
     );
 
-    let router = Arc::new(Router::new(state, pool, Duration::from_millis(config.max_request_wait_ms)));
-    let service = CoordinatorService::new(handle, shutdown.clone(), &info.cluster_id).with_router(router);
+    let router =
+        Arc::new(Router::new(state, pool, Duration::from_millis(config.max_request_wait_ms), tls.client.clone()));
+    let service =
+        CoordinatorService::new(handle, shutdown.clone(), &info.cluster_id, tls.client.is_some()).with_router(router);
     if handle_signals {
         // Hand the shards over while still serving (calls about them are answered here until
         // each is released), then stop.
@@ -232,7 +238,7 @@ async fn serve_cluster(config: Config, shutdown: CancellationToken, handle_signa
             stop.cancel();
         });
     }
-    let served = serve_grpc(&config, listener, service, shutdown, runtime_task, &engine_stop);
+    let served = serve_grpc(&config, listener, service, shutdown, runtime_task, &engine_stop, tls);
     let result = served.await;
     lease_stop.cancel();
     handed_over.cancelled().await;
@@ -254,6 +260,26 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// The coordinator's TLS: what it serves with, and what it calls participants and other
+/// instances with.
+pub struct Tls {
+    pub server: Option<ServerTls>,
+    pub client: Option<ClientTls>,
+}
+
+impl Tls {
+    fn load(config: &Config) -> anyhow::Result<Tls> {
+        let server = config.server_tls_files()?.map(ServerTls::load).transpose()?;
+        pledge_proto::tls::check_listen(&config.listen, server.as_ref())?;
+        if server.is_none() && pledge_proto::tls::exposed(&config.listen) {
+            tracing::warn!(listen = %config.listen, "serving PLAINTEXT on an address other hosts can reach: anyone \
+                there can begin, commit and resolve transactions; set tls_cert, tls_key and tls_client_ca");
+        }
+        let client = config.client_tls_files()?.map(ClientTls::load).transpose()?;
+        Ok(Tls { server, client })
+    }
+}
+
 /// Serves gRPC on `listener` until `shutdown`, then stops the engine. Prints `listening on
 /// <addr>` to stdout once the port serves, which scripts and tests wait for.
 async fn serve_grpc(
@@ -263,6 +289,7 @@ async fn serve_grpc(
     shutdown: CancellationToken,
     runtime_task: tokio::task::JoinHandle<Result<(), crate::store::StoreError>>,
     engine_stop: &CancellationToken,
+    tls: Tls,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -277,7 +304,8 @@ async fn serve_grpc(
     tracing::info!(%addr, "coordinator serving");
     let router =
         pledge_proto::transport::server().add_service(health_service).add_service(reflection).add_service(service);
-    let server = listener.serve(router, shutdown.cancelled_owned());
+    pledge_proto::tls::reload_on_sighup(tls.server.clone(), tls.client.iter().cloned().collect());
+    let server = listener.serve(router, shutdown.cancelled_owned(), tls.server);
 
     // The engine task ends only on a fatal store error or when told to stop.
     let mut runtime_task = runtime_task;

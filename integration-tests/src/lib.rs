@@ -16,6 +16,7 @@ pub mod mysql;
 pub mod pg;
 pub mod proxy;
 pub mod store;
+pub mod tls;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};

@@ -370,7 +370,7 @@ async fn a_participant_without_three_phase_commit_is_refused_by_name() {
     let listener = pledge_proto::transport::Listener::bind(&"127.0.0.1:0".parse().unwrap()).await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let router = pledge_proto::transport::server().add_routes(routes.routes());
-    let served = tokio::spawn(listener.serve(router, closing.clone().cancelled_owned()));
+    let served = tokio::spawn(listener.serve(router, closing.clone().cancelled_owned(), None));
 
     let dir = TestDir::new("3pc-refused");
     let reference = dir.participant("ref", 0, &[], &[]).await;

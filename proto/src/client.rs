@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+use crate::tls::ClientTls;
 use crate::transport::{AddressError, Target};
 use crate::v1::{self, coordinator_client::CoordinatorClient};
 
@@ -29,13 +30,19 @@ pub struct ClusterClient {
     next: AtomicUsize,
     channels: Mutex<HashMap<String, CoordinatorClient<Channel>>>,
     owners: Mutex<HashMap<String, String>>,
+    tls: Option<ClientTls>,
 }
 
 impl ClusterClient {
     /// A client of the cluster whose instances listen at `endpoints` (`http://host:port`).
     pub fn new(endpoints: Vec<String>) -> Result<ClusterClient, AddressError> {
+        ClusterClient::with_tls(endpoints, None)
+    }
+
+    /// [`ClusterClient::new`] calling with `tls` (the endpoints are then `https://host:port`).
+    pub fn with_tls(endpoints: Vec<String>, tls: Option<ClientTls>) -> Result<ClusterClient, AddressError> {
         for e in &endpoints {
-            Target::parse(e)?;
+            Target::parse_with(e, tls.as_ref())?;
         }
         assert!(!endpoints.is_empty(), "a cluster client needs at least one instance");
         Ok(ClusterClient {
@@ -43,6 +50,7 @@ impl ClusterClient {
             next: AtomicUsize::new(0),
             channels: Mutex::new(HashMap::new()),
             owners: Mutex::new(HashMap::new()),
+            tls,
         })
     }
 
@@ -56,7 +64,8 @@ impl ClusterClient {
         if let Some(c) = channels.get(endpoint) {
             return Ok(c.clone());
         }
-        let target = Target::parse(endpoint).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let target =
+            Target::parse_with(endpoint, self.tls.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let client = CoordinatorClient::new(target.connect_lazy());
         channels.insert(endpoint.to_string(), client.clone());
         Ok(client)

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod metrics;
 pub mod pipeline;
+pub mod tls;
 pub mod transport;
 pub mod types;
 pub mod xa;

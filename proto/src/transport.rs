@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::tls::{ClientTls, ServerTls};
+
 /// Longest Unix socket path Linux accepts (`sun_path` holds 108 bytes with the terminating NUL).
 pub const MAX_UNIX_PATH_BYTES: usize = 107;
 
@@ -28,6 +30,10 @@ pub enum AddressError {
     BadTarget(String),
     #[error("'{path}': a Unix socket path is at most {MAX_UNIX_PATH_BYTES} bytes, this one is {len}")]
     PathTooLong { path: String, len: usize },
+    #[error("'{0}': TLS is configured for this client, so the target must be https://host:port")]
+    TlsRequired(String),
+    #[error("'{0}': an https:// target needs the CA of its server (tls_ca)")]
+    TlsNotConfigured(String),
 }
 
 /// The path of a `unix:` address, if `address` is one; `bad` names the error for a malformed one.
@@ -110,17 +116,25 @@ impl Listener {
     /// file. Every accepted TCP connection gets TCP_NODELAY: without it a small reply waits for
     /// the peer's delayed ACK (40 ms on Linux); `Server::tcp_nodelay` covers only sockets tonic
     /// binds itself.
+    ///
+    /// With `tls`, every connection is TLS ([`crate::tls`]; TCP only: see
+    /// [`crate::tls::check_listen`]).
     pub async fn serve(
         self,
         router: Router,
         signal: impl Future<Output = ()> + Send,
+        tls: Option<ServerTls>,
     ) -> Result<(), tonic::transport::Error> {
-        match self {
-            Listener::Tcp(l) => {
+        match (self, tls) {
+            (Listener::Tcp(l), None) => {
                 let incoming = TcpIncoming::from(l).with_nodelay(Some(true)).with_keepalive(Some(KEEPALIVE_INTERVAL));
                 router.serve_with_incoming_shutdown(incoming, signal).await
             }
-            Listener::Unix(l, path) => {
+            (Listener::Tcp(l), Some(tls)) => {
+                router.serve_with_incoming_shutdown(crate::tls::incoming(l, tls, KEEPALIVE_INTERVAL), signal).await
+            }
+            (Listener::Unix(l, path), tls) => {
+                assert!(tls.is_none(), "TLS on a Unix socket is refused at start (tls::check_listen)");
                 let _remove = RemoveOnDrop(path);
                 router.serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), signal).await
             }
@@ -161,6 +175,8 @@ impl Drop for RemoveOnDrop {
 pub struct Target {
     endpoint: Endpoint,
     unix: Option<PathBuf>,
+    /// `https://` targets: the TLS the connections are made with, and the host and port.
+    tls: Option<(ClientTls, String, u16)>,
 }
 
 impl Target {
@@ -170,15 +186,38 @@ impl Target {
             Some(path) => {
                 // The URI only names the :authority tonic sends; the connector ignores it.
                 let endpoint = Endpoint::from_static("http://localhost");
-                Ok(Target { endpoint, unix: Some(path?) })
+                Ok(Target { endpoint, unix: Some(path?), tls: None })
             }
             None => {
                 let uri: Uri = target.parse().map_err(|_| bad())?;
                 if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
                     return Err(bad());
                 }
-                Ok(Target { endpoint: Endpoint::from(uri), unix: None })
+                Ok(Target { endpoint: Endpoint::from(uri), unix: None, tls: None })
             }
+        }
+    }
+
+    /// `target` made with `tls` (`None`: plaintext). An `https://` target needs TLS, and TLS an
+    /// `https://` target: a client configured for TLS never falls back to plaintext over TCP. A
+    /// `unix:` target is plaintext either way (its file's permissions protect it).
+    pub fn parse_with(target: &str, tls: Option<&ClientTls>) -> Result<Target, AddressError> {
+        let mut t = Target::parse(target)?;
+        if t.unix.is_some() {
+            return Ok(t);
+        }
+        let https = t.endpoint.uri().scheme_str() == Some("https");
+        match (tls, https) {
+            (Some(tls), true) => {
+                let uri = t.endpoint.uri();
+                let host = uri.host().expect("checked by parse").to_string();
+                let port = uri.port_u16().unwrap_or(443);
+                t.tls = Some((tls.clone(), host, port));
+                Ok(t)
+            }
+            (None, false) => Ok(t),
+            (Some(_), false) => Err(AddressError::TlsRequired(target.to_string())),
+            (None, true) => Err(AddressError::TlsNotConfigured(target.to_string())),
         }
     }
 
@@ -200,19 +239,39 @@ impl Target {
 
     /// A channel that connects on first use and reconnects after a failure.
     pub fn connect_lazy(&self) -> Channel {
-        match &self.unix {
-            None => self.endpoint.connect_lazy(),
-            Some(path) => self.endpoint.connect_with_connector_lazy(unix_connector(path.clone())),
+        match (&self.unix, &self.tls) {
+            (Some(path), _) => self.endpoint.connect_with_connector_lazy(unix_connector(path.clone())),
+            (None, Some(tls)) => self.endpoint.connect_with_connector_lazy(tls_connector(tls.clone())),
+            (None, None) => self.endpoint.connect_lazy(),
         }
     }
 
     /// A channel connected now (an error if nobody answers).
     pub async fn connect(&self) -> Result<Channel, tonic::transport::Error> {
-        match &self.unix {
-            None => self.endpoint.connect().await,
-            Some(path) => self.endpoint.connect_with_connector(unix_connector(path.clone())).await,
+        match (&self.unix, &self.tls) {
+            (Some(path), _) => self.endpoint.connect_with_connector(unix_connector(path.clone())).await,
+            (None, Some(tls)) => self.endpoint.connect_with_connector(tls_connector(tls.clone())).await,
+            (None, None) => self.endpoint.connect().await,
         }
     }
+}
+
+/// Connections over TLS, with the configuration as last loaded (a certificate reloaded on
+/// SIGHUP serves the next connection).
+fn tls_connector(
+    (tls, host, port): (ClientTls, String, u16),
+) -> impl tower::Service<
+    Uri,
+    Response = TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>> + Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_: Uri| {
+        let (tls, host) = (tls.clone(), host.clone());
+        async move { tls.connect(&host, port).await.map(TokioIo::new) }
+    })
 }
 
 fn unix_connector(
@@ -278,7 +337,7 @@ mod tests {
         let (_reporter, health) = tonic_health::server::health_reporter();
         let stop = tokio_util::sync::CancellationToken::new();
         let router = tonic::transport::Server::builder().add_service(health);
-        let server = tokio::spawn(listener.serve(router, stop.clone().cancelled_owned()));
+        let server = tokio::spawn(listener.serve(router, stop.clone().cancelled_owned(), None));
 
         let err = Listener::bind(&addr).await.expect_err("a live socket is not taken over");
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);

@@ -9,9 +9,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pledge_proto::tls::ClientTls;
+use pledge_proto::transport::Target;
 use pledge_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::ClusterState;
@@ -33,11 +35,13 @@ pub struct Router {
     pool: sqlx::PgPool,
     clients: Mutex<HashMap<String, CoordinatorClient<Channel>>>,
     timeout: Duration,
+    /// TLS of the calls to other instances (their advertised addresses are then https://).
+    tls: Option<ClientTls>,
 }
 
 impl Router {
-    pub fn new(state: Arc<ClusterState>, pool: sqlx::PgPool, timeout: Duration) -> Router {
-        Router { state, pool, clients: Mutex::new(HashMap::new()), timeout }
+    pub fn new(state: Arc<ClusterState>, pool: sqlx::PgPool, timeout: Duration, tls: Option<ClientTls>) -> Router {
+        Router { state, pool, clients: Mutex::new(HashMap::new()), timeout, tls }
     }
 
     /// Where a call about `shard` is answered. The owners are as of the last lease round; a
@@ -85,11 +89,10 @@ impl Router {
         if let Some(c) = clients.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(address.to_string())
+        let target = Target::parse_with(address, self.tls.as_ref())
             .map_err(|e| Status::internal(format!("instance address {address:?} is invalid: {e}")))?
-            .connect_timeout(self.timeout)
-            .tcp_nodelay(true);
-        let client = CoordinatorClient::new(endpoint.connect_lazy());
+            .configure(|e| e.connect_timeout(self.timeout).tcp_nodelay(true));
+        let client = CoordinatorClient::new(target.connect_lazy());
         clients.insert(address.to_string(), client.clone());
         Ok(client)
     }

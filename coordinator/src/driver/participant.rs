@@ -41,6 +41,8 @@ pub struct CallConfig {
     pub max_inflight_calls: usize,
     /// Use participants' pipeline streams (false: unary calls only).
     pub pipeline: bool,
+    /// TLS of the calls (`None`: plaintext); endpoints are then https://.
+    pub tls: Option<pledge_proto::tls::ClientTls>,
 }
 
 pub struct PrepareItem {
@@ -115,7 +117,7 @@ impl ParticipantHandle {
         config: Arc<CallConfig>,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<Self, String> {
-        let channel = Target::parse(&endpoint)
+        let channel = Target::parse_with(&endpoint, config.tls.as_ref())
             .map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))?
             .configure(|e| {
                 e.connect_timeout(config.rpc_timeout)

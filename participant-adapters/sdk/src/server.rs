@@ -558,27 +558,63 @@ pub fn init_logging() {
         .init();
 }
 
-/// Serves `routes` on `listen` (`host:port` or `unix:<path>`) until SIGTERM or Ctrl-C, or
-/// until `shutdown` is cancelled (a signal cancels it; pass the token given to [`routes`]).
-/// Prints `listening on <addr>` to stdout once the socket is open (scripts and tests wait for
-/// that line; port 0 picks a free one).
+/// A participant server's TLS options (every participant binary takes them: see
+/// [`pledge_proto::tls`]). Mutual TLS (`--tls-client-ca`) is what to run with: a participant
+/// should take calls from its coordinators only.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServerTlsArgs {
+    /// Serve TLS with this certificate chain (PEM); with --tls-key. Reloaded on SIGHUP.
+    #[arg(long, env = "PLEDGE_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "PLEDGE_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Mutual TLS: accept only clients with a certificate from this CA (PEM).
+    #[arg(long, env = "PLEDGE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// The TLS these options ask for, loaded (`None`: plaintext).
+    pub fn load(&self) -> anyhow::Result<Option<pledge_proto::tls::ServerTls>> {
+        let files = pledge_proto::tls::ServerTlsFiles::from_options(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_client_ca.clone(),
+        )?;
+        Ok(files.map(pledge_proto::tls::ServerTls::load).transpose()?)
+    }
+}
+
+/// Serves `routes` on `listen` (`host:port` or `unix:<path>`), with `tls` when given, until
+/// SIGTERM or Ctrl-C, or until `shutdown` is cancelled (a signal cancels it; pass the token
+/// given to [`routes`]). Prints `listening on <addr>` to stdout once the socket is open (scripts
+/// and tests wait for that line; port 0 picks a free one). SIGHUP reloads the certificates.
 pub async fn serve(
     listen: &ListenAddr,
+    tls: &ServerTlsArgs,
     routes: RoutesBuilder,
     what: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let tls = tls.load()?;
+    pledge_proto::tls::check_listen(listen, tls.as_ref())?;
+    if tls.is_none() && pledge_proto::tls::exposed(listen) {
+        tracing::warn!(%listen, "serving PLAINTEXT on an address other hosts can reach: anyone there can call this \
+            participant; use --tls-cert, --tls-key and --tls-client-ca");
+    }
     let listener = Listener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
-    tracing::info!(%addr, "{what} serving");
+    tracing::info!(%addr, tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), "{what} serving");
+    pledge_proto::tls::reload_on_sighup(tls.clone(), Vec::new());
     let signalled = shutdown.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         signalled.cancel();
     });
     let router = pledge_proto::transport::server().add_routes(routes.routes());
-    listener.serve(router, shutdown.cancelled_owned()).await?;
+    listener.serve(router, shutdown.cancelled_owned(), tls).await?;
     Ok(())
 }
 

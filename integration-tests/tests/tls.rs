@@ -1,0 +1,241 @@
+//! TLS on every hop, as real processes: a two-participant transaction with mutual TLS between
+//! the application, the coordinator and both participants (and the CLI); each server refusing a
+//! client with no certificate, one from another CA, an expired one and a plaintext one; and
+//! certificates rotated by SIGHUP under load with no failed call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use pledge_integration_tests::tls::{Issued, Pki, bundle};
+use pledge_integration_tests::*;
+use pledge_proto::tls::{ClientTls, ClientTlsFiles};
+use pledge_proto::transport::Target;
+use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, reference_store_client::ReferenceStoreClient};
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+fn https(p: &Process) -> String {
+    format!("https://127.0.0.1:{}", p.port())
+}
+
+fn client_tls(ca: &std::path::Path, id: Option<&Issued>) -> ClientTls {
+    let files =
+        ClientTlsFiles { ca: ca.to_path_buf(), cert: id.map(|i| i.cert.clone()), key: id.map(|i| i.key.clone()) };
+    ClientTls::load(files).expect("client TLS")
+}
+
+fn channel(p: &Process, tls: &ClientTls) -> Channel {
+    Target::parse_with(&https(p), Some(tls)).unwrap().connect_lazy()
+}
+
+/// `--tls-cert`, `--tls-key` and `--tls-client-ca` for a server with `id`, requiring clients
+/// from `client_ca`.
+fn server_args(id: &Issued, client_ca: &std::path::Path) -> Vec<String> {
+    [("--tls-cert", &id.cert), ("--tls-key", &id.key), ("--tls-client-ca", &client_ca.to_path_buf())]
+        .iter()
+        .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+        .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Whether a health check over `tls` at `p` is answered.
+async fn answers(p: &Process, tls: &ClientTls) -> Result<(), tonic::Status> {
+    let mut h = HealthClient::new(channel(p, tls));
+    h.check(HealthCheckRequest { service: String::new() }).await.map(drop)
+}
+
+async fn transfer(c: &mut CoordinatorClient<Channel>, stores: &mut [ReferenceStoreClient<Channel>; 2], key: &str) {
+    let gtid = begin(c, &[("p1", "b"), ("p2", "b")]).await;
+    put(&mut stores[0], &gtid, "b", key, "out").await;
+    put(&mut stores[1], &gtid, "b", key, "in").await;
+    let r = commit(c, &gtid, true).await.unwrap();
+    assert_eq!((r.outcome(), r.completed), (v1::Outcome::Committed, true), "{}", r.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_on_every_hop_and_each_server_refuses_clients_without_a_valid_certificate() {
+    let dir = TestDir::new("tls");
+    let pki = Pki::new(dir.path(), "main");
+    let other = Pki::new(dir.path(), "other");
+    let (p1_id, p2_id, coordinator_id, app) =
+        (pki.issue("p1", false), pki.issue("p2", false), pki.issue("coordinator", false), pki.issue("app", false));
+    let p1 = dir.participant("p1", 0, &strs(&server_args(&p1_id, &pki.ca)), &[]).await;
+    let p2 = dir.participant("p2", 0, &strs(&server_args(&p2_id, &pki.ca)), &[]).await;
+    let mut args = server_args(&coordinator_id, &pki.ca);
+    for (flag, path) in [
+        ("--client-tls-ca", &pki.ca),
+        ("--client-tls-cert", &coordinator_id.cert),
+        ("--client-tls-key", &coordinator_id.key),
+    ] {
+        args.extend([flag.to_string(), path.display().to_string()]);
+    }
+    let coordinator = dir.coordinator_for(&[("p1", https(&p1)), ("p2", https(&p2))], &strs(&args), &[]).await;
+
+    // The application's calls, the coordinator's, all over mutual TLS.
+    let tls = client_tls(&pki.ca, Some(&app));
+    let mut c = CoordinatorClient::new(channel(&coordinator, &tls));
+    let mut stores = [ReferenceStoreClient::new(channel(&p1, &tls)), ReferenceStoreClient::new(channel(&p2, &tls))];
+    transfer(&mut c, &mut stores, "k1").await;
+    assert_eq!(read(&mut stores[1], "k1").await.as_deref(), Some("in"));
+    let gtid = begin(&mut c, &[("p1", "b")]).await;
+    let shown = std::process::Command::new(bin("pledge"))
+        .args(["txn", "get", &gtid, "--coordinator", &https(&coordinator), "--tls-ca"])
+        .arg(&pki.ca)
+        .arg("--tls-cert")
+        .arg(&app.cert)
+        .arg("--tls-key")
+        .arg(&app.key)
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("ACTIVE"));
+
+    // Each server refuses: no certificate, one from another CA, an expired one, plaintext.
+    let expired = pki.issue("expired", true);
+    let stranger = other.issue("stranger", false);
+    for server in [&coordinator, &p1] {
+        assert!(answers(server, &tls).await.is_ok());
+        let refusals = || server.log().matches("TLS handshake refused").count();
+        for (what, refused) in [
+            ("no certificate", client_tls(&pki.ca, None)),
+            ("another CA's certificate", client_tls(&pki.ca, Some(&stranger))),
+            ("an expired certificate", client_tls(&pki.ca, Some(&expired))),
+        ] {
+            let before = refusals();
+            // (Over TLS 1.3 the client may finish its side first and hear of the refusal only
+            // as the connection closes: the status varies, the refusal does not.)
+            answers(server, &refused).await.expect_err(what);
+            eventually(&format!("{what}: refused by the server"), || async { (refusals() > before).then_some(()) })
+                .await;
+        }
+        let before = refusals();
+        let plain = Target::parse(&server.endpoint()).unwrap().connect_lazy();
+        HealthClient::new(plain).check(HealthCheckRequest { service: String::new() }).await.expect_err("plaintext");
+        eventually("plaintext: refused by the server", || async { (refusals() > before).then_some(()) }).await;
+    }
+    // A server certificate from a CA the client does not trust is refused by the client.
+    let e = answers(&coordinator, &client_tls(&other.ca, Some(&stranger))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+}
+
+/// Every certificate is replaced by one from a new CA (clients trust both) and every process
+/// gets SIGHUP, while clients run transfers over connections they keep and over new ones: no
+/// call fails, and new connections get the new certificates (a client trusting only the new
+/// CA is refused before, answered after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotated_by_sighup_under_load_fail_no_call() {
+    let dir = TestDir::new("tls-rotate");
+    let (old, new) = (Pki::new(dir.path(), "old"), Pki::new(dir.path(), "new"));
+    let both = bundle(&dir.path().join("both-ca.pem"), &[&old, &new]);
+    // Each process's files, at fixed paths the rotation overwrites.
+    let place = |name: &str, from: &Issued| {
+        let id = Issued { cert: dir.path().join(format!("{name}.pem")), key: dir.path().join(format!("{name}.key")) };
+        std::fs::copy(&from.cert, &id.cert).unwrap();
+        std::fs::copy(&from.key, &id.key).unwrap();
+        id
+    };
+    let names = ["p1", "p2", "coordinator"];
+    let ids: Vec<Issued> = names.iter().map(|n| place(n, &old.issue(n, false))).collect();
+    let p1 = dir.participant("p1", 0, &strs(&server_args(&ids[0], &both)), &[]).await;
+    let p2 = dir.participant("p2", 0, &strs(&server_args(&ids[1], &both)), &[]).await;
+    let mut args = server_args(&ids[2], &both);
+    for (flag, path) in
+        [("--client-tls-ca", &both), ("--client-tls-cert", &ids[2].cert), ("--client-tls-key", &ids[2].key)]
+    {
+        args.extend([flag.to_string(), path.display().to_string()]);
+    }
+    let coordinator = dir.coordinator_for(&[("p1", https(&p1)), ("p2", https(&p2))], &strs(&args), &[]).await;
+    let app = old.issue("app", false);
+    let tls = client_tls(&both, Some(&app));
+    let only_new = client_tls(&new.ca, Some(&new.issue("app2", false)));
+    assert!(answers(&coordinator, &only_new).await.is_err(), "the old certificate is not the new CA's");
+
+    // Load: 4 clients on their own connections, 1 making a new connection for every transfer.
+    let (stop, done, failed) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for worker in 0..5 {
+        let (stop, done, failed, tls) = (stop.clone(), done.clone(), failed.clone(), tls.clone());
+        let targets = [https(&coordinator), https(&p1), https(&p2)];
+        load.push(tokio::spawn(async move {
+            let connect = |t: &str| Target::parse_with(t, Some(&tls)).unwrap().connect_lazy();
+            let mut kept = (
+                CoordinatorClient::new(connect(&targets[0])),
+                [ReferenceStoreClient::new(connect(&targets[1])), ReferenceStoreClient::new(connect(&targets[2]))],
+            );
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if worker == 4 {
+                    kept = (
+                        CoordinatorClient::new(connect(&targets[0])),
+                        [
+                            ReferenceStoreClient::new(connect(&targets[1])),
+                            ReferenceStoreClient::new(connect(&targets[2])),
+                        ],
+                    );
+                }
+                let (c, stores) = &mut kept;
+                let ok = async {
+                    let gtid = c.begin(v1::BeginRequest {
+                        branches: vec![branch("p1", "b"), branch("p2", "b")],
+                        ..Default::default()
+                    });
+                    let gtid = gtid.await?.into_inner().gtid;
+                    for s in stores.iter_mut() {
+                        let key = format!("w{worker}-{n}");
+                        s.put(v1::PutRequest { gtid: gtid.clone(), branch_id: "b".into(), key, value: b"v".to_vec() })
+                            .await?;
+                    }
+                    let r = c.commit(v1::CommitRequest { gtid, wait_for_completion: true, ..Default::default() });
+                    let r = r.await?.into_inner();
+                    Ok::<bool, tonic::Status>(r.outcome() == v1::Outcome::Committed && r.completed)
+                }
+                .await;
+                match ok {
+                    Ok(true) => done.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("worker {worker}: transfer failed: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+    let progressed = |at_least: usize| {
+        let done = done.clone();
+        async move {
+            eventually("transfers go on", || async { (done.load(Ordering::Relaxed) >= at_least).then_some(()) }).await
+        }
+    };
+    progressed(50).await;
+
+    // Rotate: every certificate (the coordinator's client certificate with its server one).
+    for (name, id) in names.iter().zip(&ids) {
+        let fresh = new.issue(&format!("{name}-new"), false);
+        std::fs::copy(&fresh.cert, &id.cert).unwrap();
+        std::fs::copy(&fresh.key, &id.key).unwrap();
+    }
+    for p in [&p1, &p2, &coordinator] {
+        p.signal(libc::SIGHUP);
+    }
+    for p in [&p1, &p2, &coordinator] {
+        eventually("the certificates reloaded", || async {
+            p.log().contains("TLS certificates reloaded").then_some(())
+        })
+        .await;
+    }
+    let before = done.load(Ordering::Relaxed);
+    progressed(before + 50).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no call fails across the rotation");
+    for p in [&coordinator, &p1, &p2] {
+        answers(p, &only_new).await.unwrap_or_else(|e| panic!("new connections get the new certificate: {e}"));
+    }
+}
