@@ -154,7 +154,6 @@ pub mod e2e {
 
     use futures::future::BoxFuture;
     use pledge_proto::pipeline::CoordinatorPipeline;
-    use pledge_proto::transport::Target;
     use pledge_proto::v1::{self, coordinator_client::CoordinatorClient, reference_store_client::ReferenceStoreClient};
     use tonic::transport::Channel;
 
@@ -234,14 +233,14 @@ pub mod e2e {
         let per_instance = env_or("BENCH_CHANNELS", default_channels).max(1);
         for i in 0..per_instance * coordinators.len() {
             let coordinator = coordinators[i % coordinators.len()];
-            let target = Target::parse(&coordinator.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
+            let target = coordinator.target().configure(|e| e.tcp_nodelay(true));
             channels.push(target.connect().await.unwrap());
         }
         let pipelines: Vec<_> =
             channels.iter().map(|c| CoordinatorPipeline::new(c.clone(), Duration::from_secs(30))).collect();
         let mut stores = Vec::new();
         for (resource, p) in participants {
-            let target = Target::parse(&p.endpoint()).unwrap().configure(|e| e.tcp_nodelay(true));
+            let target = p.target().configure(|e| e.tcp_nodelay(true));
             stores.push((*resource, ReferenceStoreClient::new(target.connect().await.unwrap())));
         }
         measure(load(), |i| {

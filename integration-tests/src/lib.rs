@@ -70,6 +70,8 @@ pub struct Process {
     /// `metrics on <addr>` before `listening on`).
     pub metrics_addr: Option<std::net::SocketAddr>,
     log: PathBuf,
+    /// It serves TLS: clients call it with this ([`Process::with_tls`]).
+    tls: Option<pledge_proto::tls::ClientTls>,
 }
 
 impl Process {
@@ -106,20 +108,33 @@ impl Process {
             Ok(Err(_)) => bail!("{name} exited before serving:\n{}", tail(&log)),
             Err(_) => bail!("{name} did not start within {START_TIMEOUT:?}:\n{}", tail(&log)),
         };
-        Ok(Process { name: name.to_string(), child, addr, metrics_addr, log })
+        Ok(Process { name: name.to_string(), child, addr, metrics_addr, log, tls: None })
     }
 
-    /// What a client dials: `http://host:port` or `unix:<path>`.
+    /// It serves TLS: [`Process::endpoint`] is `https://`, and [`Process::channel`] calls it
+    /// with `tls`.
+    pub fn with_tls(mut self, tls: pledge_proto::tls::ClientTls) -> Process {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// What a client dials: `http://host:port` (`https://` with TLS) or `unix:<path>`.
     pub fn endpoint(&self) -> String {
-        match &self.addr {
-            ListenAddr::Tcp(addr) => format!("http://{addr}"),
-            ListenAddr::Unix(_) => self.addr.to_string(),
+        match (&self.addr, &self.tls) {
+            (ListenAddr::Tcp(addr), None) => format!("http://{addr}"),
+            (ListenAddr::Tcp(addr), Some(_)) => format!("https://{addr}"),
+            (ListenAddr::Unix(_), _) => self.addr.to_string(),
         }
     }
 
-    /// A channel to it (TCP or Unix socket), connected now.
+    /// What a client dials, with the TLS it is called with.
+    pub fn target(&self) -> Target {
+        Target::parse_with(&self.endpoint(), self.tls.as_ref()).expect("a process's endpoint is a valid target")
+    }
+
+    /// A channel to it (TCP, TLS or Unix socket), connected now.
     pub async fn channel(&self) -> Channel {
-        let target = Target::parse(&self.endpoint()).expect("a process's endpoint is a valid target");
+        let target = self.target();
         target.connect().await.unwrap_or_else(|e| panic!("connecting to {} at {}: {e}", self.name, self.endpoint()))
     }
 

@@ -141,6 +141,11 @@ fn respond<B>(
 fn describe_rpc() {
     describe_counter!(RPC_REQUESTS, "gRPC calls handled (pipelined calls included), by method and status code");
     describe_histogram!(RPC_DURATION, Unit::Seconds, "time from receiving a call to answering it, by method");
+    describe_counter!(
+        crate::tls::HANDSHAKE_FAILURES,
+        "connections refused during the TLS handshake (no, an untrusted or an expired client certificate, a \
+         plaintext client, a handshake that took too long)"
+    );
 }
 
 /// Runs one call's handler and records it under `method` (see [`RPC_REQUESTS`],

@@ -45,6 +45,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Longest certificate, key or CA file read, in bytes.
 pub const MAX_PEM_FILE_BYTES: u64 = 1 << 20;
+/// The counter of refused handshakes.
 pub const HANDSHAKE_FAILURES: &str = "pledge_tls_handshake_failures_total";
 
 #[derive(Debug, thiserror::Error)]
