@@ -114,7 +114,32 @@ init_cluster() {
     | as_pg tee -a "$PG_DATA/postgresql.conf" >/dev/null
 }
 
+# A CA and a server certificate for 127.0.0.1/localhost, made once: the server offers TLS
+# (clients choose: sslmode=verify-full with sslrootcert=$PG_CA_PUBLIC checks it), plaintext
+# stays allowed. The CA's certificate is copied where any test process can read it.
+PG_TLS="$PG_ROOT/tls"
+PG_CA_PUBLIC="$PLEDGE_STATE_DIR/postgres-ca.pem"
+
+make_tls() {
+  if ! as_pg test -f "$PG_TLS/server.key"; then
+    log "making a test CA and server certificate in $PG_TLS"
+    as_pg mkdir -p "$PG_TLS"
+    as_pg openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Pledge test PostgreSQL CA" \
+      -keyout "$PG_TLS/ca.key" -out "$PG_TLS/ca.pem" >/dev/null 2>&1 || die "openssl: making the CA failed"
+    as_pg openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+      -keyout "$PG_TLS/server.key" -out "$PG_TLS/server.csr" >/dev/null 2>&1 || die "openssl: making the key failed"
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' | as_pg tee "$PG_TLS/ext.cnf" >/dev/null
+    as_pg openssl x509 -req -in "$PG_TLS/server.csr" -CA "$PG_TLS/ca.pem" -CAkey "$PG_TLS/ca.key" -CAcreateserial \
+      -days 3650 -extfile "$PG_TLS/ext.cnf" -out "$PG_TLS/server.pem" >/dev/null 2>&1 \
+      || die "openssl: signing the server certificate failed"
+    as_pg chmod 600 "$PG_TLS/server.key"
+  fi
+  as_pg cat "$PG_TLS/ca.pem" >"$PG_CA_PUBLIC"
+  chmod 644 "$PG_CA_PUBLIC"
+}
+
 write_settings() {
+  make_tls
   as_pg tee "$PG_DATA/pledge.conf" >/dev/null <<EOF
 # Written by integration-tests/scripts/postgres.sh on each start; edits are lost.
 listen_addresses = '127.0.0.1'
@@ -129,6 +154,10 @@ max_connections = 200
 fsync = on
 synchronous_commit = on
 full_page_writes = on
+# TLS offered (see make_tls); clients that do not ask for it are served plaintext.
+ssl = on
+ssl_cert_file = '$PG_TLS/server.pem'
+ssl_key_file = '$PG_TLS/server.key'
 # Log to stderr, which pg_ctl -l sends to $PG_LOG.
 logging_collector = off
 log_line_prefix = '%m [%p] %q%u@%d '
@@ -172,14 +201,19 @@ cmd_start() {
     # Already up: just make sure it answers and is ours (idempotent start). A postmaster
     # killed moments ago can still look alive (not yet reaped); if it turns out dead,
     # start a new one below.
-    if pg_ready || wait_ready; then
+    if (pg_ready || wait_ready) && [[ "$(psql_admin -tAc 'SHOW ssl')" != on ]]; then
+      log "running without TLS (started by an older version of this script): restarting it"
+      cmd_stop
+    elif pg_ready || wait_ready; then
       check_settings
       create_databases
+      make_tls
       log "already running on 127.0.0.1:$PG_PORT (data: $PG_DATA)"
       print_urls
       return 0
+    else
+      log "the server found running has exited: starting it again"
     fi
-    log "the server found running has exited: starting it again"
   fi
 
   # Something else on our port would make the start fail in a confusing way.
@@ -272,6 +306,7 @@ cmd_env() {
   printf 'export PLEDGE_PG_PORT=%s\n' "$PG_PORT"
   printf 'export PLEDGE_PG_URL_A=%s\n' "$(url_for pledge_a)"
   printf 'export PLEDGE_PG_URL_B=%s\n' "$(url_for pledge_b)"
+  printf 'export PLEDGE_PG_CA=%s\n' "$PG_CA_PUBLIC"
 }
 
 case "${1:-}" in

@@ -478,3 +478,36 @@ async fn postgres_adapter_conforms() {
 async fn postgres_adapter_with_dedup_table_conforms() {
     conformance_run("pg-conformance-dedup", vec!["--dedup"]).await;
 }
+
+/// The adapter reaches PostgreSQL over TLS when its URL asks for it (`sslmode=verify-full` with
+/// the server's CA in `sslrootcert`): the branch's session is encrypted, and the transaction
+/// commits. With a CA that did not sign the server's certificate the adapter refuses to start,
+/// saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adapter_reaches_postgres_over_tls_with_sslmode_verify_full() {
+    let dir = TestDir::new("pg-tls");
+    let ca = std::env::var("PLEDGE_PG_CA").expect("PLEDGE_PG_CA: the CA of the scripts' PostgreSQL (services.sh env)");
+    let url = format!("{}?sslmode=verify-full&sslrootcert={ca}", pg_url('a'));
+    let adapter = dir.postgres_adapter("pg", 0, &[("db_a", url)], &[], &[]).await;
+    let coordinator = dir.coordinator(&[("db_a", &adapter)], &[]).await;
+    let mut c = coordinator_client(&coordinator).await;
+    let gtid = begin(&mut c, &[("db_a", "b")]).await;
+    let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    let r = execute(&mut branch_client(&adapter).await, "db_a", &gtid, "b", sql, vec![]).await.unwrap();
+    assert_eq!(r.results[0].rows[0].values[0].kind, Some(v1::value::Kind::Bool(true)), "the session is encrypted");
+    assert_eq!(commit(&mut c, &gtid, true).await.unwrap().outcome(), v1::Outcome::Committed);
+
+    let other = pledge_integration_tests::tls::Pki::new(dir.path(), "other");
+    let bad = format!("{}?sslmode=verify-full&sslrootcert={}", pg_url('a'), other.ca.display());
+    let out = tokio::process::Command::new(bin("pledge-postgres-adapter"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("pg-bad"))
+        .arg("--resource")
+        .arg(format!("db_a={bad}"))
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a CA that did not sign the server's certificate: {stderr}");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+}
