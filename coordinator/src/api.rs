@@ -68,6 +68,28 @@ impl CoordinatorService {
         self.router.as_deref().filter(|_| !router::forwarded(request))
     }
 
+    /// Who made `request`: the transport's address, always, and the authenticated principal.
+    /// A call forwarded within a cluster names its original caller; that is believed when the
+    /// forwarding instance authenticated as a coordinator, and shown as a claim (with the
+    /// address it came from) when calls are not authenticated.
+    fn caller<T>(&self, request: &Request<T>) -> router::Caller {
+        use pledge_proto::auth::Role;
+        let transport =
+            pledge_proto::tls::remote_addr(request).map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let direct = pledge_proto::auth::principal(request);
+        let forwarded = router::forwarded_caller(request).filter(|_| self.router.is_some());
+        match (forwarded, direct) {
+            (Some(f), Some(d)) if d.role == Role::Coordinator => router::Caller {
+                peer: format!("{} (forwarded by {} at {transport})", f.peer, d.name),
+                principal: f.principal,
+            },
+            (Some(f), None) => {
+                router::Caller { peer: format!("{} (forwarded by {transport})", f.peer), principal: None }
+            }
+            (_, direct) => router::Caller { peer: transport, principal: direct.map(|d| d.name.to_string()) },
+        }
+    }
+
     /// Where a call about `gtid` is answered.
     async fn route<T>(&self, request: &Request<T>, gtid: Gtid) -> Result<Route, Status> {
         match self.router_for(request) {
@@ -453,21 +475,25 @@ impl Coordinator for CoordinatorService {
     async fn resolve(&self, request: Request<v1::ResolveRequest>) -> Result<Response<v1::ResolveResponse>, Status> {
         observe("Resolve", async {
             let gtid = gtid(&request.get_ref().gtid)?;
-            // The transport's address, always. Forwarded within a cluster, the address the
-            // forwarding instance names comes first: a claim no one checks until calls are
-            // authenticated, so the address it came from stays beside it.
-            let transport =
-                pledge_proto::tls::remote_addr(&request).map_or_else(|| "unknown".to_string(), |a| a.to_string());
-            let peer = match router::forwarded_peer(&request).filter(|_| self.router.is_some()) {
-                Some(claimed) => format!("{claimed} (forwarded by {transport})"),
-                None => transport,
-            };
+            let caller = self.caller(&request);
             if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
                 let r = request.into_inner();
-                return router.forward_for(Some(peer), to, r, |mut c, r| async move { c.resolve(r).await }).await;
+                return router.forward_for(Some(caller), to, r, |mut c, r| async move { c.resolve(r).await }).await;
             }
-            let request = resolve_request(gtid, request.into_inner(), peer)?;
+            let mut r = request.into_inner();
+            // Authenticated, the operator is the principal (a name it declares otherwise is
+            // kept beside it).
+            if let Some(name) = &caller.principal
+                && r.operator != *name
+            {
+                r.operator = if r.operator.trim().is_empty() {
+                    name.clone()
+                } else {
+                    format!("{name} (declared {:?})", r.operator)
+                };
+            }
+            let request = resolve_request(gtid, r, caller.peer)?;
             let span = tracing::info_span!("Resolve", %gtid, action = %request.action, operator = %request.operator);
             match self.call(ApiRequest::Resolve(request)).instrument(span).await? {
                 Reply::Resolved { changed, detail, transaction: t } => Ok(Response::new(v1::ResolveResponse {

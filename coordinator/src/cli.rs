@@ -138,6 +138,10 @@ pub struct ServeArgs {
     pub client_tls_cert: Option<PathBuf>,
     #[arg(long, env = "PLEDGE_CLIENT_TLS_KEY")]
     pub client_tls_key: Option<PathBuf>,
+    /// Authenticate and authorize every call against the principals in this TOML file (see
+    /// the README's Security section); reloaded on SIGHUP.
+    #[arg(long, env = "PLEDGE_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -213,6 +217,7 @@ impl ServeArgs {
             (self.client_tls_ca, &mut config.client_tls_ca),
             (self.client_tls_cert, &mut config.client_tls_cert),
             (self.client_tls_key, &mut config.client_tls_key),
+            (self.auth_file, &mut config.auth_file),
         ] {
             if from.is_some() {
                 *to = from;
@@ -276,6 +281,10 @@ pub struct ClientArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, env = "PLEDGE_CLIENT_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
+    /// A bearer token for a coordinator that authenticates calls (better in PLEDGE_TOKEN than on
+    /// the command line, where other users of the host can see it).
+    #[arg(long, env = "PLEDGE_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// A branch on the command line: RESOURCE/BRANCH, e.g. `db1/transfer-out`.
@@ -410,14 +419,33 @@ pub enum LogCommand {
     },
 }
 
-async fn connect(client: &ClientArgs) -> anyhow::Result<CoordinatorClient<Channel>> {
+/// A bearer token added to every call (`--token`), when given.
+#[derive(Clone)]
+struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, Token>>;
+
+async fn connect(client: &ClientArgs) -> anyhow::Result<Client> {
     let files = ClientTlsFiles::from_options(client.tls_ca.clone(), client.tls_cert.clone(), client.tls_key.clone())?;
     let tls = files.map(ClientTls::load).transpose()?;
-    Target::parse_with(&client.coordinator, tls.as_ref())?
+    let token = match &client.token {
+        Some(t) => Some(format!("Bearer {t}").parse().context("--token: not a valid header value")?),
+        None => None,
+    };
+    let channel = Target::parse_with(&client.coordinator, tls.as_ref())?
         .connect()
         .await
-        .map(CoordinatorClient::new)
-        .with_context(|| format!("cannot reach the coordinator at {}", client.coordinator))
+        .with_context(|| format!("cannot reach the coordinator at {}", client.coordinator))?;
+    Ok(CoordinatorClient::with_interceptor(channel, Token(token)))
 }
 
 /// The branches as the API takes them: `branches`, then `maybe_empty` (declared possibly empty).

@@ -128,6 +128,9 @@ pub struct Config {
     /// This coordinator's client certificate and key (PEM) for servers that require mutual TLS.
     pub client_tls_cert: Option<PathBuf>,
     pub client_tls_key: Option<PathBuf>,
+    /// Authenticate and authorize every call against the principals in this TOML file
+    /// (`pledge_proto::auth`); reloaded on SIGHUP. Unset: every call is taken.
+    pub auth_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -176,6 +179,7 @@ impl Default for Config {
             client_tls_ca: None,
             client_tls_cert: None,
             client_tls_key: None,
+            auth_file: None,
         }
     }
 }

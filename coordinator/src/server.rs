@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use pledge_proto::ResourceId;
+use pledge_proto::auth::Auth;
 use pledge_proto::tls::{ClientTls, ServerTls};
 use pledge_proto::transport::{ListenAddr, Listener};
 use pledge_proto::v1::coordinator_server::CoordinatorServer;
@@ -260,23 +261,26 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// The coordinator's TLS: what it serves with, and what it calls participants and other
-/// instances with.
+/// The coordinator's TLS (what it serves with, and what it calls participants and other
+/// instances with) and the principals it authenticates calls against.
 pub struct Tls {
     pub server: Option<ServerTls>,
     pub client: Option<ClientTls>,
+    pub auth: Option<Auth>,
 }
 
 impl Tls {
     fn load(config: &Config) -> anyhow::Result<Tls> {
         let server = config.server_tls_files()?.map(ServerTls::load).transpose()?;
         pledge_proto::tls::check_listen(&config.listen, server.as_ref())?;
-        if server.is_none() && pledge_proto::tls::exposed(&config.listen) {
-            tracing::warn!(listen = %config.listen, "serving PLAINTEXT on an address other hosts can reach: anyone \
-                there can begin, commit and resolve transactions; set tls_cert, tls_key and tls_client_ca");
+        let auth = config.auth_file.as_deref().map(Auth::load).transpose()?;
+        if (server.is_none() || auth.is_none()) && pledge_proto::tls::exposed(&config.listen) {
+            tracing::warn!(listen = %config.listen, tls = server.is_some(), auth = auth.is_some(),
+                "serving WITHOUT TLS AND AUTHENTICATION on an address other hosts can reach: anyone there can \
+                 begin, commit and resolve transactions; set tls_cert, tls_key, tls_client_ca and auth_file");
         }
         let client = config.client_tls_files()?.map(ClientTls::load).transpose()?;
-        Ok(Tls { server, client })
+        Ok(Tls { server, client, auth })
     }
 }
 
@@ -302,9 +306,11 @@ async fn serve_grpc(
 
     println!("listening on {addr}");
     tracing::info!(%addr, "coordinator serving");
-    let router =
-        pledge_proto::transport::server().add_service(health_service).add_service(reflection).add_service(service);
-    pledge_proto::tls::reload_on_sighup(tls.server.clone(), tls.client.iter().cloned().collect());
+    let router = pledge_proto::transport::server(tls.auth.clone())
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service);
+    pledge_proto::tls::reload_on_sighup(tls.server.clone(), tls.client.iter().cloned().collect(), tls.auth.clone());
     let server = listener.serve(router, shutdown.cancelled_owned(), tls.server);
 
     // The engine task ends only on a fatal store error or when told to stop.

@@ -369,7 +369,7 @@ async fn a_participant_without_three_phase_commit_is_refused_by_name() {
     let routes = pledge_sdk::routes(std::sync::Arc::new(TwoPhaseOnly), closing.clone()).await;
     let listener = pledge_proto::transport::Listener::bind(&"127.0.0.1:0".parse().unwrap()).await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let router = pledge_proto::transport::server().add_routes(routes.routes());
+    let router = pledge_proto::transport::server(None).add_routes(routes.routes());
     let served = tokio::spawn(listener.serve(router, closing.clone().cancelled_owned(), None));
 
     let dir = TestDir::new("3pc-refused");

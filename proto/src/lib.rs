@@ -7,6 +7,7 @@
 //! multiplexes many calls over one stream, for callers that make many; [`client`] is a client
 //! of a coordinator cluster that sends each call to its transaction's owner.
 
+pub mod auth;
 pub mod client;
 pub mod metrics;
 pub mod pipeline;

@@ -294,9 +294,10 @@ pub fn exposed(listen: &ListenAddr) -> bool {
     matches!(listen, ListenAddr::Tcp(addr) if !addr.ip().is_loopback())
 }
 
-/// Re-reads every configuration in `server` and `clients` on each SIGHUP, logging the outcome.
-pub fn reload_on_sighup(server: Option<ServerTls>, clients: Vec<ClientTls>) {
-    if server.is_none() && clients.is_empty() {
+/// Re-reads every configuration in `server` and `clients`, and the principals of `auth`, on
+/// each SIGHUP, logging the outcome.
+pub fn reload_on_sighup(server: Option<ServerTls>, clients: Vec<ClientTls>, auth: Option<crate::auth::Auth>) {
+    if server.is_none() && clients.is_empty() && auth.is_none() {
         return;
     }
     let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -318,8 +319,14 @@ pub fn reload_on_sighup(server: Option<ServerTls>, clients: Vec<ClientTls>) {
                     tracing::error!(error = %e, "SIGHUP: client certificate not reloaded; the previous one stays in use");
                 }
             }
+            if let Some(a) = &auth
+                && let Err(e) = a.reload()
+            {
+                failed = true;
+                tracing::error!(error = %e, "SIGHUP: principals not reloaded; the previous ones stay in use");
+            }
             if !failed {
-                tracing::info!("SIGHUP: TLS certificates reloaded");
+                tracing::info!("SIGHUP: reloaded the TLS certificates and principals");
             }
         }
     });

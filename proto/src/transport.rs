@@ -17,6 +17,9 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use tower::layer::util::{Identity, Stack};
+
+use crate::auth::{Auth, AuthLayer};
 use crate::tls::{ClientTls, ServerTls};
 
 /// Longest Unix socket path Linux accepts (`sun_path` holds 108 bytes with the terminating NUL).
@@ -121,7 +124,7 @@ impl Listener {
     /// [`crate::tls::check_listen`]).
     pub async fn serve(
         self,
-        router: Router,
+        router: Routes,
         signal: impl Future<Output = ()> + Send,
         tls: Option<ServerTls>,
     ) -> Result<(), tonic::transport::Error> {
@@ -154,12 +157,18 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The gRPC server builder every Pledge server uses: bounded concurrent calls per connection,
 /// and keepalive pings that end the connections (and the calls and pipeline streams on them)
 /// of peers that are gone.
-pub fn server() -> tonic::transport::Server {
+///
+/// Every call goes through `auth` (see [`crate::auth`]; `None`: every call is taken).
+pub fn server(auth: Option<Auth>) -> tonic::transport::Server<Stack<AuthLayer, Identity>> {
     tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(AuthLayer(auth))
 }
+
+/// The services of a Pledge server, as [`server`] builds them.
+pub type Routes = Router<Stack<AuthLayer, Identity>>;
 
 struct RemoveOnDrop(PathBuf);
 
@@ -336,7 +345,7 @@ mod tests {
         assert_eq!(listener.local_addr().unwrap(), addr);
         let (_reporter, health) = tonic_health::server::health_reporter();
         let stop = tokio_util::sync::CancellationToken::new();
-        let router = tonic::transport::Server::builder().add_service(health);
+        let router = server(None).add_service(health);
         let server = tokio::spawn(listener.serve(router, stop.clone().cancelled_owned(), None));
 
         let err = Listener::bind(&addr).await.expect_err("a live socket is not taken over");

@@ -22,6 +22,9 @@ use super::ClusterState;
 pub const FORWARDED: &str = "pledge-forwarded";
 /// The address of the caller of a forwarded call (logged where the call is answered).
 pub const FORWARDED_FOR: &str = "pledge-forwarded-for";
+/// The authenticated principal of the caller of a forwarded call (believed only from a
+/// coordinator principal).
+pub const FORWARDED_PRINCIPAL: &str = "pledge-forwarded-principal";
 /// Response metadata naming the instance that owns the call's shard.
 pub const OWNER: &str = pledge_proto::client::OWNER_METADATA;
 
@@ -106,10 +109,10 @@ impl Router {
         self.forward_for(None, address, message, call).await
     }
 
-    /// [`Router::forward`], naming the original caller's address (`peer`) for the owner to log.
+    /// [`Router::forward`], naming the original caller for the owner to log.
     pub async fn forward_for<T, R, F, Fut>(
         &self,
-        peer: Option<String>,
+        caller: Option<Caller>,
         address: String,
         message: T,
         call: F,
@@ -121,8 +124,13 @@ impl Router {
         let client = self.client(&address)?;
         let mut request = Request::new(message);
         request.metadata_mut().insert(FORWARDED, MetadataValue::from_static("1"));
-        if let Some(v) = peer.and_then(|p| MetadataValue::try_from(p).ok()) {
-            request.metadata_mut().insert(FORWARDED_FOR, v);
+        if let Some(caller) = caller {
+            if let Ok(v) = MetadataValue::try_from(caller.peer) {
+                request.metadata_mut().insert(FORWARDED_FOR, v);
+            }
+            if let Some(v) = caller.principal.and_then(|p| MetadataValue::try_from(p).ok()) {
+                request.metadata_mut().insert(FORWARDED_PRINCIPAL, v);
+            }
         }
         request.set_timeout(self.timeout);
         let mut response = call(client, request).await.map_err(|s| {
@@ -146,10 +154,18 @@ pub fn forwarded<T>(request: &Request<T>) -> bool {
     request.metadata().contains_key(FORWARDED)
 }
 
-/// The original caller's address of a forwarded call, when the forwarding instance named it.
-pub fn forwarded_peer<T>(request: &Request<T>) -> Option<String> {
+/// Who made a call: its address and, when calls are authenticated, its principal's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub peer: String,
+    pub principal: Option<String>,
+}
+
+/// The original caller of a forwarded call, as the forwarding instance named it.
+pub fn forwarded_caller<T>(request: &Request<T>) -> Option<Caller> {
     if !forwarded(request) {
         return None;
     }
-    request.metadata().get(FORWARDED_FOR)?.to_str().ok().map(str::to_string)
+    let text = |key| request.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
+    Some(Caller { peer: text(FORWARDED_FOR)?, principal: text(FORWARDED_PRINCIPAL) })
 }

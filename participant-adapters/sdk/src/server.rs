@@ -558,11 +558,12 @@ pub fn init_logging() {
         .init();
 }
 
-/// A participant server's TLS options (every participant binary takes them: see
-/// [`pledge_proto::tls`]). Mutual TLS (`--tls-client-ca`) is what to run with: a participant
-/// should take calls from its coordinators only.
+/// A participant server's TLS and authentication options (every participant binary takes
+/// them: see [`pledge_proto::tls`] and [`pledge_proto::auth`]). Mutual TLS (`--tls-client-ca`)
+/// with an `--auth-file` naming the coordinators is what to run with: the Participant service
+/// then takes calls from coordinators only.
 #[derive(clap::Args, Debug, Clone, Default)]
-pub struct ServerTlsArgs {
+pub struct ServerSecurityArgs {
     /// Serve TLS with this certificate chain (PEM); with --tls-key. Reloaded on SIGHUP.
     #[arg(long, env = "PLEDGE_TLS_CERT")]
     pub tls_cert: Option<std::path::PathBuf>,
@@ -572,9 +573,14 @@ pub struct ServerTlsArgs {
     /// Mutual TLS: accept only clients with a certificate from this CA (PEM).
     #[arg(long, env = "PLEDGE_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Authenticate and authorize every call against the principals in this TOML file
+    /// (tokens by SHA-256, client certificates by subject CN, each with a role); reloaded on
+    /// SIGHUP. Without it every call is taken.
+    #[arg(long, env = "PLEDGE_AUTH_FILE")]
+    pub auth_file: Option<std::path::PathBuf>,
 }
 
-impl ServerTlsArgs {
+impl ServerSecurityArgs {
     /// The TLS these options ask for, loaded (`None`: plaintext).
     pub fn load(&self) -> anyhow::Result<Option<pledge_proto::tls::ServerTls>> {
         let files = pledge_proto::tls::ServerTlsFiles::from_options(
@@ -592,28 +598,29 @@ impl ServerTlsArgs {
 /// and tests wait for that line; port 0 picks a free one). SIGHUP reloads the certificates.
 pub async fn serve(
     listen: &ListenAddr,
-    tls: &ServerTlsArgs,
+    security: &ServerSecurityArgs,
     routes: RoutesBuilder,
     what: &str,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let tls = tls.load()?;
+    let tls = security.load()?;
+    let auth = security.auth_file.as_deref().map(pledge_proto::auth::Auth::load).transpose()?;
     pledge_proto::tls::check_listen(listen, tls.as_ref())?;
-    if tls.is_none() && pledge_proto::tls::exposed(listen) {
-        tracing::warn!(%listen, "serving PLAINTEXT on an address other hosts can reach: anyone there can call this \
-            participant; use --tls-cert, --tls-key and --tls-client-ca");
+    if (tls.is_none() || auth.is_none()) && pledge_proto::tls::exposed(listen) {
+        tracing::warn!(%listen, tls = tls.is_some(), auth = auth.is_some(), "serving WITHOUT TLS AND AUTHENTICATION \
+            on an address other hosts can reach: use --tls-cert, --tls-key, --tls-client-ca and --auth-file");
     }
     let listener = Listener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     println!("listening on {addr}");
     tracing::info!(%addr, tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), "{what} serving");
-    pledge_proto::tls::reload_on_sighup(tls.clone(), Vec::new());
+    pledge_proto::tls::reload_on_sighup(tls.clone(), Vec::new(), auth.clone());
     let signalled = shutdown.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         signalled.cancel();
     });
-    let router = pledge_proto::transport::server().add_routes(routes.routes());
+    let router = pledge_proto::transport::server(auth).add_routes(routes.routes());
     listener.serve(router, shutdown.cancelled_owned(), tls).await?;
     Ok(())
 }

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, env = "PLEDGE_KAFKA_LISTEN", default_value = "127.0.0.1:7901")]
     listen: ListenAddr,
     #[command(flatten)]
-    tls: pledge_sdk::server::ServerTlsArgs,
+    security: pledge_sdk::server::ServerSecurityArgs,
     /// The resource id of this Kafka cluster, as registered with the coordinator.
     #[arg(long, env = "PLEDGE_RESOURCE_ID", default_value = "kafka")]
     resource_id: String,
@@ -89,7 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut routes = pledge_sdk::routes(Arc::new(participant.participant()), shutdown.clone()).await;
     routes.add_service(KafkaBranchServer::new(BranchService::new(participant)));
-    pledge_sdk::server::serve(&args.listen, &args.tls, routes, "Kafka adapter", shutdown).await?;
+    pledge_sdk::server::serve(&args.listen, &args.security, routes, "Kafka adapter", shutdown).await?;
     handle.shutdown().await?;
     tracing::info!("Kafka adapter stopped; state flushed");
     Ok(())

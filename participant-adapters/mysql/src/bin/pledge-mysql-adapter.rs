@@ -24,7 +24,7 @@ struct Args {
     #[arg(long, env = "PLEDGE_MYSQL_LISTEN", default_value = "127.0.0.1:7901")]
     listen: ListenAddr,
     #[command(flatten)]
-    tls: pledge_sdk::server::ServerTlsArgs,
+    security: pledge_sdk::server::ServerSecurityArgs,
     /// A database this adapter serves, as RESOURCE=URL (e.g.
     /// orders=mysql://app:secret@127.0.0.1:3306/orders). Repeatable.
     #[arg(long = "resource", env = "PLEDGE_MYSQL_RESOURCES", value_delimiter = ',', required = true)]
@@ -88,7 +88,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut routes = pledge_sdk::routes(Arc::new(participant.participant()), shutdown.clone()).await;
     routes.add_service(MysqlBranchServer::new(BranchService::new(participant)));
-    pledge_sdk::server::serve(&args.listen, &args.tls, routes, "MySQL adapter", shutdown).await?;
+    pledge_sdk::server::serve(&args.listen, &args.security, routes, "MySQL adapter", shutdown).await?;
     handle.shutdown().await?;
     tracing::info!("MySQL adapter stopped; journal flushed");
     Ok(())

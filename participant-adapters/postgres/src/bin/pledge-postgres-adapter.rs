@@ -24,7 +24,7 @@ struct Args {
     #[arg(long, env = "PLEDGE_POSTGRES_LISTEN", default_value = "127.0.0.1:7801")]
     listen: ListenAddr,
     #[command(flatten)]
-    tls: pledge_sdk::server::ServerTlsArgs,
+    security: pledge_sdk::server::ServerSecurityArgs,
     /// A database this adapter serves, as RESOURCE=URL (e.g.
     /// accounts=postgres://app@127.0.0.1:5432/accounts). Repeatable.
     #[arg(long = "resource", env = "PLEDGE_POSTGRES_RESOURCES", value_delimiter = ',', required = true)]
@@ -105,7 +105,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut routes = pledge_sdk::routes(Arc::new(participant.participant()), shutdown.clone()).await;
     routes.add_service(PostgresBranchServer::new(BranchService::new(participant)));
-    pledge_sdk::server::serve(&args.listen, &args.tls, routes, "PostgreSQL adapter", shutdown).await?;
+    pledge_sdk::server::serve(&args.listen, &args.security, routes, "PostgreSQL adapter", shutdown).await?;
     handle.shutdown().await?;
     tracing::info!("PostgreSQL adapter stopped; journal flushed");
     Ok(())

@@ -26,7 +26,7 @@ struct Args {
     #[arg(long, env = "PLEDGE_PARTICIPANT_LISTEN", default_value = "127.0.0.1:7701")]
     listen: ListenAddr,
     #[command(flatten)]
-    tls: pledge_sdk::server::ServerTlsArgs,
+    security: pledge_sdk::server::ServerSecurityArgs,
     /// The resource id this participant serves (as registered with the coordinator).
     #[arg(long, env = "PLEDGE_RESOURCE_ID", default_value = "ref")]
     resource_id: String,
@@ -79,7 +79,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut routes = pledge_sdk::server::routes_for(service).await;
     routes.add_service(ReferenceStoreServer::new(StoreService::new(participant)));
-    pledge_sdk::server::serve(&args.listen, &args.tls, routes, "reference participant", shutdown).await?;
+    pledge_sdk::server::serve(&args.listen, &args.security, routes, "reference participant", shutdown).await?;
     handle.shutdown().await?;
     tracing::info!("reference participant stopped; state flushed");
     Ok(())
