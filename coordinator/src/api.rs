@@ -4,6 +4,7 @@
 //! Every domain error maps to a gRPC status in [`status_of`], one exhaustive match with no
 //! wildcard: a new error must choose its status.
 
+use pledge_proto::auth::Principal;
 use pledge_proto::metrics::observe;
 use pledge_proto::pipeline;
 use pledge_proto::v1::coordinator_server::Coordinator;
@@ -79,15 +80,26 @@ impl CoordinatorService {
         let direct = pledge_proto::auth::principal(request);
         let forwarded = router::forwarded_caller(request).filter(|_| self.router.is_some());
         match (forwarded, direct) {
-            (Some(f), Some(d)) if d.role == Role::Coordinator => router::Caller {
-                peer: format!("{} (forwarded by {} at {transport})", f.peer, d.name),
-                principal: f.principal,
-            },
-            (Some(f), None) => {
-                router::Caller { peer: format!("{} (forwarded by {transport})", f.peer), principal: None }
+            (Some(f), Some(d)) if d.role == Role::Coordinator => {
+                router::Caller { peer: format!("{} (forwarded by {} at {transport})", f.peer, d.name), ..f }
             }
-            (_, direct) => router::Caller { peer: transport, principal: direct.map(|d| d.name.to_string()) },
+            (Some(f), None) => router::Caller {
+                peer: format!("{} (forwarded by {transport})", f.peer),
+                principal: None,
+                application: None,
+            },
+            (_, direct) => router::Caller {
+                peer: transport,
+                principal: direct.map(|d| d.name.to_string()),
+                application: direct.filter(|d| d.role == Role::Application).map(|d| d.name.to_string()),
+            },
         }
+    }
+
+    /// The authenticated application making `request`, which may act only on the transactions
+    /// it began (`None`: any other caller, or calls are not authenticated).
+    fn application<T>(&self, request: &Request<T>) -> Option<Arc<str>> {
+        self.caller(request).application.map(Arc::from)
     }
 
     /// Where a call about `gtid` is answered.
@@ -99,14 +111,26 @@ impl CoordinatorService {
     }
 
     /// One call from a pipeline stream, handled exactly as the unary call of its kind.
-    async fn pipelined(self, call: v1::coordinator_call::Call) -> Result<v1::coordinator_reply::Reply, Status> {
+    /// One call from a pipeline stream opened by `principal` (when calls are authenticated).
+    async fn pipelined(
+        self,
+        principal: Option<Principal>,
+        call: v1::coordinator_call::Call,
+    ) -> Result<v1::coordinator_reply::Reply, Status> {
         use v1::coordinator_call::Call;
         use v1::coordinator_reply::Reply;
+        fn by<T>(principal: &Option<Principal>, message: T) -> Request<T> {
+            let mut request = Request::new(message);
+            if let Some(p) = principal {
+                request.extensions_mut().insert(p.clone());
+            }
+            request
+        }
         match call {
-            Call::Begin(r) => self.begin(Request::new(r)).await.map(|r| Reply::Begin(r.into_inner())),
-            Call::Enlist(r) => self.enlist(Request::new(r)).await.map(|r| Reply::Enlist(r.into_inner())),
-            Call::Commit(r) => self.commit(Request::new(r)).await.map(|r| Reply::Commit(r.into_inner())),
-            Call::Abort(r) => self.abort(Request::new(r)).await.map(|r| Reply::Abort(r.into_inner())),
+            Call::Begin(r) => self.begin(by(&principal, r)).await.map(|r| Reply::Begin(r.into_inner())),
+            Call::Enlist(r) => self.enlist(by(&principal, r)).await.map(|r| Reply::Enlist(r.into_inner())),
+            Call::Commit(r) => self.commit(by(&principal, r)).await.map(|r| Reply::Commit(r.into_inner())),
+            Call::Abort(r) => self.abort(by(&principal, r)).await.map(|r| Reply::Abort(r.into_inner())),
         }
     }
 
@@ -165,7 +189,13 @@ impl CoordinatorService {
     }
 
     async fn call(&self, request: ApiRequest) -> Result<Reply, Status> {
-        match self.runtime.call(request).await {
+        self.call_as(None, request).await
+    }
+
+    /// [`CoordinatorService::call`] for an authenticated application, which may act only on
+    /// the transactions it began.
+    async fn call_as(&self, application: Option<Arc<str>>, request: ApiRequest) -> Result<Reply, Status> {
+        match self.runtime.call_as(application, request).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(e)) => Err(status_of(&e)),
             Err(e) => Err(status_of_call(&e)),
@@ -188,6 +218,7 @@ pub fn status_of(e: &EngineError) -> Status {
         | EngineError::EnlistConflict { .. }
         | EngineError::ResolveRefused(_) => Status::failed_precondition(message),
         EngineError::NoSuchBranch { .. } => Status::not_found(message),
+        EngineError::NotYours { .. } | EngineError::KeyNotYours { .. } => Status::permission_denied(message),
         EngineError::TimeoutTooLong { .. } | EngineError::TooManyBranches { .. } => Status::invalid_argument(message),
         EngineError::TooManyTransactions { .. }
         | EngineError::TooManyWaiters { .. }
@@ -293,9 +324,14 @@ impl Coordinator for CoordinatorService {
                     false => router.route(crate::cluster::key_shard(key, router.state.shard_count)).await?,
                 };
                 if let Route::Remote(to) = route {
-                    return router.forward(to, request.into_inner(), |mut c, r| async move { c.begin(r).await }).await;
+                    return router
+                        .forward_for(Some(self.caller(&request)), to, request.into_inner(), |mut c, r| async move {
+                            c.begin(r).await
+                        })
+                        .await;
                 }
             }
+            let application = self.application(&request);
             let r = request.into_inner();
             if r.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
                 return Err(Status::invalid_argument(format!(
@@ -308,9 +344,10 @@ impl Coordinator for CoordinatorService {
                 idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
                 branches: branches(&r.branches)?,
                 protocol: protocol(r.protocol)?,
+                owner: application.clone(),
             };
             let span = tracing::debug_span!("Begin", gtid = tracing::field::Empty);
-            match self.call(request).instrument(span.clone()).await? {
+            match self.call_as(application, request).instrument(span.clone()).await? {
                 Reply::Begun { gtid, existing, deadline_ms } => {
                     span.record("gtid", tracing::field::display(gtid));
                     Ok(Response::new(v1::BeginResponse {
@@ -330,11 +367,16 @@ impl Coordinator for CoordinatorService {
             let gtid = gtid(&request.get_ref().gtid)?;
             if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
-                return router.forward(to, request.into_inner(), |mut c, r| async move { c.enlist(r).await }).await;
+                return router
+                    .forward_for(Some(self.caller(&request)), to, request.into_inner(), |mut c, r| async move {
+                        c.enlist(r).await
+                    })
+                    .await;
             }
+            let application = self.application(&request);
             let r = request.into_inner();
             let request = ApiRequest::Enlist { gtid, branches: branches(&r.branches)? };
-            match self.call(request).instrument(tracing::debug_span!("Enlist", %gtid)).await? {
+            match self.call_as(application, request).instrument(tracing::debug_span!("Enlist", %gtid)).await? {
                 Reply::Enlisted => Ok(Response::new(v1::EnlistResponse {})),
                 other => Err(unexpected(other)),
             }
@@ -347,15 +389,20 @@ impl Coordinator for CoordinatorService {
             let gtid = gtid(&request.get_ref().gtid)?;
             if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
-                return router.forward(to, request.into_inner(), |mut c, r| async move { c.commit(r).await }).await;
+                return router
+                    .forward_for(Some(self.caller(&request)), to, request.into_inner(), |mut c, r| async move {
+                        c.commit(r).await
+                    })
+                    .await;
             }
+            let application = self.application(&request);
             let r = request.into_inner();
             let request = ApiRequest::Commit {
                 gtid,
                 branches: branches(&r.branches)?,
                 wait_for_completion: r.wait_for_completion,
             };
-            match self.call(request).instrument(tracing::debug_span!("Commit", %gtid)).await? {
+            match self.call_as(application, request).instrument(tracing::debug_span!("Commit", %gtid)).await? {
                 Reply::CommitOutcome(o) => Ok(Response::new(commit_response(o))),
                 other => Err(unexpected(other)),
             }
@@ -368,9 +415,15 @@ impl Coordinator for CoordinatorService {
             let gtid = gtid(&request.get_ref().gtid)?;
             if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
-                return router.forward(to, request.into_inner(), |mut c, r| async move { c.abort(r).await }).await;
+                return router
+                    .forward_for(Some(self.caller(&request)), to, request.into_inner(), |mut c, r| async move {
+                        c.abort(r).await
+                    })
+                    .await;
             }
-            match self.call(ApiRequest::Abort { gtid }).instrument(tracing::debug_span!("Abort", %gtid)).await? {
+            let application = self.application(&request);
+            let call = self.call_as(application, ApiRequest::Abort { gtid });
+            match call.instrument(tracing::debug_span!("Abort", %gtid)).await? {
                 Reply::Aborted => Ok(Response::new(v1::AbortResponse {})),
                 other => Err(unexpected(other)),
             }
@@ -383,9 +436,15 @@ impl Coordinator for CoordinatorService {
             let gtid = gtid(&request.get_ref().gtid)?;
             if let Route::Remote(to) = self.route(&request, gtid).await? {
                 let router = self.router.as_ref().expect("routed");
-                return router.forward(to, request.into_inner(), |mut c, r| async move { c.get(r).await }).await;
+                return router
+                    .forward_for(Some(self.caller(&request)), to, request.into_inner(), |mut c, r| async move {
+                        c.get(r).await
+                    })
+                    .await;
             }
-            match self.call(ApiRequest::Get { gtid }).instrument(tracing::debug_span!("Get", %gtid)).await? {
+            let application = self.application(&request);
+            let call = self.call_as(application, ApiRequest::Get { gtid });
+            match call.instrument(tracing::debug_span!("Get", %gtid)).await? {
                 Reply::Transaction(view) => {
                     Ok(Response::new(v1::GetResponse { transaction: Some(transaction(&view, &self.coordinator_id)) }))
                 }
@@ -517,10 +576,11 @@ impl Coordinator for CoordinatorService {
         let span = tracing::debug_span!("pipeline", peer = ?request.remote_addr());
         tracing::debug!(parent: &span, "pipeline stream opened");
         let service = self.clone();
+        let principal = pledge_proto::auth::principal(&request).cloned();
         let calls = request.into_inner();
         let replies = span.in_scope(|| {
             pipeline::serve(calls, self.closing.clone(), MAX_PIPELINE_CALLS_IN_FLIGHT, move |call| {
-                service.clone().pipelined(call)
+                service.clone().pipelined(principal.clone(), call)
             })
         });
         Ok(Response::new(replies))
@@ -618,6 +678,7 @@ fn transaction(t: &TxnView, coordinator_id: &str) -> v1::Transaction {
         heuristic_mixed: t.heuristic_mixed,
         resolutions: t.resolutions.iter().map(|r| resolution(r)).collect(),
         heuristic_resolved: t.heuristic_resolved,
+        owner: t.owner.as_deref().unwrap_or_default().to_string(),
     }
 }
 

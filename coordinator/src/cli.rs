@@ -600,6 +600,9 @@ fn print_transaction(t: &v1::Transaction) {
     if t.protocol() == v1::Protocol::ThreePhase {
         println!("protocol:   three-phase");
     }
+    if !t.owner.is_empty() {
+        println!("owner:      {}", t.owner);
+    }
     let resolved = if t.heuristic_resolved { " (resolved by an operator)" } else { "" };
     if t.heuristic_mixed {
         println!("HEURISTIC MIXED: some branches committed and some rolled back; see the branch outcomes{resolved}");

@@ -34,10 +34,14 @@ const fn field_bound(len: usize) -> usize {
 }
 
 /// An upper bound of a commit record's size without its branches (gtid, two times, epoch, the
-/// idempotency key, three-phase timeouts, and the branches field's own tags); see
+/// idempotency key, three-phase timeouts, the owner, and the branches field's own tags); see
 /// [`branch_bytes_bound`].
-pub fn commit_bytes_bound(idempotency_key: Option<&str>) -> usize {
-    field_bound(16) + 3 * field_bound(10) + field_bound(idempotency_key.map_or(0, str::len)) + field_bound(22)
+pub fn commit_bytes_bound(idempotency_key: Option<&str>, owner: Option<&str>) -> usize {
+    field_bound(16)
+        + 3 * field_bound(10)
+        + field_bound(idempotency_key.map_or(0, str::len))
+        + field_bound(22)
+        + field_bound(owner.map_or(0, str::len))
 }
 
 /// An upper bound of one branch's share of a commit record with `metadata_bytes` of vote
@@ -114,6 +118,9 @@ struct CommitPb {
     /// Absent: two-phase.
     #[prost(message, optional, tag = "7")]
     three_phase: Option<ThreePhasePb>,
+    /// The application that began it; absent when calls were not authenticated.
+    #[prost(string, optional, tag = "8")]
+    owner: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Message)]
@@ -154,6 +161,8 @@ struct OnePhasePb {
     may_be_empty: bool,
     #[prost(uint64, tag = "8")]
     epoch: u64,
+    #[prost(string, optional, tag = "9")]
+    owner: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -181,6 +190,8 @@ struct EndPb {
     /// Absent in records written before resolutions existed: then any heuristic outcome.
     #[prost(bool, optional, tag = "11")]
     kept_for_operator: Option<bool>,
+    #[prost(string, optional, tag = "12")]
+    owner: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -368,6 +379,7 @@ pub fn encode(record: &LogRecord) -> (u8, Bytes) {
                 branch_id: o.branch.branch.to_string(),
                 may_be_empty: o.may_be_empty,
                 epoch: o.epoch,
+                owner: o.owner.as_deref().map(str::to_string),
             };
             (TYPE_ONE_PHASE, pb.encode_to_vec().into())
         }
@@ -393,6 +405,7 @@ fn commit_pb(c: &CommitRecord) -> CommitPb {
             .collect(),
         epoch: c.epoch,
         three_phase: c.three_phase.map(ThreePhasePb::from),
+        owner: c.owner.as_deref().map(str::to_string),
     }
 }
 
@@ -416,6 +429,7 @@ fn commit_from(payload: &[u8]) -> Result<CommitRecord, DecodeError> {
         idempotency_key: pb.idempotency_key,
         branches,
         three_phase: pb.three_phase.map(ThreePhaseTimeouts::from),
+        owner: pb.owner.map(Arc::from),
     })
 }
 
@@ -432,6 +446,7 @@ fn end_pb(e: &EndRecord) -> EndPb {
         branches: e.branches.iter().map(|b| branch_pb(&b.key, b.vote, Bytes::new(), b.outcome, 0)).collect(),
         three_phase: e.three_phase.map(ThreePhasePb::from),
         kept_for_operator: Some(e.kept_for_operator),
+        owner: e.owner.as_deref().map(str::to_string),
     }
 }
 
@@ -470,6 +485,7 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
                 branches,
                 // Replayed records go into the next checkpoint as they are.
                 encoded: EncodedOnce::from(payload.to_vec()),
+                owner: pb.owner.map(Arc::from),
             }))
         }
         TYPE_ONE_PHASE => {
@@ -482,6 +498,7 @@ pub fn decode(rtype: u8, payload: &[u8]) -> Result<LogRecord, DecodeError> {
                 idempotency_key: pb.idempotency_key,
                 branch: BranchKey::new(&pb.resource_id, &pb.branch_id)?,
                 may_be_empty: pb.may_be_empty,
+                owner: pb.owner.map(Arc::from),
             })
         }
         TYPE_FORGOTTEN => LogRecord::Forgotten { through_ms: ForgottenPb::decode(payload)?.through_ms },
@@ -516,6 +533,7 @@ mod tests {
                     LoggedBranch { key: k2.clone(), vote: Vote::ReadOnly, metadata: Bytes::new(), prepared_ms: 0 },
                 ],
                 three_phase: None,
+                owner: Some(Arc::from("payments")),
             }),
             LogRecord::PreCommit(CommitRecord {
                 gtid: Gtid::from_parts(1_700_000_000_000, 10),
@@ -530,6 +548,7 @@ mod tests {
                     prepared_ms: 3,
                 }],
                 three_phase: Some(ThreePhaseTimeouts { precommit_wait_ms: 15_000, docommit_wait_ms: 10_000 }),
+                owner: None,
             }),
             LogRecord::End(Arc::new(EndRecord {
                 gtid: Gtid::from_parts(1_700_000_000_000, 8),
@@ -548,6 +567,7 @@ mod tests {
                 }],
                 kept_for_operator: true,
                 encoded: Default::default(),
+                owner: None,
             })),
             LogRecord::Resolve(Arc::new(ResolveRecord {
                 gtid: Gtid::from_parts(1_700_000_000_000, 8),
@@ -586,6 +606,7 @@ mod tests {
                 idempotency_key: Some("once".into()),
                 branch: BranchKey::new("db1", "only").unwrap(),
                 may_be_empty: true,
+                owner: Some(Arc::from("orders")),
             }),
         ];
         for r in records {
@@ -619,7 +640,8 @@ mod tests {
                 })
                 .collect();
             let key = rng.bool().then(|| "k".repeat(rng.usize(0..=128)));
-            let bound = commit_bytes_bound(key.as_deref())
+            let owner: Option<Arc<str>> = rng.bool().then(|| "o".repeat(rng.usize(0..=256)).into());
+            let bound = commit_bytes_bound(key.as_deref(), owner.as_deref())
                 + branches.iter().map(|b| branch_bytes_bound(&b.key, b.metadata.len())).sum::<usize>();
             let record = LogRecord::Commit(CommitRecord {
                 gtid: Gtid::from_parts(rng.u64(..1 << 47), rng.u64(..)),
@@ -631,6 +653,7 @@ mod tests {
                 three_phase: rng
                     .bool()
                     .then(|| ThreePhaseTimeouts { precommit_wait_ms: rng.u64(..), docommit_wait_ms: rng.u64(..) }),
+                owner,
             });
             let (_, payload) = encode(&record);
             assert!(payload.len() <= bound, "{} bytes encoded, bound {bound}", payload.len());

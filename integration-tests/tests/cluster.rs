@@ -39,6 +39,7 @@ fn commit_record(gtid: Gtid, epoch: u64) -> LogRecord {
             prepared_ms: 1,
         }],
         three_phase: None,
+        owner: None,
     })
 }
 
@@ -198,6 +199,7 @@ async fn the_store_keeps_resolutions_fenced_and_releases_a_repaired_transaction(
         }],
         kept_for_operator: true,
         encoded: Default::default(),
+        owner: None,
     }));
     let resolution = |releases: bool, epoch: u64| {
         LogRecord::Resolve(Arc::new(ResolveRecord {

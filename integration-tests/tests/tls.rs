@@ -268,7 +268,7 @@ fn principals(path: &std::path::Path, entries: &[(&str, &str, &str)]) -> std::pa
 }
 
 /// Calls with a bearer token.
-fn with_token(token: &str) -> impl tonic::service::Interceptor + Clone {
+fn with_token(token: &str) -> impl tonic::service::Interceptor + Clone + use<> {
     let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
     move |mut r: tonic::Request<()>| {
         r.metadata_mut().insert("authorization", value.clone());
@@ -390,4 +390,153 @@ async fn calls_are_authenticated_and_authorized_by_role() {
     })
     .await;
     ops2.list(v1::ListRequest::default()).await.unwrap();
+}
+
+/// Tokens of two applications and an operator. An application acts only on the transactions it
+/// began: another's GTID gets PERMISSION_DENIED from Get, Enlist, Commit and Abort (unary and
+/// pipelined) and changes nothing, and a GTID nobody began gets the same answer (whether
+/// another's exists is not told); another's idempotency key does not give its GTID away. The
+/// operator sees and acts on every transaction. Who began a transaction is durable: after a
+/// kill -9 and restart the same calls get the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_acts_only_on_its_own_transactions() {
+    let dir = TestDir::new("ownership");
+    let pki = Pki::new(dir.path(), "main");
+    let server_id = pki.issue("coordinator", false);
+    let auth = principals(
+        &dir.path().join("auth.toml"),
+        &[
+            ("payments", "application", "token:pay-t0ken"),
+            ("reports", "application", "token:rep-t0ken"),
+            ("ops", "operator", "token:0ps-t0ken"),
+        ],
+    );
+    let p1 = dir.participant("p1", 0, &[], &[]).await;
+    let p2 = dir.participant("p2", 0, &[], &[]).await;
+    let args = [
+        "--tls-cert".to_string(),
+        server_id.cert.display().to_string(),
+        "--tls-key".to_string(),
+        server_id.key.display().to_string(),
+        "--auth-file".to_string(),
+        auth.display().to_string(),
+    ];
+    let participants = [("p1", p1.endpoint()), ("p2", p2.endpoint())];
+    let mut coordinator = dir.coordinator_for(&participants, &strs(&args), &[]).await;
+    let server_only = client_tls(&pki.ca, None);
+    let as_ = |token: &str, coordinator: &Process| {
+        CoordinatorClient::with_interceptor(channel(coordinator, &server_only), with_token(token))
+    };
+    let (mut payments, mut reports) = (as_("pay-t0ken", &coordinator), as_("rep-t0ken", &coordinator));
+
+    let begin_request = |key: &str| v1::BeginRequest {
+        idempotency_key: key.into(),
+        branches: vec![branch("p1", "b"), branch("p2", "b")],
+        ..Default::default()
+    };
+    let gtid = payments.begin(begin_request("order-1")).await.unwrap().into_inner().gtid;
+    put(&mut store_client(&p1).await, &gtid, "b", "alice", "90").await;
+    let unknown = {
+        // A GTID nobody began: this coordinator's, but issued to no one.
+        let mut t = get_as(&mut payments, &gtid).await.unwrap();
+        t.gtid.replace_range(t.gtid.len() - 4.., "ffff");
+        t.gtid
+    };
+
+    let refusals = |reports: &mut CoordinatorClient<_>, gtid: String| {
+        let mut reports: CoordinatorClient<_> = reports.clone();
+        async move {
+            let g = || gtid.clone();
+            let mut codes = vec![
+                reports.get(v1::GetRequest { gtid: g() }).await.map(drop),
+                reports.enlist(v1::EnlistRequest { gtid: g(), branches: vec![branch("p1", "c")] }).await.map(drop),
+                reports.commit(v1::CommitRequest { gtid: g(), ..Default::default() }).await.map(drop),
+                reports.abort(v1::AbortRequest { gtid: g() }).await.map(drop),
+            ];
+            let piped = pipelined_abort(&mut reports, &gtid).await;
+            codes.push(piped);
+            codes.into_iter().map(|r| r.unwrap_err()).collect::<Vec<_>>()
+        }
+    };
+    let check = |errors: Vec<tonic::Status>, gtid: &str| {
+        for e in &errors {
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+            assert_eq!(
+                e.message(),
+                format!(
+                    "transaction {gtid} is not one that reports began here: an application may act only on its own transactions"
+                ),
+            );
+        }
+    };
+    check(refusals(&mut reports, gtid.clone()).await, &gtid);
+    check(refusals(&mut reports, unknown.clone()).await, &unknown);
+    let e = reports.begin(begin_request("order-1")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    assert!(!e.message().contains(&gtid), "another's key does not give its GTID away: {e}");
+
+    // Nothing changed: still active with one branch, and its owner can go on.
+    let t = get_as(&mut payments, &gtid).await.unwrap();
+    assert_eq!((t.state(), t.branches.len(), t.owner.as_str()), (v1::TransactionState::Active, 2, "payments"));
+    let again = payments.begin(begin_request("order-1")).await.unwrap().into_inner();
+    assert_eq!((again.gtid.as_str(), again.existing), (gtid.as_str(), true));
+    put(&mut store_client(&p2).await, &gtid, "b", "bob", "110").await;
+    let r = payments.commit(v1::CommitRequest { gtid: gtid.clone(), wait_for_completion: true, ..Default::default() });
+    assert_eq!(r.await.unwrap().into_inner().outcome(), v1::Outcome::Committed);
+
+    // The operator sees it (and the CLI shows whose it is).
+    let mut ops = as_("0ps-t0ken", &coordinator);
+    assert_eq!(get_as(&mut ops, &gtid).await.unwrap().owner, "payments");
+
+    // Durable: the same answers after kill -9 and a restart.
+    coordinator.kill9().await;
+    let coordinator = dir.coordinator_for(&participants, &strs(&args), &[]).await;
+    let (mut payments, mut reports) = (as_("pay-t0ken", &coordinator), as_("rep-t0ken", &coordinator));
+    let e = reports.get(v1::GetRequest { gtid: gtid.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    let t = get_as(&mut payments, &gtid).await.unwrap();
+    assert_eq!((t.state(), t.owner.as_str()), (v1::TransactionState::Committed, "payments"));
+    let shown = std::process::Command::new(bin("pledge"))
+        .args(["txn", "get", &gtid, "--coordinator", &https(&coordinator), "--tls-ca"])
+        .arg(&pki.ca)
+        .env("PLEDGE_TOKEN", "0ps-t0ken")
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("owner:      payments"));
+}
+
+async fn get_as<S>(c: &mut CoordinatorClient<S>, gtid: &str) -> Result<v1::Transaction, tonic::Status>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let r = c.get(v1::GetRequest { gtid: gtid.into() }).await?;
+    Ok(r.into_inner().transaction.expect("a transaction"))
+}
+
+/// Abort of `gtid` as one call on a pipeline stream; its error as a status.
+async fn pipelined_abort<S>(c: &mut CoordinatorClient<S>, gtid: &str) -> Result<(), tonic::Status>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    use v1::coordinator_call::Call;
+    use v1::coordinator_reply::Reply;
+    let call = v1::CoordinatorCall {
+        call_id: 1,
+        timeout_ms: 10_000,
+        call: Some(Call::Abort(v1::AbortRequest { gtid: gtid.into() })),
+    };
+    let mut replies = c.pipeline(futures::stream::iter([call])).await?.into_inner();
+    let reply = replies.message().await?.expect("a reply");
+    match reply.reply {
+        Some(Reply::Abort(_)) => Ok(()),
+        Some(Reply::Error(e)) => Err(tonic::Status::new(tonic::Code::from(e.code), e.message)),
+        other => panic!("unexpected reply {other:?}"),
+    }
 }

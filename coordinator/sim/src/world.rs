@@ -781,6 +781,7 @@ impl World {
                     idempotency_key: Some(key),
                     branches: branches.into_iter().map(Enlisted::from).collect(),
                     protocol,
+                    owner: None,
                 }
             }
             Api::Commit { gtid, wait } => Event::Commit { req, gtid, branches: vec![], wait_for_completion: wait },

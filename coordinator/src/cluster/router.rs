@@ -25,6 +25,9 @@ pub const FORWARDED_FOR: &str = "pledge-forwarded-for";
 /// The authenticated principal of the caller of a forwarded call (believed only from a
 /// coordinator principal).
 pub const FORWARDED_PRINCIPAL: &str = "pledge-forwarded-principal";
+/// ... and, when it is an application, its name again: the owner restricts the call to the
+/// application's own transactions.
+pub const FORWARDED_APPLICATION: &str = "pledge-forwarded-application";
 /// Response metadata naming the instance that owns the call's shard.
 pub const OWNER: &str = pledge_proto::client::OWNER_METADATA;
 
@@ -131,6 +134,9 @@ impl Router {
             if let Some(v) = caller.principal.and_then(|p| MetadataValue::try_from(p).ok()) {
                 request.metadata_mut().insert(FORWARDED_PRINCIPAL, v);
             }
+            if let Some(v) = caller.application.and_then(|p| MetadataValue::try_from(p).ok()) {
+                request.metadata_mut().insert(FORWARDED_APPLICATION, v);
+            }
         }
         request.set_timeout(self.timeout);
         let mut response = call(client, request).await.map_err(|s| {
@@ -159,6 +165,8 @@ pub fn forwarded<T>(request: &Request<T>) -> bool {
 pub struct Caller {
     pub peer: String,
     pub principal: Option<String>,
+    /// The principal, when it is an application: it may act only on its own transactions.
+    pub application: Option<String>,
 }
 
 /// The original caller of a forwarded call, as the forwarding instance named it.
@@ -167,5 +175,9 @@ pub fn forwarded_caller<T>(request: &Request<T>) -> Option<Caller> {
         return None;
     }
     let text = |key| request.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
-    Some(Caller { peer: text(FORWARDED_FOR)?, principal: text(FORWARDED_PRINCIPAL) })
+    Some(Caller {
+        peer: text(FORWARDED_FOR)?,
+        principal: text(FORWARDED_PRINCIPAL),
+        application: text(FORWARDED_APPLICATION),
+    })
 }

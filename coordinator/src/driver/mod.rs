@@ -60,23 +60,61 @@ impl Clock {
 /// A client request, as the API layer hands it to the runtime.
 #[derive(Debug)]
 pub enum ApiRequest {
-    Begin { timeout_ms: Option<u64>, idempotency_key: Option<String>, branches: Vec<Enlisted>, protocol: Protocol },
-    Enlist { gtid: Gtid, branches: Vec<Enlisted> },
-    Commit { gtid: Gtid, branches: Vec<Enlisted>, wait_for_completion: bool },
-    Abort { gtid: Gtid },
-    Get { gtid: Gtid },
-    List { filter: ListFilter },
-    RegisterParticipant { resource: ResourceId, endpoint: String },
+    Begin {
+        timeout_ms: Option<u64>,
+        idempotency_key: Option<String>,
+        branches: Vec<Enlisted>,
+        protocol: Protocol,
+        /// The authenticated application beginning it: only it may act on the transaction.
+        owner: Option<Arc<str>>,
+    },
+    Enlist {
+        gtid: Gtid,
+        branches: Vec<Enlisted>,
+    },
+    Commit {
+        gtid: Gtid,
+        branches: Vec<Enlisted>,
+        wait_for_completion: bool,
+    },
+    Abort {
+        gtid: Gtid,
+    },
+    Get {
+        gtid: Gtid,
+    },
+    List {
+        filter: ListFilter,
+    },
+    RegisterParticipant {
+        resource: ResourceId,
+        endpoint: String,
+    },
     ListParticipants,
     Resolve(ResolveRequest),
 }
 
 impl ApiRequest {
+    /// The transaction a call about one transaction names.
+    fn gtid(&self) -> Option<Gtid> {
+        match self {
+            ApiRequest::Enlist { gtid, .. }
+            | ApiRequest::Commit { gtid, .. }
+            | ApiRequest::Abort { gtid }
+            | ApiRequest::Get { gtid } => Some(*gtid),
+            ApiRequest::Resolve(r) => Some(r.gtid),
+            ApiRequest::Begin { .. }
+            | ApiRequest::List { .. }
+            | ApiRequest::RegisterParticipant { .. }
+            | ApiRequest::ListParticipants => None,
+        }
+    }
+
     /// `gtid`: what a Begin issues (see `Runtime::issue`).
     fn into_event(self, req: ReqId, gtid: Gtid) -> Event {
         match self {
-            ApiRequest::Begin { timeout_ms, idempotency_key, branches, protocol } => {
-                Event::Begin { req, gtid, timeout_ms, idempotency_key, branches, protocol }
+            ApiRequest::Begin { timeout_ms, idempotency_key, branches, protocol, owner } => {
+                Event::Begin { req, gtid, timeout_ms, idempotency_key, branches, protocol, owner }
             }
             ApiRequest::Enlist { gtid, branches } => Event::Enlist { req, gtid, branches },
             ApiRequest::Commit { gtid, branches, wait_for_completion } => {
@@ -96,6 +134,9 @@ impl ApiRequest {
 
 type ReplySender = oneshot::Sender<Result<Reply, EngineError>>;
 
+/// A request, and the authenticated application making it (`None`: unrestricted).
+type Call = (ApiRequest, Option<Arc<str>>);
+
 /// Why a request got no answer from the runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -110,7 +151,7 @@ pub enum CallError {
 /// Cheap, cloneable handle through which the API layer talks to the runtime.
 #[derive(Clone)]
 pub struct RuntimeHandle {
-    api: mpsc::Sender<(ApiRequest, ReplySender)>,
+    api: mpsc::Sender<(Call, ReplySender)>,
     max_wait: Duration,
 }
 
@@ -119,10 +160,20 @@ impl RuntimeHandle {
     /// in all: waiting for room in the queue (the engine is behind) counts as overload, waiting
     /// for the answer as a timeout.
     pub async fn call(&self, request: ApiRequest) -> Result<Result<Reply, EngineError>, CallError> {
+        self.call_as(None, request).await
+    }
+
+    /// [`RuntimeHandle::call`] for an authenticated `application`: a call about a transaction
+    /// it did not begin is refused ([`EngineError::NotYours`]).
+    pub async fn call_as(
+        &self,
+        application: Option<Arc<str>>,
+        request: ApiRequest,
+    ) -> Result<Result<Reply, EngineError>, CallError> {
         let (tx, rx) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.max_wait;
         let max_ms = self.max_wait.as_millis() as u64;
-        match tokio::time::timeout_at(deadline, self.api.send((request, tx))).await {
+        match tokio::time::timeout_at(deadline, self.api.send(((request, application), tx))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(CallError::ShuttingDown),
             Err(_) => return Err(CallError::Overloaded(max_ms)),
@@ -188,7 +239,7 @@ pub struct Runtime<L> {
     log: L,
     config: RuntimeConfig,
     clock: Clock,
-    api_rx: mpsc::Receiver<(ApiRequest, ReplySender)>,
+    api_rx: mpsc::Receiver<(Call, ReplySender)>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     participants: HashMap<ResourceId, ParticipantHandle>,
@@ -320,7 +371,17 @@ impl<L: DecisionLog> Runtime<L> {
         Ok(())
     }
 
-    fn api(&mut self, request: ApiRequest, reply: ReplySender) {
+    fn api(&mut self, (request, application): (ApiRequest, Option<Arc<str>>), reply: ReplySender) {
+        // An application acts only on the transactions it began. One it did not begin (or one
+        // begun before calls were authenticated) and one not known here get the same
+        // PERMISSION_DENIED, so the answer does not tell whether another's exists.
+        if let Some(caller) = application
+            && let Some(gtid) = request.gtid()
+            && self.engine.owner_of(gtid) != Some(&caller)
+        {
+            let _ = reply.send(Err(EngineError::NotYours { gtid, caller }));
+            return;
+        }
         self.next_req += 1;
         let req = self.next_req;
         let commit_of = match &request {

@@ -277,6 +277,17 @@ struct Txn {
     /// An operator settled its last unacknowledged branch: the End record is synced before
     /// anyone hears that it finished (the log then holds the resolution before it).
     end_sync: bool,
+    /// The application that began it, when calls are authenticated.
+    owner: Option<Arc<str>>,
+}
+
+/// What a Begin asks for (see [`Event::Begin`]).
+struct NewTxn {
+    timeout_ms: Option<u64>,
+    idempotency_key: Option<String>,
+    branches: Vec<Enlisted>,
+    protocol: Protocol,
+    owner: Option<Arc<str>>,
 }
 
 /// Everything but the transaction table, so handlers can hold `&mut Txn` and `&mut Ctx` at once.
@@ -352,6 +363,13 @@ impl Engine {
         }
     }
 
+    /// The application that began `gtid` (`None`: no such transaction here, or it was begun
+    /// by a caller that is not an authenticated application). The runtime checks an
+    /// application's calls against it.
+    pub fn owner_of(&self, gtid: Gtid) -> Option<&Arc<str>> {
+        self.txns.get(&gtid).and_then(|t| t.owner.as_ref())
+    }
+
     /// Number of transactions not yet finished.
     pub fn live_transactions(&self) -> usize {
         self.txns.len() - self.cx.retained()
@@ -394,8 +412,8 @@ impl Engine {
             return self.finish_turn(out);
         }
         match event {
-            Event::Begin { req, gtid, timeout_ms, idempotency_key, branches, protocol } => {
-                self.begin(req, gtid, timeout_ms, idempotency_key, branches, protocol)
+            Event::Begin { req, gtid, timeout_ms, idempotency_key, branches, protocol, owner } => {
+                self.begin(req, gtid, NewTxn { timeout_ms, idempotency_key, branches, protocol, owner })
             }
             Event::Enlist { req, gtid, branches } => self.enlist(req, gtid, branches),
             Event::Commit { req, gtid, branches, wait_for_completion } => {
@@ -486,19 +504,19 @@ impl Engine {
         out.append(&mut self.cx.out);
     }
 
-    fn begin(
-        &mut self,
-        req: ReqId,
-        gtid: Gtid,
-        timeout_ms: Option<u64>,
-        idempotency_key: Option<String>,
-        branches: Vec<Enlisted>,
-        protocol: Protocol,
-    ) {
+    fn begin(&mut self, req: ReqId, gtid: Gtid, new: NewTxn) {
+        let NewTxn { timeout_ms, idempotency_key, branches, protocol, owner } = new;
         let cx = &mut self.cx;
         if let Some(existing) = idempotency_key.as_ref().and_then(|k| cx.idempotency.get(k))
             && let Some(txn) = self.txns.get(existing)
         {
+            // An application's idempotency keys are its own: another's key names nothing it
+            // may see, not even the GTID.
+            if let Some(caller) = owner
+                && txn.owner.as_ref() != Some(&caller)
+            {
+                return cx.reply(req, Err(EngineError::KeyNotYours { caller }));
+            }
             let reply = Reply::Begun { gtid: txn.gtid, existing: true, deadline_ms: txn.deadline_ms };
             return cx.reply(req, Ok(reply));
         }
@@ -520,6 +538,7 @@ impl Engine {
             return cx.reply(req, Err(EngineError::RetentionFull { max, retention_ms, heuristic }));
         }
         let mut txn = Txn::new(gtid, cx.now, cx.now + timeout, idempotency_key);
+        txn.owner = owner;
         if protocol == Protocol::ThreePhase {
             let (precommit_wait_ms, docommit_wait_ms) = (cx.cfg.precommit_wait_ms, cx.cfg.docommit_wait_ms);
             txn.three_phase = Some(ThreePhaseTimeouts { precommit_wait_ms, docommit_wait_ms });

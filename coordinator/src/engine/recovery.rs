@@ -63,6 +63,7 @@ impl Engine {
         txn.commit_requested = true;
         txn.decision_epoch = c.epoch;
         txn.decided_ms = c.decided_ms;
+        txn.owner = c.owner;
         for lb in c.branches {
             let mut b = Branch::new(lb.key);
             b.acked = lb.vote != Vote::Prepared;
@@ -89,6 +90,7 @@ impl Engine {
                 txn.commit_requested = true;
                 txn.decision_epoch = o.epoch;
                 txn.decided_ms = o.decided_ms;
+                txn.owner = o.owner;
                 let mut b = Branch::new(o.branch);
                 b.may_be_empty = o.may_be_empty;
                 txn.branches.push(b);
@@ -107,6 +109,7 @@ impl Engine {
                 txn.completed_ms = e.completed_ms;
                 txn.one_phase = e.one_phase;
                 txn.three_phase = e.three_phase;
+                txn.owner = e.owner.clone();
                 for eb in &e.branches {
                     let mut b = Branch::new(eb.key.clone());
                     b.vote = eb.vote;

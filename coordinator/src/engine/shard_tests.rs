@@ -50,6 +50,7 @@ impl Node {
             idempotency_key: None,
             branches,
             protocol: Protocol::TwoPhase,
+            owner: None,
         }))
     }
 
@@ -115,6 +116,7 @@ fn an_adopted_shard_resumes_its_committed_transactions_and_keeps_its_finished_on
                 LoggedBranch { key: key("db2"), vote: Vote::ReadOnly, metadata: Bytes::new(), prepared_ms: 0 },
             ],
             three_phase: None,
+            owner: None,
         }),
         LogRecord::End(Arc::new(EndRecord {
             gtid: finished,
@@ -129,6 +131,7 @@ fn an_adopted_shard_resumes_its_committed_transactions_and_keeps_its_finished_on
             branches: vec![],
             kept_for_operator: false,
             encoded: Default::default(),
+            owner: None,
         })),
     ];
     let mut n = Node::new();

@@ -101,6 +101,7 @@ impl Harness {
             idempotency_key: None,
             branches,
             protocol: Protocol::TwoPhase,
+            owner: None,
         })
     }
 
@@ -199,6 +200,7 @@ pub(super) fn commit_record(
             })
             .collect(),
         three_phase: None,
+        owner: None,
     })
 }
 
@@ -334,6 +336,7 @@ fn active_transaction_times_out_and_is_aborted() {
         idempotency_key: None,
         branches: vec![db1().into()],
         protocol: Protocol::TwoPhase,
+        owner: None,
     });
     assert_eq!(h.engine.next_deadline(), Some(T0 + 1_000));
     h.now = T0 + 999;
@@ -574,6 +577,7 @@ fn bad_requests_are_refused_and_change_nothing() {
         idempotency_key: None,
         branches: vec![],
         protocol: Protocol::TwoPhase,
+        owner: None,
     });
     assert_eq!(
         out,
@@ -633,6 +637,7 @@ fn begin_with_the_same_idempotency_key_returns_the_same_gtid() {
             idempotency_key: Some("order-7".into()),
             branches: vec![],
             protocol: Protocol::TwoPhase,
+            owner: None,
         })
     };
     let out = begin(&mut h, gtid(1));
@@ -885,6 +890,7 @@ fn a_deadline_that_passed_wins_over_an_event_that_arrives_before_the_tick() {
         idempotency_key: None,
         branches: vec![db1().into(), db2().into()],
         protocol: Protocol::TwoPhase,
+        owner: None,
     });
     // No tick was delivered at T0+1000; the Commit comes at T0+5000.
     h.now = T0 + 5_000;
@@ -1104,6 +1110,7 @@ fn counters_count_each_transaction_once_and_aborts_by_cause() {
             idempotency_key: key,
             branches: vec![db1().into()],
             protocol: Protocol::TwoPhase,
+            owner: None,
         });
     }
     h.now += 1_000;
@@ -1192,6 +1199,7 @@ fn a_branch_declared_possibly_empty_says_so_to_its_participant() {
         idempotency_key: None,
         branches: vec![maybe(db1()), db2().into()],
         protocol: Protocol::TwoPhase,
+        owner: None,
     });
     let req = h.req();
     let out = h.ev(Event::Enlist { req, gtid: g, branches: vec![db2().into(), db1().into()] });
@@ -1226,6 +1234,7 @@ fn a_branch_declared_possibly_empty_says_so_to_its_participant() {
         idempotency_key: None,
         branches: vec![maybe(db1())],
         protocol: Protocol::TwoPhase,
+        owner: None,
     });
     let one_phase =
         Command::Commit { gtid: g, branch: db1(), one_phase: true, metadata: Bytes::new(), may_be_empty: true };

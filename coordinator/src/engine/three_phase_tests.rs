@@ -27,6 +27,7 @@ fn begin3(h: &mut Harness, g: Gtid, branches: Vec<BranchKey>) -> Vec<Command> {
         idempotency_key: None,
         branches,
         protocol: Protocol::ThreePhase,
+        owner: None,
     })
 }
 
@@ -50,6 +51,7 @@ pub(super) fn record(g: Gtid, decided: Millis, epoch: u64, votes: Vec<(BranchKey
             .map(|(key, metadata, prepared_ms)| LoggedBranch { key, vote: Vote::Prepared, metadata, prepared_ms })
             .collect(),
         three_phase: Some(TIMEOUTS),
+        owner: None,
     }
 }
 

@@ -32,6 +32,7 @@ impl Txn {
             end: None,
             resolutions: Vec::new(),
             end_sync: false,
+            owner: None,
         }
     }
 
@@ -112,6 +113,7 @@ impl Txn {
             heuristic_mixed: self.heuristic_mixed(),
             idempotency_key: self.idempotency_key.clone(),
             resolutions: self.resolutions.clone(),
+            owner: self.owner.clone(),
             heuristic_resolved: self.heuristic() && !self.needs_operator(),
             branches: self
                 .branches
@@ -154,6 +156,7 @@ impl Txn {
                 })
                 .collect(),
             three_phase: self.three_phase,
+            owner: self.owner.clone(),
         }
     }
 
@@ -175,6 +178,7 @@ impl Txn {
                 .collect(),
             kept_for_operator: self.needs_operator(),
             encoded: EncodedOnce::default(),
+            owner: self.owner.clone(),
         }
     }
 
@@ -188,6 +192,7 @@ impl Txn {
             idempotency_key: self.idempotency_key.clone(),
             branch: branch.key.clone(),
             may_be_empty: branch.may_be_empty,
+            owner: self.owner.clone(),
         }
     }
 
@@ -200,7 +205,7 @@ impl Txn {
     /// An upper bound of the commit record's size with a vote of `extra_metadata_bytes` more.
     pub(super) fn commit_record_bytes(&self, extra_metadata_bytes: usize) -> usize {
         let branches = self.branches.iter().map(|b| crate::records::branch_bytes_bound(&b.key, b.metadata.len()));
-        crate::records::commit_bytes_bound(self.idempotency_key.as_deref())
+        crate::records::commit_bytes_bound(self.idempotency_key.as_deref(), self.owner.as_deref())
             + branches.sum::<usize>()
             + extra_metadata_bytes
     }

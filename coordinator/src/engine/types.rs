@@ -26,6 +26,9 @@ pub enum Event {
         idempotency_key: Option<String>,
         branches: Vec<Enlisted>,
         protocol: Protocol,
+        /// The authenticated application that begins it: only it may act on the transaction
+        /// (`None`: no restriction, calls are not authenticated or come from an operator).
+        owner: Option<Arc<str>>,
     },
     Enlist {
         req: ReqId,
@@ -428,6 +431,16 @@ pub enum EngineError {
     CapabilityUnknown(ResourceId),
     #[error("transaction {gtid} has no branch {branch}")]
     NoSuchBranch { gtid: Gtid, branch: BranchKey },
+    /// The same answer whether another principal began `gtid` or no such transaction is known
+    /// here: an application learns nothing of transactions that are not its own.
+    #[error(
+        "transaction {gtid} is not one that {caller} began here: an application may act only on its own transactions"
+    )]
+    NotYours { gtid: Gtid, caller: Arc<str> },
+    #[error(
+        "the idempotency key names a transaction another principal began: {caller} may act only on its own transactions"
+    )]
+    KeyNotYours { caller: Arc<str> },
     #[error("{0}")]
     ResolveRefused(String),
 }
@@ -498,6 +511,8 @@ pub struct TxnView {
     pub heuristic_mixed: bool,
     pub idempotency_key: Option<String>,
     pub branches: Vec<BranchView>,
+    /// The application principal that began it (see [`EndRecord::owner`]).
+    pub owner: Option<Arc<str>>,
     /// What operators did to it, oldest first.
     pub resolutions: Vec<Arc<ResolveRecord>>,
     /// Every heuristic outcome has been resolved by an operator: it is kept no longer.
@@ -595,6 +610,9 @@ pub struct CommitRecord {
     pub branches: Vec<LoggedBranch>,
     /// Three-phase commit's timeouts; `None`: two-phase.
     pub three_phase: Option<ThreePhaseTimeouts>,
+    /// The application principal that began it, when calls are authenticated (see
+    /// `pledge_proto::auth`): only it may act on the transaction.
+    pub owner: Option<Arc<str>>,
 }
 
 /// The decision to commit a single-branch transaction in one phase. After a crash it is resent
@@ -609,6 +627,9 @@ pub struct OnePhaseRecord {
     pub idempotency_key: Option<String>,
     pub branch: BranchKey,
     pub may_be_empty: bool,
+    /// The application principal that began it, when calls are authenticated (see
+    /// `pledge_proto::auth`): only it may act on the transaction.
+    pub owner: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -636,6 +657,9 @@ pub struct EndRecord {
     pub kept_for_operator: bool,
     /// The record's encoding, made once (see `records::encode`).
     pub encoded: EncodedOnce,
+    /// The application principal that began it, when calls are authenticated (see
+    /// `pledge_proto::auth`): only it may act on the transaction.
+    pub owner: Option<Arc<str>>,
 }
 
 /// A record's encoding, made at most once. A finished transaction's End record is written
