@@ -218,7 +218,7 @@ pub fn status_of(e: &EngineError) -> Status {
         | EngineError::EnlistConflict { .. }
         | EngineError::ResolveRefused(_) => Status::failed_precondition(message),
         EngineError::NoSuchBranch { .. } => Status::not_found(message),
-        EngineError::NotYours { .. } | EngineError::KeyNotYours { .. } => Status::permission_denied(message),
+        EngineError::NotYours { .. } => Status::permission_denied(message),
         EngineError::TimeoutTooLong { .. } | EngineError::TooManyBranches { .. } => Status::invalid_argument(message),
         EngineError::TooManyTransactions { .. }
         | EngineError::TooManyWaiters { .. }

@@ -105,14 +105,33 @@ fn read_table(path: &Path) -> Result<Table, AuthError> {
         return Err(fail(format!("{} principals; at most {MAX_PRINCIPALS}", file.principal.len())));
     }
     let mut table = Table::default();
+    let mut roles = HashMap::new();
     for (i, e) in file.principal.into_iter().enumerate() {
         let what = format!("principal {} ({:?})", i + 1, e.name);
         if e.name.is_empty() || e.token_sha256.is_none() && e.cert_cn.is_none() {
             return Err(fail(format!("{what}: needs a name and a token_sha256 or a cert_cn")));
         }
+        if !valid_name(&e.name) {
+            return Err(fail(format!(
+                "{what}: a name is 1 to {MAX_PRINCIPAL_NAME_BYTES} bytes of A-Z a-z 0-9 . _ : @ - (it travels in \
+                 request metadata between cluster instances and is recorded as transactions' owner)"
+            )));
+        }
+        // The name is the identity (transactions are owned by name): one name, one role.
+        match roles.insert(e.name.clone(), e.role) {
+            Some(role) if role != e.role => {
+                return Err(fail(format!("{what}: the name is given the roles {role:?} and {:?}", e.role)));
+            }
+            _ => {}
+        }
         let principal = Principal { name: e.name.as_str().into(), role: e.role };
         if let Some(hex) = &e.token_sha256 {
             let digest = parse_digest(hex).ok_or_else(|| fail(format!("{what}: token_sha256 is not 64 hex digits")))?;
+            if digest == EMPTY_TOKEN_SHA256 {
+                return Err(fail(format!(
+                    "{what}: token_sha256 is the digest of an empty token (was the token's variable unset?)"
+                )));
+            }
             if table.tokens.insert(digest, principal.clone()).is_some() {
                 return Err(fail(format!("{what}: the same token as another principal")));
             }
@@ -124,6 +143,22 @@ fn read_table(path: &Path) -> Result<Table, AuthError> {
         }
     }
     Ok(table)
+}
+
+/// Longest principal name.
+pub const MAX_PRINCIPAL_NAME_BYTES: usize = 128;
+
+/// SHA-256 of the empty string: never a token.
+const EMPTY_TOKEN_SHA256: [u8; 32] = [
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24, 0x27, 0xae, 0x41,
+    0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+];
+
+/// A principal name: printable ASCII without spaces or quotes, so it survives request
+/// metadata unchanged (a forwarded caller's name must arrive as it left).
+pub fn valid_name(name: &str) -> bool {
+    (1..=MAX_PRINCIPAL_NAME_BYTES).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
 }
 
 fn parse_digest(hex: &str) -> Option<[u8; 32]> {
@@ -174,7 +209,11 @@ impl Auth {
                 .ok()
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .ok_or_else(|| Status::unauthenticated("the authorization header is not \"Bearer <token>\""))?;
-            let digest: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(Status::unauthenticated("the bearer token is empty"));
+            }
+            let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
             return table.tokens.get(&digest).cloned().ok_or_else(|| Status::unauthenticated("unknown token"));
         }
         let cert = tls.and_then(|t| t.peer_certs.as_ref()).and_then(|c| c.first());
@@ -341,6 +380,15 @@ mod tests {
             "[[principal]]\nname = \"x\"\nrole = \"root\"\ncert_cn = \"x\"\n",
             "[[principal]]\nname = \"x\"\nrole = \"application\"\ntoken_sha256 = \"abc\"\n",
             "[[principal]]\nname = \"x\"\nrole = \"application\"\ncert_cn = \"x\"\nextra = 1\n",
+            // The digest of an empty token (`printf %s "$UNSET" | sha256sum`).
+            "[[principal]]\nname = \"x\"\nrole = \"operator\"\n\
+             token_sha256 = \"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\"\n",
+            // Names that would not survive request metadata.
+            "[[principal]]\nname = \"zahlungsdienst-\u{fc}\"\nrole = \"application\"\ncert_cn = \"x\"\n",
+            "[[principal]]\nname = \"two words\"\nrole = \"application\"\ncert_cn = \"x\"\n",
+            // One name, two roles.
+            "[[principal]]\nname = \"x\"\nrole = \"application\"\ncert_cn = \"x\"\n\n\
+             [[principal]]\nname = \"x\"\nrole = \"operator\"\ncert_cn = \"y\"\n",
         ] {
             std::fs::write(&path, bad).unwrap();
             assert!(auth.reload().is_err(), "{bad}");
@@ -348,6 +396,8 @@ mod tests {
         // A failed reload keeps the principals in use.
         headers.insert(http::header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
         assert!(auth.authenticate(&headers, None).is_ok());
+        headers.insert(http::header::AUTHORIZATION, "Bearer ".parse().unwrap());
+        assert_eq!(auth.authenticate(&headers, None).unwrap_err().message(), "the bearer token is empty");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

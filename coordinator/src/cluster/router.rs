@@ -131,11 +131,22 @@ impl Router {
             if let Ok(v) = MetadataValue::try_from(caller.peer) {
                 request.metadata_mut().insert(FORWARDED_FOR, v);
             }
-            if let Some(v) = caller.principal.and_then(|p| MetadataValue::try_from(p).ok()) {
-                request.metadata_mut().insert(FORWARDED_PRINCIPAL, v);
+            // The caller's identity must arrive as it left: an application whose name could
+            // not be sent would act unrestricted at the owner. Principal names are checked
+            // when the principals file is read (`auth::valid_name`), so this is a bug guard.
+            let value = |name: String| {
+                MetadataValue::try_from(name.as_str())
+                    .ok()
+                    .filter(|v| v.to_str().ok() == Some(name.as_str()))
+                    .ok_or_else(|| {
+                        Status::internal(format!("the caller's principal name {name:?} cannot be forwarded"))
+                    })
+            };
+            if let Some(p) = caller.principal {
+                request.metadata_mut().insert(FORWARDED_PRINCIPAL, value(p)?);
             }
-            if let Some(v) = caller.application.and_then(|p| MetadataValue::try_from(p).ok()) {
-                request.metadata_mut().insert(FORWARDED_APPLICATION, v);
+            if let Some(a) = caller.application {
+                request.metadata_mut().insert(FORWARDED_APPLICATION, value(a)?);
             }
         }
         request.set_timeout(self.timeout);

@@ -372,14 +372,12 @@ impl<L: DecisionLog> Runtime<L> {
     }
 
     fn api(&mut self, (request, application): (ApiRequest, Option<Arc<str>>), reply: ReplySender) {
-        // An application acts only on the transactions it began. One it did not begin (or one
-        // begun before calls were authenticated) and one not known here get the same
-        // PERMISSION_DENIED, so the answer does not tell whether another's exists.
+        // An application acts only on the transactions it began (see `Engine::may_act`).
         if let Some(caller) = application
             && let Some(gtid) = request.gtid()
-            && self.engine.owner_of(gtid) != Some(&caller)
+            && let Err(refused) = self.engine.may_act(gtid, &caller)
         {
-            let _ = reply.send(Err(EngineError::NotYours { gtid, caller }));
+            let _ = reply.send(Err(refused));
             return;
         }
         self.next_req += 1;

@@ -281,6 +281,9 @@ struct Txn {
     owner: Option<Arc<str>>,
 }
 
+/// An idempotency key in its owner's namespace (see [`Txn::idempotency_slot`]).
+type IdempotencySlot = (Option<Arc<str>>, String);
+
 /// What a Begin asks for (see [`Event::Begin`]).
 struct NewTxn {
     timeout_ms: Option<u64>,
@@ -301,7 +304,8 @@ struct Ctx {
     /// Finished transactions with a heuristic outcome: not in `retired`, kept until an operator
     /// acts on them (they count towards `max_retained_transactions`).
     kept_heuristic: BTreeSet<Gtid>,
-    idempotency: HashMap<String, Gtid>,
+    /// Idempotency keys, each in its owner's namespace: an application's keys are its own.
+    idempotency: HashMap<IdempotencySlot, Gtid>,
     participants: BTreeMap<ResourceId, String>,
     /// The newest GTID timestamp among the finished transactions forgotten after their
     /// retention: an unknown GTID at or below it may have finished either way.
@@ -363,11 +367,20 @@ impl Engine {
         }
     }
 
-    /// The application that began `gtid` (`None`: no such transaction here, or it was begun
-    /// by a caller that is not an authenticated application). The runtime checks an
-    /// application's calls against it.
-    pub fn owner_of(&self, gtid: Gtid) -> Option<&Arc<str>> {
-        self.txns.get(&gtid).and_then(|t| t.owner.as_ref())
+    /// Whether the authenticated application `caller` may make a call about `gtid`: only about
+    /// a transaction it began. The refusal says nothing of whether another's exists: a GTID
+    /// another application began and one nobody began get the same error — PERMISSION_DENIED,
+    /// or for a GTID as old as the forgotten ones the OUT_OF_RANGE anyone gets for those (it
+    /// depends on the GTID's time alone). A shard this engine does not own is let through, for
+    /// the NOT_OWNER answer that sends the caller on (ownership of shards is no secret).
+    pub fn may_act(&self, gtid: Gtid, caller: &Arc<str>) -> Result<(), EngineError> {
+        if !self.cx.owns(gtid) || self.txns.get(&gtid).and_then(|t| t.owner.as_ref()) == Some(caller) {
+            return Ok(());
+        }
+        match self.cx.unknown(gtid) {
+            forgotten @ EngineError::OutcomeForgotten(_) => Err(forgotten),
+            _ => Err(EngineError::NotYours { gtid, caller: caller.clone() }),
+        }
     }
 
     /// Number of transactions not yet finished.
@@ -507,16 +520,10 @@ impl Engine {
     fn begin(&mut self, req: ReqId, gtid: Gtid, new: NewTxn) {
         let NewTxn { timeout_ms, idempotency_key, branches, protocol, owner } = new;
         let cx = &mut self.cx;
-        if let Some(existing) = idempotency_key.as_ref().and_then(|k| cx.idempotency.get(k))
+        if let Some(key) = &idempotency_key
+            && let Some(existing) = cx.idempotency.get(&(owner.clone(), key.clone()))
             && let Some(txn) = self.txns.get(existing)
         {
-            // An application's idempotency keys are its own: another's key names nothing it
-            // may see, not even the GTID.
-            if let Some(caller) = owner
-                && txn.owner.as_ref() != Some(&caller)
-            {
-                return cx.reply(req, Err(EngineError::KeyNotYours { caller }));
-            }
             let reply = Reply::Begun { gtid: txn.gtid, existing: true, deadline_ms: txn.deadline_ms };
             return cx.reply(req, Ok(reply));
         }
@@ -546,8 +553,8 @@ impl Engine {
         if let Err(e) = cx.add_branches(&mut txn, branches) {
             return cx.reply(req, Err(e));
         }
-        if let Some(key) = &txn.idempotency_key {
-            cx.idempotency.insert(key.clone(), gtid);
+        if let Some(slot) = txn.idempotency_slot() {
+            cx.idempotency.insert(slot, gtid);
         }
         cx.timers.insert((txn.deadline_ms, gtid, TimerKind::TxnTimeout));
         metrics::begun();
@@ -885,10 +892,10 @@ impl Engine {
             cx.forgotten_through_ms = cx.forgotten_through_ms.max(gtid.unix_ms().unwrap_or(0));
             cx.last_forgotten_at_ms = cx.now;
             if let Some(txn) = txns.remove(&gtid)
-                && let Some(key) = txn.idempotency_key
-                && cx.idempotency.get(&key) == Some(&gtid)
+                && let Some(slot) = txn.idempotency_slot()
+                && cx.idempotency.get(&slot) == Some(&gtid)
             {
-                cx.idempotency.remove(&key);
+                cx.idempotency.remove(&slot);
             }
         }
     }

@@ -50,8 +50,8 @@ impl Engine {
         if let Some(old) = self.txns.get_mut(&txn.gtid) {
             txn.resolutions = std::mem::take(&mut old.resolutions);
         }
-        if let Some(key) = &txn.idempotency_key {
-            self.cx.idempotency.insert(key.clone(), txn.gtid);
+        if let Some(slot) = txn.idempotency_slot() {
+            self.cx.idempotency.insert(slot, txn.gtid);
         }
         self.txns.insert(txn.gtid, txn);
     }

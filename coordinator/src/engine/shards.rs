@@ -124,10 +124,10 @@ impl Engine {
             for w in &txn.waiters {
                 cx.out.push(Command::Reply { req: w.req, reply: Err(EngineError::NotOwner { gtid, shard }) });
             }
-            if let Some(key) = &txn.idempotency_key
-                && cx.idempotency.get(key) == Some(&gtid)
+            if let Some(slot) = txn.idempotency_slot()
+                && cx.idempotency.get(&slot) == Some(&gtid)
             {
-                cx.idempotency.remove(key);
+                cx.idempotency.remove(&slot);
             }
             cx.kept_heuristic.remove(&gtid);
         }

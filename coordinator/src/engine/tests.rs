@@ -648,6 +648,45 @@ fn begin_with_the_same_idempotency_key_returns_the_same_gtid() {
     assert!(h.get(gtid(2)).is_err());
 }
 
+/// Authenticated applications: each acts only on what it began, has its own idempotency keys,
+/// and is refused alike for another's GTID and an unknown one (for a GTID as old as the
+/// forgotten ones: OUT_OF_RANGE, as for anyone).
+#[test]
+fn an_application_may_act_only_on_its_own_transactions() {
+    let mut h = Harness::with_config(EngineConfig { completed_retention_ms: 1_000, ..EngineConfig::default() });
+    let (a, b): (Arc<str>, Arc<str>) = ("payments".into(), "reports".into());
+    let begin = |h: &mut Harness, g: Gtid, owner: &Arc<str>| {
+        let req = h.req();
+        let out = h.ev(Event::Begin {
+            req,
+            gtid: g,
+            timeout_ms: None,
+            idempotency_key: Some("order-7".into()),
+            branches: vec![],
+            protocol: Protocol::TwoPhase,
+            owner: Some(owner.clone()),
+        });
+        let [Command::Reply { reply: Ok(Reply::Begun { gtid, existing, .. }), .. }] = out.as_slice() else {
+            panic!("{out:?}")
+        };
+        (*gtid, *existing)
+    };
+    assert_eq!(begin(&mut h, gtid(1), &a), (gtid(1), false));
+    assert_eq!(begin(&mut h, gtid(2), &b), (gtid(2), false), "the same key, another application: its own");
+    assert_eq!(begin(&mut h, gtid(3), &a), (gtid(1), true));
+    assert_eq!(h.engine.may_act(gtid(1), &a), Ok(()));
+    let not_yours = |g| Err(EngineError::NotYours { gtid: g, caller: b.clone() });
+    assert_eq!(h.engine.may_act(gtid(1), &b), not_yours(gtid(1)));
+    assert_eq!(h.engine.may_act(gtid(9), &b), not_yours(gtid(9)), "unknown: the same answer");
+    h.commit(gtid(1));
+    h.sync_all();
+    h.now = T0 + 1_000;
+    h.ev(Event::Tick);
+    assert_eq!(h.engine.may_act(gtid(1), &a), Err(EngineError::OutcomeForgotten(gtid(1))));
+    assert_eq!(h.engine.may_act(gtid(2), &b), Ok(()), "not finished: kept");
+    assert_eq!(h.engine.may_act(gtid(2), &a), Err(EngineError::OutcomeForgotten(gtid(2))), "as old as a forgotten one");
+}
+
 #[test]
 fn client_abort_tells_every_branch_and_is_idempotent() {
     let mut h = Harness::new();

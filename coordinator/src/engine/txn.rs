@@ -36,6 +36,12 @@ impl Txn {
         }
     }
 
+    /// Its idempotency key in its owner's namespace: two applications using the same key
+    /// begin two transactions, and neither learns of the other's.
+    pub(super) fn idempotency_slot(&self) -> Option<super::IdempotencySlot> {
+        self.idempotency_key.as_ref().map(|k| (self.owner.clone(), k.clone()))
+    }
+
     pub(super) fn branch_mut(&mut self, key: &BranchKey) -> Option<&mut Branch> {
         self.branches.iter_mut().find(|b| &b.key == key)
     }

@@ -437,10 +437,6 @@ pub enum EngineError {
         "transaction {gtid} is not one that {caller} began here: an application may act only on its own transactions"
     )]
     NotYours { gtid: Gtid, caller: Arc<str> },
-    #[error(
-        "the idempotency key names a transaction another principal began: {caller} may act only on its own transactions"
-    )]
-    KeyNotYours { caller: Arc<str> },
     #[error("{0}")]
     ResolveRefused(String),
 }
