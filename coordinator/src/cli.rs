@@ -1,5 +1,5 @@
-//! The `pledge` command line: `serve`, client commands for transactions and participants, and
-//! `log inspect`.
+//! The `pledge` command line: `serve`, client commands for transactions and participants,
+//! `health` (a probe for containers and scripts), and `log inspect`.
 
 use std::path::PathBuf;
 
@@ -51,6 +51,10 @@ pub enum Command {
         #[command(subcommand)]
         command: LogCommand,
     },
+    /// Ask a Pledge server (the coordinator or any adapter) whether it serves, through the
+    /// gRPC health service; exits 0 when it answers SERVING, 1 otherwise (never 2, which
+    /// Docker's HEALTHCHECK reserves).
+    Health(HealthArgs),
 }
 
 #[derive(Args, Debug, Default)]
@@ -417,6 +421,60 @@ pub enum LogCommand {
         #[arg(long, env = "PLEDGE_DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
     },
+}
+
+/// `pledge health`: the probe a container's HEALTHCHECK (or a script waiting for a server)
+/// runs. The health service answers without credentials, so it takes no token.
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// The server: http://host:port, https://host:port (with --tls-ca) or unix:<path>. From
+    /// PLEDGE_HEALTH_ENDPOINT when not given (the container images set it to their server's).
+    #[arg(env = "PLEDGE_HEALTH_ENDPOINT")]
+    pub endpoint: String,
+    /// The service to ask about; empty (the default) means the server as a whole.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// Give up (exit 1) when the server has not answered within this many milliseconds:
+    /// connecting and the call together.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+    /// The CA (PEM) the server's certificate chains to: the call is made with TLS.
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for a server that requires mutual TLS, with --tls-key.
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "PLEDGE_CLIENT_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Checks `grpc.health.v1.Health/Check` once, bounded by `--timeout-ms`; prints the status.
+/// Any answer but SERVING (NOT_SERVING while a server starts or drains, an unknown service,
+/// no answer in time) is an error, so the exit code alone tells a probe what it needs.
+pub async fn health(args: HealthArgs) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    let files = ClientTlsFiles::from_options(args.tls_ca, args.tls_cert, args.tls_key)?;
+    let tls = files.map(ClientTls::load).transpose()?;
+    let timeout = std::time::Duration::from_millis(args.timeout_ms);
+    let target = Target::parse_with(&args.endpoint, tls.as_ref())?.configure(|e| e.connect_timeout(timeout));
+    let check = async {
+        let channel = target.connect().await.with_context(|| format!("cannot reach {}", args.endpoint))?;
+        let response = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: args.service.clone() })
+            .await
+            // Not `status`: its exit codes (3 for NOT_FOUND, an unknown service) are the
+            // transaction commands'; a probe fails with 1.
+            .map_err(|e| anyhow::anyhow!("{:?}: {}", e.code(), e.message()))?;
+        anyhow::Ok(response.into_inner().status())
+    };
+    let answer = tokio::time::timeout(timeout, check).await.map_err(|_| {
+        anyhow::anyhow!("{} did not answer its health check within {} ms", args.endpoint, args.timeout_ms)
+    })??;
+    println!("{}", answer.as_str_name());
+    anyhow::ensure!(answer == ServingStatus::Serving, "{} is {}", args.endpoint, answer.as_str_name());
+    Ok(())
 }
 
 /// A bearer token added to every call (`--token`), when given.

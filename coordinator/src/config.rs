@@ -131,6 +131,10 @@ pub struct Config {
     /// Authenticate and authorize every call against the principals in this TOML file
     /// (`pledge_proto::auth`); reloaded on SIGHUP. Unset: every call is taken.
     pub auth_file: Option<PathBuf>,
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector (`http://host:4317`).
+    /// Unset: no export, unless `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is
+    /// set, which takes precedence (see `pledge_proto::telemetry`).
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for Config {
@@ -180,6 +184,7 @@ impl Default for Config {
             client_tls_cert: None,
             client_tls_key: None,
             auth_file: None,
+            otlp_endpoint: None,
         }
     }
 }

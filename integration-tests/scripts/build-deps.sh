@@ -14,6 +14,8 @@ declare -A needs=(
   [libcurl4-openssl-dev]=/usr/include/x86_64-linux-gnu/curl/curl.h
   [libssl-dev]=/usr/include/openssl/ssl.h
   [zlib1g-dev]=/usr/include/zlib.h
+  # openssl-sys (librdkafka's SSL, for the Kafka adapter's SSL/SASL_SSL) finds OpenSSL through it.
+  [pkg-config]=/usr/bin/pkg-config
   [g++]=/usr/bin/g++
   [make]=/usr/bin/make
 )

@@ -11,13 +11,26 @@
 #                        kafka.sh tool topics --bootstrap-server 127.0.0.1:59092 --list
 #                        kafka.sh tool transactions --bootstrap-server 127.0.0.1:59092 list
 #                      NAME is one of: topics console-producer console-consumer
-#                        transactions consumer-groups metadata-quorum api-versions
+#                        transactions consumer-groups metadata-quorum api-versions configs
+#                      (through the SASL_SSL listener: add
+#                        --command-config $PLEDGE_STATE_DIR/kafka/client-sasl-ssl.properties)
+#
+# Listeners, all on 127.0.0.1:
+#   PLAINTEXT  $PLEDGE_KAFKA_PORT           no encryption, no authentication (inter-broker too)
+#   SSL        $PLEDGE_KAFKA_SSL_PORT       TLS; the client must present a certificate of the test CA
+#   SASL_SSL   $PLEDGE_KAFKA_SASL_SSL_PORT  TLS, then SASL SCRAM-SHA-512 or SCRAM-SHA-256 as user
+#                                           "pledge" (password generated once, in
+#                                           $PLEDGE_STATE_DIR/kafka/scram-password)
+# The test CA, the broker's certificate (127.0.0.1 and localhost) and a client certificate are
+# made once with openssl in $PLEDGE_STATE_DIR/kafka/tls; `env` exports where they are.
 #
 # Environment:
 #   PLEDGE_STATE_DIR        default /tmp/pledge-it  (broker data/logs in $PLEDGE_STATE_DIR/kafka)
 #   PLEDGE_CACHE_DIR        default ~/.cache/pledge (jars in kafka-<version>/libs, reused)
 #   PLEDGE_KAFKA_PORT       default 59092  (client listener, 127.0.0.1)
 #   PLEDGE_KAFKA_CONTROLLER_PORT  default 59093  (KRaft controller listener, 127.0.0.1)
+#   PLEDGE_KAFKA_SSL_PORT   default 59094  (SSL listener, client certificates required)
+#   PLEDGE_KAFKA_SASL_SSL_PORT  default 59095  (SASL_SSL listener, SCRAM)
 #   PLEDGE_KAFKA_HEAP       default -Xms256m -Xmx512m
 #   PLEDGE_KAFKA_EXTRA_PROPS  extra server.properties lines (key=value, newline separated),
 #                           e.g. transaction.max.timeout.ms=60000
@@ -43,6 +56,8 @@ LOG4J_VERSION=2.25.4
 
 KAFKA_PORT="${PLEDGE_KAFKA_PORT:-59092}"
 CONTROLLER_PORT="${PLEDGE_KAFKA_CONTROLLER_PORT:-59093}"
+SSL_PORT="${PLEDGE_KAFKA_SSL_PORT:-59094}"
+SASL_SSL_PORT="${PLEDGE_KAFKA_SASL_SSL_PORT:-59095}"
 KAFKA_HEAP="${PLEDGE_KAFKA_HEAP:--Xms256m -Xmx512m}"
 NODE_ID=1
 
@@ -61,6 +76,19 @@ READY_TIMEOUT_S=120
 STOP_TIMEOUT_S=30
 
 BOOTSTRAP="127.0.0.1:$KAFKA_PORT"
+SSL_BOOTSTRAP="127.0.0.1:$SSL_PORT"
+SASL_SSL_BOOTSTRAP="127.0.0.1:$SASL_SSL_PORT"
+
+# TLS material (made once by make_tls) and the SCRAM user of the SASL_SSL listener.
+TLS_DIR="$STATE/tls"
+SCRAM_USER=pledge
+SCRAM_MECHANISMS=(SCRAM-SHA-512 SCRAM-SHA-256)
+SCRAM_PASSWORD_FILE="$STATE/scram-password"
+# "<cluster id> <sha256 of the password>" once the cluster's metadata holds the SCRAM users with
+# that password (added at format time, or on the running broker for storage formatted before).
+SCRAM_MARKER="$STATE/scram-users"
+# Kafka CLI tools' client settings for the SASL_SSL listener (it holds the password: mode 600).
+CLIENT_SASL_SSL_PROPS="$STATE/client-sasl-ssl.properties"
 
 # ---------------------------------------------------------------- toolchain
 
@@ -148,10 +176,139 @@ EOF
   log "fetched $(find "$LIBS" -name '*.jar' | wc -l) jars ($(du -sh "$LIBS" | cut -f1)) in $(elapsed_since "$t0") s"
 }
 
+# ------------------------------------------------------------ TLS and SCRAM
+
+# A test CA, the broker's certificate (127.0.0.1 and localhost) and a client certificate, made
+# once into a temporary directory renamed into place when complete (an interrupted run leaves
+# no half set). Keys are unencrypted PKCS#8, which Kafka's PEM keystore reads; the broker's
+# keystore file is its key followed by its certificate.
+make_tls() {
+  [[ -f $TLS_DIR/server-keystore.pem && -f $TLS_DIR/client.key ]] && return 0
+  command -v openssl >/dev/null || apt_install openssl
+  log "making a test CA, broker and client certificates in $TLS_DIR"
+  mkdir -p "$STATE"
+  local tmp
+  tmp="$(mktemp -d "$STATE/tls.XXXXXX")"
+  (
+    cd "$tmp"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=Pledge test Kafka CA" \
+      -keyout ca.key -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' 'basicConstraints=CA:FALSE' \
+      'keyUsage=digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile server.ext -out server.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=pledge-kafka-adapter" -keyout client.key -out client.csr
+    printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
+      'extendedKeyUsage=clientAuth' >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile client.ext -out client.pem
+    cat server.key server.pem >server-keystore.pem
+    chmod 600 ./*.key server-keystore.pem
+  ) >"$STATE/logs/openssl.log" 2>&1 \
+    || { cat "$STATE/logs/openssl.log" >&2; rm -rf "$tmp"; die "openssl: making the test certificates failed"; }
+  if ! grep -q 'BEGIN PRIVATE KEY' "$tmp/server-keystore.pem"; then
+    rm -rf "$tmp"
+    die "openssl wrote a broker key that is not PKCS#8, which Kafka's PEM keystore needs"
+  fi
+  chmod 755 "$tmp" # the certificates readable by any test process; the keys stay 600
+  rm -rf "$TLS_DIR"
+  mv "$tmp" "$TLS_DIR"
+}
+
+# The SCRAM user's password: made once (URL-safe base64: nothing Kafka's config syntax or a
+# JAAS line would have to escape).
+scram_password() {
+  if [[ ! -s $SCRAM_PASSWORD_FILE ]]; then
+    mkdir -p "$STATE"
+    (umask 077 && head -c 18 /dev/urandom | base64 | tr '+/' '-_' >"$SCRAM_PASSWORD_FILE.tmp")
+    mv "$SCRAM_PASSWORD_FILE.tmp" "$SCRAM_PASSWORD_FILE"
+  fi
+  local pw
+  pw="$(<"$SCRAM_PASSWORD_FILE")"
+  [[ $pw =~ ^[A-Za-z0-9_-]+$ ]] || die "$SCRAM_PASSWORD_FILE: not a password this script made; remove it and start again"
+  printf '%s' "$pw"
+}
+
+# One SCRAM credential as Kafka's tools take it: MECHANISM=[name=...,password=...] (format
+# time) or MECHANISM=[password=...] (kafka-configs, which names the user apart).
+scram_credential() {
+  local mechanism="$1" with_name="$2" pw
+  pw="$(scram_password)"
+  if [[ $with_name == yes ]]; then
+    printf '%s=[name=%s,password=%s]' "$mechanism" "$SCRAM_USER" "$pw"
+  else
+    printf '%s=[password=%s]' "$mechanism" "$pw"
+  fi
+}
+
+scram_marker_value() {
+  local id
+  id="$(sed -n 's/^cluster.id=//p' "$DATA/meta.properties" 2>/dev/null)"
+  [[ -n $id ]] || die "no cluster.id in $DATA/meta.properties"
+  printf '%s %s' "$id" "$(scram_password | sha256sum | cut -d' ' -f1)"
+}
+
+write_client_props() {
+  local pw
+  pw="$(scram_password)"
+  (
+    umask 077
+    {
+      echo "# Written by integration-tests/scripts/kafka.sh: Kafka CLI tools through the SASL_SSL listener."
+      echo "security.protocol=SASL_SSL"
+      echo "sasl.mechanism=SCRAM-SHA-512"
+      echo "sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username=\"$SCRAM_USER\" password=\"$pw\";"
+      echo "ssl.truststore.type=PEM"
+      echo "ssl.truststore.location=$TLS_DIR/ca.pem"
+    } >"$CLIENT_SASL_SSL_PROPS"
+  )
+}
+
+# A metadata round trip through the SASL_SSL listener (TLS verified against the test CA, SCRAM
+# login), bounded by the deadline. A login refused right after the user was added on the
+# running broker (which applies the new metadata a moment later) is tried again until then.
+check_sasl_ssl() {
+  local deadline="$1" left
+  while true; do
+    left=$((deadline - SECONDS))
+    ((left >= 5)) || left=5
+    if timeout "$left" "$JAVA" -Xmx128m -XX:TieredStopAtLevel=1 -Dlog4j2.configurationFile="$TOOLS_LOG4J_CONF" \
+      -cp "$LIBS/*" org.apache.kafka.tools.TopicCommand --bootstrap-server "$SASL_SSL_BOOTSTRAP" \
+      --command-config "$CLIENT_SASL_SSL_PROPS" --list >/dev/null 2>"$STATE/logs/sasl-check.err"; then
+      return 0
+    fi
+    if ((SECONDS >= deadline)); then
+      cat "$STATE/logs/sasl-check.err" >&2
+      die "the SASL_SSL listener $SASL_SSL_BOOTSTRAP refused a SCRAM login as $SCRAM_USER (logs: $SERVER_LOG)"
+    fi
+    sleep 0.5
+  done
+}
+
+# Storage formatted before this script made SCRAM users gets them on the running broker, once
+# (the marker remembers the cluster and the password they were added for).
+ensure_scram_users() {
+  local want m
+  want="$(scram_marker_value)"
+  if [[ -f $SCRAM_MARKER && "$(<"$SCRAM_MARKER")" == "$want" ]]; then
+    return 0
+  fi
+  log "adding SCRAM user $SCRAM_USER (${SCRAM_MECHANISMS[*]}) on the running broker"
+  # One request per mechanism: the broker refuses to alter a user's credentials twice in one.
+  for m in "${SCRAM_MECHANISMS[@]}"; do
+    run_tool_class kafka.admin.ConfigCommand --bootstrap-server "$BOOTSTRAP" --alter --entity-type users \
+      --entity-name "$SCRAM_USER" --add-config "$(scram_credential "$m" no)" >"$STATE/logs/scram.log" 2>&1 \
+      || { cat "$STATE/logs/scram.log" >&2; die "adding the $m credentials of $SCRAM_USER failed"; }
+  done
+  printf '%s' "$want" >"$SCRAM_MARKER"
+}
+
 # ----------------------------------------------------------------- config
 
 write_configs() {
   mkdir -p "$STATE/logs" "$DATA"
+  make_tls
   cat >"$CONF" <<EOF
 # Written by integration-tests/scripts/kafka.sh on each start; edits are lost.
 # Single node: this process is both the KRaft controller and the broker.
@@ -160,11 +317,22 @@ node.id=$NODE_ID
 # Dynamic quorum (KIP-853), formatted with --standalone: needs
 # controller.quorum.bootstrap.servers, not controller.quorum.voters.
 controller.quorum.bootstrap.servers=127.0.0.1:$CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$CONTROLLER_PORT,SSL://127.0.0.1:$SSL_PORT,SASL_SSL://127.0.0.1:$SASL_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SSL://127.0.0.1:$SSL_PORT,SASL_SSL://127.0.0.1:$SASL_SSL_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL
+
+# TLS on the SSL and SASL_SSL listeners, from PEM files of the test CA (make_tls). The SSL
+# listener wants a client certificate of that CA; SASL_SSL authenticates with SCRAM instead.
+ssl.keystore.type=PEM
+ssl.keystore.location=$TLS_DIR/server-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+listener.name.ssl.ssl.client.auth=required
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 log.dirs=$DATA
 
 # One node: every internal topic must make do with one replica, or the
@@ -260,14 +428,19 @@ format_storage() {
   log "formatting KRaft storage (cluster id $id) in $DATA"
   # Feature levels are fixed at format time (e.g. transaction.version=1 to
   # turn off KIP-890 "transactions v2", which 4.x enables by default).
-  local feats=() f
+  local feats=() f m
   for f in ${PLEDGE_KAFKA_FEATURES:-}; do
     feats+=(--feature "$f")
+  done
+  # The SASL_SSL listener's SCRAM user goes into the bootstrap metadata.
+  for m in "${SCRAM_MECHANISMS[@]}"; do
+    feats+=(--add-scram "$(scram_credential "$m" yes)")
   done
   # --standalone: this node is the sole voter of a dynamic controller quorum.
   run_tool_class kafka.tools.StorageTool format --standalone -t "$id" -c "$CONF" "${feats[@]}" \
     >"$STATE/logs/format.log" 2>&1 \
     || { cat "$STATE/logs/format.log" >&2; die "StorageTool format failed"; }
+  scram_marker_value >"$SCRAM_MARKER"
   # The voter set (with the controller's port) is written into the metadata
   # log at format time; remember the ports so a later change is detected.
   printf '%s %s\n' "$KAFKA_PORT" "$CONTROLLER_PORT" >"$STATE/formatted-ports"
@@ -318,14 +491,19 @@ cmd_start() {
       log "broker pid $pid is running but not ready yet; waiting"
       wait_ready "$pid" $((SECONDS + READY_TIMEOUT_S))
     fi
+    port_open "$SSL_PORT" && port_open "$SASL_SSL_PORT" \
+      || die "broker pid $pid serves no SSL/SASL_SSL listener on ports $SSL_PORT/$SASL_SSL_PORT (started by an older kafka.sh?): run $0 stop, then $0 start"
+    fetch_jars
+    ensure_scram_users
+    write_client_props
     log "already running (pid $pid) on $BOOTSTRAP"
     return 0
   fi
   rm -f "$PID_FILE"
   local p
-  for p in "$KAFKA_PORT" "$CONTROLLER_PORT"; do
+  for p in "$KAFKA_PORT" "$CONTROLLER_PORT" "$SSL_PORT" "$SASL_SSL_PORT"; do
     if port_open "$p"; then
-      die "port $p on 127.0.0.1 is in use by something other than our broker (pid file $PID_FILE); set PLEDGE_KAFKA_PORT/PLEDGE_KAFKA_CONTROLLER_PORT or stop it"
+      die "port $p on 127.0.0.1 is in use by something other than our broker (pid file $PID_FILE); set PLEDGE_KAFKA_PORT, PLEDGE_KAFKA_CONTROLLER_PORT, PLEDGE_KAFKA_SSL_PORT or PLEDGE_KAFKA_SASL_SSL_PORT, or stop it"
     fi
   done
 
@@ -361,8 +539,11 @@ cmd_start() {
   done
   pid="$(<"$PID_FILE")"
   wait_ready "$pid" "$launch_deadline"
+  ensure_scram_users
+  write_client_props
+  check_sasl_ssl "$launch_deadline"
   log "ready in $(elapsed_since "$t0") s (pid $pid; log $SERVER_LOG)"
-  log "  bootstrap: $BOOTSTRAP"
+  log "  bootstrap: $BOOTSTRAP (PLAINTEXT), $SSL_BOOTSTRAP (SSL, client certificate), $SASL_SSL_BOOTSTRAP (SASL_SSL, SCRAM)"
 }
 
 cmd_stop() {
@@ -397,9 +578,19 @@ cmd_status() {
   fi
 }
 
+# The TLS and SCRAM names are deliberately not the adapter's own variables (PLEDGE_KAFKA_CA,
+# PLEDGE_KAFKA_SASL_USERNAME, ...): exported into every test, those would turn broker security
+# on in adapters started for the plaintext listener.
 cmd_env() {
   printf 'export PLEDGE_KAFKA_PORT=%s\n' "$KAFKA_PORT"
   printf 'export PLEDGE_KAFKA_BOOTSTRAP=%s\n' "$BOOTSTRAP"
+  printf 'export PLEDGE_KAFKA_SSL_BOOTSTRAP=%s\n' "$SSL_BOOTSTRAP"
+  printf 'export PLEDGE_KAFKA_SASL_SSL_BOOTSTRAP=%s\n' "$SASL_SSL_BOOTSTRAP"
+  printf 'export PLEDGE_KAFKA_TLS_CA=%s\n' "$TLS_DIR/ca.pem"
+  printf 'export PLEDGE_KAFKA_TLS_CLIENT_CERT=%s\n' "$TLS_DIR/client.pem"
+  printf 'export PLEDGE_KAFKA_TLS_CLIENT_KEY=%s\n' "$TLS_DIR/client.key"
+  printf 'export PLEDGE_KAFKA_SCRAM_USERNAME=%s\n' "$SCRAM_USER"
+  printf 'export PLEDGE_KAFKA_SCRAM_PASSWORD_FILE=%s\n' "$SCRAM_PASSWORD_FILE"
 }
 
 cmd_tool() {
@@ -414,6 +605,7 @@ cmd_tool() {
     consumer-groups) main=org.apache.kafka.tools.consumer.group.ConsumerGroupCommand ;;
     metadata-quorum) main=org.apache.kafka.tools.MetadataQuorumCommand ;;
     api-versions) main=org.apache.kafka.tools.BrokerApiVersionsCommand ;;
+    configs) main=kafka.admin.ConfigCommand ;;
   esac
   ensure_java
   fetch_jars

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Start/stop every real service the integration tests need (PostgreSQL, Kafka
-# and MariaDB), as set up by postgres.sh, kafka.sh and mariadb.sh beside this file.
+# Start/stop every real service the integration tests need (PostgreSQL, Kafka,
+# MariaDB and Jaeger, the trace collector), as set up by postgres.sh, kafka.sh,
+# mariadb.sh and jaeger.sh beside this file.
 #
 #   services.sh start    start all IN PARALLEL (saves wall time); fails if any fails
 #   services.sh stop     stop all
 #   services.sh status   exit 0 only if all are up
 #   services.sh env      print exports for all; use: eval "$(services.sh env)"
 #
-# The environment variables of postgres.sh, kafka.sh and mariadb.sh apply
+# The environment variables of postgres.sh, kafka.sh, mariadb.sh and jaeger.sh apply
 # (PLEDGE_STATE_DIR, PLEDGE_CACHE_DIR, PLEDGE_PG_PORT, PLEDGE_KAFKA_PORT,
 # PLEDGE_MARIADB_PORT, ...).
 set -euo pipefail
@@ -17,7 +18,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$HERE/lib.sh"
 
-SERVICES=(postgres kafka mariadb)
+SERVICES=(postgres kafka mariadb jaeger)
 
 # Run "<service>.sh <cmd>" for every service at once and wait for all of
 # them. Each one's output is already tagged [postgres] / [kafka] / [mariadb] by lib.sh's

@@ -10,6 +10,7 @@ use std::future::Future;
 
 pub mod bench;
 pub mod cluster;
+pub mod containers;
 pub mod kafka;
 pub mod mariadb;
 pub mod mysql;
@@ -324,15 +325,39 @@ impl TestDir {
     }
 }
 
-/// The PostgreSQL databases the service scripts start (`integration-tests/scripts/postgres.sh`):
-/// `PLEDGE_PG_URL_A` and `PLEDGE_PG_URL_B`.
+/// Database `db` ('a' or 'b': `pledge_a`, `pledge_b`) of the tests' PostgreSQL, as
+/// `postgres://pledge@127.0.0.1:<port>/pledge_<db>`: the server the service scripts start
+/// (`integration-tests/scripts/postgres.sh`; `PLEDGE_PG_URL_A`, `PLEDGE_PG_URL_B`), or with
+/// `PLEDGE_TEST_SERVICES=testcontainers` this process's container ([`containers::postgres`]).
 pub fn pg_url(db: char) -> String {
+    if containers::enabled() {
+        let db = db.to_ascii_lowercase();
+        assert!(matches!(db, 'a' | 'b'), "pg_url({db:?}): the test databases are 'a' and 'b'");
+        return containers::postgres().url(&format!("pledge_{db}"));
+    }
     let var = format!("PLEDGE_PG_URL_{}", db.to_ascii_uppercase());
     std::env::var(&var).unwrap_or_else(|_| {
         panic!(
             "{var} is not set: these tests need the real PostgreSQL the project's scripts start \
              (bash integration-tests/run.sh does it; by hand: bash integration-tests/scripts/postgres.sh start \
-             && eval \"$(bash integration-tests/scripts/postgres.sh env)\")"
+             && eval \"$(bash integration-tests/scripts/postgres.sh env)\"), or {} in containers",
+            containers::SWITCH_HINT
+        )
+    })
+}
+
+/// The CA certificate (PEM file) that signed the tests' PostgreSQL's server certificate, for
+/// `sslmode=verify-full&sslrootcert=...`: `PLEDGE_PG_CA` of the service scripts, or the
+/// container's ([`containers::Postgres::ca`]).
+pub fn pg_ca() -> PathBuf {
+    if containers::enabled() {
+        return containers::postgres().ca.clone();
+    }
+    std::env::var_os("PLEDGE_PG_CA").map(PathBuf::from).unwrap_or_else(|| {
+        panic!(
+            "PLEDGE_PG_CA is not set: the CA of the scripts' PostgreSQL (eval \"$(bash \
+             integration-tests/scripts/services.sh env)\"), or {} in containers",
+            containers::SWITCH_HINT
         )
     })
 }
@@ -366,14 +391,19 @@ impl TestDir {
     }
 }
 
-/// The Kafka broker the service scripts start (`integration-tests/scripts/kafka.sh`):
-/// `PLEDGE_KAFKA_BOOTSTRAP`.
+/// The tests' Kafka broker, as `127.0.0.1:<port>`: the one the service scripts start
+/// (`integration-tests/scripts/kafka.sh`; `PLEDGE_KAFKA_BOOTSTRAP`), or with
+/// `PLEDGE_TEST_SERVICES=testcontainers` this process's container ([`containers::kafka`]).
 pub fn kafka_bootstrap() -> String {
+    if containers::enabled() {
+        return containers::kafka().bootstrap.clone();
+    }
     std::env::var("PLEDGE_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
         panic!(
             "PLEDGE_KAFKA_BOOTSTRAP is not set: these tests need the real Kafka broker the project's scripts start \
              (bash integration-tests/run.sh does it; by hand: bash integration-tests/scripts/kafka.sh start \
-             && eval \"$(bash integration-tests/scripts/kafka.sh env)\")"
+             && eval \"$(bash integration-tests/scripts/kafka.sh env)\"), or {} in containers",
+            containers::SWITCH_HINT
         )
     })
 }

@@ -23,7 +23,13 @@ fn env(var: &str) -> String {
 
 /// `PLEDGE_MARIADB_URL_A` or `PLEDGE_MARIADB_URL_B`:
 /// `mysql://pledge:pledge@127.0.0.1:<port>/pledge_a` (`pledge_b`).
+///
+/// MariaDB has no container form yet (no image provides it), so with
+/// `PLEDGE_TEST_SERVICES=testcontainers` this panics rather than mix the scripts' server into
+/// a run that asked for containers. That also covers the tests that kill -9 and restart
+/// `mariadbd` ([`kill9_server`], [`restart_server`]), which need the local server anyway.
 pub fn mariadb_url(db: char) -> String {
+    crate::containers::require_local("MariaDB (no container image provides it yet)");
     env(&format!("PLEDGE_MARIADB_URL_{}", db.to_ascii_uppercase()))
 }
 

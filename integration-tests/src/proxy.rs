@@ -84,10 +84,14 @@ async fn forward(mut client: TcpStream, target: SocketAddr, mut link: watch::Rec
     let _ = link.wait_for(|l| *l == Link::Cut).await;
 }
 
-/// The test PostgreSQL server's address (to put a proxy in front of it).
+/// The test PostgreSQL server's address (to put a proxy in front of it): the host and port of
+/// [`crate::pg_url`], the scripts' server or the container alike.
 pub fn pg_addr() -> SocketAddr {
-    let port: u16 = std::env::var("PLEDGE_PG_PORT").expect("PLEDGE_PG_PORT").parse().unwrap();
-    SocketAddr::from(([127, 0, 0, 1], port))
+    let url = crate::pg_url('a');
+    let host_port = url.split_once('@').and_then(|(_, rest)| rest.split_once('/')).map(|(hp, _)| hp);
+    host_port
+        .and_then(|hp| hp.parse().ok())
+        .unwrap_or_else(|| panic!("the test PostgreSQL's URL {url} is not postgres://user@<ip>:<port>/<database>"))
 }
 
 /// `url` with its host and port replaced by `addr` (to reach the database through a proxy).

@@ -98,6 +98,7 @@ impl StorePair {
     /// standby streams synchronously. Its files live in a directory of its own (the server's
     /// OS user must reach them), removed when the pair is dropped.
     pub async fn start() -> StorePair {
+        crate::containers::require_local("StorePair (PostgreSQL servers run and killed from this host's binaries)");
         let root = std::env::temp_dir().join(format!("pledge-store-{:08x}", fastrand::u32(..)));
         let bin = pg_bin();
         let (root2, bin2) = (root.clone(), bin.clone());

@@ -486,8 +486,7 @@ async fn postgres_adapter_with_dedup_table_conforms() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_adapter_reaches_postgres_over_tls_with_sslmode_verify_full() {
     let dir = TestDir::new("pg-tls");
-    let ca = std::env::var("PLEDGE_PG_CA").expect("PLEDGE_PG_CA: the CA of the scripts' PostgreSQL (services.sh env)");
-    let url = format!("{}?sslmode=verify-full&sslrootcert={ca}", pg_url('a'));
+    let url = format!("{}?sslmode=verify-full&sslrootcert={}", pg_url('a'), pg_ca().display());
     let adapter = dir.postgres_adapter("pg", 0, &[("db_a", url)], &[], &[]).await;
     let coordinator = dir.coordinator(&[("db_a", &adapter)], &[]).await;
     let mut c = coordinator_client(&coordinator).await;

@@ -7,6 +7,9 @@
 //! in turn. A call that fails UNAVAILABLE (an instance gone, a shard moving) forgets what was
 //! learned about that transaction, so the retry goes through an instance again. The client
 //! does not retry on its own: Commit and Abort are idempotent, so the caller may.
+//!
+//! Each call carries the caller's current span as W3C trace context when trace export is on
+//! ([`crate::telemetry`]), as [`crate::pipeline::CoordinatorPipeline`]'s calls do.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -85,7 +88,10 @@ impl ClusterClient {
         R: HasGtid,
     {
         let endpoint = gtid.and_then(|g| self.owner_of(g)).unwrap_or_else(|| self.any_instance());
-        let result = call(self.client(&endpoint)?, Request::new(message)).await.map_err(retriable_transport);
+        // The caller's span goes with the call (W3C trace context), so the coordinator's spans
+        // join the application's trace (see `crate::telemetry`; nothing is added with it off).
+        let request = crate::telemetry::with_trace_context(Request::new(message));
+        let result = call(self.client(&endpoint)?, request).await.map_err(retriable_transport);
         match &result {
             Ok(response) => {
                 let gtid = gtid.map(str::to_string).or_else(|| response.get_ref().gtid());

@@ -5,12 +5,14 @@
 //! once, on receipt, and a malformed field becomes `Status::invalid_argument` naming the field.
 //! [`transport`] is how servers listen and clients dial (TCP or Unix sockets); [`pipeline`]
 //! multiplexes many calls over one stream, for callers that make many; [`client`] is a client
-//! of a coordinator cluster that sends each call to its transaction's owner.
+//! of a coordinator cluster that sends each call to its transaction's owner; [`telemetry`] sets
+//! up logs and OpenTelemetry trace export, and carries trace context across every call.
 
 pub mod auth;
 pub mod client;
 pub mod metrics;
 pub mod pipeline;
+pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub mod types;

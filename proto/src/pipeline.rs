@@ -70,6 +70,12 @@ pub trait CallEnvelope: Clone + Send + 'static {
     fn set_timeout_ms(&mut self, ms: u64);
     /// The call; `None` if the sender left it out.
     fn into_call(self) -> Option<Self::Call>;
+    /// The caller's W3C trace context (see [`crate::telemetry`]), taken out of the envelope.
+    fn take_trace_context(&mut self) -> HashMap<String, String>;
+    fn set_trace_context(&mut self, trace_context: HashMap<String, String>);
+    /// The gRPC method of the unary call `call` stands for (`/pledge.v1.Participant/Prepare`):
+    /// its span is named after it.
+    fn method(call: &Self::Call) -> &'static str;
 }
 
 /// A reply envelope: a call's id and its reply, or the status it failed with.
@@ -83,11 +89,11 @@ pub trait ReplyEnvelope: Send + 'static {
 }
 
 macro_rules! envelopes {
-    ($call:ty, $call_kind:ty, $reply:ty, $reply_kind:ty, $error:path) => {
+    ($call:ty, $call_kind:ident, $reply:ty, $reply_kind:ty, $error:path, $service:literal, [$($method:ident),*]) => {
         impl CallEnvelope for $call {
-            type Call = $call_kind;
+            type Call = $call_kind::Call;
             fn new(call_id: u64, timeout_ms: u64, call: Self::Call) -> Self {
-                Self { call_id, timeout_ms, call: Some(call) }
+                Self { call_id, timeout_ms, call: Some(call), trace_context: HashMap::new() }
             }
             fn call_id(&self) -> u64 {
                 self.call_id
@@ -103,6 +109,17 @@ macro_rules! envelopes {
             }
             fn into_call(self) -> Option<Self::Call> {
                 self.call
+            }
+            fn take_trace_context(&mut self) -> HashMap<String, String> {
+                std::mem::take(&mut self.trace_context)
+            }
+            fn set_trace_context(&mut self, trace_context: HashMap<String, String>) {
+                self.trace_context = trace_context;
+            }
+            fn method(call: &Self::Call) -> &'static str {
+                match call {
+                    $($call_kind::Call::$method(_) => concat!("/", $service, "/", stringify!($method)),)*
+                }
             }
         }
 
@@ -126,19 +143,25 @@ macro_rules! envelopes {
     };
 }
 
+use v1::{coordinator_call, participant_call};
+
 envelopes!(
     v1::ParticipantCall,
-    v1::participant_call::Call,
+    participant_call,
     v1::ParticipantReply,
     v1::participant_reply::Reply,
-    v1::participant_reply::Reply::Error
+    v1::participant_reply::Reply::Error,
+    "pledge.v1.Participant",
+    [Prepare, Commit, Abort, PreCommit, QueryState]
 );
 envelopes!(
     v1::CoordinatorCall,
-    v1::coordinator_call::Call,
+    coordinator_call,
     v1::CoordinatorReply,
     v1::coordinator_reply::Reply,
-    v1::coordinator_reply::Reply::Error
+    v1::coordinator_reply::Reply::Error,
+    "pledge.v1.Coordinator",
+    [Begin, Enlist, Commit, Abort]
 );
 
 /// A failed call's status, as a pipeline reply carries it.
@@ -198,22 +221,33 @@ where
                 }
                 _ = closing.cancelled(), if reading => reading = false,
                 next = calls.message(), if reading && running.len() < max_in_flight => match next {
-                    Ok(Some(call)) => {
+                    Ok(Some(mut call)) => {
                         let (id, timeout_ms) = (call.call_id(), call.timeout_ms());
-                        let call = call.into_call().map(|call| std::panic::AssertUnwindSafe(handle(call)).catch_unwind());
+                        let trace_context = call.take_trace_context();
+                        // With trace export on, each call runs in its own span, a child of its
+                        // caller's (the stream's span is no transaction's).
+                        let call = call.into_call().map(|call| {
+                            let span = crate::telemetry::pipeline_call_span(C::method(&call), &trace_context);
+                            let running = handle(call).instrument(span.clone().unwrap_or_else(tracing::Span::none));
+                            (std::panic::AssertUnwindSafe(running).catch_unwind(), span)
+                        });
                         running.push(async move {
-                            let Some(call) = call else {
+                            let Some((call, span)) = call else {
                                 return R::new(id, Err(Status::invalid_argument("call: is required")));
                             };
                             let finished = match timeout_ms {
                                 0 => Ok(call.await),
                                 ms => tokio::time::timeout(Duration::from_millis(ms), call).await,
                             };
-                            R::new(id, match finished {
+                            let result = match finished {
                                 Ok(Ok(result)) => result,
                                 Ok(Err(_)) => Err(Status::internal("the call failed unexpectedly (panic)")),
                                 Err(_) => Err(Status::deadline_exceeded(format!("deadline of {timeout_ms} ms passed"))),
-                            })
+                            };
+                            if let Some(span) = span {
+                                crate::telemetry::record_call_result(&span, &result);
+                            }
+                            R::new(id, result)
                         });
                     }
                     Ok(None) => reading = false,
@@ -339,7 +373,9 @@ impl<C: CallEnvelope, R: ReplyEnvelope> Pipeline<C, R> {
     /// Sends `call` and waits for its reply, at most `timeout` in all (the server is told the
     /// deadline and stops the call then).
     pub async fn call(&self, call: C::Call, timeout: Duration) -> Result<R::Reply, Status> {
-        let call = C::new(0, 0, call);
+        let mut call = C::new(0, 0, call);
+        // The caller's span, so the server's span for this call joins its trace.
+        call.set_trace_context(crate::telemetry::current_trace_context());
         let deadline = Instant::now() + timeout;
         let attempts = async {
             for _ in 0..MAX_ATTEMPTS {
@@ -390,7 +426,10 @@ impl<C: CallEnvelope, R: ReplyEnvelope> Pipeline<C, R> {
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE_CALLS);
         let shared = Arc::new(Shared { pending: Mutex::new(Some(HashMap::new())), accepting: AtomicBool::new(true) });
         let opened = (self.inner.open)(ReceiverStream::new(rx));
-        tokio::spawn(run_stream(opened, shared.clone(), self.inner.unsupported_until.clone()).in_current_span());
+        // In no span: the stream outlives the call that opened it, and would hold that call's
+        // span open (unexported) for as long as it lasts. Its calls carry their own spans.
+        let run = run_stream(opened, shared.clone(), self.inner.unsupported_until.clone());
+        tokio::spawn(run.instrument(tracing::Span::none()));
         let conn = Arc::new(Conn { tx, shared });
         *current = Some(conn.clone());
         Ok(conn)

@@ -20,6 +20,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tower::layer::util::{Identity, Stack};
 
 use crate::auth::{Auth, AuthLayer};
+use crate::telemetry::TraceLayer;
 use crate::tls::{ClientTls, ServerTls};
 
 /// Longest Unix socket path Linux accepts (`sun_path` holds 108 bytes with the terminating NUL).
@@ -158,17 +159,23 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// and keepalive pings that end the connections (and the calls and pipeline streams on them)
 /// of peers that are gone.
 ///
-/// Every call goes through `auth` (see [`crate::auth`]; `None`: every call is taken).
-pub fn server(auth: Option<Auth>) -> tonic::transport::Server<Stack<AuthLayer, Identity>> {
+/// Every call goes through `auth` (see [`crate::auth`]; `None`: every call is taken), inside
+/// the call's trace span ([`crate::telemetry::TraceLayer`], outermost so that a refused call is
+/// traced too; with trace export off it passes calls through).
+pub fn server(auth: Option<Auth>) -> tonic::transport::Server<ServerLayers> {
     tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(TraceLayer)
         .layer(AuthLayer(auth))
 }
 
+/// The layers every Pledge server runs its calls through (the first added is the outermost).
+pub type ServerLayers = Stack<AuthLayer, Stack<TraceLayer, Identity>>;
+
 /// The services of a Pledge server, as [`server`] builds them.
-pub type Routes = Router<Stack<AuthLayer, Identity>>;
+pub type Routes = Router<ServerLayers>;
 
 struct RemoveOnDrop(PathBuf);
 

@@ -127,6 +127,8 @@ impl Router {
         let client = self.client(&address)?;
         let mut request = Request::new(message);
         request.metadata_mut().insert(FORWARDED, MetadataValue::from_static("1"));
+        // The owner's spans for the call join the caller's trace (with trace export on).
+        pledge_proto::telemetry::inject(request.metadata_mut());
         if let Some(caller) = caller {
             if let Ok(v) = MetadataValue::try_from(caller.peer) {
                 request.metadata_mut().insert(FORWARDED_FOR, v);

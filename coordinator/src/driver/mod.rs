@@ -7,6 +7,7 @@
 //! their results come back as events.
 
 pub mod participant;
+mod trace;
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -19,6 +20,7 @@ use pledge_proto::{Gtid, ResourceId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::cluster::ClusterState;
 use crate::cluster::lease::ShardCommand;
@@ -134,8 +136,9 @@ impl ApiRequest {
 
 type ReplySender = oneshot::Sender<Result<Reply, EngineError>>;
 
-/// A request, and the authenticated application making it (`None`: unrestricted).
-type Call = (ApiRequest, Option<Arc<str>>);
+/// A request, the authenticated application making it (`None`: unrestricted), and the trace
+/// context of the API call (with trace export on: see [`trace`]).
+type Call = (ApiRequest, Option<Arc<str>>, Option<pledge_proto::telemetry::TraceContext>);
 
 /// Why a request got no answer from the runtime.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +176,8 @@ impl RuntimeHandle {
         let (tx, rx) = oneshot::channel();
         let deadline = tokio::time::Instant::now() + self.max_wait;
         let max_ms = self.max_wait.as_millis() as u64;
-        match tokio::time::timeout_at(deadline, self.api.send(((request, application), tx))).await {
+        let trace = pledge_proto::telemetry::current_context();
+        match tokio::time::timeout_at(deadline, self.api.send(((request, application, trace), tx))).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return Err(CallError::ShuttingDown),
             Err(_) => return Err(CallError::Overloaded(max_ms)),
@@ -245,6 +249,8 @@ pub struct Runtime<L> {
     participants: HashMap<ResourceId, ParticipantHandle>,
     /// Reply channels of requests in the engine, with the GTID of a Commit (which may wait).
     replies: HashMap<ReqId, (ReplySender, Option<Gtid>)>,
+    /// Trace contexts of the transactions being traced.
+    traces: trace::Traces,
     next_req: ReqId,
     syncs: FuturesUnordered<SyncFuture>,
     /// Events produced while carrying out commands (e.g. a call to an unknown participant
@@ -270,6 +276,7 @@ impl<L: DecisionLog> Runtime<L> {
             events_rx,
             participants: HashMap::new(),
             replies: HashMap::new(),
+            traces: trace::Traces::default(),
             next_req: 0,
             syncs: FuturesUnordered::new(),
             local: VecDeque::new(),
@@ -343,7 +350,10 @@ impl<L: DecisionLog> Runtime<L> {
                     self.reconcile_shards();
                     self.check_drains();
                 }
-                _ = sweep.tick() => self.sweep_gone_callers(),
+                _ = sweep.tick() => {
+                    self.sweep_gone_callers();
+                    self.traces.sweep();
+                }
                 _ = gauges.tick(), if self.config.publish_gauges => {
                     crate::metrics::publish(&self.engine.gauges(self.clock.now()));
                 }
@@ -371,7 +381,7 @@ impl<L: DecisionLog> Runtime<L> {
         Ok(())
     }
 
-    fn api(&mut self, (request, application): (ApiRequest, Option<Arc<str>>), reply: ReplySender) {
+    fn api(&mut self, (request, application, trace): Call, reply: ReplySender) {
         // An application acts only on the transactions it began (see `Engine::may_act`).
         if let Some(caller) = application
             && let Some(gtid) = request.gtid()
@@ -397,6 +407,7 @@ impl<L: DecisionLog> Runtime<L> {
             _ => Gtid::new_v7(), // unused
         };
         self.replies.insert(req, (reply, commit_of));
+        self.traces.requested(&request, trace);
         self.handle(request.into_event(req, gtid));
     }
 
@@ -572,10 +583,11 @@ impl<L: DecisionLog> Runtime<L> {
                     LogRecord::PreCommit(_) => fail::fail_point!("coordinator::after_cancommit_votes", |_| Ok(())),
                     _ => {}
                 }
-                if let Some(durable) = self.log.append(&record, sync.is_some()).await?
+                let span = self.traces.append(&record, sync.is_some());
+                if let Some(durable) = self.log.append(&record, sync.is_some()).instrument(span.clone()).await?
                     && let Some(token) = sync
                 {
-                    self.syncs.push(Box::pin(async move { (Some(token), durable.await) }));
+                    self.syncs.push(Box::pin(async move { (Some(token), durable.await) }.instrument(span)));
                 }
             }
             Command::Checkpoint { records } => {
@@ -586,7 +598,10 @@ impl<L: DecisionLog> Runtime<L> {
             }
             Command::Prepare { gtid, branch, may_be_empty, precommit_wait_ms } => {
                 match self.participants.get(&branch.resource) {
-                    Some(p) => p.prepare(PrepareItem { gtid, branch, may_be_empty, precommit_wait_ms }),
+                    Some(p) => {
+                        let trace = self.traces.prepare(gtid);
+                        p.prepare(PrepareItem { gtid, branch, may_be_empty, precommit_wait_ms, trace })
+                    }
                     None => {
                         let error = format!("no endpoint for resource {:?}", branch.resource.as_str());
                         self.local.push_back(Event::Voted { gtid, branch, vote: VoteResult::Failed { error } });
@@ -594,16 +609,21 @@ impl<L: DecisionLog> Runtime<L> {
                 }
             }
             Command::Commit { gtid, branch, one_phase, metadata, may_be_empty } => {
-                self.phase2(Phase2Op::Commit, Phase2Item { gtid, branch, one_phase, metadata, may_be_empty })
+                let trace = self.traces.phase2(gtid, Phase2Op::Commit);
+                self.phase2(Phase2Op::Commit, Phase2Item { gtid, branch, one_phase, metadata, may_be_empty, trace })
             }
             Command::PreCommit { gtid, branch, metadata, docommit_wait_ms, epoch } => {
-                self.state_call(StateItem { gtid, branch, epoch, precommit: Some((metadata, docommit_wait_ms)) })
+                let (trace, precommit) = (self.traces.call(gtid), Some((metadata, docommit_wait_ms)));
+                self.state_call(StateItem { gtid, branch, epoch, precommit, trace })
             }
             Command::QueryState { gtid, branch, epoch } => {
-                self.state_call(StateItem { gtid, branch, epoch, precommit: None })
+                self.state_call(StateItem { gtid, branch, epoch, precommit: None, trace: self.traces.call(gtid) })
             }
-            Command::Abort { gtid, branch, metadata } => self
-                .phase2(Phase2Op::Abort, Phase2Item { gtid, branch, one_phase: false, metadata, may_be_empty: false }),
+            Command::Abort { gtid, branch, metadata } => {
+                let trace = self.traces.phase2(gtid, Phase2Op::Abort);
+                let item = Phase2Item { gtid, branch, one_phase: false, metadata, may_be_empty: false, trace };
+                self.phase2(Phase2Op::Abort, item)
+            }
             Command::Connect { resource, endpoint } => {
                 if self.participants.get(&resource).is_some_and(|p| p.endpoint == endpoint) {
                     return Ok(());

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pledge_proto::pipeline::ParticipantPipeline;
+use pledge_proto::telemetry::{self, TraceContext};
 use pledge_proto::transport::Target;
 use pledge_proto::v1::participant_client::ParticipantClient;
 use pledge_proto::v1::{self, BranchXid};
@@ -51,6 +52,8 @@ pub struct PrepareItem {
     pub may_be_empty: bool,
     /// Three-phase (CanCommit): the wait for PreCommit; 0: two-phase.
     pub precommit_wait_ms: u64,
+    /// Where the call's span goes in the transaction's trace (see `super::trace`).
+    pub trace: Option<TraceContext>,
 }
 
 /// A three-phase call about one branch: PreCommit, or the termination protocol's QueryState.
@@ -61,6 +64,7 @@ pub struct StateItem {
     pub epoch: u64,
     /// `Some`: PreCommit with this metadata and do-commit wait; `None`: QueryState.
     pub precommit: Option<(Bytes, u64)>,
+    pub trace: Option<TraceContext>,
 }
 
 /// First and largest pause between capability probes of a participant not reached yet.
@@ -78,6 +82,7 @@ pub struct Phase2Item {
     pub metadata: Bytes,
     /// With `one_phase`: the branch was enlisted as possibly empty.
     pub may_be_empty: bool,
+    pub trace: Option<TraceContext>,
 }
 
 /// The queues into one participant's batchers.
@@ -285,7 +290,7 @@ impl Caller {
             {
                 return result;
             }
-            let mut request = tonic::Request::new(request());
+            let mut request = telemetry::with_trace_context(tonic::Request::new(request()));
             request.set_timeout(timeout);
             unary(self.client.clone(), request).await
         }
@@ -296,7 +301,9 @@ impl Caller {
     }
 
     async fn prepare(self, batch: Vec<PrepareItem>) {
-        let span = tracing::debug_span!("participant.prepare", resource = %self.resource, branches = batch.len());
+        let span = tracing::debug_span!(parent: None, "participant.prepare", otel.kind = "client",
+            resource = %self.resource, branches = batch.len());
+        telemetry::adopt(&span, batch.iter().filter_map(|i| i.trace.as_ref()));
         let coordinator_id = self.config.coordinator_id.clone();
         let asked: Vec<BranchXid> = batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect();
         let request = || v1::PrepareRequest {
@@ -346,7 +353,9 @@ impl Caller {
     }
 
     async fn phase2(self, op: Phase2Op, batch: Vec<Phase2Item>) {
-        let span = tracing::debug_span!("participant.phase2", resource = %self.resource, ?op, branches = batch.len());
+        let span = tracing::debug_span!(parent: None, "participant.phase2", otel.kind = "client",
+            resource = %self.resource, ?op, branches = batch.len());
+        telemetry::adopt(&span, batch.iter().filter_map(|i| i.trace.as_ref()));
         let coordinator_id = self.config.coordinator_id.clone();
         let timeout = self.config.rpc_timeout;
         let asked: Vec<BranchXid> = batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect();
@@ -529,8 +538,9 @@ impl Caller {
         let precommit = batch[0].precommit.is_some();
         let epoch = batch[0].epoch;
         let name = if precommit { "PreCommit" } else { "QueryState" };
-        let span = tracing::debug_span!("participant.state", resource = %self.resource, call = name, epoch,
-            branches = batch.len());
+        let span = tracing::debug_span!(parent: None, "participant.state", otel.kind = "client",
+            resource = %self.resource, call = name, epoch, branches = batch.len());
+        telemetry::adopt(&span, batch.iter().filter_map(|i| i.trace.as_ref()));
         let coordinator_id = self.config.coordinator_id.clone();
         let timeout = self.config.rpc_timeout;
         let asked: Vec<BranchXid> = batch.iter().map(|i| xid(&i.gtid, &i.branch)).collect();

@@ -26,12 +26,19 @@
 //! rollback, never success. The same holds for a three-phase branch whose wait and do-commit
 //! timeouts together outlast it: its self-commit records a heuristic rollback.
 //!
+//! **Security.** The brokers are reached over PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL
+//! (SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN), by librdkafka and by the wire client alike
+//! ([`security`]); at start the adapter logs in to a bootstrap broker once, and a CA that did
+//! not sign the broker's certificate or a refused login stops it with the reason.
+//!
 //! **Exactly-once.** A Produce may carry a request id: a retry in the same branch gets the first
 //! call's positions without sending again, and an id taken by a committed (or undecided) branch
 //! is refused, for as long as the journal keeps the branch's answer.
 
 pub mod pool;
 pub mod resource;
+pub mod scram;
+pub mod security;
 pub mod service;
 pub mod txn;
 pub mod wire;
@@ -52,6 +59,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use pool::{PoolConfig, ProducerPool};
 use resource::Kafka;
+use security::BrokerSecurity;
 use txn::TxnRef;
 use wire::TxnClient;
 
@@ -73,6 +81,8 @@ pub struct KafkaConfig {
     pub active_timeout: Duration,
     /// The branch journal (in `<data_dir>/journal`): see `pledge_sdk::journal`.
     pub journal: JournalConfig,
+    /// How every client of the brokers connects (TLS, SASL): PLAINTEXT by default.
+    pub security: BrokerSecurity,
 }
 
 impl KafkaConfig {
@@ -93,6 +103,7 @@ impl KafkaConfig {
             call_timeout: Duration::from_secs(10),
             acquire_timeout: Duration::from_secs(10),
             active_timeout: Duration::from_secs(60),
+            security: BrokerSecurity::default(),
         }
     }
 }
@@ -156,12 +167,36 @@ impl KafkaParticipant {
     /// Opens the branch journal and prepares the producer pool; the producers of branches the
     /// journal holds prepared (or committing in one phase) stay unused until those are
     /// finished: starting one would abort the transaction its branch still needs.
+    ///
+    /// The brokers are asked first, once ([`wire::TxnClient::check_brokers`], within twice
+    /// `call_timeout`): if they refuse the adapter (a certificate not accepted, a login refused)
+    /// it does not start. Brokers that cannot be reached only get a warning, as before: the
+    /// adapter serves, and finishes what its journal holds once they are back.
     pub async fn open(config: KafkaConfig) -> anyhow::Result<(KafkaParticipant, KafkaHandle)> {
         anyhow::ensure!(config.producers > 0, "at least one producer is needed");
         anyhow::ensure!(
             config.active_timeout < config.transaction_timeout,
             "active_timeout must be below transaction_timeout, or the broker aborts branches before the adapter does"
         );
+        let security = &config.security;
+        let txn = TxnClient::with_security(&config.bootstrap, config.call_timeout, security)?;
+        // Bounded as a whole: brokers that do not answer delay the start by this much at most.
+        let check_timeout = 2 * config.call_timeout;
+        let checked = tokio::time::timeout(check_timeout, txn.check_brokers()).await.unwrap_or_else(|_| {
+            Err(wire::WireError::Timeout { addr: config.bootstrap.clone(), timeout: check_timeout })
+        });
+        match checked {
+            Ok(broker) => tracing::info!(broker, security = security.describe(), "reached the Kafka brokers"),
+            Err(e) if e.is_refusal() => {
+                anyhow::bail!("the Kafka brokers refuse the adapter ({}): {e}", security.describe())
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                security = security.describe(),
+                "no Kafka broker reached; starting anyway (if they are up, check that the security protocol is the \
+                 listener's)"
+            ),
+        }
         let (journal, log) = Journal::open(config.journal.clone()).await?;
         let mut quarantined = HashMap::new();
         for (xid, state) in journal.in_flight_branches().await {
@@ -186,10 +221,10 @@ impl KafkaParticipant {
                 size: config.producers,
                 transaction_timeout: config.transaction_timeout,
                 call_timeout: config.call_timeout,
+                security: config.security.clone(),
             },
             &quarantined.values().cloned().collect::<Vec<_>>(),
         );
-        let txn = TxnClient::new(&config.bootstrap, config.call_timeout);
         let active_timeout = config.active_timeout;
         let inner = Journaled::new(Kafka::new(config, pool.clone(), txn, quarantined), journal, active_timeout);
         tokio::spawn(async move {
@@ -373,9 +408,10 @@ impl KafkaParticipant {
                 None => return Err(BranchError::Busy(format!("{MAX_GROUPS} consumer groups are in use at once"))),
             }
         }
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config().bootstrap)
-            .set("group.id", group_id)
+        let consumer: BaseConsumer = self
+            .config()
+            .security
+            .apply(ClientConfig::new().set("bootstrap.servers", &self.config().bootstrap).set("group.id", group_id))
             .create()
             .map_err(|e| BranchError::Unavailable(format!("consumer for group {group_id:?}: {e}")))?;
         let consumer = Arc::new(consumer);

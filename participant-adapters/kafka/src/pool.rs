@@ -51,6 +51,8 @@ pub struct PoolConfig {
     pub transaction_timeout: Duration,
     /// Bound of every blocking producer call (init, flush, commit, abort, offsets).
     pub call_timeout: Duration,
+    /// TLS and SASL for every producer.
+    pub security: crate::security::BrokerSecurity,
 }
 
 struct Entry {
@@ -230,7 +232,9 @@ impl ProducerPool {
     async fn start(&self, transactional_id: &str) -> Result<Started, String> {
         let c = &self.inner.config;
         let (identity, mut identity_rx) = watch::channel(None);
-        let producer: TxnProducer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        c.security.apply(&mut config);
+        let producer: TxnProducer = config
             .set("bootstrap.servers", &c.bootstrap)
             .set("transactional.id", transactional_id)
             .set("transaction.timeout.ms", c.transaction_timeout.as_millis().to_string())

@@ -547,15 +547,17 @@ impl<P: Participant> v1::participant_server::Participant for ParticipantService<
     }
 }
 
-/// Logging for a participant's binary: `RUST_LOG` (default `info`) to stderr.
+/// Logging for a participant's binary: `RUST_LOG` (default `info`) to stderr, and OpenTelemetry
+/// trace export when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (see `pledge_proto::telemetry`; the
+/// service is named after the binary, or `OTEL_SERVICE_NAME`). [`serve`] sends the queued spans
+/// when the server stops. A malformed endpoint ends the process with the reason: a participant
+/// asked to export traces does not run silently without.
 pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let settings = pledge_proto::telemetry::Settings::for_executable("pledge-participant", "info");
+    if let Err(e) = pledge_proto::telemetry::init(settings) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
 }
 
 /// A participant server's TLS and authentication options (every participant binary takes
@@ -621,7 +623,10 @@ pub async fn serve(
         signalled.cancel();
     });
     let router = pledge_proto::transport::server(auth).add_routes(routes.routes());
-    listener.serve(router, shutdown.cancelled_owned(), tls).await?;
+    let served = listener.serve(router, shutdown.cancelled_owned(), tls).await;
+    // The spans of the last calls go out before the process ends.
+    pledge_proto::telemetry::flush();
+    served?;
     Ok(())
 }
 

@@ -78,16 +78,19 @@ struct Args {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Logs at warn; with OTEL_EXPORTER_OTLP_ENDPOINT set, its spans are exported too (see
+    // `pledge_proto::telemetry`).
+    if let Err(e) = pledge_proto::telemetry::init(pledge_proto::telemetry::Settings::new("pledge-conformance", "warn"))
+    {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(check(args)) {
+    let checked = runtime.block_on(check(args));
+    // `exit` runs no destructors: the queued spans are sent first.
+    pledge_proto::telemetry::shutdown();
+    match checked {
         Ok(true) => std::process::exit(0),
         Ok(false) => std::process::exit(1),
         Err(e) => {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use pledge_kafka::security::{BrokerSecurity, PASSWORD_ENV, SaslMechanism, SecurityOptions, SecurityProtocol};
 use pledge_kafka::service::BranchService;
 use pledge_kafka::{KafkaConfig, KafkaParticipant};
 use pledge_proto::ResourceId;
@@ -32,6 +33,8 @@ struct Args {
     /// Bootstrap servers, host:port[,host:port...].
     #[arg(long, env = "PLEDGE_KAFKA_BOOTSTRAP")]
     bootstrap: String,
+    #[command(flatten)]
+    kafka_security: KafkaSecurityArgs,
     /// Where the adapter keeps its branch journal (what it answered, and what it must finish
     /// after a crash). Keep it across restarts: without it, outcomes it cannot prove are
     /// reported as heuristic hazards.
@@ -63,6 +66,56 @@ struct Args {
     metrics_listen: Option<std::net::SocketAddr>,
 }
 
+/// How the adapter reaches the brokers (for every producer, consumer and its own EndTxn client).
+#[derive(clap::Args, Debug)]
+struct KafkaSecurityArgs {
+    /// Security protocol of the brokers' listener: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    #[arg(long, env = "PLEDGE_KAFKA_SECURITY_PROTOCOL", default_value = "PLAINTEXT")]
+    kafka_security_protocol: SecurityProtocol,
+    /// SSL, SASL_SSL: the CA certificates (PEM) that signed the brokers' certificates.
+    #[arg(long, env = "PLEDGE_KAFKA_CA")]
+    kafka_ca: Option<PathBuf>,
+    /// SSL, SASL_SSL: a client certificate (PEM) for listeners that require one (mutual TLS);
+    /// with --kafka-key.
+    #[arg(long, env = "PLEDGE_KAFKA_CERT")]
+    kafka_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "PLEDGE_KAFKA_KEY")]
+    kafka_key: Option<PathBuf>,
+    /// SASL_SSL, SASL_PLAINTEXT: SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN (PLAIN over SASL_SSL only).
+    #[arg(long, env = "PLEDGE_KAFKA_SASL_MECHANISM")]
+    kafka_sasl_mechanism: Option<SaslMechanism>,
+    /// The SASL user name.
+    #[arg(long, env = "PLEDGE_KAFKA_SASL_USERNAME")]
+    kafka_sasl_username: Option<String>,
+    /// A file holding the SASL password (one trailing newline ignored). Or set the
+    /// PLEDGE_KAFKA_SASL_PASSWORD environment variable; never on the command line, which `ps`
+    /// shows.
+    #[arg(long, env = "PLEDGE_KAFKA_SASL_PASSWORD_FILE")]
+    kafka_sasl_password_file: Option<PathBuf>,
+}
+
+impl KafkaSecurityArgs {
+    /// The checked settings (the password read from its file or the environment).
+    fn security(self) -> anyhow::Result<BrokerSecurity> {
+        let password_env = match std::env::var(PASSWORD_ENV) {
+            Ok(value) => Some(value),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => anyhow::bail!("{PASSWORD_ENV} is not UTF-8"),
+        };
+        Ok(BrokerSecurity::from_options(SecurityOptions {
+            protocol: self.kafka_security_protocol,
+            ca: self.kafka_ca,
+            cert: self.kafka_cert,
+            key: self.kafka_key,
+            sasl_mechanism: self.kafka_sasl_mechanism,
+            sasl_username: self.kafka_sasl_username,
+            sasl_password_file: self.kafka_sasl_password_file,
+            sasl_password_env: password_env,
+        })?)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     pledge_sdk::server::init_logging();
     #[cfg(feature = "failpoints")]
@@ -76,7 +129,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pledge_sdk::server::serve_metrics(listen, || {}, shutdown.clone()).await?;
     }
     let resource = ResourceId::parse_field("resource_id", &args.resource_id)?;
+    let security = args.kafka_security.security()?;
     let mut config = KafkaConfig::new(resource, &args.bootstrap, &args.data_dir);
+    config.security = security;
     if let Some(prefix) = args.transactional_id_prefix {
         config.transactional_id_prefix = prefix;
     }
