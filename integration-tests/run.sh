@@ -12,21 +12,54 @@ cd "$(dirname "$0")/.."
 # Build prerequisites from Debian (cmake and headers for the bundled librdkafka) when absent.
 bash integration-tests/scripts/build-deps.sh
 
-# The real services (PostgreSQL, Kafka and MariaDB; installed when absent) start in the background
-# while everything compiles.
+# The real services (PostgreSQL, Kafka, MariaDB and Jaeger; installed when absent), helm (for
+# the chart's checks) and the Docker engine with the base images deploy/ names (for the compose
+# and testcontainers runs) are made ready in the background while everything compiles.
 services_log=$(mktemp)
 bash integration-tests/scripts/services.sh start >"$services_log" 2>&1 &
 services_pid=$!
+helm_log=$(mktemp)
+bash integration-tests/scripts/helm.sh install >"$helm_log" 2>&1 &
+helm_pid=$!
+docker_log=$(mktemp)
+bash integration-tests/scripts/docker.sh start >"$docker_log" 2>&1 &
+docker_pid=$!
+
+# Waits for a background preparation; on failure shows its log and stops.
+ready() {
+  local pid=$1 log=$2 what=$3
+  if ! wait "$pid"; then
+    cat "$log" >&2
+    echo "error: $what failed (see above)" >&2
+    exit 1
+  fi
+}
+# Containers the testcontainers run leaves behind if it is killed.
+remove_test_containers() {
+  if bash integration-tests/scripts/docker.sh status 2>/dev/null; then
+    docker ps -aq --filter label=dev.pledge.test | xargs -r docker rm -f -v >/dev/null
+  fi
+}
+trap remove_test_containers EXIT
 
 # Binaries first: the end-to-end tests start them as processes. Building them in the same
 # invocation as the tests' dependencies (--workspace) turns the crash points on.
 cargo build --workspace --bins --examples --locked
 cargo test --workspace --locked --no-run
 
-if ! wait "$services_pid"; then
-  cat "$services_log" >&2
-  echo "error: starting the test services failed (see above)" >&2
-  exit 1
-fi
+ready "$services_pid" "$services_log" "starting the test services"
+ready "$helm_pid" "$helm_log" "installing helm"
+ready "$docker_pid" "$docker_log" "starting the Docker engine"
 eval "$(bash integration-tests/scripts/services.sh env)"
+eval "$(bash integration-tests/scripts/helm.sh env)"
+eval "$(bash integration-tests/scripts/docker.sh env)"
+bash integration-tests/scripts/helm.sh check
 cargo test --workspace --locked "$@"
+
+# The PostgreSQL and Kafka suites once more, against containers from testcontainers-rs
+# (integration-tests/src/containers.rs) instead of the local services. Only for a whole run:
+# extra arguments select tests of the run above.
+if (($# == 0)); then
+  PLEDGE_TEST_SERVICES=testcontainers cargo test -p pledge-integration-tests --locked \
+    --test postgres --test postgres_library --test kafka
+fi
