@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README): builds everything once, starts the real services the tests
-# need, and runs every test of the workspace (unit, log, engine, end-to-end).
+# need, and runs every test of the workspace (unit, log, engine, end-to-end, the Helm chart's,
+# the container images and compose file's), then the PostgreSQL and Kafka suites once more
+# on testcontainers.
 #
 #   bash integration-tests/run.sh [extra cargo test args]
 #

@@ -81,7 +81,7 @@ impl Listener {
 
 /// Everything a read_committed consumer reaching the broker through `listener` sees in
 /// partition 0 of `topic`, from the beginning up to the last stable offset, as (key, value).
-/// Waits (bounded) for the partition to exist. (The crate's `read_committed` is this over the
+/// Waits (bounded) for the partition to exist. (`crate::read_committed` is this over the
 /// PLAINTEXT listener.)
 pub async fn read_committed_with(listener: &Listener, topic: &str) -> Vec<(String, String)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};

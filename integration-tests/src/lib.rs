@@ -444,52 +444,7 @@ impl TestDir {
 /// Everything a read_committed consumer sees in partition 0 of `topic`, from the beginning up
 /// to the last stable offset, as (key, value). Waits (bounded) for the partition to exist.
 pub async fn read_committed(topic: &str) -> Vec<(String, String)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-    let topic = topic.to_string();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka_bootstrap())
-            .set("group.id", format!("pledge-test-reader-{}", fastrand::u64(..)))
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-        let deadline = std::time::Instant::now() + EVENTUALLY_TIMEOUT;
-        // The end: a read_committed consumer's high watermark is the last stable offset (below
-        // the first record of a transaction still open).
-        let high = loop {
-            match consumer.fetch_watermarks(&topic, 0, Duration::from_secs(5)) {
-                Ok((_, high)) => break high,
-                Err(e) if std::time::Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("watermarks of {topic}: {e}"),
-            }
-        };
-        if high == 0 {
-            return Vec::new();
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, 0, Offset::Beginning).unwrap();
-        consumer.assign(&tpl).unwrap();
-        let mut out = Vec::new();
-        loop {
-            let position = consumer.position().unwrap().find_partition(&topic, 0).and_then(|p| p.offset().to_raw());
-            if position.is_some_and(|p| p >= high) {
-                return out;
-            }
-            assert!(std::time::Instant::now() < deadline, "reading {topic}: stuck at {position:?} of {high}");
-            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-                let m = message.expect("consuming");
-                let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).to_string();
-                out.push((text(m.key()), text(m.payload())));
-            }
-        }
-    })
-    .await
-    .expect("reader thread")
+    kafka::read_committed_with(&kafka::Listener::plaintext(), topic).await
 }
 
 /// Runs the `pledge` CLI against `coordinator` (`--coordinator` added) and returns what it

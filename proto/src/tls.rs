@@ -68,7 +68,9 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| file_error(path, e))
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// The PEM certificates in the file at `path` (at least one; the file at most
+/// [`MAX_PEM_FILE_BYTES`]).
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read_pem(path)?;
     let certs: Vec<CertificateDer<'static>> =
         CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| file_error(path, e))?;
@@ -78,11 +80,13 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+/// The PEM private key in the file at `path`.
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(&read_pem(path)?).map_err(|e| file_error(path, format!("no private key: {e}")))
 }
 
-fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+/// The CA certificates in the file at `path`, as trust roots.
+pub fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(path)? {
         roots.add(cert).map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;

@@ -20,9 +20,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use rdkafka::ClientConfig;
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::{self, RootCertStore};
+use tokio_rustls::rustls;
 
 /// The environment variable the binary reads the SASL password from (when no password file is
 /// given). Not a command-line flag: flags show in `ps`.
@@ -384,10 +383,7 @@ impl BrokerSecurity {
             return Ok(None);
         }
         let ca = self.ca.as_ref().ok_or_else(|| options("TLS needs a CA file"))?;
-        let mut roots = RootCertStore::empty();
-        for cert in read_certs(ca)? {
-            roots.add(cert).map_err(|e| file_error(ca, format!("not a usable CA certificate: {e}")))?;
-        }
+        let roots = pledge_proto::tls::read_roots(ca).map_err(from_tls)?;
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| options(e.to_string()))?
@@ -402,26 +398,20 @@ impl BrokerSecurity {
     }
 }
 
-fn read_pem(path: &Path) -> Result<Vec<u8>, SecurityError> {
-    let len = std::fs::metadata(path).map_err(|e| file_error(path, e))?.len();
-    if len > MAX_PEM_FILE_BYTES {
-        return Err(file_error(path, format!("{len} bytes; a PEM file here is at most {MAX_PEM_FILE_BYTES} bytes")));
-    }
-    std::fs::read(path).map_err(|e| file_error(path, e))
-}
-
+/// Certificates and keys are read as the gRPC servers and clients read theirs.
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, SecurityError> {
-    let pem = read_pem(path)?;
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&pem).collect::<Result<_, _>>().map_err(|e| file_error(path, e))?;
-    if certs.is_empty() {
-        return Err(file_error(path, "no PEM certificate in it"));
-    }
-    Ok(certs)
+    pledge_proto::tls::read_certs(path).map_err(from_tls)
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, SecurityError> {
-    PrivateKeyDer::from_pem_slice(&read_pem(path)?).map_err(|e| file_error(path, format!("no private key: {e}")))
+    pledge_proto::tls::read_key(path).map_err(from_tls)
+}
+
+fn from_tls(e: pledge_proto::tls::TlsError) -> SecurityError {
+    match e {
+        pledge_proto::tls::TlsError::File { path, error } => SecurityError::File { path, error },
+        other => options(other.to_string()),
+    }
 }
 
 #[cfg(test)]
