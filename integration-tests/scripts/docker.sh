@@ -17,7 +17,8 @@
 #   docker.sh env          print exports; use: eval "$(docker.sh env)"
 #
 # Base images. deploy/ names the images a user pulls: debian:bookworm-slim, rust:1-bookworm,
-# postgres:15 and apache/kafka:$KAFKA_VERSION. Each is pulled when a registry answers; when
+# postgres:15, apache/kafka:$KAFKA_VERSION and mariadb:10.11 (the integration tests' MariaDB).
+# Each is pulled when a registry answers; when
 # none does (this project's machines reach only package registries) it is built here, under
 # the SAME name, from Debian's packages, so the Dockerfiles and compose.yaml stay exactly what
 # a user runs. The substitutes (recipes in deploy/images/, described in deploy/README.md) carry
@@ -31,6 +32,8 @@
 #                          the official image's interface (deploy/images/postgres/)
 #   apache/kafka:VERSION   debian:bookworm-slim + a JRE + Kafka's jars from Maven Central,
 #                          with the official image's KAFKA_* interface (deploy/images/kafka/)
+#   mariadb:10.11          debian:bookworm-slim + Debian's mariadb-server 10.11 + an entrypoint
+#                          with the official image's interface (deploy/images/mariadb/)
 #
 # Environment:
 #   PLEDGE_STATE_DIR     default /tmp/pledge-it (dockerd's log and pid in $PLEDGE_STATE_DIR/docker)
@@ -387,6 +390,7 @@ cmd_base_images() {
   ensure_rust
   ensure_built postgres:15 postgres
   ensure_built "apache/kafka:$KAFKA_VERSION" kafka --build-arg "KAFKA_VERSION=$KAFKA_VERSION"
+  ensure_built mariadb:10.11 mariadb
   # The build layers of deploy/Dockerfile that a newer build replaced linger untagged (every
   # build of changed sources leaves gigabytes): drop them, and only them (the label is set in
   # its build stages, which no other image descends from). The current build stage

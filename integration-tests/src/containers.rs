@@ -1,15 +1,16 @@
-//! The tests' PostgreSQL and Kafka from containers (testcontainers-rs), chosen by one switch:
+//! The tests' PostgreSQL, Kafka and MariaDB from containers (testcontainers-rs), chosen by one switch:
 //! `PLEDGE_TEST_SERVICES=testcontainers`.
 //!
 //! By default (the switch unset, or `local`) the tests use the services the project's scripts
 //! start (`integration-tests/scripts/services.sh`), found through the variables its `env`
 //! prints. With the switch, the first call of a service getter in a test binary
-//! ([`crate::pg_url`], [`crate::pg_ca`], [`crate::kafka_bootstrap`]) starts that service's
+//! ([`crate::pg_url`], [`crate::pg_ca`], [`crate::kafka_bootstrap`],
+//! [`crate::mariadb::mariadb_url`]) starts that service's
 //! container, waits until it serves, and sets it up as the scripts set up theirs; every test
 //! of the binary then shares it, as they share the scripts' services. The images are the ones
 //! `integration-tests/scripts/docker.sh start` provides (pulled, or built from Debian's
-//! packages under the same names where no registry answers): [`POSTGRES_IMAGE`] and
-//! [`KAFKA_IMAGE`].
+//! packages under the same names where no registry answers): [`POSTGRES_IMAGE`],
+//! [`KAFKA_IMAGE`] and [`MARIADB_IMAGE`].
 //!
 //! A runtime of its own: each `#[tokio::test]` runs on a runtime of its own, dropped when the
 //! test ends, and the Docker client (bollard over hyper) keeps its connections' tasks on the
@@ -25,9 +26,9 @@
 //! `docker ps -aq --filter label=dev.pledge.test | xargs -r docker rm -f -v` removes what is
 //! left (CI runs it after the tests).
 //!
-//! Not here: MariaDB (no image provides it yet: [`crate::mariadb::mariadb_url`] says so), the
-//! Kafka broker's TLS and SASL listeners, and the tests that kill or restart a server process
-//! themselves (they call [`require_local`]).
+//! Not here: the Kafka broker's TLS and SASL listeners, and the tests that kill or restart a
+//! server process themselves (`mariadbd` by [`crate::mariadb::kill9_server`], PostgreSQL by
+//! `StorePair`): they call [`require_local`].
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -45,7 +46,7 @@ use testcontainers::{ContainerAsync, ContainerRequest, CopyTargetOptions, Generi
 pub const SWITCH: &str = "PLEDGE_TEST_SERVICES";
 /// How to turn the switch on, for messages that say where else a service can come from.
 pub const SWITCH_HINT: &str = "PLEDGE_TEST_SERVICES=testcontainers (with a Docker engine: bash \
-     integration-tests/scripts/docker.sh start) to run PostgreSQL and Kafka";
+     integration-tests/scripts/docker.sh start) to run PostgreSQL, Kafka and MariaDB";
 /// The label on every container started here (its value: the test binary's name).
 pub const LABEL: &str = "dev.pledge.test";
 /// PostgreSQL, as deploy/compose.yaml names it (docker.sh builds a substitute when no registry
@@ -54,9 +55,13 @@ pub const POSTGRES_IMAGE: (&str, &str) = ("postgres", "15");
 /// Kafka, as deploy/compose.yaml names it; the version is docker.sh's `KAFKA_VERSION`, the
 /// jars scripts/kafka.sh runs.
 pub const KAFKA_IMAGE: (&str, &str) = ("apache/kafka", "4.3.1");
+/// MariaDB, the series scripts/mariadb.sh runs (Debian 12's); docker.sh builds a substitute
+/// when no registry serves it.
+pub const MARIADB_IMAGE: (&str, &str) = ("mariadb", "10.11");
 
 /// From creating a container to the log line saying it serves: PostgreSQL's init takes about
-/// 2 s, Kafka's JVM start about 18 s on a 2-core machine that is also compiling.
+/// 2 s, MariaDB's about 5 s, Kafka's JVM start about 18 s on a 2-core machine that is also
+/// compiling.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long the real probe after that line (a connection, a transaction) may keep failing.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -74,6 +79,13 @@ const PG_USER: &str = "pledge";
 const MIN_PREPARED_XACTS: u32 = 64;
 /// The Docker default (64 MiB) is short for 200 connections' parallel queries.
 const PG_SHM_BYTES: u64 = 256 * 1024 * 1024;
+
+/// scripts/mariadb.sh's account and databases.
+const MDB_USER: &str = "pledge";
+const MDB_PASSWORD: &str = "pledge";
+/// scripts/mariadb.sh's `MDB_SERVER_ID`: crash recovery of XA transactions matches them by
+/// server_id (MDEV-27342), so it is fixed, and the same in both forms.
+const MDB_SERVER_ID: u32 = 53306;
 
 /// Where the tests' services come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,8 +117,8 @@ fn parse_switch(value: Option<OsString>) -> Result<Services, String> {
         Some("testcontainers") => Ok(Services::Containers),
         _ => Err(format!(
             "{SWITCH}={value:?}: expected `local` (the default: the services \
-             integration-tests/scripts/services.sh starts) or `testcontainers` (PostgreSQL and Kafka \
-             in containers of the Docker engine integration-tests/scripts/docker.sh starts)"
+             integration-tests/scripts/services.sh starts) or `testcontainers` (PostgreSQL, Kafka and \
+             MariaDB in containers of the Docker engine integration-tests/scripts/docker.sh starts)"
         )),
     }
 }
@@ -372,6 +384,122 @@ fn warm_up_kafka(bootstrap: &str) -> anyhow::Result<()> {
     }
 }
 
+// ------------------------------------------------------------------ MariaDB
+
+/// A MariaDB 10.11 server set up as scripts/mariadb.sh sets up its own: the binary log on
+/// (ROW) and synced at every commit with the redo log (`sync_binlog=1`,
+/// `innodb_flush_log_at_trx_commit=1`) so a prepared XA transaction survives a crash, a fixed
+/// server_id, databases `pledge_a` and `pledge_b`, and the account `pledge`/`pledge` with every
+/// privilege on both plus BINLOG MONITOR and PROCESS (what the adapter's start-up check and
+/// lock diagnostics read). XA RECOVER needs no privilege in 10.11.
+///
+/// The container has no kill -9 or restart of `mariadbd` from the tests (they need the
+/// scripts' server: [`require_local`]), so its binary log and data live and die with it.
+#[derive(Debug)]
+pub struct Mariadb {
+    /// The loopback port mapped to the container's 3306.
+    pub port: u16,
+}
+
+impl Mariadb {
+    /// `mysql://pledge:pledge@127.0.0.1:<port>/<database>`: the shape of the scripts' URLs.
+    pub fn url(&self, database: &str) -> String {
+        format!("mysql://{MDB_USER}:{MDB_PASSWORD}@127.0.0.1:{}/{database}", self.port)
+    }
+}
+
+/// This process's MariaDB container, started by the first call.
+pub fn mariadb() -> &'static Mariadb {
+    static MARIADB: OnceLock<Result<Mariadb, String>> = OnceLock::new();
+    match MARIADB.get_or_init(|| on_background(start_mariadb()).map_err(|e| format!("{e:#}"))) {
+        Ok(mariadb) => mariadb,
+        Err(e) => panic!("{SWITCH}=testcontainers: MariaDB's container: {e}"),
+    }
+}
+
+/// Run as root by the image's init, after it made `pledge_a` and the account `pledge`@'%'
+/// (MARIADB_DATABASE, MARIADB_USER): what scripts/mariadb.sh's `setup_accounts` grants beyond
+/// that. `'%'`, not the script's 127.0.0.1 and localhost: through Docker's port mapping the
+/// server sees the bridge's address.
+const MDB_INIT_SQL: &str = "-- Written by pledge-integration-tests (src/containers.rs).
+CREATE DATABASE IF NOT EXISTS pledge_b CHARACTER SET utf8mb4;
+GRANT ALL PRIVILEGES ON pledge_a.* TO 'pledge'@'%';
+GRANT ALL PRIVILEGES ON pledge_b.* TO 'pledge'@'%';
+GRANT BINLOG MONITOR, PROCESS ON *.* TO 'pledge'@'%';
+";
+
+async fn start_mariadb() -> anyhow::Result<Mariadb> {
+    // scripts/mariadb.sh's my.cnf as server options (its paths aside: the image's data
+    // directory holds the binary log).
+    let server_id = format!("--server-id={MDB_SERVER_ID}");
+    let options = [
+        "--log-bin=mariadb-bin",
+        "--binlog-format=ROW",
+        "--sync-binlog=1",
+        "--innodb-flush-log-at-trx-commit=1",
+        &server_id,
+        "--max-binlog-size=256M",
+        "--max-connections=200",
+        "--innodb-lock-wait-timeout=10",
+        "--character-set-server=utf8mb4",
+        "--collation-server=utf8mb4_general_ci",
+        "--skip-name-resolve",
+    ];
+    let mut cmd = vec!["mariadbd".to_string()];
+    cmd.extend(options.iter().map(|o| o.to_string()));
+    let request = GenericImage::new(MARIADB_IMAGE.0, MARIADB_IMAGE.1)
+        .with_exposed_port(3306.tcp())
+        // The init's temporary server listens on no port ("port: 0" in its start line); this
+        // is the real server's start line (the official image and the substitute alike).
+        .with_wait_for(WaitFor::message_on_stderr("port: 3306"))
+        .with_env_var("MARIADB_USER", MDB_USER)
+        .with_env_var("MARIADB_PASSWORD", MDB_PASSWORD)
+        .with_env_var("MARIADB_DATABASE", "pledge_a")
+        // root is never used; its port is on loopback only, as the scripts' server's.
+        .with_env_var("MARIADB_ALLOW_EMPTY_ROOT_PASSWORD", "1")
+        .with_copy_to(
+            CopyTargetOptions::new("/docker-entrypoint-initdb.d/pledge.sql").with_mode(0o644),
+            MDB_INIT_SQL.as_bytes().to_vec(),
+        )
+        .with_cmd(cmd)
+        .with_mapped_port(0, 3306.tcp());
+    let container = start(request, "MariaDB").await?;
+    let port = container.get_host_port_ipv4(3306.tcp()).await.context("the host port of MariaDB's 3306")?;
+    keep_until_exit(container);
+    let mariadb = Mariadb { port };
+    let url = mariadb.url("pledge_a");
+    let mut conn = probe("MariaDB", || async {
+        use sqlx::Connection;
+        Ok(sqlx::MySqlConnection::connect(&url).await?)
+    })
+    .await?;
+    // What scripts/mariadb.sh's check_settings checks, as the tests' account.
+    let settings: String = sqlx::query_scalar(
+        "SELECT CONCAT_WS(' ', @@log_bin, @@sync_binlog, @@innodb_flush_log_at_trx_commit, @@binlog_format, \
+         @@server_id)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .context("reading MariaDB's settings")?;
+    let want = format!("ON 1 1 ROW {MDB_SERVER_ID}");
+    ensure!(
+        settings == want,
+        "MariaDB's log_bin, sync_binlog, innodb_flush_log_at_trx_commit, binlog_format, server_id: got [{settings}], want [{want}]"
+    );
+    // The grants: both databases visible to the account, the binary log readable, XA RECOVER
+    // answered (its rows are whatever is prepared: none on a new server).
+    let databases: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME IN ('pledge_a', 'pledge_b')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .context("listing MariaDB's databases")?;
+    ensure!(databases == 2, "the account {MDB_USER} sees {databases} of the databases pledge_a and pledge_b");
+    sqlx::raw_sql("SHOW BINARY LOGS").execute(&mut conn).await.context("SHOW BINARY LOGS as the tests' account")?;
+    sqlx::raw_sql("XA RECOVER").execute(&mut conn).await.context("XA RECOVER as the tests' account")?;
+    Ok(mariadb)
+}
+
 // ------------------------------------------------------------------ the machinery
 
 /// The runtime every container operation runs on (see the module docs).
@@ -422,7 +550,7 @@ async fn start(
 }
 
 /// Publishes the container's ports on 127.0.0.1 only, as the scripts' services listen: the
-/// PostgreSQL container trusts every connection.
+/// PostgreSQL container trusts every connection, MariaDB's root has no password.
 fn loopback_only(host: &mut HostConfig) {
     for bindings in host.port_bindings.iter_mut().flat_map(|map| map.values_mut()).flatten() {
         for binding in bindings {

@@ -1,10 +1,12 @@
-//! Helpers for tests against the real MariaDB server the project's scripts start
-//! (integration-tests/scripts/mariadb.sh): its URLs, SQL through the `mariadb` client binary,
-//! and kill -9 / restart of the server itself.
+//! Helpers for tests against a real MariaDB: the server the project's scripts start
+//! (integration-tests/scripts/mariadb.sh), or with `PLEDGE_TEST_SERVICES=testcontainers` this
+//! process's container ([`crate::containers::mariadb`]). Its URLs, SQL through the `mariadb`
+//! client binary, and kill -9 / restart of the scripts' server itself (local only).
 //!
 //! SQL here goes through the client binary (installed with the server by mariadb.sh), over TCP
 //! as the tests' `pledge` account, so these checks of the server itself depend on nothing of
-//! Pledge's; tests of the adapter use sqlx's MySQL pool (`crate::mysql`).
+//! Pledge's and work against either server; tests of the adapter use sqlx's MySQL pool
+//! (`crate::mysql`).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,13 +26,17 @@ fn env(var: &str) -> String {
 /// `PLEDGE_MARIADB_URL_A` or `PLEDGE_MARIADB_URL_B`:
 /// `mysql://pledge:pledge@127.0.0.1:<port>/pledge_a` (`pledge_b`).
 ///
-/// MariaDB has no container form yet (no image provides it), so with
-/// `PLEDGE_TEST_SERVICES=testcontainers` this panics rather than mix the scripts' server into
-/// a run that asked for containers. That also covers the tests that kill -9 and restart
-/// `mariadbd` ([`kill9_server`], [`restart_server`]), which need the local server anyway.
+/// With `PLEDGE_TEST_SERVICES=testcontainers`, the same URL to this process's container
+/// ([`crate::containers::mariadb`]).
 pub fn mariadb_url(db: char) -> String {
-    crate::containers::require_local("MariaDB (no container image provides it yet)");
-    env(&format!("PLEDGE_MARIADB_URL_{}", db.to_ascii_uppercase()))
+    if crate::containers::enabled() {
+        assert!(matches!(db, 'a' | 'b'), "mariadb_url({db:?}): the test databases are 'a' and 'b'");
+        return crate::containers::mariadb().url(&format!("pledge_{db}"));
+    }
+    let var = format!("PLEDGE_MARIADB_URL_{}", db.to_ascii_uppercase());
+    std::env::var(&var).unwrap_or_else(|_| {
+        panic!("{var} is not set: {HOW_TO_START}; or {} in containers", crate::containers::SWITCH_HINT)
+    })
 }
 
 /// The parts of a `mysql://user:password@host:port/database` URL.
@@ -124,8 +130,10 @@ pub async fn wait_ready() {
     }
 }
 
-/// The pid of the running `mariadbd` (from `PLEDGE_MARIADB_PID_FILE`).
+/// The pid of the running `mariadbd` (from `PLEDGE_MARIADB_PID_FILE`). Local only: a
+/// container's server is not this host's process.
 pub fn server_pid() -> libc::pid_t {
+    crate::containers::require_local("the pid of mariadbd (kill -9 of the MariaDB server)");
     let file = env("PLEDGE_MARIADB_PID_FILE");
     let text = std::fs::read_to_string(&file)
         .unwrap_or_else(|e| panic!("reading {file} ({e}): is the MariaDB server running? {HOW_TO_START}"));
@@ -148,7 +156,11 @@ fn alive(pid: libc::pid_t) -> bool {
 
 /// kill -9 of `mariadbd` (every session dies with it; prepared XA transactions must
 /// survive), then waits until it is gone.
+///
+/// Local only ([`crate::containers::require_local`]): the container's server is not killed
+/// from here.
 pub async fn kill9_server() {
+    crate::containers::require_local("kill -9 of the MariaDB server (mariadbd)");
     let pid = server_pid();
     assert!(alive(pid), "the MariaDB server (pid {pid}) is not running");
     // SAFETY: kill(2) has no memory-safety preconditions.
@@ -162,8 +174,9 @@ pub async fn kill9_server() {
 
 /// Starts the server again after [`kill9_server`] (the `PLEDGE_MARIADB_START` command: InnoDB
 /// crash recovery, prepared XA transactions come back) and waits until it accepts
-/// connections. Also fine when it is already running.
+/// connections. Also fine when it is already running. Local only, as [`kill9_server`].
 pub async fn restart_server() {
+    crate::containers::require_local("restarting the MariaDB server (mariadbd)");
     let start = env("PLEDGE_MARIADB_START");
     let out = tokio::process::Command::new("sh")
         .arg("-c")
