@@ -148,16 +148,7 @@ cmd_stop() {
     log "no dockerd started by this script is running"
     return 0
   fi
-  kill -TERM "$pid"
-  local deadline=$((SECONDS + STOP_TIMEOUT_S))
-  while kill -0 "$pid" 2>/dev/null; do
-    if ((SECONDS >= deadline)); then
-      log "dockerd pid $pid still alive after ${STOP_TIMEOUT_S}s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      break
-    fi
-    sleep 0.2
-  done
+  stop_pid "$pid" dockerd "$STOP_TIMEOUT_S"
   rm -f "$PID_FILE"
   log "stopped"
 }

@@ -254,16 +254,7 @@ cmd_stop() {
     rm -f "$PID_FILE"
     return 0
   fi
-  kill -TERM "$pid"
-  local deadline=$((SECONDS + STOP_TIMEOUT_S))
-  while kill -0 "$pid" 2>/dev/null; do
-    if ((SECONDS >= deadline)); then
-      log "Jaeger pid $pid still alive after ${STOP_TIMEOUT_S}s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      break
-    fi
-    sleep 0.2
-  done
+  stop_pid "$pid" Jaeger "$STOP_TIMEOUT_S"
   rm -f "$PID_FILE"
   log "stopped"
 }

@@ -554,16 +554,7 @@ cmd_stop() {
     return 0
   fi
   # SIGTERM runs Kafka's shutdown hook: a clean, fast controlled shutdown.
-  kill -TERM "$pid"
-  local deadline=$((SECONDS + STOP_TIMEOUT_S))
-  while kill -0 "$pid" 2>/dev/null; do
-    if ((SECONDS >= deadline)); then
-      log "broker pid $pid still alive after ${STOP_TIMEOUT_S}s: SIGKILL"
-      kill -KILL "$pid" 2>/dev/null || true
-      break
-    fi
-    sleep 0.2
-  done
+  stop_pid "$pid" broker "$STOP_TIMEOUT_S"
   rm -f "$PID_FILE"
   log "stopped"
 }

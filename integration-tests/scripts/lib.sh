@@ -18,6 +18,22 @@ elapsed_since() { awk -v s="$1" -v e="$(now)" 'BEGIN { printf "%.1f", e - s }'; 
 
 # True if something accepts TCP connections on 127.0.0.1:$1. Uses bash's
 # /dev/tcp so it needs no extra package; `timeout` bounds a hung connect.
+# stop_pid PID WHAT TIMEOUT_S: SIGTERM, wait (bounded) for the process to go, SIGKILL as a
+# last resort.
+stop_pid() {
+  local pid=$1 what=$2 timeout_s=$3
+  kill -TERM "$pid" 2>/dev/null || return 0
+  local deadline=$((SECONDS + timeout_s))
+  while kill -0 "$pid" 2>/dev/null; do
+    if ((SECONDS >= deadline)); then
+      log "$what pid $pid still alive after ${timeout_s}s: SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+      return 0
+    fi
+    sleep 0.2
+  done
+}
+
 port_open() {
   timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
 }

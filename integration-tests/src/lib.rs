@@ -420,24 +420,8 @@ impl TestDir {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Process {
-        let mut c = Command::new(bin("pledge-kafka-adapter"));
-        c.arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--resource-id")
-            .arg("kafka")
-            .arg("--bootstrap")
-            .arg(kafka_bootstrap())
-            .arg("--data-dir")
-            .arg(self.path().join(name))
-            .arg("--transactional-id-prefix")
-            .arg(prefix)
-            .args(args)
-            .env("RUST_LOG", "info");
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let log = self.path().join(format!("{name}.log"));
-        Process::spawn(name, c, log).await.unwrap_or_else(|e| panic!("{e:#}"))
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        self.kafka_adapter_at(name, port, prefix, &kafka_bootstrap(), &args, env).await
     }
 }
 
