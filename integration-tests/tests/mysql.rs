@@ -327,7 +327,22 @@ async fn by_hand(verb: &str, cid: &str, gtid: &str) {
     };
     let xa = pledge_proto::xa::XaXid::new(cid, &xid).unwrap();
     let sql = format!("{verb} {}", xa.sql());
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mysql_pool('a').await).await.unwrap();
+    let pool = mysql_pool('a').await;
+    // The branch's session was the adapter's, which just died: until the server has noticed
+    // the connection is gone, the prepared XID is still attached to it and unknown to other
+    // sessions (XAER_NOTA, 1397). Asked again until it is detached, bounded.
+    let deadline = std::time::Instant::now() + EVENTUALLY_TIMEOUT;
+    loop {
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&pool).await {
+            Ok(_) => return,
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("XAE04") && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    }
 }
 
 /// `pledge txn resolve` as the tests' operator ("tester") runs it.
